@@ -1,0 +1,374 @@
+"""Typed, frozen run configuration: model, mesh and training.
+
+Configs come from named presets, a TOML file (sections [model], [mesh], [train]) and `key=value`
+overrides on the command line (`model=tiny-moe model.n_layers=2 mesh.tp=2 train.steps=50`).
+Unknown keys, wrong types and impossible combinations are errors that name the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+
+
+class ConfigError(ValueError):
+  """A configuration the user must fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  """A Llama/Qwen-family decoder; MoE when `n_experts > 0` (every layer is then MoE)."""
+  name: str = "custom"           # preset name, for logs
+  vocab_size: int = 512           # token ids 0..vocab_size-1 (>= tokenizer vocab; padded for sharding)
+  d_model: int = 128              # D, residual width
+  n_layers: int = 4               # L, transformer blocks
+  n_heads: int = 4                # N, query heads
+  n_kv_heads: int = 2             # K, key/value heads (GQA when K < N)
+  head_dim: int = 0               # H, per-head width; 0 means d_model // n_heads
+  d_ff: int = 384                 # F, SwiGLU hidden width of the dense MLP
+  n_experts: int = 0              # E, routed experts; 0 means a dense MLP
+  n_experts_per_tok: int = 2      # top-k experts per token
+  moe_d_ff: int = 0               # hidden width of each expert; 0 means d_ff
+  moe_renormalize: bool = True    # renormalise the top-k router probs to sum to 1 (Mixtral/Qwen3: norm_topk_prob)
+  shared_expert_d_ff: int = 0     # width of an always-on shared expert (Qwen2-MoE); 0 means none
+  shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w) (Qwen2-MoE)
+  aux_loss_coef: float = 0.01     # load-balancing loss weight (Switch Transformer)
+  z_loss_coef: float = 0.001      # router z-loss weight (ST-MoE)
+  rope_theta: float = 10000.0     # RoPE base
+  rope_scaling: str = "none"      # "none" or "llama3" (Llama 3.1+ frequency scaling)
+  rope_factor: float = 8.0        # llama3 scaling: factor
+  rope_low_freq_factor: float = 1.0   # llama3 scaling: low_freq_factor
+  rope_high_freq_factor: float = 4.0  # llama3 scaling: high_freq_factor
+  rope_original_max_pos: int = 8192   # llama3 scaling: original_max_position_embeddings
+  max_seq_len: int = 2048         # longest sequence the model is meant for (cache sizing)
+  norm_eps: float = 1e-5          # RMSNorm epsilon
+  qkv_bias: bool = False          # biases on q/k/v projections (Qwen2)
+  qk_norm: bool = False           # RMSNorm on each q and k head (Qwen3)
+  tie_embeddings: bool = False    # output head reuses the embedding matrix
+  init_std: float = 0.02          # normal init std of weight matrices
+  dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
+  param_dtype: str = "float32"    # storage dtype of parameters (fp32 master weights with bf16 compute)
+  remat: str = "none"             # activation checkpointing per layer: "none", "full" or "dots"
+
+  def __post_init__(self):
+    _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                        f"pick n_heads among {_divisors(self.d_model)} or set model.head_dim explicitly")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+                        f"(GQA groups); use one of {_divisors(self.n_heads)}")
+    if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts):
+      raise ConfigError(f"model.n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}")
+    if self.rope_scaling not in ("none", "llama3"):
+      raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}: use 'none' or 'llama3'")
+    if self.remat not in ("none", "full", "dots"):
+      raise ConfigError(f"model.remat={self.remat!r}: use 'none', 'full' or 'dots'")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.{key}={getattr(self, key)!r}: use 'float32' or 'bfloat16'")
+    if self.head_dim_ % 2:
+      raise ConfigError(f"head dim {self.head_dim_} must be even for RoPE")
+
+  @property
+  def head_dim_(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def is_moe(self) -> bool:
+    return self.n_experts > 0
+
+  @property
+  def moe_d_ff_(self) -> int:
+    return self.moe_d_ff or self.d_ff
+
+  def param_counts(self) -> dict[str, int]:
+    """Exact parameter counts: 'total' and 'active' (per token; experts counted top-k times)."""
+    D, H, N, K, L = self.d_model, self.head_dim_, self.n_heads, self.n_kv_heads, self.n_layers
+    attn = D * H * (N + 2 * K) + N * H * D + (H * (N + 2 * K) if self.qkv_bias else 0)
+    attn += 2 * H if self.qk_norm else 0
+    norms = 2 * D
+    if self.is_moe:
+      expert = 3 * D * self.moe_d_ff_
+      shared = 3 * D * self.shared_expert_d_ff + (D if self.shared_expert_gate else 0)
+      router = D * self.n_experts
+      mlp_total = router + self.n_experts * expert + shared
+      mlp_active = router + self.n_experts_per_tok * expert + shared
+    else:
+      mlp_total = mlp_active = 3 * D * self.d_ff
+    embed = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+    total = L * (attn + norms + mlp_total) + embed + D
+    active = L * (attn + norms + mlp_active) + embed + D
+    return {"total": total, "active": active}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * active non-embedding-lookup params + causal attention (PaLM app. B)."""
+    active = self.param_counts()["active"] - self.vocab_size * self.d_model * (0 if self.tie_embeddings else 1)
+    attention = 12 * self.n_layers * self.n_heads * self.head_dim_ * seq_len / 2  # causal: half the scores
+    return 6.0 * active + attention
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes. Attention uses dp x tp per stage, MoE uses edp x ep x etp on the same devices."""
+  name: str = "custom"   # preset name, for logs
+  device: str = "cpu"    # device kind the preset is for: "cpu", "gpu" or "tpu" (any: whatever jax has)
+  pp: int = 1            # pipeline stages
+  vpp: int = 1           # virtual stages (layer chunks) per pipeline stage, Megatron interleaving
+  dp: int = 1            # data parallel replicas of the attention/dense part
+  tp: int = 1            # tensor parallel ways of attention/dense MLP/vocab
+  ep: int = 1            # expert parallel ways (may span tp devices: MoE Parallel Folding)
+  etp: int = 1           # tensor parallel ways inside each expert (shards the expert hidden dim)
+  microbatches: int = 1  # pipeline microbatches m per step (needs m >= pp when pp > 1)
+
+  def __post_init__(self):
+    _positive(self, "pp", "vpp", "dp", "tp", "ep", "etp", "microbatches")
+    per_stage = self.dp * self.tp
+    if per_stage % (self.ep * self.etp):
+      ok = [(e, t) for e in _divisors(per_stage) for t in _divisors(per_stage // e)]
+      raise ConfigError(f"mesh.ep * mesh.etp = {self.ep}*{self.etp} must divide dp*tp = {per_stage} "
+                        f"(the MoE layers fold onto the same devices); (ep, etp) that work: {ok}")
+    if self.pp > 1 and self.microbatches < self.pp:
+      raise ConfigError(f"mesh.microbatches={self.microbatches} must be >= mesh.pp={self.pp} "
+                        "so every stage has work; raise microbatches")
+
+  @property
+  def edp(self) -> int:
+    """Expert data parallel size, derived: dp*tp == edp*ep*etp."""
+    return self.dp * self.tp // (self.ep * self.etp)
+
+  @property
+  def num_devices(self) -> int:
+    return self.pp * self.dp * self.tp
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, data and checkpointing of one training run."""
+  steps: int = 300                # optimizer steps to run in total (resume continues to this)
+  batch_size: int = 16            # global sequences per optimizer step
+  seq_len: int = 128              # tokens per sequence
+  grad_accum: int = 1             # micro-steps accumulated per optimizer step (batch_size % grad_accum == 0)
+  lr: float = 3e-3                # peak learning rate
+  min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+  warmup_steps: int = 30          # linear warmup steps
+  weight_decay: float = 0.1       # AdamW decoupled weight decay (matrices only)
+  b1: float = 0.9                 # AdamW beta1
+  b2: float = 0.95                # AdamW beta2
+  grad_clip: float = 1.0          # global-norm clipping; 0 disables
+  seed: int = 0                   # init and data order seed
+  data: tuple[str, ...] = ()      # text/jsonl files or dirs; empty means the embedded stdlib corpus
+  tokenizer: str = "byte"         # "byte" or a path to a HF tokenizer.json (or its directory)
+  max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
+  log_every: int = 10             # steps between log lines / metrics records
+  eval_every: int = 100           # steps between eval-loss measurements; 0 disables
+  eval_batches: int = 4           # batches per eval
+  out_dir: str = "runs/default"   # checkpoints, config.json and metrics.jsonl go here
+  save_every: int = 100           # steps between checkpoints; 0 saves only at the end
+  keep_checkpoints: int = 3       # newest checkpoints kept
+  resume: bool = True             # continue from the newest checkpoint in out_dir if there is one
+  sample_prompt: str = "def "     # prompt of the sample printed after training
+  sample_tokens: int = 120        # tokens generated for that sample
+  init_from_hf: str = ""          # start from a Hugging Face model directory instead of random init
+
+  def __post_init__(self):
+    _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints")
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
+    if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+      raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+    if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+      raise ConfigError("train.warmup_steps, train.eval_every and train.save_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+
+  def __post_init__(self):
+    m, t, mesh = self.model, self.train, self.mesh
+    if m.n_layers % (mesh.pp * mesh.vpp):
+      raise ConfigError(f"model.n_layers={m.n_layers} must be divisible by mesh.pp*mesh.vpp="
+                        f"{mesh.pp * mesh.vpp} (each virtual stage holds the same number of layers)")
+    if m.is_moe and m.n_experts % mesh.ep:
+      raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
+    micro = t.batch_size // t.grad_accum
+    per_pipe = micro // mesh.microbatches if micro % mesh.microbatches == 0 else 0
+    if per_pipe == 0 or per_pipe % mesh.dp:
+      raise ConfigError(f"train.batch_size/grad_accum = {micro} must split into mesh.microbatches="
+                        f"{mesh.microbatches} microbatches each divisible by mesh.dp={mesh.dp}")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: TOML + key=value overrides
+
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig}
+
+
+def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (),
+                base: Config | None = None) -> Config:
+  """Resolve a Config: base (defaults) <- each TOML file in order <- `section.key=value` overrides.
+
+  `model=NAME` (TOML: `[model] preset = "NAME"`) starts the model section from a preset; likewise
+  `mesh=PATH.toml` reads a mesh preset file.
+  """
+  raw: dict[str, dict] = {s: {} for s in _SECTIONS}
+  base = base or Config()
+  for path in toml_paths:
+    _merge(raw, _read_toml(path), where=path)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not key=value; e.g. train.steps=100 or model=tiny-moe")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if key in ("model", "model.preset"):
+      raw["model"]["preset"] = value
+    elif key == "mesh":
+      _merge(raw, {"mesh": _read_toml(value).get("mesh", {})}, where=value)
+    elif "." in key:
+      section, name = key.split(".", 1)
+      if section not in _SECTIONS:
+        raise ConfigError(f"override {item!r}: unknown section {section!r}; use one of {list(_SECTIONS)}")
+      raw[section][name] = _parse_cli_value(value)
+    else:
+      raise ConfigError(f"override {item!r}: write section.key=value, e.g. train.{key}=... or model.{key}=...")
+  sections = {}
+  for section, cls in _SECTIONS.items():
+    start = getattr(base, section)
+    values = dict(raw[section])
+    preset = values.pop("preset", None)
+    if preset is not None:
+      if section != "model" or preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown {section} preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
+      start = MODEL_PRESETS[preset]
+    sections[section] = _build(cls, start, values, section)
+  return Config(**sections)
+
+
+def mesh_from_toml(path: str) -> MeshConfig:
+  return load_config([path]).mesh
+
+
+def config_from_dict(d: dict) -> Config:
+  """Inverse of Config.to_dict (used when restoring the config saved beside a checkpoint)."""
+  return Config(**{s: _build(cls, cls(), d.get(s, {}), s) for s, cls in _SECTIONS.items()})
+
+
+def save_config(config: Config, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(config.to_dict(), f, indent=2)
+
+
+def _read_toml(path: str) -> dict:
+  try:
+    with open(path, "rb") as f:
+      data = tomllib.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"config file {path!r} does not exist (mesh presets live in meshes/*.toml)") from None
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+  unknown = set(data) - set(_SECTIONS)
+  if unknown:
+    raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; use [model], [mesh], [train]")
+  return data
+
+
+def _merge(raw: dict, data: dict, where: str) -> None:
+  for section, values in data.items():
+    if not isinstance(values, dict):
+      raise ConfigError(f"{where}: [{section}] must be a table of key = value")
+    raw[section].update(values)
+
+
+def _build(cls, start, values: dict, section: str):
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    if key not in names:
+      close = difflib.get_close_matches(key, names, n=3)
+      hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else \
+        f"; known keys: {sorted(names)}"
+      raise ConfigError(f"unknown config key {section}.{key}{hint}")
+    kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+  return replace(start, **kwargs)
+
+
+def _coerce(value, typ, key: str):
+  if typ is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+      return value.lower() in ("true", "1", "yes")
+  elif typ is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, str):
+      try:
+        return int(value)
+      except ValueError:
+        pass
+  elif typ is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
+  elif typ is str:
+    if isinstance(value, str):
+      return value
+  elif typing.get_origin(typ) is tuple:
+    if isinstance(value, str):
+      return tuple(v for v in value.split(",") if v)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+      return tuple(value)
+  name = getattr(typ, "__name__", str(typ))
+  raise ConfigError(f"config key {key} expects {name}, got {value!r}")
+
+
+def _parse_cli_value(value: str):
+  return value.strip()
+
+
+def _positive(obj, *names):
+  for n in names:
+    if getattr(obj, n) < 1:
+      section = {"ModelConfig": "model", "MeshConfig": "mesh", "TrainConfig": "train"}[type(obj).__name__]
+      raise ConfigError(f"{section}.{n}={getattr(obj, n)} must be >= 1")
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+  # ~0.9M params; trains visibly in minutes on 2 CPU cores with the byte tokenizer.
+  "tiny": ModelConfig(name="tiny"),
+  # Same backbone, 8 experts top-2, with a gated shared expert: exercises every MoE path.
+  "tiny-moe": ModelConfig(name="tiny-moe", n_experts=8, n_experts_per_tok=2, moe_d_ff=128,
+                          shared_expert_d_ff=128, shared_expert_gate=True),
+  # ~100M params (GPT-2-small-like shape with GQA), the benchmark model.
+  "small": ModelConfig(name="small", vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                       d_ff=2048, max_seq_len=2048),
+  # Shapes of public models, for planning meshes and memory (weights come from HF import).
+  "llama-3.2-1b": ModelConfig(name="llama-3.2-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                              n_kv_heads=8, head_dim=64, d_ff=8192, rope_theta=500000.0, rope_scaling="llama3",
+                              rope_factor=32.0, max_seq_len=131072, tie_embeddings=True, dtype="bfloat16"),
+  "qwen3-30b-a3b": ModelConfig(name="qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32,
+                               n_kv_heads=4, head_dim=128, d_ff=6144, n_experts=128, n_experts_per_tok=8,
+                               moe_d_ff=768, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+                               max_seq_len=40960, dtype="bfloat16"),
+}

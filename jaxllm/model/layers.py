@@ -1,0 +1,87 @@
+"""Stateless building blocks of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Dimension legend (used in every shape comment of jaxllm/model):
+  B batch, T query length, S key length, D model, N query heads, K kv heads, G = N/K heads per
+  kv head, H head dim, F mlp hidden, E experts, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+# Finite "minus infinity": a row with every key masked (padding) gives a uniform softmax, not NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x, weight, eps: float):
+  """HF convention: normalise in fp32, cast back, then scale."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[H/2] inverse frequencies, fp32 as HF computes them, with optional llama3 scaling."""
+  H = cfg.head_dim_
+  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H)))
+  inv = inv.astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    # Llama 3.1 (HF _compute_llama3_parameters): keep high frequencies, divide low ones by
+    # `factor`, interpolate smoothly in between.
+    factor, lo, hi, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_pos
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def rope_tables(positions, inv_freq):
+  """positions [B, T] -> cos, sin [B, T, H] in fp32 (rotate-half layout: both halves repeat)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x [B, T, n, H]; HF rotate_half convention."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * c + rotated * s
+
+
+def attention(q, k, v, mask):
+  """Grouped-query softmax attention.
+
+  q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] bool (True = may attend) -> [B, T, N, H].
+  Scores and softmax in fp32.
+  """
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(B, T, N, H)
+
+
+def causal_mask(B: int, T: int):
+  """[B, T, T] lower-triangular mask for full-sequence (training) attention."""
+  return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), dtype=bool)), (B, T, T))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+  """x [..., D]; w_gate, w_up [D, F]; w_down [F, D]."""
+  h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+  return h @ w_down

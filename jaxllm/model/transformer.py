@@ -1,0 +1,180 @@
+"""The shared decoder (Llama/Qwen family), Flax NNX, with layers stacked on a leading L axis and
+scanned. Every parameter carries `logical` axis names as metadata; `jaxllm.parallel` turns them into
+shardings. The model never sees a mesh.
+
+Legend: B batch, T query length, S key length, D model, N heads, K kv heads, H head dim, F mlp,
+E experts, V vocab, L layers.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.model import layers as ops
+from jaxllm.model.hooks import constrain
+from jaxllm.model.moe import moe_mlp
+
+
+class Output(NamedTuple):
+  logits: jax.Array           # [B, T, V] fp32
+  aux: dict[str, jax.Array]   # MoE losses averaged over layers ({} for dense)
+  cache: Any                  # the updated cache, or None
+
+
+def _param(rngs, shape, names, std, dtype):
+  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, logical=names)
+
+
+def _ones(shape, names, dtype):
+  return nnx.Param(jnp.ones(shape, dtype), logical=names)
+
+
+def _zeros(shape, names, dtype):
+  return nnx.Param(jnp.zeros(shape, dtype), logical=names)
+
+
+class Blocks(nnx.Module):
+  """All L decoder blocks; each parameter is stacked [L, ...]. A slice of its state along L is
+  one block, which `__call__` runs (see Transformer.hidden)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    L, D, N, K, H, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    out_std = std / (2 * L) ** 0.5   # GPT-2: residual projections scaled by depth
+    self.attn_norm = _ones((L, D), ("layers", "embed"), pd)
+    self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std, pd)
+    self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, pd)
+    self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, pd)
+    self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), out_std, pd)
+    if cfg.qkv_bias:
+      self.bq = _zeros((L, N, H), ("layers", "heads", "head_dim"), pd)
+      self.bk = _zeros((L, K, H), ("layers", "kv_heads", "head_dim"), pd)
+      self.bv = _zeros((L, K, H), ("layers", "kv_heads", "head_dim"), pd)
+    if cfg.qk_norm:
+      self.q_norm = _ones((L, H), ("layers", "head_dim"), pd)
+      self.k_norm = _ones((L, H), ("layers", "head_dim"), pd)
+    self.mlp_norm = _ones((L, D), ("layers", "embed"), pd)
+    if cfg.is_moe:
+      E, Fm = cfg.n_experts, cfg.moe_d_ff_
+      self.router = _param(rngs, (L, D, E), ("layers", "embed", None), std, pd)
+      self.w_gate = _param(rngs, (L, E, D, Fm), ("layers", "exp", "embed", "moe_mlp"), std, pd)
+      self.w_up = _param(rngs, (L, E, D, Fm), ("layers", "exp", "embed", "moe_mlp"), std, pd)
+      self.w_down = _param(rngs, (L, E, Fm, D), ("layers", "exp", "moe_mlp", "embed"), out_std, pd)
+      if cfg.shared_expert_d_ff:
+        Fs = cfg.shared_expert_d_ff
+        self.shared_gate = _param(rngs, (L, D, Fs), ("layers", "embed", "mlp"), std, pd)
+        self.shared_up = _param(rngs, (L, D, Fs), ("layers", "embed", "mlp"), std, pd)
+        self.shared_down = _param(rngs, (L, Fs, D), ("layers", "mlp", "embed"), out_std, pd)
+        if cfg.shared_expert_gate:
+          self.shared_expert_gate = _param(rngs, (L, D), ("layers", "embed"), std, pd)
+    else:
+      self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd)
+      self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd)
+      self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pd)
+
+
+def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
+  """One decoder block. p: this layer's arrays (name -> array without the L axis).
+
+  x [B, T, D] -> (x [B, T, D], cache, aux dict).
+  """
+  dt = x.dtype
+  h = ops.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
+  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
+  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  if cfg.qk_norm:
+    q, k = ops.rms_norm(q, p["q_norm"], cfg.norm_eps), ops.rms_norm(k, p["k_norm"], cfg.norm_eps)
+  q = constrain(ops.apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
+  k = constrain(ops.apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
+  v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+  if cache is None:
+    attn = ops.attention(q, k, v, ops.causal_mask(x.shape[0], x.shape[1]))
+  else:
+    attn, cache = cache.attend(layer, q, k, v)
+  x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt))
+  x = constrain(x, ("batch", "seq", "embed"))
+  h = ops.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+  if cfg.is_moe:
+    y, aux = moe_mlp(h, p, cfg)
+  else:
+    gate = constrain(h @ p["w_gate"].astype(dt), ("batch", "seq", "mlp"))
+    y = (jax.nn.silu(gate) * (h @ p["w_up"].astype(dt))) @ p["w_down"].astype(dt)
+    aux = {}
+  x = constrain(x + y, ("batch", "seq", "embed"))
+  return x, cache, aux
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  saveable = {"full": jax.checkpoint_policies.nothing_saveable,
+              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+  return jax.checkpoint(fn, policy=saveable)
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
+    self.layers = Blocks(cfg, rngs)
+    self.final_norm = _ones((cfg.d_model,), ("embed",), pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
+
+  def layer_params(self) -> dict:
+    """name -> stacked [L, ...] array of every block parameter (for scans and pipelines)."""
+    return {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
+
+  def embed_tokens(self, tokens):
+    x = self.embed[...].astype(jnp.dtype(self.cfg.dtype))[tokens]
+    return constrain(x, ("batch", "seq", "embed"))
+
+  def hidden(self, tokens, positions=None, cache=None):
+    """tokens [B, T] -> (final hidden [B, T, D] after the last norm, aux, cache)."""
+    cfg = self.cfg
+    B, T = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if cache is None else cache.positions(T)
+    x = self.embed_tokens(tokens)
+    x, aux, cache = self.run_layers(x, positions, self.layer_params(), cache)
+    if cache is not None:
+      cache = cache.advance(T)
+    return ops.rms_norm(x, self.final_norm[...], cfg.norm_eps), aux, cache
+
+  def run_layers(self, x, positions, params: dict, cache=None, first_layer: int = 0):
+    """Scan the blocks whose stacked params are given (all L, or a pipeline chunk)."""
+    cfg = self.cfg
+    cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
+
+    def body(carry, p):
+      x, cache, layer = carry
+      x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer)
+      return (x, cache, layer + 1), aux
+
+    (x, cache, _), aux = jax.lax.scan(_remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params)
+    return x, {k: jnp.mean(v) for k, v in aux.items()}, cache
+
+  def logits(self, h):
+    """h [B, T, D] -> logits [B, T, V] in fp32."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+  def __call__(self, tokens, positions=None, cache=None) -> Output:
+    h, aux, cache = self.hidden(tokens, positions, cache)
+    return Output(self.logits(h), aux, cache)
+
+
+def aux_loss(cfg: ModelConfig, aux: dict):
+  """Weighted sum of the MoE auxiliary losses (0 for dense models)."""
+  if not aux:
+    return jnp.float32(0.0)
+  return cfg.aux_loss_coef * aux["load_balance"] + cfg.z_loss_coef * aux["router_z"]
