@@ -1,0 +1,244 @@
+"""The serving engine: scheduler + radix cache + page pool + jitted step functions.
+
+Each `step()` asks the scheduler for (request, n tokens) pairs, packs them into one ragged row with
+numpy metadata (positions, slots in the page pool, kv_lens, page table, cu_q_lens), pads every array
+to a bucketed shape (tokens, sequences, pages per sequence: powers of two) and runs one of two jitted
+functions: `decode` when every sequence computes exactly its last token (paged decode attention),
+`ragged` otherwise (prefill chunks and decodes mixed). Both run the shared model with the paged
+cache, take the logits of each sequence's last row and sample on device; the pool is donated.
+Shapes come only from buckets, so after warm-up nothing compiles (`compiles` counts traces).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxllm.config import ModelConfig
+from jaxllm.model import hooks
+from jaxllm.model.params import model_def
+from jaxllm.serve.paged_cache import PagedCache, attention_backend, pool_shape
+from jaxllm.serve.sampling import SamplingParams, sample, sampling_arrays
+from jaxllm.serve.scheduler import Req, Scheduler
+
+
+def _pow2(n: int, lo: int) -> int:
+  return max(lo, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class Result:
+  rid: int
+  prompt: list
+  output: list
+  logprobs: list
+  finish_reason: str
+  cache_hit: int          # prompt tokens reused from the radix cache at first admission
+  ttft: float             # seconds from arrival to the first generated token
+  token_times: list       # wall time of each generated token
+
+
+class Engine:
+  def __init__(self, cfg: ModelConfig, params, *, page_size: int = 16, num_pages: int = 512,
+               max_pages: int | None = None, max_running: int = 32, chunk_size: int = 256,
+               policy: str = "fcfs", radix: bool = True, attention: str = "reference",
+               mesh=None, plan=None, weight_version=0, detokenize=None,
+               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4):
+    """num_pages: pool size on device; max_pages: pages the allocator may use (<= num_pages), a
+    memory limit that changes no compiled shape. weight_version namespaces the radix cache.
+    min_*: smallest bucket of each padded dim (raise them to compile fewer shapes)."""
+    self.min_seqs, self.min_tokens, self.min_pages = min_seqs, min_tokens, min_pages
+    self.cfg, self.page_size, self.detokenize = cfg, page_size, detokenize
+    self.mdef = model_def(cfg)
+    self.sched = Scheduler(max_pages or num_pages, page_size, max_running=max_running,
+                           chunk_size=chunk_size, policy=policy, radix=radix)
+    self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
+    self.backend = attention_backend(attention)
+    self.mesh, self.plan = mesh, plan
+    dtype = jnp.dtype(cfg.dtype)
+    shape = pool_shape(cfg, num_pages, page_size)
+    if mesh is not None:
+      from jaxllm.parallel.sharding import logical_spec
+      from jaxllm.train.state import param_shardings
+      params = jax.device_put(params, param_shardings(self.mdef, mesh, plan))
+      self._pool_sh = NamedSharding(mesh, logical_spec(plan, ("layers", None, None, "kv_heads", "head_dim"), shape))
+      self.k_pages = jax.device_put(jnp.zeros(shape, dtype), self._pool_sh)
+      self.v_pages = jax.device_put(jnp.zeros(shape, dtype), self._pool_sh)
+    else:
+      self._pool_sh = None
+      self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    self.params, self.weight_version = params, weight_version
+    self.step_seconds = {"ragged": 0.0, "decode": 0.0}
+    self.step_tokens = {"ragged": 0, "decode": 0}
+    self._fns = {mode: _step_fn(cfg, attention, mode == "decode", mesh, self._pool_sh)
+                 for mode in ("ragged", "decode")}
+    self._rids = itertools.count()
+    self.finished: list[Req] = []
+
+  def _run(self, mode: str, *args):
+    if self.mesh is None:
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
+    from jaxllm.parallel import mesh_hooks
+    with jax.set_mesh(self.mesh), hooks.using(**mesh_hooks(self.mesh, self.plan, self.cfg)):
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
+
+  @property
+  def compiles(self) -> int:
+    """Compiled shapes of this engine's step functions (shared by engines of the same model)."""
+    return sum(f.traces for f in self._fns.values())
+
+  # ---- requests -----------------------------------------------------------------------------
+  def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+      raise ValueError("empty prompt: a request needs at least one token")
+    if bad := [t for t in prompt if not 0 <= t < self.cfg.vocab_size]:
+      raise ValueError(f"prompt token ids {bad[:5]} are outside the model vocab 0..{self.cfg.vocab_size - 1}")
+    total = len(prompt) + sp.max_tokens
+    if total > self.cfg.max_seq_len:
+      raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({sp.max_tokens}) = {total} exceeds "
+                       f"model.max_seq_len={self.cfg.max_seq_len}; shorten the prompt or lower max_tokens")
+    if -(-total // self.page_size) > self.sched.alloc.total:
+      raise ValueError(f"a {total}-token request needs {-(-total // self.page_size)} KV pages but the pool "
+                       f"has {self.sched.alloc.total}; raise num_pages/max_pages")
+    req = Req(next(self._rids), prompt, sp, extra_key=self.weight_version,
+              arrival=time.perf_counter() if arrival is None else arrival)
+    self.sched.add(req)
+    return req
+
+  def set_weights(self, params, version) -> None:
+    """Swap weights (RL): new requests get a new radix namespace, so no stale KV is reused."""
+    if self.mesh is not None:
+      from jaxllm.train.state import param_shardings
+      params = jax.device_put(params, param_shardings(self.mdef, self.mesh, self.plan))
+    self.params, self.weight_version = params, version
+
+  @property
+  def idle(self) -> bool:
+    return not self.sched.waiting and not self.sched.running
+
+  # ---- the loop -----------------------------------------------------------------------------
+  def step(self) -> list[Req]:
+    """Run one batch; returns requests that finished in it."""
+    batch = self.sched.schedule()
+    if not batch:
+      if self.sched.waiting and not self.sched.running:
+        raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
+      return []
+    ps = self.page_size
+    decode = all(n == 1 and r.remaining == 1 for r, n in batch)
+    S = _pow2(len(batch), self.min_seqs)
+    Tt = S if decode else _pow2(sum(n for _, n in batch), self.min_tokens)
+    maxp = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
+               _pow2(self.max_pages_per_seq, self.min_pages))
+    tokens, positions = np.zeros(Tt, np.int32), np.zeros(Tt, np.int32)
+    slots = np.zeros(Tt, np.int32)          # padding rows write into the null page 0
+    kv_lens, last_idx = np.zeros(S, np.int32), np.zeros(S, np.int32)
+    page_table = np.zeros((S, maxp), np.int32)
+    cu = np.zeros(S + 1, np.int32)
+    t = 0
+    for i, (r, n) in enumerate(batch):
+      pos = np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
+      pages = np.asarray(r.pages, np.int32)
+      tokens[t:t + n] = r.tokens[r.num_computed:r.num_computed + n]
+      positions[t:t + n] = pos
+      slots[t:t + n] = pages[pos // ps] * ps + pos % ps
+      page_table[i, :len(pages)] = pages
+      kv_lens[i] = r.num_computed + n
+      t += n
+      cu[i + 1], last_idx[i] = t, t - 1
+    cu[len(batch) + 1:] = t
+    meta = {"slots": slots, "kv_lens": kv_lens, "page_table": page_table, "cu_q_lens": cu,
+            "num_seqs": np.int32(len(batch)), "last_idx": last_idx}
+    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], S)
+    mode = "decode" if decode else "ragged"
+    t0 = time.perf_counter()
+    self.k_pages, self.v_pages, toks, logps = self._run(mode, tokens, positions, meta, samp)
+    toks, logps = np.asarray(toks), np.asarray(logps)
+    now = time.perf_counter()
+    self.step_seconds[mode] += now - t0
+    self.step_tokens[mode] += sum(n for _, n in batch)
+
+    done = self.sched.commit(batch, toks, logps, now, self.detokenize)
+    self.finished += done
+    return done
+
+  def run(self) -> list[Req]:
+    """Step until every queued request finished."""
+    out = []
+    while not self.idle:
+      out += self.step()
+    return out
+
+  def generate(self, prompts, sp: SamplingParams | list = SamplingParams()) -> list[Result]:
+    """Offline batch generation; results in prompt order."""
+    sps = sp if isinstance(sp, list) else [sp] * len(prompts)
+    reqs = [self.add_request(p, s) for p, s in zip(prompts, sps)]
+    self.run()
+    return [result(r) for r in reqs]
+
+  def warmup(self, max_tokens: int | None = None) -> int:
+    """Compile every bucket a run can reach (sequences x pages x tokens); returns compiles done.
+    Runs on a scratch copy of metadata that only writes the null page."""
+    before = self.compiles
+    S_max = _pow2(self.sched.max_running, self.min_seqs)
+    P_max = _pow2(self.max_pages_per_seq, self.min_pages)
+    T_max = _pow2(self.sched.chunk_size + self.sched.max_running, self.min_tokens)
+    sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
+    for S in sizes(self.min_seqs, S_max):
+      for maxp in sizes(self.min_pages, P_max):
+        for mode, Tts in (("decode", [S]), ("ragged", sizes(max(S, self.min_tokens), T_max))):
+          for Tt in Tts:
+            z = lambda *s: np.zeros(s, np.int32)
+            meta = {"slots": z(Tt), "kv_lens": z(S), "page_table": z(S, maxp), "cu_q_lens": z(S + 1),
+                    "num_seqs": np.int32(0), "last_idx": z(S)}
+            out = self._run(mode, z(Tt), z(Tt), meta, sampling_arrays([], [], S))
+            self.k_pages, self.v_pages = out[0], out[1]
+    return self.compiles - before
+
+
+class _Step:
+  """A jitted step function that counts its traces (= compilations: one per new input shape)."""
+
+  def __init__(self, cfg, attention: str, decode: bool, mesh, pool_sh):
+    mdef, backend = model_def(cfg), attention_backend(attention)
+    self.traces = 0
+
+    def step(params, k_pages, v_pages, tokens, positions, meta, samp):
+      self.traces += 1                     # Python side effect: runs only while tracing
+      model = mdef.bind(params)
+      cache = PagedCache(k_pages, v_pages, meta["slots"], meta["kv_lens"], meta["page_table"],
+                         meta["cu_q_lens"], meta["num_seqs"], backend, decode)
+      h, _, cache = model.hidden(tokens[None], positions[None], cache)   # one ragged row: B = 1
+      logits = model.logits(h[:, meta["last_idx"]])[0]                     # [S, V] last row of each
+      toks, logps = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                           samp["seeds"], samp["counters"])
+      return cache.k_pages, cache.v_pages, toks, logps
+
+    kw = {}
+    if pool_sh is not None:
+      rep = NamedSharding(mesh, P())
+      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep)
+    self.fn = jax.jit(step, donate_argnums=(1, 2), **kw)
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+@functools.lru_cache(maxsize=32)
+def _step_fn(cfg, attention: str, decode: bool, mesh, pool_sh) -> _Step:
+  """Shared across engines of one model, so a second engine (another policy, a memory limit via
+  max_pages) reuses the compiled steps."""
+  return _Step(cfg, attention, decode, mesh, pool_sh)
+
+
+def result(r: Req) -> Result:
+  ttft = r.token_times[0] - r.arrival if r.token_times else float("nan")
+  return Result(r.rid, r.prompt, list(r.output), list(r.logprobs), r.finish_reason, r.cache_hit, ttft,
+                list(r.token_times))

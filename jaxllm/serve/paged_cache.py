@@ -1,0 +1,112 @@
+"""The device KV page pool and the cache object the shared model attends through.
+
+Pool: K and V each `[L, P, ps, K, H]` (layers, pages, page size, kv heads, head dim); page 0 is the
+null page. A step packs every scheduled sequence into one ragged row (B = 1, T = Tt tokens:
+prefill chunks and decode tokens back to back, vLLM/SGLang style), so `attend` receives
+q [1, Tt, N, H] and k, v [1, Tt, K, H]. It scatters the new K/V into this layer's pages at the
+host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as part
+of the carry, so the update is in place, and the step functions donate it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxllm.model.layers import MASK_VALUE
+
+
+@struct.dataclass
+class PagedCache:
+  k_pages: jax.Array      # [L, P, ps, K, H]
+  v_pages: jax.Array      # [L, P, ps, K, H]
+  slots: jax.Array        # [Tt] int32: page * ps + offset where each new token's K/V goes
+  kv_lens: jax.Array      # [S] int32: tokens in each sequence's cache after this step
+  page_table: jax.Array   # [S, maxp] int32, padded with the null page 0
+  cu_q_lens: jax.Array    # [S + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
+  num_seqs: jax.Array     # [] int32: real sequences (the rest of S is padding)
+  backend: object = struct.field(pytree_node=False, default=None)
+  decode: bool = struct.field(pytree_node=False, default=False)  # every sequence has q_len 1
+
+  def attend(self, layer, q, k, v):
+    L, P, ps, K, H = self.k_pages.shape
+
+    def write(pool, new):   # new [1, Tt, K, H] into this layer's pages
+      flat = pool[layer].reshape(P * ps, K, H).at[self.slots].set(new[0].astype(pool.dtype))
+      return jax.lax.dynamic_update_index_in_dim(pool, flat.reshape(P, ps, K, H), layer, 0)
+
+    k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
+    kl, vl = k_pages[layer], v_pages[layer]
+    if self.decode:
+      out = self.backend.paged_decode_attention(q[0], kl, vl, self.kv_lens, self.page_table)
+    else:
+      out = self.backend.ragged_paged_attention(q[0], kl, vl, self.kv_lens, self.page_table,
+                                                self.cu_q_lens, self.num_seqs)
+    return out[None].astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
+
+  def advance(self, T: int):
+    return self   # kv_lens already count this step's tokens (the host builds them)
+
+
+def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
+  """num_pages usable pages plus the null page 0."""
+  return (cfg.n_layers, num_pages + 1, page_size, cfg.n_kv_heads, cfg.head_dim_)
+
+
+# ---- pure-jnp attention over pages (engine fallback while jaxllm.kernels has no backend) --------
+def _attend_rows(q, k, v, mask):
+  """q [T, N, H]; k, v [T, S, K, H] (each row's own keys); mask [T, S] -> [T, N, H], fp32 softmax."""
+  T, N, H = q.shape
+  K = k.shape[2]
+  qg = q.reshape(T, K, N // K, H)
+  s = jnp.einsum("tkgh,tskh->tkgs", qg, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+  s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("tkgs,tskh->tkgh", p, v).reshape(T, N, H)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
+  """q [Tt, N, H]; pages [P, ps, K, H]; -> [Tt, N, H]. Row t belongs to sequence
+  seq(t) = the s with cu_q_lens[s] <= t < cu_q_lens[s+1]; its query is the last q_len positions of
+  that sequence's kv_lens tokens, causal. Rows past cu_q_lens[num_seqs] are padding (finite output)."""
+  Tt = q.shape[0]
+  S, maxp = page_table.shape
+  ps = k_pages.shape[1]
+  t = jnp.arange(Tt, dtype=jnp.int32)
+  seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, S - 1)   # [Tt]
+  valid = t < cu_q_lens[num_seqs]
+  q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+  pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])                             # [Tt] query position
+  k_seq = k_pages[page_table].reshape(S, maxp * ps, *k_pages.shape[2:])          # [S, maxp*ps, K, H]
+  v_seq = v_pages[page_table].reshape(S, maxp * ps, *v_pages.shape[2:])
+  key_pos = jnp.arange(maxp * ps, dtype=jnp.int32)
+  mask = (key_pos[None, :] <= pos[:, None]) & valid[:, None]                     # [Tt, maxp*ps]
+  return _attend_rows(q, k_seq[seq], v_seq[seq], mask)
+
+
+def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table):
+  """q [S, N, H] (one query per sequence, at position kv_lens - 1) -> [S, N, H]."""
+  S, maxp = page_table.shape
+  ps = k_pages.shape[1]
+  k_seq = k_pages[page_table].reshape(S, maxp * ps, *k_pages.shape[2:])
+  v_seq = v_pages[page_table].reshape(S, maxp * ps, *v_pages.shape[2:])
+  mask = jnp.arange(maxp * ps, dtype=jnp.int32)[None, :] < kv_lens[:, None]
+  return _attend_rows(q, k_seq, v_seq, mask)
+
+
+class _Reference:
+  ragged_paged_attention = staticmethod(ragged_paged_attention)
+  paged_decode_attention = staticmethod(paged_decode_attention)
+
+
+def attention_backend(name: str):
+  """The kernels package's backend when it provides one; this module's jnp path otherwise."""
+  try:
+    from jaxllm.kernels import get_attention_backend
+  except ImportError:
+    get_attention_backend = None
+  if get_attention_backend is not None:
+    return get_attention_backend(name)
+  if name != "reference":
+    raise ValueError(f"attention backend {name!r} needs jaxllm.kernels (not available); use 'reference'")
+  return _Reference()

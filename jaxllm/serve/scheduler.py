@@ -1,0 +1,271 @@
+"""Continuous batching over the page pool and the radix cache (SGLang's scheduler, simplified).
+
+Every step the scheduler picks a list of (request, n tokens to compute):
+- running requests first, oldest first: a decoding request computes its last sampled token (n = 1);
+  a request still in prefill takes its next chunk under the prefill token budget (chunked prefill,
+  Sarathi-Serve / SGLang);
+- then new requests from the waiting queue, in policy order, while budget, running slots and pages
+  last. Admission matches the prompt in the radix tree and only computes the uncached rest.
+
+Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
+subtree with more waiting requests first, SGLang sec. 4: on the offline problem this equals the
+optimal DFS order). Both fall back to fcfs for queues longer than `policy_max_queue`, where matching
+every prompt each step would cost more than it saves.
+
+Prefix dedup inside a batch: a request whose prompt shares at least one more page with a request
+still in prefill than it has in the tree waits; once that request's prefix is inserted (after each of
+its chunks) the waiting one matches it instead of computing it again.
+
+Preemption: when a running request needs a page and none can be freed by evicting the tree, the
+newest running request is preempted: its computed pages go to the tree (or are freed), it rejoins
+the front of the queue with its prompt and generated tokens, and is recomputed later. Nothing is lost.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from jaxllm.serve.pages import PageAllocator
+from jaxllm.serve.radix import Node, RadixCache
+from jaxllm.serve.sampling import SamplingParams, check_stop
+
+POLICIES = ("fcfs", "lpm", "dfs-weight")
+_order = itertools.count()
+
+
+@dataclass(eq=False)
+class Req:
+  rid: int
+  prompt: list
+  sp: SamplingParams
+  extra_key: object = None         # radix namespace (weight version)
+  arrival: float = 0.0
+  output: list = field(default_factory=list)
+  logprobs: list = field(default_factory=list)
+  pages: list = field(default_factory=list)   # page ids for tokens [0, num_computed + scheduled)
+  num_computed: int = 0            # tokens whose K/V are in `pages`
+  cached_len: int = 0              # leading tokens whose pages the tree owns (locked via `node`)
+  node: Node | None = None
+  order: int = 0                   # admission counter (newest is preempted first)
+  cache_hit: int = 0               # prompt tokens reused from the tree (first admission)
+  computed: int = 0                # tokens computed in prefill, recompute included
+  preemptions: int = 0
+  finish_reason: str | None = None
+  token_times: list = field(default_factory=list)
+
+  @property
+  def tokens(self) -> list:
+    return self.prompt + self.output
+
+  @property
+  def remaining(self) -> int:
+    return len(self.prompt) + len(self.output) - self.num_computed
+
+  @property
+  def prefilling(self) -> bool:
+    return self.num_computed < len(self.prompt)
+
+
+def _lcp(a, b) -> int:
+  n = min(len(a), len(b))
+  i = 0
+  while i < n and a[i] == b[i]:
+    i += 1
+  return i
+
+
+class Scheduler:
+  def __init__(self, num_pages: int, page_size: int, *, max_running: int = 32, chunk_size: int = 256,
+               policy: str = "fcfs", radix: bool = True, policy_max_queue: int = 128):
+    if policy not in POLICIES:
+      raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
+    if chunk_size < 1 or max_running < 1:
+      raise ValueError(f"chunk_size={chunk_size} and max_running={max_running} must be >= 1")
+    self.ps, self.max_running, self.chunk_size = page_size, max_running, chunk_size
+    self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
+    self.alloc = PageAllocator(num_pages)
+    self.tree = RadixCache(self.alloc, page_size)
+    self.waiting: list[Req] = []
+    self.running: list[Req] = []
+    self.num_preemptions = 0
+
+  # ---- pages --------------------------------------------------------------------------------
+  def _alloc(self, n: int) -> list | None:
+    pages = self.alloc.alloc(n)
+    if pages is None and self.radix_on:
+      self.tree.evict(n - self.alloc.num_free)
+      pages = self.alloc.alloc(n)
+    return pages
+
+  def _grow(self, req: Req, n_tokens: int) -> bool:
+    need = -(-(req.num_computed + n_tokens) // self.ps) - len(req.pages)
+    if need <= 0:
+      return True
+    pages = self._alloc(need)
+    if pages is None:
+      return False
+    req.pages += pages
+    return True
+
+  def private_pages(self) -> int:
+    return sum(len(r.pages) - r.cached_len // self.ps for r in self.running)
+
+  # ---- radix interplay ------------------------------------------------------------------------
+  def _release(self, req: Req) -> None:
+    """Give a leaving request's pages back: computed whole pages to the tree, the rest freed."""
+    if not self.radix_on:
+      self.alloc.free(req.pages)
+    else:
+      n_full = req.num_computed // self.ps
+      prev = self.tree.insert(req.tokens[:n_full * self.ps], req.pages[:n_full], req.extra_key)
+      self.alloc.free(req.pages[req.cached_len // self.ps:prev // self.ps])  # duplicates of cached pages
+      self.alloc.free(req.pages[n_full:])
+      self.tree.unlock(req.node)
+    req.pages, req.node, req.cached_len, req.num_computed = [], None, 0, 0
+
+  def cache_prefix(self, req: Req) -> None:
+    """Insert a running request's computed whole pages (SGLang cache_unfinished_req) so others
+    can match them now; swap its duplicate pages for the tree's and move its lock down."""
+    n_full = req.num_computed // self.ps
+    if not self.radix_on or n_full * self.ps <= req.cached_len:
+      return
+    key = req.tokens[:n_full * self.ps]
+    prev = self.tree.insert(key, req.pages[:n_full], req.extra_key)
+    pages, node = self.tree.match_prefix(key, req.extra_key)
+    assert len(pages) == n_full, "radix: a just-inserted prefix must match in full"
+    self.alloc.free(req.pages[req.cached_len // self.ps:prev // self.ps])
+    req.pages[:n_full] = pages
+    self.tree.lock(node)
+    self.tree.unlock(req.node)
+    req.node, req.cached_len = node, n_full * self.ps
+
+  # ---- queue --------------------------------------------------------------------------------
+  def add(self, req: Req) -> None:
+    self.waiting.append(req)
+
+  def _ordered_waiting(self) -> list[Req]:
+    if self.policy == "fcfs" or not self.radix_on or len(self.waiting) > self.policy_max_queue:
+      return list(self.waiting)
+    t = self.tree
+    matches = [t.prefix_len(r.tokens[:-1], r.extra_key) for r in self.waiting]
+    if self.policy == "lpm":
+      order = sorted(range(len(self.waiting)), key=lambda i: -matches[i][0])
+      return [self.waiting[i] for i in order]
+    # dfs-weight: weight(node) = waiting requests at or below it; visit heavier children first.
+    weight, at = {}, {}
+    for r, (_, node) in zip(self.waiting, matches):
+      at.setdefault(id(node), []).append(r)
+      while node is not None:
+        weight[id(node)] = weight.get(id(node), 0) + 1
+        node = node.parent
+    out, stack = [], [t.root]
+    while stack:
+      node = stack.pop()
+      out += at.get(id(node), [])
+      kids = [c for c in node.children.values() if id(c) in weight]
+      stack += sorted(kids, key=lambda c: weight[id(c)])   # heaviest popped first
+    return out
+
+  def _preempt(self, req: Req) -> None:
+    self.running.remove(req)
+    self._release(req)
+    req.preemptions += 1
+    self.num_preemptions += 1
+    self.waiting.insert(0, req)
+
+  # ---- one step -----------------------------------------------------------------------------
+  def schedule(self) -> list[tuple[Req, int]]:
+    batch, budget = [], self.chunk_size
+    for req in sorted(self.running, key=lambda r: r.order):
+      if req not in self.running:            # preempted earlier in this loop
+        continue
+      n = 1 if req.remaining == 1 else min(req.remaining, budget)
+      if n == 0:
+        continue
+      while not self._grow(req, n):
+        self._preempt(max(self.running, key=lambda r: r.order))
+        if req not in self.running:
+          break
+      else:
+        batch.append((req, n))
+        if n > 1 or req.prefilling:
+          budget -= n
+    if not self.waiting or budget <= 0:
+      return batch
+    prefilling = [r for r in self.running if r.prefilling]
+    for req in self._ordered_waiting():
+      if budget <= 0 or len(self.running) >= self.max_running:
+        break
+      verdict = self._admit(req, budget, prefilling)
+      if verdict == "full":                    # out of pages: admit nobody else this step
+        break
+      if verdict == "wait":
+        continue
+      n = min(req.remaining, budget)
+      batch.append((req, n))
+      budget -= n
+      prefilling.append(req)
+    return batch
+
+  def _admit(self, req: Req, budget: int, prefilling: list) -> str:
+    """'ok' (req now running), 'wait' (in-batch prefix dedup) or 'full' (no pages)."""
+    ps = self.ps
+    tokens = req.tokens
+    pages, node = ([], self.tree.root)
+    if self.radix_on:
+      pages, node = self.tree.match_prefix(tokens[:-1], req.extra_key)
+      cached = len(pages) * ps
+      for other in prefilling:
+        if other.extra_key == req.extra_key and \
+           _lcp(tokens, other.prompt) // ps * ps >= cached + ps:
+          return "wait"                      # `other` is computing our prefix right now
+      self.tree.lock(node)
+    n = min(len(tokens) - len(pages) * ps, budget)
+    new = self._alloc(-(-(len(pages) * ps + n) // ps) - len(pages))
+    if new is None:
+      if self.radix_on:
+        self.tree.unlock(node)
+      return "full"
+    self.waiting.remove(req)
+    req.pages, req.node = pages + new, (node if self.radix_on else None)
+    req.num_computed = req.cached_len = len(pages) * ps
+    if req.preemptions == 0:
+      req.cache_hit = req.cached_len
+    req.order = next(_order)
+    self.running.append(req)
+    return "ok"
+
+  def commit(self, batch, tokens, logprobs, now: float, detokenize=None) -> list[Req]:
+    """Book a step's results: advance each request, cache finished prefill pages, append the
+    sampled token of each request that reached its end, retire finished ones (returned)."""
+    done = []
+    for i, (r, n) in enumerate(batch):
+      was_prefill = r.prefilling
+      r.num_computed += n
+      if was_prefill or n > 1:
+        r.computed += n
+        self.cache_prefix(r)
+      if r.remaining:                        # mid-prefill chunk: nothing sampled yet
+        continue
+      r.output.append(int(tokens[i]))
+      if r.sp.logprobs:
+        r.logprobs.append(float(logprobs[i]))
+      r.token_times.append(now)
+      r.finish_reason = check_stop(r.sp, r.output, detokenize)
+      if r.finish_reason:
+        self.finish(r)
+        done.append(r)
+    return done
+
+  def finish(self, req: Req) -> None:
+    self.running.remove(req)
+    self._release(req)
+
+  def check(self) -> None:
+    """The page-accounting invariant (holds between steps, with requests running or not)."""
+    if self.radix_on:
+      self.tree.check(self.private_pages())
+    else:
+      used = sum(len(r.pages) for r in self.running)
+      assert self.alloc.num_free + used == self.alloc.total, \
+        f"page leak: free {self.alloc.num_free} + used {used} != total {self.alloc.total}"
