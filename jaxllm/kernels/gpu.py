@@ -1,0 +1,188 @@
+"""Pallas GPU (Triton lowering) paged attention.
+
+Same interface and semantics as jaxllm/kernels/reference.py; `interpret=True` runs it on CPU.
+
+Design (why):
+- One program per (sequence, kv head) for decode, per (sequence, query tile, kv head) for ragged. All
+  G query heads of a GQA group ride in one program, so each K/V page is read from HBM once per group.
+- Each loop iteration gathers `pages_per_block` pages by id (a vector load of the page table, then an
+  indexed load `k_ref[page_ids]`), giving a [block_k, H] tile with block_k = pages_per_block * ps.
+- Triton's dot needs M, N, K >= 16 and power-of-two tile dims: the G heads are zero-padded to a power of
+  two (decode: to >= 16), page size and head dim must be powers of two, and block_k >= 16 on GPU.
+- Online softmax (FlashAttention) with fp32 m / l / acc; masked keys get probability exactly 0 and
+  values past the sequence's length are zeroed (their slots may hold anything, and 0 * NaN = NaN).
+- Ragged output rows are written only by the program whose sequence owns them; the output buffer is a
+  zeros array aliased in, so padding rows read back as 0 instead of uninitialised memory.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxllm.model.layers import MASK_VALUE
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_shapes(ps: int, H: int):
+  for name, n in (("page size", ps), ("head dim", H)):
+    if n != _pow2(n):
+      raise ValueError(f"gpu paged attention: {name} {n} is not a power of two (Triton tiles must be); "
+                       "use a power-of-two page size, or the 'reference' backend")
+
+
+def _attend_block(q, k, v, valid, kv_valid, m, l, acc, scale):
+  """q [R, H]; k, v [C, H]; valid [R, C]; kv_valid [C]; running m, l [R], acc [R, H] (fp32)."""
+  fp32 = q.dtype == jnp.float32
+  s = plgpu.dot(q, k, trans_b=True, allow_tf32=not fp32).astype(jnp.float32) * scale
+  s = jnp.where(valid, s, MASK_VALUE)
+  m_new = jnp.maximum(m, s.max(axis=-1))
+  p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+  alpha = jnp.exp(m - m_new)
+  v = jnp.where(kv_valid[:, None], v, jnp.zeros((), v.dtype))
+  pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=not fp32).astype(jnp.float32)
+  return m_new, alpha * l + p.sum(axis=-1), alpha[:, None] * acc + pv
+
+
+def _block_pages(ps: int, pages_per_block: int | None) -> int:
+  return pages_per_block or max(1, 64 // ps)  # block_k of 64 keys unless told
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode: grid (S, K).
+
+
+def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, ps, ppb):
+  # q_ref, o_ref [Gp, H]; k_ref, v_ref [P, ps, H] (this program's kv head); pt_ref [S, maxp_padded].
+  s = pl.program_id(0)
+  Gp, H = q_ref.shape
+  bk = ppb * ps
+  kv_len = kv_lens_ref[s]
+  q = q_ref[...]
+
+  def body(j, carry):
+    m, l, acc = carry
+    ids = pt_ref[s, pl.ds(j * ppb, ppb)]                                # [ppb] page ids
+    k = k_ref[ids].reshape(bk, H)
+    v = v_ref[ids].reshape(bk, H)
+    kv_valid = j * bk + jnp.arange(bk) < kv_len
+    valid = jnp.broadcast_to(kv_valid[None, :], (Gp, bk))
+    return _attend_block(q, k, v, valid, kv_valid, m, l, acc, H ** -0.5)
+
+  init = (jnp.full((Gp,), MASK_VALUE, jnp.float32), jnp.zeros((Gp,), jnp.float32),
+          jnp.zeros((Gp, H), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, pl.cdiv(kv_len, bk), body, init)
+  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "pages_per_block", "num_warps", "num_stages"))
+def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpret=False,
+                           pages_per_block=None, num_warps=4, num_stages=2):
+  """q [S, N, H] -> [S, N, H]; semantics in jaxllm/kernels/reference.py."""
+  S, N, H = q.shape
+  P, ps, K, _ = k_pages.shape
+  _check_shapes(ps, H)
+  G = N // K
+  Gp = max(16, _pow2(G))
+  ppb = _block_pages(ps, pages_per_block)
+  maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
+  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))  # null page
+  qg = jnp.pad(q.reshape(S, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+
+  q_spec = pl.BlockSpec((None, None, Gp, H), lambda s, k: (s, k, 0, 0))
+  kv_spec = pl.BlockSpec((P, ps, None, H), lambda s, k: (0, 0, k, 0))
+  whole = lambda shape: pl.BlockSpec(shape, lambda s, k: (0,) * len(shape))
+  out = pl.pallas_call(
+      functools.partial(_decode_kernel, ps=ps, ppb=ppb),
+      grid=(S, K),
+      in_specs=[whole((S,)), whole((S, maxp)), q_spec, kv_spec, kv_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(kv_lens.astype(jnp.int32), pt, qg, k_pages, v_pages)
+  return out[:, :, :G].reshape(S, N, H)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ragged (mixed prefill + decode): grid (S, query tiles of bq tokens, K). Tile j of sequence s covers
+# its rows cu[s] + j*bq ...; programs past a sequence's last row exit at once.
+
+
+def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, ns_ref, q_ref, o_in_ref, k_ref, v_ref, o_ref,
+                   *, ps, ppb, bq):
+  del o_in_ref  # aliased to o_ref: the zeros that padding rows keep
+  # q_ref, o_ref [Tp, Gp, H] (this program's kv head); k_ref, v_ref [P, ps, H].
+  s, j = pl.program_id(0), pl.program_id(1)
+  _, Gp, H = q_ref.shape
+  bk, R = ppb * ps, bq * Gp
+  start, end, kv_len = cu_ref[s], cu_ref[s + 1], kv_lens_ref[s]
+  r0 = start + j * bq
+
+  @pl.when((s < ns_ref[0]) & (r0 < end))
+  def _():
+    rows = pl.ds(r0, bq)
+    tok = r0 + jnp.arange(bq)                                            # [bq]
+    own = tok < end
+    q = plgpu.load(q_ref.at[rows], mask=own[:, None, None], other=0).reshape(R, H)
+    qpos = jnp.broadcast_to((kv_len - (end - start) + (tok - start))[:, None], (bq, Gp)).reshape(R)
+    own_r = jnp.broadcast_to(own[:, None], (bq, Gp)).reshape(R)
+    last = kv_len - (end - start) + (jnp.minimum(end, r0 + bq) - 1 - start)  # furthest key needed
+
+    def body(i, carry):
+      m, l, acc = carry
+      ids = pt_ref[s, pl.ds(i * ppb, ppb)]
+      k = k_ref[ids].reshape(bk, H)
+      v = v_ref[ids].reshape(bk, H)
+      kpos = i * bk + jnp.arange(bk)
+      kv_valid = kpos < kv_len
+      valid = own_r[:, None] & (kpos[None, :] <= qpos[:, None]) & kv_valid[None, :]
+      return _attend_block(q, k, v, valid, kv_valid, m, l, acc, H ** -0.5)
+
+    init = (jnp.full((R,), MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32),
+            jnp.zeros((R, H), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, pl.cdiv(last + 1, bk), body, init)
+    o = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).reshape(bq, Gp, H)
+    plgpu.store(o_ref.at[rows], o.astype(o_ref.dtype), mask=own[:, None, None])
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_q", "pages_per_block", "num_warps",
+                                             "num_stages"))
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
+                           interpret=False, block_q=16, pages_per_block=None, num_warps=4, num_stages=2):
+  """q [Tt, N, H] -> [Tt, N, H]; semantics in jaxllm/kernels/reference.py."""
+  Tt, N, H = q.shape
+  P, ps, K, _ = k_pages.shape
+  _check_shapes(ps, H)
+  S = page_table.shape[0]
+  G, bq = N // K, _pow2(block_q)
+  Gp = _pow2(G)
+  ppb = _block_pages(ps, pages_per_block)
+  maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
+  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))
+  Tp = Tt + bq                       # a tile starting at any row stays in bounds
+  qg = jnp.pad(q.reshape(Tt, K, G, H), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
+
+  grid = (S, pl.cdiv(Tt, bq), K)
+  q_spec = pl.BlockSpec((Tp, None, Gp, H), lambda s, j, k: (0, k, 0, 0))
+  kv_spec = pl.BlockSpec((P, ps, None, H), lambda s, j, k: (0, 0, k, 0))
+  whole = lambda shape: pl.BlockSpec(shape, lambda s, j, k: (0,) * len(shape))
+  out = pl.pallas_call(
+      functools.partial(_ragged_kernel, ps=ps, ppb=ppb, bq=bq),
+      grid=grid,
+      in_specs=[whole((S,)), whole((S, maxp)), whole((S + 1,)), whole((1,)), q_spec, q_spec,
+                kv_spec, kv_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+      input_output_aliases={5: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+  )(kv_lens.astype(jnp.int32), pt, cu_q_lens.astype(jnp.int32),
+    jnp.reshape(num_seqs, (1,)).astype(jnp.int32), qg, jnp.zeros_like(qg), k_pages, v_pages)
+  return out[:Tt, :, :G].reshape(Tt, N, H)

@@ -1,0 +1,170 @@
+"""Paged attention kernels equal their pure-jnp reference, and the reference equals dense attention.
+
+Every page slot no live key occupies -- whole unused pages (page 0, the null page, included) and the
+tail of each partially filled page -- holds NaN, so a kernel that reads one shows it in the output.
+The Pallas kernels run in interpret mode: TPU kernels under pltpu.InterpretParams(), GPU (Triton)
+kernels with interpret=True. Shapes stay tiny because interpret mode runs grid steps one by one.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxllm.kernels import get_attention_backend, gpu, reference, tpu
+from jaxllm.model.layers import attention
+
+TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+KERNELS = {
+    "tpu": (tpu, dict(interpret=pltpu.InterpretParams())),
+    "gpu": (gpu, dict(interpret=True)),
+}
+
+
+def make_cache(rng, kv_lens, ps, K, H, maxp, dtype, spare_pages=3):
+  """Scatter random per-sequence K/V into randomly permuted pages; everything else is NaN.
+
+  Returns k_pages, v_pages [P, ps, K, H], page_table [S, maxp] (padded with the null page 0) and the
+  contiguous per-sequence (k, v) [len, K, H] that were scattered, for dense checks.
+  """
+  n_pages = [-(-int(n) // ps) for n in kv_lens]
+  P = 1 + sum(n_pages) + spare_pages
+  k_pages = np.full((P, ps, K, H), np.nan, np.float32)
+  v_pages = np.full((P, ps, K, H), np.nan, np.float32)
+  page_table = np.zeros((len(kv_lens), maxp), np.int32)
+  free = list(rng.permutation(np.arange(1, P)))
+  dense = []
+  for s, n in enumerate(kv_lens):
+    k = rng.normal(size=(int(n), K, H)).astype(np.float32)
+    v = rng.normal(size=(int(n), K, H)).astype(np.float32)
+    for j in range(n_pages[s]):
+      page = free.pop()
+      page_table[s, j] = page
+      rows = slice(j * ps, min((j + 1) * ps, int(n)))
+      k_pages[page, : rows.stop - rows.start] = k[rows]
+      v_pages[page, : rows.stop - rows.start] = v[rows]
+    dense.append((k, v))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(k_pages), cast(v_pages), jnp.asarray(page_table), dense
+
+
+def decode_case(seed, ps, G, dtype, K=2, H=16, maxp=4):
+  """Lengths cover 1, a partial tail, an exact page multiple, the full table, and a padding row (0)."""
+  rng = np.random.default_rng(seed)
+  kv_lens = np.array([1, ps + 3 if ps > 3 else ps + 1, 2 * ps, maxp * ps, 0,
+                      rng.integers(1, maxp * ps + 1)], np.int32)
+  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, ps, K, H, maxp, dtype)
+  q = jnp.asarray(rng.normal(size=(len(kv_lens), K * G, H)), dtype)
+  return (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table), dense
+
+
+def ragged_case(seed, ps, G, dtype, K=2, H=16, maxp=3):
+  """A decode row (q_len 1), a full prefill, chunked prefills with a cached prefix, a padding sequence
+  (S > num_seqs) and padding rows after the last live one."""
+  rng = np.random.default_rng(seed)
+  C = maxp * ps
+  kv_lens = np.array([rng.integers(1, C + 1), min(ps + 1, C), C, rng.integers(2, C + 1), 0], np.int32)
+  q_lens = np.array([1, kv_lens[1], rng.integers(1, min(kv_lens[2], 9) + 1),
+                     rng.integers(1, min(kv_lens[3], 6) + 1), 0], np.int32)
+  num_seqs = 4
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, ps, K, H, maxp, dtype)
+  q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 3, K * G, H)), dtype)
+  args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
+  return args, dense
+
+
+CASES = [  # (page size, GQA ratio G = N / K, dtype)
+    (4, 1, jnp.float32),
+    (8, 2, jnp.float32),
+    (16, 4, jnp.float32),
+    (8, 4, jnp.bfloat16),
+    (4, 2, jnp.bfloat16),
+]
+case_ids = [f"ps{ps}-g{g}-{jnp.dtype(d).name}" for ps, g, d in CASES]
+
+
+def check(out, want, dtype):
+  out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+  assert np.isfinite(out).all(), "kernel output has NaN/inf: it read an unused page or slot"
+  np.testing.assert_allclose(out, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+@pytest.mark.parametrize("ps,G,dtype", CASES, ids=case_ids)
+def test_decode_kernel_equals_reference(impl, ps, G, dtype):
+  args, _ = decode_case(ps * 10 + G, ps, G, dtype)
+  want = reference.paged_decode_attention(*args)
+  mod, kw = KERNELS[impl]
+  out = mod.paged_decode_attention(*args, **kw)
+  assert out.shape == args[0].shape and out.dtype == args[0].dtype
+  check(out, want, dtype)
+  np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)  # kv_len 0: padding row -> 0
+
+
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+@pytest.mark.parametrize("ps,G,dtype", CASES, ids=case_ids)
+def test_ragged_kernel_equals_reference(impl, ps, G, dtype):
+  args, _ = ragged_case(ps * 10 + G, ps, G, dtype)
+  want = reference.ragged_paged_attention(*args)
+  mod, kw = KERNELS[impl]
+  out = mod.ragged_paged_attention(*args, **kw)
+  assert out.shape == args[0].shape and out.dtype == args[0].dtype
+  check(out, want, dtype)
+  live = int(args[5][args[6]])
+  np.testing.assert_array_equal(np.asarray(out[live:], np.float32), 0.0)  # padding rows -> 0
+
+
+def pad_dense(dense, rows):
+  """Contiguous per-sequence K/V zero-padded to one [B, rows, K, H] batch (no NaN: nothing paged)."""
+  out = np.zeros((2, len(dense), rows) + dense[0][0].shape[1:], np.float32)
+  for s, (k, v) in enumerate(dense):
+    out[0, s, : len(k)], out[1, s, : len(v)] = k, v
+  return jnp.asarray(out[0]), jnp.asarray(out[1])
+
+
+@pytest.mark.parametrize("ps,G", [(4, 2), (8, 1)])
+def test_reference_equals_dense_attention(ps, G):
+  """The reference against jaxllm.model.layers.attention on contiguous (never paged) K/V."""
+  (q, k_pages, v_pages, kv_lens, page_table), dense = decode_case(ps + G, ps, G, jnp.float32)
+  out = reference.paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table)
+  C = page_table.shape[1] * ps
+  k, v = pad_dense(dense, C)
+  mask = (jnp.arange(C)[None, :] < kv_lens[:, None])[:, None, :]          # [S, 1, C]
+  want = attention(q[:, None], k, v, mask)[:, 0]
+  live = np.asarray(kv_lens) > 0                                         # dense gives padding rows a mean
+  np.testing.assert_allclose(out[live], want[live], atol=1e-5, rtol=1e-5)
+
+  args, dense = ragged_case(ps + G, ps, G, jnp.float32)
+  q, kv_lens, cu, num_seqs = args[0], np.asarray(args[3]), np.asarray(args[5]), int(args[6])
+  out = reference.ragged_paged_attention(*args)
+  T, C = int(np.diff(cu).max()), int(kv_lens.max())
+  k, v = pad_dense(dense[:num_seqs], C)
+  rows = np.zeros((num_seqs, T), np.int32)                               # padded with row 0, ignored
+  mask = np.zeros((num_seqs, T, C), bool)
+  for s in range(num_seqs):
+    n = cu[s + 1] - cu[s]
+    rows[s, :n] = np.arange(cu[s], cu[s + 1])
+    qpos = kv_lens[s] - n + np.arange(n)                                 # queries are the last n positions
+    mask[s, :n] = np.arange(C)[None, :] <= qpos[:, None]
+  want = attention(q[rows], k, v, jnp.asarray(mask))
+  for s in range(num_seqs):
+    n = cu[s + 1] - cu[s]
+    np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want[s, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_backend_switch():
+  ref = get_attention_backend("reference")
+  assert ref.paged_decode_attention is reference.paged_decode_attention
+  pallas = get_attention_backend("pallas", platform="cpu")  # the TPU kernels, interpret mode
+  args, _ = decode_case(0, 4, 1, jnp.float32)
+  check(pallas.paged_decode_attention(*args), ref.paged_decode_attention(*args), jnp.float32)
+  assert get_attention_backend("pallas", platform="gpu").ragged_paged_attention.func is gpu.ragged_paged_attention
+  with pytest.raises(ValueError, match="reference, pallas"):
+    get_attention_backend("flash")
+
+
+def test_gpu_rejects_non_power_of_two_page_size():
+  args, _ = decode_case(0, 6, 1, jnp.float32)
+  with pytest.raises(ValueError, match="power of two"):
+    gpu.paged_decode_attention(*args, interpret=True)
