@@ -19,7 +19,7 @@ def _is_var(x):
   return isinstance(x, nnx.Variable)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class ModelDef:
   cfg: ModelConfig
   graphdef: Any
@@ -33,19 +33,20 @@ class ModelDef:
     return nnx.merge(self.graphdef, state)
 
   def abstract_params(self) -> dict:
-    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), self.template.to_pure_dict())
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(self.template))
 
 
 def model_def(cfg: ModelConfig) -> ModelDef:
   abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  logical = jax.tree.map(lambda v: tuple(v.get_metadata()["logical"]), state, is_leaf=_is_var).to_pure_dict()
+  logical = jax.tree.map(lambda v: tuple(v.get_metadata()["logical"]), state, is_leaf=_is_var)
+  logical = nnx.to_pure_dict(logical)
   return ModelDef(cfg, graphdef, state, logical)
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
   """Fresh random parameters (pure dict). jit this with out_shardings for sharded init."""
-  return nnx.state(Transformer(cfg, nnx.Rngs(seed))).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(seed))))
 
 
 def count_params(params: dict) -> int:

@@ -1,0 +1,57 @@
+"""Shared command-line plumbing for train.py and serve.py: device-count setup before jax starts,
+help text generated from the config dataclasses' field comments, and plain-words error exits."""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+import tomllib
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CPU_MESH = os.path.join(HERE, "meshes", "cpu-8.toml")
+
+
+def prepare_devices(mesh_path: str | None) -> None:
+  """Before jax is imported: make the CPU platform expose as many devices as the mesh needs
+  (the flag only affects the CPU backend, so it is harmless on GPU/TPU)."""
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  path = mesh_path or DEFAULT_CPU_MESH
+  try:
+    with open(path, "rb") as f:
+      m = tomllib.load(f).get("mesh", {})
+  except (OSError, tomllib.TOMLDecodeError):
+    return  # load_config reports the problem properly later
+  n = int(m.get("pp", 1)) * int(m.get("dp", 1)) * int(m.get("tp", 1))
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def default_mesh_overrides(mesh_given: bool) -> list[str]:
+  """No --mesh: the emulated cpu-8 preset on a CPU-only machine, else all local devices as dp."""
+  import jax
+  if mesh_given:
+    return []
+  if jax.devices()[0].platform == "cpu":
+    return [f"mesh={DEFAULT_CPU_MESH}"]
+  return [f"mesh.dp={len(jax.devices())}", f"mesh.device={jax.devices()[0].platform}", "mesh.name=all-dp"]
+
+
+def config_help() -> str:
+  """Every config key with its type, default and the comment written beside its field."""
+  from jaxllm import config as C
+  out = []
+  for section, cls in (("model", C.ModelConfig), ("mesh", C.MeshConfig), ("train", C.TrainConfig)):
+    out.append(f"[{section}]  ({cls.__doc__.strip().splitlines()[0]})")
+    for line in inspect.getsource(cls).splitlines():
+      m = re.match(r"\s+(\w+): ([\w\[\], .|]+?) = (.+?)\s+# (.*)$", line)
+      if m:
+        name, typ, default, comment = m.groups()
+        out.append(f"  {section}.{name}={default}  ({typ}) {comment}")
+  out.append("model presets: " + ", ".join(sorted(C.MODEL_PRESETS)) + "   (select with model=NAME)")
+  return "\n".join(out)
+
+
+def fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)

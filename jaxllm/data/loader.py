@@ -1,0 +1,130 @@
+"""Packed fixed-length batches from a token stream: deterministic, infinite and resumable.
+
+The stream is cut into windows of seq_len+1 tokens at stride seq_len (window w covers tokens
+[w*L, w*L + L]); inputs are a window's first L tokens and targets its last L, so every token of the
+stream except the first is a target exactly once per epoch. Documents are packed back to back with
+their eos separators and no padding (as GPT-2/nanoGPT train), so no compute is spent on pad tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# The fields of a checkpointed state that must equal this run's, or the position means nothing.
+_SHAPE_KEYS = ("seq_len", "batch_size", "num_tokens")
+
+
+def _as_stream(tokens) -> np.ndarray:
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"expected a 1-D integer token stream, got shape {tokens.shape} dtype {tokens.dtype}")
+  return tokens.astype(np.int32, copy=False)
+
+
+def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """{"inputs", "targets"} int32 [len(windows), seq_len] for the given window numbers."""
+  rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, L+1]
+  return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
+
+
+class PackedBatches:
+  """Infinite iterator of {"inputs", "targets"} int32 [batch_size, seq_len] batches.
+
+  Each epoch visits every window exactly once, in an order drawn from default_rng((seed, epoch)) (or
+  in stream order with shuffle=False). Epochs run back to back: a batch that reaches the end of one
+  epoch's order continues into the next, so no window is ever dropped for not filling a batch.
+
+  state() is the position (epoch, windows of that epoch consumed) plus what it depends on;
+  restore(state) on a fresh instance over the same tokens continues with exactly the next batch.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
+               shuffle: bool = True):
+    if seq_len < 1 or batch_size < 1:
+      raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
+    self.tokens = _as_stream(tokens)
+    self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+    self.seed, self.shuffle = int(seed), shuffle
+    if self.num_windows < self.batch_size:
+      need = self.batch_size * self.seq_len + 1
+      raise ValueError(f"{len(self.tokens):,} tokens make {self.num_windows} sequences of seq_len="
+                       f"{self.seq_len}, fewer than batch_size={self.batch_size}; one batch needs at "
+                       f"least {need:,} tokens. Add data, or lower the batch size or sequence length")
+    self.epoch, self.index = 0, 0
+    self._order_epoch, self._order = -1, None
+
+  @property
+  def num_windows(self) -> int:
+    """Sequences (windows of seq_len+1 tokens) per epoch."""
+    return max(len(self.tokens) - 1, 0) // self.seq_len
+
+  @property
+  def batches_per_epoch(self) -> int:
+    """Full batches per epoch (rounded down; batches straddle epoch boundaries, so none is lost)."""
+    return self.num_windows // self.batch_size
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if epoch != self._order_epoch:  # one permutation per epoch, computed once
+      if self.shuffle:
+        self._order = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+      else:
+        self._order = np.arange(self.num_windows)
+      self._order_epoch = epoch
+    return self._order
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    windows, need = [], self.batch_size
+    while need:
+      take = self._epoch_order(self.epoch)[self.index:self.index + need]
+      windows.append(take)
+      need -= len(take)
+      self.index += len(take)
+      if self.index == self.num_windows:
+        self.epoch, self.index = self.epoch + 1, 0
+    return _gather(self.tokens, np.concatenate(windows), self.seq_len)
+
+  def state(self) -> dict:
+    """JSON-serialisable position, to store with a checkpoint."""
+    return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len,
+            "batch_size": self.batch_size, "num_tokens": len(self.tokens)}
+
+  def restore(self, state: dict) -> None:
+    """Continue from a state() taken on the same token stream and batch shape. The checkpoint's seed
+    wins over this instance's, since the data order is part of the run being resumed."""
+    missing = [k for k in ("epoch", "index", "seed", *_SHAPE_KEYS) if k not in state]
+    if missing:
+      raise ValueError(f"data loader state is missing {missing}; expected the dict from "
+                       f"PackedBatches.state(), got keys {sorted(state)}")
+    now = self.state()
+    changed = [f"{k}: {state[k]} in the checkpoint, {now[k]} now" for k in _SHAPE_KEYS
+               if int(state[k]) != now[k]]
+    if changed:
+      raise ValueError("cannot resume the data order: " + "; ".join(changed) + ". The corpus, tokenizer "
+                       "or batch shape changed since the checkpoint was written; restore them, or start a "
+                       "fresh run (a new output directory, or resume disabled)")
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < self.num_windows:
+      raise ValueError(f"data loader state has epoch={epoch}, index={index}; index must be in "
+                       f"[0, {self.num_windows}) for this stream — the state is corrupt")
+    self.seed, self.epoch, self.index = int(state["seed"]), epoch, index
+    self._order_epoch = -1  # the seed may have changed: recompute the permutation
+
+  def __repr__(self) -> str:
+    return (f"PackedBatches({len(self.tokens):,} tokens, seq_len={self.seq_len}, batch_size="
+            f"{self.batch_size}, {self.num_windows} windows, epoch={self.epoch}, index={self.index})")
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
+  """Up to max_batches batches from the start of the stream, in order: the same set every call, so
+  eval losses are comparable across steps and runs."""
+  tokens = _as_stream(tokens)
+  num_windows = max(len(tokens) - 1, 0) // seq_len
+  n = min(max_batches, num_windows // batch_size)
+  if max_batches > 0 and n == 0:
+    raise ValueError(f"the eval split has {len(tokens):,} tokens, too few for one batch of {batch_size} x "
+                     f"{seq_len} (needs {batch_size * seq_len + 1:,}); use more data, a larger eval "
+                     "fraction, a smaller batch, or disable eval")
+  windows = np.arange(n * batch_size)
+  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n)]

@@ -1,0 +1,171 @@
+"""The training run: mesh, data, sharded state (fresh, resumed or imported), the jitted step in a
+loop with progress, eval, metrics, NaN stop, checkpoints, and a generated sample at the end."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxllm.config import Config, ConfigError, save_config
+from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, load_texts, load_tokenizer, \
+  split_train_eval, tokenize_documents
+from jaxllm.model.generate import generate
+from jaxllm.model.params import count_params, model_def
+from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
+from jaxllm.model import hooks
+from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.metrics import MetricsWriter, measure_matmul_peak
+from jaxllm.train.optim import make_optimizer
+from jaxllm.train.state import abstract_state, batch_sharding, init_state, state_shardings
+from jaxllm.train.step import TrainState, loss_fn, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+def load_corpus(cfg: Config, tokenizer):
+  if cfg.train.data:
+    texts = load_texts(list(cfg.train.data))
+  else:
+    texts = [default_corpus_text(cfg.train.max_corpus_bytes)]
+  tokens = tokenize_documents(texts, tokenizer)
+  return split_train_eval(tokens)
+
+
+def build_step(cfg: Config, mdef, tx, mesh, plan, shardings):
+  """The jitted train step for this mesh (pipelined when pp > 1)."""
+  grads_fn = None
+  if cfg.mesh.pp > 1:
+    from jaxllm.parallel.pipeline import make_pipeline_grads_fn
+    grads_fn = make_pipeline_grads_fn(mdef, mesh, plan, cfg.mesh.microbatches, cfg.train.grad_accum)
+  return make_train_step(mdef, tx, shardings, batch_sharding(mesh, plan), cfg.train.grad_accum,
+                         hook_kwargs=mesh_hooks(mesh, plan, cfg.model), grads_fn=grads_fn)
+
+
+def build_eval(mdef, mesh, plan, shardings):
+  hk = mesh_hooks(mesh, plan, mdef.cfg)
+
+  def ev(params, batch):
+    with hooks.using(**hk):
+      return loss_fn(mdef, params, batch)[1]["loss"]
+  return jax.jit(ev, in_shardings=(shardings.params, batch_sharding(mesh, plan)))
+
+
+def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log=print) -> dict:
+  """Run (or resume) training to cfg.train.steps. `stop_after` ends this process early after that
+  many steps (used to emulate a kill in tests). Returns a summary dict."""
+  t = cfg.train
+  mesh, plan = build_mesh(cfg.mesh)
+  log(format_rank_table(mesh, plan))
+  if cfg.mesh.pp > 1:
+    from jaxllm.parallel.pipeline import format_schedule
+    log(format_schedule(cfg.mesh.pp, cfg.mesh.vpp, cfg.mesh.microbatches))
+
+  tokenizer = load_tokenizer(t.tokenizer)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+                      f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+  train_tokens, eval_tokens = load_corpus(cfg, tokenizer)
+  batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed)
+  eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches) if t.eval_every else []
+
+  mdef = model_def(cfg.model)
+  tx = make_optimizer(t)
+  shardings = state_shardings(mdef, tx, mesh, plan)
+  os.makedirs(t.out_dir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(t.out_dir, "checkpoints"), keep=t.keep_checkpoints)
+  start = ckpt.latest_step() if t.resume else None
+  if start is not None:
+    params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, shardings), start)
+    state = TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), shardings.step))
+    batches.restore(meta["data"])
+    log(f"resumed from {ckpt.directory}/{start} (step {start})")
+  elif t.init_from_hf:
+    from jaxllm.io import load_hf
+    _, params = load_hf(t.init_from_hf, shardings=shardings.params)
+    state = init_state(mdef, tx, shardings, t.seed, params=params)
+    log(f"initialised from Hugging Face checkpoint {t.init_from_hf}")
+  else:
+    state = init_state(mdef, tx, shardings, t.seed)
+  save_config(cfg, os.path.join(t.out_dir, "config.json"))
+  n_params = count_params(mdef.abstract_params())
+  log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
+      f"active), {len(train_tokens):,} train tokens, {batches.batches_per_epoch} batches/epoch")
+
+  step_fn = build_step(cfg, mdef, tx, mesh, plan, shardings)
+  eval_fn = build_eval(mdef, mesh, plan, shardings) if eval_set else None
+  b_sh = batch_sharding(mesh, plan)
+  peak = measure_matmul_peak(cfg.model.dtype) * (1 if jax.devices()[0].platform == "cpu" else len(jax.devices()))
+  flops_tok = cfg.model.flops_per_token(t.seq_len)
+  writer = MetricsWriter(t.out_dir)
+
+  step = int(state.step)
+  first_step, losses, history = step, [], []
+  last_eval = None
+  bar = tqdm(total=t.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+  t_window, tok_window, compile_s = time.perf_counter(), 0, None
+  try:
+    while step < t.steps and (stop_after is None or step - first_step < stop_after):
+      batch = jax.device_put({k: jnp.asarray(v) for k, v in next(batches).items()}, b_sh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      metrics = jax.device_get(metrics)
+      if compile_s is None:
+        compile_s = time.perf_counter() - t0
+        t_window = time.perf_counter()
+      else:
+        tok_window += t.batch_size * t.seq_len
+      if not metrics["finite"]:
+        raise TrainingDiverged(
+          f"loss or gradient became NaN/inf at step {step + 1} (loss={metrics['loss']}, grad_norm="
+          f"{metrics['grad_norm']}); the update was not applied and the last checkpoint in {ckpt.directory} "
+          f"(step {ckpt.latest_step()}) is kept. Lower train.lr, raise train.warmup_steps or set "
+          "train.grad_clip > 0, then run again (it resumes from that checkpoint).")
+      step += 1
+      loss = float(metrics["loss"])
+      losses.append(loss)
+      history.append({"step": step, "loss": loss})
+      bar.update(1)
+      record = {"loss": loss, "aux_loss": float(metrics["aux_loss"]), "grad_norm": float(metrics["grad_norm"])}
+      if t.eval_every and step % t.eval_every == 0 and eval_fn is not None:
+        last_eval = float(np.mean([eval_fn(state.params, jax.device_put(b, b_sh)) for b in eval_set]))
+        record["eval_loss"] = last_eval
+      if step % t.log_every == 0 or step == t.steps:
+        dt = time.perf_counter() - t_window
+        tps = tok_window / dt if dt > 0 and tok_window else float("nan")
+        record.update(tokens_per_s=tps, mfu=tps * flops_tok / peak)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%")
+        t_window, tok_window = time.perf_counter(), 0
+      writer.write(step, record)
+      if t.save_every and step % t.save_every == 0:
+        ckpt.save(step, state, batches.state(), cfg)
+    if stop_after is None or step >= t.steps:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, batches.state(), cfg)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  sample = None
+  if t.sample_tokens and step >= t.steps:
+    sample = sample_text(mdef, state.params, tokenizer, t.sample_prompt, t.sample_tokens)
+  summary = {"steps": step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+             "eval_loss": last_eval, "compile_s": compile_s, "checkpoint_dir": ckpt.directory,
+             "history": history, "sample": sample, "params": n_params}
+  return summary
+
+
+def sample_text(mdef, params, tokenizer, prompt: str, n: int, temperature: float = 0.8) -> str:
+  """Generate on one device from the (possibly sharded) params; returns prompt + continuation."""
+  single = jax.device_put(params, jax.devices()[0])
+  ids = np.asarray([tokenizer.encode(prompt)], np.int32)
+  new = generate(mdef, single, jnp.asarray(ids), n, temperature=temperature, seed=0)
+  return prompt + tokenizer.decode(np.asarray(new[0]).tolist())

@@ -1,0 +1,51 @@
+"""Throughput/MFU accounting, the measured matmul peak it is relative to, and metric sinks
+(JSONL always, TensorBoard when `tensorboardX` is installed)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, device=None) -> float:
+  """Best achieved FLOP/s of an n x n matmul on one device (on CPU it uses every core)."""
+  device = device or jax.devices()[0]
+  dt = jnp.dtype(dtype)
+  a = jax.device_put(jnp.ones((n, n), dt), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+class MetricsWriter:
+  def __init__(self, out_dir: str):
+    os.makedirs(out_dir, exist_ok=True)
+    self.path = os.path.join(out_dir, "metrics.jsonl")
+    self.f = open(self.path, "a")
+    self.tb = None
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    except ImportError:
+      pass
+
+  def write(self, step: int, values: dict) -> None:
+    self.f.write(json.dumps({"step": step, **values}) + "\n")
+    self.f.flush()
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self.f.close()
+    if self.tb is not None:
+      self.tb.close()

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Train a jaxllm model. With no arguments: the `tiny` model on the embedded corpus (Python's own
+standard library source) on the emulated 8-device CPU mesh, for a few minutes.
+
+  python train.py [--mesh meshes/NAME.toml] [--config FILE.toml] [--init-from-hf DIR] [key=value ...]
+  e.g. python train.py model=tiny-moe mesh.ep=4 train.steps=200 train.out_dir=runs/moe
+"""
+import argparse
+import sys
+
+from jaxllm import cli
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys (section.key=value):\n" + cli.config_help())
+  p.add_argument("overrides", nargs="*", help="section.key=value overrides, or model=PRESET")
+  p.add_argument("--mesh", help="mesh preset TOML (meshes/*.toml); default: cpu-8 on CPU, all devices as dp otherwise")
+  p.add_argument("--config", action="append", default=[], help="TOML file(s) with [model]/[mesh]/[train] tables")
+  p.add_argument("--init-from-hf", help="start from a Hugging Face model directory (config.json + safetensors)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+  args = p.parse_args(argv)
+  cli.prepare_devices(args.mesh)
+
+  from jaxllm.config import ConfigError, load_config
+  from jaxllm.train.checkpoint import CheckpointError
+  from jaxllm.train.loop import TrainingDiverged, train
+  try:
+    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    base = None
+    if args.init_from_hf:
+      from jaxllm.config import Config
+      from jaxllm.io import hf_tokenizer_path, load_hf_config
+      base = Config(model=load_hf_config(args.init_from_hf))
+      overrides.append(f"train.init_from_hf={args.init_from_hf}")
+      if hf_tokenizer_path(args.init_from_hf):
+        overrides.append(f"train.tokenizer={hf_tokenizer_path(args.init_from_hf)}")
+    cfg = load_config(args.config, overrides + args.overrides, base=base)
+    summary = train(cfg, progress=not args.no_progress)
+  except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  print(f"\ntrained {summary['steps']} steps: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+        + (f", eval loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
+        + f"; step compile {summary['compile_s']:.1f}s")
+  print(f"checkpoint: {summary['checkpoint_dir']}")
+  if summary["sample"]:
+    print("sample:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
