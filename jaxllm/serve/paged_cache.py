@@ -94,19 +94,21 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table):
   return _attend_rows(q, k_seq, v_seq, mask)
 
 
-class _Reference:
-  ragged_paged_attention = staticmethod(ragged_paged_attention)
-  paged_decode_attention = staticmethod(paged_decode_attention)
+class Backend:
+  """The two attention functions; hashed by identity so it can sit in the cache's static fields."""
+
+  def __init__(self, name, ragged, decode):
+    self.name, self.ragged_paged_attention, self.paged_decode_attention = name, ragged, decode
 
 
-def attention_backend(name: str):
-  """The kernels package's backend when it provides one; this module's jnp path otherwise."""
+def attention_backend(name: str) -> Backend:
+  """`jaxllm.kernels.get_attention_backend(name)` when the kernels package provides it; this
+  module's jnp path for "reference" otherwise."""
   try:
     from jaxllm.kernels import get_attention_backend
   except ImportError:
-    get_attention_backend = None
-  if get_attention_backend is not None:
-    return get_attention_backend(name)
-  if name != "reference":
-    raise ValueError(f"attention backend {name!r} needs jaxllm.kernels (not available); use 'reference'")
-  return _Reference()
+    if name != "reference":
+      raise ValueError(f"attention backend {name!r} needs jaxllm.kernels (not installed); use 'reference'")
+    return Backend("reference", ragged_paged_attention, paged_decode_attention)
+  b = get_attention_backend(name)
+  return Backend(name, b.ragged_paged_attention, b.paged_decode_attention)
