@@ -50,8 +50,15 @@ def _attend_block(q, k, v, valid, kv_valid, m, l, acc, scale):
   return m_new, alpha * l + p.sum(axis=-1), alpha[:, None] * acc + pv
 
 
-def _block_pages(ps: int, pages_per_block: int | None) -> int:
-  return pages_per_block or max(1, 64 // ps)  # block_k of 64 keys unless told
+def _block_pages(ps: int, pages_per_block: int | None, interpret) -> int:
+  """Pages per loop iteration: block_k of 64 keys unless told."""
+  ppb = pages_per_block or max(1, 64 // ps)
+  if ppb != _pow2(ppb):
+    raise ValueError(f"gpu paged attention: pages_per_block {ppb} is not a power of two")
+  if not interpret and ppb * ps < 16:
+    raise ValueError(f"gpu paged attention: pages_per_block * page size = {ppb * ps} < 16, the "
+                     "smallest Triton dot; raise pages_per_block")
+  return ppb
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,7 +97,7 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
   _check_shapes(ps, H)
   G = N // K
   Gp = max(16, _pow2(G))
-  ppb = _block_pages(ps, pages_per_block)
+  ppb = _block_pages(ps, pages_per_block, interpret)
   maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))  # null page
   qg = jnp.pad(q.reshape(S, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
@@ -163,7 +170,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   S = page_table.shape[0]
   G, bq = N // K, _pow2(block_q)
   Gp = _pow2(G)
-  ppb = _block_pages(ps, pages_per_block)
+  ppb = _block_pages(ps, pages_per_block, interpret)
   maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))
   Tp = Tt + bq                       # a tile starting at any row stays in bounds
