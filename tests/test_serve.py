@@ -34,7 +34,7 @@ def forward_fn(cfg):
   return jax.jit(lambda p, toks: jnp.argmax(mdef.bind(p)(toks).logits, -1))
 
 
-def full_forward_greedy(cfg, prompts, n):
+def full_forward_greedy(cfg, prompts, n, params=None):
   """Reference: recompute the whole sequence every step, no cache; rows padded to a fixed
   [32, max_seq_len] so one compile serves every test (causal: padding after a row is invisible)."""
   seqs = [list(p) for p in prompts]
@@ -42,7 +42,7 @@ def full_forward_greedy(cfg, prompts, n):
     arr = np.zeros((32, cfg.max_seq_len), np.int32)
     for i, s in enumerate(seqs):
       arr[i, :len(s)] = s
-    nxt = np.asarray(forward_fn(cfg)(params_of(cfg), arr))
+    nxt = np.asarray(forward_fn(cfg)(params_of(cfg) if params is None else params, arr))
     for i, s in enumerate(seqs):
       s.append(int(nxt[i, len(s) - 1]))
   return [s[len(p):] for s, p in zip(seqs, prompts)]

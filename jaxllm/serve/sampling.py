@@ -59,11 +59,16 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, counters):
   temperature/top_p/min_p [S] fp32, top_k [S] int32, seeds/counters [S] uint32."""
   logp = jax.nn.log_softmax(logits, axis=-1)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-  filtered = filter_logits(scaled, top_k, top_p, min_p)
-  keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-  drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
-  tokens = jnp.where(temperature > 0, drawn, greedy)
+
+  def draw(_):
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    filtered = filter_logits(scaled, top_k, top_p, min_p)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  # An all-greedy batch skips the sort/filter/draw at run time (cond runs one branch).
+  tokens = jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
