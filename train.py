@@ -39,9 +39,13 @@ def main(argv=None) -> int:
     summary = train(cfg, progress=not args.no_progress)
   except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
-  print(f"\ntrained {summary['steps']} steps: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-        + (f", eval loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
-        + f"; step compile {summary['compile_s']:.1f}s")
+  if summary["first_loss"] is None:
+    print(f"\nnothing to do: the checkpoint in {summary['checkpoint_dir']} is already at train.steps="
+          f"{summary['steps']} (raise train.steps to continue, or set train.out_dir for a new run)")
+  else:
+    print(f"\ntrained to step {summary['steps']}: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+          + (f", eval loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
+          + f"; step compile {summary['compile_s']:.1f}s")
   print(f"checkpoint: {summary['checkpoint_dir']}")
   if summary["sample"]:
     print("sample:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)

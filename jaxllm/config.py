@@ -186,7 +186,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-  model: ModelConfig = field(default_factory=ModelConfig)
+  model: ModelConfig = field(default_factory=lambda: ModelConfig(name="tiny"))  # the `tiny` preset
   mesh: MeshConfig = field(default_factory=MeshConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -142,6 +142,10 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
         tps = tok_window / dt if dt > 0 and tok_window else float("nan")
         record.update(tokens_per_s=tps, mfu=tps * flops_tok / peak)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.1f}%")
+        if not progress:
+          log(f"step {step:>6}  loss {loss:.4f}  grad_norm {record['grad_norm']:.3f}  "
+              f"{tps:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
+              + (f"  eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
         t_window, tok_window = time.perf_counter(), 0
       writer.write(step, record)
       if t.save_every and step % t.save_every == 0:

@@ -1,0 +1,38 @@
+"""One tiny end-to-end run of train.py, as a user would start it, and its plain-words errors."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, env=None):
+  env = {**os.environ, **(env or {})}
+  env.pop("XLA_FLAGS", None)  # train.py sets the device count itself, as on a user's machine
+  return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                        env=env, timeout=600)
+
+
+def test_train_py_learns_and_saves(tmp_path):
+  out = run("--no-progress", "train.steps=40", "train.seq_len=64", "train.batch_size=8",
+            "train.max_corpus_bytes=300000", "train.log_every=10", "train.eval_every=20",
+            "train.sample_tokens=20", f"train.out_dir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert "device   pp   dp   tp  edp   ep  etp" in text          # rank table of the default cpu-8 mesh
+  line = next(l for l in text.splitlines() if l.startswith("trained to step 40"))
+  first, last = (float(x) for x in line.split("loss ")[1].split(",")[0].split(" -> "))
+  assert last < first - 1.0
+  assert f"checkpoint: {tmp_path}/checkpoints" in text and "sample:\n" in text
+  assert os.path.isdir(tmp_path / "checkpoints" / "40")
+  again = run("--no-progress", "train.steps=40", "train.seq_len=64", "train.batch_size=8",
+              "train.max_corpus_bytes=300000", f"train.out_dir={tmp_path}")
+  assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_train_py_errors_in_plain_words(tmp_path):
+  out = run("model.n_heads=5")
+  assert out.returncode == 2 and "error: model.n_heads=5 does not divide model.d_model=128" in out.stderr
+  out = run("--mesh", "meshes/nope.toml")
+  assert out.returncode == 2 and "does not exist" in out.stderr
+  assert "Traceback" not in out.stderr
