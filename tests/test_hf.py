@@ -288,3 +288,21 @@ def test_unknown_architecture_dir(small_dir, tmp_path):
   json.dump(hf, open(out / "config.json", "w"))
   with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3MoeForCausalLM"):
     load_hf(str(out))
+
+
+def test_bfloat16_roundtrip_and_run_config(tmp_path):
+  cfg = hf_to_model_config(dict(BASE, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16"))
+  assert cfg.param_dtype == "bfloat16"
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(lambda a: rng.randn(*a.shape).astype(a.dtype), model_def(cfg).abstract_params())
+  out = export_hf(params, cfg, str(tmp_path / "bf16"))
+  assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+  cfg2, params2 = load_hf(out)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    assert b.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
+  # a run config may change dtypes (bf16 -> fp32 is exact) but not the shapes
+  run = dataclasses.replace(cfg2, param_dtype="float32", remat="full")
+  cfg3, params3 = load_hf(out, cfg=run)
+  assert cfg3 == run and all(x.dtype == jnp.float32 for x in jax.tree.leaves(params3))
+  with pytest.raises(ValueError, match="d_ff: run 100"):
+    load_hf(out, cfg=dataclasses.replace(cfg2, d_ff=100))

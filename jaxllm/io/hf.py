@@ -55,15 +55,28 @@ def _same_paths(table: dict, tree_paths, what: str) -> None:
                      "jaxllm/io/hf_weights.py must cover exactly the model's parameters")
 
 
-def load_hf(model_dir: str, shardings=None, **overrides) -> tuple[ModelConfig, dict]:
+# ModelConfig fields that do not change the weights: a run may set them differently from config.json.
+RUN_FIELDS = ("name", "dtype", "param_dtype", "remat", "init_std", "aux_loss_coef", "z_loss_coef", "max_seq_len")
+
+
+def load_hf(model_dir: str, shardings=None, cfg: ModelConfig | None = None, **overrides) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) from a Hugging Face directory.
 
   shardings: a pytree like the params (e.g. `jaxllm.train.state.param_shardings(model_def(cfg), mesh,
   plan)` for `cfg = load_hf_config(model_dir)`) to place every leaf directly on its devices; None puts
-  the params on the default device. `overrides` replace ModelConfig fields (e.g. param_dtype).
+  the params on the default device. cfg: load into this config (e.g. the run's, with bf16 params or
+  remat) after checking that it describes the same weights; `overrides` replace ModelConfig fields.
   """
   from jaxllm.model.params import model_def
-  cfg = load_hf_config(model_dir, **overrides)
+  file_cfg = load_hf_config(model_dir, **overrides)
+  if cfg is not None:
+    differ = [f"{k}: run {getattr(cfg, k)!r} vs {model_dir} {getattr(file_cfg, k)!r}"
+              for k in ModelConfig.__dataclass_fields__ if k not in RUN_FIELDS
+              and getattr(cfg, k) != getattr(file_cfg, k)]
+    if differ:
+      raise ValueError(f"the model config does not match the checkpoint's config.json; start from "
+                       f"load_hf_config({model_dir!r}) and change only {RUN_FIELDS}. Differences: " + "; ".join(differ))
+  cfg = cfg or file_cfg
   fam = family_of(read_json(os.path.join(model_dir, "config.json")))
   abstract = _flatten(model_def(cfg).abstract_params())
   flat_sh = _flatten(shardings) if shardings is not None else None
