@@ -192,11 +192,11 @@ def read_block(src: Source, files: SafetensorsDir, shape: tuple[int, ...], index
   rngs = _norm(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)
   ns = len(src.stack)
   stack_r, unit_r = rngs[:ns], rngs[ns:]
-  # Per HF dim: flat HF indices of the requested jaxllm ranges of the group stored there.
+  # Per HF dim: flat HF indices of the requested jaxllm ranges of the group stored there, and the
+  # bounding box of HF rows to read (contiguous for every slice a mesh asks for).
   flat, box = {}, []
-  dims = unit_r
-  for g, offset in zip(src.groups, itertools.accumulate([len(g.sizes) for g in src.groups], initial=0)):
-    parts = dims[offset:offset + len(g.sizes)]
+  for g, first in zip(src.groups, itertools.accumulate([len(g.sizes) for g in src.groups], initial=0)):
+    parts = unit_r[first:first + len(g.sizes)]
     strides = np.cumprod((g.sizes[1:] + (1,))[::-1])[::-1]
     idx = g.offset + sum(np.asarray(r).reshape([-1 if i == j else 1 for j in range(len(parts))]) * st
                          for i, (r, st) in enumerate(zip(parts, strides)))
