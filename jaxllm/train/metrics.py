@@ -2,6 +2,7 @@
 (JSONL always, TensorBoard when `tensorboardX` is installed)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 
+@functools.lru_cache(maxsize=8)
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, device=None) -> float:
   """Best achieved FLOP/s of an n x n matmul on one device (on CPU it uses every core)."""
   device = device or jax.devices()[0]
