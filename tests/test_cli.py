@@ -36,3 +36,17 @@ def test_train_py_errors_in_plain_words(tmp_path):
   out = run("--mesh", "meshes/nope.toml")
   assert out.returncode == 2 and "does not exist" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_train_py_init_from_hf(tmp_path):
+  # A Hugging Face directory written by our exporter (no torch needed) starts a training run.
+  from jaxllm.config import ModelConfig
+  from jaxllm.io import export_hf
+  from jaxllm.model.params import init_params
+  cfg = ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
+  export_hf(init_params(cfg, 3), cfg, str(tmp_path / "hf"), architecture="LlamaForCausalLM")
+  out = run("--no-progress", "--init-from-hf", str(tmp_path / "hf"), "--mesh", "meshes/cpu-1.toml",
+            "train.steps=3", "train.seq_len=32", "train.batch_size=4", "train.max_corpus_bytes=100000",
+            "train.eval_every=0", "train.sample_tokens=0", f"train.out_dir={tmp_path / 'run'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "initialised from Hugging Face checkpoint" in out.stdout and "trained to step 3" in out.stdout

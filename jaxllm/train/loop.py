@@ -89,7 +89,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
     log(f"resumed from {ckpt.directory}/{start} (step {start})")
   elif t.init_from_hf:
     from jaxllm.io import load_hf
-    _, params = load_hf(t.init_from_hf, shardings=shardings.params)
+    _, params = load_hf(t.init_from_hf, shardings=shardings.params, cfg=cfg.model)
     state = init_state(mdef, tx, shardings, t.seed, params=params)
     log(f"initialised from Hugging Face checkpoint {t.init_from_hf}")
   else:
