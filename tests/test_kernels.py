@@ -59,14 +59,14 @@ def decode_case(seed, ps, G, dtype, K=2, H=16, maxp=4):
 
 
 def ragged_case(seed, ps, G, dtype, K=2, H=16, maxp=3):
-  """A decode row (q_len 1), a full prefill, chunked prefills with a cached prefix, a padding sequence
-  (S > num_seqs) and padding rows after the last live one."""
+  """A decode row (q_len 1), a full prefill, a live sequence with no rows this step, chunked prefills
+  with a cached prefix, a padding sequence (S > num_seqs) and padding rows after the last live one."""
   rng = np.random.default_rng(seed)
   C = maxp * ps
-  kv_lens = np.array([rng.integers(1, C + 1), min(ps + 1, C), C, rng.integers(2, C + 1), 0], np.int32)
-  q_lens = np.array([1, kv_lens[1], rng.integers(1, min(kv_lens[2], 9) + 1),
-                     rng.integers(1, min(kv_lens[3], 6) + 1), 0], np.int32)
-  num_seqs = 4
+  kv_lens = np.array([rng.integers(1, C + 1), min(ps + 1, C), 3, C, rng.integers(2, C + 1), 0], np.int32)
+  q_lens = np.array([1, kv_lens[1], 0, rng.integers(1, min(kv_lens[3], 9) + 1),
+                     rng.integers(1, min(kv_lens[4], 6) + 1), 0], np.int32)
+  num_seqs = 5
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, ps, K, H, maxp, dtype)
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 3, K * G, H)), dtype)
@@ -120,6 +120,22 @@ def pad_dense(dense, rows):
   for s, (k, v) in enumerate(dense):
     out[0, s, : len(k)], out[1, s, : len(v)] = k, v
   return jnp.asarray(out[0]), jnp.asarray(out[1])
+
+
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+def test_ragged_many_short_sequences(impl):
+  """More sequences than a query block has rows (decode-heavy batches), some live ones without rows:
+  the TPU kernel's per-block sequence window and the GPU kernel's per-sequence tiles both get busy."""
+  rng = np.random.default_rng(7)
+  ps, G, maxp, S, num_seqs = 4, 2, 3, 14, 13
+  kv_lens = np.concatenate([rng.integers(2, maxp * ps + 1, num_seqs), [0]]).astype(np.int32)
+  q_lens = np.array([1] * 9 + [0, 2, 1, 3, 0], np.int32)  # block 0 = 8 one-row sequences
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  k_pages, v_pages, page_table, _ = make_cache(rng, kv_lens, ps, 2, 16, maxp, jnp.float32)
+  q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 2, 2 * G, 16)), jnp.float32)
+  args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
+  mod, kw = KERNELS[impl]
+  check(mod.ragged_paged_attention(*args, **kw), reference.ragged_paged_attention(*args), jnp.float32)
 
 
 @pytest.mark.parametrize("ps,G", [(4, 2), (8, 1)])

@@ -117,26 +117,34 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ragged (mixed prefill + decode): grid (query blocks of bq tokens, S, maxp). A query block may hold
-# rows of several sequences; the S axis visits each sequence, and only rows it owns are updated.
+# Ragged (mixed prefill + decode): grid (query blocks of bq tokens, J, maxp). A query block holds rows
+# of at most bq sequences (every live sequence with rows owns at least one), so instead of visiting all
+# S sequences per block, the middle axis walks a window of J = min(S, bq): the j-th sequence with rows
+# from the one owning the block's first row on. Sequence ids come from `order` (live sequences with
+# rows first, in row order) and the window start from `first` [blocks], both scalar-prefetched.
 
 
-def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, ns_ref, q_ref, k_ref, v_ref, o_ref,
-                   m_ref, l_ref, acc_ref, *, ps, K, G, bq):
+def _seq(j, i, order_ref, first_ref, n_ref, S):
+  """(sequence id, whether this window slot holds a live sequence) for grid point (i, j)."""
+  r = first_ref[i] + j
+  return order_ref[jnp.minimum(r, S - 1)], r < n_ref[0]
+
+
+def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, order_ref, first_ref, n_ref, q_ref, k_ref, v_ref,
+                   o_ref, m_ref, l_ref, acc_ref, *, ps, K, G, bq, S):
   # q_ref, o_ref [K, bq * G, H] (row r = token r // G of this block, head r % G of the group).
-  i, s, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  i, j, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  s, in_window = _seq(j, i, order_ref, first_ref, n_ref, S)
   start, end, kv_len = cu_ref[s], cu_ref[s + 1], kv_lens_ref[s]
   blk_lo = i * bq
   blk_hi = jnp.minimum(end, blk_lo + bq) - 1                  # last of this seq's rows in the block
   max_qpos = kv_len - (end - start) + (blk_hi - start)        # furthest key any of them may see
 
-  @pl.when((s == 0) & (p == 0))
+  @pl.when((j == 0) & (p == 0))
   def _():
     _init(m_ref, l_ref, acc_ref)
 
-  live = (s < ns_ref[0]) & (start < blk_lo + bq) & (end > blk_lo) & (p * ps <= max_qpos)
-
-  @pl.when(live)
+  @pl.when(in_window & (start < blk_lo + bq) & (p * ps <= max_qpos))
   def _():
     H = q_ref.shape[2]
     tok = blk_lo + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (bq * G, 1), 0), G)   # [R, 1]
@@ -148,7 +156,7 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, ns_ref, q_ref, k_ref, v_ref, o_r
       _online_softmax_step(q_ref[kh], k_ref[:, kh, :], v_ref[:, kh, :], valid, kv_valid,
                            m_ref, l_ref, acc_ref, kh, H ** -0.5)
 
-  @pl.when((s == pl.num_programs(1) - 1) & (p == pl.num_programs(2) - 1))
+  @pl.when((j == pl.num_programs(1) - 1) & (p == pl.num_programs(2) - 1))
   def _():
     _finish(o_ref, l_ref, acc_ref)
 
@@ -161,29 +169,38 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   _, ps, K, _ = k_pages.shape
   S, maxp = page_table.shape
   G, bq = N // K, block_q
-  Tp = pl.cdiv(Tt, bq) * bq                                   # padded rows belong to no sequence
+  nb = pl.cdiv(Tt, bq)
+  Tp = nb * bq                                                # padded rows belong to no sequence
   qg = jnp.pad(q, ((0, Tp - Tt), (0, 0), (0, 0))).reshape(Tp, K, G, H)
   qg = qg.transpose(1, 0, 2, 3).reshape(K, Tp * G, H)         # [K, (token, g), H]
 
-  def kv_map(i, s, p, kv_lens, pt, cu, ns):
+  cu = cu_q_lens.astype(jnp.int32)
+  has_rows = (cu[1:] > cu[:-1]) & (jnp.arange(S) < num_seqs)  # [S]
+  order = jnp.argsort(~has_rows, stable=True).astype(jnp.int32)
+  ends = jnp.where(has_rows[order], cu[1:][order], jnp.iinfo(jnp.int32).max)  # increasing
+  first = jnp.searchsorted(ends, jnp.arange(nb, dtype=jnp.int32) * bq, side="right").astype(jnp.int32)
+  n_live = jnp.sum(has_rows, dtype=jnp.int32).reshape(1)
+
+  def kv_map(i, j, p, kv_lens, pt, cu, order, first, n):
+    s, _ = _seq(j, i, order, first, n, S)
     start, end = cu[s], cu[s + 1]
     blk_hi = jnp.minimum(end, i * bq + bq) - 1
     last = jax.lax.div(kv_lens[s] - (end - start) + (blk_hi - start), ps)  # last page needed (<0: none)
     return (_page_index(pt, s, maxp, p, last), 0, 0, 0)
 
-  q_spec = pl.BlockSpec((K, bq * G, H), lambda i, s, p, *_: (0, i, 0))
+  q_spec = pl.BlockSpec((K, bq * G, H), lambda i, j, p, *_: (0, i, 0))
   kv_spec = pl.BlockSpec((None, ps, K, H), kv_map)
   out = pl.pallas_call(
-      functools.partial(_ragged_kernel, ps=ps, K=K, G=G, bq=bq),
+      functools.partial(_ragged_kernel, ps=ps, K=K, G=G, bq=bq, S=S),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4, grid=(Tp // bq, S, maxp), in_specs=[q_spec, kv_spec, kv_spec],
+          num_scalar_prefetch=6, grid=(nb, min(S, bq), maxp), in_specs=[q_spec, kv_spec, kv_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((K, bq * G, 1), jnp.float32), pltpu.VMEM((K, bq * G, 1), jnp.float32),
                           pltpu.VMEM((K, bq * G, H), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
-  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), cu_q_lens.astype(jnp.int32),
-    jnp.reshape(num_seqs, (1,)).astype(jnp.int32), qg, k_pages, v_pages)
+  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), cu, order, first, n_live,
+    qg, k_pages, v_pages)
   out = out.reshape(K, Tp, G, H).transpose(1, 0, 2, 3).reshape(Tp, N, H)
   return out[:Tt]
