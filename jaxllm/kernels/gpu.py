@@ -102,8 +102,8 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))  # null page
   qg = jnp.pad(q.reshape(S, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
 
-  q_spec = pl.BlockSpec((None, None, Gp, H), lambda s, k: (s, k, 0, 0))
-  kv_spec = pl.BlockSpec((P, ps, None, H), lambda s, k: (0, 0, k, 0))
+  q_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, Gp, H), lambda s, k: (s, k, 0, 0))
+  kv_spec = pl.BlockSpec((P, ps, pl.squeezed, H), lambda s, k: (0, 0, k, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda s, k: (0,) * len(shape))
   out = pl.pallas_call(
       functools.partial(_decode_kernel, ps=ps, ppb=ppb),
@@ -118,21 +118,24 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ragged (mixed prefill + decode): grid (S, query tiles of bq tokens, K). Tile j of sequence s covers
-# its rows cu[s] + j*bq ...; programs past a sequence's last row exit at once.
+# Ragged (mixed prefill + decode): grid (tiles, K). A tile is bq consecutive query rows of one
+# sequence, tile j of sequence s covering its rows cu[s] + j*bq ...; the tile list
+# (tile_seq, tile_j, built with jnp in the wrapper) has the static bound cdiv(Tt, bq) + S entries, so
+# the grid does not grow as S * Tt / bq; programs past the real tile count exit at once.
 
 
-def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, ns_ref, q_ref, o_in_ref, k_ref, v_ref, o_ref,
-                   *, ps, ppb, bq):
+def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, tile_seq_ref, tile_j_ref, n_tiles_ref, q_ref, o_in_ref,
+                   k_ref, v_ref, o_ref, *, ps, ppb, bq):
   del o_in_ref  # aliased to o_ref: the zeros that padding rows keep
   # q_ref, o_ref [Tp, Gp, H] (this program's kv head); k_ref, v_ref [P, ps, H].
-  s, j = pl.program_id(0), pl.program_id(1)
+  t = pl.program_id(0)
+  s, j = tile_seq_ref[t], tile_j_ref[t]
   _, Gp, H = q_ref.shape
   bk, R = ppb * ps, bq * Gp
   start, end, kv_len = cu_ref[s], cu_ref[s + 1], kv_lens_ref[s]
   r0 = start + j * bq
 
-  @pl.when((s < ns_ref[0]) & (r0 < end))
+  @pl.when(t < n_tiles_ref[0])
   def _():
     rows = pl.ds(r0, bq)
     tok = r0 + jnp.arange(bq)                                            # [bq]
@@ -176,20 +179,28 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   Tp = Tt + bq                       # a tile starting at any row stays in bounds
   qg = jnp.pad(q.reshape(Tt, K, G, H), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
 
-  grid = (S, pl.cdiv(Tt, bq), K)
-  q_spec = pl.BlockSpec((Tp, None, Gp, H), lambda s, j, k: (0, k, 0, 0))
-  kv_spec = pl.BlockSpec((P, ps, None, H), lambda s, j, k: (0, 0, k, 0))
-  whole = lambda shape: pl.BlockSpec(shape, lambda s, j, k: (0,) * len(shape))
+  cu = cu_q_lens.astype(jnp.int32)
+  tiles = jnp.where(jnp.arange(S) < num_seqs, pl.cdiv(cu[1:] - cu[:-1], bq), 0)   # [S] tiles per seq
+  ends = jnp.cumsum(tiles)
+  nt = pl.cdiv(Tt, bq) + S                                   # >= sum(tiles) for any ragged batch
+  t = jnp.arange(nt, dtype=jnp.int32)
+  tile_seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), S - 1).astype(jnp.int32)
+  tile_j = (t - (ends - tiles)[tile_seq]).astype(jnp.int32)
+
+  grid = (nt, K)
+  q_spec = pl.BlockSpec((Tp, pl.squeezed, Gp, H), lambda t, k: (0, k, 0, 0))
+  kv_spec = pl.BlockSpec((P, ps, pl.squeezed, H), lambda t, k: (0, 0, k, 0))
+  whole = lambda shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))
   out = pl.pallas_call(
       functools.partial(_ragged_kernel, ps=ps, ppb=ppb, bq=bq),
       grid=grid,
-      in_specs=[whole((S,)), whole((S, maxp)), whole((S + 1,)), whole((1,)), q_spec, q_spec,
-                kv_spec, kv_spec],
+      in_specs=[whole((S,)), whole((S, maxp)), whole((S + 1,)), whole((nt,)), whole((nt,)), whole((1,)),
+                q_spec, q_spec, kv_spec, kv_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-      input_output_aliases={5: 0},
+      input_output_aliases={7: 0},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-  )(kv_lens.astype(jnp.int32), pt, cu_q_lens.astype(jnp.int32),
-    jnp.reshape(num_seqs, (1,)).astype(jnp.int32), qg, jnp.zeros_like(qg), k_pages, v_pages)
+  )(kv_lens.astype(jnp.int32), pt, cu, tile_seq, tile_j, ends[-1:].astype(jnp.int32), qg,
+    jnp.zeros_like(qg), k_pages, v_pages)
   return out[:Tt, :, :G].reshape(Tt, N, H)

@@ -101,8 +101,8 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
   def kv_map(s, p, kv_lens, pt):
     return (_page_index(pt, s, maxp, p, pl.cdiv(kv_lens[s], ps) - 1), 0, 0, 0)
 
-  q_spec = pl.BlockSpec((None, K, G, H), lambda s, p, kv_lens, pt: (s, 0, 0, 0))
-  kv_spec = pl.BlockSpec((None, ps, K, H), kv_map)
+  q_spec = pl.BlockSpec((pl.squeezed, K, G, H), lambda s, p, kv_lens, pt: (s, 0, 0, 0))
+  kv_spec = pl.BlockSpec((pl.squeezed, ps, K, H), kv_map)
   out = pl.pallas_call(
       functools.partial(_decode_kernel, ps=ps, K=K),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -189,7 +189,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
     return (_page_index(pt, s, maxp, p, last), 0, 0, 0)
 
   q_spec = pl.BlockSpec((K, bq * G, H), lambda i, j, p, *_: (0, i, 0))
-  kv_spec = pl.BlockSpec((None, ps, K, H), kv_map)
+  kv_spec = pl.BlockSpec((pl.squeezed, ps, K, H), kv_map)
   out = pl.pallas_call(
       functools.partial(_ragged_kernel, ps=ps, K=K, G=G, bq=bq, S=S),
       grid_spec=pltpu.PrefetchScalarGridSpec(
