@@ -133,6 +133,21 @@ def test_capacity_factor_drops_exactly_the_overflow(cf):
     np.testing.assert_allclose(np.asarray(got), np.asarray(local_experts(x, ids, weights, *w)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dp,tp,ep,etp", [(4, 2, 8, 1), (2, 4, 4, 2)])
+def test_dropless_under_worst_case_routing(dp, tp, ep, etp):
+  """Every token picks experts 0 and 1 (all on one or two peers): the fixed-size buffers must still
+  carry every slot, so the result equals the local dropless experts."""
+  mesh, plan = build_mesh(MeshConfig(dp=dp, tp=tp, ep=ep, etp=etp))
+  kx, kw, k1, k2, k3 = jax.random.split(jax.random.key(2), 5)
+  E, D, F = 8, 16, 8
+  x = jax.random.normal(kx, (B, T, D))
+  ids = jnp.broadcast_to(jnp.array([1, 0], jnp.int32), (B, T, 2))
+  weights = jax.nn.softmax(jax.random.normal(kw, (B, T, 2)), axis=-1)
+  w = [jax.random.normal(kk, s) * 0.2 for kk, s in ((k1, (E, D, F)), (k2, (E, D, F)), (k3, (E, F, D)))]
+  got = jax.jit(expert_parallel(mesh, plan))(x, ids, weights, *w)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(local_experts(x, ids, weights, *w)), rtol=1e-5, atol=1e-6)
+
+
 def test_tokens_not_divisible_by_tp_rejected_before_compile():
   mesh, plan = build_mesh(MeshConfig(dp=2, tp=4, ep=4, etp=2))
   x = jnp.zeros((2, 3, 16))          # 1 batch row x 3 tokens per dp rank cannot split over tp=4

@@ -14,7 +14,8 @@ Per device, inside `jax.shard_map` manual over every mesh axis:
      device now owns a unique chunk of m tokens.
   2. Route-sort: sort the chunk's m*k slots by expert; slots of one ep peer are then contiguous.
   3. all_to_all over the ep axes of fixed [ep, C, D] buffers plus per-expert counts. Dropless:
-     C = m*k, the worst case (all slots to one peer), so nothing is ever dropped. With a capacity
+     C = m*min(k, El) is the worst case (every token sends all the slots it can to one peer; a
+     token's k expert ids are distinct, as top-k makes them), so nothing is ever dropped. With a capacity
      factor, C = El * cap and slots past an expert's capacity are dropped (see below).
   4. ETP: all_gather the received rows over the etp axes, so every etp rank sees all rows of its
      experts; grouped matmul (`jax.lax.ragged_dot`) with its F-slice gives partial outputs, which
@@ -28,7 +29,7 @@ shard_map's transpose: the in_specs declare them invariant there (checked by tes
 Capacity-factor mode (`capacity_factor > 0`, GShard/Switch style, per source device): each device
 sends at most cap = ceil(capacity_factor * m*k / E) slots to each expert; the rest are dropped
 (their expert output is 0, the token keeps its residual and other experts). Buffers shrink from
-m*k to El*cap rows per peer. Dropless (`capacity_factor = 0`) is the default.
+m*min(k, El) to El*cap rows per peer. Dropless (`capacity_factor = 0`) is the default.
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def _dispatch(xc, ids_c, w_c, w_gate, w_up, w_down, *, ep, etp, n_ep, capacity_f
     pos = jnp.arange(S) - (jnp.cumsum(peer_counts) - peer_counts)[peer]
     keep = jnp.ones((S,), bool)
     sent = counts
-    C = S                                   # worst case: every slot to one peer
+    # Worst case for one peer: a token's k experts are distinct (top-k), so it sends at most
+    # min(k, El) slots to a peer holding El experts.
+    C = m * min(k, El)
   send = jnp.zeros((n_ep, C, D), xc.dtype).at[peer, pos].set(xc[tok], mode="drop")
   # 3. Exchange over ep: recv[s] = rows source s sent to me, recv_counts[s, e] per local expert.
   recv, recv_counts = send, sent.reshape(n_ep, El)
