@@ -1,8 +1,9 @@
 """Serving CLI.
 
-  python serve.py generate --checkpoint DIR --prompt "Once upon" [--prompt ...] [--max-tokens 32 ...]
+  python serve.py generate (--checkpoint DIR | --hf DIR) --prompt "Once upon" [--prompt ...]
+                          [--max-tokens 32 --mesh meshes/cpu-8.toml --attention reference|pallas ...]
   python serve.py bench [--groups 8 --per-group 8 --system-len 128 --question-len 16 --output-len 16
-                         --arrival all|poisson --rate 50 --model tiny]
+                         --arrival all|poisson --rate 50 --model tiny | --hf DIR] [--mesh ...]
 
 The HTTP server comes later; with no subcommand this prints help.
 """
@@ -20,14 +21,39 @@ def _engine_args(p):
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--max-running", type=int, default=16, help="sequences decoded together")
   p.add_argument("--chunk-size", type=int, default=256, help="prefill token budget per step")
+  p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over, e.g. tp=2; "
+                 "pp must be 1")
+  p.add_argument("--hf", default=None, metavar="DIR", help="Hugging Face model directory (config.json, "
+                 "safetensors, tokenizer.json) to serve instead of a training checkpoint")
 
 
 def _mesh(path):
+  """(mesh, plan) from a mesh preset file, on the first dp*tp devices; (None, None) without one."""
   if path is None:
     return None, None
-  from jaxllm.config import mesh_from_toml
+  import jax
+  from jaxllm.config import load_config
   from jaxllm.parallel import build_mesh
-  return build_mesh(mesh_from_toml(path))
+  mc = load_config([], [f"mesh={path}"]).mesh
+  if mc.num_devices > jax.device_count():
+    raise SystemExit(f"--mesh {path} needs {mc.num_devices} devices but jax sees {jax.device_count()} "
+                     f"({jax.devices()[0].platform}); pick a smaller mesh preset")
+  return build_mesh(mc, jax.devices()[:mc.num_devices])
+
+
+def _load_hf(model_dir, mesh, plan, **overrides):
+  """(cfg, params, tokenizer path or None) of a Hugging Face directory, placed on the mesh if any."""
+  try:
+    from jaxllm.io import hf_tokenizer_path, load_hf, load_hf_config
+  except ImportError as e:
+    raise SystemExit(f"--hf needs jaxllm.io (Hugging Face import), which failed to import: {e}")
+  shardings = None
+  if mesh is not None:
+    from jaxllm.model.params import model_def
+    from jaxllm.train.state import param_shardings
+    shardings = param_shardings(model_def(load_hf_config(model_dir, **overrides)), mesh, plan)
+  cfg, params = load_hf(model_dir, shardings, **overrides)
+  return cfg, params, hf_tokenizer_path(model_dir)
 
 
 def generate(a):
@@ -36,7 +62,13 @@ def generate(a):
   from jaxllm.serve.engine import Engine
   from jaxllm.serve.sampling import SamplingParams
   mesh, plan = _mesh(a.mesh)
-  if a.checkpoint:
+  tok_spec = a.tokenizer or "byte"
+  if a.hf and a.checkpoint:
+    raise SystemExit("give either --checkpoint or --hf, not both")
+  if a.hf:
+    cfg, params, hf_tok = _load_hf(a.hf, mesh, plan)
+    tok_spec = a.tokenizer or hf_tok or "byte"
+  elif a.checkpoint:
     from jaxllm.train.checkpoint import load_params
     config, params = load_params(a.checkpoint)
     cfg = config.model
@@ -44,18 +76,22 @@ def generate(a):
   else:
     from jaxllm.config import MODEL_PRESETS
     from jaxllm.model.params import init_params
-    print(f"no --checkpoint: random {a.model} weights (output is noise)", file=sys.stderr)
+    print(f"no --checkpoint or --hf: random {a.model} weights (output is noise)", file=sys.stderr)
     cfg = MODEL_PRESETS[a.model]
     params = init_params(cfg, 0)
-  tok = load_tokenizer(a.tokenizer)
-  pages = a.num_pages or a.max_running * -(-cfg.max_seq_len // a.page_size)
+  tok = load_tokenizer(tok_spec)
+  prompts = [tok.encode(p) for p in a.prompt]
+  # Default pool: every request of the batch at its full length (not max_seq_len, which an HF
+  # config sets to the model's whole context).
+  longest = max(map(len, prompts)) + a.max_tokens
+  pages = a.num_pages or min(a.max_running, len(prompts)) * -(-longest // a.page_size)
   eng = Engine(cfg, params, page_size=a.page_size, num_pages=pages, max_running=a.max_running,
                chunk_size=a.chunk_size, attention=a.attention, mesh=mesh, plan=plan,
                detokenize=tok.decode)
   stops = (tok.eos_id,) if getattr(tok, "eos_id", None) is not None else ()
   sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                       min_p=a.min_p, seed=a.seed, stop_token_ids=stops, stop=tuple(a.stop))
-  for prompt, r in zip(a.prompt, eng.generate([tok.encode(p) for p in a.prompt], sp)):
+  for prompt, r in zip(a.prompt, eng.generate(prompts, sp)):
     print(f"--- {prompt!r} [{r.finish_reason}, {len(r.output)} tokens, cache hit {r.cache_hit}]")
     print(prompt + tok.decode(r.output))
 
@@ -65,11 +101,16 @@ def bench(a):
   from jaxllm.model.params import init_params
   from jaxllm.serve.bench import Workload, run_bench
   w = Workload(a.groups, a.per_group, a.system_len, a.question_len, a.output_len, a.arrival, a.rate, a.seed)
-  cfg = MODEL_PRESETS[a.model]
   need = a.system_len + a.question_len + a.output_len
-  cfg = dataclasses.replace(cfg, max_seq_len=max(need, 1 << (need - 1).bit_length()))
-  run_bench(cfg, init_params(cfg, 0), w, page_size=a.page_size, max_running=a.max_running,
-            chunk_size=a.chunk_size, mem_pages=a.mem_pages, attention=a.attention)
+  max_seq_len = max(need, 1 << (need - 1).bit_length())   # page tables sized for the workload
+  mesh, plan = _mesh(a.mesh)
+  if a.hf:
+    cfg, params, _ = _load_hf(a.hf, None, None, max_seq_len=max_seq_len)   # the engine places it
+  else:
+    cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=max_seq_len)
+    params = init_params(cfg, 0)
+  run_bench(cfg, params, w, page_size=a.page_size, max_running=a.max_running, chunk_size=a.chunk_size,
+            mem_pages=a.mem_pages, attention=a.attention, mesh=mesh, plan=plan)
 
 
 def main(argv=None):
@@ -79,7 +120,8 @@ def main(argv=None):
   g.add_argument("--checkpoint", help="training checkpoint directory (any training mesh)")
   g.add_argument("--model", default="tiny", help="preset for random weights when no --checkpoint")
   g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-  g.add_argument("--tokenizer", default="byte")
+  g.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / directory (default: the "
+                 "--hf directory's tokenizer.json, else byte)")
   g.add_argument("--max-tokens", type=int, default=64)
   g.add_argument("--temperature", type=float, default=0.0)
   g.add_argument("--top-k", type=int, default=0)
@@ -87,7 +129,6 @@ def main(argv=None):
   g.add_argument("--min-p", type=float, default=0.0)
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-  g.add_argument("--mesh", default=None, help="mesh TOML (meshes/*.toml) to serve over, e.g. tp=2")
   g.add_argument("--num-pages", type=int, default=0, help="KV pool pages (0: max_running full sequences)")
   _engine_args(g)
   b = sub.add_parser("bench", help="shared-prefix workload: cache off vs on, every policy, memory limit")
@@ -106,7 +147,7 @@ def main(argv=None):
   if a.cmd is None:
     ap.print_help()
     return
-  if getattr(a, "mesh", None) and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+  if a.mesh and "device_count" not in os.environ.get("XLA_FLAGS", "") and "jax" not in sys.modules:
     # CPU mesh presets need the emulated devices before jax starts (no effect on GPU/TPU).
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   {"generate": generate, "bench": bench}[a.cmd](a)

@@ -1,5 +1,9 @@
-"""serve.py end to end: a training checkpoint loads and `generate` prints the engine's greedy text."""
+"""serve.py end to end: a training checkpoint (or a Hugging Face directory, over a mesh) loads and
+`generate` prints the engine's greedy text."""
+import os
+
 import jax
+import pytest
 
 import serve
 from jaxllm.config import Config
@@ -10,7 +14,7 @@ from jaxllm.train.optim import make_optimizer
 from jaxllm.train.state import init_state, state_shardings
 from jaxllm.parallel import build_mesh
 from jaxllm.config import MeshConfig
-from test_serve import DENSE, full_forward_greedy
+from test_serve import DENSE, full_forward_greedy, params_of
 
 
 def test_generate_from_checkpoint(tmp_path, capsys):
@@ -27,5 +31,20 @@ def test_generate_from_checkpoint(tmp_path, capsys):
   want = full_forward_greedy(DENSE, [tok.encode(prompt)], 5, params=jax.device_get(state.params))[0]
   serve.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-tokens", "5",
               "--page-size", "8"])
+  out = capsys.readouterr().out
+  assert prompt + tok.decode(want) in out
+
+
+def test_generate_from_hf_dir_on_a_mesh(tmp_path, capsys):
+  """`--hf DIR --mesh meshes/cpu-8.toml`: Hugging Face weights served over dp=4 x tp=2."""
+  io = pytest.importorskip("jaxllm.io")
+  params = params_of(DENSE)
+  hf_dir = io.export_hf(jax.device_get(params), DENSE, str(tmp_path / "hf"))
+  tok = load_tokenizer("byte")
+  prompt = "abcabc"
+  want = full_forward_greedy(DENSE, [tok.encode(prompt)], 5)[0]
+  mesh_file = os.path.join(os.path.dirname(__file__), "..", "meshes", "cpu-8.toml")
+  serve.main(["generate", "--hf", hf_dir, "--mesh", mesh_file, "--tokenizer", "byte", "--prompt", prompt,
+              "--max-tokens", "5", "--page-size", "8"])
   out = capsys.readouterr().out
   assert prompt + tok.decode(want) in out

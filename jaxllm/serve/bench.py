@@ -145,7 +145,8 @@ def header() -> str:
 
 
 def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_size=256,
-              mem_pages: int | None = None, attention="reference", decode_batch=16, log=print):
+              mem_pages: int | None = None, attention="reference", decode_batch=16, mesh=None, plan=None,
+              log=print):
   """Every setting on one workload in one process; returns {setting: metrics}."""
   prompts, offsets = make_workload(w, cfg.vocab_size)
   ideal = ideal_hit_rate(prompts)
@@ -156,7 +157,7 @@ def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_s
   mem_pages = mem_pages or max_running * (per_req - sys_pages) + max(1, w.groups // 2) * sys_pages
   maxp = 1 << (-(-cfg.max_seq_len // page_size) - 1).bit_length()
   common = dict(page_size=page_size, num_pages=num_pages, max_running=max_running, chunk_size=chunk_size,
-                attention=attention, min_seqs=max_running, min_pages=maxp,
+                attention=attention, min_seqs=max_running, min_pages=maxp, mesh=mesh, plan=plan,
                 min_tokens=1 << (chunk_size + max_running - 1).bit_length())  # one bucket: 2 compiles
   settings = [("cache off", dict(radix=False))]
   settings += [(f"cache on  {p}", dict(policy=p)) for p in ("fcfs", "lpm", "dfs-weight")]
@@ -164,7 +165,8 @@ def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_s
   warm = Engine(cfg, params, **common)
   warm.generate(prompts[:2], SamplingParams(max_tokens=2))         # compile both steps once
   log(f"workload: {w}; {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens; "
-      f"pool {num_pages} pages of {page_size}, memory-limited runs {mem_pages}")
+      f"pool {num_pages} pages of {page_size}, memory-limited runs {mem_pages}"
+      + (f"; mesh dp={plan.cfg.dp} tp={plan.cfg.tp} ep={plan.cfg.ep}" if mesh is not None else ""))
   log(header())
   results = {}
   for name, kw in settings:

@@ -61,6 +61,12 @@ class Engine:
     self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
     self.backend = attention_backend(attention)
     self.mesh, self.plan = mesh, plan
+    self.rows = 1
+    if mesh is not None:
+      self.rows = _mesh_rows(cfg, plan.cfg)
+      # Every bucket must split into dp*tp equal parts (rows over dp, the MoE token slices over tp).
+      par = plan.cfg.dp * plan.cfg.tp if self.rows > 1 or cfg.is_moe else 1
+      self.min_seqs, self.min_tokens = _pow2(max(min_seqs, par), 1), _pow2(max(min_tokens, par), 1)
     dtype = jnp.dtype(cfg.dtype)
     shape = pool_shape(cfg, num_pages, page_size)
     if mesh is not None:
@@ -76,7 +82,7 @@ class Engine:
     self.params, self.weight_version = params, weight_version
     self.step_seconds = {"ragged": 0.0, "decode": 0.0}
     self.step_tokens = {"ragged": 0, "decode": 0}
-    self._fns = {mode: _step_fn(cfg, attention, mode == "decode", mesh, self._pool_sh)
+    self._fns = {mode: _step_fn(cfg, attention, mode == "decode", mesh, self._pool_sh, self.rows)
                  for mode in ("ragged", "decode")}
     self._rids = itertools.count()
     self.finished: list[Req] = []
@@ -206,7 +212,7 @@ class Engine:
 class _Step:
   """A jitted step function that counts its traces (= compilations: one per new input shape)."""
 
-  def __init__(self, cfg, attention: str, decode: bool, mesh, pool_sh):
+  def __init__(self, cfg, attention: str, decode: bool, mesh, pool_sh, rows: int = 1):
     mdef, backend = model_def(cfg), attention_backend(attention)
     self.traces = 0
 
@@ -215,7 +221,10 @@ class _Step:
       model = mdef.bind(params)
       cache = PagedCache(k_pages, v_pages, meta["slots"], meta["kv_lens"], meta["page_table"],
                          meta["cu_q_lens"], meta["num_seqs"], backend, decode)
-      h, _, cache = model.hidden(tokens[None], positions[None], cache)   # one ragged row: B = 1
+      Tt = tokens.shape[0]
+      h, _, cache = model.hidden(tokens.reshape(rows, Tt // rows), positions.reshape(rows, Tt // rows),
+                                 cache)                                   # [R, Tt/R, D]
+      h = h.reshape(1, Tt, h.shape[-1])
       logits = model.logits(h[:, meta["last_idx"]])[0]                     # [S, V] last row of each
       toks, logps = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                            samp["seeds"], samp["counters"])
@@ -232,10 +241,32 @@ class _Step:
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(cfg, attention: str, decode: bool, mesh, pool_sh) -> _Step:
+def _step_fn(cfg, attention: str, decode: bool, mesh, pool_sh, rows: int) -> _Step:
   """Shared across engines of one model, so a second engine (another policy, a memory limit via
   max_pages) reuses the compiled steps."""
-  return _Step(cfg, attention, decode, mesh, pool_sh)
+  return _Step(cfg, attention, decode, mesh, pool_sh, rows)
+
+
+def _mesh_rows(cfg: ModelConfig, mc) -> int:
+  """How many rows the ragged token sequence is folded into on this mesh.
+
+  A step's Tt tokens form one ragged sequence; the model sees it as [R, Tt/R]. With R = dp the
+  "batch" dim of every activation shards over dp, so the dense/MoE layers split the tokens over dp
+  instead of each dp rank recomputing all of them, and the expert-parallel dispatch
+  (jaxllm.parallel.moe), which needs the batch divisible by dp and each dp rank's tokens by tp,
+  holds whenever the (power-of-two) buckets are multiples of dp*tp. Attention flattens the rows
+  back (PagedCache.attend), so the split never changes which keys a query sees."""
+  if mc.pp > 1:
+    raise ValueError(f"serving runs every layer on each device group; mesh.pp={mc.pp} is not supported "
+                     "here: use a mesh preset with pp = 1 (e.g. meshes/cpu-8.toml)")
+  par = mc.dp * mc.tp
+  if par & (par - 1):
+    if cfg.is_moe:
+      raise ValueError(f"serving a MoE over mesh dp*tp={par}: the step buckets are powers of two, so "
+                       "dp*tp must be one too for the expert-parallel dispatch to split them; "
+                       "pick a mesh with power-of-two dp and tp")
+    return 1    # dense: each dp rank computes every token (replicated), still correct
+  return mc.dp
 
 
 def result(r: Req) -> Result:

@@ -1,9 +1,10 @@
 """The device KV page pool and the cache object the shared model attends through.
 
 Pool: K and V each `[L, P, ps, K, H]` (layers, pages, page size, kv heads, head dim); page 0 is the
-null page. A step packs every scheduled sequence into one ragged row (B = 1, T = Tt tokens:
-prefill chunks and decode tokens back to back, vLLM/SGLang style), so `attend` receives
-q [1, Tt, N, H] and k, v [1, Tt, K, H]. It scatters the new K/V into this layer's pages at the
+null page. A step packs every scheduled sequence into one ragged sequence of Tt tokens (prefill
+chunks and decode tokens back to back, vLLM/SGLang style). The model sees it folded into R rows
+(R = 1, or the mesh's dp so the token-parallel parts shard over dp; see engine.py), so `attend`
+receives q [R, Tt/R, N, H] and k, v [R, Tt/R, K, H] and flattens them back. It scatters the new K/V into this layer's pages at the
 host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as part
 of the carry, so the update is in place, and the step functions donate it.
 """
@@ -31,18 +32,21 @@ class PagedCache:
   def attend(self, layer, q, k, v):
     L, P, ps, K, H = self.k_pages.shape
 
-    def write(pool, new):   # new [1, Tt, K, H] into this layer's pages
-      flat = pool[layer].reshape(P * ps, K, H).at[self.slots].set(new[0].astype(pool.dtype))
+    R, T = q.shape[:2]
+    q, k, v = q.reshape(R * T, *q.shape[2:]), k.reshape(R * T, K, H), v.reshape(R * T, K, H)
+
+    def write(pool, new):   # new [Tt, K, H] into this layer's pages
+      flat = pool[layer].reshape(P * ps, K, H).at[self.slots].set(new.astype(pool.dtype))
       return jax.lax.dynamic_update_index_in_dim(pool, flat.reshape(P, ps, K, H), layer, 0)
 
     k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
     kl, vl = k_pages[layer], v_pages[layer]
     if self.decode:
-      out = self.backend.paged_decode_attention(q[0], kl, vl, self.kv_lens, self.page_table)
+      out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, self.page_table)
     else:
-      out = self.backend.ragged_paged_attention(q[0], kl, vl, self.kv_lens, self.page_table,
+      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, self.page_table,
                                                 self.cu_q_lens, self.num_seqs)
-    return out[None].astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
+    return out.reshape(R, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
 
   def advance(self, T: int):
     return self   # kv_lens already count this step's tokens (the host builds them)
