@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError
@@ -37,6 +38,7 @@ from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss, block_forward
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.parallel.sharding import logical_spec
+from jaxllm.train.state import param_shardings, state_shardings
 from jaxllm.train.step import cross_entropy
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
@@ -122,10 +124,20 @@ def pipeline_param_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
   """Shardings for the canonical params of a pipelined run: like train.state.param_shardings but
   the layer stack split over the stage axis, so each stage keeps (and updates) only its own layers
   when vpp == 1; with vpp > 1 the step moves the weights into place once per step."""
-  from jaxllm.train.state import param_shardings
   out = dict(param_shardings(mdef, mesh, plan))
   out["layers"] = layer_shardings(mdef, mesh, plan)
   return out
+
+
+def pipeline_state_shardings(mdef: ModelDef, tx, mesh, plan: MeshPlan):
+  """TrainState shardings for a pipelined run: train.state.state_shardings with the parameters and
+  their optimizer moments taking pipeline_param_shardings (layer stack split over the stage axis)."""
+  base = state_shardings(mdef, tx, mesh, plan)
+  p_sh = pipeline_param_shardings(mdef, mesh, plan)
+  opt_abstract = jax.eval_shape(tx.init, mdef.abstract_params())
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, p_sh,
+                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
+  return base._replace(params=p_sh, opt_state=opt_sh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +268,9 @@ def make_pipeline_grads_fn(mdef: ModelDef, mesh, plan: MeshPlan, microbatches: i
     if grad_accum == 1:
       (_, metrics), grads = grad_fn(params, batch)
       return grads, metrics
-    # Contiguous chunks, as grads_and_metrics splits them.
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+    # Strided chunks (row i goes to chunk i % grad_accum) keep the dp-sharded batch dim local; a
+    # contiguous split, as grads_and_metrics does, would all-gather the tokens across dp.
+    micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum), batch)
 
     def body(acc, mb):
       (_, met), g = grad_fn(params, mb)
