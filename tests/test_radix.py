@@ -145,10 +145,11 @@ def test_invariant_under_random_operations(seq):
 @pytest.mark.parametrize("policy", ["fcfs", "lpm", "dfs-weight"])
 def test_no_page_leaked_after_10k_random_requests(policy):
   """Scheduler + radix + allocator with random 'sampled' tokens: a small pool forces eviction and
-  preemption; every request finishes with exactly its max_tokens, and every page comes back."""
+  preemption (decode_reserve=0: admission reserves no decode pages); every request finishes with
+  exactly its max_tokens, and every page comes back."""
   rng = random.Random(0)
   ps, n_req = 4, 10_000 if policy == "fcfs" else 2_000
-  sched = Scheduler(40, ps, max_running=8, chunk_size=24, policy=policy)
+  sched = Scheduler(40, ps, max_running=8, chunk_size=24, policy=policy, decode_reserve=0.0)
   prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(12)]
   reqs, finished, steps = [], 0, 0
   while finished < n_req:
@@ -171,3 +172,45 @@ def test_no_page_leaked_after_10k_random_requests(policy):
   assert sched.tree.protected == 0
   sched.tree.evict(sched.tree.evictable)
   assert sched.alloc.num_free == sched.alloc.total
+
+
+def _drive(sched, rng, n_req, prefixes):
+  reqs, finished = [], 0
+  while finished < n_req:
+    while len(sched.waiting) < 16 and len(reqs) < n_req:
+      prompt = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
+      req = Req(len(reqs), prompt, SamplingParams(max_tokens=rng.randrange(1, 10)))
+      reqs.append(req)
+      sched.add(req)
+    batch = sched.schedule()
+    assert batch, "no progress"
+    finished += len(sched.commit(batch, np.array([rng.randrange(50) for _ in batch]), np.zeros(len(batch)), 0.0))
+  return reqs
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "dfs-weight"])
+def test_admission_reserving_decode_pages_never_preempts(policy):
+  """SGLang-style admission: a request runs only if its prompt and max_tokens pages fit beside the
+  running requests' reservations (free + evictable), so the same tight pool never preempts."""
+  rng = random.Random(1)
+  sched = Scheduler(40, 4, max_running=8, chunk_size=24, policy=policy)
+  prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(12)]
+  reqs = _drive(sched, rng, 1000, prefixes)
+  assert sched.num_preemptions == 0 and sum(r.cache_hit for r in reqs) > 0
+  sched.check()
+  assert sched.tree.protected == 0
+
+
+def test_dfs_weight_puts_uncached_requests_last():
+  """Post-order DFS (SGLang): requests that hit a cached prefix first, heavier subtrees first, the
+  root's (no match) last."""
+  ps = 4
+  sched = Scheduler(64, ps, policy="dfs-weight")
+  a, b = [1] * 8, [2] * 8
+  sched.tree.insert(a, sched.alloc.alloc(2))
+  sched.tree.insert(b, sched.alloc.alloc(2))
+  reqs = [Req(0, [9] * 9, SamplingParams()), Req(1, a + [5], SamplingParams()),
+          Req(2, b + [5], SamplingParams()), Req(3, b + [6], SamplingParams())]
+  for r in reqs:
+    sched.add(r)
+  assert [r.rid for r in sched._ordered_waiting()] == [2, 3, 1, 0]

@@ -64,7 +64,10 @@ SETTINGS = {
     "fcfs": dict(policy="fcfs", chunk_size=32),
     "lpm-chunked": dict(policy="lpm", chunk_size=8),
     "dfs-weight-chunked": dict(policy="dfs-weight", chunk_size=8),
-    "preempt": dict(policy="lpm", chunk_size=16, max_pages=14),   # forces eviction + preemption
+    # A tight pool: admission reserving every request's decode pages evicts but never preempts;
+    # reserving none (SGLang's optimistic new_token_ratio at its floor) forces preemptions.
+    "mem-limit": dict(policy="dfs-weight", chunk_size=16, max_pages=14),
+    "preempt": dict(policy="lpm", chunk_size=16, max_pages=14, decode_reserve=0.0),
 }
 
 
@@ -82,6 +85,8 @@ def test_greedy_equals_full_forward(cfg):
       assert eng.idle and eng.sched.tree.protected == 0
       if batch == 32 and name == "preempt":
         assert eng.sched.num_preemptions > 0
+      if name == "mem-limit":
+        assert eng.sched.num_preemptions == 0
       if batch > 1 and kw.get("radix", True):
         assert sum(r.cache_hit for r in got) > 0, name
   assert eng.compiles == 2

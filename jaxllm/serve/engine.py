@@ -49,15 +49,17 @@ class Engine:
                max_pages: int | None = None, max_running: int = 32, chunk_size: int = 256,
                policy: str = "fcfs", radix: bool = True, attention: str = "reference",
                mesh=None, plan=None, weight_version=0, detokenize=None,
-               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4):
+               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4, decode_reserve: float = 1.0):
     """num_pages: pool size on device; max_pages: pages the allocator may use (<= num_pages), a
     memory limit that changes no compiled shape. weight_version namespaces the radix cache.
-    min_*: smallest bucket of each padded dim (raise them to compile fewer shapes)."""
+    min_*: smallest bucket of each padded dim (raise them to compile fewer shapes).
+    decode_reserve: fraction of each request's max_tokens whose pages admission reserves (1: never
+    preempt; lower admits more and preempts when requests do not stop early; see scheduler.py)."""
     self.min_seqs, self.min_tokens, self.min_pages = min_seqs, min_tokens, min_pages
     self.cfg, self.page_size, self.detokenize = cfg, page_size, detokenize
     self.mdef = model_def(cfg)
     self.sched = Scheduler(max_pages or num_pages, page_size, max_running=max_running,
-                           chunk_size=chunk_size, policy=policy, radix=radix)
+                           chunk_size=chunk_size, policy=policy, radix=radix, decode_reserve=decode_reserve)
     self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
     self.backend = attention_backend(attention)
     self.mesh, self.plan = mesh, plan

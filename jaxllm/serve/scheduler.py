@@ -7,9 +7,18 @@ Every step the scheduler picks a list of (request, n tokens to compute):
 - then new requests from the waiting queue, in policy order, while budget, running slots and pages
   last. Admission matches the prompt in the radix tree and only computes the uncached rest.
 
+Admission control (SGLang's PrefillAdder): a request is admitted only if every page it may still
+need -- its uncached prompt AND its max_tokens of decode, times `decode_reserve` -- fits in the free
+plus evictable pages left after the running requests' own outstanding reservations. Without it the
+scheduler admits whatever the prefill chunk fits, runs out of pages during decode, evicts the shared
+prefixes queued requests need and preempts (recomputes) running requests: under a memory limit that
+cost fcfs and dfs-weight a third of their hit rate. `decode_reserve` < 1 is SGLang's optimistic
+new_token_ratio (requests often stop early); preemption remains the fallback when it guesses wrong.
+The first waiting request that does not fit stops admission (no overtaking, so none starves).
+
 Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
-subtree with more waiting requests first, SGLang sec. 4: on the offline problem this equals the
-optimal DFS order). Both fall back to fcfs for queues longer than `policy_max_queue`, where matching
+subtree with more waiting requests first, each node's requests after its subtree's, SGLang sec. 4:
+on the offline problem this equals the optimal DFS order; requests with no cached prefix come last). Both fall back to fcfs for queues longer than `policy_max_queue`, where matching
 every prompt each step would cost more than it saves.
 
 Prefix dedup inside a batch: a request whose prompt shares at least one more page with a request
@@ -23,6 +32,7 @@ the front of the queue with its prompt and generated tokens, and is recomputed l
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from jaxllm.serve.pages import PageAllocator
@@ -76,11 +86,15 @@ def _lcp(a, b) -> int:
 
 class Scheduler:
   def __init__(self, num_pages: int, page_size: int, *, max_running: int = 32, chunk_size: int = 256,
-               policy: str = "fcfs", radix: bool = True, policy_max_queue: int = 128):
+               policy: str = "fcfs", radix: bool = True, policy_max_queue: int = 128,
+               decode_reserve: float = 1.0):
     if policy not in POLICIES:
       raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
     if chunk_size < 1 or max_running < 1:
       raise ValueError(f"chunk_size={chunk_size} and max_running={max_running} must be >= 1")
+    if not 0 <= decode_reserve <= 1:
+      raise ValueError(f"decode_reserve={decode_reserve} must be in [0, 1] (fraction of max_tokens reserved)")
+    self.decode_reserve = decode_reserve
     self.ps, self.max_running, self.chunk_size = page_size, max_running, chunk_size
     self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
     self.alloc = PageAllocator(num_pages)
@@ -106,6 +120,13 @@ class Scheduler:
       return False
     req.pages += pages
     return True
+
+  def _future_pages(self, req: Req) -> int:
+    """Pages req may still allocate: KV for its prompt and decode_reserve of its max_tokens (the
+    last sampled token is never fed back, hence - 1), or for what it already holds if resumed."""
+    end = len(req.prompt) + math.ceil(req.sp.max_tokens * self.decode_reserve) - 1
+    end = max(end, len(req.tokens))
+    return max(0, -(-end // self.ps) - len(req.pages))
 
   def private_pages(self) -> int:
     return sum(len(r.pages) - r.cached_len // self.ps for r in self.running)
@@ -158,12 +179,17 @@ class Scheduler:
       while node is not None:
         weight[id(node)] = weight.get(id(node), 0) + 1
         node = node.parent
-    out, stack = [], [t.root]
+    # Post-order (SGLang get_dfs_priority): a node's own requests after its subtree's, so the
+    # root's (no cached prefix) come last instead of crowding out the requests that hit.
+    out, stack = [], [(t.root, False)]
     while stack:
-      node = stack.pop()
-      out += at.get(id(node), [])
+      node, visited = stack.pop()
+      if visited:
+        out += at.get(id(node), [])
+        continue
+      stack.append((node, True))
       kids = [c for c in node.children.values() if id(c) in weight]
-      stack += sorted(kids, key=lambda c: weight[id(c)])   # heaviest popped first
+      stack += [(c, False) for c in sorted(kids, key=lambda c: weight[id(c)])]   # heaviest popped first
     return out
 
   def _preempt(self, req: Req) -> None:
@@ -193,10 +219,11 @@ class Scheduler:
     if not self.waiting or budget <= 0:
       return batch
     prefilling = [r for r in self.running if r.prefilling]
+    reserved = sum(self._future_pages(r) for r in self.running)
     for req in self._ordered_waiting():
       if budget <= 0 or len(self.running) >= self.max_running:
         break
-      verdict = self._admit(req, budget, prefilling)
+      verdict = self._admit(req, budget, prefilling, reserved)
       if verdict == "full":                    # out of pages: admit nobody else this step
         break
       if verdict == "wait":
@@ -205,10 +232,12 @@ class Scheduler:
       batch.append((req, n))
       budget -= n
       prefilling.append(req)
+      reserved += self._future_pages(req)
     return batch
 
-  def _admit(self, req: Req, budget: int, prefilling: list) -> str:
-    """'ok' (req now running), 'wait' (in-batch prefix dedup) or 'full' (no pages)."""
+  def _admit(self, req: Req, budget: int, prefilling: list, reserved: int) -> str:
+    """'ok' (req now running), 'wait' (in-batch prefix dedup) or 'full' (its pages do not fit
+    beside the running requests' reservations)."""
     ps = self.ps
     tokens = req.tokens
     pages, node = ([], self.tree.root)
@@ -219,9 +248,14 @@ class Scheduler:
         if other.extra_key == req.extra_key and \
            _lcp(tokens, other.prompt) // ps * ps >= cached + ps:
           return "wait"                      # `other` is computing our prefix right now
-      self.tree.lock(node)
+      self.tree.lock(node)                   # before counting: our prefix is no longer evictable
     n = min(len(tokens) - len(pages) * ps, budget)
-    new = self._alloc(-(-(len(pages) * ps + n) // ps) - len(pages))
+    n_pages = -(-(len(pages) * ps + n) // ps) - len(pages)
+    req.pages = pages                        # so _future_pages counts the matched prefix as held
+    need = max(n_pages, self._future_pages(req))
+    avail = self.alloc.num_free + (self.tree.evictable if self.radix_on else 0) - reserved
+    new = self._alloc(n_pages) if need <= avail else None
+    req.pages = []
     if new is None:
       if self.radix_on:
         self.tree.unlock(node)
