@@ -78,7 +78,11 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
 
   mdef = model_def(cfg.model)
   tx = make_optimizer(t)
-  shardings = state_shardings(mdef, tx, mesh, plan)
+  if cfg.mesh.pp > 1:  # the layer stack and its optimizer moments live split over the stages
+    from jaxllm.parallel.pipeline import pipeline_state_shardings
+    shardings = pipeline_state_shardings(mdef, tx, mesh, plan)
+  else:
+    shardings = state_shardings(mdef, tx, mesh, plan)
   os.makedirs(t.out_dir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(t.out_dir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() if t.resume else None
@@ -135,7 +139,9 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
       bar.update(1)
       record = {"loss": loss, "aux_loss": float(metrics["aux_loss"]), "grad_norm": float(metrics["grad_norm"])}
       if t.eval_every and step % t.eval_every == 0 and eval_fn is not None:
+        t_eval = time.perf_counter()
         last_eval = float(np.mean([eval_fn(state.params, jax.device_put(b, b_sh)) for b in eval_set]))
+        t_window += time.perf_counter() - t_eval   # throughput counts training time only
         record["eval_loss"] = last_eval
       if step % t.log_every == 0 or step == t.steps:
         dt = time.perf_counter() - t_window

@@ -48,7 +48,10 @@ def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, loss=l
   if grad_accum == 1:
     (_, metrics), grads = grad_fn(params, batch)
     return grads, metrics
-  micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+  # Strided chunks (row i -> chunk i % grad_accum) keep each dp shard's rows local; a contiguous
+  # split would move rows between dp ranks.
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1),
+                       batch)
 
   def body(acc, mb):
     (_, m), g = grad_fn(params, mb)
