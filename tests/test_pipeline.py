@@ -110,10 +110,15 @@ def test_pipeline_with_moe_folding():
   batch = make_batch(8, cfg.vocab_size, seed=5, mask=True)
 
   def ref_loss(p, b):
+    # One model pass per microbatch: masked CE summed over the whole batch, aux averaged.
     model = mdef.bind(p)
-    ce = cross_entropy(model(b["inputs"]).logits, b["targets"], b["mask"])
-    micro = pl.split_microbatches(b["inputs"], m)
-    aux = jnp.mean(jax.lax.map(lambda x: aux_loss(cfg, model(x).aux), micro))
+
+    def one(mb):
+      out = model(mb["inputs"])
+      count = jnp.sum(mb["mask"])
+      return cross_entropy(out.logits, mb["targets"], mb["mask"]) * count, aux_loss(cfg, out.aux)
+    nll, aux = jax.lax.map(one, jax.tree.map(lambda x: pl.split_microbatches(x, m), b))
+    ce, aux = jnp.sum(nll) / jnp.sum(b["mask"]), jnp.mean(aux)
     return ce + aux, {"loss": ce, "aux_loss": aux}
   (_, ref_metrics), ref_grads = jax.jit(jax.value_and_grad(ref_loss, has_aux=True))(params, batch)
   mesh, plan = build_mesh(MeshConfig(pp=pp, vpp=vpp, dp=2, tp=2, ep=4, microbatches=m))
