@@ -203,14 +203,17 @@ def test_admission_reserving_decode_pages_never_preempts(policy):
 
 def test_dfs_weight_puts_uncached_requests_last():
   """Post-order DFS (SGLang): requests that hit a cached prefix first, heavier subtrees first, the
-  root's (no match) last."""
+  root's (no match) last; a match that ends inside an edge counts for that edge's subtree."""
   ps = 4
   sched = Scheduler(64, ps, policy="dfs-weight")
   a, b = [1] * 8, [2] * 8
   sched.tree.insert(a, sched.alloc.alloc(2))
   sched.tree.insert(b, sched.alloc.alloc(2))
+  # Request 4 matches only a's first page: a match ending inside an edge belongs to that subtree.
   reqs = [Req(0, [9] * 9, SamplingParams()), Req(1, a + [5], SamplingParams()),
-          Req(2, b + [5], SamplingParams()), Req(3, b + [6], SamplingParams())]
+          Req(2, b + [5], SamplingParams()), Req(3, b + [6], SamplingParams()),
+          Req(4, a[:4] + [7] * 5, SamplingParams()), Req(5, b + [7], SamplingParams())]
   for r in reqs:
     sched.add(r)
-  assert [r.rid for r in sched._ordered_waiting()] == [2, 3, 1, 0]
+  assert [r.rid for r in sched._ordered_waiting()] == [2, 3, 5, 1, 4, 0]
+  assert sched.tree.prefix_len(a[:4] + [7] * 5)[0] == 4

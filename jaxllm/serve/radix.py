@@ -88,8 +88,9 @@ class RadixCache:
     return pages, node
 
   def prefix_len(self, key: Sequence[int], extra_key: Hashable = None) -> tuple[int, Node]:
-    """Read-only match for scheduling policies: (matched tokens, deepest fully matched node).
-    Does not split or touch LRU times."""
+    """Read-only match for scheduling policies: (matched tokens, node whose edge the match ends
+    on -- inside its edge too, since the request then shares that node's subtree). Does not split
+    or touch LRU times."""
     ps = self.page_size
     node, pos = self.root, 0
     while pos + ps <= len(key):
@@ -98,9 +99,9 @@ class RadixCache:
         break
       n = self._common_pages(child.key, key, pos)
       pos += n * ps
+      node = child
       if n < len(child.pages):
         break
-      node = child
     return pos, node
 
   def _split(self, child: Node, n: int) -> Node:
