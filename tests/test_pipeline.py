@@ -57,10 +57,10 @@ def run_pipeline(mdef, mesh, plan, m, params, batch, grad_accum=1, remat=True):
   return grads, metrics, compiled
 
 
-# (pp, vpp, m, dp, tp, grad_accum): the issue's grid, filling the 8 devices with dp/tp inside each
-# stage. All cases share one 8-layer model and one batch, so the single-device reference runs once.
-GRID = [(2, 1, 2, 4, 1, 2), (2, 2, 4, 2, 2, 1), (4, 2, 8, 2, 1, 1), (2, 4, 4, 1, 4, 1), (4, 1, 8, 1, 2, 1),
-        (8, 1, 8, 1, 1, 1)]
+# (pp, vpp, m, dp, tp, grad_accum, remat): the issue's grid, filling the 8 devices with dp/tp inside
+# each stage. All cases share one 8-layer model and one batch, so the single-device reference runs once.
+GRID = [(2, 1, 2, 4, 1, 2, True), (2, 2, 4, 2, 2, 1, True), (4, 2, 8, 2, 1, 1, True), (2, 4, 4, 1, 4, 1, True),
+        (4, 1, 8, 1, 2, 1, False), (8, 1, 8, 1, 1, 1, True)]
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,12 @@ def dense_case():
   return mdef, params, batch, ref
 
 
-@pytest.mark.parametrize("pp,vpp,m,dp,tp,grad_accum", GRID)
-def test_pipeline_matches_sequential(dense_case, pp, vpp, m, dp, tp, grad_accum):
+@pytest.mark.parametrize("pp,vpp,m,dp,tp,grad_accum,remat", GRID)
+def test_pipeline_matches_sequential(dense_case, pp, vpp, m, dp, tp, grad_accum, remat):
   """grad_accum=2 (no mask) averages two equal halves, so it equals the full-batch reference too."""
   mdef, params, batch, (ref_grads, ref_metrics) = dense_case
   mesh, plan = build_mesh(MeshConfig(pp=pp, vpp=vpp, dp=dp, tp=tp, microbatches=m))
-  grads, metrics, compiled = run_pipeline(mdef, mesh, plan, m, params, batch, grad_accum=grad_accum)
+  grads, metrics, compiled = run_pipeline(mdef, mesh, plan, m, params, batch, grad_accum, remat)
   assert_close(grads, metrics, ref_grads, ref_metrics)
   if (pp, vpp) in ((2, 1), (2, 2)):
     check_hlo(compiled.as_text(), mesh)

@@ -35,7 +35,7 @@ from jaxllm.config import ConfigError
 from jaxllm.model import hooks
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
-from jaxllm.model.transformer import aux_loss, block_forward
+from jaxllm.model.transformer import _remat as remat_layer, aux_loss, block_forward
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.parallel.sharding import logical_spec
 from jaxllm.train.state import param_shardings, state_shardings
@@ -143,12 +143,12 @@ def pipeline_state_shardings(mdef: ModelDef, tx, mesh, plan: MeshPlan):
 # ---------------------------------------------------------------------------------------------
 # The pipelined decoder stack
 
-def _chunk(cfg, chunk_params, x, cos, sin):
+def _chunk(cfg, chunk_params, x, cos, sin, layer_remat: str = "none"):
   """Run the C layers of one chunk. x [b, T, D] -> (x, {aux name: sum over the C layers})."""
   def body(x, p):
     x, _, aux = block_forward(cfg, p, x, cos, sin, None, 0)
     return x, aux
-  x, aux = jax.lax.scan(body, x, chunk_params)
+  x, aux = jax.lax.scan(remat_layer(body, layer_remat), x, chunk_params)
   return x, {k: jnp.sum(v) for k, v in aux.items()}
 
 
@@ -170,7 +170,8 @@ def pipeline_layers(cfg, staged, x, mesh, m: int, remat: bool = True):
   def stage_apply(w_all, r, x_in):
     # Indexing the chunk inside the remat region keeps the weights out of the per-tick residuals.
     w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), w_all)
-    return _chunk(cfg, w, x_in, cos, sin)
+    # Without the tick-level remat, the model's own per-layer policy (model.remat) applies.
+    return _chunk(cfg, w, x_in, cos, sin, "none" if remat else cfg.remat)
   if remat:
     stage_apply = jax.checkpoint(stage_apply, policy=jax.checkpoint_policies.nothing_saveable)
 
@@ -204,7 +205,11 @@ def pipeline_layers(cfg, staged, x, mesh, m: int, remat: bool = True):
     w_all = jax.tree.map(lambda a: a[:, 0], w_all)          # [vpp, 1, C, ...] -> [vpp, C, ...]
     zeros = vary(jnp.zeros_like(buf[0]))
     init = (zeros, vary(buf), vary(jnp.zeros_like(buf)), {n: vary(jnp.float32(0)) for n in aux_names})
-    with hooks.cleared():   # global sharding hooks don't apply inside shard_map
+    # Global sharding hooks don't apply inside shard_map. MoE layers take the local dropless path
+    # (jaxllm.model.moe.local_experts), GSPMD-partitioned over the stage's ep devices: nesting the
+    # all-to-all expert shard_map (jaxllm.parallel.moe) in this one fails to lower under Shardy
+    # ("manual axis after free axis 'pp'"), as DESIGN.md records.
+    with hooks.cleared():
       (_, _, outs, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(ticks, dtype=jnp.int32))
     # The final hidden states live on the last stage; summing over stages hands them to all.
     outs = jax.lax.psum(jnp.where(s == pp - 1, outs, 0.0), STAGE)
