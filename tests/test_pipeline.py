@@ -199,3 +199,27 @@ def test_checkpoint_moves_between_pipeline_and_single_device(tmp_path):
   restored = ckpt.restore(tmp_path / "single", target)
   assert restored["layers"]["wq"].sharding.spec == p_sh["layers"]["wq"].spec
   jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+
+def test_train_step_integration():
+  """make_train_step(grads_fn=pipeline) on pipeline_state_shardings == the single-device step."""
+  import optax
+  from jaxllm.parallel import mesh_hooks
+  from jaxllm.train.step import TrainState, make_train_step
+  cfg = tiny(4)
+  mdef, params = model_def(cfg), init_params(cfg, 6)
+  tx = optax.sgd(0.5)
+  batch = make_batch(8, cfg.vocab_size, seed=7)
+  state = TrainState(params, tx.init(params), jnp.int32(0))
+  ref_state, ref_metrics = make_train_step(mdef, tx)(jax.tree.map(jnp.copy, state), batch)  # donates
+  mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=4, microbatches=2))
+  sh = pl.pipeline_state_shardings(mdef, tx, mesh, plan)
+  b_sh = NamedSharding(mesh, P(plan.dims["dp"]))
+  with jax.set_mesh(mesh):
+    step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, cfg),
+                           grads_fn=pl.make_pipeline_grads_fn(mdef, mesh, plan, 2))
+    new, metrics = step(jax.device_put(state, sh), jax.device_put(batch, b_sh))
+  assert new.params["layers"]["wq"].sharding.spec[0] == "pp"
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new.params, ref_state.params)
