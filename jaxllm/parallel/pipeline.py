@@ -114,16 +114,17 @@ def layer_shardings(mdef: ModelDef, mesh, plan: MeshPlan, pipeline: bool = False
 
   def one(names, a):
     inner = tuple(logical_spec(plan, names[1:], a.shape[1:]))
-    if plan.cfg.pp == 1:
-      return NamedSharding(mesh, P(None, *inner))
-    return NamedSharding(mesh, P(None, STAGE, None, *inner) if pipeline else P(STAGE, *inner))
+    stage = STAGE if plan.cfg.pp > 1 else None
+    return NamedSharding(mesh, P(None, stage, None, *inner) if pipeline else P(stage, *inner))
   return jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def pipeline_param_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
   """Shardings for the canonical params of a pipelined run: like train.state.param_shardings but
   the layer stack split over the stage axis, so each stage keeps (and updates) only its own layers
-  when vpp == 1; with vpp > 1 the step moves the weights into place once per step."""
+  when vpp == 1. With vpp > 1 a stage's chunks are not one contiguous block of [L], so the step
+  moves the weights into place once per step (an all-to-all over the stage axis, not an
+  all-gather) and the gradients back; the per-microbatch traffic is only the ppermutes."""
   out = dict(param_shardings(mdef, mesh, plan))
   out["layers"] = layer_shardings(mdef, mesh, plan)
   return out
