@@ -89,7 +89,7 @@ def test_greedy_equals_full_forward(cfg):
         assert eng.sched.num_preemptions == 0
       if batch > 1 and kw.get("radix", True):
         assert sum(r.cache_hit for r in got) > 0, name
-  assert eng.compiles == 2
+  assert all(f.traces <= 1 for f in eng._fns.values())   # one shape per step function
 
 
 def test_logprobs_and_weight_version():

@@ -36,7 +36,7 @@ def test_mesh_greedy_equals_single_device(name):
   if cfg.is_moe:
     assert eng.params["layers"]["w_gate"].sharding.spec[1] is not None
   assert eng.rows == mc.dp
-  assert eng.compiles == 2
+  assert all(f.traces <= 1 for f in eng._fns.values())   # one shape per step function
 
 
 def test_mesh_rejects_pipeline():

@@ -4,9 +4,20 @@ Each `step()` asks the scheduler for (request, n tokens) pairs, packs them into 
 numpy metadata (positions, slots in the page pool, kv_lens, page table, cu_q_lens), pads every array
 to a bucketed shape (tokens, sequences, pages per sequence: powers of two) and runs one of two jitted
 functions: `decode` when every sequence computes exactly its last token (paged decode attention),
-`ragged` otherwise (prefill chunks and decodes mixed). Both run the shared model with the paged
+`ragged` otherwise (prefill chunks and decodes mixed; its q_len-1 sequences are sorted last and take
+the decode attention, the rest the ragged one, see PagedCache). Both run the shared model with the paged
 cache, take the logits of each sequence's last row and sample on device; the pool is donated.
 Shapes come only from buckets, so after warm-up nothing compiles (`compiles` counts traces).
+
+Multi-step decode (vLLM's multi-step scheduling, JetStream's generate loop): when a step is pure
+decode, a third function `multi` runs `decode_steps` decode steps in one call -- a lax.scan that feeds
+each step's sampled tokens to the next on device -- and returns to the host once. The host allocates
+the pages of every row's next k_i <= decode_steps tokens beforehand (k_i stops at max_tokens, so
+nothing runs past a request's length; a row done early writes only the null page until the scan
+ends), then commits the tokens one by one and truncates a row at its first stop token/string,
+discarding the rest (their K/V sits past num_computed in pages the request releases). Per-call
+dispatch, metadata upload and the host loop are paid once per decode_steps tokens instead of once per
+token; new requests wait at most one chunk to be admitted.
 """
 from __future__ import annotations
 
@@ -49,12 +60,17 @@ class Engine:
                max_pages: int | None = None, max_running: int = 32, chunk_size: int = 256,
                policy: str = "fcfs", radix: bool = True, attention: str = "reference",
                mesh=None, plan=None, weight_version=0, detokenize=None,
-               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4, decode_reserve: float = 1.0):
+               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4, decode_reserve: float = 1.0,
+               decode_steps: int = 8):
     """num_pages: pool size on device; max_pages: pages the allocator may use (<= num_pages), a
     memory limit that changes no compiled shape. weight_version namespaces the radix cache.
     min_*: smallest bucket of each padded dim (raise them to compile fewer shapes).
     decode_reserve: fraction of each request's max_tokens whose pages admission reserves (1: never
-    preempt; lower admits more and preempts when requests do not stop early; see scheduler.py)."""
+    preempt; lower admits more and preempts when requests do not stop early; see scheduler.py).
+    decode_steps: decode steps per device call when the batch is pure decode (1: one per call)."""
+    if decode_steps < 1:
+      raise ValueError(f"decode_steps={decode_steps} must be >= 1 (1 = one decode step per call)")
+    self.decode_steps = decode_steps
     self.min_seqs, self.min_tokens, self.min_pages = min_seqs, min_tokens, min_pages
     self.cfg, self.page_size, self.detokenize = cfg, page_size, detokenize
     self.mdef = model_def(cfg)
@@ -84,8 +100,9 @@ class Engine:
     self.params, self.weight_version = params, weight_version
     self.step_seconds = {"ragged": 0.0, "decode": 0.0}
     self.step_tokens = {"ragged": 0, "decode": 0}
-    self._fns = {mode: _step_fn(cfg, attention, mode == "decode", mesh, self._pool_sh, self.rows)
-                 for mode in ("ragged", "decode")}
+    self._fns = {mode: _step_fn(cfg, attention, mode, mesh, self._pool_sh, self.rows,
+                                decode_steps if mode == "multi" else 1)
+                 for mode in ("ragged", "decode") + (("multi",) if decode_steps > 1 else ())}
     self._rids = itertools.count()
     self.finished: list[Req] = []
 
@@ -142,6 +159,12 @@ class Engine:
       return []
     ps = self.page_size
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
+    if decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
+      ks = self.sched.grow_decode(batch, self.decode_steps)
+      if max(ks) > 1:
+        return self._multi_step(batch, ks, t_begin)
+    if not decode:    # q_len > 1 first: they take the ragged attention, the rest the decode one
+      batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
     S = _pow2(len(batch), self.min_seqs)
     Tt = S if decode else _pow2(sum(n for _, n in batch), self.min_tokens)
     maxp = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
@@ -165,6 +188,11 @@ class Engine:
     cu[len(batch) + 1:] = t
     meta = {"slots": slots, "kv_lens": kv_lens, "page_table": page_table, "cu_q_lens": cu,
             "num_seqs": np.int32(len(batch)), "last_idx": last_idx}
+    if not decode:
+      n_multi = sum(n > 1 for _, n in batch)
+      dec_rows = np.full(S, Tt, np.int32)
+      dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
+      meta |= {"num_multi": np.int32(n_multi), "dec_rows": dec_rows}
     samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], S)
     mode = "decode" if decode else "ragged"
     self.k_pages, self.v_pages, toks, logps = self._run(mode, tokens, positions, meta, samp)
@@ -174,6 +202,36 @@ class Engine:
     done = self.sched.commit(batch, toks, logps, now, self.detokenize)
     self.step_seconds[mode] += time.perf_counter() - t_begin   # host scheduling included
     self.step_tokens[mode] += sum(n for _, n in batch)
+    self.finished += done
+    return done
+
+  def _multi_step(self, batch, ks, t_begin: float) -> list[Req]:
+    """decode_steps decode steps in one call; row i keeps at most ks[i] tokens (see module doc)."""
+    ps, n, B = self.page_size, self.decode_steps, len(batch)
+    S = _pow2(B, self.min_seqs)
+    maxp = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
+               _pow2(self.max_pages_per_seq, self.min_pages))
+    page_table = np.zeros((S, maxp), np.int32)
+    for i, (r, _) in enumerate(batch):
+      page_table[i, :len(r.pages)] = r.pages
+    k = np.asarray(ks, np.int32)
+    start = np.asarray([r.num_computed for r, _ in batch], np.int32)     # position of the fed token
+    j = np.arange(n, dtype=np.int32)[:, None]
+    pos = start[None, :] + np.minimum(j, k[None, :] - 1)                  # [n, B] done rows stay put
+    slots = page_table[np.arange(B), pos // ps] * ps + pos % ps
+    slots = np.where(j < k[None, :], slots, 0)                            # done rows write the null page
+    pad = lambda a: np.pad(a, ((0, 0), (0, S - B))).astype(np.int32)
+    tokens = np.zeros(S, np.int32)
+    tokens[:B] = [r.output[-1] for r, _ in batch]
+    meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
+    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], S)
+    self.k_pages, self.v_pages, toks, logps = self._run("multi", tokens, pad(pos), meta, samp)
+    toks, logps = np.asarray(toks), np.asarray(logps)                     # [n, S]
+    now = time.perf_counter()
+    before = sum(len(r.output) for r, _ in batch)
+    done = self.sched.commit_multi(batch, ks, toks, logps, now, self.detokenize)
+    self.step_seconds["decode"] += time.perf_counter() - t_begin
+    self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
     self.finished += done
     return done
 
@@ -199,30 +257,39 @@ class Engine:
     P_max = _pow2(self.max_pages_per_seq, self.min_pages)
     T_max = _pow2(self.sched.chunk_size + self.sched.max_running, self.min_tokens)
     sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
+    z = lambda *s: np.zeros(s, np.int32)
     for S in sizes(self.min_seqs, S_max):
       for maxp in sizes(self.min_pages, P_max):
         for mode, Tts in (("decode", [S]), ("ragged", sizes(max(S, self.min_tokens), T_max))):
           for Tt in Tts:
-            z = lambda *s: np.zeros(s, np.int32)
             meta = {"slots": z(Tt), "kv_lens": z(S), "page_table": z(S, maxp), "cu_q_lens": z(S + 1),
                     "num_seqs": np.int32(0), "last_idx": z(S)}
+            if mode == "ragged":
+              meta |= {"num_multi": np.int32(0), "dec_rows": np.full(S, Tt, np.int32)}
             out = self._run(mode, z(Tt), z(Tt), meta, sampling_arrays([], [], S))
             self.k_pages, self.v_pages = out[0], out[1]
+        if "multi" in self._fns:
+          n = self.decode_steps
+          meta = {"slots": z(n, S), "kv_lens": z(n, S), "page_table": z(S, maxp)}
+          out = self._run("multi", z(S), z(n, S), meta, sampling_arrays([], [], S))
+          self.k_pages, self.v_pages = out[0], out[1]
     return self.compiles - before
 
 
 class _Step:
   """A jitted step function that counts its traces (= compilations: one per new input shape)."""
 
-  def __init__(self, cfg, attention: str, decode: bool, mesh, pool_sh, rows: int = 1):
+  def __init__(self, cfg, attention: str, mode: str, mesh, pool_sh, rows: int = 1, steps: int = 1):
     mdef, backend = model_def(cfg), attention_backend(attention)
+    decode = mode != "ragged"
     self.traces = 0
 
     def step(params, k_pages, v_pages, tokens, positions, meta, samp):
       self.traces += 1                     # Python side effect: runs only while tracing
       model = mdef.bind(params)
       cache = PagedCache(k_pages, v_pages, meta["slots"], meta["kv_lens"], meta["page_table"],
-                         meta["cu_q_lens"], meta["num_seqs"], backend, decode)
+                         meta["cu_q_lens"], meta["num_seqs"], meta.get("num_multi"), meta.get("dec_rows"),
+                         backend, decode)
       Tt = tokens.shape[0]
       h, _, cache = model.hidden(tokens.reshape(rows, Tt // rows), positions.reshape(rows, Tt // rows),
                                  cache)                                   # [R, Tt/R, D]
@@ -232,21 +299,43 @@ class _Step:
                            samp["seeds"], samp["counters"])
       return cache.k_pages, cache.v_pages, toks, logps
 
+    def multi(params, k_pages, v_pages, tokens, positions, meta, samp):
+      """tokens [S] fed at step 0; positions, slots, kv_lens [steps, S] -> tokens, logprobs [steps, S]."""
+      self.traces += 1
+      model = mdef.bind(params)
+      S = tokens.shape[0]
+      no_ragged = jnp.zeros(S + 1, jnp.int32)    # cu_q_lens / num_seqs: unused by decode attention
+
+      def one(carry, xs):
+        k_pages, v_pages, tok = carry
+        pos, slots, kv_lens, j = xs
+        cache = PagedCache(k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0),
+                           backend=backend, decode=True)
+        h, _, cache = model.hidden(tok.reshape(rows, S // rows), pos.reshape(rows, S // rows), cache)
+        logits = model.logits(h.reshape(1, S, h.shape[-1]))[0]           # [S, V]
+        nxt, logp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
+                           samp["seeds"], samp["counters"] + j.astype(jnp.uint32))
+        return (cache.k_pages, cache.v_pages, nxt), (nxt, logp)
+
+      xs = (positions, meta["slots"], meta["kv_lens"], jnp.arange(steps, dtype=jnp.int32))
+      (k_pages, v_pages, _), (toks, logps) = jax.lax.scan(one, (k_pages, v_pages, tokens), xs)
+      return k_pages, v_pages, toks, logps
+
     kw = {}
     if pool_sh is not None:
       rep = NamedSharding(mesh, P())
       kw["out_shardings"] = (pool_sh, pool_sh, rep, rep)
-    self.fn = jax.jit(step, donate_argnums=(1, 2), **kw)
+    self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2), **kw)
 
   def __call__(self, *args):
     return self.fn(*args)
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(cfg, attention: str, decode: bool, mesh, pool_sh, rows: int) -> _Step:
+def _step_fn(cfg, attention: str, mode: str, mesh, pool_sh, rows: int, steps: int) -> _Step:
   """Shared across engines of one model, so a second engine (another policy, a memory limit via
   max_pages) reuses the compiled steps."""
-  return _Step(cfg, attention, decode, mesh, pool_sh, rows)
+  return _Step(cfg, attention, mode, mesh, pool_sh, rows, steps)
 
 
 def _mesh_rows(cfg: ModelConfig, mc) -> int:

@@ -26,6 +26,12 @@ class PagedCache:
   page_table: jax.Array   # [S, maxp] int32, padded with the null page 0
   cu_q_lens: jax.Array    # [S + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
   num_seqs: jax.Array     # [] int32: real sequences (the rest of S is padding)
+  # Split ragged step (optional): sequences [0, num_multi) have q_len > 1 and go through the ragged
+  # attention; every later one has a single query at row dec_rows[s] (Tt for none) and goes through
+  # the decode attention. A decode-heavy mixed step then costs one decode call plus a ragged call over
+  # the few prefill chunks, instead of a ragged call over every sequence.
+  num_multi: jax.Array | None = None     # [] int32
+  dec_rows: jax.Array | None = None      # [S] int32
   backend: object = struct.field(pytree_node=False, default=None)
   decode: bool = struct.field(pytree_node=False, default=False)  # every sequence has q_len 1
 
@@ -35,17 +41,31 @@ class PagedCache:
     R, T = q.shape[:2]
     q, k, v = q.reshape(R * T, *q.shape[2:]), k.reshape(R * T, K, H), v.reshape(R * T, K, H)
 
-    def write(pool, new):   # new [Tt, K, H] into this layer's pages
-      flat = pool[layer].reshape(P * ps, K, H).at[self.slots].set(new.astype(pool.dtype))
-      return jax.lax.dynamic_update_index_in_dim(pool, flat.reshape(P, ps, K, H), layer, 0)
+    # Index the carried pool in place: viewed as [L*P*ps, K, H] (a free reshape of the leading
+    # dims), this layer's slot s is row layer*P*ps + s, so the write is one scatter into the carry
+    # (slicing pool[layer] out and back costs two copies of the layer per layer and step), and the
+    # attention reads the [L*P, ps, K, H] view through page ids offset by layer*P.
+    rows = layer * (P * ps) + self.slots
+    def write(pool, new):
+      flat = pool.reshape(L * P * ps, K, H).at[rows].set(new.astype(pool.dtype))
+      return flat.reshape(L, P, ps, K, H)
 
     k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
-    kl, vl = k_pages[layer], v_pages[layer]
+    kl, vl = k_pages.reshape(L * P, ps, K, H), v_pages.reshape(L * P, ps, K, H)
+    page_table = self.page_table + layer * P
     if self.decode:
-      out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, self.page_table)
-    else:
-      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, self.page_table,
+      out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, page_table)
+    elif self.dec_rows is None:
+      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
                                                 self.cu_q_lens, self.num_seqs)
+    else:
+      Tt = q.shape[0]
+      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
+                                                self.cu_q_lens, self.num_multi)
+      is_dec = self.dec_rows < Tt                                      # [S]
+      dec = self.backend.paged_decode_attention(q[jnp.minimum(self.dec_rows, Tt - 1)], kl, vl,
+                                                jnp.where(is_dec, self.kv_lens, 0), page_table)
+      out = out.at[self.dec_rows].set(dec.astype(out.dtype), mode="drop")
     return out.reshape(R, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
 
   def advance(self, T: int):

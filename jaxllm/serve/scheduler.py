@@ -291,6 +291,36 @@ class Scheduler:
         done.append(r)
     return done
 
+  def grow_decode(self, batch, steps: int) -> list[int]:
+    """Multi-step decode: allocate each decoding request's pages for its next k <= steps tokens
+    (never past max_tokens); returns the k of each. schedule() already holds the pages of one
+    token, so a row whose pages cannot grow keeps the steps its held pages cover (>= 1)."""
+    ks = []
+    for r, _ in batch:
+      k = max(1, min(steps, r.sp.max_tokens - len(r.output)))
+      if not self._grow(r, k):
+        k = len(r.pages) * self.ps - r.num_computed
+      ks.append(k)
+    return ks
+
+  def commit_multi(self, batch, ks, tokens, logprobs, now: float, detokenize=None) -> list[Req]:
+    """Book a multi-step decode: tokens/logprobs [steps, S]; row i ran ks[i] steps. Tokens are taken
+    in order until a stop condition, the rest discarded (their K/V lies past num_computed)."""
+    done = []
+    for i, (r, _) in enumerate(batch):
+      for j in range(ks[i]):
+        r.num_computed += 1                  # the token fed at step j now has its K/V cached
+        r.output.append(int(tokens[j, i]))
+        if r.sp.logprobs:
+          r.logprobs.append(float(logprobs[j, i]))
+        r.token_times.append(now)
+        r.finish_reason = check_stop(r.sp, r.output, detokenize)
+        if r.finish_reason:
+          self.finish(r)
+          done.append(r)
+          break
+    return done
+
   def finish(self, req: Req) -> None:
     self.running.remove(req)
     self._release(req)
