@@ -21,6 +21,8 @@ def _engine_args(p):
   p.add_argument("--page-size", type=int, default=16)
   p.add_argument("--max-running", type=int, default=16, help="sequences decoded together")
   p.add_argument("--chunk-size", type=int, default=256, help="prefill token budget per step")
+  p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call when the batch "
+                 "is pure decode (multi-step decode; 1 = one step per call)")
   p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over, e.g. tp=2; "
                  "pp must be 1")
   p.add_argument("--hf", default=None, metavar="DIR", help="Hugging Face model directory (config.json, "
@@ -87,7 +89,7 @@ def generate(a):
   pages = a.num_pages or min(a.max_running, len(prompts)) * -(-longest // a.page_size)
   eng = Engine(cfg, params, page_size=a.page_size, num_pages=pages, max_running=a.max_running,
                chunk_size=a.chunk_size, attention=a.attention, mesh=mesh, plan=plan,
-               detokenize=tok.decode)
+               detokenize=tok.decode, decode_steps=a.decode_steps)
   stops = (tok.eos_id,) if getattr(tok, "eos_id", None) is not None else ()
   sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                       min_p=a.min_p, seed=a.seed, stop_token_ids=stops, stop=tuple(a.stop))
@@ -110,7 +112,7 @@ def bench(a):
     cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=max_seq_len)
     params = init_params(cfg, 0)
   run_bench(cfg, params, w, page_size=a.page_size, max_running=a.max_running, chunk_size=a.chunk_size,
-            mem_pages=a.mem_pages, attention=a.attention, mesh=mesh, plan=plan)
+            mem_pages=a.mem_pages, attention=a.attention, mesh=mesh, plan=plan, decode_steps=a.decode_steps)
 
 
 def main(argv=None):

@@ -9,7 +9,8 @@ computed to get logits).
 Also: decode throughput side by side at one batch and context: the engine (multi-step decode),
 the plain jitted generate loop over the contiguous KVCache (jaxllm.model.generate: one XLA program
 for every step) and Hugging Face transformers `generate` (greedy, fp32, the same weights written by
-jaxllm.io.export_hf), each timed as (time for 1 + steps new tokens) - (time for 1), so prefill cancels.
+jaxllm.io.export_hf). Plain and HF are timed as (time for 1 + steps new tokens) - (time for 1), so
+prefill cancels; the engine over its decode phase (engine_decode_tokens_per_s).
 """
 from __future__ import annotations
 
@@ -121,26 +122,36 @@ def plain_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: i
   return _decode_rate(lambda n: np.asarray(plain_generate(mdef, params, prompt, n)), batch, steps)
 
 
-def engine_decode_tokens_per_s(engine: Engine, batch: int, prompt_len: int, steps: int):
-  """The engine generating `batch` fresh prompts together (radix hits are impossible: distinct
-  random prompts, and the cache is flushed by a new weight version each run)."""
+def engine_decode_tokens_per_s(engine: Engine, batch: int, prompt_len: int, steps: int, reps: int = 2):
+  """The engine generating 1 + steps tokens for `batch` fresh prompts together, timed from the step
+  that gives the last request its first token (prefill done) until all finish: its decode phase.
+  Chunked prefill staggers the requests (early ones have decoded a few tokens in the mixed steps),
+  so the last chunk runs part-empty; plain/HF decode one synchronized batch. Best of `reps`."""
   prompts = [list(map(int, p)) for p in decode_prompts(engine.cfg.vocab_size, batch, prompt_len)]
-
-  def run(n):
-    engine.set_weights(engine.params, engine.weight_version + 1)   # no reuse of the last run's KV
-    return np.array([r.output for r in engine.generate(prompts, SamplingParams(max_tokens=n))])
-  return _decode_rate(run, batch, steps)
+  best, out = 0.0, None
+  for _ in range(1 + reps):                                       # the first run warms up
+    engine.set_weights(engine.params, engine.weight_version + 1)  # fresh radix namespace: no reuse
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=1 + steps)) for p in prompts]
+    while not all(r.output for r in reqs):
+      engine.step()
+    n0, t0 = sum(len(r.output) for r in reqs), time.perf_counter()
+    engine.run()
+    best = max(best, (sum(len(r.output) for r in reqs) - n0) / (time.perf_counter() - t0))
+    out = np.array([r.output for r in reqs])
+  return best, out
 
 
 def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int):
-  """transformers AutoModelForCausalLM.generate (greedy, fp32) on the same weights; None if
-  transformers/torch are not installed."""
+  """transformers AutoModelForCausalLM.generate (greedy, fp32) on the same weights, at torch's
+  default thread count and at 1 thread, the faster kept (on a loaded machine torch's OpenMP
+  threads can stall each other ~30x); -> (tokens/s, tokens, threads) or Nones if transformers/torch
+  are not installed."""
   try:
     import torch
     from transformers import AutoModelForCausalLM
     from jaxllm.io import export_hf
   except ImportError:
-    return None, None
+    return None, None, None
   with tempfile.TemporaryDirectory() as d:
     export_hf(jax.device_get(params), cfg, d)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -152,7 +163,15 @@ def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int)
       out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                            pad_token_id=0)
     return out[:, prompt_len:].numpy()
-  return _decode_rate(run, batch, steps)
+  default, best = torch.get_num_threads(), (0.0, None, None)
+  try:
+    for threads in sorted({default, 1}, reverse=True):
+      torch.set_num_threads(threads)
+      rate, toks = _decode_rate(run, batch, steps)
+      best = max(best, (rate, toks, threads), key=lambda b: b[0])
+  finally:
+    torch.set_num_threads(default)
+  return best
 
 
 def decode_comparison(cfg, params, engine: Engine, batch: int, prompt_len: int, steps: int, log=print) -> dict:
@@ -161,12 +180,12 @@ def decode_comparison(cfg, params, engine: Engine, batch: int, prompt_len: int, 
   may flip an argmax and the rest of that row follows it)."""
   ours, t_ours = engine_decode_tokens_per_s(engine, batch, prompt_len, steps)
   plain, t_plain = plain_decode_tokens_per_s(cfg, params, batch, prompt_len, steps)
-  hf, t_hf = hf_decode_tokens_per_s(cfg, params, batch, prompt_len, steps)
+  hf, t_hf, threads = hf_decode_tokens_per_s(cfg, params, batch, prompt_len, steps)
   same = lambda a, b: 100.0 * float(np.mean(a == b))
   line = (f"decode throughput at batch {batch}, context {prompt_len}+{steps} (decode_steps={engine.decode_steps}): "
           f"engine {ours:.0f} tok/s, plain jitted generate {plain:.0f} tok/s (x{ours / plain:.2f}), ")
   line += ("HF transformers generate: skipped (pip install torch transformers)" if hf is None else
-           f"HF transformers generate {hf:.0f} tok/s (x{ours / hf:.2f})")
+           f"HF transformers generate {hf:.0f} tok/s at {threads} torch thread(s) (x{ours / hf:.2f})")
   log(line)
   log(f"greedy tokens equal to the plain loop's: engine {same(t_ours, t_plain):.1f}%"
       + ("" if hf is None else f", HF {same(t_hf, t_plain):.1f}%"))
@@ -189,8 +208,8 @@ def header() -> str:
   return " ".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w, _) in enumerate(COLUMNS))
 
 
-def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_size=256,
-              mem_pages: int | None = None, attention="reference", decode_batch=16, mesh=None, plan=None,
+def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_size=256, min_tokens=64,
+              decode_steps=8, mem_pages: int | None = None, attention="reference", decode_batch=16, mesh=None, plan=None,
               log=print):
   """Every setting on one workload in one process; returns {setting: metrics}."""
   prompts, offsets = make_workload(w, cfg.vocab_size)
@@ -203,12 +222,12 @@ def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_s
   maxp = 1 << (-(-cfg.max_seq_len // page_size) - 1).bit_length()
   common = dict(page_size=page_size, num_pages=num_pages, max_running=max_running, chunk_size=chunk_size,
                 attention=attention, min_seqs=max_running, min_pages=maxp, mesh=mesh, plan=plan,
-                min_tokens=1 << (chunk_size + max_running - 1).bit_length())  # one bucket: 2 compiles
+                min_tokens=min_tokens, decode_steps=decode_steps)
   settings = [("cache off", dict(radix=False))]
   settings += [(f"cache on  {p}", dict(policy=p)) for p in ("fcfs", "lpm", "dfs-weight")]
   settings += [(f"mem {mem_pages}p {p}", dict(policy=p, max_pages=mem_pages)) for p in ("fcfs", "lpm", "dfs-weight")]
   warm = Engine(cfg, params, **common)
-  warm.generate(prompts[:2], SamplingParams(max_tokens=warm.decode_steps + 2))   # compile the 3 steps
+  n_compiled = warm.warmup()            # every bucket before any timing (shared by all engines below)
   log(f"workload: {w}; {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens; "
       f"pool {num_pages} pages of {page_size}, memory-limited runs {mem_pages}"
       + (f"; mesh dp={plan.cfg.dp} tp={plan.cfg.tp} ep={plan.cfg.ep}" if mesh is not None else ""))
@@ -218,7 +237,7 @@ def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_s
     eng = Engine(cfg, params, **{**common, **kw})
     results[name] = m = run_workload(eng, prompts, offsets, w.output_len)
     log(format_row(name, m, ideal))
-  assert warm.compiles == 3, f"benchmark recompiled: {warm.compiles} step compilations (expected 3)"
+  assert warm.compiles == n_compiled, f"benchmark recompiled: {warm.compiles} compilations after warm-up's {n_compiled}"
   base, on = results["cache off"], results["cache on  fcfs"]
   log(f"cache on vs off (fcfs): throughput x{on['tok_s'] / base['tok_s']:.2f}, "
       f"median TTFT x{base['ttft_p50'] / on['ttft_p50']:.2f} lower, hit rate "
