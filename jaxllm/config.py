@@ -148,7 +148,7 @@ class MeshConfig:
 @dataclass(frozen=True)
 class TrainConfig:
   """Optimisation, data and checkpointing of one training run."""
-  steps: int = 300                # optimizer steps to run in total (resume continues to this)
+  steps: int = 600                # optimizer steps to run in total (resume continues to this)
   batch_size: int = 16            # global sequences per optimizer step
   seq_len: int = 128              # tokens per sequence
   grad_accum: int = 1             # micro-steps accumulated per optimizer step (batch_size % grad_accum == 0)
@@ -171,7 +171,7 @@ class TrainConfig:
   keep_checkpoints: int = 3       # newest checkpoints kept
   resume: bool = True             # continue from the newest checkpoint in out_dir if there is one
   sample_prompt: str = "def "     # prompt of the sample printed after training
-  sample_tokens: int = 120        # tokens generated for that sample
+  sample_tokens: int = 160        # tokens generated for that sample (temperature 0.8)
   init_from_hf: str = ""          # start from a Hugging Face model directory instead of random init
 
   def __post_init__(self):
