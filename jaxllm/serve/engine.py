@@ -58,7 +58,7 @@ class Result:
 class Engine:
   def __init__(self, cfg: ModelConfig, params, *, page_size: int = 16, num_pages: int = 512,
                max_pages: int | None = None, max_running: int = 32, chunk_size: int = 256,
-               policy: str = "fcfs", radix: bool = True, attention: str = "reference",
+               policy: str = "lpm", radix: bool = True, attention: str = "reference",
                mesh=None, plan=None, weight_version=0, detokenize=None,
                min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4, decode_reserve: float = 1.0,
                decode_steps: int = 8):

@@ -86,7 +86,7 @@ def _lcp(a, b) -> int:
 
 class Scheduler:
   def __init__(self, num_pages: int, page_size: int, *, max_running: int = 32, chunk_size: int = 256,
-               policy: str = "fcfs", radix: bool = True, policy_max_queue: int = 128,
+               policy: str = "lpm", radix: bool = True, policy_max_queue: int = 128,
                decode_reserve: float = 1.0):
     if policy not in POLICIES:
       raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
