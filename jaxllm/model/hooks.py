@@ -3,7 +3,7 @@
 The model calls `constrain(x, logical_names)` on key activations and `moe_experts(...)` for the
 expert computation. Outside any `using(...)` block these are a no-op and the single-device dropless
 dispatch; `jaxllm.parallel` installs mesh-aware versions (sharding constraints from the rules table,
-expert-parallel all-to-all in shard_map) while a step function is traced.
+expert-parallel dispatch from jaxllm.parallel.moe) while a step function is traced.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def using(constrain: Callable | None = None, moe_experts: Callable | None = None
 
 @contextlib.contextmanager
 def cleared():
-  """No hooks (e.g. inside a shard_map body, where global sharding constraints don't apply)."""
+  """No hooks (e.g. inside a manually partitioned body, where global sharding constraints don't apply)."""
   t1, t2 = _constrain.set(None), _moe_experts.set(None)
   try:
     yield
