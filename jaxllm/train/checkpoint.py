@@ -18,8 +18,10 @@ class CheckpointError(RuntimeError):
 
 
 def _manager(directory: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save cut off by a kill leaves STEP.orbax-checkpoint-tmp; it is
+  # never a restore candidate, so drop it when the next run opens the directory.
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                      create=True)
+                                      create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts,
                                item_names=("params", "opt_state", "meta"))
 
