@@ -21,9 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +33,7 @@ import numpy as np  # noqa: E402
 from jaxllm.config import MODEL_PRESETS, MeshConfig, TrainConfig  # noqa: E402
 from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
+from jaxllm.train.metrics import time_train_steps  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
 from jaxllm.train.state import batch_sharding, init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import make_train_step  # noqa: E402
@@ -58,7 +57,7 @@ def _bytes(shape_text: str) -> int:
 def collective_bytes(hlo: str) -> dict[str, int]:
   """Per-device bytes moved by each collective kind in one execution of a compiled SPMD module:
   the operand sizes of every collective, times the trip counts of enclosing while loops."""
-  size, comp_of, per_comp, calls, entry, comp = {}, {}, defaultdict(lambda: defaultdict(int)), defaultdict(list), None, None
+  size, per_comp, calls, entry, comp = {}, defaultdict(lambda: defaultdict(int)), defaultdict(list), None, None
   lines = hlo.splitlines()
   for line in lines:                          # pass 1: every value's size
     m = _INSTR.match(line)
@@ -106,16 +105,8 @@ def run(mesh_cfg: MeshConfig, mcfg, batch_size: int, seq: int, steps: int, devic
   batch = jax.device_put({"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}, b_sh)
   compiled = step.lower(state, batch).compile()
   coll = collective_bytes(compiled.as_text())
-  state, metrics = compiled(state, batch)              # warm-up
-  jax.block_until_ready(metrics)
-  first_loss = float(metrics["loss"])
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), coll, first_loss
+  dt, _, first = time_train_steps(compiled, state, batch, steps)
+  return dt, coll, float(first["loss"])
 
 
 def main():

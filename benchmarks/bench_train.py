@@ -17,10 +17,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxllm.config import Config, MODEL_PRESETS, TrainConfig, load_config  # noqa: E402
+from jaxllm.config import load_config  # noqa: E402
 from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
-from jaxllm.train.metrics import measure_matmul_peak  # noqa: E402
+from jaxllm.train.metrics import measure_matmul_peak, time_train_steps  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
 from jaxllm.train.state import batch_sharding, init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import make_train_step  # noqa: E402
@@ -50,20 +50,12 @@ def bench_one(model: str, mesh_name: str, batch: int, seq: int, steps: int, dtyp
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  state, m = step(state, data)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, data)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  dt = float(np.median(times))
+  dt, state, m = time_train_steps(step, state, data, steps)
   tok_s = batch * seq / dt
   return {"model": model, "mesh": mesh_name, "params_M": cfg.model.param_counts()["total"] / 1e6,
           "tokens": batch * seq, "compile_s": compile_s, "step_s": dt, "tok_s": tok_s,
           "tflops": tok_s * cfg.model.flops_per_token(seq) / 1e12,
-          "temp_MB": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20, "loss": float(m["loss"])}
+          "temp_MB": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20, "first_loss": float(m["loss"])}
 
 
 def main():

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jaxllm.config import Config, ConfigError, MeshConfig, ModelConfig, config_from_dict, load_config, save_config
+from jaxllm.config import ConfigError, MeshConfig, ModelConfig, config_from_dict, load_config, save_config
 
 
 def test_defaults_and_presets():

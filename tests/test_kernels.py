@@ -127,7 +127,7 @@ def test_ragged_many_short_sequences(impl):
   """More sequences than a query block has rows (decode-heavy batches), some live ones without rows:
   the TPU kernel's per-block sequence window and the GPU kernel's per-sequence tiles both get busy."""
   rng = np.random.default_rng(7)
-  ps, G, maxp, S, num_seqs = 4, 2, 3, 14, 13
+  ps, G, maxp, num_seqs = 4, 2, 3, 13
   kv_lens = np.concatenate([rng.integers(2, maxp * ps + 1, num_seqs), [0]]).astype(np.int32)
   q_lens = np.array([1] * 9 + [0, 2, 1, 3, 0], np.int32)  # block 0 = 8 one-row sequences
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)

@@ -8,7 +8,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.config import ConfigError, MeshConfig, ModelConfig, load_config
+from jaxllm.config import ConfigError, MeshConfig, load_config
 from jaxllm.parallel import build_mesh, format_rank_table, logical_spec, plan_mesh
 from jaxllm.parallel.mesh import rank_table
 

@@ -5,7 +5,6 @@ dp > 1 is covered too: the engine folds its ragged token row into dp rows (engin
 expert-parallel dispatch's batch/token divisibility holds."""
 import jax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import MeshConfig
 from jaxllm.parallel import build_mesh

@@ -2,7 +2,6 @@
 the host afterwards. Greedy output must equal full-forward argmax decoding token for token whatever
 n, with max_tokens not a multiple of n, stop tokens and strings hit inside a chunk (the rest of the
 chunk discarded, no page leaked), and requests arriving while others are mid-decode."""
-import numpy as np
 import pytest
 
 from jaxllm.serve.engine import Engine

@@ -111,7 +111,8 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
   return x, cache, aux
 
 
-def _remat(fn, policy: str):
+def remat(fn, policy: str):
+  """fn wrapped in jax.checkpoint per ModelConfig.remat ('none', 'full', 'dots')."""
   if policy == "none":
     return fn
   saveable = {"full": jax.checkpoint_policies.nothing_saveable,
@@ -159,7 +160,7 @@ class Transformer(nnx.Module):
       x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer)
       return (x, cache, layer + 1), aux
 
-    (x, cache, _), aux = jax.lax.scan(_remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params)
+    (x, cache, _), aux = jax.lax.scan(remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params)
     return x, {k: jnp.mean(v) for k, v in aux.items()}, cache
 
   def logits(self, h):

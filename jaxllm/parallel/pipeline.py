@@ -28,17 +28,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError
 from jaxllm.model import hooks
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
-from jaxllm.model.transformer import _remat as remat_layer, aux_loss, block_forward
+from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.parallel.sharding import logical_spec
-from jaxllm.train.state import param_shardings, state_shardings
+from jaxllm.train.state import batch_sharding, param_shardings, state_shardings
 from jaxllm.train.step import cross_entropy
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
@@ -131,14 +130,9 @@ def pipeline_param_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
 
 
 def pipeline_state_shardings(mdef: ModelDef, tx, mesh, plan: MeshPlan):
-  """TrainState shardings for a pipelined run: train.state.state_shardings with the parameters and
-  their optimizer moments taking pipeline_param_shardings (layer stack split over the stage axis)."""
-  base = state_shardings(mdef, tx, mesh, plan)
-  p_sh = pipeline_param_shardings(mdef, mesh, plan)
-  opt_abstract = jax.eval_shape(tx.init, mdef.abstract_params())
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, p_sh,
-                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
-  return base._replace(params=p_sh, opt_state=opt_sh)
+  """TrainState shardings for a pipelined run: the parameters and their optimizer moments take
+  pipeline_param_shardings (layer stack split over the stage axis)."""
+  return state_shardings(mdef, tx, mesh, plan, params=pipeline_param_shardings(mdef, mesh, plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +289,7 @@ def compiled_temp_bytes(mdef: ModelDef, mesh, plan: MeshPlan, m: int, per_microb
   tokens = jax.ShapeDtypeStruct((m * per_microbatch, seq), jnp.int32)
   fn = make_pipeline_grads_fn(mdef, mesh, plan, m, remat=remat)
   p_sh = pipeline_param_shardings(mdef, mesh, plan)
-  b_sh = NamedSharding(mesh, P(plan.dims["dp"] or None))
+  b_sh = batch_sharding(mesh, plan)
   with jax.set_mesh(mesh):
     compiled = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=(p_sh, None)).lower(
       params, {"inputs": tokens, "targets": tokens}).compile()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxllm.model.layers import MASK_VALUE
+from jaxllm.kernels import get_attention_backend
 
 
 @struct.dataclass
@@ -77,47 +77,6 @@ def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
   return (cfg.n_layers, num_pages + 1, page_size, cfg.n_kv_heads, cfg.head_dim_)
 
 
-# ---- pure-jnp attention over pages (engine fallback while jaxllm.kernels has no backend) --------
-def _attend_rows(q, k, v, mask):
-  """q [T, N, H]; k, v [T, S, K, H] (each row's own keys); mask [T, S] -> [T, N, H], fp32 softmax."""
-  T, N, H = q.shape
-  K = k.shape[2]
-  qg = q.reshape(T, K, N // K, H)
-  s = jnp.einsum("tkgh,tskh->tkgs", qg, k, preferred_element_type=jnp.float32) * (H ** -0.5)
-  s = jnp.where(mask[:, None, None, :], s, MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum("tkgs,tskh->tkgh", p, v).reshape(T, N, H)
-
-
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
-  """q [Tt, N, H]; pages [P, ps, K, H]; -> [Tt, N, H]. Row t belongs to sequence
-  seq(t) = the s with cu_q_lens[s] <= t < cu_q_lens[s+1]; its query is the last q_len positions of
-  that sequence's kv_lens tokens, causal. Rows past cu_q_lens[num_seqs] are padding (finite output)."""
-  Tt = q.shape[0]
-  S, maxp = page_table.shape
-  ps = k_pages.shape[1]
-  t = jnp.arange(Tt, dtype=jnp.int32)
-  seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, S - 1)   # [Tt]
-  valid = t < cu_q_lens[num_seqs]
-  q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-  pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])                             # [Tt] query position
-  k_seq = k_pages[page_table].reshape(S, maxp * ps, *k_pages.shape[2:])          # [S, maxp*ps, K, H]
-  v_seq = v_pages[page_table].reshape(S, maxp * ps, *v_pages.shape[2:])
-  key_pos = jnp.arange(maxp * ps, dtype=jnp.int32)
-  mask = (key_pos[None, :] <= pos[:, None]) & valid[:, None]                     # [Tt, maxp*ps]
-  return _attend_rows(q, k_seq[seq], v_seq[seq], mask)
-
-
-def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table):
-  """q [S, N, H] (one query per sequence, at position kv_lens - 1) -> [S, N, H]."""
-  S, maxp = page_table.shape
-  ps = k_pages.shape[1]
-  k_seq = k_pages[page_table].reshape(S, maxp * ps, *k_pages.shape[2:])
-  v_seq = v_pages[page_table].reshape(S, maxp * ps, *v_pages.shape[2:])
-  mask = jnp.arange(maxp * ps, dtype=jnp.int32)[None, :] < kv_lens[:, None]
-  return _attend_rows(q, k_seq, v_seq, mask)
-
-
 class Backend:
   """The two attention functions; hashed by identity so it can sit in the cache's static fields."""
 
@@ -126,13 +85,6 @@ class Backend:
 
 
 def attention_backend(name: str) -> Backend:
-  """`jaxllm.kernels.get_attention_backend(name)` when the kernels package provides it; this
-  module's jnp path for "reference" otherwise."""
-  try:
-    from jaxllm.kernels import get_attention_backend
-  except ImportError:
-    if name != "reference":
-      raise ValueError(f"attention backend {name!r} needs jaxllm.kernels (not installed); use 'reference'")
-    return Backend("reference", ragged_paged_attention, paged_decode_attention)
+  """The engine's view of `jaxllm.kernels.get_attention_backend(name)` ("reference" or "pallas")."""
   b = get_attention_backend(name)
   return Backend(name, b.ragged_paged_attention, b.paged_decode_attention)

@@ -2,8 +2,6 @@
 loop with progress, eval, metrics, NaN stop, checkpoints, and a generated sample at the end."""
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import time
 

@@ -51,3 +51,16 @@ class MetricsWriter:
     self.f.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def time_train_steps(step, state, batch, n: int):
+  """One warm-up step, then n timed ones. -> (median seconds per step, final state, warm-up metrics)."""
+  state, first = step(state, batch)
+  jax.block_until_ready(first)
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return sorted(times)[len(times) // 2], state, first

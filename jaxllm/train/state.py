@@ -21,8 +21,11 @@ def param_shardings(mdef: ModelDef, mesh, plan: MeshPlan):
                       mdef.logical, abstract, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh, plan: MeshPlan) -> TrainState:
-  p_sh = param_shardings(mdef, mesh, plan)
+def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh, plan: MeshPlan,
+                    params=None) -> TrainState:
+  """Optimizer moments follow their parameter's sharding; `params` overrides the rules-derived
+  parameter shardings (the pipeline splits the layer stack over stages)."""
+  p_sh = params if params is not None else param_shardings(mdef, mesh, plan)
   replicated = NamedSharding(mesh, P())
   opt_abstract = jax.eval_shape(tx.init, mdef.abstract_params())
   opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, p_sh,
