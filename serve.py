@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
+
+from jaxllm import cli
 
 
 def _engine_args(p):
@@ -149,9 +150,8 @@ def main(argv=None):
   if a.cmd is None:
     ap.print_help()
     return
-  if a.mesh and "device_count" not in os.environ.get("XLA_FLAGS", "") and "jax" not in sys.modules:
-    # CPU mesh presets need the emulated devices before jax starts (no effect on GPU/TPU).
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  if a.mesh and "jax" not in sys.modules:
+    cli.prepare_devices(a.mesh)   # CPU mesh presets need their emulated devices before jax starts
   {"generate": generate, "bench": bench}[a.cmd](a)
 
 
