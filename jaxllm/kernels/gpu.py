@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxllm.model.layers import MASK_VALUE
+from jaxllm.kernels.reference import MASK_VALUE
 
 
 def _pow2(n: int) -> int:

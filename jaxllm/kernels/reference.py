@@ -28,7 +28,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.model.layers import MASK_VALUE
+import numpy as np
+
+# Finite "minus infinity" for masked scores: a row with every key masked (padding) gives a uniform
+# softmax instead of NaN. The model's dense attention uses the same value.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def gather_pages(pages, page_table):

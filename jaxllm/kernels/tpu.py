@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxllm.model.layers import MASK_VALUE
+from jaxllm.kernels.reference import MASK_VALUE
 
 
 def _online_softmax_step(q, k, v, valid, kv_valid, m_ref, l_ref, acc_ref, kh, scale):

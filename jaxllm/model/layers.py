@@ -15,8 +15,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 
-# Finite "minus infinity": a row with every key masked (padding) gives a uniform softmax, not NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from jaxllm.kernels.reference import MASK_VALUE  # one finite "-inf" shared with the paged kernels
 
 
 def rms_norm(x, weight, eps: float):

@@ -1,10 +1,11 @@
-"""Logical axis names -> physical mesh axes: the one rules table, and helpers that apply it to
-parameters (NNX `logical` metadata) and activations (the model's `constrain` hook)."""
+"""Logical axis names -> physical mesh axes: the one rules table, and the helpers that apply it to
+parameters (the model's `logical` names), optimizer state, token batches and activations (the
+model's `constrain` hook). Training, serving and checkpoint loading all place arrays through here."""
 from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.parallel.mesh import MeshPlan
@@ -45,16 +46,26 @@ def logical_spec(plan: MeshPlan, names, shape=None) -> P:
   return P(*spec)
 
 
-def state_shardings(state, mesh, plan: MeshPlan):
-  """NamedSharding for every leaf of an NNX state (abstract or concrete) from its `logical` metadata.
-  Variables without logical names (optimizer counts, ...) are replicated."""
-  def one(v):
-    names = v.get_metadata().get("logical") if isinstance(v, nnx.Variable) else None
-    shape = v.shape if hasattr(v, "shape") else ()
-    if names is None or len(names) != len(shape):
-      return NamedSharding(mesh, P())
-    return NamedSharding(mesh, logical_spec(plan, names, shape))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def param_shardings(mdef, mesh, plan: MeshPlan):
+  """NamedSharding of every parameter of `mdef` (a jaxllm.model.params.ModelDef) from its logical
+  names: the placement used by training (pp=1), serving and checkpoint loading."""
+  abstract = mdef.abstract_params()
+  return jax.tree.map(lambda names, a: NamedSharding(mesh, logical_spec(plan, names, a.shape)),
+                      mdef.logical, abstract, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh, plan: MeshPlan) -> NamedSharding:
+  """Token batches [B, T]: rows over the data-parallel axes."""
+  return NamedSharding(mesh, logical_spec(plan, ("batch", "seq")))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, params_sh, mesh):
+  """Shardings of `tx`'s state: every moment follows its parameter's sharding, the rest (step
+  counts, ...) is replicated."""
+  replicated = NamedSharding(mesh, P())
+  opt_abstract = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, params_sh,
+                               transform_non_params=lambda _: replicated)
 
 
 def activation_constrainer(mesh, plan: MeshPlan):

@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxllm.config import ModelConfig
 from jaxllm.model import hooks
 from jaxllm.model.params import model_def
+from jaxllm.parallel import mesh_hooks
+from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.paged_cache import PagedCache, attention_backend, pool_shape
 from jaxllm.serve.sampling import SamplingParams, sample, sampling_arrays
 from jaxllm.serve.scheduler import Req, Scheduler
@@ -77,7 +79,6 @@ class Engine:
     self.sched = Scheduler(max_pages or num_pages, page_size, max_running=max_running,
                            chunk_size=chunk_size, policy=policy, radix=radix, decode_reserve=decode_reserve)
     self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
-    self.backend = attention_backend(attention)
     self.mesh, self.plan = mesh, plan
     self.rows = 1
     if mesh is not None:
@@ -88,8 +89,6 @@ class Engine:
     dtype = jnp.dtype(cfg.dtype)
     shape = pool_shape(cfg, num_pages, page_size)
     if mesh is not None:
-      from jaxllm.parallel.sharding import logical_spec
-      from jaxllm.train.state import param_shardings
       params = jax.device_put(params, param_shardings(self.mdef, mesh, plan))
       self._pool_sh = NamedSharding(mesh, logical_spec(plan, ("layers", None, None, "kv_heads", "head_dim"), shape))
       self.k_pages = jax.device_put(jnp.zeros(shape, dtype), self._pool_sh)
@@ -109,7 +108,6 @@ class Engine:
   def _run(self, mode: str, *args):
     if self.mesh is None:
       return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
-    from jaxllm.parallel import mesh_hooks
     with jax.set_mesh(self.mesh), hooks.using(**mesh_hooks(self.mesh, self.plan, self.cfg)):
       return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
 
@@ -140,7 +138,6 @@ class Engine:
   def set_weights(self, params, version) -> None:
     """Swap weights (RL): new requests get a new radix namespace, so no stale KV is reused."""
     if self.mesh is not None:
-      from jaxllm.train.state import param_shardings
       params = jax.device_put(params, param_shardings(self.mdef, self.mesh, self.plan))
     self.params, self.weight_version = params, version
 
