@@ -53,7 +53,7 @@ def _load_hf(model_dir, mesh, plan, **overrides):
   shardings = None
   if mesh is not None:
     from jaxllm.model.params import model_def
-    from jaxllm.train.state import param_shardings
+    from jaxllm.parallel import param_shardings
     shardings = param_shardings(model_def(load_hf_config(model_dir, **overrides)), mesh, plan)
   cfg, params = load_hf(model_dir, shardings, **overrides)
   return cfg, params, hf_tokenizer_path(model_dir)
@@ -72,7 +72,7 @@ def generate(a):
     cfg, params, hf_tok = _load_hf(a.hf, mesh, plan)
     tok_spec = a.tokenizer or hf_tok or "byte"
   elif a.checkpoint:
-    from jaxllm.train.checkpoint import load_params
+    from jaxllm.io.checkpoint import load_params
     config, params = load_params(a.checkpoint)
     cfg = config.model
     params = jax.device_get(params)      # from the checkpoint's layout to host; the engine places it

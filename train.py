@@ -19,10 +19,11 @@ def main(argv=None) -> int:
   p.add_argument("--config", action="append", default=[], help="TOML file(s) with [model]/[mesh]/[train] tables")
   p.add_argument("--init-from-hf", help="start from a Hugging Face model directory (config.json + safetensors)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-  args = p.parse_args(argv)
+  args = p.parse_intermixed_args(argv)   # options and key=value overrides mix in any order
   cli.prepare_devices(args.mesh)
 
   from jaxllm.config import ConfigError, load_config
+  from jaxllm.serve import complete_text
   from jaxllm.train.checkpoint import CheckpointError
   from jaxllm.train.loop import TrainingDiverged, train
   try:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
       if hf_tokenizer_path(args.init_from_hf):
         overrides.append(f"train.tokenizer={hf_tokenizer_path(args.init_from_hf)}")
     cfg = load_config(args.config, overrides + args.overrides, base=base)
-    summary = train(cfg, progress=not args.no_progress)
+    summary = train(cfg, progress=not args.no_progress, sampler=complete_text)
   except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   if summary["first_loss"] is None:

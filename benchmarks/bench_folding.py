@@ -35,7 +35,8 @@ from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
 from jaxllm.train.metrics import time_train_steps  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
-from jaxllm.train.state import batch_sharding, init_state, state_shardings  # noqa: E402
+from jaxllm.parallel.sharding import batch_sharding  # noqa: E402
+from jaxllm.train.state import init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import make_train_step  # noqa: E402
 
 #            dp tp  ep etp
@@ -96,7 +97,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 def run(mesh_cfg: MeshConfig, mcfg, batch_size: int, seq: int, steps: int, devices, capacity_factor=0.0):
   mesh, plan = build_mesh(mesh_cfg, devices)
   mdef = model_def(mcfg)
-  tx = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0, steps=100))
+  tx = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0, steps=100), mdef.logical)
   sh = state_shardings(mdef, tx, mesh, plan)
   b_sh = batch_sharding(mesh, plan)
   state = init_state(mdef, tx, sh, seed=0)

@@ -11,6 +11,8 @@ hardware checks correctness too.
 
 On CPU there is no Pallas backend to time: the script runs a small shape with the reference next to the
 TPU and GPU kernels in interpret mode, which checks the plumbing; interpret timings mean nothing.
+
+Shapes: the package legend in jaxllm/__init__.py (R = --batch sequences, K, G, H, P, Z, M).
 """
 from __future__ import annotations
 
@@ -47,30 +49,32 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
   return 2 * nbytes / timeit(neg, x, iters=iters)
 
 
-def decode_inputs(batch, context, K, G, H, ps, dtype, seed=0):
-  """Every sequence holds `context` keys in randomly permuted pages (page 0 stays the null page)."""
+def decode_inputs(batch, context, K, G, H, Z, dtype, seed=0):
+  """Every sequence holds `context` keys in randomly permuted pages (page 0 stays the null page):
+  q [R, K*G, H], k/v pages [P, Z, K, H], kv_lens [R], page_table [R, M] with R = batch."""
   rng = np.random.default_rng(seed)
-  pages_per_seq = -(-context // ps)
-  P = 1 + batch * pages_per_seq
-  page_table = (1 + rng.permutation(P - 1)).reshape(batch, pages_per_seq).astype(np.int32)
+  M = -(-context // Z)
+  P = 1 + batch * M
+  page_table = (1 + rng.permutation(P - 1)).reshape(batch, M).astype(np.int32)
   key = jax.random.key(seed)
   kk, kv, kq = jax.random.split(key, 3)
-  k_pages = jax.random.normal(kk, (P, ps, K, H), dtype)
-  v_pages = jax.random.normal(kv, (P, ps, K, H), dtype)
+  k_pages = jax.random.normal(kk, (P, Z, K, H), dtype)
+  v_pages = jax.random.normal(kv, (P, Z, K, H), dtype)
   q = jax.random.normal(kq, (batch, K * G, H), dtype)
   kv_lens = jnp.full((batch,), context, jnp.int32)
   return q, k_pages, v_pages, kv_lens, jnp.asarray(page_table)
 
 
-def ragged_inputs(q_lens, kv_lens, K, G, H, ps, dtype, seed=0):
+def ragged_inputs(q_lens, kv_lens, K, G, H, Z, dtype, seed=0):
+  """R = len(q_lens) sequences, Q = sum(q_lens) query tokens: the ragged_paged_attention arguments."""
   rng = np.random.default_rng(seed)
-  maxp = -(-max(kv_lens) // ps)
-  P = 1 + len(kv_lens) * maxp
-  page_table = (1 + rng.permutation(P - 1)).reshape(len(kv_lens), maxp).astype(np.int32)
+  M = -(-max(kv_lens) // Z)
+  P = 1 + len(kv_lens) * M
+  page_table = (1 + rng.permutation(P - 1)).reshape(len(kv_lens), M).astype(np.int32)
   kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   return (jax.random.normal(kq, (int(cu[-1]), K * G, H), dtype),
-          jax.random.normal(kk, (P, ps, K, H), dtype), jax.random.normal(kv, (P, ps, K, H), dtype),
+          jax.random.normal(kk, (P, Z, K, H), dtype), jax.random.normal(kv, (P, Z, K, H), dtype),
           jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_table), jnp.asarray(cu),
           jnp.int32(len(q_lens)))
 
@@ -90,7 +94,7 @@ def main():
   ap.add_argument("--iters", type=int, default=20 if on_gpu else 3)
   args = ap.parse_args()
   dtype = jnp.dtype(args.dtype)
-  K, G, H, ps = args.kv_heads, args.group, args.head_dim, args.page_size
+  K, G, H, Z = args.kv_heads, args.group, args.head_dim, args.page_size
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   if not on_gpu:
@@ -109,12 +113,12 @@ def main():
     impls["pallas-gpu interpret"] = functools.partial(gpu.paged_decode_attention, interpret=True,
                                                       pages_per_block=args.pages_per_block[0])
 
-  print(f"\npaged decode attention: K={K} G={G} H={H} page={ps} {dtype.name}")
+  print(f"\npaged decode attention: K={K} G={G} H={H} page={Z} {dtype.name}")
   hdr = f"{'impl':<22}{'batch':>6}{'context':>8}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'max err':>10}"
   print(hdr + "\n" + "-" * len(hdr))
   for batch in args.batch:
     for context in args.context:
-      inputs = decode_inputs(batch, context, K, G, H, ps, dtype)
+      inputs = decode_inputs(batch, context, K, G, H, Z, dtype)
       kv_bytes = 2 * batch * context * K * H * dtype.itemsize  # K and V, each read once
       want = None
       for name, fn in impls.items():
@@ -139,7 +143,7 @@ def main():
               "pallas-tpu interpret": functools.partial(tpu.ragged_paged_attention,
                                                         interpret=pltpu.InterpretParams()),
               "pallas-gpu interpret": functools.partial(gpu.ragged_paged_attention, interpret=True)}
-  inputs = ragged_inputs(q_lens, kv_lens, K, G, H, ps, dtype)
+  inputs = ragged_inputs(q_lens, kv_lens, K, G, H, Z, dtype)
   kv_bytes = 2 * sum(kv_lens) * K * H * dtype.itemsize
   print(f"\nragged paged attention: {len(q_lens)} seqs, {sum(q_lens)} query tokens, "
         f"{sum(kv_lens)} kv tokens; GB/s counts each sequence's K/V once")

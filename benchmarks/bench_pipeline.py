@@ -29,9 +29,11 @@ from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import mesh_hooks  # noqa: E402
 from jaxllm.parallel import pipeline as pl  # noqa: E402
 from jaxllm.parallel.mesh import build_mesh  # noqa: E402
+from jaxllm.parallel.sharding import batch_sharding, param_shardings  # noqa: E402
+from jaxllm.train.metrics import compiled_temp_bytes  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
 from jaxllm.train.state import init_state, state_shardings  # noqa: E402
-from jaxllm.train.step import make_train_step  # noqa: E402
+from jaxllm.train.step import grads_and_metrics, make_train_step, pipelined  # noqa: E402
 
 
 def model_cfg(n_layers):
@@ -42,17 +44,13 @@ def build_step(mesh_cfg: MeshConfig, mcfg: ModelConfig, batch_size: int, seq: in
   """A compiled, warmed-up train step: returns run() -> loss, running one optimizer step."""
   mesh, plan = build_mesh(mesh_cfg)
   mdef = model_def(mcfg)
-  tx = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0, steps=100))
-  sh = state_shardings(mdef, tx, mesh, plan)
-  grads_fn = None
-  if mesh_cfg.pp > 1:
-    # Canonical params (and Adam moments) with the layer stack split over the stage axis.
-    sh = pl.pipeline_state_shardings(mdef, tx, mesh, plan)
-    grads_fn = pl.make_pipeline_grads_fn(mdef, mesh, plan, mesh_cfg.microbatches)
+  tx = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0, steps=100), mdef.logical)
+  sh = state_shardings(mdef, tx, mesh, plan)   # with pp > 1 the layer stack is split over the stages
+  forward = pipelined(mdef, mesh, plan, mesh_cfg.microbatches) if mesh_cfg.pp > 1 else None
   b_sh = NamedSharding(mesh, P(plan.dims["dp"] or None))
   with jax.set_mesh(mesh):
     box = [init_state(mdef, tx, sh, seed=0)]
-    step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, mcfg), grads_fn=grads_fn)
+    step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, mcfg), forward=forward)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, mcfg.vocab_size, (batch_size, seq + 1)), jnp.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, b_sh)
@@ -63,6 +61,17 @@ def build_step(mesh_cfg: MeshConfig, mcfg: ModelConfig, batch_size: int, seq: in
       return float(jax.block_until_ready(metrics)["loss"])
   run()   # compile + warm up
   return run
+
+
+def pipeline_grads_temp_bytes(mdef, mesh, plan, m, per_microbatch, seq, remat=True) -> int:
+  """Compiled (not run) temp memory per device of the pipelined gradients for m microbatches."""
+  tokens = jax.ShapeDtypeStruct((m * per_microbatch, seq), jnp.int32)
+  fwd = pipelined(mdef, mesh, plan, m, remat=remat)
+  p_sh = param_shardings(mdef, mesh, plan)
+  with jax.set_mesh(mesh):
+    fn = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, forward=fwd),
+                 in_shardings=(p_sh, batch_sharding(mesh, plan)), out_shardings=(p_sh, None))
+    return compiled_temp_bytes(fn, mdef.abstract_params(), {"inputs": tokens, "targets": tokens})
 
 
 def main():
@@ -111,8 +120,8 @@ def main():
   print(f"{'m':>4} {'remat (tick input) MiB':>24} {'no remat MiB':>14}")
   rows = []
   for mm in (pp, 2 * pp, 4 * pp, 8 * pp):
-    r = pl.compiled_temp_bytes(mdef, mesh, plan, mm, per_microbatch=dp, seq=seq, remat=True)
-    n = pl.compiled_temp_bytes(mdef, mesh, plan, mm, per_microbatch=dp, seq=seq, remat=False)
+    r = pipeline_grads_temp_bytes(mdef, mesh, plan, mm, per_microbatch=dp, seq=seq, remat=True)
+    n = pipeline_grads_temp_bytes(mdef, mesh, plan, mm, per_microbatch=dp, seq=seq, remat=False)
     rows.append((r, n))
     print(f"{mm:>4} {r / 2**20:>24.2f} {n / 2**20:>14.2f}")
   (r0, n0), (r1, n1) = rows[0], rows[-1]

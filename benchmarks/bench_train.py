@@ -22,7 +22,8 @@ from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
 from jaxllm.train.metrics import measure_matmul_peak, time_train_steps  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
-from jaxllm.train.state import batch_sharding, init_state, state_shardings  # noqa: E402
+from jaxllm.parallel.sharding import batch_sharding  # noqa: E402
+from jaxllm.train.state import init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import make_train_step  # noqa: E402
 
 MESHES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "meshes")
@@ -38,7 +39,8 @@ def bench_one(model: str, mesh_name: str, batch: int, seq: int, steps: int, dtyp
     overrides.append(f"mesh.dp={len(jax.devices())}")
   cfg = load_config([], overrides)
   mesh, plan = build_mesh(cfg.mesh, jax.devices()[:cfg.mesh.num_devices])
-  mdef, tx = model_def(cfg.model), make_optimizer(cfg.train)
+  mdef = model_def(cfg.model)
+  tx = make_optimizer(cfg.train, mdef.logical)
   sh = state_shardings(mdef, tx, mesh, plan)
   state = init_state(mdef, tx, sh, 0)
   b_sh = batch_sharding(mesh, plan)

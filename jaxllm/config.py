@@ -122,18 +122,16 @@ class MeshConfig:
   tp: int = 1            # tensor parallel ways of attention/dense MLP/vocab
   ep: int = 1            # expert parallel ways (may span tp devices: MoE Parallel Folding)
   etp: int = 1           # tensor parallel ways inside each expert (shards the expert hidden dim)
-  microbatches: int = 1  # pipeline microbatches m per step (needs m >= pp when pp > 1)
+  microbatches: int = 1  # pipeline microbatches m per step (pp > 1 only; needs m >= pp)
 
   def __post_init__(self):
     _positive(self, "pp", "vpp", "dp", "tp", "ep", "etp", "microbatches")
+    check_pipeline(self.pp, self.vpp, self.microbatches)
     per_stage = self.dp * self.tp
     if per_stage % (self.ep * self.etp):
       ok = [(e, t) for e in _divisors(per_stage) for t in _divisors(per_stage // e)]
       raise ConfigError(f"mesh.ep * mesh.etp = {self.ep}*{self.etp} must divide dp*tp = {per_stage} "
                         f"(the MoE layers fold onto the same devices); (ep, etp) that work: {ok}")
-    if self.pp > 1 and self.microbatches < self.pp:
-      raise ConfigError(f"mesh.microbatches={self.microbatches} must be >= mesh.pp={self.pp} "
-                        "so every stage has work; raise microbatches")
 
   @property
   def edp(self) -> int:
@@ -149,6 +147,7 @@ class MeshConfig:
 class TrainConfig:
   """Optimisation, data and checkpointing of one training run."""
   steps: int = 600                # optimizer steps to run in total (resume continues to this)
+  decay_steps: int = 0            # cosine horizon; 0 = train.steps when the run starts (saved; longer resumes keep it)
   batch_size: int = 16            # global sequences per optimizer step
   seq_len: int = 128              # tokens per sequence
   grad_accum: int = 1             # micro-steps accumulated per optimizer step (batch_size % grad_accum == 0)
@@ -180,8 +179,8 @@ class TrainConfig:
       raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
     if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
       raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
-    if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
-      raise ConfigError("train.warmup_steps, train.eval_every and train.save_every must be >= 0")
+    if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.decay_steps < 0:
+      raise ConfigError("train.warmup_steps, train.decay_steps, train.eval_every and train.save_every must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -192,9 +191,7 @@ class Config:
 
   def __post_init__(self):
     m, t, mesh = self.model, self.train, self.mesh
-    if m.n_layers % (mesh.pp * mesh.vpp):
-      raise ConfigError(f"model.n_layers={m.n_layers} must be divisible by mesh.pp*mesh.vpp="
-                        f"{mesh.pp * mesh.vpp} (each virtual stage holds the same number of layers)")
+    check_pipeline(mesh.pp, mesh.vpp, mesh.microbatches, n_layers=m.n_layers)
     if m.is_moe and m.n_experts % mesh.ep:
       raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
     micro = t.batch_size // t.grad_accum
@@ -251,10 +248,6 @@ def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequenc
       start = MODEL_PRESETS[preset]
     sections[section] = _build(cls, start, values, section)
   return Config(**sections)
-
-
-def mesh_from_toml(path: str) -> MeshConfig:
-  return load_config([path]).mesh
 
 
 def config_from_dict(d: dict) -> Config:
@@ -338,6 +331,28 @@ def _coerce(value, typ, key: str):
 
 def _parse_cli_value(value: str):
   return value.strip()
+
+
+def check_pipeline(pp: int, vpp: int, m: int, n_layers: int | None = None) -> None:
+  """The one validity check of a pipeline layout (config loading and jaxllm.parallel.pipeline both
+  call it): pp*vpp equal layer chunks, m >= pp microbatches, and no pipeline knobs without pp > 1."""
+  if min(pp, vpp, m) < 1:
+    raise ConfigError(f"pipeline sizes must be >= 1, got pp={pp} vpp={vpp} microbatches={m}")
+  if pp == 1 and vpp > 1:
+    raise ConfigError(f"mesh.vpp={vpp} needs mesh.pp > 1 (virtual stages interleave layer chunks over "
+                      "pipeline stages); set mesh.vpp=1, or mesh.pp >= 2")
+  if pp == 1 and m > 1:
+    raise ConfigError(f"mesh.microbatches={m} only applies with mesh.pp > 1; to split a step's batch "
+                      f"without pipelining set train.grad_accum={m} and mesh.microbatches=1")
+  if pp > 1 and m < pp:
+    raise ConfigError(f"mesh.microbatches={m} must be >= mesh.pp={pp}: the circular schedule needs the "
+                      f"last stage's output of microbatch i back at stage 0 before it is due; raise "
+                      f"microbatches to at least {pp}")
+  if n_layers is not None and n_layers % (pp * vpp):
+    ok = [v for v in range(1, n_layers + 1) if n_layers % (pp * v) == 0]
+    raise ConfigError(f"model.n_layers={n_layers} must be divisible by mesh.pp*mesh.vpp={pp}*{vpp} (each "
+                      "virtual stage holds the same number of layers); "
+                      + (f"with pp={pp} use vpp in {ok}" if ok else f"pick pp among the divisors of {n_layers}"))
 
 
 def _positive(obj, *names):

@@ -15,7 +15,7 @@ from jaxllm.model.moe import local_experts
 from jaxllm.model.params import init_params, model_def
 from jaxllm.parallel import build_mesh, expert_parallel, mesh_hooks
 from jaxllm.parallel.mesh import rank_table
-from jaxllm.train.state import batch_sharding, param_shardings
+from jaxllm.parallel.sharding import batch_sharding, param_shardings
 from jaxllm.train.step import grads_and_metrics
 
 # Loss: relative 1e-6. Gradients: |g - g_ref| <= ATOL + RTOL * |g_ref| elementwise, where ATOL is

@@ -163,7 +163,7 @@ def test_sharded_load_matches_single_device(ckpt):
   if ckpt["family"] not in MESH_FAMILIES:
     pytest.skip("mesh loading is covered by " + ", ".join(MESH_FAMILIES) + " (keeps the file fast)")
   from jaxllm.parallel import build_mesh, mesh_hooks
-  from jaxllm.train.state import param_shardings
+  from jaxllm.parallel import param_shardings
   cfg = load_hf_config(ckpt["path"])
   mesh, plan = build_mesh(MESHES[cfg.is_moe])
   shardings = param_shardings(model_def(cfg), mesh, plan)

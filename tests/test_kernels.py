@@ -4,6 +4,9 @@ Every page slot no live key occupies -- whole unused pages (page 0, the null pag
 tail of each partially filled page -- holds NaN, so a kernel that reads one shows it in the output.
 The Pallas kernels run in interpret mode: TPU kernels under pltpu.InterpretParams(), GPU (Triton)
 kernels with interpret=True. Shapes stay tiny because interpret mode runs grid steps one by one.
+
+Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M; B, T, S for the dense
+attention the reference is checked against, S = M * Z).
 """
 import jax
 import jax.numpy as jnp
@@ -21,17 +24,17 @@ KERNELS = {
 }
 
 
-def make_cache(rng, kv_lens, ps, K, H, maxp, dtype, spare_pages=3):
+def make_cache(rng, kv_lens, Z, K, H, M, dtype, spare_pages=3):
   """Scatter random per-sequence K/V into randomly permuted pages; everything else is NaN.
 
-  Returns k_pages, v_pages [P, ps, K, H], page_table [S, maxp] (padded with the null page 0) and the
+  Returns k_pages, v_pages [P, Z, K, H], page_table [R, M] (padded with the null page 0) and the
   contiguous per-sequence (k, v) [len, K, H] that were scattered, for dense checks.
   """
-  n_pages = [-(-int(n) // ps) for n in kv_lens]
+  n_pages = [-(-int(n) // Z) for n in kv_lens]
   P = 1 + sum(n_pages) + spare_pages
-  k_pages = np.full((P, ps, K, H), np.nan, np.float32)
-  v_pages = np.full((P, ps, K, H), np.nan, np.float32)
-  page_table = np.zeros((len(kv_lens), maxp), np.int32)
+  k_pages = np.full((P, Z, K, H), np.nan, np.float32)
+  v_pages = np.full((P, Z, K, H), np.nan, np.float32)
+  page_table = np.zeros((len(kv_lens), M), np.int32)
   free = list(rng.permutation(np.arange(1, P)))
   dense = []
   for s, n in enumerate(kv_lens):
@@ -40,7 +43,7 @@ def make_cache(rng, kv_lens, ps, K, H, maxp, dtype, spare_pages=3):
     for j in range(n_pages[s]):
       page = free.pop()
       page_table[s, j] = page
-      rows = slice(j * ps, min((j + 1) * ps, int(n)))
+      rows = slice(j * Z, min((j + 1) * Z, int(n)))
       k_pages[page, : rows.stop - rows.start] = k[rows]
       v_pages[page, : rows.stop - rows.start] = v[rows]
     dense.append((k, v))
@@ -48,39 +51,39 @@ def make_cache(rng, kv_lens, ps, K, H, maxp, dtype, spare_pages=3):
   return cast(k_pages), cast(v_pages), jnp.asarray(page_table), dense
 
 
-def decode_case(seed, ps, G, dtype, K=2, H=16, maxp=4):
+def decode_case(seed, Z, G, dtype, K=2, H=16, M=4):
   """Lengths cover 1, a partial tail, an exact page multiple, the full table, and a padding row (0)."""
   rng = np.random.default_rng(seed)
-  kv_lens = np.array([1, ps + 3 if ps > 3 else ps + 1, 2 * ps, maxp * ps, 0,
-                      rng.integers(1, maxp * ps + 1)], np.int32)
-  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, ps, K, H, maxp, dtype)
+  kv_lens = np.array([1, Z + 3 if Z > 3 else Z + 1, 2 * Z, M * Z, 0,
+                      rng.integers(1, M * Z + 1)], np.int32)
+  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, dtype)
   q = jnp.asarray(rng.normal(size=(len(kv_lens), K * G, H)), dtype)
   return (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table), dense
 
 
-def ragged_case(seed, ps, G, dtype, K=2, H=16, maxp=3):
+def ragged_case(seed, Z, G, dtype, K=2, H=16, M=3):
   """A decode row (q_len 1), a full prefill, a live sequence with no rows this step, chunked prefills
-  with a cached prefix, a padding sequence (S > num_seqs) and padding rows after the last live one."""
+  with a cached prefix, a padding sequence (R > num_seqs) and padding rows after the last live one."""
   rng = np.random.default_rng(seed)
-  C = maxp * ps
-  kv_lens = np.array([rng.integers(1, C + 1), min(ps + 1, C), 3, C, rng.integers(2, C + 1), 0], np.int32)
+  cap = M * Z                       # keys a sequence can hold
+  kv_lens = np.array([rng.integers(1, cap + 1), min(Z + 1, cap), 3, cap, rng.integers(2, cap + 1), 0], np.int32)
   q_lens = np.array([1, kv_lens[1], 0, rng.integers(1, min(kv_lens[3], 9) + 1),
                      rng.integers(1, min(kv_lens[4], 6) + 1), 0], np.int32)
   num_seqs = 5
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, ps, K, H, maxp, dtype)
+  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, dtype)
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 3, K * G, H)), dtype)
   args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
   return args, dense
 
 
-CASES = [  # (page size, GQA ratio G = N / K, dtype)
+CASES = [  # (page size Z, GQA ratio G = N // K, dtype)
     (4, 1, jnp.float32),
     (8, 2, jnp.float32),
     (16, 4, jnp.float32),
     (8, 4, jnp.bfloat16),
 ]
-case_ids = [f"ps{ps}-g{g}-{jnp.dtype(d).name}" for ps, g, d in CASES]
+case_ids = [f"Z{Z}-g{g}-{jnp.dtype(d).name}" for Z, g, d in CASES]
 
 
 def check(out, want, dtype):
@@ -90,9 +93,9 @@ def check(out, want, dtype):
 
 
 @pytest.mark.parametrize("impl", sorted(KERNELS))
-@pytest.mark.parametrize("ps,G,dtype", CASES, ids=case_ids)
-def test_decode_kernel_equals_reference(impl, ps, G, dtype):
-  args, _ = decode_case(ps * 10 + G, ps, G, dtype)
+@pytest.mark.parametrize("Z,G,dtype", CASES, ids=case_ids)
+def test_decode_kernel_equals_reference(impl, Z, G, dtype):
+  args, _ = decode_case(Z * 10 + G, Z, G, dtype)
   want = reference.paged_decode_attention(*args)
   mod, kw = KERNELS[impl]
   out = mod.paged_decode_attention(*args, **kw)
@@ -102,9 +105,9 @@ def test_decode_kernel_equals_reference(impl, ps, G, dtype):
 
 
 @pytest.mark.parametrize("impl", sorted(KERNELS))
-@pytest.mark.parametrize("ps,G,dtype", CASES, ids=case_ids)
-def test_ragged_kernel_equals_reference(impl, ps, G, dtype):
-  args, _ = ragged_case(ps * 10 + G, ps, G, dtype)
+@pytest.mark.parametrize("Z,G,dtype", CASES, ids=case_ids)
+def test_ragged_kernel_equals_reference(impl, Z, G, dtype):
+  args, _ = ragged_case(Z * 10 + G, Z, G, dtype)
   want = reference.ragged_paged_attention(*args)
   mod, kw = KERNELS[impl]
   out = mod.ragged_paged_attention(*args, **kw)
@@ -114,9 +117,9 @@ def test_ragged_kernel_equals_reference(impl, ps, G, dtype):
   np.testing.assert_array_equal(np.asarray(out[live:], np.float32), 0.0)  # padding rows -> 0
 
 
-def pad_dense(dense, rows):
-  """Contiguous per-sequence K/V zero-padded to one [B, rows, K, H] batch (no NaN: nothing paged)."""
-  out = np.zeros((2, len(dense), rows) + dense[0][0].shape[1:], np.float32)
+def pad_dense(dense, S):
+  """Contiguous per-sequence K/V zero-padded to one [B, S, K, H] batch (no NaN: nothing paged)."""
+  out = np.zeros((2, len(dense), S) + dense[0][0].shape[1:], np.float32)
   for s, (k, v) in enumerate(dense):
     out[0, s, : len(k)], out[1, s, : len(v)] = k, v
   return jnp.asarray(out[0]), jnp.asarray(out[1])
@@ -127,41 +130,41 @@ def test_ragged_many_short_sequences(impl):
   """More sequences than a query block has rows (decode-heavy batches), some live ones without rows:
   the TPU kernel's per-block sequence window and the GPU kernel's per-sequence tiles both get busy."""
   rng = np.random.default_rng(7)
-  ps, G, maxp, num_seqs = 4, 2, 3, 13
-  kv_lens = np.concatenate([rng.integers(2, maxp * ps + 1, num_seqs), [0]]).astype(np.int32)
+  Z, G, M, num_seqs = 4, 2, 3, 13
+  kv_lens = np.concatenate([rng.integers(2, M * Z + 1, num_seqs), [0]]).astype(np.int32)
   q_lens = np.array([1] * 9 + [0, 2, 1, 3, 0], np.int32)  # block 0 = 8 one-row sequences
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-  k_pages, v_pages, page_table, _ = make_cache(rng, kv_lens, ps, 2, 16, maxp, jnp.float32)
+  k_pages, v_pages, page_table, _ = make_cache(rng, kv_lens, Z, 2, 16, M, jnp.float32)
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 2, 2 * G, 16)), jnp.float32)
   args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
   mod, kw = KERNELS[impl]
   check(mod.ragged_paged_attention(*args, **kw), reference.ragged_paged_attention(*args), jnp.float32)
 
 
-@pytest.mark.parametrize("ps,G", [(4, 2), (8, 1)])
-def test_reference_equals_dense_attention(ps, G):
+@pytest.mark.parametrize("Z,G", [(4, 2), (8, 1)])
+def test_reference_equals_dense_attention(Z, G):
   """The reference against jaxllm.model.layers.attention on contiguous (never paged) K/V."""
-  (q, k_pages, v_pages, kv_lens, page_table), dense = decode_case(ps + G, ps, G, jnp.float32)
+  (q, k_pages, v_pages, kv_lens, page_table), dense = decode_case(Z + G, Z, G, jnp.float32)
   out = reference.paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table)
-  C = page_table.shape[1] * ps
-  k, v = pad_dense(dense, C)
-  mask = (jnp.arange(C)[None, :] < kv_lens[:, None])[:, None, :]          # [S, 1, C]
+  S = page_table.shape[1] * Z                                            # M * Z
+  k, v = pad_dense(dense, S)
+  mask = (jnp.arange(S)[None, :] < kv_lens[:, None])[:, None, :]          # [B, 1, S]
   want = jax.jit(attention)(q[:, None], k, v, mask)[:, 0]
   live = np.asarray(kv_lens) > 0                                         # dense gives padding rows a mean
   np.testing.assert_allclose(out[live], want[live], atol=1e-5, rtol=1e-5)
 
-  args, dense = ragged_case(ps + G, ps, G, jnp.float32)
+  args, dense = ragged_case(Z + G, Z, G, jnp.float32)
   q, kv_lens, cu, num_seqs = args[0], np.asarray(args[3]), np.asarray(args[5]), int(args[6])
   out = reference.ragged_paged_attention(*args)
-  T, C = int(np.diff(cu).max()), int(kv_lens.max())
-  k, v = pad_dense(dense[:num_seqs], C)
-  rows = np.zeros((num_seqs, T), np.int32)                               # padded with row 0, ignored
-  mask = np.zeros((num_seqs, T, C), bool)
+  T, S = int(np.diff(cu).max()), int(kv_lens.max())
+  k, v = pad_dense(dense[:num_seqs], S)
+  rows = np.zeros((num_seqs, T), np.int32)                               # [B, T] padded with row 0, ignored
+  mask = np.zeros((num_seqs, T, S), bool)
   for s in range(num_seqs):
     n = cu[s + 1] - cu[s]
     rows[s, :n] = np.arange(cu[s], cu[s + 1])
     qpos = kv_lens[s] - n + np.arange(n)                                 # queries are the last n positions
-    mask[s, :n] = np.arange(C)[None, :] <= qpos[:, None]
+    mask[s, :n] = np.arange(S)[None, :] <= qpos[:, None]
   want = jax.jit(attention)(q[rows], k, v, jnp.asarray(mask))
   for s in range(num_seqs):
     n = cu[s + 1] - cu[s]
@@ -185,13 +188,13 @@ def test_kernels_lower_for_their_hardware(platform, mod, marker):
   """Runs each kernel's real lowering (Mosaic for TPU, Triton for GPU) on CPU at a serving-like bf16
   shape, which rejects what interpret mode lets through (unsupported ops, non-power-of-two Triton tiles,
   TPU block rules). Compiling the lowered kernel needs the hardware."""
-  S, P, ps, K, G, H, maxp = 8, 64, 16, 2, 4, 128, 8
+  R, Q, P, Z, K, G, H, M = 8, 40, 64, 16, 2, 4, 128, 8
   sds = jax.ShapeDtypeStruct
-  pages = sds((P, ps, K, H), jnp.bfloat16)
-  table, lens = sds((S, maxp), jnp.int32), sds((S,), jnp.int32)
-  decode = mod.paged_decode_attention.trace(sds((S, K * G, H), jnp.bfloat16), pages, pages, lens, table)
-  ragged = mod.ragged_paged_attention.trace(sds((40, K * G, H), jnp.bfloat16), pages, pages, lens, table,
-                                            sds((S + 1,), jnp.int32), sds((), jnp.int32))
+  pages = sds((P, Z, K, H), jnp.bfloat16)
+  table, lens = sds((R, M), jnp.int32), sds((R,), jnp.int32)
+  decode = mod.paged_decode_attention.trace(sds((R, K * G, H), jnp.bfloat16), pages, pages, lens, table)
+  ragged = mod.ragged_paged_attention.trace(sds((Q, K * G, H), jnp.bfloat16), pages, pages, lens, table,
+                                            sds((R + 1,), jnp.int32), sds((), jnp.int32))
   for traced in (decode, ragged):
     assert marker in traced.lower(lowering_platforms=(platform,)).as_text()  # the serialized kernel
 

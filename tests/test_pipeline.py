@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxllm.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig
+from jaxllm.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, check_pipeline
+from jaxllm.model.loss import cross_entropy
 from jaxllm.model.params import init_params, model_def
 from jaxllm.model.transformer import aux_loss
 from jaxllm.parallel import pipeline as pl
 from jaxllm.parallel.mesh import build_mesh
-from jaxllm.train.step import cross_entropy, grads_and_metrics
+from jaxllm.parallel.sharding import batch_sharding, param_shardings
+from jaxllm.train.metrics import compiled_temp_bytes
+from jaxllm.train.step import grads_and_metrics, pipelined
 
 SEQ = 16
 
@@ -45,11 +48,16 @@ def assert_close(grads, metrics, ref_grads, ref_metrics):
     assert err <= 5e-5 * np.max(np.abs(ref)) + 1e-9, (jax.tree_util.keystr(path), err, np.max(np.abs(ref)))
 
 
+def pipeline_grads_fn(mdef, mesh, plan, m, grad_accum=1, remat=True):
+  fwd = pipelined(mdef, mesh, plan, m, remat=remat)
+  return lambda p, b: grads_and_metrics(mdef, p, b, grad_accum, forward=fwd)
+
+
 def run_pipeline(mdef, mesh, plan, m, params, batch, grad_accum=1, remat=True):
-  """Jit with canonical params split over the stage axis (pipeline_param_shardings); returns
+  """Jit with canonical params split over the stage axis (param_shardings on a pp mesh); returns
   (grads, metrics, compiled)."""
-  fn = pl.make_pipeline_grads_fn(mdef, mesh, plan, m, grad_accum=grad_accum, remat=remat)
-  p_sh = pl.pipeline_param_shardings(mdef, mesh, plan)
+  fn = pipeline_grads_fn(mdef, mesh, plan, m, grad_accum, remat)
+  p_sh = param_shardings(mdef, mesh, plan)
   b_sh = NamedSharding(mesh, P(plan.dims["dp"] or None))
   with jax.set_mesh(mesh):
     compiled = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=(p_sh, None)).lower(params, batch).compile()
@@ -81,6 +89,22 @@ def test_pipeline_matches_sequential(dense_case, pp, vpp, m, dp, tp, grad_accum,
   assert_close(grads, metrics, ref_grads, ref_metrics)
   if (pp, vpp) in ((2, 1), (2, 2)):
     check_hlo(compiled.as_text(), mesh)
+
+
+def test_uneven_masks_pipelined_equals_accumulated_equals_full(dense_case):
+  """Masks that leave very different token counts per microbatch and per accumulation chunk: the
+  pipelined step (m=4, grad_accum=2), the accumulated single-device step and the full batch agree
+  (token-loss sums divided once by the step's token count), loss and every gradient."""
+  mdef, params, batch, _ = dense_case
+  rng = np.random.default_rng(3)
+  keep = np.array([0.05, 0.2, 0.5, 0.8, 1.0, 0.1, 0.9, 0.3])[np.arange(16) % 8]
+  batch = {**batch, "mask": jnp.asarray(rng.random((16, SEQ)) < keep[:, None], jnp.int32)}
+  full = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b))(params, batch)
+  accum = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, 4))(params, batch)
+  assert_close(*accum, *full)
+  mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=2, tp=2, microbatches=4))
+  grads, metrics, _ = run_pipeline(mdef, mesh, plan, 4, params, batch, grad_accum=2)
+  assert_close(grads, metrics, *full)
 
 
 def check_hlo(hlo: str, mesh):
@@ -136,9 +160,16 @@ def test_remat_bounds_memory_growth():
   mdef = model_def(cfg)
   mesh, plan = build_mesh(MeshConfig(pp=pp, vpp=vpp, dp=4, microbatches=pp))
   growth = {}
+  p_sh, b_sh = param_shardings(mdef, mesh, plan), batch_sharding(mesh, plan)
+
+  def temp(m, remat):
+    tokens = jax.ShapeDtypeStruct((m * 4, SEQ * 2), jnp.int32)
+    with jax.set_mesh(mesh):
+      fn = jax.jit(pipeline_grads_fn(mdef, mesh, plan, m, remat=remat), in_shardings=(p_sh, b_sh),
+                   out_shardings=(p_sh, None))
+      return compiled_temp_bytes(fn, mdef.abstract_params(), {"inputs": tokens, "targets": tokens})
   for remat in (True, False):
-    temps = [pl.compiled_temp_bytes(mdef, mesh, plan, m, per_microbatch=4, seq=SEQ * 2, remat=remat)
-             for m in (pp, 8 * pp)]
+    temps = [temp(m, remat) for m in (pp, 8 * pp)]
     growth[remat] = temps[1] - temps[0]
   assert growth[True] * 3 < growth[False], growth
 
@@ -164,17 +195,25 @@ def test_schedule_and_validation():
   assert info["bubble"] == pytest.approx(3 / 19) and info["bubble_no_vpp"] == pytest.approx(3 / 11)
   assert "19 ticks" in pl.format_schedule(4, 2, 8)
   with pytest.raises(ConfigError, match="divisible by mesh.pp\\*mesh.vpp"):
-    pl.check_pipeline(6, 2, 2, 4)
+    check_pipeline(2, 2, 4, n_layers=6)
   with pytest.raises(ConfigError, match="must be >= mesh.pp"):
-    pl.check_pipeline(8, 4, 1, 2)
+    check_pipeline(4, 1, 2, n_layers=8)
+  with pytest.raises(ConfigError, match="mesh.vpp=2 needs mesh.pp > 1"):
+    MeshConfig(vpp=2, dp=8)
+  with pytest.raises(ConfigError, match="train.grad_accum=4"):
+    MeshConfig(dp=8, microbatches=4)
   with pytest.raises(ConfigError, match="must be >= mesh.pp"):
     MeshConfig(pp=4, dp=2, microbatches=2)
   with pytest.raises(ConfigError, match="divisible by mesh.pp\\*mesh.vpp"):
     Config(model=tiny(6), mesh=MeshConfig(pp=2, vpp=2, dp=4, microbatches=4), train=TrainConfig(batch_size=16))
   mdef = model_def(tiny(6))
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=4, microbatches=4))
+  batch = make_batch(8, 128)
   with pytest.raises(ConfigError, match="divisible"):
-    pl.make_pipeline_grads_fn(mdef, mesh, plan, 4)
+    jax.eval_shape(pipeline_grads_fn(mdef, mesh, plan, 4), mdef.abstract_params(), batch)
+  mdef = model_def(tiny(4))
+  with pytest.raises(ConfigError, match="does not split into 4 microbatches"):
+    jax.eval_shape(pipeline_grads_fn(mdef, mesh, plan, 4), mdef.abstract_params(), make_batch(6, 128))
 
 
 def test_checkpoint_moves_between_pipeline_and_single_device(tmp_path):
@@ -184,7 +223,7 @@ def test_checkpoint_moves_between_pipeline_and_single_device(tmp_path):
   cfg = tiny(4)
   mdef, params = model_def(cfg), init_params(cfg, 4)
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=4, microbatches=4))
-  p_sh = pl.pipeline_param_shardings(mdef, mesh, plan)
+  p_sh = param_shardings(mdef, mesh, plan)
   assert p_sh["layers"]["wq"].spec[0] == "pp"
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckpt = ocp.StandardCheckpointer()
@@ -202,9 +241,10 @@ def test_checkpoint_moves_between_pipeline_and_single_device(tmp_path):
 
 
 def test_train_step_integration():
-  """make_train_step(grads_fn=pipeline) on pipeline_state_shardings == the single-device step."""
+  """make_train_step(forward=pipelined) on a pp mesh's state_shardings == the single-device step."""
   import optax
   from jaxllm.parallel import mesh_hooks
+  from jaxllm.train.state import state_shardings
   from jaxllm.train.step import TrainState, make_train_step
   cfg = tiny(4)
   mdef, params = model_def(cfg), init_params(cfg, 6)
@@ -213,11 +253,11 @@ def test_train_step_integration():
   state = TrainState(params, tx.init(params), jnp.int32(0))
   ref_state, ref_metrics = make_train_step(mdef, tx)(jax.tree.map(jnp.copy, state), batch)  # donates
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=4, microbatches=2))
-  sh = pl.pipeline_state_shardings(mdef, tx, mesh, plan)
+  sh = state_shardings(mdef, tx, mesh, plan)
   b_sh = NamedSharding(mesh, P(plan.dims["dp"]))
   with jax.set_mesh(mesh):
     step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, cfg),
-                           grads_fn=pl.make_pipeline_grads_fn(mdef, mesh, plan, 2))
+                           forward=pipelined(mdef, mesh, plan, 2))
     new, metrics = step(jax.device_put(state, sh), jax.device_put(batch, b_sh))
   assert new.params["layers"]["wq"].sharding.spec[0] == "pp"
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)

@@ -21,7 +21,7 @@ def test_generate_from_checkpoint(tmp_path, capsys):
   config = Config(model=DENSE)
   mesh, plan = build_mesh(MeshConfig(dp=2, tp=2), jax.devices()[:4])   # trained on a 4-device mesh
   mdef = model_def(DENSE)
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, mdef.logical)
   state = init_state(mdef, tx, state_shardings(mdef, tx, mesh, plan), seed=3)
   ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(0, state, {}, config)

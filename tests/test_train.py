@@ -13,10 +13,12 @@ from jaxllm.config import Config, MeshConfig, ModelConfig, TrainConfig, load_con
 from jaxllm.model import hooks
 from jaxllm.model.params import init_params, model_def
 from jaxllm.parallel import build_mesh, mesh_hooks
-from jaxllm.train.checkpoint import CheckpointError, Checkpointer, load_params
+from jaxllm.io.checkpoint import load_params
+from jaxllm.parallel.sharding import batch_sharding, param_shardings
+from jaxllm.train.checkpoint import CheckpointError, Checkpointer
 from jaxllm.train.loop import TrainingDiverged, train
 from jaxllm.train.optim import make_optimizer
-from jaxllm.train.state import abstract_state, batch_sharding, init_state, param_shardings, state_shardings
+from jaxllm.train.state import abstract_state, init_state, state_shardings
 from jaxllm.train.step import grads_and_metrics, make_train_step
 
 SMALL = ModelConfig(name="t", vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
@@ -55,17 +57,29 @@ def test_sharded_loss_and_grads_equal_single_device(dp, tp, moe):
     assert spec[2] is not None and spec[1] is None
 
 
-def test_grad_accumulation_equals_full_batch():
+def test_grad_accumulation_equals_full_batch_with_uneven_masks():
+  """Chunks with very different numbers of counted tokens: the accumulated loss and gradients equal
+  the full batch's (token-sum / global count), and differ clearly from the biased mean of chunk means."""
   mdef, params, batch = model_def(SMALL), init_params(SMALL, 0), _batch()
+  rng = np.random.default_rng(1)
+  # Strided chunks: row i goes to chunk i % 4. Chunk 0 keeps 1-2 tokens per row, chunk 3 all of them.
+  keep = np.array([0.05, 0.3, 0.6, 1.0])[np.arange(8) % 4]
+  batch["mask"] = jnp.asarray(rng.random((8, 16)) < keep[:, None], jnp.int32)
   g1, m1 = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, 1))(params, batch)
   g4, m4 = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, 4))(params, batch)
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  assert float(m4["tokens"]) == float(batch["mask"].sum())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g4)
+  # The mean of the four chunk means (what averaging per-chunk losses gives) is a different number.
+  chunk_means = [float(grads_and_metrics(mdef, params, jax.tree.map(lambda x: x[c::4], batch))[1]["loss"])
+                 for c in range(4)]
+  assert abs(np.mean(chunk_means) - float(m1["loss"])) > 1e-3
 
 
 def test_nonfinite_step_is_not_applied():
   cfg = Config(model=SMALL, mesh=MeshConfig(), train=TrainConfig(batch_size=8))
-  mdef, tx = model_def(SMALL), make_optimizer(cfg.train)
+  mdef = model_def(SMALL)
+  tx = make_optimizer(cfg.train, mdef.logical)
   mesh, plan = build_mesh(cfg.mesh, jax.devices()[:1])
   sh = state_shardings(mdef, tx, mesh, plan)
   state = init_state(mdef, tx, sh, 0)
@@ -119,7 +133,8 @@ def test_divergence_stops_and_keeps_last_checkpoint(tmp_path):
 
 def test_checkpoint_restores_on_other_meshes_and_reports_damage(tmp_path):
   cfg = Config(model=SMALL, mesh=MeshConfig(dp=4, tp=2), train=TrainConfig(batch_size=8))
-  mdef, tx = model_def(SMALL), make_optimizer(cfg.train)
+  mdef = model_def(SMALL)
+  tx = make_optimizer(cfg.train, mdef.logical)
   mesh, plan = build_mesh(cfg.mesh)
   state = init_state(mdef, tx, state_shardings(mdef, tx, mesh, plan), 0)
   ck = Checkpointer(tmp_path / "ck")

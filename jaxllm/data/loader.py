@@ -1,9 +1,11 @@
 """Packed fixed-length batches from a token stream: deterministic, infinite and resumable.
 
-The stream is cut into windows of seq_len+1 tokens at stride seq_len (window w covers tokens
-[w*L, w*L + L]); inputs are a window's first L tokens and targets its last L, so every token of the
-stream except the first is a target exactly once per epoch. Documents are packed back to back with
-their eos separators and no padding (as GPT-2/nanoGPT train), so no compute is spent on pad tokens.
+Shapes: the package legend in jaxllm/__init__.py (B = batch_size, T = seq_len).
+
+The stream is cut into windows of T+1 tokens at stride T (window w covers tokens [w*T, w*T + T]);
+inputs are a window's first T tokens and targets its last T, so every token of the stream except the
+first is a target exactly once per epoch. Documents are packed back to back with their eos
+separators and no padding (as GPT-2/nanoGPT train), so no compute is spent on pad tokens.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ def _as_stream(tokens) -> np.ndarray:
 
 
 def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-  """{"inputs", "targets"} int32 [len(windows), seq_len] for the given window numbers."""
-  rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, L+1]
+  """{"inputs", "targets"} int32 [B, T] (B = len(windows), T = seq_len) for the given window numbers."""
+  rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, T+1]
   return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
 
 
 class PackedBatches:
-  """Infinite iterator of {"inputs", "targets"} int32 [batch_size, seq_len] batches.
+  """Infinite iterator of {"inputs", "targets"} int32 [B, T] batches (B = batch_size, T = seq_len).
 
   Each epoch visits every window exactly once, in an order drawn from default_rng((seed, epoch)) (or
   in stream order with shuffle=False). Epochs run back to back: a batch that reaches the end of one

@@ -1,7 +1,8 @@
 """Paged attention for serving: Pallas kernels (TPU, GPU) and the pure-jnp reference, behind one switch.
 
-Interface and shapes: jaxllm/kernels/reference.py. `get_attention_backend(name)` returns a namespace
-with `paged_decode_attention` and `ragged_paged_attention`; the engine calls only those two.
+Interface: jaxllm/kernels/reference.py. `get_attention_backend(name)` returns a namespace with
+`paged_decode_attention` and `ragged_paged_attention`; the engine calls only those two.
+Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M; used in reference.py).
 """
 from __future__ import annotations
 

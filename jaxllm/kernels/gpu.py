@@ -1,14 +1,16 @@
 """Pallas GPU (Triton lowering) paged attention.
 
 Same interface and semantics as jaxllm/kernels/reference.py; `interpret=True` runs it on CPU.
+Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M); kernel-local tile
+sizes are words: bq query tokens and bk keys per tile, Gp = G padded to a power of two.
 
 Design (why):
 - One program per (sequence, kv head) for decode, per (sequence, query tile, kv head) for ragged. All
   G query heads of a GQA group ride in one program, so each K/V page is read from HBM once per group.
 - Each loop iteration gathers `pages_per_block` pages by id (a vector load of the page table, then an
-  indexed load `k_ref[page_ids]`), giving a [block_k, H] tile with block_k = pages_per_block * ps.
-- Triton's dot needs M, N, K >= 16 and power-of-two tile dims: the G heads are zero-padded to a power of
-  two (decode: to >= 16), page size and head dim must be powers of two, and block_k >= 16 on GPU.
+  indexed load `k_ref[page_ids]`), giving a [bk, H] tile with bk (block_k) = pages_per_block * Z.
+- Triton's dot needs every matmul dim >= 16 and power-of-two tile dims: the G heads are zero-padded to a
+  power of two (decode: to >= 16), page size Z and head dim H must be powers of two, and bk >= 16 on GPU.
 - Online softmax (FlashAttention) with fp32 m / l / acc; masked keys get probability exactly 0 and
   values past the sequence's length are zeroed (their slots may hold anything, and 0 * NaN = NaN).
 - Ragged output rows are written only by the program whose sequence owns them; the output buffer is a
@@ -30,15 +32,15 @@ def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _check_shapes(ps: int, H: int):
-  for name, n in (("page size", ps), ("head dim", H)):
+def _check_shapes(Z: int, H: int):
+  for name, n in (("page size", Z), ("head dim", H)):
     if n != _pow2(n):
       raise ValueError(f"gpu paged attention: {name} {n} is not a power of two (Triton tiles must be); "
                        "use a power-of-two page size, or the 'reference' backend")
 
 
 def _attend_block(q, k, v, valid, kv_valid, m, l, acc, scale):
-  """q [R, H]; k, v [C, H]; valid [R, C]; kv_valid [C]; running m, l [R], acc [R, H] (fp32)."""
+  """q [rows, H]; k, v [bk, H]; valid [rows, bk]; kv_valid [bk]; running m, l [rows], acc [rows, H] (fp32)."""
   fp32 = q.dtype == jnp.float32
   s = plgpu.dot(q, k, trans_b=True, allow_tf32=not fp32).astype(jnp.float32) * scale
   s = jnp.where(valid, s, MASK_VALUE)
@@ -50,26 +52,26 @@ def _attend_block(q, k, v, valid, kv_valid, m, l, acc, scale):
   return m_new, alpha * l + p.sum(axis=-1), alpha[:, None] * acc + pv
 
 
-def _block_pages(ps: int, pages_per_block: int | None, interpret) -> int:
-  """Pages per loop iteration: block_k of 64 keys unless told."""
-  ppb = pages_per_block or max(1, 64 // ps)
+def _block_pages(Z: int, pages_per_block: int | None, interpret) -> int:
+  """Pages per loop iteration: bk of 64 keys unless told."""
+  ppb = pages_per_block or max(1, 64 // Z)
   if ppb != _pow2(ppb):
     raise ValueError(f"gpu paged attention: pages_per_block {ppb} is not a power of two")
-  if not interpret and ppb * ps < 16:
-    raise ValueError(f"gpu paged attention: pages_per_block * page size = {ppb * ps} < 16, the "
+  if not interpret and ppb * Z < 16:
+    raise ValueError(f"gpu paged attention: pages_per_block * page size = {ppb * Z} < 16, the "
                      "smallest Triton dot; raise pages_per_block")
   return ppb
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decode: grid (S, K).
+# Decode: grid (R, K).
 
 
-def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, ps, ppb):
-  # q_ref, o_ref [Gp, H]; k_ref, v_ref [P, ps, H] (this program's kv head); pt_ref [S, maxp_padded].
+def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, Z, ppb):
+  # q_ref, o_ref [Gp, H]; k_ref, v_ref [P, Z, H] (this program's kv head); pt_ref [R, Mp], Mp = M padded.
   s = pl.program_id(0)
   Gp, H = q_ref.shape
-  bk = ppb * ps
+  bk = ppb * Z
   kv_len = kv_lens_ref[s]
   q = q_ref[...]
 
@@ -91,47 +93,48 @@ def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, *, ps, ppb):
 @functools.partial(jax.jit, static_argnames=("interpret", "pages_per_block", "num_warps", "num_stages"))
 def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpret=False,
                            pages_per_block=None, num_warps=4, num_stages=2):
-  """q [S, N, H] -> [S, N, H]; semantics in jaxllm/kernels/reference.py."""
-  S, N, H = q.shape
-  P, ps, K, _ = k_pages.shape
-  _check_shapes(ps, H)
+  """q [R, N, H] -> [R, N, H]; semantics in jaxllm/kernels/reference.py."""
+  R, N, H = q.shape
+  P, Z, K, _ = k_pages.shape
+  M = page_table.shape[1]
+  _check_shapes(Z, H)
   G = N // K
   Gp = max(16, _pow2(G))
-  ppb = _block_pages(ps, pages_per_block, interpret)
-  maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
-  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))  # null page
-  qg = jnp.pad(q.reshape(S, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+  ppb = _block_pages(Z, pages_per_block, interpret)
+  Mp = pl.cdiv(M, ppb) * ppb                                      # M padded to whole loop blocks
+  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, Mp - M)))  # with the null page
+  qg = jnp.pad(q.reshape(R, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
 
   q_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, Gp, H), lambda s, k: (s, k, 0, 0))
-  kv_spec = pl.BlockSpec((P, ps, pl.squeezed, H), lambda s, k: (0, 0, k, 0))
+  kv_spec = pl.BlockSpec((P, Z, pl.squeezed, H), lambda s, k: (0, 0, k, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda s, k: (0,) * len(shape))
   out = pl.pallas_call(
-      functools.partial(_decode_kernel, ps=ps, ppb=ppb),
-      grid=(S, K),
-      in_specs=[whole((S,)), whole((S, maxp)), q_spec, kv_spec, kv_spec],
+      functools.partial(_decode_kernel, Z=Z, ppb=ppb),
+      grid=(R, K),
+      in_specs=[whole((R,)), whole((R, Mp)), q_spec, kv_spec, kv_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(kv_lens.astype(jnp.int32), pt, qg, k_pages, v_pages)
-  return out[:, :, :G].reshape(S, N, H)
+  return out[:, :, :G].reshape(R, N, H)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ragged (mixed prefill + decode): grid (tiles, K). A tile is bq consecutive query rows of one
 # sequence, tile j of sequence s covering its rows cu[s] + j*bq ...; the tile list
-# (tile_seq, tile_j, built with jnp in the wrapper) has the static bound cdiv(Tt, bq) + S entries, so
-# the grid does not grow as S * Tt / bq; programs past the real tile count exit at once.
+# (tile_seq, tile_j, built with jnp in the wrapper) has the static bound cdiv(Q, bq) + R entries, so
+# the grid does not grow as R * Q / bq; programs past the real tile count exit at once.
 
 
 def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, tile_seq_ref, tile_j_ref, n_tiles_ref, q_ref, o_in_ref,
-                   k_ref, v_ref, o_ref, *, ps, ppb, bq):
+                   k_ref, v_ref, o_ref, *, Z, ppb, bq):
   del o_in_ref  # aliased to o_ref: the zeros that padding rows keep
-  # q_ref, o_ref [Tp, Gp, H] (this program's kv head); k_ref, v_ref [P, ps, H].
+  # q_ref, o_ref [Qp, Gp, H] (this program's kv head); k_ref, v_ref [P, Z, H].
   t = pl.program_id(0)
   s, j = tile_seq_ref[t], tile_j_ref[t]
   _, Gp, H = q_ref.shape
-  bk, R = ppb * ps, bq * Gp
+  bk, bqg = ppb * Z, bq * Gp          # keys per loop step; query rows (token, head) of the tile
   start, end, kv_len = cu_ref[s], cu_ref[s + 1], kv_lens_ref[s]
   r0 = start + j * bq
 
@@ -140,9 +143,9 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, tile_seq_ref, tile_j_ref, n_tile
     rows = pl.ds(r0, bq)
     tok = r0 + jnp.arange(bq)                                            # [bq]
     own = tok < end
-    q = plgpu.load(q_ref.at[rows], mask=own[:, None, None], other=0).reshape(R, H)
-    qpos = jnp.broadcast_to((kv_len - (end - start) + (tok - start))[:, None], (bq, Gp)).reshape(R)
-    own_r = jnp.broadcast_to(own[:, None], (bq, Gp)).reshape(R)
+    q = plgpu.load(q_ref.at[rows], mask=own[:, None, None], other=0).reshape(bqg, H)
+    qpos = jnp.broadcast_to((kv_len - (end - start) + (tok - start))[:, None], (bq, Gp)).reshape(bqg)
+    own_r = jnp.broadcast_to(own[:, None], (bq, Gp)).reshape(bqg)
     last = kv_len - (end - start) + (jnp.minimum(end, r0 + bq) - 1 - start)  # furthest key needed
 
     def body(i, carry):
@@ -155,8 +158,8 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, tile_seq_ref, tile_j_ref, n_tile
       valid = own_r[:, None] & (kpos[None, :] <= qpos[:, None]) & kv_valid[None, :]
       return _attend_block(q, k, v, valid, kv_valid, m, l, acc, H ** -0.5)
 
-    init = (jnp.full((R,), MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32),
-            jnp.zeros((R, H), jnp.float32))
+    init = (jnp.full((bqg,), MASK_VALUE, jnp.float32), jnp.zeros((bqg,), jnp.float32),
+            jnp.zeros((bqg, H), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, pl.cdiv(last + 1, bk), body, init)
     o = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).reshape(bq, Gp, H)
     plgpu.store(o_ref.at[rows], o.astype(o_ref.dtype), mask=own[:, None, None])
@@ -166,35 +169,35 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, tile_seq_ref, tile_j_ref, n_tile
                                              "num_stages"))
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                            interpret=False, block_q=16, pages_per_block=None, num_warps=4, num_stages=2):
-  """q [Tt, N, H] -> [Tt, N, H]; semantics in jaxllm/kernels/reference.py."""
-  Tt, N, H = q.shape
-  P, ps, K, _ = k_pages.shape
-  _check_shapes(ps, H)
-  S = page_table.shape[0]
+  """q [Q, N, H] -> [Q, N, H]; semantics in jaxllm/kernels/reference.py."""
+  Q, N, H = q.shape
+  P, Z, K, _ = k_pages.shape
+  _check_shapes(Z, H)
+  R, M = page_table.shape
   G, bq = N // K, _pow2(block_q)
   Gp = _pow2(G)
-  ppb = _block_pages(ps, pages_per_block, interpret)
-  maxp = pl.cdiv(page_table.shape[1], ppb) * ppb
-  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, maxp - page_table.shape[1])))
-  Tp = Tt + bq                       # a tile starting at any row stays in bounds
-  qg = jnp.pad(q.reshape(Tt, K, G, H), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
+  ppb = _block_pages(Z, pages_per_block, interpret)
+  Mp = pl.cdiv(M, ppb) * ppb                                 # M padded to whole loop blocks
+  pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, Mp - M)))
+  Qp = Q + bq                        # a tile starting at any row stays in bounds
+  qg = jnp.pad(q.reshape(Q, K, G, H), ((0, bq), (0, 0), (0, Gp - G), (0, 0)))
 
   cu = cu_q_lens.astype(jnp.int32)
-  tiles = jnp.where(jnp.arange(S) < num_seqs, pl.cdiv(cu[1:] - cu[:-1], bq), 0)   # [S] tiles per seq
+  tiles = jnp.where(jnp.arange(R) < num_seqs, pl.cdiv(cu[1:] - cu[:-1], bq), 0)   # [R] tiles per seq
   ends = jnp.cumsum(tiles)
-  nt = pl.cdiv(Tt, bq) + S                                   # >= sum(tiles) for any ragged batch
+  nt = pl.cdiv(Q, bq) + R                                    # >= sum(tiles) for any ragged batch
   t = jnp.arange(nt, dtype=jnp.int32)
-  tile_seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), S - 1).astype(jnp.int32)
+  tile_seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), R - 1).astype(jnp.int32)
   tile_j = (t - (ends - tiles)[tile_seq]).astype(jnp.int32)
 
   grid = (nt, K)
-  q_spec = pl.BlockSpec((Tp, pl.squeezed, Gp, H), lambda t, k: (0, k, 0, 0))
-  kv_spec = pl.BlockSpec((P, ps, pl.squeezed, H), lambda t, k: (0, 0, k, 0))
+  q_spec = pl.BlockSpec((Qp, pl.squeezed, Gp, H), lambda t, k: (0, k, 0, 0))
+  kv_spec = pl.BlockSpec((P, Z, pl.squeezed, H), lambda t, k: (0, 0, k, 0))
   whole = lambda shape: pl.BlockSpec(shape, lambda t, k: (0,) * len(shape))
   out = pl.pallas_call(
-      functools.partial(_ragged_kernel, ps=ps, ppb=ppb, bq=bq),
+      functools.partial(_ragged_kernel, Z=Z, ppb=ppb, bq=bq),
       grid=grid,
-      in_specs=[whole((S,)), whole((S, maxp)), whole((S + 1,)), whole((nt,)), whole((nt,)), whole((1,)),
+      in_specs=[whole((R,)), whole((R, Mp)), whole((R + 1,)), whole((nt,)), whole((nt,)), whole((1,)),
                 q_spec, q_spec, kv_spec, kv_spec],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
@@ -203,4 +206,4 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
       interpret=interpret,
   )(kv_lens.astype(jnp.int32), pt, cu, tile_seq, tile_j, ends[-1:].astype(jnp.int32), qg,
     jnp.zeros_like(qg), k_pages, v_pages)
-  return out[:Tt, :, :G].reshape(Tt, N, H)
+  return out[:Q, :, :G].reshape(Q, N, H)

@@ -5,7 +5,7 @@ twice, attention as (dp, tp) and MoE as (edp, ep, etp), inner-most last. The phy
 the common refinement of both: cumulative sizes from the inner end are boundaries, their union must
 be a divisibility chain, and each segment between consecutive boundaries is one physical axis.
 Every logical parallel dim is then a tuple of physical axes (outer to inner).
-Example (DESIGN.md): tp=2 dp=4, etp=1 ep=4 edp=2 -> boundaries {1,2,4,8} -> axes f2,f1,f0 of size 2:
+Example: tp=2 dp=4, etp=1 ep=4 edp=2 -> boundaries {1,2,4,8} -> axes f2,f1,f0 of size 2:
 tp=(f0,), dp=(f2,f1), ep=(f1,f0), edp=(f2,).
 """
 from __future__ import annotations

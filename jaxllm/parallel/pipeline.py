@@ -10,17 +10,19 @@ circulated output of item `k` is back at stage 0 by tick `k + m`. The schedule t
 `T = m*vpp + pp - 1` ticks and idles `(pp-1)/T` of them (the bubble), against `(pp-1)/(m+pp-1)`
 without virtual stages.
 
-Only the decoder blocks are pipelined; the embedding, final norm, head and loss run in the
-auto-sharded part of the step (replicated over the stage axis). The shard_map is manual over the
+Only the decoder blocks are pipelined; the embedding and final norm run in the auto-sharded part of
+the step (replicated over the stage axis), and the head and loss are the trainer's (jaxllm.train.step
+takes `pipeline_hidden` as its forward, so loss and gradient accumulation have one code path). The shard_map is manual over the
 stage axis only, so dp/tp/ep sharding inside a stage stays automatic (GSPMD), and the backward pass
 is plain autodiff through the scan over ticks. With `remat=True` each tick saves only its stage
 input; the stage is recomputed in the backward pass, so activation memory grows by one [b, T, D]
 per tick instead of every layer's intermediates.
 
-Parameters and checkpoints stay canonical ([L, ...] in model order); `to_pipeline_layout` is a
-reshape/transpose computed inside the step and constrained onto the stage axis.
+Parameters and checkpoints stay canonical ([L, ...] in model order, the L dim split over the stage
+axis by the rules table's `layers -> pp`); `to_pipeline_layout` is a reshape computed inside the
+step and constrained onto the stage axis.
 
-Legend: B batch, b microbatch, m microbatches, T sequence, D model, L layers, C layers per chunk.
+Shapes: the package legend in jaxllm/__init__.py (B, b, m, T, D, L, C).
 """
 from __future__ import annotations
 
@@ -30,37 +32,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxllm.config import ConfigError
+from jaxllm.config import ConfigError, check_pipeline
 from jaxllm.model import hooks
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
-from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
+from jaxllm.model.transformer import block_forward, remat as remat_layer
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.parallel.sharding import logical_spec
-from jaxllm.train.state import batch_sharding, param_shardings, state_shardings
-from jaxllm.train.step import cross_entropy
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule accounting and validation
-
-def check_pipeline(n_layers: int, pp: int, vpp: int, m: int) -> None:
-  """Raise ConfigError unless `n_layers` splits into pp*vpp equal chunks and m >= pp."""
-  if min(pp, vpp, m) < 1:
-    raise ConfigError(f"pipeline sizes must be >= 1, got pp={pp} vpp={vpp} microbatches={m}")
-  if n_layers % (pp * vpp):
-    ok = [v for v in range(1, n_layers + 1) if n_layers % (pp * v) == 0]
-    raise ConfigError(f"model.n_layers={n_layers} must be divisible by mesh.pp*mesh.vpp={pp}*{vpp}; "
-                      f"with pp={pp} use vpp in {ok}" if ok else
-                      f"model.n_layers={n_layers} must be divisible by mesh.pp*mesh.vpp={pp}*{vpp}; "
-                      f"pick pp among the divisors of {n_layers}")
-  if pp > 1 and m < pp:
-    raise ConfigError(f"mesh.microbatches={m} must be >= mesh.pp={pp}: the circular schedule needs the "
-                      f"last stage's output of microbatch i back at stage 0 before it is due; raise "
-                      f"microbatches to at least {pp}")
-
+# Schedule accounting (the validity check, jaxllm.config.check_pipeline, is shared with the config)
 
 def schedule_info(pp: int, vpp: int, m: int) -> dict:
   """Tick accounting of the circular schedule: ticks, (stage, tick) slots, valid ones, bubble."""
@@ -92,12 +76,7 @@ def stage_of_layer(layer: int, n_layers: int, pp: int, vpp: int) -> tuple[int, i
 def to_pipeline_layout(stacked, pp: int, vpp: int):
   """Canonical [L, ...] leaves -> [vpp, pp, C, ...]; element [r, s, c] is layer (r*pp + s)*C + c,
   which is exactly Megatron's placement (a plain reshape, because repeats are outermost)."""
-  def one(x):
-    L = x.shape[0]
-    if L % (pp * vpp):
-      raise ConfigError(f"{L} layers do not split into pp*vpp={pp}*{vpp} equal chunks")
-    return x.reshape(vpp, pp, L // (pp * vpp), *x.shape[1:])
-  return jax.tree.map(one, stacked)
+  return jax.tree.map(lambda x: x.reshape(vpp, pp, x.shape[0] // (pp * vpp), *x.shape[1:]), stacked)
 
 
 def from_pipeline_layout(staged):
@@ -105,34 +84,19 @@ def from_pipeline_layout(staged):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:]), staged)
 
 
-def layer_shardings(mdef: ModelDef, mesh, plan: MeshPlan, pipeline: bool = False) -> dict:
-  """NamedShardings of the stacked layer params: canonical [L, ...] with L split over the stage axis
-  (contiguous blocks: exactly the stage placement when vpp == 1), or, with `pipeline=True`, of the
-  [vpp, pp, C, ...] view with its pp dim on the stage axis. Other dims follow the logical rules."""
+def staged_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
+  """NamedShardings of the layer params in pipeline layout [vpp, pp, C, ...]: the pp dim on the stage
+  axis, the other dims by the logical rules. (The canonical [L, ...] params are placed by
+  jaxllm.parallel.sharding.param_shardings, which splits L over the stage axis in contiguous blocks:
+  exactly the stage placement when vpp == 1. With vpp > 1 a stage's chunks are not one contiguous
+  block of [L], so the step moves the weights into place once per step -- an all-to-all over the
+  stage axis, not an all-gather -- and the gradients back; per microbatch only the ppermutes move.)"""
   abstract = mdef.abstract_params()["layers"]
 
   def one(names, a):
     inner = tuple(logical_spec(plan, names[1:], a.shape[1:]))
-    stage = STAGE if plan.cfg.pp > 1 else None
-    return NamedSharding(mesh, P(None, stage, None, *inner) if pipeline else P(stage, *inner))
+    return NamedSharding(mesh, P(None, STAGE if plan.cfg.pp > 1 else None, None, *inner))
   return jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def pipeline_param_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
-  """Shardings for the canonical params of a pipelined run: like train.state.param_shardings but
-  the layer stack split over the stage axis, so each stage keeps (and updates) only its own layers
-  when vpp == 1. With vpp > 1 a stage's chunks are not one contiguous block of [L], so the step
-  moves the weights into place once per step (an all-to-all over the stage axis, not an
-  all-gather) and the gradients back; the per-microbatch traffic is only the ppermutes."""
-  out = dict(param_shardings(mdef, mesh, plan))
-  out["layers"] = layer_shardings(mdef, mesh, plan)
-  return out
-
-
-def pipeline_state_shardings(mdef: ModelDef, tx, mesh, plan: MeshPlan):
-  """TrainState shardings for a pipelined run: the parameters and their optimizer moments take
-  pipeline_param_shardings (layer stack split over the stage axis)."""
-  return state_shardings(mdef, tx, mesh, plan, params=pipeline_param_shardings(mdef, mesh, plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +120,6 @@ def pipeline_layers(cfg, staged, x, mesh, m: int, remat: bool = True):
   """
   vpp, pp = jax.tree.leaves(staged)[0].shape[:2]
   L = vpp * pp * jax.tree.leaves(staged)[0].shape[2]
-  check_pipeline(L, pp, vpp, m)
   ticks = m * vpp + pp - 1
   b, T = x.shape[1], x.shape[2]
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
@@ -203,7 +166,7 @@ def pipeline_layers(cfg, staged, x, mesh, m: int, remat: bool = True):
     # Global sharding hooks don't apply inside shard_map. MoE layers take the local dropless path
     # (jaxllm.model.moe.local_experts), GSPMD-partitioned over the stage's ep devices: nesting the
     # all-to-all expert shard_map (jaxllm.parallel.moe) in this one fails to lower under Shardy
-    # ("manual axis after free axis 'pp'"), as DESIGN.md records.
+    # ("manual axis after free axis 'pp'"); experts inside stages stay on the local path for now.
     with hooks.cleared():
       (_, _, outs, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(ticks, dtype=jnp.int32))
     # The final hidden states live on the last stage; summing over stages hands them to all.
@@ -221,7 +184,7 @@ def _aux_names(cfg) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss and gradients (the train step's grads_fn)
+# The pipelined forward (the train step's `forward`)
 
 def split_microbatches(x, m: int):
   """[B, ...] -> [m, B/m, ...] with microbatch i = rows i, m+i, 2m+i, ... (strided, so a batch dim
@@ -234,63 +197,20 @@ def merge_microbatches(x):
   return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def pipeline_loss(mdef: ModelDef, params, batch, mesh, plan: MeshPlan, microbatches: int,
-                  remat: bool = True):
-  """Same contract as jaxllm.train.step.loss_fn: -> (ce + aux loss, {'loss', 'aux_loss'}).
-
-  The CE is the mean over the whole batch (identical to the non-pipelined model); MoE aux losses
-  are computed per microbatch and averaged, as Megatron does under pipelining."""
+def pipeline_hidden(mdef: ModelDef, params, tokens, mesh, plan: MeshPlan, microbatches: int,
+                    remat: bool = True):
+  """Same contract as the model's `hidden` without a cache: tokens [B, T] -> (final hidden [B, T, D]
+  after the last norm, aux). MoE aux statistics are per microbatch and averaged over layers and
+  microbatches, as Megatron computes them under pipelining."""
   cfg, pp, vpp, m = mdef.cfg, plan.cfg.pp, plan.cfg.vpp, microbatches
-  B = batch["inputs"].shape[0]
+  check_pipeline(pp, vpp, m, n_layers=cfg.n_layers)
+  B = tokens.shape[0]
   if B % m:
     raise ConfigError(f"batch of {B} sequences does not split into {m} microbatches; make the "
                       f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}")
   model = mdef.bind(params)
-  x = split_microbatches(model.embed_tokens(batch["inputs"]), m)     # [m, b, T, D]
+  x = split_microbatches(model.embed_tokens(tokens), m)               # [m, b, T, D]
   staged = to_pipeline_layout(params["layers"], pp, vpp)
-  staged = jax.lax.with_sharding_constraint(staged, layer_shardings(mdef, mesh, plan, pipeline=True))
+  staged = jax.lax.with_sharding_constraint(staged, staged_shardings(mdef, mesh, plan))
   y, aux = pipeline_layers(cfg, staged, x, mesh, m, remat)
-  h = ops.rms_norm(merge_microbatches(y), params["final_norm"], cfg.norm_eps)
-  ce = cross_entropy(model.logits(h), batch["targets"], batch.get("mask"))
-  a = aux_loss(cfg, aux)
-  return ce + a, {"loss": ce, "aux_loss": a}
-
-
-def make_pipeline_grads_fn(mdef: ModelDef, mesh, plan: MeshPlan, microbatches: int,
-                           grad_accum: int = 1, remat: bool = True):
-  """grads_fn(params, batch) -> (grads, metrics) for make_train_step(grads_fn=...): like
-  jaxllm.train.step.grads_and_metrics, but the decoder blocks run as a circular pipeline."""
-  check_pipeline(mdef.cfg.n_layers, plan.cfg.pp, plan.cfg.vpp, microbatches)
-  loss = functools.partial(pipeline_loss, mesh=mesh, plan=plan, microbatches=microbatches, remat=remat)
-  grad_fn = jax.value_and_grad(lambda p, b: loss(mdef, p, b), has_aux=True)
-
-  def grads_fn(params, batch):
-    if grad_accum == 1:
-      (_, metrics), grads = grad_fn(params, batch)
-      return grads, metrics
-    # Strided chunks (row i goes to chunk i % grad_accum) keep the dp-sharded batch dim local; a
-    # contiguous split, as grads_and_metrics does, would all-gather the tokens across dp.
-    micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum), batch)
-
-    def body(acc, mb):
-      (_, met), g = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, acc, (g, met)), None
-    zeros = (jax.tree.map(jnp.zeros_like, params), {"loss": jnp.float32(0), "aux_loss": jnp.float32(0)})
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda v: v / grad_accum, (grads, metrics))
-  return grads_fn
-
-
-def compiled_temp_bytes(mdef: ModelDef, mesh, plan: MeshPlan, m: int, per_microbatch: int, seq: int,
-                        remat: bool = True) -> int:
-  """Per-device temp memory (XLA memory_analysis) of the compiled pipelined grads for m microbatches
-  of `per_microbatch` sequences of length `seq` (compiled, not run)."""
-  params = mdef.abstract_params()
-  tokens = jax.ShapeDtypeStruct((m * per_microbatch, seq), jnp.int32)
-  fn = make_pipeline_grads_fn(mdef, mesh, plan, m, remat=remat)
-  p_sh = pipeline_param_shardings(mdef, mesh, plan)
-  b_sh = batch_sharding(mesh, plan)
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=(p_sh, None)).lower(
-      params, {"inputs": tokens, "targets": tokens}).compile()
-  return int(compiled.memory_analysis().temp_size_in_bytes)
+  return ops.rms_norm(merge_microbatches(y), params["final_norm"], cfg.norm_eps), aux

@@ -22,8 +22,9 @@ LOGICAL_RULES = {
   "vocab": "tp",
   "exp": "ep",
   "moe_mlp": "etp",
-  "layers": None,
-  "stage": "pp",
+  # The stacked layer dim [L, ...] splits over the pipeline stages in contiguous blocks (nothing
+  # when pp = 1); jaxllm.parallel.pipeline regroups it into [vpp, pp, C, ...] inside the step.
+  "layers": "pp",
 }
 
 

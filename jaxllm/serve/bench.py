@@ -11,6 +11,8 @@ the plain jitted generate loop over the contiguous KVCache (jaxllm.model.generat
 for every step) and Hugging Face transformers `generate` (greedy, fp32, the same weights written by
 jaxllm.io.export_hf). Plain and HF are timed as (time for 1 + steps new tokens) - (time for 1), so
 prefill cancels; the engine over its decode phase (engine_decode_tokens_per_s).
+
+Shapes: the package legend in jaxllm/__init__.py (B, n, M).
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def decode_prompts(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> np
 
 
 def _decode_rate(run, batch: int, steps: int, reps: int = 2) -> tuple[float, np.ndarray]:
-  """run(n) -> [batch, n] new tokens. Decode tokens/s from the best of `reps` (time(1 + steps) -
+  """run(n) -> [B, n] new tokens (B = batch). Decode tokens/s from the best of `reps` (time(1 + steps) -
   time(1)) pairs -- prefill and per-call setup cancel -- and the tokens of the long run."""
   run(1), run(1 + steps)                                          # compile / warm caches
   best, out = float("inf"), None
@@ -209,8 +211,8 @@ def header() -> str:
 
 
 def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_size=256, min_tokens=64,
-              decode_steps=8, mem_pages: int | None = None, attention="reference", decode_batch=16, mesh=None, plan=None,
-              log=print):
+              decode_steps=8, mem_pages: int | None = None, attention="reference", decode_batch=16, mesh=None,
+              plan=None, log=print):
   """Every setting on one workload in one process; returns {setting: metrics}."""
   prompts, offsets = make_workload(w, cfg.vocab_size)
   ideal = ideal_hit_rate(prompts)
@@ -219,9 +221,9 @@ def run_bench(cfg, params, w: Workload, *, page_size=16, max_running=16, chunk_s
   sys_pages = w.system_len // page_size
   # Room for the running requests' own pages and half the system prompts: forces eviction.
   mem_pages = mem_pages or max_running * (per_req - sys_pages) + max(1, w.groups // 2) * sys_pages
-  maxp = 1 << (-(-cfg.max_seq_len // page_size) - 1).bit_length()
+  M = 1 << (-(-cfg.max_seq_len // page_size) - 1).bit_length()     # the widest page-table bucket
   common = dict(page_size=page_size, num_pages=num_pages, max_running=max_running, chunk_size=chunk_size,
-                attention=attention, min_seqs=max_running, min_pages=maxp, mesh=mesh, plan=plan,
+                attention=attention, min_seqs=max_running, min_pages=M, mesh=mesh, plan=plan,
                 min_tokens=min_tokens, decode_steps=decode_steps)
   settings = [("cache off", dict(radix=False))]
   settings += [(f"cache on  {p}", dict(policy=p)) for p in ("fcfs", "lpm", "dfs-weight")]

@@ -18,6 +18,9 @@ ends), then commits the tokens one by one and truncates a row at its first stop 
 discarding the rest (their K/V sits past num_computed in pages the request releases). Per-call
 dispatch, metadata upload and the host loop are paid once per decode_steps tokens instead of once per
 token; new requests wait at most one chunk to be admitted.
+
+Shapes: the package legend in jaxllm/__init__.py (R, Q, M, Z, n, V); the model sees a step's Q tokens
+as B = `rows` rows of T = Q / rows.
 """
 from __future__ import annotations
 
@@ -154,7 +157,7 @@ class Engine:
       if self.sched.waiting and not self.sched.running:
         raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
       return []
-    ps = self.page_size
+    Z = self.page_size
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
     if decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
       ks = self.sched.grow_decode(batch, self.decode_steps)
@@ -162,22 +165,22 @@ class Engine:
         return self._multi_step(batch, ks, t_begin)
     if not decode:    # q_len > 1 first: they take the ragged attention, the rest the decode one
       batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
-    S = _pow2(len(batch), self.min_seqs)
-    Tt = S if decode else _pow2(sum(n for _, n in batch), self.min_tokens)
-    maxp = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
-               _pow2(self.max_pages_per_seq, self.min_pages))
-    tokens, positions = np.zeros(Tt, np.int32), np.zeros(Tt, np.int32)
-    slots = np.zeros(Tt, np.int32)          # padding rows write into the null page 0
-    kv_lens, last_idx = np.zeros(S, np.int32), np.zeros(S, np.int32)
-    page_table = np.zeros((S, maxp), np.int32)
-    cu = np.zeros(S + 1, np.int32)
+    R = _pow2(len(batch), self.min_seqs)
+    Q = R if decode else _pow2(sum(n for _, n in batch), self.min_tokens)
+    M = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
+            _pow2(self.max_pages_per_seq, self.min_pages))
+    tokens, positions = np.zeros(Q, np.int32), np.zeros(Q, np.int32)
+    slots = np.zeros(Q, np.int32)          # padding rows write into the null page 0
+    kv_lens, last_idx = np.zeros(R, np.int32), np.zeros(R, np.int32)
+    page_table = np.zeros((R, M), np.int32)
+    cu = np.zeros(R + 1, np.int32)
     t = 0
     for i, (r, n) in enumerate(batch):
       pos = np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
       pages = np.asarray(r.pages, np.int32)
       tokens[t:t + n] = r.tokens[r.num_computed:r.num_computed + n]
       positions[t:t + n] = pos
-      slots[t:t + n] = pages[pos // ps] * ps + pos % ps
+      slots[t:t + n] = pages[pos // Z] * Z + pos % Z
       page_table[i, :len(pages)] = pages
       kv_lens[i] = r.num_computed + n
       t += n
@@ -187,10 +190,10 @@ class Engine:
             "num_seqs": np.int32(len(batch)), "last_idx": last_idx}
     if not decode:
       n_multi = sum(n > 1 for _, n in batch)
-      dec_rows = np.full(S, Tt, np.int32)
+      dec_rows = np.full(R, Q, np.int32)
       dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
       meta |= {"num_multi": np.int32(n_multi), "dec_rows": dec_rows}
-    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], S)
+    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], R)
     mode = "decode" if decode else "ragged"
     self.k_pages, self.v_pages, toks, logps = self._run(mode, tokens, positions, meta, samp)
     toks, logps = np.asarray(toks), np.asarray(logps)
@@ -204,26 +207,26 @@ class Engine:
 
   def _multi_step(self, batch, ks, t_begin: float) -> list[Req]:
     """decode_steps decode steps in one call; row i keeps at most ks[i] tokens (see module doc)."""
-    ps, n, B = self.page_size, self.decode_steps, len(batch)
-    S = _pow2(B, self.min_seqs)
-    maxp = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
-               _pow2(self.max_pages_per_seq, self.min_pages))
-    page_table = np.zeros((S, maxp), np.int32)
+    Z, n, live = self.page_size, self.decode_steps, len(batch)
+    R = _pow2(live, self.min_seqs)
+    M = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
+            _pow2(self.max_pages_per_seq, self.min_pages))
+    page_table = np.zeros((R, M), np.int32)
     for i, (r, _) in enumerate(batch):
       page_table[i, :len(r.pages)] = r.pages
     k = np.asarray(ks, np.int32)
     start = np.asarray([r.num_computed for r, _ in batch], np.int32)     # position of the fed token
     j = np.arange(n, dtype=np.int32)[:, None]
-    pos = start[None, :] + np.minimum(j, k[None, :] - 1)                  # [n, B] done rows stay put
-    slots = page_table[np.arange(B), pos // ps] * ps + pos % ps
+    pos = start[None, :] + np.minimum(j, k[None, :] - 1)                  # [n, live] done rows stay put
+    slots = page_table[np.arange(live), pos // Z] * Z + pos % Z
     slots = np.where(j < k[None, :], slots, 0)                            # done rows write the null page
-    pad = lambda a: np.pad(a, ((0, 0), (0, S - B))).astype(np.int32)
-    tokens = np.zeros(S, np.int32)
-    tokens[:B] = [r.output[-1] for r, _ in batch]
+    pad = lambda a: np.pad(a, ((0, 0), (0, R - live))).astype(np.int32)
+    tokens = np.zeros(R, np.int32)
+    tokens[:live] = [r.output[-1] for r, _ in batch]
     meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
-    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], S)
+    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], R)
     self.k_pages, self.v_pages, toks, logps = self._run("multi", tokens, pad(pos), meta, samp)
-    toks, logps = np.asarray(toks), np.asarray(logps)                     # [n, S]
+    toks, logps = np.asarray(toks), np.asarray(logps)                     # [n, R]
     now = time.perf_counter()
     before = sum(len(r.output) for r, _ in batch)
     done = self.sched.commit_multi(batch, ks, toks, logps, now, self.detokenize)
@@ -287,29 +290,29 @@ class _Step:
       cache = PagedCache(k_pages, v_pages, meta["slots"], meta["kv_lens"], meta["page_table"],
                          meta["cu_q_lens"], meta["num_seqs"], meta.get("num_multi"), meta.get("dec_rows"),
                          backend, decode)
-      Tt = tokens.shape[0]
-      h, _, cache = model.hidden(tokens.reshape(rows, Tt // rows), positions.reshape(rows, Tt // rows),
-                                 cache)                                   # [R, Tt/R, D]
-      h = h.reshape(1, Tt, h.shape[-1])
-      logits = model.logits(h[:, meta["last_idx"]])[0]                     # [S, V] last row of each
+      Q = tokens.shape[0]
+      h, _, cache = model.hidden(tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows),
+                                 cache)                                   # [B, T, D], B = rows, T = Q / rows
+      h = h.reshape(1, Q, h.shape[-1])
+      logits = model.logits(h[:, meta["last_idx"]])[0]                     # [R, V] last row of each
       toks, logps = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                            samp["seeds"], samp["counters"])
       return cache.k_pages, cache.v_pages, toks, logps
 
     def multi(params, k_pages, v_pages, tokens, positions, meta, samp):
-      """tokens [S] fed at step 0; positions, slots, kv_lens [steps, S] -> tokens, logprobs [steps, S]."""
+      """tokens [R] fed at step 0; positions, slots, kv_lens [steps, R] -> tokens, logprobs [steps, R]."""
       self.traces += 1
       model = mdef.bind(params)
-      S = tokens.shape[0]
-      no_ragged = jnp.zeros(S + 1, jnp.int32)    # cu_q_lens / num_seqs: unused by decode attention
+      R = tokens.shape[0]
+      no_ragged = jnp.zeros(R + 1, jnp.int32)    # cu_q_lens / num_seqs: unused by decode attention
 
       def one(carry, xs):
         k_pages, v_pages, tok = carry
         pos, slots, kv_lens, j = xs
         cache = PagedCache(k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0),
                            backend=backend, decode=True)
-        h, _, cache = model.hidden(tok.reshape(rows, S // rows), pos.reshape(rows, S // rows), cache)
-        logits = model.logits(h.reshape(1, S, h.shape[-1]))[0]           # [S, V]
+        h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
+        logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]           # [R, V]
         nxt, logp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
                            samp["seeds"], samp["counters"] + j.astype(jnp.uint32))
         return (cache.k_pages, cache.v_pages, nxt), (nxt, logp)

@@ -1,12 +1,14 @@
 """The device KV page pool and the cache object the shared model attends through.
 
-Pool: K and V each `[L, P, ps, K, H]` (layers, pages, page size, kv heads, head dim); page 0 is the
-null page. A step packs every scheduled sequence into one ragged sequence of Tt tokens (prefill
-chunks and decode tokens back to back, vLLM/SGLang style). The model sees it folded into R rows
-(R = 1, or the mesh's dp so the token-parallel parts shard over dp; see engine.py), so `attend`
-receives q [R, Tt/R, N, H] and k, v [R, Tt/R, K, H] and flattens them back. It scatters the new K/V into this layer's pages at the
-host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as part
-of the carry, so the update is in place, and the step functions donate it.
+Shapes: the package legend in jaxllm/__init__.py (L, P, Z, K, H, N, Q, R, M, B, T).
+
+Pool: K and V each `[L, P, Z, K, H]`; page 0 is the null page. A step packs every scheduled sequence
+into one ragged sequence of Q tokens (prefill chunks and decode tokens back to back, vLLM/SGLang
+style). The model sees it folded into B rows of T = Q / B tokens (B = 1, or the mesh's dp so the
+token-parallel parts shard over dp; see engine.py), so `attend` receives q [B, T, N, H] and k, v
+[B, T, K, H] and flattens them back to [Q, ...]. It scatters the new K/V into this layer's pages at
+the host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as
+part of the carry, so the update is in place, and the step functions donate it.
 """
 from __future__ import annotations
 
@@ -19,39 +21,39 @@ from jaxllm.kernels import get_attention_backend
 
 @struct.dataclass
 class PagedCache:
-  k_pages: jax.Array      # [L, P, ps, K, H]
-  v_pages: jax.Array      # [L, P, ps, K, H]
-  slots: jax.Array        # [Tt] int32: page * ps + offset where each new token's K/V goes
-  kv_lens: jax.Array      # [S] int32: tokens in each sequence's cache after this step
-  page_table: jax.Array   # [S, maxp] int32, padded with the null page 0
-  cu_q_lens: jax.Array    # [S + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
-  num_seqs: jax.Array     # [] int32: real sequences (the rest of S is padding)
+  k_pages: jax.Array      # [L, P, Z, K, H]
+  v_pages: jax.Array      # [L, P, Z, K, H]
+  slots: jax.Array        # [Q] int32: page * Z + offset where each new token's K/V goes
+  kv_lens: jax.Array      # [R] int32: tokens in each sequence's cache after this step
+  page_table: jax.Array   # [R, M] int32, padded with the null page 0
+  cu_q_lens: jax.Array    # [R + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
+  num_seqs: jax.Array     # [] int32: real sequences (the rest of R is padding)
   # Split ragged step (optional): sequences [0, num_multi) have q_len > 1 and go through the ragged
-  # attention; every later one has a single query at row dec_rows[s] (Tt for none) and goes through
+  # attention; every later one has a single query at row dec_rows[s] (Q for none) and goes through
   # the decode attention. A decode-heavy mixed step then costs one decode call plus a ragged call over
   # the few prefill chunks, instead of a ragged call over every sequence.
   num_multi: jax.Array | None = None     # [] int32
-  dec_rows: jax.Array | None = None      # [S] int32
+  dec_rows: jax.Array | None = None      # [R] int32
   backend: object = struct.field(pytree_node=False, default=None)
   decode: bool = struct.field(pytree_node=False, default=False)  # every sequence has q_len 1
 
   def attend(self, layer, q, k, v):
-    L, P, ps, K, H = self.k_pages.shape
+    L, P, Z, K, H = self.k_pages.shape
 
-    R, T = q.shape[:2]
-    q, k, v = q.reshape(R * T, *q.shape[2:]), k.reshape(R * T, K, H), v.reshape(R * T, K, H)
+    B, T = q.shape[:2]                    # B * T = Q
+    q, k, v = q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, K, H), v.reshape(B * T, K, H)
 
-    # Index the carried pool in place: viewed as [L*P*ps, K, H] (a free reshape of the leading
-    # dims), this layer's slot s is row layer*P*ps + s, so the write is one scatter into the carry
+    # Index the carried pool in place: viewed as [L*P*Z, K, H] (a free reshape of the leading
+    # dims), this layer's slot s is row layer*P*Z + s, so the write is one scatter into the carry
     # (slicing pool[layer] out and back costs two copies of the layer per layer and step), and the
-    # attention reads the [L*P, ps, K, H] view through page ids offset by layer*P.
-    rows = layer * (P * ps) + self.slots
+    # attention reads the [L*P, Z, K, H] view through page ids offset by layer*P.
+    rows = layer * (P * Z) + self.slots
     def write(pool, new):
-      flat = pool.reshape(L * P * ps, K, H).at[rows].set(new.astype(pool.dtype))
-      return flat.reshape(L, P, ps, K, H)
+      flat = pool.reshape(L * P * Z, K, H).at[rows].set(new.astype(pool.dtype))
+      return flat.reshape(L, P, Z, K, H)
 
     k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
-    kl, vl = k_pages.reshape(L * P, ps, K, H), v_pages.reshape(L * P, ps, K, H)
+    kl, vl = k_pages.reshape(L * P, Z, K, H), v_pages.reshape(L * P, Z, K, H)
     page_table = self.page_table + layer * P
     if self.decode:
       out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, page_table)
@@ -59,21 +61,21 @@ class PagedCache:
       out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
                                                 self.cu_q_lens, self.num_seqs)
     else:
-      Tt = q.shape[0]
+      Q = q.shape[0]
       out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
                                                 self.cu_q_lens, self.num_multi)
-      is_dec = self.dec_rows < Tt                                      # [S]
-      dec = self.backend.paged_decode_attention(q[jnp.minimum(self.dec_rows, Tt - 1)], kl, vl,
+      is_dec = self.dec_rows < Q                                       # [R]
+      dec = self.backend.paged_decode_attention(q[jnp.minimum(self.dec_rows, Q - 1)], kl, vl,
                                                 jnp.where(is_dec, self.kv_lens, 0), page_table)
       out = out.at[self.dec_rows].set(dec.astype(out.dtype), mode="drop")
-    return out.reshape(R, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
+    return out.reshape(B, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
 
   def advance(self, T: int):
     return self   # kv_lens already count this step's tokens (the host builds them)
 
 
 def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
-  """num_pages usable pages plus the null page 0."""
+  """[L, P, Z, K, H] with P = num_pages usable pages plus the null page 0, Z = page_size."""
   return (cfg.n_layers, num_pages + 1, page_size, cfg.n_kv_heads, cfg.head_dim_)
 
 

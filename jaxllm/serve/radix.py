@@ -11,6 +11,8 @@ their tokens AND extra keys agree, so KV computed with old weights is never reus
 Accounting: every page the tree holds is either `evictable` (its node's lock_ref == 0) or
 `protected`; with the allocator's free list, at any idle point
     free + evictable + protected == total.
+
+Shapes: the package legend in jaxllm/__init__.py (Z); keys are token-id tuples, counted in pages of Z.
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ class RadixCache:
 
   def _common_pages(self, node_key: tuple, key: Sequence[int], pos: int) -> int:
     """Number of leading whole pages on which node_key equals key[pos:]."""
-    ps, n = self.page_size, 0
-    limit = min(len(node_key), len(key) - pos) // ps
-    while n < limit and tuple(key[pos + n * ps: pos + (n + 1) * ps]) == node_key[n * ps:(n + 1) * ps]:
+    Z, n = self.page_size, 0
+    limit = min(len(node_key), len(key) - pos) // Z
+    while n < limit and tuple(key[pos + n * Z: pos + (n + 1) * Z]) == node_key[n * Z:(n + 1) * Z]:
       n += 1
     return n
 
@@ -69,8 +71,8 @@ class RadixCache:
     match (and can be locked without pinning pages the caller does not use).
     """
     t0 = time.perf_counter()
-    ps = self.page_size
-    key = key[:len(key) // ps * ps]
+    Z = self.page_size
+    key = key[:len(key) // Z * Z]
     node, pos, pages = self.root, 0, []
     now = next(_clock)
     while pos < len(key):
@@ -82,7 +84,7 @@ class RadixCache:
         child = self._split(child, n)
       child.last_access = now
       pages += child.pages
-      pos += n * ps
+      pos += n * Z
       node = child
     self.seconds += time.perf_counter() - t0
     return pages, node
@@ -91,14 +93,14 @@ class RadixCache:
     """Read-only match for scheduling policies: (matched tokens, node whose edge the match ends
     on -- inside its edge too, since the request then shares that node's subtree). Does not split
     or touch LRU times."""
-    ps = self.page_size
+    Z = self.page_size
     node, pos = self.root, 0
-    while pos + ps <= len(key):
+    while pos + Z <= len(key):
       child = node.children.get(self._child_key(extra_key, key, pos))
       if child is None:
         break
       n = self._common_pages(child.key, key, pos)
-      pos += n * ps
+      pos += n * Z
       node = child
       if n < len(child.pages):
         break
@@ -106,12 +108,12 @@ class RadixCache:
 
   def _split(self, child: Node, n: int) -> Node:
     """Cut child's edge after n pages; returns the new upper node (which keeps child's lock)."""
-    ps = self.page_size
-    mid = Node(child.key[:n * ps], child.pages[:n], child.parent, child.extra_key)
+    Z = self.page_size
+    mid = Node(child.key[:n * Z], child.pages[:n], child.parent, child.extra_key)
     mid.lock_ref, mid.last_access = child.lock_ref, child.last_access
-    child.parent.children[(child.extra_key, child.key[:ps])] = mid
-    child.key, child.pages, child.parent = child.key[n * ps:], child.pages[n:], mid
-    mid.children[(child.extra_key, child.key[:ps])] = child
+    child.parent.children[(child.extra_key, child.key[:Z])] = mid
+    child.key, child.pages, child.parent = child.key[n * Z:], child.pages[n:], mid
+    mid.children[(child.extra_key, child.key[:Z])] = child
     return mid
 
   # ---- insert -------------------------------------------------------------------------------
@@ -120,16 +122,16 @@ class RadixCache:
     cached: the caller's pages for that span are duplicates, and the caller frees them. The tree
     takes over the caller's reference on the remaining pages."""
     t0 = time.perf_counter()
-    ps = self.page_size
-    n_pages = len(key) // ps
+    Z = self.page_size
+    n_pages = len(key) // Z
     assert len(pages) >= n_pages, f"insert: {len(key)} tokens need {n_pages} pages, got {len(pages)}"
-    key = tuple(key[:n_pages * ps])
+    key = tuple(key[:n_pages * Z])
     node, pos = self.root, 0
     now = next(_clock)
     while pos < len(key):
       child = node.children.get(self._child_key(extra_key, key, pos))
       if child is None:
-        leaf = Node(key[pos:], list(pages[pos // ps:n_pages]), node, extra_key)
+        leaf = Node(key[pos:], list(pages[pos // Z:n_pages]), node, extra_key)
         node.children[self._child_key(extra_key, key, pos)] = leaf
         self.evictable += len(leaf.pages)
         break
@@ -137,7 +139,7 @@ class RadixCache:
       if n < len(child.pages):
         child = self._split(child, n)
       child.last_access = now
-      pos += n * ps
+      pos += n * Z
       node = child
     self.seconds += time.perf_counter() - t0
     return pos

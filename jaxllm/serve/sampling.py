@@ -4,6 +4,8 @@ Every request carries its own temperature / top-k / top-p / min-p and seed; the 
 batch of rows with per-row parameters so one compiled step serves any mix. The random key of a
 request's n-th token is fold_in(PRNGKey(seed), n): the same seed gives the same tokens whatever
 else is in the batch and however the request was scheduled or preempted.
+
+Shapes: the package legend in jaxllm/__init__.py (R, V, n); a row is one sequence of the engine step.
 """
 from __future__ import annotations
 
@@ -35,12 +37,12 @@ class SamplingParams:
 
 
 def filter_logits(logits, top_k, top_p, min_p):
-  """logits [S, V] fp32 (already temperature-scaled); per-row top_k [S] int (0 off), top_p [S],
-  min_p [S] -> logits with removed tokens at -inf. The argmax token always survives."""
+  """logits [R, V] fp32 (already temperature-scaled); per-row top_k [R] int (0 off), top_p [R],
+  min_p [R] -> logits with removed tokens at -inf. The argmax token always survives."""
   V = logits.shape[-1]
-  srt = jnp.sort(logits, axis=-1)[:, ::-1]                                 # [S, V] descending
+  srt = jnp.sort(logits, axis=-1)[:, ::-1]                                 # [R, V] descending
   k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-  kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)               # [S, 1]
+  kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)               # [R, 1]
   keep = logits >= kth
   probs = jax.nn.softmax(srt, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs                              # mass strictly above each rank
@@ -54,9 +56,9 @@ def filter_logits(logits, top_k, top_p, min_p):
 
 
 def sample(logits, temperature, top_k, top_p, min_p, seeds, counters):
-  """logits [S, V] fp32 -> (tokens [S] int32, logprobs [S] fp32 under the unmodified model).
+  """logits [R, V] fp32 -> (tokens [R] int32, logprobs [R] fp32 under the unmodified model).
 
-  temperature/top_p/min_p [S] fp32, top_k [S] int32, seeds/counters [S] uint32."""
+  temperature/top_p/min_p [R] fp32, top_k [R] int32, seeds/counters [R] uint32."""
   logp = jax.nn.log_softmax(logits, axis=-1)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -73,11 +75,12 @@ def sample(logits, temperature, top_k, top_p, min_p, seeds, counters):
 
 
 def sampling_arrays(params_list, counters, S: int) -> dict:
-  """Host numpy per-row parameter arrays, padded to S rows (padding rows are greedy)."""
-  n = len(params_list)
-  out = {"temperature": np.zeros(S, np.float32), "top_k": np.zeros(S, np.int32),
-         "top_p": np.ones(S, np.float32), "min_p": np.zeros(S, np.float32),
-         "seeds": np.zeros(S, np.uint32), "counters": np.zeros(S, np.uint32)}
+  """Host numpy per-row parameter arrays [R], padded to R = S rows (padding rows are greedy). The
+  parameter keeps its old name `S` for callers; it is the legend's R."""
+  R, n = S, len(params_list)
+  out = {"temperature": np.zeros(R, np.float32), "top_k": np.zeros(R, np.int32),
+         "top_p": np.ones(R, np.float32), "min_p": np.zeros(R, np.float32),
+         "seeds": np.zeros(R, np.uint32), "counters": np.zeros(R, np.uint32)}
   for i, sp in enumerate(params_list):
     out["temperature"][i], out["top_k"][i], out["top_p"][i] = sp.temperature, sp.top_k, sp.top_p
     out["min_p"][i], out["seeds"][i] = sp.min_p, sp.seed & 0xFFFFFFFF

@@ -18,8 +18,9 @@ The first waiting request that does not fit stops admission (no overtaking, so n
 
 Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
 subtree with more waiting requests first, each node's requests after its subtree's, SGLang sec. 4:
-on the offline problem this equals the optimal DFS order; requests with no cached prefix come last). Both fall back to fcfs for queues longer than `policy_max_queue`, where matching
-every prompt each step would cost more than it saves.
+on the offline problem this equals the optimal DFS order; requests with no cached prefix come last).
+Both fall back to fcfs for queues longer than `policy_max_queue`, where matching every prompt each
+step would cost more than it saves.
 
 Prefix dedup inside a batch: a request whose prompt shares at least one more page with a request
 still in prefill than it has in the tree waits; once that request's prefix is inserted (after each of
@@ -28,6 +29,8 @@ its chunks) the waiting one matches it instead of computing it again.
 Preemption: when a running request needs a page and none can be freed by evicting the tree, the
 newest running request is preempted: its computed pages go to the tree (or are freed), it rejoins
 the front of the queue with its prompt and generated tokens, and is recomputed later. Nothing is lost.
+
+Shapes: the package legend in jaxllm/__init__.py (R, Z); host-side lists, counted in pages of Z tokens.
 """
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ class Scheduler:
     if not 0 <= decode_reserve <= 1:
       raise ValueError(f"decode_reserve={decode_reserve} must be in [0, 1] (fraction of max_tokens reserved)")
     self.decode_reserve = decode_reserve
-    self.ps, self.max_running, self.chunk_size = page_size, max_running, chunk_size
+    self.page_size, self.max_running, self.chunk_size = page_size, max_running, chunk_size
     self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
     self.alloc = PageAllocator(num_pages)
     self.tree = RadixCache(self.alloc, page_size)
@@ -112,7 +115,7 @@ class Scheduler:
     return pages
 
   def _grow(self, req: Req, n_tokens: int) -> bool:
-    need = -(-(req.num_computed + n_tokens) // self.ps) - len(req.pages)
+    need = -(-(req.num_computed + n_tokens) // self.page_size) - len(req.pages)
     if need <= 0:
       return True
     pages = self._alloc(need)
@@ -126,10 +129,10 @@ class Scheduler:
     last sampled token is never fed back, hence - 1), or for what it already holds if resumed."""
     end = len(req.prompt) + math.ceil(req.sp.max_tokens * self.decode_reserve) - 1
     end = max(end, len(req.tokens))
-    return max(0, -(-end // self.ps) - len(req.pages))
+    return max(0, -(-end // self.page_size) - len(req.pages))
 
   def private_pages(self) -> int:
-    return sum(len(r.pages) - r.cached_len // self.ps for r in self.running)
+    return sum(len(r.pages) - r.cached_len // self.page_size for r in self.running)
 
   # ---- radix interplay ------------------------------------------------------------------------
   def _release(self, req: Req) -> None:
@@ -137,9 +140,10 @@ class Scheduler:
     if not self.radix_on:
       self.alloc.free(req.pages)
     else:
-      n_full = req.num_computed // self.ps
-      prev = self.tree.insert(req.tokens[:n_full * self.ps], req.pages[:n_full], req.extra_key)
-      self.alloc.free(req.pages[req.cached_len // self.ps:prev // self.ps])  # duplicates of cached pages
+      Z = self.page_size
+      n_full = req.num_computed // Z
+      prev = self.tree.insert(req.tokens[:n_full * Z], req.pages[:n_full], req.extra_key)
+      self.alloc.free(req.pages[req.cached_len // Z:prev // Z])  # duplicates of cached pages
       self.alloc.free(req.pages[n_full:])
       self.tree.unlock(req.node)
     req.pages, req.node, req.cached_len, req.num_computed = [], None, 0, 0
@@ -147,18 +151,19 @@ class Scheduler:
   def cache_prefix(self, req: Req) -> None:
     """Insert a running request's computed whole pages (SGLang cache_unfinished_req) so others
     can match them now; swap its duplicate pages for the tree's and move its lock down."""
-    n_full = req.num_computed // self.ps
-    if not self.radix_on or n_full * self.ps <= req.cached_len:
+    Z = self.page_size
+    n_full = req.num_computed // Z
+    if not self.radix_on or n_full * Z <= req.cached_len:
       return
-    key = req.tokens[:n_full * self.ps]
+    key = req.tokens[:n_full * Z]
     prev = self.tree.insert(key, req.pages[:n_full], req.extra_key)
     pages, node = self.tree.match_prefix(key, req.extra_key)
     assert len(pages) == n_full, "radix: a just-inserted prefix must match in full"
-    self.alloc.free(req.pages[req.cached_len // self.ps:prev // self.ps])
+    self.alloc.free(req.pages[req.cached_len // Z:prev // Z])
     req.pages[:n_full] = pages
     self.tree.lock(node)
     self.tree.unlock(req.node)
-    req.node, req.cached_len = node, n_full * self.ps
+    req.node, req.cached_len = node, n_full * Z
 
   # ---- queue --------------------------------------------------------------------------------
   def add(self, req: Req) -> None:
@@ -238,19 +243,19 @@ class Scheduler:
   def _admit(self, req: Req, budget: int, prefilling: list, reserved: int) -> str:
     """'ok' (req now running), 'wait' (in-batch prefix dedup) or 'full' (its pages do not fit
     beside the running requests' reservations)."""
-    ps = self.ps
+    Z = self.page_size
     tokens = req.tokens
     pages, node = ([], self.tree.root)
     if self.radix_on:
       pages, node = self.tree.match_prefix(tokens[:-1], req.extra_key)
-      cached = len(pages) * ps
+      cached = len(pages) * Z
       for other in prefilling:
         if other.extra_key == req.extra_key and \
-           _lcp(tokens, other.prompt) // ps * ps >= cached + ps:
+           _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
           return "wait"                      # `other` is computing our prefix right now
       self.tree.lock(node)                   # before counting: our prefix is no longer evictable
-    n = min(len(tokens) - len(pages) * ps, budget)
-    n_pages = -(-(len(pages) * ps + n) // ps) - len(pages)
+    n = min(len(tokens) - len(pages) * Z, budget)
+    n_pages = -(-(len(pages) * Z + n) // Z) - len(pages)
     req.pages = pages                        # so _future_pages counts the matched prefix as held
     need = max(n_pages, self._future_pages(req))
     avail = self.alloc.num_free + (self.tree.evictable if self.radix_on else 0) - reserved
@@ -262,7 +267,7 @@ class Scheduler:
       return "full"
     self.waiting.remove(req)
     req.pages, req.node = pages + new, (node if self.radix_on else None)
-    req.num_computed = req.cached_len = len(pages) * ps
+    req.num_computed = req.cached_len = len(pages) * Z
     if req.preemptions == 0:
       req.cache_hit = req.cached_len
     req.order = next(_order)
@@ -299,12 +304,12 @@ class Scheduler:
     for r, _ in batch:
       k = max(1, min(steps, r.sp.max_tokens - len(r.output)))
       if not self._grow(r, k):
-        k = len(r.pages) * self.ps - r.num_computed
+        k = len(r.pages) * self.page_size - r.num_computed
       ks.append(k)
     return ks
 
   def commit_multi(self, batch, ks, tokens, logprobs, now: float, detokenize=None) -> list[Req]:
-    """Book a multi-step decode: tokens/logprobs [steps, S]; row i ran ks[i] steps. Tokens are taken
+    """Book a multi-step decode: tokens/logprobs [steps, R]; row i ran ks[i] steps. Tokens are taken
     in order until a stop condition, the rest discarded (their K/V lies past num_computed)."""
     done = []
     for i, (r, _) in enumerate(batch):

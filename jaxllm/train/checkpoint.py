@@ -1,29 +1,17 @@
-"""Checkpoints with orbax CheckpointManager: async periodic saves, keep-last-N, resume, and restore
-onto any mesh. Layout per step: `params` (canonical [L, ...] layout, so any mesh or a single device
-can load it), `opt_state`, and `meta` (step, data-iterator position, the resolved config).
+"""The trainer's checkpoints: async periodic saves of the full TrainState, keep-last-N, resume, and
+restore onto any mesh. The layout on disk (params / opt_state / meta per step) is defined in
+jaxllm.io.checkpoint, which also reads params for inference without the trainer.
 """
 from __future__ import annotations
 
-import json
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
-from jaxllm.config import Config, ConfigError, config_from_dict
+from jaxllm.config import Config
+from jaxllm.io.checkpoint import CheckpointError, manager, read_meta
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint directory that cannot be used; the message says what to do."""
-
-
-def _manager(directory: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  # cleanup_tmp_directories: a save cut off by a kill leaves STEP.orbax-checkpoint-tmp; it is
-  # never a restore candidate, so drop it when the next run opens the directory.
-  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                      create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=opts,
-                               item_names=("params", "opt_state", "meta"))
+__all__ = ["Checkpointer", "CheckpointError"]
 
 
 class Checkpointer:
@@ -31,7 +19,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.mgr = _manager(self.directory, keep, async_save)
+    self.mgr = manager(self.directory, keep, async_save)
 
   def latest_step(self) -> int | None:
     return self.mgr.latest_step()
@@ -63,55 +51,13 @@ class Checkpointer:
         f"train.out_dir.") from e
     return out.params, out.opt_state, out.meta
 
+  def meta(self, step: int) -> dict:
+    """The meta item of `step` (step, data position, resolved config), without loading arrays."""
+    return read_meta(self.directory, step)
+
   def wait(self) -> None:
     self.mgr.wait_until_finished()
 
   def close(self) -> None:
     self.mgr.wait_until_finished()
     self.mgr.close()
-
-
-def read_meta(directory: str, step: int | None = None) -> dict:
-  """The meta item (step, data position, config dict) of a checkpoint, without loading arrays."""
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the train.out_dir/"
-                          "checkpoints folder of a training run")
-  mgr = _manager(directory, async_save=False)
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"{directory} holds no finished checkpoint (a run writes them every "
-                          "train.save_every steps and at the end)")
-  path = os.path.join(directory, str(step), "meta", "metadata")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return meta
-
-
-def load_params(directory: str, mesh=None, plan=None, step: int | None = None):
-  """-> (Config, params) from a training checkpoint, placed on `mesh` (any mesh; None = one device)."""
-  from jaxllm.model.params import model_def
-  from jaxllm.parallel.mesh import build_mesh
-  from jaxllm.train.state import param_shardings
-  from jaxllm.config import MeshConfig
-  meta = read_meta(directory, step)
-  try:
-    config = config_from_dict(meta["config"])
-  except (KeyError, ConfigError) as e:
-    raise CheckpointError(f"the config saved in {directory} is not readable: {e}") from e
-  if mesh is None:
-    mesh, plan = build_mesh(MeshConfig(name="cpu-1"), jax.devices()[:1])
-  mdef = model_def(config.model)
-  shardings = param_shardings(mdef, mesh, plan)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          mdef.abstract_params(), shardings)
-  mgr = _manager(directory, async_save=False)
-  try:
-    out = mgr.restore(meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-  except Exception as e:
-    raise CheckpointError(f"parameters of step {meta['step']} in {directory} could not be read "
-                          f"({type(e).__name__}: {e})") from e
-  return config, out.params

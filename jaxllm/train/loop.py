@@ -1,9 +1,15 @@
 """The training run: mesh, data, sharded state (fresh, resumed or imported), the jitted step in a
-loop with progress, eval, metrics, NaN stop, checkpoints, and a generated sample at the end."""
+loop with progress, eval, metrics, NaN stop, checkpoints, and a generated sample at the end.
+
+The same forward serves the step and eval: the model's own, or the circular pipeline when pp > 1.
+The end-of-run sample comes from a `sampler` the caller passes (train.py passes the serving engine's
+`complete_text`), since the trainer does not import the serving layer."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +19,18 @@ from tqdm.auto import tqdm
 from jaxllm.config import Config, ConfigError, save_config
 from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, load_texts, load_tokenizer, \
   split_train_eval, tokenize_documents
-from jaxllm.model.generate import generate
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
-from jaxllm.model import hooks
+from jaxllm.parallel.pipeline import format_schedule
+from jaxllm.parallel.sharding import batch_sharding
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, measure_matmul_peak
-from jaxllm.train.optim import make_optimizer
-from jaxllm.train.state import abstract_state, batch_sharding, init_state, state_shardings
-from jaxllm.train.step import TrainState, loss_fn, make_train_step
+from jaxllm.train.optim import lr_schedule, make_optimizer
+from jaxllm.train.state import abstract_state, init_state, state_shardings
+from jaxllm.train.step import TrainState, make_eval_step, make_train_step, pipelined
+
+# sampler(model_cfg, params, tokenizer, prompt, max_tokens, mesh=, plan=) -> prompt + continuation
+Sampler = Callable[..., str]
 
 
 class TrainingDiverged(RuntimeError):
@@ -37,33 +46,37 @@ def load_corpus(cfg: Config, tokenizer):
   return split_train_eval(tokens)
 
 
-def build_step(cfg: Config, mdef, tx, mesh, plan, shardings):
-  """The jitted train step for this mesh (pipelined when pp > 1)."""
-  grads_fn = None
-  if cfg.mesh.pp > 1:
-    from jaxllm.parallel.pipeline import make_pipeline_grads_fn
-    grads_fn = make_pipeline_grads_fn(mdef, mesh, plan, cfg.mesh.microbatches, cfg.train.grad_accum)
-  return make_train_step(mdef, tx, shardings, batch_sharding(mesh, plan), cfg.train.grad_accum,
-                         hook_kwargs=mesh_hooks(mesh, plan, cfg.model), grads_fn=grads_fn)
+def resolve_continuation(cfg: Config, saved: dict | None) -> Config:
+  """Fix the LR-schedule horizon: `train.decay_steps` given, else the one saved with the run being
+  resumed (older checkpoints: their train.steps), else this start's train.steps."""
+  if cfg.train.decay_steps:
+    return cfg
+  saved_train = (saved or {}).get("train", {})
+  horizon = saved_train.get("decay_steps") or saved_train.get("steps") or cfg.train.steps
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, decay_steps=int(horizon)))
 
 
-def build_eval(mdef, mesh, plan, shardings):
-  hk = mesh_hooks(mesh, plan, mdef.cfg)
+def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
+  """The jitted train and eval steps for this mesh (through the pipeline when pp > 1)."""
+  forward = pipelined(mdef, mesh, plan, cfg.mesh.microbatches) if cfg.mesh.pp > 1 else None
+  hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
+  step = make_train_step(mdef, tx, shardings, b_sh, cfg.train.grad_accum, hook_kwargs=hk, forward=forward)
+  return step, make_eval_step(mdef, shardings.params, b_sh, hook_kwargs=hk, forward=forward)
 
-  def ev(params, batch):
-    with hooks.using(**hk):
-      return loss_fn(mdef, params, batch)[1]["loss"]
-  return jax.jit(ev, in_shardings=(shardings.params, batch_sharding(mesh, plan)))
 
-
-def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log=print) -> dict:
+def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log=print,
+          sampler: Sampler | None = None) -> dict:
   """Run (or resume) training to cfg.train.steps. `stop_after` ends this process early after that
-  many steps (used to emulate a kill in tests). Returns a summary dict."""
+  many steps (used to emulate a kill in tests). `sampler` generates the end-of-run sample (none
+  without it). Returns a summary dict."""
+  os.makedirs(cfg.train.out_dir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+  start = ckpt.latest_step() if cfg.train.resume else None
+  cfg = resolve_continuation(cfg, ckpt.meta(start)["config"] if start is not None else None)
   t = cfg.train
   mesh, plan = build_mesh(cfg.mesh)
   log(format_rank_table(mesh, plan))
   if cfg.mesh.pp > 1:
-    from jaxllm.parallel.pipeline import format_schedule
     log(format_schedule(cfg.mesh.pp, cfg.mesh.vpp, cfg.mesh.microbatches))
 
   tokenizer = load_tokenizer(t.tokenizer)
@@ -75,15 +88,8 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches) if t.eval_every else []
 
   mdef = model_def(cfg.model)
-  tx = make_optimizer(t)
-  if cfg.mesh.pp > 1:  # the layer stack and its optimizer moments live split over the stages
-    from jaxllm.parallel.pipeline import pipeline_state_shardings
-    shardings = pipeline_state_shardings(mdef, tx, mesh, plan)
-  else:
-    shardings = state_shardings(mdef, tx, mesh, plan)
-  os.makedirs(t.out_dir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(t.out_dir, "checkpoints"), keep=t.keep_checkpoints)
-  start = ckpt.latest_step() if t.resume else None
+  tx = make_optimizer(t, mdef.logical)
+  shardings = state_shardings(mdef, tx, mesh, plan)
   if start is not None:
     params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, shardings), start)
     state = TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), shardings.step))
@@ -101,8 +107,8 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
       f"active), {len(train_tokens):,} train tokens, {batches.batches_per_epoch} batches/epoch")
 
-  step_fn = build_step(cfg, mdef, tx, mesh, plan, shardings)
-  eval_fn = build_eval(mdef, mesh, plan, shardings) if eval_set else None
+  step_fn, eval_fn = build_steps(cfg, mdef, tx, mesh, plan, shardings)
+  schedule = lr_schedule(t)
   b_sh = batch_sharding(mesh, plan)
   peak = measure_matmul_peak(cfg.model.dtype) * (1 if jax.devices()[0].platform == "cpu" else len(jax.devices()))
   flops_tok = cfg.model.flops_per_token(t.seq_len)
@@ -135,10 +141,12 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
       losses.append(loss)
       history.append({"step": step, "loss": loss})
       bar.update(1)
-      record = {"loss": loss, "aux_loss": float(metrics["aux_loss"]), "grad_norm": float(metrics["grad_norm"])}
-      if t.eval_every and step % t.eval_every == 0 and eval_fn is not None:
+      record = {"loss": loss, "aux_loss": float(metrics["aux_loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "lr": float(schedule(step - 1))}   # the rate this update used (optimizer count step-1)
+      if t.eval_every and step % t.eval_every == 0 and eval_set:
         t_eval = time.perf_counter()
-        last_eval = float(np.mean([eval_fn(state.params, jax.device_put(b, b_sh)) for b in eval_set]))
+        sums = np.sum([jax.device_get(eval_fn(state.params, jax.device_put(b, b_sh))) for b in eval_set], axis=0)
+        last_eval = float(sums[0] / max(sums[1], 1.0))
         t_window += time.perf_counter() - t_eval   # throughput counts training time only
         record["eval_loss"] = last_eval
       if step % t.log_every == 0 or step == t.steps:
@@ -163,17 +171,9 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
     writer.close()
 
   sample = None
-  if t.sample_tokens and step >= t.steps:
-    sample = sample_text(mdef, state.params, tokenizer, t.sample_prompt, t.sample_tokens)
+  if sampler is not None and t.sample_tokens and step >= t.steps:
+    sample = sampler(cfg.model, state.params, tokenizer, t.sample_prompt, t.sample_tokens, mesh=mesh, plan=plan)
   summary = {"steps": step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "eval_loss": last_eval, "compile_s": compile_s, "checkpoint_dir": ckpt.directory,
              "history": history, "sample": sample, "params": n_params}
   return summary
-
-
-def sample_text(mdef, params, tokenizer, prompt: str, n: int, temperature: float = 0.8) -> str:
-  """Generate on one device from the (possibly sharded) params; returns prompt + continuation."""
-  single = jax.device_put(params, jax.devices()[0])
-  ids = np.asarray([tokenizer.encode(prompt)], np.int32)
-  new = generate(mdef, single, jnp.asarray(ids), n, temperature=temperature, seed=0)
-  return prompt + tokenizer.decode(np.asarray(new[0]).tolist())

@@ -64,3 +64,9 @@ def time_train_steps(step, state, batch, n: int):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return sorted(times)[len(times) // 2], state, first
+
+
+def compiled_temp_bytes(jitted, *args) -> int:
+  """Per-device temp memory (XLA memory_analysis) of `jitted` compiled for `args` (abstract
+  ShapeDtypeStructs are enough: nothing runs)."""
+  return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)

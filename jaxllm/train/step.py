@@ -1,20 +1,35 @@
-"""Loss and the jitted train step over pure pytrees: TrainState(params, opt_state, step).
+"""Loss, gradients and the jitted train step over pure pytrees: TrainState(params, opt_state, step).
+
+One loss and one gradient-accumulation path serve every mesh. The forward is the model's own
+(`hidden`), or the circular pipeline's (`jaxllm.parallel.pipeline.pipeline_hidden`, see `pipelined`);
+the head and the loss are the same for both. The masked cross-entropy is normalised once per step by
+the step's token count: each accumulation chunk contributes its token-loss *sum* divided by that
+global count, so uneven masks give the same loss and gradients accumulated or not (Megatron and
+MaxText do the same). MoE aux losses are per chunk and averaged over chunks (as Megatron does for
+microbatches).
 
 The step is jitted with the state donated and its output shardings pinned to the input shardings
-(otherwise XLA may choose others and the next call would reshard). Gradient accumulation scans
-over micro-batches and averages.
+(otherwise XLA may choose others and the next call would reshard).
+
+Shapes: the package legend in jaxllm/__init__.py (B, T, D).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxllm.model import hooks
+from jaxllm.model.loss import cross_entropy_sums, token_count
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss
+from jaxllm.parallel.pipeline import pipeline_hidden
+
+# forward(params, tokens [B, T]) -> (final hidden [B, T, D], aux dict); None = the model's own.
+Forward = Callable[[Any, jax.Array], tuple]
 
 
 class TrainState(NamedTuple):
@@ -23,56 +38,58 @@ class TrainState(NamedTuple):
   step: jax.Array   # int32 scalar, optimizer steps taken
 
 
-def cross_entropy(logits, targets, mask=None):
-  """Mean token cross-entropy. logits [B, T, V] fp32; targets [B, T]; mask [B, T] (1 = counts)."""
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = logz - picked
-  if mask is None:
-    return jnp.mean(nll)
-  mask = mask.astype(nll.dtype)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def pipelined(mdef: ModelDef, mesh, plan, microbatches: int, remat: bool = True) -> Forward:
+  """The circular-pipeline forward for `forward=` (pp > 1 meshes)."""
+  return functools.partial(pipeline_hidden, mdef, mesh=mesh, plan=plan, microbatches=microbatches,
+                           remat=remat)
 
 
-def loss_fn(mdef: ModelDef, params, batch):
-  """-> (total loss, metrics). batch: inputs, targets [B, T] int32, optional mask [B, T]."""
-  out = mdef.bind(params)(batch["inputs"])
-  ce = cross_entropy(out.logits, batch["targets"], batch.get("mask"))
-  aux = aux_loss(mdef.cfg, out.aux)
-  return ce + aux, {"loss": ce, "aux_loss": aux}
+def loss_sums(mdef: ModelDef, params, batch, forward: Forward | None = None):
+  """-> (sum of token NLLs, counted tokens, aux loss) of one batch: inputs, targets [B, T] int32,
+  optional mask [B, T] (1 = counts)."""
+  model = mdef.bind(params)
+  if forward is None:
+    h, aux, _ = model.hidden(batch["inputs"])
+  else:
+    h, aux = forward(params, batch["inputs"])
+  nll, count = cross_entropy_sums(model.logits(h), batch["targets"], batch.get("mask"))
+  return nll, count, aux_loss(mdef.cfg, aux)
 
 
-def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, loss=loss_fn):
-  """Average gradients over `grad_accum` equal micro-batches (split along the batch dim)."""
-  grad_fn = jax.value_and_grad(lambda p, b: loss(mdef, p, b), has_aux=True)
+def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forward: Forward | None = None):
+  """Gradients of (CE mean over the batch's counted tokens + aux loss), accumulated over
+  `grad_accum` chunks. -> (grads, {'loss': CE, 'aux_loss', 'tokens'})."""
+  denom = jnp.maximum(token_count(batch["targets"], batch.get("mask")), 1.0)
+
+  def chunk_loss(p, b):
+    nll, count, aux = loss_sums(mdef, p, b, forward)
+    return nll / denom + aux / grad_accum, {"nll": nll, "tokens": count, "aux_loss": aux / grad_accum}
+  grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
   if grad_accum == 1:
-    (_, metrics), grads = grad_fn(params, batch)
-    return grads, metrics
-  # Strided chunks (row i -> chunk i % grad_accum) keep each dp shard's rows local; a contiguous
-  # split would move rows between dp ranks.
-  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1),
-                       batch)
+    (_, sums), grads = grad_fn(params, batch)
+  else:
+    # Strided chunks (row i -> chunk i % grad_accum) keep each dp shard's rows local; a contiguous
+    # split would move rows between dp ranks.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]),
+                                                0, 1), batch)
 
-  def body(acc, mb):
-    (_, m), g = grad_fn(params, mb)
-    return jax.tree.map(jnp.add, acc, (g, m)), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  m0 = {"loss": jnp.float32(0), "aux_loss": jnp.float32(0)}
-  (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), micro)
-  return jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
+    def body(acc, mb):
+      (_, s), g = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, acc, (g, s)), None
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             {"nll": jnp.float32(0), "tokens": jnp.float32(0), "aux_loss": jnp.float32(0)})
+    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+  return grads, {"loss": sums["nll"] / denom, "aux_loss": sums["aux_loss"], "tokens": sums["tokens"]}
 
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shardings=None,
                     batch_sharding=None, grad_accum: int = 1, hook_kwargs: dict | None = None,
-                    grads_fn=None):
+                    forward: Forward | None = None):
   """Jitted (state, batch) -> (state, metrics). `hook_kwargs` installs mesh hooks while tracing;
-  `grads_fn(params, batch) -> (grads, metrics)` replaces the default (the pipeline uses this)."""
-  grads_fn = grads_fn or (lambda p, b: grads_and_metrics(mdef, p, b, grad_accum))
-
+  `forward` replaces the model's own forward (the pipeline, see `pipelined`)."""
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):
-      grads, metrics = grads_fn(state.params, batch)
+      grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, forward)
     metrics["grad_norm"] = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -86,3 +103,15 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shar
     return jax.jit(step, donate_argnums=0)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, hook_kwargs: dict | None = None,
+                   forward: Forward | None = None):
+  """Jitted (params, batch) -> (sum of token NLLs, counted tokens): add over eval batches, divide once."""
+  def ev(params, batch):
+    with hooks.using(**(hook_kwargs or {})):
+      nll, count, _ = loss_sums(mdef, params, batch, forward)
+    return nll, count
+  if params_shardings is None:
+    return jax.jit(ev)
+  return jax.jit(ev, in_shardings=(params_shardings, batch_sharding))
