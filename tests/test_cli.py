@@ -25,9 +25,12 @@ def test_train_py_learns_and_saves(tmp_path):
   assert last < first - 1.0
   assert f"checkpoint: {tmp_path}/checkpoints" in text and "sample:\n" in text
   assert os.path.isdir(tmp_path / "checkpoints" / "40")
-  again = run("--no-progress", "train.steps=40", "train.seq_len=64", "train.batch_size=8",
-              "train.max_corpus_bytes=300000", f"train.out_dir={tmp_path}")
-  assert again.returncode == 0 and "nothing to do" in again.stdout
+  # Options and key=value overrides mix in any order; the checkpoint restores onto a tp=4 mesh.
+  again = run("train.steps=40", "--mesh", "meshes/cpu-8.toml", "mesh.tp=4", "--no-progress", "mesh.dp=2",
+              "train.seq_len=64", "train.batch_size=8", "train.max_corpus_bytes=300000", "train.sample_tokens=0",
+              f"train.out_dir={tmp_path}")
+  assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+  assert "tp=(" in again.stdout and "resumed from" in again.stdout
 
 
 def test_train_py_errors_in_plain_words(tmp_path):

@@ -164,3 +164,50 @@ def test_checkpoint_restores_on_other_meshes_and_reports_damage(tmp_path):
     ck.restore(abstract_state(mdef, tx, state_shardings(mdef, tx, mesh, plan)))
   assert all(os.path.exists(f) for f in files)
   ck.close()
+
+
+def _lrs(path):
+  return {r["step"]: r["lr"] for r in map(json.loads, open(path))}
+
+
+def test_continuing_a_finished_run_keeps_the_lr_schedule(tmp_path):
+  """Run 6 steps, then raise train.steps to 10 and run again: the horizon (decay_steps=6) is saved
+  with the run, so steps 1-6 follow it and 7-10 stay at the floor lr: no jump."""
+  base = ("train.warmup_steps=2", "train.lr=1e-2", "train.min_lr_ratio=0.1", "train.save_every=0")
+  first = train(_cfg(tmp_path, "train.steps=6", *base), progress=False, log=lambda *_: None)
+  assert first["steps"] == 6
+  second = train(_cfg(tmp_path, "train.steps=10", *base), progress=False, log=lambda *_: None)
+  assert second["history"][0]["step"] == 7
+  lrs = _lrs(tmp_path / "metrics.jsonl")
+  assert sorted(lrs) == list(range(1, 11))
+  from jaxllm.train.optim import lr_schedule
+  sched = lr_schedule(TrainConfig(steps=6, decay_steps=6, warmup_steps=2, lr=1e-2, min_lr_ratio=0.1))
+  for s in range(1, 7):
+    assert lrs[s] == pytest.approx(float(sched(s - 1)))
+  for s in range(7, 11):
+    assert lrs[s] == pytest.approx(1e-3)
+  assert json.load(open(tmp_path / "config.json"))["train"]["decay_steps"] == 6
+
+
+def test_pipelined_run_end_to_end(tmp_path):
+  """train() on the pp=2 x vpp=2 (dp=2 tp=2) mesh: train, eval through the pipeline, save, kill,
+  resume, and the sample from the serving engine; the loss curve and eval loss equal those of the
+  non-pipelined cpu-8 mesh (dp=4 x tp=2) on the same batches."""
+  from jaxllm.serve import complete_text
+  pp_mesh = os.path.join(os.path.dirname(__file__), "..", "meshes", "cpu-8-pp.toml")
+  common = ("model.n_layers=4", "train.steps=4", "train.save_every=2", "train.eval_every=2", "train.eval_batches=2",
+            "train.sample_tokens=6")
+  ref = train(_cfg(tmp_path / "ref", *common), progress=False, log=lambda *_: None)
+  cfg = _cfg(tmp_path / "pp", *common, f"mesh={pp_mesh}")
+  lines = []
+  first = train(cfg, stop_after=3, progress=False, log=lines.append)
+  assert first["steps"] == 3 and any("pipeline pp=2 vpp=2 m=4" in l for l in lines)
+  second = train(cfg, progress=False, log=lines.append, sampler=complete_text)
+  assert second["history"][0]["step"] == 3          # resumed from the step-2 checkpoint
+  want = {h["step"]: h["loss"] for h in ref["history"]}
+  for h in first["history"] + second["history"]:
+    assert h["loss"] == pytest.approx(want[h["step"]], rel=2e-5), h
+  assert second["eval_loss"] == pytest.approx(ref["eval_loss"], rel=2e-5)
+  assert second["sample"].startswith(cfg.train.sample_prompt) and len(second["sample"]) > len(cfg.train.sample_prompt)
+  config, params = load_params(str(tmp_path / "pp" / "checkpoints"))   # canonical: loads on one device
+  assert config.mesh.pp == 2 and params["layers"]["wq"].shape[0] == 4
