@@ -16,7 +16,8 @@ MESHES = os.path.join(os.path.dirname(__file__), "..", "meshes")
 
 
 def test_design_example_axes():
-  # The worked example of docs/architecture.md: tp=2 dp=4, etp=1 ep=4 edp=2 -> boundaries {1,2,4,8} -> three axes of size 2.
+  # The worked example of docs/architecture.md: tp=2 dp=4, etp=1 ep=4 edp=2 -> boundaries {1,2,4,8}
+  # -> three axes of size 2.
   plan = plan_mesh(MeshConfig(dp=4, tp=2, ep=4, etp=1))
   assert plan.axis_names == ("pp", "f2", "f1", "f0") and plan.axis_sizes == (1, 2, 2, 2)
   assert plan.dims["tp"] == ("f0",) and plan.dims["dp"] == ("f2", "f1")

@@ -62,7 +62,7 @@ RUN_FIELDS = ("name", "dtype", "param_dtype", "remat", "init_std", "aux_loss_coe
 def load_hf(model_dir: str, shardings=None, cfg: ModelConfig | None = None, **overrides) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) from a Hugging Face directory.
 
-  shardings: a pytree like the params (e.g. `jaxllm.train.state.param_shardings(model_def(cfg), mesh,
+  shardings: a pytree like the params (e.g. `jaxllm.parallel.param_shardings(model_def(cfg), mesh,
   plan)` for `cfg = load_hf_config(model_dir)`) to place every leaf directly on its devices; None puts
   the params on the default device. cfg: load into this config (e.g. the run's, with bf16 params or
   remat) after checking that it describes the same weights; `overrides` replace ModelConfig fields.

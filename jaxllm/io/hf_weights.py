@@ -9,8 +9,9 @@ anything), read any rectangular block of the jaxllm array from the files (so eac
 its own shard: `jax.make_array_from_callback` + safetensors `get_slice`), and write the HF tensors
 back on export.
 
-Legend: L layers, E experts, D model, N heads, K kv heads, H head dim, F mlp, Fm expert mlp,
-Fs shared expert mlp, V vocab. HF nn.Linear weights are [out, in]; jaxllm's are [in, ...out].
+Shapes: the package legend in jaxllm/__init__.py (L, E, D, N, K, H, F, V); `Fm` and `Fs` name the
+expert and shared-expert hidden widths (both F of their MLP). HF nn.Linear weights are [out, in];
+jaxllm's are [in, ...out].
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 `cache.advance(T)` after the last; any pytree with these two methods plugs in (the serving engine's
 paged cache does). This one is the simple contiguous cache for incremental decode.
 
-Shapes: L layers, B batch, S cache capacity, T new tokens, N/K query/kv heads, H head dim.
+Shapes: the package legend in jaxllm/__init__.py (L, B, S = cache capacity, T, N, K, H).
 """
 from __future__ import annotations
 

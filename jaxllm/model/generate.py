@@ -1,7 +1,8 @@
 """A plain jitted generate loop over the contiguous KVCache: for samples after training, tests,
 and as the baseline the serving engine is measured against.
 
-Shapes: B batch, P prompt length (left-aligned, equal per batch), G new tokens.
+Shapes: the package legend in jaxllm/__init__.py (B, T = prompt length, left-aligned and equal per
+batch, n new tokens, V).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ def sample_token(logits, key, temperature: float):
 
 @functools.partial(jax.jit, static_argnames=("mdef", "max_new", "temperature"))
 def generate(mdef: ModelDef, params, prompt, max_new: int, temperature: float = 0.0, seed=0):
-  """prompt [B, P] int32 -> new tokens [B, G]. Prefill once, then one cached step per token."""
+  """prompt [B, T] int32 -> new tokens [B, n] (n = max_new). Prefill once, then one cached step per token."""
   model = mdef.bind(params)
-  B, P = prompt.shape
-  cache = KVCache.init(mdef.cfg, B, P + max_new)
+  B, T = prompt.shape
+  cache = KVCache.init(mdef.cfg, B, T + max_new)
   out = model(prompt, cache=cache)
   key = jax.random.key(seed)
   first = sample_token(out.logits[:, -1], jax.random.fold_in(key, 0), temperature)

@@ -1,8 +1,6 @@
 """Stateless building blocks of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-Dimension legend (used in every shape comment of jaxllm/model):
-  B batch, T query length, S key length, D model, N query heads, K kv heads, G = N/K heads per
-  kv head, H head dim, F mlp hidden, E experts, V vocab, L layers.
+Shapes: the package legend in jaxllm/__init__.py (B, T, S, D, N, K, G, H, F).
 """
 from __future__ import annotations
 
@@ -14,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.model.hooks import constrain
 
 from jaxllm.kernels.reference import MASK_VALUE  # one finite "-inf" shared with the paged kernels
 
@@ -81,6 +80,8 @@ def causal_mask(B: int, T: int):
 
 
 def swiglu(x, w_gate, w_up, w_down):
-  """x [..., D]; w_gate, w_up [D, F]; w_down [F, D]."""
-  h = jax.nn.silu(x @ w_gate) * (x @ w_up)
-  return h @ w_down
+  """SwiGLU MLP (Shazeer 2020) in x's dtype. x [B, T, D]; w_gate, w_up [D, F]; w_down [F, D] -> [B, T, D].
+  The hidden activation is annotated ('batch', 'seq', 'mlp') so tensor parallelism splits F."""
+  dt = x.dtype
+  gate = constrain(x @ w_gate.astype(dt), ("batch", "seq", "mlp"))
+  return (jax.nn.silu(gate) * (x @ w_up.astype(dt))) @ w_down.astype(dt)

@@ -1,6 +1,6 @@
 """Mixture-of-experts block: softmax router, top-k, dropless grouped-matmul experts, aux losses.
 
-Shapes: B batch, T tokens, D model, E experts, k experts per token, F expert hidden.
+Shapes: the package legend in jaxllm/__init__.py (B, T, D, E, k, F).
 The expert computation is a hook (`hooks.moe_experts_impl`): by default the local dropless
 dispatch below; under expert parallelism `jaxllm.parallel.moe` installs an all-to-all version
 with the same signature and the same result.
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.model import hooks
+from jaxllm.model.layers import swiglu
 
 
 def route(x, w_router, k: int, renormalize: bool):
@@ -66,10 +67,8 @@ def moe_mlp(x, p, cfg):
   experts = hooks.moe_experts_impl() or local_experts
   y = experts(x, ids, weights, p["w_gate"], p["w_up"], p["w_down"])
   if cfg.shared_expert_d_ff:
-    dt = x.dtype
-    shared = jax.nn.silu(x @ p["shared_gate"].astype(dt)) * (x @ p["shared_up"].astype(dt))
-    shared = shared @ p["shared_down"].astype(dt)
+    shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"])
     if cfg.shared_expert_gate:
-      shared = jax.nn.sigmoid(x @ p["shared_expert_gate"].astype(dt)[:, None]) * shared
+      shared = jax.nn.sigmoid(x @ p["shared_expert_gate"].astype(x.dtype)[:, None]) * shared
     y = y + shared
   return y, aux

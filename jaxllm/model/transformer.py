@@ -2,8 +2,7 @@
 scanned. Every parameter carries `logical` axis names as metadata; `jaxllm.parallel` turns them into
 shardings. The model never sees a mesh.
 
-Legend: B batch, T query length, S key length, D model, N heads, K kv heads, H head dim, F mlp,
-E experts, V vocab, L layers.
+Shapes: the package legend in jaxllm/__init__.py (B, T, S, D, N, K, H, F, E, V, L).
 """
 from __future__ import annotations
 
@@ -104,9 +103,7 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
   if cfg.is_moe:
     y, aux = moe_mlp(h, p, cfg)
   else:
-    gate = constrain(h @ p["w_gate"].astype(dt), ("batch", "seq", "mlp"))
-    y = (jax.nn.silu(gate) * (h @ p["w_up"].astype(dt))) @ p["w_down"].astype(dt)
-    aux = {}
+    y, aux = ops.swiglu(h, p["w_gate"], p["w_up"], p["w_down"]), {}
   x = constrain(x + y, ("batch", "seq", "embed"))
   return x, cache, aux
 

@@ -12,8 +12,8 @@ without virtual stages.
 
 Only the decoder blocks are pipelined; the embedding and final norm run in the auto-sharded part of
 the step (replicated over the stage axis), and the head and loss are the trainer's (jaxllm.train.step
-takes `pipeline_hidden` as its forward, so loss and gradient accumulation have one code path). The shard_map is manual over the
-stage axis only, so dp/tp/ep sharding inside a stage stays automatic (GSPMD), and the backward pass
+takes `pipeline_hidden` as its forward, so loss and gradient accumulation have one code path).
+The shard_map is manual over the stage axis only, so dp/tp/ep sharding inside a stage stays automatic (GSPMD), and the backward pass
 is plain autodiff through the scan over ticks. With `remat=True` each tick saves only its stage
 input; the stage is recomputed in the backward pass, so activation memory grows by one [b, T, D]
 per tick instead of every layer's intermediates.

@@ -253,25 +253,25 @@ class Engine:
     """Compile every bucket a run can reach (sequences x pages x tokens); returns compiles done.
     Runs on a scratch copy of metadata that only writes the null page."""
     before = self.compiles
-    S_max = _pow2(self.sched.max_running, self.min_seqs)
-    P_max = _pow2(self.max_pages_per_seq, self.min_pages)
-    T_max = _pow2(self.sched.chunk_size + self.sched.max_running, self.min_tokens)
+    R_max = _pow2(self.sched.max_running, self.min_seqs)
+    M_max = _pow2(self.max_pages_per_seq, self.min_pages)
+    Q_max = _pow2(self.sched.chunk_size + self.sched.max_running, self.min_tokens)
     sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
     z = lambda *s: np.zeros(s, np.int32)
-    for S in sizes(self.min_seqs, S_max):
-      for maxp in sizes(self.min_pages, P_max):
-        for mode, Tts in (("decode", [S]), ("ragged", sizes(max(S, self.min_tokens), T_max))):
-          for Tt in Tts:
-            meta = {"slots": z(Tt), "kv_lens": z(S), "page_table": z(S, maxp), "cu_q_lens": z(S + 1),
-                    "num_seqs": np.int32(0), "last_idx": z(S)}
+    for R in sizes(self.min_seqs, R_max):
+      for M in sizes(self.min_pages, M_max):
+        for mode, Qs in (("decode", [R]), ("ragged", sizes(max(R, self.min_tokens), Q_max))):
+          for Q in Qs:
+            meta = {"slots": z(Q), "kv_lens": z(R), "page_table": z(R, M), "cu_q_lens": z(R + 1),
+                    "num_seqs": np.int32(0), "last_idx": z(R)}
             if mode == "ragged":
-              meta |= {"num_multi": np.int32(0), "dec_rows": np.full(S, Tt, np.int32)}
-            out = self._run(mode, z(Tt), z(Tt), meta, sampling_arrays([], [], S))
+              meta |= {"num_multi": np.int32(0), "dec_rows": np.full(R, Q, np.int32)}
+            out = self._run(mode, z(Q), z(Q), meta, sampling_arrays([], [], R))
             self.k_pages, self.v_pages = out[0], out[1]
         if "multi" in self._fns:
           n = self.decode_steps
-          meta = {"slots": z(n, S), "kv_lens": z(n, S), "page_table": z(S, maxp)}
-          out = self._run("multi", z(S), z(n, S), meta, sampling_arrays([], [], S))
+          meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, M)}
+          out = self._run("multi", z(R), z(n, R), meta, sampling_arrays([], [], R))
           self.k_pages, self.v_pages = out[0], out[1]
     return self.compiles - before
 
@@ -341,7 +341,7 @@ def _step_fn(cfg, attention: str, mode: str, mesh, pool_sh, rows: int, steps: in
 def _mesh_rows(cfg: ModelConfig, mc) -> int:
   """How many rows the ragged token sequence is folded into on this mesh.
 
-  A step's Tt tokens form one ragged sequence; the model sees it as [R, Tt/R]. With R = dp the
+  A step's Q tokens form one ragged sequence; the model sees it as [rows, Q/rows]. With rows = dp the
   "batch" dim of every activation shards over dp, so the dense/MoE layers split the tokens over dp
   instead of each dp rank recomputing all of them, and the expert-parallel dispatch
   (jaxllm.parallel.moe), which needs the batch divisible by dp and each dp rank's tokens by tp,
