@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     cli.fail(str(e))
   if summary["first_loss"] is None:
     print(f"\nnothing to do: the checkpoint in {summary['checkpoint_dir']} is already at train.steps="
-          f"{summary['steps']} (raise train.steps to continue, or set train.out_dir for a new run)")
+          f"{summary['steps']} (raise train.steps to continue: the learning rate keeps its schedule and stays "
+          "at its floor past train.decay_steps; or set train.out_dir for a new run)")
   else:
     print(f"\ntrained to step {summary['steps']}: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
           + (f", eval loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")

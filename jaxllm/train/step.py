@@ -90,7 +90,7 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shar
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):
       grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, forward)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
