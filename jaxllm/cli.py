@@ -37,11 +37,12 @@ def default_mesh_overrides(mesh_given: bool) -> list[str]:
   return [f"mesh.dp={len(jax.devices())}", f"mesh.device={jax.devices()[0].platform}", "mesh.name=all-dp"]
 
 
-def config_help() -> str:
-  """Every config key with its type, default and the comment written beside its field."""
+def config_help(sections=("model", "mesh", "train")) -> str:
+  """Every config key of these sections with its type, default and the comment beside its field."""
   from jaxllm import config as C
+  classes = {"model": C.ModelConfig, "mesh": C.MeshConfig, "train": C.TrainConfig, "serve": C.ServeConfig}
   out = []
-  for section, cls in (("model", C.ModelConfig), ("mesh", C.MeshConfig), ("train", C.TrainConfig)):
+  for section, cls in ((s, classes[s]) for s in sections):
     out.append(f"[{section}]  ({cls.__doc__.strip().splitlines()[0]})")
     for line in inspect.getsource(cls).splitlines():
       m = re.match(r"\s+(\w+): ([\w\[\], .|]+?) = (.+?)\s+# (.*)$", line)

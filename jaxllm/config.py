@@ -1,6 +1,6 @@
-"""Typed, frozen run configuration: model, mesh and training.
+"""Typed, frozen run configuration: model, mesh, training and serving.
 
-Configs come from named presets, a TOML file (sections [model], [mesh], [train]) and `key=value`
+Configs come from named presets, a TOML file (sections [model], [mesh], [train], [serve]) and `key=value`
 overrides on the command line (`model=tiny-moe model.n_layers=2 mesh.tp=2 train.steps=50`).
 Unknown keys, wrong types and impossible combinations are errors that name the key and the fix.
 """
@@ -183,11 +183,56 @@ class TrainConfig:
       raise ConfigError("train.warmup_steps, train.decay_steps, train.eval_every and train.save_every must be >= 0")
 
 
+SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
+ATTENTION_BACKENDS = ("reference", "pallas")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+  """The serving engine (KV pages, batching, scheduling) and the HTTP server in front of it."""
+  page_size: int = 16             # Z, tokens per KV page
+  num_pages: int = 1024           # P, pages in the device KV pool (page 0 is the null page)
+  max_pages: int = 0              # pages the allocator may use (<= num_pages), a memory limit; 0 = num_pages
+  max_running: int = 32           # sequences batched together at most
+  chunk_size: int = 256           # prefill tokens per step (chunked prefill budget)
+  decode_steps: int = 8           # decode steps per device call when the batch is pure decode (1 = one)
+  policy: str = "lpm"             # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
+  radix: bool = True              # share KV of common prefixes through the radix cache
+  attention: str = "reference"    # paged attention: "reference" (pure jnp) or "pallas" (TPU/GPU kernels)
+  decode_reserve: float = 1.0     # fraction of max_tokens whose pages admission reserves (1 = never preempt)
+  max_wait_s: float = 30.0        # a request waiting this long is admitted next, whatever the policy (no starvation)
+  min_seqs: int = 4               # smallest sequences bucket of a step (raise to compile fewer shapes)
+  min_tokens: int = 32            # smallest tokens bucket of a step
+  min_pages: int = 4              # smallest pages-per-sequence bucket of a step
+  host: str = "127.0.0.1"         # HTTP bind address (0.0.0.0 exposes the server to the network)
+  port: int = 8000                # HTTP port
+  api_key: str = ""               # required as `Authorization: Bearer KEY` when set
+  model_name: str = ""            # model id in the API; "" = the checkpoint or HF directory name
+  max_waiting: int = 256          # queued requests at most; beyond it requests get 503 + Retry-After
+  max_n: int = 16                 # largest `n` (samples per request)
+  max_body_bytes: int = 1_000_000  # largest request body (413 above)
+
+  def __post_init__(self):
+    _positive(self, "page_size", "num_pages", "max_running", "chunk_size", "decode_steps", "min_seqs",
+              "min_tokens", "min_pages", "port", "max_waiting", "max_n", "max_body_bytes")
+    if self.policy not in SCHEDULING_POLICIES:
+      raise ConfigError(f"serve.policy={self.policy!r}: use one of {', '.join(SCHEDULING_POLICIES)}")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ConfigError(f"serve.attention={self.attention!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if not 0 <= self.max_pages <= self.num_pages:
+      raise ConfigError(f"serve.max_pages={self.max_pages} must be in 0..serve.num_pages={self.num_pages}")
+    if not 0 <= self.decode_reserve <= 1:
+      raise ConfigError(f"serve.decode_reserve={self.decode_reserve} must be in [0, 1]")
+    if self.max_wait_s <= 0:
+      raise ConfigError(f"serve.max_wait_s={self.max_wait_s} must be > 0 seconds")
+
+
 @dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=lambda: ModelConfig(name="tiny"))  # the `tiny` preset
   mesh: MeshConfig = field(default_factory=MeshConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
+  serve: ServeConfig = field(default_factory=ServeConfig)
 
   def __post_init__(self):
     m, t, mesh = self.model, self.train, self.mesh
@@ -207,7 +252,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading: TOML + key=value overrides
 
-_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig, "serve": ServeConfig}
 
 
 def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (),
@@ -270,7 +315,7 @@ def _read_toml(path: str) -> dict:
     raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
   unknown = set(data) - set(_SECTIONS)
   if unknown:
-    raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; use [model], [mesh], [train]")
+    raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; use [model], [mesh], [train], [serve]")
   return data
 
 
@@ -358,7 +403,7 @@ def check_pipeline(pp: int, vpp: int, m: int, n_layers: int | None = None) -> No
 def _positive(obj, *names):
   for n in names:
     if getattr(obj, n) < 1:
-      section = {"ModelConfig": "model", "MeshConfig": "mesh", "TrainConfig": "train"}[type(obj).__name__]
+      section = {c.__name__: n for n, c in _SECTIONS.items()}[type(obj).__name__]
       raise ConfigError(f"{section}.{n}={getattr(obj, n)} must be >= 1")
 
 

@@ -155,7 +155,7 @@ def test_no_page_leaked_after_10k_random_requests(policy):
   while finished < n_req:
     while len(sched.waiting) < 16 and len(reqs) < n_req:
       prompt = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
-      req = Req(len(reqs), prompt, SamplingParams(max_tokens=rng.randrange(1, 10)), extra_key=rng.randrange(2))
+      req = Req(len(reqs), prompt, SamplingParams(max_tokens=rng.randrange(1, 10)))
       reqs.append(req)
       sched.add(req)
     batch = sched.schedule()
@@ -165,6 +165,8 @@ def test_no_page_leaked_after_10k_random_requests(policy):
     steps += 1
     if steps % 50 == 0:
       sched.check()
+    if steps % 97 == 0:        # a weight swap: running requests are preempted, a new namespace starts
+      sched.set_version(steps // 97 % 2)
   assert not sched.running and not sched.waiting
   assert all(len(r.output) == r.sp.max_tokens and r.finish_reason == "length" for r in reqs)
   assert sched.num_preemptions > 0 and sum(r.cache_hit for r in reqs) > 0

@@ -25,6 +25,7 @@ as B = `rows` rows of T = Q / rows.
 from __future__ import annotations
 
 import functools
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, ServeConfig
 from jaxllm.model import hooks
 from jaxllm.model.params import model_def
 from jaxllm.parallel import mesh_hooks
@@ -61,36 +62,34 @@ class Result:
 
 
 class Engine:
-  def __init__(self, cfg: ModelConfig, params, *, page_size: int = 16, num_pages: int = 512,
-               max_pages: int | None = None, max_running: int = 32, chunk_size: int = 256,
-               policy: str = "lpm", radix: bool = True, attention: str = "reference",
-               mesh=None, plan=None, weight_version=0, detokenize=None,
-               min_seqs: int = 4, min_tokens: int = 32, min_pages: int = 4, decode_reserve: float = 1.0,
-               decode_steps: int = 8):
-    """num_pages: pool size on device; max_pages: pages the allocator may use (<= num_pages), a
-    memory limit that changes no compiled shape. weight_version namespaces the radix cache.
-    min_*: smallest bucket of each padded dim (raise them to compile fewer shapes).
-    decode_reserve: fraction of each request's max_tokens whose pages admission reserves (1: never
-    preempt; lower admits more and preempts when requests do not stop early; see scheduler.py).
-    decode_steps: decode steps per device call when the batch is pure decode (1: one per call)."""
-    if decode_steps < 1:
-      raise ValueError(f"decode_steps={decode_steps} must be >= 1 (1 = one decode step per call)")
-    self.decode_steps = decode_steps
-    self.min_seqs, self.min_tokens, self.min_pages = min_seqs, min_tokens, min_pages
-    self.cfg, self.page_size, self.detokenize = cfg, page_size, detokenize
+  def __init__(self, cfg: ModelConfig, params, serve: ServeConfig | None = None, *, mesh=None, plan=None,
+               weight_version=0, detokenize=None, **overrides):
+    """Serve `cfg`'s model with `params` under ServeConfig `serve` (keywords override its fields,
+    e.g. Engine(cfg, params, page_size=8)). weight_version namespaces the radix cache; detokenize
+    (token ids -> text) is needed for stop strings."""
+    try:
+      serve = dataclasses.replace(serve or ServeConfig(), **overrides)
+    except TypeError as e:
+      raise ValueError(f"unknown engine setting: {e}; the settings are ServeConfig's fields") from None
+    self.serve = sc = serve
+    self.decode_steps = sc.decode_steps
+    self.min_seqs, self.min_tokens, self.min_pages = sc.min_seqs, sc.min_tokens, sc.min_pages
+    self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
     self.mdef = model_def(cfg)
-    self.sched = Scheduler(max_pages or num_pages, page_size, max_running=max_running,
-                           chunk_size=chunk_size, policy=policy, radix=radix, decode_reserve=decode_reserve)
-    self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
+    self.sched = Scheduler(sc.max_pages or sc.num_pages, sc.page_size, max_running=sc.max_running,
+                           chunk_size=sc.chunk_size, policy=sc.policy, radix=sc.radix,
+                           decode_reserve=sc.decode_reserve, max_wait_s=sc.max_wait_s)
+    self.sched.version = weight_version
+    self.max_pages_per_seq = -(-cfg.max_seq_len // sc.page_size)
     self.mesh, self.plan = mesh, plan
     self.rows = 1
     if mesh is not None:
       self.rows = _mesh_rows(cfg, plan.cfg)
       # Every bucket must split into dp*tp equal parts (rows over dp, the MoE token slices over tp).
       par = plan.cfg.dp * plan.cfg.tp if self.rows > 1 or cfg.is_moe else 1
-      self.min_seqs, self.min_tokens = _pow2(max(min_seqs, par), 1), _pow2(max(min_tokens, par), 1)
+      self.min_seqs, self.min_tokens = _pow2(max(sc.min_seqs, par), 1), _pow2(max(sc.min_tokens, par), 1)
     dtype = jnp.dtype(cfg.dtype)
-    shape = pool_shape(cfg, num_pages, page_size)
+    shape = pool_shape(cfg, sc.num_pages, sc.page_size)
     if mesh is not None:
       params = jax.device_put(params, param_shardings(self.mdef, mesh, plan))
       self._pool_sh = NamedSharding(mesh, logical_spec(plan, ("layers", None, None, "kv_heads", "head_dim"), shape))
@@ -99,14 +98,23 @@ class Engine:
     else:
       self._pool_sh = None
       self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    self.params, self.weight_version = params, weight_version
+    self.params = params
     self.step_seconds = {"ragged": 0.0, "decode": 0.0}
     self.step_tokens = {"ragged": 0, "decode": 0}
-    self._fns = {mode: _step_fn(cfg, attention, mode, mesh, self._pool_sh, self.rows,
-                                decode_steps if mode == "multi" else 1)
-                 for mode in ("ragged", "decode") + (("multi",) if decode_steps > 1 else ())}
+    self._fns = {mode: _step_fn(cfg, sc.attention, mode, mesh, self._pool_sh, self.rows,
+                                sc.decode_steps if mode == "multi" else 1)
+                 for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())}
     self._rids = itertools.count()
     self.finished: list[Req] = []
+
+  @property
+  def stats(self):
+    """Monotonic counters (jaxllm.serve.scheduler.Stats): prompt/cached/generated tokens, ..."""
+    return self.sched.stats
+
+  @property
+  def weight_version(self):
+    return self.sched.version
 
   def _run(self, mode: str, *args):
     if self.mesh is None:
@@ -121,6 +129,8 @@ class Engine:
 
   # ---- requests -----------------------------------------------------------------------------
   def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
+    """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
+    run. The weight version (radix namespace) is bound when it is admitted, not here."""
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise ValueError("empty prompt: a request needs at least one token")
@@ -133,16 +143,44 @@ class Engine:
     if -(-total // self.page_size) > self.sched.alloc.total:
       raise ValueError(f"a {total}-token request needs {-(-total // self.page_size)} KV pages but the pool "
                        f"has {self.sched.alloc.total}; raise num_pages/max_pages")
-    req = Req(next(self._rids), prompt, sp, extra_key=self.weight_version,
-              arrival=time.perf_counter() if arrival is None else arrival)
+    req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
     self.sched.add(req)
     return req
 
+  def abort(self, req: Req) -> bool:
+    """Cancel a waiting or running request (call between steps). Its pages are released and its
+    computed prefix stays in the radix cache. False if it had already finished."""
+    if req.finish_reason is not None:
+      return False
+    req.finish_reason = "abort"
+    self.sched.abort(req)
+    return True
+
   def set_weights(self, params, version) -> None:
-    """Swap weights (RL): new requests get a new radix namespace, so no stale KV is reused."""
+    """Swap weights (RL; call between steps). The version is the radix namespace, bound when a
+    request is admitted: requests admitted from now on match only KV computed by these weights, and
+    running requests are preempted so their KV is recomputed with them (nothing computed by the old
+    weights is served again)."""
+    if version == self.sched.version:
+      raise ValueError(f"weight version {version!r} is already in use; give each set_weights a new version")
     if self.mesh is not None:
       params = jax.device_put(params, param_shardings(self.mdef, self.mesh, self.plan))
-    self.params, self.weight_version = params, version
+    self.params = params
+    self.sched.set_version(version)
+
+  def flush_cache(self) -> bool:
+    """Drop every cached prefix (SGLang /flush_cache). Only when nothing runs; False otherwise."""
+    if not self.idle:
+      return False
+    self.sched.flush()
+    return True
+
+  def gauges(self) -> dict:
+    """Live values: requests running and waiting, KV pages in use (held by requests or the cache)."""
+    alloc = self.sched.alloc
+    return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
+            "pages_total": alloc.total, "pages_used": alloc.total - alloc.num_free,
+            "pages_evictable": self.sched.tree.evictable if self.sched.radix_on else 0}
 
   @property
   def idle(self) -> bool:

@@ -14,7 +14,15 @@ scheduler admits whatever the prefill chunk fits, runs out of pages during decod
 prefixes queued requests need and preempts (recomputes) running requests: under a memory limit that
 cost fcfs and dfs-weight a third of their hit rate. `decode_reserve` < 1 is SGLang's optimistic
 new_token_ratio (requests often stop early); preemption remains the fallback when it guesses wrong.
-The first waiting request that does not fit stops admission (no overtaking, so none starves).
+The first waiting request that does not fit stops admission (no overtaking).
+
+No starvation: lpm and dfs-weight reorder the queue every step, so a request with no cached prefix
+could wait behind an endless stream of requests that hit. A request that has waited `max_wait_s`
+goes to the front (oldest first), whatever the policy.
+
+Weight versions (RL): the radix key includes the weight version, bound when a request is admitted
+(`extra_key`), never when it is queued; `set_version` preempts running requests so their KV is
+recomputed with the new weights. Nothing computed by old weights is matched again.
 
 Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
 subtree with more waiting requests first, each node's requests after its subtree's, SGLang sec. 4:
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 from jaxllm.serve.pages import PageAllocator
@@ -46,13 +55,26 @@ POLICIES = ("fcfs", "lpm", "dfs-weight")
 _order = itertools.count()
 
 
+@dataclass
+class Stats:
+  """Monotonic counters (exported as Prometheus counters by the server)."""
+  prompt_tokens: int = 0        # prompt tokens of admitted requests (first admission only)
+  cached_tokens: int = 0        # of those, reused from the radix cache
+  generated_tokens: int = 0     # tokens sampled and kept
+  computed_tokens: int = 0      # tokens run through the model in prefill chunks (recompute included)
+  preemptions: int = 0
+  finished: dict = field(default_factory=dict)   # finish reason ('stop', 'length', 'abort') -> requests
+
+
 @dataclass(eq=False)
 class Req:
   rid: int
   prompt: list
   sp: SamplingParams
-  extra_key: object = None         # radix namespace (weight version)
-  arrival: float = 0.0
+  extra_key: object = None         # radix namespace: the weight version, bound at admission
+  arrival: float = 0.0             # time.perf_counter() when queued
+  admitted: float | None = None    # first admission time (queue time = admitted - arrival)
+  queued: float = 0.0              # time.perf_counter() when the scheduler got it (for max_wait_s)
   output: list = field(default_factory=list)
   logprobs: list = field(default_factory=list)
   pages: list = field(default_factory=list)   # page ids for tokens [0, num_computed + scheduled)
@@ -90,7 +112,7 @@ def _lcp(a, b) -> int:
 class Scheduler:
   def __init__(self, num_pages: int, page_size: int, *, max_running: int = 32, chunk_size: int = 256,
                policy: str = "lpm", radix: bool = True, policy_max_queue: int = 128,
-               decode_reserve: float = 1.0):
+               decode_reserve: float = 1.0, max_wait_s: float = 30.0):
     if policy not in POLICIES:
       raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
     if chunk_size < 1 or max_running < 1:
@@ -102,9 +124,15 @@ class Scheduler:
     self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
     self.alloc = PageAllocator(num_pages)
     self.tree = RadixCache(self.alloc, page_size)
+    self.max_wait_s = max_wait_s
     self.waiting: list[Req] = []
     self.running: list[Req] = []
-    self.num_preemptions = 0
+    self.version = None              # weight version (radix namespace) of the requests admitted from now on
+    self.stats = Stats()
+
+  @property
+  def num_preemptions(self) -> int:
+    return self.stats.preemptions
 
   # ---- pages --------------------------------------------------------------------------------
   def _alloc(self, n: int) -> list | None:
@@ -167,13 +195,43 @@ class Scheduler:
 
   # ---- queue --------------------------------------------------------------------------------
   def add(self, req: Req) -> None:
+    req.queued = time.perf_counter()
     self.waiting.append(req)
 
+  def abort(self, req: Req) -> None:
+    """Take a request out wherever it is; a running one's computed prefix goes to the tree."""
+    if req in self.waiting:
+      self.waiting.remove(req)
+    elif req in self.running:
+      self.running.remove(req)
+      self._release(req)
+    self._count(req, "abort")
+
+  def set_version(self, version) -> None:
+    """New weights: later admissions use `version`; running requests are preempted (requeued at
+    the front, recomputed under the new weights)."""
+    self.version = version
+    for req in sorted(self.running, key=lambda r: -r.order):
+      self._preempt(req)
+
+  def flush(self) -> None:
+    """Drop every unlocked cached prefix."""
+    if self.radix_on:
+      self.tree.reset()
+
   def _ordered_waiting(self) -> list[Req]:
+    now = time.perf_counter()
+    overdue = [r for r in self.waiting if now - r.queued >= self.max_wait_s]
+    if overdue:                              # no starvation: the long-waiting go first, oldest first
+      rest = [r for r in self._policy_order() if now - r.queued < self.max_wait_s]
+      return sorted(overdue, key=lambda r: r.queued) + rest
+    return self._policy_order()
+
+  def _policy_order(self) -> list[Req]:
     if self.policy == "fcfs" or not self.radix_on or len(self.waiting) > self.policy_max_queue:
       return list(self.waiting)
     t = self.tree
-    matches = [t.prefix_len(r.tokens[:-1], r.extra_key) for r in self.waiting]
+    matches = [t.prefix_len(r.tokens[:-1], self.version) for r in self.waiting]
     if self.policy == "lpm":
       order = sorted(range(len(self.waiting)), key=lambda i: -matches[i][0])
       return [self.waiting[i] for i in order]
@@ -201,7 +259,7 @@ class Scheduler:
     self.running.remove(req)
     self._release(req)
     req.preemptions += 1
-    self.num_preemptions += 1
+    self.stats.preemptions += 1
     self.waiting.insert(0, req)
 
   # ---- one step -----------------------------------------------------------------------------
@@ -247,10 +305,10 @@ class Scheduler:
     tokens = req.tokens
     pages, node = ([], self.tree.root)
     if self.radix_on:
-      pages, node = self.tree.match_prefix(tokens[:-1], req.extra_key)
+      pages, node = self.tree.match_prefix(tokens[:-1], self.version)
       cached = len(pages) * Z
       for other in prefilling:
-        if other.extra_key == req.extra_key and \
+        if other.extra_key == self.version and \
            _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
           return "wait"                      # `other` is computing our prefix right now
       self.tree.lock(node)                   # before counting: our prefix is no longer evictable
@@ -266,10 +324,14 @@ class Scheduler:
         self.tree.unlock(node)
       return "full"
     self.waiting.remove(req)
+    req.extra_key = self.version
     req.pages, req.node = pages + new, (node if self.radix_on else None)
     req.num_computed = req.cached_len = len(pages) * Z
     if req.preemptions == 0:
       req.cache_hit = req.cached_len
+      req.admitted = time.perf_counter()
+      self.stats.prompt_tokens += len(req.prompt)
+      self.stats.cached_tokens += req.cached_len
     req.order = next(_order)
     self.running.append(req)
     return "ok"
@@ -283,10 +345,12 @@ class Scheduler:
       r.num_computed += n
       if was_prefill or n > 1:
         r.computed += n
+        self.stats.computed_tokens += n
         self.cache_prefix(r)
       if r.remaining:                        # mid-prefill chunk: nothing sampled yet
         continue
       r.output.append(int(tokens[i]))
+      self.stats.generated_tokens += 1
       if r.sp.logprobs:
         r.logprobs.append(float(logprobs[i]))
       r.token_times.append(now)
@@ -316,6 +380,7 @@ class Scheduler:
       for j in range(ks[i]):
         r.num_computed += 1                  # the token fed at step j now has its K/V cached
         r.output.append(int(tokens[j, i]))
+        self.stats.generated_tokens += 1
         if r.sp.logprobs:
           r.logprobs.append(float(logprobs[j, i]))
         r.token_times.append(now)
@@ -329,6 +394,10 @@ class Scheduler:
   def finish(self, req: Req) -> None:
     self.running.remove(req)
     self._release(req)
+    self._count(req, req.finish_reason)
+
+  def _count(self, req: Req, reason: str) -> None:
+    self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
   def check(self) -> None:
     """The page-accounting invariant (holds between steps, with requests running or not)."""
