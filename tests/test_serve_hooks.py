@@ -1,0 +1,90 @@
+"""The engine hooks a server needs: abort, weight swaps bound at admission, no starvation, counters.
+
+Reference for every output: full-forward greedy decoding without any cache (test_serve.py)."""
+import time
+
+import numpy as np
+
+from jaxllm.model.params import init_params
+from jaxllm.serve.engine import Engine
+from jaxllm.serve.sampling import SamplingParams
+from jaxllm.serve.scheduler import Req, Scheduler
+from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
+
+
+def test_abort_waiting_and_running_releases_pages_and_keeps_prefix():
+  eng = Engine(DENSE, params_of(DENSE), **{**PINNED, "max_running": 2, "decode_steps": 1})
+  prompts = shared_prefix_prompts(4, seed=5)
+  reqs = [eng.add_request(p, SamplingParams(max_tokens=20)) for p in prompts]
+  eng.step()
+  eng.step()
+  running, waiting = reqs[0], reqs[3]
+  assert running in eng.sched.running and waiting in eng.sched.waiting and running.output
+  assert eng.abort(running) and eng.abort(waiting) and not eng.abort(running)
+  assert running.finish_reason == waiting.finish_reason == "abort"
+  assert running not in eng.sched.running and waiting not in eng.sched.waiting
+  eng.sched.check()                           # no page leaked
+  eng.run()
+  assert all(r.finish_reason == "length" for r in reqs[1:3])
+  # The aborted request's computed prefix stays cached: the same prompt now hits.
+  again = eng.generate([prompts[0]], SamplingParams(max_tokens=2))[0]
+  assert again.cache_hit >= len(prompts[0]) // PINNED["page_size"] * PINNED["page_size"] - PINNED["page_size"]
+  assert again.cache_hit > 0 and eng.stats.finished["abort"] == 2
+  eng.sched.check()
+  eng.sched.flush()
+  assert eng.gauges()["pages_evictable"] == 0
+
+
+def test_weight_swap_with_requests_waiting_running_and_preempted():
+  """Swap weights A -> B mid-run. Every request's output = its tokens before the swap (A) followed
+  by B's greedy continuation of prompt + those tokens computed from scratch: nothing computed by A
+  (cached prompt prefixes, running KV) is used after the swap."""
+  A, B = params_of(DENSE), init_params(DENSE, 1)
+  eng = Engine(DENSE, A, **{**PINNED, "max_running": 3, "decode_steps": 1})
+  prompts = shared_prefix_prompts(6, seed=9)
+  warm = eng.generate(prompts[:3], SamplingParams(max_tokens=2))       # cache the shared prefixes under A
+  assert sum(r.cache_hit for r in warm) >= 0
+  reqs = [eng.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
+  for _ in range(3):
+    eng.step()
+  before = {r.rid: list(r.output) for r in reqs}
+  states = {"running": sum(r in eng.sched.running for r in reqs), "waiting": sum(r in eng.sched.waiting for r in reqs)}
+  assert states["running"] > 0 and states["waiting"] > 0 and any(before.values())
+  eng.set_weights(B, version=1)
+  assert not eng.sched.running and all(r.preemptions == 1 for r in reqs if before[r.rid])
+  eng.run()
+  eng.sched.check()
+  for r, p in zip(reqs, prompts):
+    k = len(before[r.rid])
+    assert r.output[:k] == before[r.rid]
+    want = full_forward_greedy(DENSE, [p + before[r.rid]], 8 - k, params=B)[0]
+    assert r.output[k:] == want, (r.rid, k)
+
+
+def test_long_waiting_request_is_not_starved():
+  """lpm puts a request with no cached prefix behind every request that hits; once it has waited
+  max_wait_s it goes first."""
+  Z = 4
+  sched = Scheduler(64, Z, policy="lpm", max_wait_s=5.0)
+  hit = [1] * 8
+  sched.tree.insert(hit, sched.alloc.alloc(2))
+  cold = Req(0, [9] * 9, SamplingParams())
+  warm = [Req(i, hit + [i], SamplingParams()) for i in range(1, 4)]
+  for r in [cold] + warm:
+    sched.add(r)
+  assert [r.rid for r in sched._ordered_waiting()][-1] == 0       # behind every hit
+  cold.queued = time.perf_counter() - 6.0                          # it has now waited 6 s
+  assert [r.rid for r in sched._ordered_waiting()][0] == 0
+
+
+def test_counters_add_up():
+  eng = Engine(DENSE, params_of(DENSE), **PINNED)
+  prompts = shared_prefix_prompts(8, seed=2)
+  out = eng.generate(prompts, SamplingParams(max_tokens=5))
+  st = eng.stats
+  assert st.prompt_tokens == sum(map(len, prompts))
+  assert st.cached_tokens == sum(r.cache_hit for r in out) > 0
+  assert st.generated_tokens == sum(len(r.output) for r in out) == 40
+  assert st.finished == {"length": 8}
+  assert eng.gauges()["running"] == 0 and eng.gauges()["waiting"] == 0
+  np.testing.assert_equal(st.computed_tokens, st.prompt_tokens - st.cached_tokens)
