@@ -40,6 +40,7 @@ from jaxllm.model import hooks
 from jaxllm.model.params import model_def
 from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
+from jaxllm.serve.detok import TextStream
 from jaxllm.serve.paged_cache import PagedCache, attention_backend, pool_shape
 from jaxllm.serve.sampling import SamplingParams, sample, sampling_arrays
 from jaxllm.serve.scheduler import Req, Scheduler
@@ -128,9 +129,9 @@ class Engine:
     return sum(f.traces for f in self._fns.values())
 
   # ---- requests -----------------------------------------------------------------------------
-  def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
-    """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
-    run. The weight version (radix namespace) is bound when it is admitted, not here."""
+  def check_request(self, prompt, sp: SamplingParams) -> list[int]:
+    """The prompt as ints, or ValueError naming what makes this request impossible to run (any
+    thread may call this: it reads only settings)."""
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise ValueError("empty prompt: a request needs at least one token")
@@ -142,8 +143,18 @@ class Engine:
                        f"model.max_seq_len={self.cfg.max_seq_len}; shorten the prompt or lower max_tokens")
     if -(-total // self.page_size) > self.sched.alloc.total:
       raise ValueError(f"a {total}-token request needs {-(-total // self.page_size)} KV pages but the pool "
-                       f"has {self.sched.alloc.total}; raise num_pages/max_pages")
+                       f"has {self.sched.alloc.total}; raise serve.num_pages/serve.max_pages")
+    if sp.stop and self.detokenize is None:
+      raise ValueError("stop strings need a detokenizer: pass detokenize= (token ids -> text) to the Engine")
+    return prompt
+
+  def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
+    """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
+    run. The weight version (radix namespace) is bound when it is admitted, not here."""
+    prompt = self.check_request(prompt, sp)
     req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
+    if self.detokenize is not None:
+      req.stream = TextStream(self.detokenize, sp.stop, prompt_ids=prompt)
     self.sched.add(req)
     return req
 
@@ -237,7 +248,7 @@ class Engine:
     toks, logps = np.asarray(toks), np.asarray(logps)
     now = time.perf_counter()
 
-    done = self.sched.commit(batch, toks, logps, now, self.detokenize)
+    done = self.sched.commit(batch, toks, logps, now)
     self.step_seconds[mode] += time.perf_counter() - t_begin   # host scheduling included
     self.step_tokens[mode] += sum(n for _, n in batch)
     self.finished += done
@@ -267,7 +278,7 @@ class Engine:
     toks, logps = np.asarray(toks), np.asarray(logps)                     # [n, R]
     now = time.perf_counter()
     before = sum(len(r.output) for r, _ in batch)
-    done = self.sched.commit_multi(batch, ks, toks, logps, now, self.detokenize)
+    done = self.sched.commit_multi(batch, ks, toks, logps, now)
     self.step_seconds["decode"] += time.perf_counter() - t_begin
     self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
     self.finished += done

@@ -99,8 +99,8 @@ class SamplingParams:
     try:
       bias = tuple(sorted((int(t), float(b)) for t, b in bias))
     except (TypeError, ValueError):
-      raise ValueError(f"invalid logit_bias={self.logit_bias!r}: logit_bias must map token ids to "
-                       f"biases in [-100, 100]") from None
+      raise ValueError(f"invalid logit_bias={self.logit_bias!r}: logit_bias must be a map of integer "
+                       f"token ids to biases in [-100, 100]") from None
     object.__setattr__(self, "logit_bias", bias)
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
     object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -360,7 +360,8 @@ def _top_alternatives(logp, samp):
     pad = ((0, 0), (0, TOP_LOGPROBS - k))
     return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
-  none = lambda _: (jnp.zeros((R, TOP_LOGPROBS), jnp.int32), jnp.full((R, TOP_LOGPROBS), -jnp.inf))
+  none = lambda _: (jnp.zeros((R, TOP_LOGPROBS), jnp.int32),
+                    jnp.full((R, TOP_LOGPROBS), -jnp.inf, jnp.float32))
   return jax.lax.cond(jnp.any(samp["top_logprobs"] > 0), top, none, None)
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from jaxllm.serve.pages import PageAllocator
 from jaxllm.serve.radix import Node, RadixCache
-from jaxllm.serve.sampling import SamplingParams, check_stop
+from jaxllm.serve.sampling import SamplingParams
 
 POLICIES = ("fcfs", "lpm", "dfs-weight")
 _order = itertools.count()
@@ -87,6 +87,7 @@ class Req:
   preemptions: int = 0
   finish_reason: str | None = None
   token_times: list = field(default_factory=list)
+  stream: object = None            # jaxllm.serve.detok.TextStream when the engine detokenizes
 
   @property
   def tokens(self) -> list:
@@ -336,7 +337,7 @@ class Scheduler:
     self.running.append(req)
     return "ok"
 
-  def commit(self, batch, tokens, logprobs, now: float, detokenize=None) -> list[Req]:
+  def commit(self, batch, tokens, logprobs, now: float) -> list[Req]:
     """Book a step's results: advance each request, cache finished prefill pages, append the
     sampled token of each request that reached its end, retire finished ones (returned)."""
     done = []
@@ -354,7 +355,7 @@ class Scheduler:
       if r.sp.logprobs:
         r.logprobs.append(float(logprobs[i]))
       r.token_times.append(now)
-      r.finish_reason = check_stop(r.sp, r.output, detokenize)
+      r.finish_reason = self._finish_reason(r)
       if r.finish_reason:
         self.finish(r)
         done.append(r)
@@ -372,7 +373,7 @@ class Scheduler:
       ks.append(k)
     return ks
 
-  def commit_multi(self, batch, ks, tokens, logprobs, now: float, detokenize=None) -> list[Req]:
+  def commit_multi(self, batch, ks, tokens, logprobs, now: float) -> list[Req]:
     """Book a multi-step decode: tokens/logprobs [steps, R]; row i ran ks[i] steps. Tokens are taken
     in order until a stop condition, the rest discarded (their K/V lies past num_computed)."""
     done = []
@@ -384,16 +385,32 @@ class Scheduler:
         if r.sp.logprobs:
           r.logprobs.append(float(logprobs[j, i]))
         r.token_times.append(now)
-        r.finish_reason = check_stop(r.sp, r.output, detokenize)
+        r.finish_reason = self._finish_reason(r)
         if r.finish_reason:
           self.finish(r)
           done.append(r)
           break
     return done
 
+  @staticmethod
+  def _finish_reason(r: Req) -> str | None:
+    """'stop' (a stop token, or a stop string in the text), 'length' (max_tokens), or None. The new
+    token goes through the request's TextStream (incremental: no re-decoding of the whole output);
+    a stop token's own text is not part of the output (OpenAI)."""
+    tok, sp = r.output[-1], r.sp
+    if tok in sp.stop_token_ids and len(r.output) > getattr(sp, "min_tokens", 0):
+      return "stop"
+    if r.stream is not None:
+      r.stream.push([tok])
+      if r.stream.stopped:
+        return "stop"
+    return "length" if len(r.output) >= sp.max_tokens else None
+
   def finish(self, req: Req) -> None:
     self.running.remove(req)
     self._release(req)
+    if req.stream is not None:
+      req.stream.finish()                    # emit text held back for a stop string that never came
     self._count(req, req.finish_reason)
 
   def _count(self, req: Req, reason: str) -> None:
