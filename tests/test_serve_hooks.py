@@ -88,3 +88,18 @@ def test_counters_add_up():
   assert st.finished == {"length": 8}
   assert eng.gauges()["running"] == 0 and eng.gauges()["waiting"] == 0
   np.testing.assert_equal(st.computed_tokens, st.prompt_tokens - st.cached_tokens)
+
+
+def test_n_samples_share_one_prefill():
+  """n requests for one prompt (the server's n>1): the first prefills it, the others wait for its
+  pages (in-batch prefix dedup) and reuse them, so the prompt is computed once but for each
+  sample's last partial page; seeded samples still differ."""
+  Z = PINNED["page_size"]
+  eng = Engine(DENSE, params_of(DENSE), **{**PINNED, "chunk_size": 16})
+  prompt = shared_prefix_prompts(1, seed=4)[0] + list(range(30))           # 2 chunks of prefill
+  n = 4
+  out = eng.generate([prompt] * n, [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(n)])
+  partial = len(prompt) - (len(prompt) - 1) // Z * Z
+  assert eng.stats.computed_tokens <= len(prompt) + (n - 1) * partial, eng.stats
+  assert all(r.cache_hit == (len(prompt) - 1) // Z * Z for r in out[1:])
+  assert len({tuple(r.output) for r in out}) > 1
