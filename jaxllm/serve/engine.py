@@ -42,7 +42,8 @@ from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
 from jaxllm.serve.paged_cache import PagedCache, attention_backend, pool_shape
-from jaxllm.serve.sampling import SamplingParams, sample, sampling_arrays
+from jaxllm.serve.sampling import SamplingParams, advance, build_sampling_arrays, init_state, sample_rows, \
+  with_random_seed
 from jaxllm.serve.scheduler import Req, Scheduler
 
 
@@ -146,12 +147,14 @@ class Engine:
                        f"has {self.sched.alloc.total}; raise serve.num_pages/serve.max_pages")
     if sp.stop and self.detokenize is None:
       raise ValueError("stop strings need a detokenizer: pass detokenize= (token ids -> text) to the Engine")
+    sp.check_vocab(self.cfg.vocab_size)
     return prompt
 
   def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
     """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
     run. The weight version (radix namespace) is bound when it is admitted, not here."""
     prompt = self.check_request(prompt, sp)
+    sp = with_random_seed(sp)                # no seed: a fresh random one, so users' samples differ
     req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
     if self.detokenize is not None:
       req.stream = TextStream(self.detokenize, sp.stop, prompt_ids=prompt)
@@ -242,13 +245,13 @@ class Engine:
       dec_rows = np.full(R, Q, np.int32)
       dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
       meta |= {"num_multi": np.int32(n_multi), "dec_rows": dec_rows}
-    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], R)
+    samp = _sampling(batch, R)
     mode = "decode" if decode else "ragged"
-    self.k_pages, self.v_pages, toks, logps = self._run(mode, tokens, positions, meta, samp)
-    toks, logps = np.asarray(toks), np.asarray(logps)
+    self.k_pages, self.v_pages, *out = self._run(mode, tokens, positions, meta, samp)
+    toks, logps, top_ids, top_lps = map(np.asarray, out)
     now = time.perf_counter()
 
-    done = self.sched.commit(batch, toks, logps, now)
+    done = self.sched.commit(batch, toks, logps, now, (top_ids, top_lps))
     self.step_seconds[mode] += time.perf_counter() - t_begin   # host scheduling included
     self.step_tokens[mode] += sum(n for _, n in batch)
     self.finished += done
@@ -273,12 +276,12 @@ class Engine:
     tokens = np.zeros(R, np.int32)
     tokens[:live] = [r.output[-1] for r, _ in batch]
     meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
-    samp = sampling_arrays([r.sp for r, _ in batch], [len(r.output) for r, _ in batch], R)
-    self.k_pages, self.v_pages, toks, logps = self._run("multi", tokens, pad(pos), meta, samp)
-    toks, logps = np.asarray(toks), np.asarray(logps)                     # [n, R]
+    samp = _sampling(batch, R)
+    self.k_pages, self.v_pages, *out = self._run("multi", tokens, pad(pos), meta, samp)
+    toks, logps, top_ids, top_lps = map(np.asarray, out)                  # [n, R] (and [n, R, 20])
     now = time.perf_counter()
     before = sum(len(r.output) for r, _ in batch)
-    done = self.sched.commit_multi(batch, ks, toks, logps, now)
+    done = self.sched.commit_multi(batch, ks, toks, logps, now, (top_ids, top_lps))
     self.step_seconds["decode"] += time.perf_counter() - t_begin
     self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
     self.finished += done
@@ -315,12 +318,12 @@ class Engine:
                     "num_seqs": np.int32(0), "last_idx": z(R)}
             if mode == "ragged":
               meta |= {"num_multi": np.int32(0), "dec_rows": np.full(R, Q, np.int32)}
-            out = self._run(mode, z(Q), z(Q), meta, sampling_arrays([], [], R))
+            out = self._run(mode, z(Q), z(Q), meta, build_sampling_arrays([], [], R))
             self.k_pages, self.v_pages = out[0], out[1]
         if "multi" in self._fns:
           n = self.decode_steps
           meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, M)}
-          out = self._run("multi", z(R), z(n, R), meta, sampling_arrays([], [], R))
+          out = self._run("multi", z(R), z(n, R), meta, build_sampling_arrays([], [], R))
           self.k_pages, self.v_pages = out[0], out[1]
     return self.compiles - before
 
@@ -344,9 +347,7 @@ class _Step:
                                  cache)                                   # [B, T, D], B = rows, T = Q / rows
       h = h.reshape(1, Q, h.shape[-1])
       logits = model.logits(h[:, meta["last_idx"]])[0]                     # [R, V] last row of each
-      toks, logps = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
-                           samp["seeds"], samp["counters"])
-      return cache.k_pages, cache.v_pages, toks, logps
+      return (cache.k_pages, cache.v_pages) + tuple(sample_rows(logits, samp))
 
     def multi(params, k_pages, v_pages, tokens, positions, meta, samp):
       """tokens [R] fed at step 0; positions, slots, kv_lens [steps, R] -> tokens, logprobs [steps, R]."""
@@ -356,24 +357,25 @@ class _Step:
       no_ragged = jnp.zeros(R + 1, jnp.int32)    # cu_q_lens / num_seqs: unused by decode attention
 
       def one(carry, xs):
-        k_pages, v_pages, tok = carry
-        pos, slots, kv_lens, j = xs
+        k_pages, v_pages, tok, samp = carry
+        pos, slots, kv_lens = xs
         cache = PagedCache(k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0),
                            backend=backend, decode=True)
         h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
         logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]           # [R, V]
-        nxt, logp = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["min_p"],
-                           samp["seeds"], samp["counters"] + j.astype(jnp.uint32))
-        return (cache.k_pages, cache.v_pages, nxt), (nxt, logp)
+        out = sample_rows(logits, samp)
+        # advance: counters, penalty counts and min_tokens move on device between the steps
+        return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
 
-      xs = (positions, meta["slots"], meta["kv_lens"], jnp.arange(steps, dtype=jnp.int32))
-      (k_pages, v_pages, _), (toks, logps) = jax.lax.scan(one, (k_pages, v_pages, tokens), xs)
-      return k_pages, v_pages, toks, logps
+      xs = (positions, meta["slots"], meta["kv_lens"])
+      samp = init_state(samp, mdef.cfg.vocab_size)
+      (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, samp), xs)
+      return (k_pages, v_pages) + tuple(out)
 
     kw = {}
     if pool_sh is not None:
       rep = NamedSharding(mesh, P())
-      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep)
+      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep, rep, rep)
     self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2), **kw)
 
   def __call__(self, *args):
@@ -407,6 +409,11 @@ def _mesh_rows(cfg: ModelConfig, mc) -> int:
                        "pick a mesh with power-of-two dp and tp")
     return 1    # dense: each dp rank computes every token (replicated), still correct
   return mc.dp
+
+
+def _sampling(batch, R: int) -> dict:
+  """Per-row sampling arrays of a step (penalties see each row's prompt and output so far)."""
+  return build_sampling_arrays([r.sp for r, _ in batch], [(r.prompt, r.output) for r, _ in batch], R)
 
 
 def result(r: Req) -> Result:

@@ -1,4 +1,4 @@
-"""Sampling: per-request parameters, the jitted batched sampler, and host-side stop checks.
+"""Sampling: per-request parameters and the jitted batched sampler (stop checks: scheduler + detok).
 
 Semantics follow the OpenAI API reference (temperature, top_p, seed, presence_penalty,
 frequency_penalty, logit_bias, logprobs/top_logprobs) and, where OpenAI says nothing, vLLM and Hugging
@@ -105,7 +105,8 @@ class SamplingParams:
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
     object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
-    _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+    _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+             "an integer >= 1")
     _require(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
              "a finite number >= 0 (0 = greedy)")
     _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
@@ -397,53 +398,3 @@ def advance(samp: dict, tokens) -> dict:
   if counts.shape[1]:                        # one scatter of R elements; harmless for unpenalised rows
     out["gen_counts"] = counts.at[jnp.arange(counts.shape[0]), tokens].add(1, mode="drop")
   return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Former entry points (the engine's current calls), kept until it moves to the functions above.
-
-def sampling_arrays(params_list, counters, S: int) -> dict:
-  """Deprecated: build_sampling_arrays. Host numpy arrays of temperature, top_k, top_p, min_p,
-  seeds, counters [R] for R = S rows (the parameter keeps its old name). Penalties, logit_bias,
-  min_tokens and top_logprobs are not applied on this path; a missing seed counts as 0."""
-  fixed = [dataclasses.replace(sp, seed=0) if sp.seed is None else sp for sp in params_list]
-  full = build_sampling_arrays(fixed, [((), [0] * c) for c in counters], S)
-  return {k: full[k] for k in ("temperature", "top_k", "top_p", "min_p", "seeds", "counters")}
-
-
-def sample(logits, temperature, top_k, top_p, min_p, seeds, counters):
-  """Deprecated: sample_rows. logits [R, V] fp32 -> (tokens [R] int32, logprobs [R] fp32 under the
-  unmodified model); temperature/top_p/min_p [R] fp32, top_k [R] int32, seeds/counters [R] uint32."""
-  R = logits.shape[0]
-  zeros = lambda *s, dt=jnp.float32: jnp.zeros(s, dt)
-  samp = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "seeds": seeds,
-          "counters": counters, "presence_penalty": zeros(R), "frequency_penalty": zeros(R),
-          "repetition_penalty": jnp.ones(R), "hist_ids": zeros(R, 0, dt=jnp.int32),
-          "prompt_lens": zeros(R, dt=jnp.int32), "hist_lens": zeros(R, dt=jnp.int32),
-          "bias_ids": zeros(R, 0, dt=jnp.int32), "bias_values": zeros(R, 0),
-          "min_tokens_left": zeros(R, dt=jnp.int32), "stop_ids": zeros(R, 0, dt=jnp.int32),
-          "top_logprobs": zeros(R, dt=jnp.int32)}
-  tokens, logprobs, _, _ = sample_rows(logits, samp)
-  return tokens, logprobs
-
-
-# --------------------------------------------------------------------------------------------------
-# Host-side stop checks.
-
-def check_stop(sp: SamplingParams, output: list, detokenize=None) -> str | None:
-  """Why a request with these generated tokens is finished ('stop' / 'length'), or None.
-  Stop strings need a detokenizer (token ids -> text); the engine knows only ids. Nothing stops a
-  request before min_tokens (the sampler already bans stop ids; this covers stop strings)."""
-  if len(output) < sp.min_tokens:
-    return None
-  if output and output[-1] in sp.stop_token_ids:
-    return "stop"
-  if sp.stop:
-    if detokenize is None:
-      raise ValueError("stop strings need a detokenizer: pass detokenize= to the Engine")
-    text = detokenize(output)
-    if any(s in text for s in sp.stop):
-      return "stop"
-  if len(output) >= sp.max_tokens:
-    return "length"
-  return None

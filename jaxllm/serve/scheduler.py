@@ -77,6 +77,7 @@ class Req:
   queued: float = 0.0              # time.perf_counter() when the scheduler got it (for max_wait_s)
   output: list = field(default_factory=list)
   logprobs: list = field(default_factory=list)
+  top_logprobs: list = field(default_factory=list)   # per token: [(id, logprob)] * sp.top_logprobs
   pages: list = field(default_factory=list)   # page ids for tokens [0, num_computed + scheduled)
   num_computed: int = 0            # tokens whose K/V are in `pages`
   cached_len: int = 0              # leading tokens whose pages the tree owns (locked via `node`)
@@ -100,6 +101,11 @@ class Req:
   @property
   def prefilling(self) -> bool:
     return self.num_computed < len(self.prompt)
+
+
+def _top(ids, logprobs, n: int) -> list:
+  """The n most likely alternatives of one sampled token: [(id, logprob)]."""
+  return [(int(i), float(lp)) for i, lp in zip(ids[:n], logprobs[:n])]
 
 
 def _lcp(a, b) -> int:
@@ -337,7 +343,7 @@ class Scheduler:
     self.running.append(req)
     return "ok"
 
-  def commit(self, batch, tokens, logprobs, now: float) -> list[Req]:
+  def commit(self, batch, tokens, logprobs, now: float, top=None) -> list[Req]:
     """Book a step's results: advance each request, cache finished prefill pages, append the
     sampled token of each request that reached its end, retire finished ones (returned)."""
     done = []
@@ -354,6 +360,8 @@ class Scheduler:
       self.stats.generated_tokens += 1
       if r.sp.logprobs:
         r.logprobs.append(float(logprobs[i]))
+      if r.sp.top_logprobs and top is not None:
+        r.top_logprobs.append(_top(top[0][i], top[1][i], r.sp.top_logprobs))
       r.token_times.append(now)
       r.finish_reason = self._finish_reason(r)
       if r.finish_reason:
@@ -373,7 +381,7 @@ class Scheduler:
       ks.append(k)
     return ks
 
-  def commit_multi(self, batch, ks, tokens, logprobs, now: float) -> list[Req]:
+  def commit_multi(self, batch, ks, tokens, logprobs, now: float, top=None) -> list[Req]:
     """Book a multi-step decode: tokens/logprobs [steps, R]; row i ran ks[i] steps. Tokens are taken
     in order until a stop condition, the rest discarded (their K/V lies past num_computed)."""
     done = []
@@ -384,6 +392,8 @@ class Scheduler:
         self.stats.generated_tokens += 1
         if r.sp.logprobs:
           r.logprobs.append(float(logprobs[j, i]))
+        if r.sp.top_logprobs and top is not None:
+          r.top_logprobs.append(_top(top[0][j, i], top[1][j, i], r.sp.top_logprobs))
         r.token_times.append(now)
         r.finish_reason = self._finish_reason(r)
         if r.finish_reason:

@@ -33,6 +33,7 @@ class Event:
   token_ids: list                  # tokens generated since the previous event
   text: str                        # their text (may be "" while a partial character or stop is held)
   logprobs: list                   # logprob of each of those tokens (empty unless requested)
+  top_logprobs: list               # per token, [(id, logprob)] of the sp.top_logprobs likeliest (raw model)
   finish_reason: str | None = None  # 'stop', 'length', 'abort' or 'error' on the last event
   prompt_tokens: int = 0
   cached_tokens: int = 0           # prompt tokens reused from the radix cache
@@ -182,7 +183,8 @@ class EngineService:
       text = req.stream.text[t.sent_text:]
       t.sent_text += len(text)
     ev = Event(t.rid, new, text,
-               req.logprobs[t.sent_tokens:] if req.sp.logprobs else [], req.finish_reason,
+               req.logprobs[t.sent_tokens:] if req.sp.logprobs else [],
+               req.top_logprobs[t.sent_tokens:] if req.sp.top_logprobs else [], req.finish_reason,
                len(req.prompt), req.cache_hit, len(req.output), req.extra_key, error)
     t.sent_tokens = len(req.output)
     if req.finish_reason:
