@@ -1,11 +1,13 @@
 """Serving CLI.
 
+  python serve.py [--checkpoint DIR | --hf DIR] [--config F.toml] [--mesh M.toml] [serve.key=value ...]
+      the HTTP server (OpenAI /v1/completions, /v1/chat/completions, /v1/models; native /generate;
+      /metrics, /health, /flush_cache) on serve.host:serve.port. Without --checkpoint/--hf it serves the
+      newest checkpoint of `python train.py` (runs/default/checkpoints).
   python serve.py generate (--checkpoint DIR | --hf DIR) --prompt "Once upon" [--prompt ...]
                           [--max-tokens 32 --mesh meshes/cpu-8.toml --attention reference|pallas ...]
   python serve.py bench [--groups 8 --per-group 8 --system-len 128 --question-len 16 --output-len 16
                          --arrival all|poisson --rate 50 --model tiny | --hf DIR] [--mesh ...]
-
-The HTTP server comes later; with no subcommand this prints help.
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def generate(a):
   eng = Engine(cfg, params, page_size=a.page_size, num_pages=pages, max_running=a.max_running,
                chunk_size=a.chunk_size, attention=a.attention, mesh=mesh, plan=plan,
                detokenize=tok.decode, decode_steps=a.decode_steps)
-  stops = (tok.eos_id,) if getattr(tok, "eos_id", None) is not None else ()
+  eos = getattr(tok, "eos_id", None)
+  stops = (eos,) if eos is not None and eos < cfg.vocab_size else ()   # an id the model can produce
   sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                       min_p=a.min_p, seed=a.seed, stop_token_ids=stops, stop=tuple(a.stop))
   for prompt, r in zip(a.prompt, eng.generate(prompts, sp)):
@@ -116,9 +119,50 @@ def bench(a):
             mem_pages=a.mem_pages, attention=a.attention, mesh=mesh, plan=plan, decode_steps=a.decode_steps)
 
 
+SUBCOMMANDS = ("generate", "bench")
+
+
+def _server_parser():
+  p = argparse.ArgumentParser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys (serve.key=value, or a [serve] table in --config):\n"
+                              + cli.config_help(("serve",)))
+  p.add_argument("overrides", nargs="*", help="serve.key=value overrides, e.g. serve.port=8001 serve.num_pages=512")
+  p.add_argument("--checkpoint", help="training checkpoint directory (train.out_dir/checkpoints of a run)")
+  p.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json, safetensors, "
+                 "tokenizer.json, chat template)")
+  p.add_argument("--config", action="append", default=[], help="TOML file(s) with a [serve] table")
+  p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over; pp must be 1")
+  return p
+
+
+def serve_http(argv) -> None:
+  """The default action: the HTTP server (logic in jaxllm.serve.http.server)."""
+  a = _server_parser().parse_intermixed_args(argv)   # options and key=value overrides in any order
+  if a.mesh and "jax" not in sys.modules:
+    cli.prepare_devices(a.mesh)
+  not_serve = [o for o in a.overrides if not o.split("=", 1)[0].strip().lstrip("-").startswith("serve.")]
+  if not_serve:
+    cli.fail(f"{not_serve[0]!r}: only serve.key=value overrides apply here (the model and its settings come "
+             "with --checkpoint / --hf); see --help for the keys")
+  from jaxllm.config import ConfigError, load_config
+  from jaxllm.io.checkpoint import CheckpointError
+  from jaxllm.serve.http.server import NoModel, load_model, serve
+  try:
+    serve_cfg = load_config(a.config, a.overrides).serve
+    mesh, plan = _mesh(a.mesh)
+    model = load_model(a.checkpoint, a.hf, mesh, plan)
+  except (ConfigError, CheckpointError, NoModel, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  serve(model, serve_cfg, mesh, plan)
+
+
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="cmd")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] not in SUBCOMMANDS:
+    return serve_http(argv)
+  ap = argparse.ArgumentParser(prog="serve.py", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True)
   g = sub.add_parser("generate", help="offline generation from a training checkpoint")
   g.add_argument("--checkpoint", help="training checkpoint directory (any training mesh)")
   g.add_argument("--model", default="tiny", help="preset for random weights when no --checkpoint")
@@ -147,9 +191,6 @@ def main(argv=None):
   b.add_argument("--mem-pages", type=int, default=0, help="page limit of the eviction runs (0: auto)")
   _engine_args(b)
   a = ap.parse_args(argv)
-  if a.cmd is None:
-    ap.print_help()
-    return
   if a.mesh and "jax" not in sys.modules:
     cli.prepare_devices(a.mesh)   # CPU mesh presets need their emulated devices before jax starts
   {"generate": generate, "bench": bench}[a.cmd](a)

@@ -49,7 +49,8 @@ def config_help(sections=("model", "mesh", "train")) -> str:
       if m:
         name, typ, default, comment = m.groups()
         out.append(f"  {section}.{name}={default}  ({typ}) {comment}")
-  out.append("model presets: " + ", ".join(sorted(C.MODEL_PRESETS)) + "   (select with model=NAME)")
+  if "model" in sections:
+    out.append("model presets: " + ", ".join(sorted(C.MODEL_PRESETS)) + "   (select with model=NAME)")
   return "\n".join(out)
 
 

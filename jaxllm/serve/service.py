@@ -62,7 +62,8 @@ class Timings:
 
 class EngineService:
   def __init__(self, engine: Engine, max_waiting: int = 256, on_finish: Callable[[Req, Timings], None] | None = None):
-    self.engine, self.max_waiting, self.on_finish = engine, max_waiting, on_finish
+    self.engine, self.max_waiting = engine, max_waiting
+    self._finish_hooks = [on_finish] if on_finish is not None else []
     self._inbox: list[tuple] = []
     self._lock = threading.Condition()
     self._tracked: dict[int, _Tracked] = {}
@@ -73,6 +74,16 @@ class EngineService:
     self.steps = 0
 
   # ---- any thread ---------------------------------------------------------------------------
+  def add_finish_hook(self, hook: Callable[[Req, Timings], None]) -> None:
+    """Call hook(req, timings) from the engine thread when a request finishes (not on errors).
+    Add hooks before start()."""
+    self._finish_hooks.append(hook)
+
+  @property
+  def stopped(self) -> bool:
+    """The engine thread was started and is no longer running (closed or died)."""
+    return self._thread is not None and not self._thread.is_alive()
+
   def start(self) -> "EngineService":
     self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
     self._thread.start()
@@ -189,8 +200,9 @@ class EngineService:
     t.sent_tokens = len(req.output)
     if req.finish_reason:
       del self._tracked[ev.rid]
-      if self.on_finish is not None and req.finish_reason != "error":
-        self.on_finish(req, timings(req))
+      if req.finish_reason != "error":
+        for hook in self._finish_hooks:
+          hook(req, timings(req))
     try:
       t.on_event(ev)
     except Exception:                   # a broken consumer must not stop the engine

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.service import Event, QueueFull
-
-log = logging.getLogger("jaxllm.serve.http")
 
 RETRY_AFTER_S = 1        # Retry-After of a 503 (queue full): the queue drains in steps of seconds
 
@@ -31,6 +28,7 @@ class EngineCall:
     self.queue: asyncio.Queue = asyncio.Queue()
     self.rids: list[int] = []
     self.unfinished: set[int] = set()       # choice indices without a final event yet
+    self.aborted: set[int] = set()
     self.disconnected = False
     self._watcher: asyncio.Task | None = None
 
@@ -47,6 +45,9 @@ class EngineCall:
     except ValueError as e:               # the engine's check_request: a request that can never run
       self.abort()
       raise bad_request(str(e), None, "invalid_request") from None
+    except BaseException:
+      self.abort()
+      raise
     self._watcher = self.loop.create_task(self._watch())
     return self
 
@@ -61,15 +62,20 @@ class EngineCall:
         break
     self.disconnected = True
     self.abort()
+    self.queue.put_nowait(None)           # wake `events`: nobody is left to read the rest
 
   def abort(self) -> None:
-    for i in self.unfinished:
+    for i in self.unfinished - self.aborted:    # once each: the watcher and close may both get here
       self.service.abort(self.rids[i])
+      self.aborted.add(i)
 
   async def events(self):
-    """(choice index, Event) until every choice has finished."""
+    """(choice index, Event) until every choice has finished or the client has gone."""
     while self.unfinished:
-      index, ev = await self.queue.get()
+      item = await self.queue.get()
+      if item is None:
+        return
+      index, ev = item
       if ev.finish_reason is not None:
         self.unfinished.discard(index)
       yield index, ev

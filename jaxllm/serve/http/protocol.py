@@ -12,17 +12,12 @@ with a seed s they get seeds s, s+1, ...; without one, each gets a random seed s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
 
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.sampling import TOP_LOGPROBS, SamplingParams, with_random_seed
-from jaxllm.serve.service import Event
-
-# Alternatives per token (top_logprobs) need the engine's events to carry them.
-TOP_LOGPROBS_SUPPORTED = "top_logprobs" in {f.name for f in dataclasses.fields(Event)}
 
 MAX_STOP = 4                    # OpenAI: up to 4 stop sequences
 MAX_COMPLETION_LOGPROBS = 5     # OpenAI completions: logprobs in 0..5
@@ -195,10 +190,12 @@ def chat_messages(v) -> list[dict]:
     if isinstance(content, list):
       texts = []
       for j, part in enumerate(content):
-        p = Fields(part, {"type", "text"}, f"messages[{i}].content[{j}]")
-        kind = p.get("type", "string")
-        p.check(kind == "text", "type", kind, "'text' (this server serves text models)")
-        texts.append(p.get("text", "string", ""))
+        where = f"messages[{i}].content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":             # before the field check: say what is wrong, not which key
+          raise bad_request(f"'{where}' is a {kind!r} part; this server serves text models and takes only "
+                            f"'text' parts", f"{where}.type", "unsupported_content")
+        texts.append(Fields(part, {"type", "text"}, where).get("text", "string", ""))
       content = "\n".join(texts)
     elif content is None:
       if role != "assistant":
@@ -242,14 +239,15 @@ def _logit_bias(f: Fields, info: ModelInfo) -> tuple:
   return tuple(out)
 
 
-def _max_tokens(f: Fields, keys: tuple, prompt_len: int, info: ModelInfo, default: int | None) -> int:
+def _max_tokens(f: Fields, keys: tuple, prompt_key: str, prompt_len: int, info: ModelInfo,
+                default: int | None) -> int:
   """The completion length: the first of `keys` given, else `default` (None: the rest of the context)
   capped by the context. A given value that does not fit is a 400, a default is shortened."""
   room = info.context - prompt_len
   if room < 1:
     raise bad_request(f"the prompt is {prompt_len} tokens but the context is {info.context} "
                       f"(model.max_seq_len, capped by the KV pool): no room for a completion; shorten the prompt",
-                      keys[0], "context_length_exceeded")
+                      prompt_key, "context_length_exceeded")
   given = [k for k in keys if f.given(k)]
   if len(given) > 1 and len({f.get(k, "integer") for k in given}) > 1:
     raise bad_request(f"'{given[0]}' and '{given[1]}' disagree; give one of them", given[1], "invalid_value")
@@ -265,13 +263,13 @@ def _max_tokens(f: Fields, keys: tuple, prompt_len: int, info: ModelInfo, defaul
   return n
 
 
-def _sampling(f: Fields, info: ModelInfo, max_tokens: int, *, n_key="n", seed_key="seed",
-              min_tokens_key="min_tokens", temperature_default=1.0, temperature_max: float | None = 2.0,
-              logprobs=False, top_logprobs=0, stop_token_ids=()) -> list:
-  """One SamplingParams per choice from the sampling fields shared by every API."""
-  n = f.get(n_key, "integer", 1)
-  f.check(1 <= n <= info.max_n, n_key, n, f"in 1..{info.max_n} (serve.max_n)")
-  temperature = f.get("temperature", "number", temperature_default)
+def _sampling(f: Fields, info: ModelInfo, max_tokens: int, *, seed_key="seed", min_tokens_key="min_tokens",
+              temperature_max: float | None = 2.0, logprobs=False, top_logprobs=0, stop_token_ids=()) -> list:
+  """One SamplingParams per choice from the sampling fields shared by every API (OpenAI's ranges;
+  temperature_max None: SGLang's, no upper bound)."""
+  n = f.get("n", "integer", 1)
+  f.check(1 <= n <= info.max_n, "n", n, f"in 1..{info.max_n} (serve.max_n)")
+  temperature = f.get("temperature", "number", 1.0)          # OpenAI's and SGLang's default
   if temperature_max is None:
     f.check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
   else:
@@ -320,14 +318,6 @@ def _stream(f: Fields) -> tuple[bool, bool]:
   return stream, include_usage
 
 
-def _top_logprobs(n: int, key: str) -> int:
-  if n and not TOP_LOGPROBS_SUPPORTED:
-    raise bad_request(f"top_logprobs: '{key}' asks for {n} alternatives per token, which this server's engine "
-                      f"does not return yet; ask only for the sampled tokens' logprobs (completions: "
-                      f"logprobs=0, chat: logprobs=true without top_logprobs)", key, "unsupported_value")
-  return n
-
-
 # ---- the three APIs ---------------------------------------------------------------------------
 
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
@@ -337,8 +327,8 @@ def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
   logprobs = f.get("logprobs", "integer")
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
-  top = _top_logprobs(logprobs or 0, "logprobs")
-  max_tokens = _max_tokens(f, ("max_tokens",), len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
+  top = logprobs or 0              # logprobs=k: the sampled token's and the k likeliest alternatives
+  max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
   stream, include_usage = _stream(f)
   return Parsed(prompt, _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top),
                 stream, include_usage, logprobs is not None, top, f.get("return_token_ids", "boolean", False))
@@ -353,9 +343,8 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   top = f.get("top_logprobs", "integer", 0)
   f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs", top, f"in 0..{TOP_LOGPROBS}")
   f.check(top == 0 or logprobs, "top_logprobs", top, "0 unless 'logprobs' is true")
-  top = _top_logprobs(top, "top_logprobs")
   # Chat has no default length: the completion may fill the context (OpenAI, vLLM).
-  max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), len(prompt), info, None)
+  max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, None)
   stream, include_usage = _stream(f)
   return Parsed(prompt, _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top), stream,
                 include_usage, logprobs, top, f.get("return_token_ids", "boolean", False))
@@ -365,18 +354,18 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   """SGLang's /generate: {"text" | "input_ids", "sampling_params": {...}, "stream", "return_logprob"}.
   Defaults follow SGLang (temperature 1, max_new_tokens 128 shortened to fit the context)."""
   f = Fields(body, GENERATE_FIELDS)
-  if f.given("text") == f.given("input_ids"):
-    raise bad_request("give exactly one of 'text' and 'input_ids'", "text" if f.given("text") else "input_ids",
-                      "missing_field" if not f.given("text") else "invalid_value")
-  if f.given("text"):
-    prompt = text_ids(f.get("text", "string"), "text", tokenizer)
-  else:
-    prompt = token_ids(body["input_ids"], "input_ids", info)
-  s = Fields(body.get("sampling_params") or {}, GENERATE_SAMPLING_FIELDS, "sampling_params")
+  if not f.given("text") and not f.given("input_ids"):
+    raise bad_request("missing the prompt: give 'text' or 'input_ids'", "text", "missing_field")
+  if f.given("text") and f.given("input_ids"):
+    raise bad_request("give one of 'text' and 'input_ids', not both", "text", "invalid_value")
+  prompt_key = "text" if f.given("text") else "input_ids"
+  prompt = (text_ids(f.get("text", "string"), "text", tokenizer) if prompt_key == "text"
+            else token_ids(body["input_ids"], "input_ids", info))
+  s = Fields(f.get("sampling_params", "object", {}), GENERATE_SAMPLING_FIELDS, "sampling_params")
   stop_ids = s.get("stop_token_ids", "array", [])
   s.check(all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids), "stop_token_ids", stop_ids,
           f"token ids in 0..{info.vocab_size - 1}")
-  max_tokens = _max_tokens(s, ("max_new_tokens",), len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
+  max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
   logprobs = f.get("return_logprob", "boolean", False)
   sampling = _sampling(s, info, max_tokens, seed_key="sampling_seed", min_tokens_key="min_new_tokens",
                        temperature_max=None, logprobs=logprobs, stop_token_ids=stop_ids)

@@ -1,0 +1,111 @@
+"""Everything `python serve.py` does, so the entry point stays thin: find and load the model and its
+tokenizer, build engine + service + app, bind uvicorn on serve.host:serve.port.
+
+The model is a training checkpoint (`--checkpoint DIR`: its tokenizer is the run's train.tokenizer)
+or a Hugging Face directory (`--hf DIR`: its tokenizer.json and chat template). Without either, the
+newest checkpoint of `python train.py`'s default run (runs/default/checkpoints) is served.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass
+
+from jaxllm.config import ModelConfig, ServeConfig, TrainConfig
+from jaxllm.data import load_tokenizer
+
+DEFAULT_CHECKPOINTS = os.path.join(TrainConfig().out_dir, "checkpoints")
+
+
+class NoModel(RuntimeError):
+  """Nothing to serve; the message says how to get a model."""
+
+
+@dataclass
+class LoadedModel:
+  cfg: ModelConfig
+  params: object
+  tokenizer: object
+  name: str                       # the API's model id unless serve.model_name is set
+  chat_template: str | None       # Jinja source, None for the default transcript
+  source: str                     # where it came from, for the startup message
+
+
+def load_model(checkpoint: str | None = None, hf: str | None = None, mesh=None, plan=None) -> LoadedModel:
+  if checkpoint and hf:
+    raise NoModel("give either --checkpoint or --hf, not both")
+  if hf:
+    return _load_hf(hf, mesh, plan)
+  if checkpoint is None:
+    checkpoint = _default_checkpoint()
+  return _load_checkpoint(checkpoint)
+
+
+def _default_checkpoint() -> str:
+  from jaxllm.io.checkpoint import CheckpointError, read_meta
+  try:
+    read_meta(DEFAULT_CHECKPOINTS)
+  except CheckpointError:
+    raise NoModel(f"no model to serve: there is no checkpoint in {DEFAULT_CHECKPOINTS}. Train one with "
+                  f"`python train.py` (serve.py then finds it there), or pass --checkpoint DIR (a training run's "
+                  f"checkpoints folder) or --hf DIR (a Hugging Face model directory)") from None
+  return DEFAULT_CHECKPOINTS
+
+
+def _load_checkpoint(directory: str) -> LoadedModel:
+  import jax
+  from jaxllm.io.checkpoint import load_params
+  config, params = load_params(directory)
+  params = jax.device_get(params)          # host copy; the engine places it on its devices
+  path = os.path.abspath(directory)
+  run = os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+  return LoadedModel(config.model, params, load_tokenizer(config.train.tokenizer), os.path.basename(run), None,
+                     f"checkpoint {directory} (tokenizer {config.train.tokenizer})")
+
+
+def _load_hf(directory: str, mesh, plan) -> LoadedModel:
+  from jaxllm.io import hf_chat_template, hf_tokenizer_path, load_hf, load_hf_config
+  shardings = None
+  if mesh is not None:
+    from jaxllm.model.params import model_def
+    from jaxllm.parallel import param_shardings
+    shardings = param_shardings(model_def(load_hf_config(directory)), mesh, plan)
+  cfg, params = load_hf(directory, shardings)
+  tok_path = hf_tokenizer_path(directory)
+  return LoadedModel(cfg, params, load_tokenizer(tok_path or "byte"), os.path.basename(os.path.abspath(directory)),
+                     hf_chat_template(directory), f"Hugging Face model {directory} (tokenizer {tok_path or 'byte'})")
+
+
+def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
+  """-> (app, service), the service started. Close it when done (service.close())."""
+  from jaxllm.serve.engine import Engine
+  from jaxllm.serve.http.app import create_app
+  from jaxllm.serve.service import EngineService
+  engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, detokenize=model.tokenizer.decode)
+  service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
+  app = create_app(service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template)
+  return app, service
+
+
+def example_curl(serve_cfg: ServeConfig, model_name: str) -> str:
+  host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
+  body = json.dumps({"model": model_name, "prompt": "Once upon a time", "max_tokens": 32})
+  auth = ' -H "Authorization: Bearer $JAXLLM_API_KEY"' if serve_cfg.api_key else ""   # the shell fills it in
+  return (f"curl http://{host}:{serve_cfg.port}/v1/completions -H 'Content-Type: application/json'{auth} "
+          f"-d {shlex.quote(body)}")
+
+
+def serve(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None) -> None:
+  """Build and serve until interrupted (Ctrl-C)."""
+  import uvicorn
+  app, service = build(model, serve_cfg, mesh, plan)
+  name = app.state.info.name
+  print(f"serving {model.source} as model '{name}' on http://{serve_cfg.host}:{serve_cfg.port}  "
+        f"(OpenAI API under /v1, native /generate, /metrics, /health)")
+  key_note = "  (export JAXLLM_API_KEY=<serve.api_key> first)" if serve_cfg.api_key else ""
+  print(f"try:{key_note}\n  {example_curl(serve_cfg, name)}", flush=True)
+  try:
+    uvicorn.run(app, host=serve_cfg.host, port=serve_cfg.port, log_level="info")
+  finally:
+    service.close()
