@@ -5,9 +5,11 @@
       /metrics, /health, /flush_cache) on serve.host:serve.port. Without --checkpoint/--hf it serves the
       newest checkpoint of `python train.py` (runs/default/checkpoints).
   python serve.py generate (--checkpoint DIR | --hf DIR) --prompt "Once upon" [--prompt ...]
-                          [--max-tokens 32 --mesh meshes/cpu-8.toml --attention reference|pallas ...]
+                          [--max-tokens 32 --mesh meshes/cpu-8.toml serve.attention=pallas ...]
   python serve.py bench [--groups 8 --per-group 8 --system-len 128 --question-len 16 --output-len 16
-                         --arrival all|poisson --rate 50 --model tiny | --hf DIR] [--mesh ...]
+                         --arrival all|poisson --rate 50 --model tiny | --hf DIR] [--mesh ...] [serve.key=value]
+
+Engine settings are ServeConfig's serve.* keys everywhere (python serve.py --help lists them).
 """
 from __future__ import annotations
 
@@ -19,13 +21,9 @@ from jaxllm import cli
 
 
 def _engine_args(p):
-  p.add_argument("--attention", default="reference", choices=["reference", "pallas"],
-                 help="paged attention backend (reference = pure jnp, the CPU default)")
-  p.add_argument("--page-size", type=int, default=16)
-  p.add_argument("--max-running", type=int, default=16, help="sequences decoded together")
-  p.add_argument("--chunk-size", type=int, default=256, help="prefill token budget per step")
-  p.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call when the batch "
-                 "is pure decode (multi-step decode; 1 = one step per call)")
+  p.add_argument("overrides", nargs="*", help="serve.key=value engine settings, e.g. serve.page_size=8 "
+                 "serve.attention=pallas (python serve.py --help lists them)")
+  p.add_argument("--config", action="append", default=[], help="TOML file(s) with a [serve] table")
   p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over, e.g. tp=2; "
                  "pp must be 1")
   p.add_argument("--hf", default=None, metavar="DIR", help="Hugging Face model directory (config.json, "
@@ -61,6 +59,14 @@ def _load_hf(model_dir, mesh, plan, **overrides):
   return cfg, params, hf_tokenizer_path(model_dir)
 
 
+def _serve_cfg(a):
+  from jaxllm.config import ConfigError, load_config
+  try:
+    return load_config(a.config, a.overrides).serve
+  except ConfigError as e:
+    cli.fail(str(e))
+
+
 def generate(a):
   import jax
   from jaxllm.data import load_tokenizer
@@ -86,13 +92,7 @@ def generate(a):
     params = init_params(cfg, 0)
   tok = load_tokenizer(tok_spec)
   prompts = [tok.encode(p) for p in a.prompt]
-  # Default pool: every request of the batch at its full length (not max_seq_len, which an HF
-  # config sets to the model's whole context).
-  longest = max(map(len, prompts)) + a.max_tokens
-  pages = a.num_pages or min(a.max_running, len(prompts)) * -(-longest // a.page_size)
-  eng = Engine(cfg, params, page_size=a.page_size, num_pages=pages, max_running=a.max_running,
-               chunk_size=a.chunk_size, attention=a.attention, mesh=mesh, plan=plan,
-               detokenize=tok.decode, decode_steps=a.decode_steps)
+  eng = Engine(cfg, params, _serve_cfg(a), mesh=mesh, plan=plan, detokenize=tok.decode)
   eos = getattr(tok, "eos_id", None)
   stops = (eos,) if eos is not None and eos < cfg.vocab_size else ()   # an id the model can produce
   sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -115,8 +115,7 @@ def bench(a):
   else:
     cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=max_seq_len)
     params = init_params(cfg, 0)
-  run_bench(cfg, params, w, page_size=a.page_size, max_running=a.max_running, chunk_size=a.chunk_size,
-            mem_pages=a.mem_pages, attention=a.attention, mesh=mesh, plan=plan, decode_steps=a.decode_steps)
+  run_bench(cfg, params, w, _serve_cfg(a), mem_pages=a.mem_pages, mesh=mesh, plan=plan)
 
 
 SUBCOMMANDS = ("generate", "bench")
@@ -160,10 +159,11 @@ def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] not in SUBCOMMANDS:
     return serve_http(argv)
-  ap = argparse.ArgumentParser(prog="serve.py", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = ap.add_subparsers(dest="cmd", required=True)
-  g = sub.add_parser("generate", help="offline generation from a training checkpoint")
+  cmd, argv = argv[0], argv[1:]
+  epilog = "config keys (serve.key=value, or a [serve] table in --config):\n" + cli.config_help(("serve",))
+  sub = lambda name, help: argparse.ArgumentParser(prog=f"serve.py {name}", description=help, epilog=epilog,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  g = sub("generate", "offline generation from a training checkpoint, an HF directory or random weights")
   g.add_argument("--checkpoint", help="training checkpoint directory (any training mesh)")
   g.add_argument("--model", default="tiny", help="preset for random weights when no --checkpoint")
   g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -176,9 +176,8 @@ def main(argv=None):
   g.add_argument("--min-p", type=float, default=0.0)
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-  g.add_argument("--num-pages", type=int, default=0, help="KV pool pages (0: max_running full sequences)")
   _engine_args(g)
-  b = sub.add_parser("bench", help="shared-prefix workload: cache off vs on, every policy, memory limit")
+  b = sub("bench", "shared-prefix workload: cache off vs on, every policy, memory limit")
   b.add_argument("--model", default="tiny")
   b.add_argument("--groups", type=int, default=8)
   b.add_argument("--per-group", type=int, default=8)
@@ -190,10 +189,10 @@ def main(argv=None):
   b.add_argument("--seed", type=int, default=0)
   b.add_argument("--mem-pages", type=int, default=0, help="page limit of the eviction runs (0: auto)")
   _engine_args(b)
-  a = ap.parse_args(argv)
+  a = {"generate": g, "bench": b}[cmd].parse_intermixed_args(argv)   # options and key=value in any order
   if a.mesh and "jax" not in sys.modules:
     cli.prepare_devices(a.mesh)   # CPU mesh presets need their emulated devices before jax starts
-  {"generate": generate, "bench": bench}[a.cmd](a)
+  {"generate": generate, "bench": bench}[cmd](a)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ each streamed chunk), and the share of prompt tokens served from the cache again
 request but the first of its group reuses the system prompt's whole pages).
 
   python benchmarks/bench_http.py                       # tiny random model, byte tokenizer
-  python benchmarks/bench_http.py --groups 8 --per-group 8 --system-len 512 --concurrency 16
+  python benchmarks/bench_http.py --groups 8 --per-group 8 --system-len 512 --concurrency 16   # lighter sharing
 """
 import os
 
@@ -107,8 +107,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="tiny")
   ap.add_argument("--groups", type=int, default=4)
-  ap.add_argument("--per-group", type=int, default=8)
-  ap.add_argument("--system-len", type=int, default=768, help="characters (= byte tokens) of each system prompt")
+  ap.add_argument("--per-group", type=int, default=16)
+  ap.add_argument("--system-len", type=int, default=1536, help="characters (= byte tokens) of each system prompt")
   ap.add_argument("--question-len", type=int, default=16)
   ap.add_argument("--max-tokens", type=int, default=8)
   ap.add_argument("--concurrency", type=int, default=8)

@@ -30,7 +30,7 @@ def test_generate_from_checkpoint(tmp_path, capsys):
   prompt = "abcabc"
   want = full_forward_greedy(DENSE, [tok.encode(prompt)], 5, params=jax.device_get(state.params))[0]
   serve.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-tokens", "5",
-              "--page-size", "8"])
+              "serve.page_size=8"])
   out = capsys.readouterr().out
   assert prompt + tok.decode(want) in out
 
@@ -45,6 +45,6 @@ def test_generate_from_hf_dir_on_a_mesh(tmp_path, capsys):
   want = full_forward_greedy(DENSE, [tok.encode(prompt)], 5)[0]
   mesh_file = os.path.join(os.path.dirname(__file__), "..", "meshes", "cpu-8.toml")
   serve.main(["generate", "--hf", hf_dir, "--mesh", mesh_file, "--tokenizer", "byte", "--prompt", prompt,
-              "--max-tokens", "5", "--page-size", "8"])
+              "--max-tokens", "5", "serve.page_size=8"])
   out = capsys.readouterr().out
   assert prompt + tok.decode(want) in out
