@@ -8,6 +8,10 @@ global count, so uneven masks give the same loss and gradients accumulated or no
 MaxText do the same). MoE aux losses are per chunk and averaged over chunks (as Megatron does for
 microbatches).
 
+The objective is pluggable (`Objective`): the language-model loss by default; the RL learner passes
+its policy-gradient objective (jaxllm.rl), so RL trains with this same step, mesh, sharding and
+checkpoints. An objective reports sums over the step's counted tokens; the step divides once.
+
 The step is jitted with the state donated and its output shardings pinned to the input shardings
 (otherwise XLA may choose others and the next call would reshard).
 
@@ -16,6 +20,7 @@ Shapes: the package legend in jaxllm/__init__.py (B, T, D).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -56,14 +61,33 @@ def loss_sums(mdef: ModelDef, params, batch, forward: Forward | None = None):
   return nll, count, aux_loss(mdef.cfg, aux)
 
 
-def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forward: Forward | None = None):
-  """Gradients of (CE mean over the batch's counted tokens + aux loss), accumulated over
-  `grad_accum` chunks. -> (grads, {'loss': CE, 'aux_loss', 'tokens'})."""
-  denom = jnp.maximum(token_count(batch["targets"], batch.get("mask")), 1.0)
+@dataclass(frozen=True)
+class Objective:
+  """What a train step minimises. count(batch) -> the step's counted tokens (the one denominator);
+  sums(mdef, params, batch, forward) -> (loss sum over counted tokens, aux loss (a per-chunk mean),
+  {metric name: sum over counted tokens}); the step reports each metric sum / count."""
+  count: Callable
+  sums: Callable
+
+
+def _lm_sums(mdef, params, batch, forward):
+  nll, _, aux = loss_sums(mdef, params, batch, forward)
+  return nll, aux, {"loss": nll}
+
+
+LM = Objective(count=lambda b: token_count(b["targets"], b.get("mask")), sums=_lm_sums)
+
+
+def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forward: Forward | None = None,
+                      objective: Objective = LM):
+  """Gradients of (objective sum / the batch's counted tokens + aux loss), accumulated over
+  `grad_accum` chunks. -> (grads, {each objective metric (per token), 'aux_loss', 'tokens'}); for the
+  LM objective 'loss' is the CE mean."""
+  denom = jnp.maximum(objective.count(batch), 1.0)
 
   def chunk_loss(p, b):
-    nll, count, aux = loss_sums(mdef, p, b, forward)
-    return nll / denom + aux / grad_accum, {"nll": nll, "tokens": count, "aux_loss": aux / grad_accum}
+    total, aux, sums = objective.sums(mdef, p, b, forward)
+    return total / denom + aux / grad_accum, {**sums, "aux_loss": aux / grad_accum}
   grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
   if grad_accum == 1:
     (_, sums), grads = grad_fn(params, batch)
@@ -76,24 +100,25 @@ def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forwar
     def body(acc, mb):
       (_, s), g = grad_fn(params, mb)
       return jax.tree.map(jnp.add, acc, (g, s)), None
-    zeros = (jax.tree.map(jnp.zeros_like, params),
-             {"nll": jnp.float32(0), "tokens": jnp.float32(0), "aux_loss": jnp.float32(0)})
+    shapes = jax.eval_shape(lambda: chunk_loss(params, jax.tree.map(lambda x: x[0], micro))[1])
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
     (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-  return grads, {"loss": sums["nll"] / denom, "aux_loss": sums["aux_loss"], "tokens": sums["tokens"]}
+  metrics = {k: v / denom for k, v in sums.items() if k != "aux_loss"}
+  return grads, {**metrics, "aux_loss": sums["aux_loss"], "tokens": denom}
 
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shardings=None,
                     batch_sharding=None, grad_accum: int = 1, hook_kwargs: dict | None = None,
-                    forward: Forward | None = None):
+                    forward: Forward | None = None, objective: Objective = LM):
   """Jitted (state, batch) -> (state, metrics). `hook_kwargs` installs mesh hooks while tracing;
-  `forward` replaces the model's own forward (the pipeline, see `pipelined`)."""
+  `forward` replaces the model's own forward (the pipeline, see `pipelined`); `objective` the loss."""
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):
-      grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, forward)
+      grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, forward, objective)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
     # A non-finite step is not applied: the state stays the last good one and the loop stops.
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state.params, state.opt_state))
     metrics["finite"] = finite

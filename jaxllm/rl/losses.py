@@ -1,0 +1,294 @@
+"""The RL objective as pure jax functions, kept as sums and counts (like jaxllm/model/loss.py).
+
+A sample is a prompt plus generated tokens; its row of the [B, T] arrays holds per-token values of the
+tokens it generated, and `mask [B, T]` is 1 on the generated tokens that count (0 on prompt and
+padding; fractional values act as token weights). Every function is jit-friendly: static shapes,
+masks instead of gathers, configuration static (`RLLossConfig` is frozen and hashable).
+
+Pieces
+  grpo_advantages     group-relative advantages (GRPO, Shao et al. 2024; Dr. GRPO, Liu et al. 2025)
+  ppo_surrogate       the token-level clipped surrogate (PPO, Schulman et al. 2017), with DAPO's
+                      decoupled clip-higher (Yu et al. 2025) and dual clip (Ye et al. 2020)
+  kl_estimate         k1 / k2 / k3 of Schulman's "Approximating KL divergence" note
+  kl_reward_penalty   the KL as a per-token reward penalty (no gradient)
+  token_entropy       entropy of the full distribution per token, from logits
+  token_logprobs      log-probabilities of the chosen tokens, from logits
+  rl_loss             the entry point: (logp, batch, cfg) -> (loss_sum, count, sums, maxes)
+  metric_means        sums and maxes -> logged means, divided once by the step's count
+
+Three policies (off-policy correction)
+  behaviour  `logp_behav`: log-probs the sampler (serving engine) reported for the tokens it drew,
+             possibly under weights up to `eta` versions old, and from a different numeric stack.
+  proximal   `logp_prox`: the learner's own log-probs under the weights just before this update,
+             computed without gradient (one forward pass over the batch before the first minibatch).
+  current    `logp`: the learner's log-probs under the weights being optimised (with gradient).
+  correction="none":      ratio = pi/behaviour, PPO-clipped.  Plain PPO with old = behaviour.
+  correction="decoupled": ratio = pi/proximal, PPO-clipped, times w = proximal/behaviour (no gradient);
+                          tokens with w > is_cap are dropped from the policy-gradient term (they still
+                          count in the denominator). Decoupled PPO (Hilton et al. 2022, "Batch
+                          size-invariance for policy optimization"), as in AReaL (Fu et al. 2025) with
+                          its behaviour-importance-weight cap. behaviour == proximal gives plain PPO,
+                          bit for bit.
+  correction="tis":       the same ratio and weight, but w is truncated, min(w, is_cap) (truncated
+                          importance sampling, Yao et al. 2025, "Your efficient RL framework secretly
+                          brings you off-policy RL training"). w = 1 gives plain PPO.
+
+KL to the frozen reference: which placement has the right gradient
+  On-policy samples x ~ pi, d = log pi(x) - log ref(x). The target is grad KL(pi||ref) =
+  E[d * grad log pi] (reverse KL).  Checked exactly (expectation summed over a 5-way categorical) in
+  tests/test_rl_losses.py::test_kl_gradients_on_a_categorical:
+    k1 = d               in the loss:   expected gradient E[grad log pi] = 0. Wrong (no signal at all).
+    k1 = d               in the reward: E[stopgrad(d) grad log pi] = grad KL(pi||ref). Right (REINFORCE).
+    k2 = d^2 / 2         in the loss:   E[d grad log pi] = grad KL(pi||ref). Right.
+    k3 = e^-d + d - 1    in the loss:   E[(1 - ref/pi) grad log pi] = grad KL(ref||pi), the FORWARD KL.
+                                        Wrong for reverse KL, though E[k3] = KL(pi||ref) in value
+                                        (k3 is unbiased in value, not in gradient).
+    k2, k3 in the reward: neither gives grad KL(pi||ref).
+  Values: E[k1] = E[k3] = KL(pi||ref); E[k2] != KL(pi||ref) in general (k2 is biased in value).
+  So use kl_estimator="k2" with kl_in="loss", or "k1" with kl_in="reward". (GRPO's own choice, k3 in
+  the loss, eq. 4 of Shao et al., pulls along the forward KL's gradient.) For off-policy samples
+  (behaviour != current) the in-loss KL term here is not importance-corrected.
+
+Aggregation (global denominators)
+  `rl_loss` returns the loss summed over the counted tokens and their count; metrics come back as
+  sums over the same tokens (and a few maxima). A caller that splits the step's batch into
+  microbatches / chunks adds the sums and divides once by the step's total count (the token-level
+  mean of DAPO, the same normalisation as jaxllm/train/step.py); dividing by a constant instead
+  (Dr. GRPO's fixed denominator) is equally possible since nothing here divides.
+
+Shapes: the package legend in jaxllm/__init__.py (B, T, V). The rows of one GRPO group (the samples
+of one prompt) are adjacent: B = prompts * group_size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ConfigError
+from jaxllm.model.loss import token_nll
+
+CORRECTIONS = ("decoupled", "tis", "none")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+DEFAULT_IS_CAP = {"decoupled": 5.0, "tis": 2.0, "none": math.inf}
+
+
+@dataclass(frozen=True)
+class RLLossConfig:
+  """The RL loss's knobs; static under jit (frozen, hashable)."""
+  clip_low: float = 0.2          # epsilon in PPO eq. 7 (Schulman et al. 2017): ratio clipped below at 1 - clip_low
+  clip_high: float = 0.2         # upper clip 1 + clip_high; DAPO's epsilon_high (Yu et al. 2025), e.g. 0.28
+  dual_clip: float = 0.0         # c of dual-clip PPO (Ye et al. 2020), e.g. 3: loss <= -c*A when A < 0; 0 = off
+  correction: str = "decoupled"  # "decoupled" (Hilton et al. 2022, AReaL), "tis" (Yao et al. 2025) or "none"
+  # Cap on w = proximal/behaviour: decoupled drops tokens with w > cap (AReaL's behav_imp_weight_cap),
+  # tis truncates w at it (C in Yao et al.). None = the correction's default (5.0 / 2.0); 0 = no cap.
+  is_cap: float | None = None
+  kl_coef: float = 0.0           # beta of the KL to the frozen reference (GRPO eq. 3, Shao et al. 2024); 0 = off
+  kl_estimator: str = "k2"       # "k1" | "k2" | "k3" of Schulman's "Approximating KL divergence"
+  kl_in: str = "loss"            # "loss": + beta*k per token; "reward": caller subtracts kl_reward_penalty
+  entropy_coef: float = 0.0      # entropy bonus (c2 in PPO eq. 9): loss -= entropy_coef * H; 0 = off
+
+  def __post_init__(self):
+    def bad(name, allowed):
+      raise ConfigError(f"RLLossConfig.{name}={getattr(self, name)!r}: allowed {allowed}")
+    if not 0.0 <= self.clip_low < 1.0:
+      bad("clip_low", "0 <= clip_low < 1")
+    if not self.clip_high >= 0.0:
+      bad("clip_high", "clip_high >= 0")
+    if not (self.dual_clip == 0.0 or self.dual_clip > 1.0):
+      bad("dual_clip", "0 (off) or c > 1 (e.g. 3)")
+    if self.correction not in CORRECTIONS:
+      bad("correction", " | ".join(repr(c) for c in CORRECTIONS))
+    if self.is_cap is not None and not (self.is_cap == 0.0 or self.is_cap >= 1.0):
+      bad("is_cap", "None (the correction's default), 0 (no cap) or a cap >= 1")
+    if not self.kl_coef >= 0.0:
+      bad("kl_coef", "kl_coef >= 0")
+    if self.kl_estimator not in KL_ESTIMATORS:
+      bad("kl_estimator", " | ".join(repr(k) for k in KL_ESTIMATORS))
+    if self.kl_in not in KL_PLACEMENTS:
+      bad("kl_in", " | ".join(repr(k) for k in KL_PLACEMENTS))
+    if not math.isfinite(self.entropy_coef):
+      bad("entropy_coef", "a finite number")
+
+  @property
+  def cap(self) -> float:
+    """The importance-weight cap in force (inf = none)."""
+    if self.correction == "none" or self.is_cap == 0.0:
+      return math.inf
+    return DEFAULT_IS_CAP[self.correction] if self.is_cap is None else float(self.is_cap)
+
+
+def grpo_advantages(rewards, group_size: int, normalize_std: bool = True, eps: float = 1e-6):
+  """rewards [B] -> advantages [B], relative to each sample's group.
+
+  Layout: the rows of a group are adjacent, B = prompts * group_size (row i is in group
+  i // group_size). A_i = (r_i - mean_group) / (std_group + eps) (GRPO outcome supervision, Shao et
+  al. 2024); normalize_std=False gives Dr. GRPO's r_i - mean_group (Liu et al. 2025). std is the
+  population std (ddof 0); TRL and verl use the sample std (ddof 1), larger by sqrt(G/(G-1)) for
+  group size G. A group whose rewards are all equal gets advantages 0.
+  """
+  (b,) = rewards.shape
+  if group_size < 1 or b % group_size:
+    raise ValueError(f"grpo_advantages: group_size={group_size} must divide the {b} rewards "
+                     "(groups are adjacent rows)")
+  r = rewards.astype(jnp.float32).reshape(b // group_size, group_size)
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  if normalize_std:
+    centred = centred / (jnp.std(r, axis=1, keepdims=True) + eps)
+  return centred.reshape(b)
+
+
+def ppo_surrogate(ratio, advantages, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float = 0.0):
+  """Token-level clipped surrogate. ratio [B, T], advantages [B, T] (or broadcastable) ->
+  (loss [B, T], clipped [B, T] bool, dual_clipped [B, T] bool).
+
+  loss = -min(ratio*A, clip(ratio, 1 - clip_low, 1 + clip_high)*A)   (PPO eq. 7, sign flipped)
+  and with dual_clip = c > 1, for A < 0: loss = min(loss, -c*A)       (Ye et al. 2020)
+  `clipped`: the clipped branch is strictly the larger (its gradient is 0); ties take the unclipped
+  branch, so the gradient inside the trust region is exactly -A * dratio. `dual_clipped`: the dual
+  bound binds (gradient 0).
+  """
+  unclipped = -advantages * ratio
+  clipped_term = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  clipped = clipped_term > unclipped
+  loss = jnp.where(clipped, clipped_term, unclipped)
+  if dual_clip:
+    bound = -dual_clip * advantages
+    dual = (advantages < 0) & (loss > bound)
+    loss = jnp.where(dual, bound, loss)
+  else:
+    dual = jnp.zeros_like(clipped)
+  return loss, clipped, dual
+
+
+def kl_estimate(logp, logp_ref, estimator: str = "k2"):
+  """Per-token estimator of KL(pi||ref) from the sampled tokens' log-probs, logp and logp_ref [B, T]
+  -> [B, T]. With d = logp - logp_ref:  k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) + d - 1  (Schulman,
+  "Approximating KL divergence"). See the module docstring for which has the right gradient where."""
+  d = logp - logp_ref
+  if estimator == "k1":
+    return d
+  if estimator == "k2":
+    return 0.5 * d * d
+  if estimator == "k3":
+    return jnp.expm1(-d) + d   # exp(logp_ref - logp) - (logp_ref - logp) - 1, without cancellation
+  raise ConfigError(f"kl_estimator={estimator!r}: allowed " + " | ".join(repr(k) for k in KL_ESTIMATORS))
+
+
+def kl_reward_penalty(logp, logp_ref, mask, cfg: RLLossConfig):
+  """The KL as a reward penalty (kl_in="reward"): kl_coef * k [B, T], zero off the mask, no gradient.
+  logp: the sampled tokens' log-probs under the policy that drew them (logp_behav, or logp_prox).
+  The caller subtracts it from the reward before computing advantages (summed over a sequence, or as
+  reward-to-go per token); with k1 this is REINFORCE on the KL, the unbiased reverse-KL gradient."""
+  k = kl_estimate(logp, logp_ref, cfg.kl_estimator)
+  return jax.lax.stop_gradient(cfg.kl_coef * jnp.where(mask > 0, k, 0.0))
+
+
+def token_entropy(logits):
+  """logits [B, T, V] -> entropy of softmax(logits) per token [B, T] (fp32; -inf logits allowed)."""
+  logits = logits.astype(jnp.float32)
+  logq = jax.nn.log_softmax(logits, axis=-1)
+  q = jnp.exp(logq)
+  return -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)
+
+
+def token_logprobs(logits, targets):
+  """logits [B, T, V], targets [B, T] int -> log pi(target) [B, T] (fp32)."""
+  return -token_nll(logits.astype(jnp.float32), targets)
+
+
+def rl_loss(logp, batch: dict, cfg: RLLossConfig):
+  """The RL loss of one batch (or chunk) as sums: -> (loss_sum, count, sums, maxes).
+
+  logp [B, T]: the current policy's log-probs of the sampled tokens (the only input with gradient).
+  batch:
+    mask        [B, T]  1 on counted (generated) tokens
+    advantages  [B] or [B, T]  (e.g. grpo_advantages; no gradient)
+    logp_behav  [B, T]  behaviour (sampler) log-probs
+    logp_prox   [B, T]  proximal log-probs (learner, pre-update weights); required unless correction="none"
+    logp_ref    [B, T]  frozen reference log-probs; required when kl_coef > 0 and kl_in="loss"
+    entropy     [B, T]  per-token entropy (token_entropy of the current logits); required when entropy_coef != 0
+  loss_sum: sum over counted tokens of  w * surrogate + [kl_in="loss"] kl_coef * k - entropy_coef * H.
+  count: the counted tokens (sum of mask). The loss is loss_sum / count, with the count summed over
+  the whole step when the batch is split.
+  sums (fp32 scalars, summed over counted tokens; divide by the count for means):
+    pg_loss, clipped, dual_clipped, ratio, approx_kl (k3 of current vs old: estimates KL(old||pi)),
+    is_weight (raw w = proximal/behaviour; 1 when correction="none"), is_capped (tokens the cap acted
+    on: masked out for decoupled, truncated for tis), kl (if logp_ref given), entropy (if given).
+  maxes: is_weight, ratio (maxima over counted tokens; combine chunks with max).
+  """
+  m = batch["mask"].astype(jnp.float32)
+  on = m > 0
+  adv = jax.lax.stop_gradient(jnp.asarray(batch["advantages"], jnp.float32))
+  if adv.ndim == 1:
+    adv = adv[:, None]
+  logp_behav = batch["logp_behav"]
+  if cfg.correction == "none":
+    logp_old = logp_behav
+  else:
+    if "logp_prox" not in batch:
+      raise KeyError(f"rl_loss: correction={cfg.correction!r} needs batch['logp_prox'] (the learner's log-probs "
+                     "under the pre-update weights); use correction='none' to treat the behaviour as old")
+    logp_old = batch["logp_prox"]
+  logp_old = jax.lax.stop_gradient(logp_old)
+
+  # Off-mask entries may hold anything: zero the log-ratios there before exp (no inf, no NaN grads).
+  log_ratio = jnp.where(on, logp - logp_old, 0.0)
+  ratio = jnp.exp(log_ratio)
+  pg, clipped, dual = ppo_surrogate(ratio, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+
+  if cfg.correction == "none":
+    w_raw = jnp.ones_like(m)
+    capped = jnp.zeros_like(on)
+    w = w_raw
+  else:
+    w_raw = jnp.exp(jax.lax.stop_gradient(jnp.where(on, logp_old - logp_behav, 0.0)))
+    capped = on & (w_raw > cfg.cap)
+    if cfg.correction == "decoupled":
+      w = jnp.where(capped, 0.0, w_raw)
+    else:   # tis
+      w = jnp.minimum(w_raw, cfg.cap)
+  pg = pg * w
+  tok = pg
+
+  sums = {}
+  if "logp_ref" in batch:
+    # Masked inputs (not only a masked output), so off-mask garbage cannot make exp overflow.
+    k = kl_estimate(jnp.where(on, logp, 0.0), jnp.where(on, batch["logp_ref"], 0.0), cfg.kl_estimator)
+    sums["kl"] = jnp.sum(jax.lax.stop_gradient(k) * m)
+    if cfg.kl_in == "loss" and cfg.kl_coef:
+      tok = tok + cfg.kl_coef * k
+  elif cfg.kl_in == "loss" and cfg.kl_coef:
+    raise KeyError("rl_loss: kl_coef > 0 with kl_in='loss' needs batch['logp_ref'] (frozen reference log-probs)")
+  if "entropy" in batch:
+    ent = jnp.where(on, batch["entropy"], 0.0)
+    sums["entropy"] = jnp.sum(jax.lax.stop_gradient(ent) * m)
+    if cfg.entropy_coef:
+      tok = tok - cfg.entropy_coef * ent
+  elif cfg.entropy_coef:
+    raise KeyError("rl_loss: entropy_coef != 0 needs batch['entropy'] (e.g. token_entropy(logits))")
+
+  sg = jax.lax.stop_gradient
+  f32 = lambda x: x.astype(jnp.float32)
+  sums.update(
+    pg_loss=jnp.sum(sg(pg) * m),
+    clipped=jnp.sum(f32(clipped) * m),
+    dual_clipped=jnp.sum(f32(dual) * m),
+    ratio=jnp.sum(sg(ratio) * m),
+    approx_kl=jnp.sum(sg(jnp.expm1(log_ratio) - log_ratio) * m),
+    is_weight=jnp.sum(w_raw * m),
+    is_capped=jnp.sum(f32(capped) * m),
+  )
+  maxes = {"is_weight": jnp.max(jnp.where(on, w_raw, 0.0)), "ratio": jnp.max(jnp.where(on, sg(ratio), 0.0))}
+  return jnp.sum(tok * m), jnp.sum(m), sums, maxes
+
+
+def metric_means(sums: dict, maxes: dict, count) -> dict:
+  """Sums (added over a step's chunks) and maxes (max over chunks) -> {name: mean, name_max: max}."""
+  denom = jnp.maximum(count, 1.0)
+  out = {k: v / denom for k, v in sums.items()}
+  out.update({f"{k}_max": v for k, v in maxes.items()})
+  return out
