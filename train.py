@@ -4,6 +4,7 @@ standard library source) on the emulated 8-device CPU mesh, for a few minutes.
 
   python train.py [--mesh meshes/NAME.toml] [--config FILE.toml] [--init-from-hf DIR] [key=value ...]
   e.g. python train.py model=tiny-moe mesh.ep=4 train.steps=200 train.out_dir=runs/moe
+  python train.py rl rl.init_from=runs/sft/checkpoints [rl.key=value ...]   off-policy RL (see rl --help)
 """
 import argparse
 import sys
@@ -11,7 +12,36 @@ import sys
 from jaxllm import cli
 
 
+def rl_main(argv) -> int:
+  """`train.py rl`: off-policy RL from an SFT checkpoint (rl.init_from) on a verifiable task."""
+  p = argparse.ArgumentParser(prog="train.py rl", description=rl_main.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys (section.key=value):\n" + cli.config_help(("rl", "train", "serve")))
+  p.add_argument("overrides", nargs="*", help="rl.key=value / train.key=value / serve.key=value overrides")
+  p.add_argument("--mesh", help="mesh preset TOML; default: cpu-8 on CPU, all devices as dp otherwise")
+  p.add_argument("--config", action="append", default=[], help="TOML file(s) with [rl]/[train]/[serve] tables")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+  args = p.parse_intermixed_args(argv)
+  cli.prepare_devices(args.mesh)
+  from jaxllm.config import ConfigError, load_config
+  from jaxllm.rl.loop import rl_train
+  from jaxllm.train.checkpoint import CheckpointError
+  try:
+    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    cfg = load_config(args.config, ["train.out_dir=runs/rl"] + overrides + args.overrides)
+    summary = rl_train(cfg, progress=not args.no_progress)
+  except (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    cli.fail(str(e))
+  print(f"\nRL to step {summary['steps']}: held-out accuracy {100 * summary['first_acc']:.1f}% -> "
+        f"{100 * summary['last_acc']:.1f}%")
+  print(f"checkpoint: {summary['checkpoint_dir']}")
+  return 0
+
+
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "rl":
+    return rl_main(argv[1:])
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="config keys (section.key=value):\n" + cli.config_help())
   p.add_argument("overrides", nargs="*", help="section.key=value overrides, or model=PRESET")

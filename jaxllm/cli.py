@@ -40,7 +40,8 @@ def default_mesh_overrides(mesh_given: bool) -> list[str]:
 def config_help(sections=("model", "mesh", "train")) -> str:
   """Every config key of these sections with its type, default and the comment beside its field."""
   from jaxllm import config as C
-  classes = {"model": C.ModelConfig, "mesh": C.MeshConfig, "train": C.TrainConfig, "serve": C.ServeConfig}
+  classes = {"model": C.ModelConfig, "mesh": C.MeshConfig, "train": C.TrainConfig, "serve": C.ServeConfig,
+             "rl": C.RLConfig}
   out = []
   for section, cls in ((s, classes[s]) for s in sections):
     out.append(f"[{section}]  ({cls.__doc__.strip().splitlines()[0]})")

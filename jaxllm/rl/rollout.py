@@ -1,0 +1,62 @@
+"""Rollouts: the serving engine (jaxllm.serve, in-process) generates G samples per prompt.
+
+A GRPO group is G requests for one prompt; the engine's radix cache computes the prompt's KV once and
+the other samples reuse its pages (prefix dedup). Each sample keeps the token ids it was given and
+generated (never retokenized), the behaviour log-probs the sampler reported (raw model distribution,
+see jaxllm/serve/sampling.py), and the weight version that generated it (bound at admission).
+
+Shapes: the package legend in jaxllm/__init__.py (B samples = prompts * G, T tokens).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxllm.serve import Engine, SamplingParams
+
+
+@dataclass
+class Sample:
+  prompt_ids: list
+  completion_ids: list
+  logprobs: list                 # behaviour log-prob of each completion token
+  version: object                # weight version that generated it
+  prompt: str
+  completion: str
+  reference: str                 # the task's answer, for verifiable rewards
+  cache_hit: int                 # prompt tokens reused from the radix cache
+
+
+@dataclass
+class Rollout:
+  samples: list                  # prompts_per_step * G samples, each group adjacent
+  step: int                      # which learner step it is for
+  seconds: float
+  version: object                # the oldest weight version among its samples
+
+
+def generate(engine: Engine, tokenizer, prompts: list[str], references: list[str], group_size: int,
+             max_new_tokens: int, temperature: float, seed: int, step: int, stop=("\n",)) -> Rollout:
+  """G samples for every prompt; deterministic given (seed, step) and the engine's weights."""
+  t0 = time.perf_counter()
+  reqs = []
+  for i, prompt in enumerate(prompts):
+    ids = tokenizer.encode(prompt)
+    for g in range(group_size):
+      sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=True, stop=stop,
+                          seed=(seed * 1_000_003 + step * 65_537 + i * group_size + g) & 0x7FFFFFFF)
+      reqs.append((engine.add_request(ids, sp), prompt, references[i]))
+  engine.run()
+  samples = [Sample(r.prompt, list(r.output), list(r.logprobs), r.extra_key, p, tokenizer.decode(r.output), ref,
+                    r.cache_hit) for r, p, ref in reqs]
+  return Rollout(samples, step, time.perf_counter() - t0, min((s.version for s in samples), default=None))
+
+
+def greedy_accuracy(engine: Engine, tokenizer, prompts, references, max_new_tokens: int, extract) -> float:
+  """Exact-match accuracy of greedy completions (held-out evaluation)."""
+  sp = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
+  outs = engine.generate([tokenizer.encode(p) for p in prompts], sp)
+  got = [extract(tokenizer.decode(o.output)) for o in outs]
+  return float(np.mean([g is not None and g == ref for g, ref in zip(got, references)]))
