@@ -14,7 +14,7 @@ Package map
   io/        checkpoint layout on disk for inference, Hugging Face import/export
   train/     train state and step, optimizer, the training loop, metrics, the trainer's checkpoints
   serve/     KV page pool, page allocator, radix prefix cache, scheduler, sampling, engine, benchmark
-  rl/        off-policy RL trainer (being built)
+  rl/        off-policy RL: losses, rewards, rollouts through the engine, learner, async loop
   cli        plumbing shared by the command-line entry points train.py and serve.py
 
 Layering (imports point one way only)
