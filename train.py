@@ -5,6 +5,7 @@ standard library source) on the emulated 8-device CPU mesh, for a few minutes.
   python train.py [--mesh meshes/NAME.toml] [--config FILE.toml] [--init-from-hf DIR] [key=value ...]
   e.g. python train.py model=tiny-moe mesh.ep=4 train.steps=200 train.out_dir=runs/moe
   python train.py rl rl.init_from=runs/sft/checkpoints [rl.key=value ...]   off-policy RL (see rl --help)
+  python train.py reward --data pairs.jsonl [reward.key=value ...]   reward model (see reward --help)
 """
 import argparse
 import sys
@@ -38,10 +39,47 @@ def rl_main(argv) -> int:
   return 0
 
 
+def reward_main(argv) -> int:
+  """`train.py reward`: a reward model (the shared backbone + a scalar head, Bradley-Terry loss) on
+  preference pairs, jsonl lines {"prompt", "chosen", "rejected"}; prints held-out pair accuracy and
+  writes train.out_dir/checkpoints, which `rl.rewards=rm:DIR:WEIGHT` scores with."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--mesh")
+  cli.prepare_devices(pre.parse_known_args(argv)[0].mesh)   # before jax: reward_model imports it
+  from jaxllm.rl import reward_model as rm
+  p = argparse.ArgumentParser(prog="train.py reward", description=" ".join(reward_main.__doc__.split()),
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys (section.key=value):\n" + rm.config_help() + "\n"
+                              + cli.config_help(("model", "train")))
+  p.add_argument("overrides", nargs="*", help="reward.key=value / train.key=value / model.key=value overrides")
+  p.add_argument("--data", help="preference pairs, jsonl (same as reward.data=FILE)")
+  p.add_argument("--mesh", help="mesh preset TOML; default: cpu-8 on CPU, all devices as dp otherwise")
+  p.add_argument("--config", action="append", default=[], help="TOML file(s) with [model]/[train] tables")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+  args = p.parse_intermixed_args(argv)
+  from jaxllm.config import ConfigError, load_config
+  from jaxllm.train.checkpoint import CheckpointError
+  from jaxllm.train.loop import TrainingDiverged
+  try:
+    ours, others = rm.split_overrides(args.overrides)
+    rcfg = rm.reward_config(ours + ([f"reward.data={args.data}"] if args.data else []))
+    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    cfg = load_config(args.config, ["train.out_dir=runs/rm"] + overrides + others)
+    summary = rm.train_reward_model(cfg, rcfg, progress=not args.no_progress)
+  except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  print(f"\nreward model to step {summary['steps']}: held-out pair accuracy {100 * summary['first_acc']:.1f}% -> "
+        f"{100 * summary['last_acc']:.1f}% ({summary['heldout_pairs']} pairs: r(chosen) > r(rejected))")
+  print(f"checkpoint: {summary['checkpoint_dir']}   (use it as rl.rewards=rm:{summary['checkpoint_dir']}:WEIGHT)")
+  return 0
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "rl":
     return rl_main(argv[1:])
+  if argv and argv[0] == "reward":
+    return reward_main(argv[1:])
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="config keys (section.key=value):\n" + cli.config_help())
   p.add_argument("overrides", nargs="*", help="section.key=value overrides, or model=PRESET")

@@ -175,16 +175,17 @@ def test_batched_rewards_are_called_once_per_batch(here, monkeypatch):
 
 def test_register_reward_prefix_forms_and_duplicates(monkeypatch):
   monkeypatch.setattr(R, "REWARDS", dict(REWARDS))   # keep the module registry clean
-  register_reward("rm:", lambda path: Reward(f"rm:{path}", lambda ps, cs, rs: [len(path)] * len(ps), batched=True))
-  spec = RewardSpec.parse("rm:/ckpt/dir:0.5,exact_match")
-  assert spec.weights == {"rm:/ckpt/dir": 0.5, "exact_match": 1.0}
+  register_reward("fake_rm:", lambda path: Reward(f"fake_rm:{path}", lambda ps, cs, rs: [len(path)] * len(ps),
+                                                  batched=True))
+  spec = RewardSpec.parse("fake_rm:/ckpt/dir:0.5,exact_match")
+  assert spec.weights == {"fake_rm:/ckpt/dir": 0.5, "exact_match": 1.0}
   total, _ = combine(spec, ["p"], ["1\n"], ["1"])
   np.testing.assert_allclose(total, [0.5 * len("/ckpt/dir") + 1])
   with pytest.raises(ValueError, match="already registered"):
     register_reward("format", lambda: Reward("format", R.format_ok))
   with pytest.raises(ValueError, match="no ','"):
     register_reward("a,b", lambda: None)
-  assert "rm:ARG" in R.known_rewards()
+  assert "fake_rm:ARG" in R.known_rewards()
 
 
 def test_bad_scores_name_the_reward_and_sample(monkeypatch):

@@ -17,12 +17,19 @@ Every task has a fixed held-out split, disjoint from the training problems: whic
 belongs to is a hash of the problem itself, independent of any seed or digit range, so the same
 problem is held out in every run and no training draw can ever produce it.
 
+Preference pairs (for reward models, jaxllm.rl.reward_model): `preference_pairs(n, split, seed)` turns
+problems into (prompt, chosen, rejected) triples, chosen = the correct answer line "357\n" and
+rejected = a plausible wrong one (a dropped carry or a digit off by one; or, easier to spot, a digit
+dropped or doubled), all of the same split;
+`write_preference_file` writes them as jsonl lines {"prompt", "chosen", "rejected"}.
+
 Adding a task: a class with the same methods as AdditionTask (problems, question, prompt, answer,
 sft_text, write_sft_file, extract_answer), registered in TASKS under a name. Pure Python + numpy.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import NamedTuple
 
@@ -58,6 +65,13 @@ class Addition(NamedTuple):
   """One problem: a + b."""
   a: int
   b: int
+
+
+class PreferencePair(NamedTuple):
+  """One preference: for `prompt`, the completion `chosen` is better than `rejected`."""
+  prompt: str
+  chosen: str
+  rejected: str
 
 
 class AdditionTask:
@@ -143,6 +157,59 @@ class AdditionTask:
     """Write sft_text(n, seed) to `path` (UTF-8, a .txt for train.data=PATH); returns path."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
       f.write(self.sft_text(n, seed))
+    return path
+
+  MISTAKES = ("carry", "digit", "typo")
+
+  def wrong_answer(self, p: Addition, rng: np.random.Generator, mistakes=("carry", "digit")) -> str:
+    """A plausible wrong answer to p (never the right one; no leading zeros), one of `mistakes`
+    picked uniformly:
+      carry  the carry out of one column forgotten (57+68=125 -> 115 or 25); a sum without carries
+             gets a digit mistake instead
+      digit  one digit of the sum off by one (125 -> 135, 124)
+      typo   one digit of the sum dropped or doubled (125 -> 15, 1225): a slip in writing the
+             answer down, which changes its length and is far easier to spot than the other two"""
+    unknown = set(mistakes) - set(self.MISTAKES) if mistakes else {"(none given)"}
+    if unknown:
+      raise ValueError(f"mistakes={tuple(mistakes)!r}: unknown {sorted(unknown)}; choose from {self.MISTAKES}")
+    total, digits = p.a + p.b, str(p.a + p.b)
+    kind = mistakes[int(rng.integers(len(mistakes)))]
+    if kind == "carry":
+      carries, carry, column, a, b = [], 0, 0, p.a, p.b
+      while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        if carry:
+          carries.append(column)
+        a, b, column = a // 10, b // 10, column + 1
+      if carries:
+        return str(total - 10 ** (int(rng.choice(carries)) + 1))
+    i = int(rng.integers(len(digits)))
+    if kind == "typo" and total:
+      if len(digits) > 1 and rng.random() < 0.5:
+        return str(int(digits[:i] + digits[i + 1:]))          # dropped ("105" -> "05" reads 5)
+      return digits[:i] + digits[i] + digits[i:]                # doubled
+    d = int(digits[i])
+    options = [x for x in (d - 1, d + 1) if 0 <= x <= 9 and not (i == 0 and x == 0 and len(digits) > 1)]
+    return digits[:i] + str(int(rng.choice(options))) + digits[i + 1:]
+
+  def preference_pairs(self, n: int, split: str = "train", seed: int | None = None,
+                       mistakes=("carry", "digit")) -> list[PreferencePair]:
+    """n pairs over problems(n, split, seed): prompt(p), chosen = answer + "\\n", rejected =
+    wrong_answer(mistakes) + "\\n" (the same end marker, so only the number differs). Deterministic,
+    and preference_pairs(n) is a prefix of preference_pairs(m) for n < m."""
+    seed = self.seed if seed is None else int(seed)
+    problems = self.problems(n, split, seed)                       # validates n and split
+    rng = np.random.default_rng([seed, SPLITS.index(split), 1])   # a stream of its own, not problems()'
+    return [PreferencePair(self.prompt(p), self.answer(p) + "\n", self.wrong_answer(p, rng, mistakes) + "\n")
+            for p in problems]
+
+  def write_preference_file(self, path: str, n: int, split: str = "train", seed: int | None = None,
+                            mistakes=("carry", "digit")) -> str:
+    """Write preference_pairs(n, split, seed, mistakes) as jsonl, one {"prompt", "chosen", "rejected"}
+    object a line (for `train.py reward --data PATH`); returns path."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+      for pair in self.preference_pairs(n, split, seed, mistakes):
+        f.write(json.dumps(pair._asdict()) + "\n")
     return path
 
   @staticmethod

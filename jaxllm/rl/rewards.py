@@ -20,6 +20,9 @@ Registry. REWARDS maps a name to a factory returning a Reward:
                    0.0 (what follows the newline is not looked at)
   python:          a prefix form: "python:MODULE:FUNCTION" imports FUNCTION from MODULE, a callable
                    fn(prompt: str, completion: str, reference: str) -> float
+  rm:              a prefix form: "rm:DIR" scores with the reward model trained by `train.py reward`
+                   (DIR: its train.out_dir/checkpoints), sigmoid of its score in (0, 1), batched
+                   (jaxllm.rl.reward_model; jax is imported when such a reward is first made)
 A key ending in ":" is such a prefix form: its factory is called with the text after the prefix.
 
 Batch rewards. A Reward is per-sample (fn(prompt, completion, reference) -> float, called once per
@@ -28,7 +31,7 @@ batch), for scorers that want the whole batch at once, such as a learned reward 
 forward pass. To add one:
 
   register_reward("reward_model", lambda: Reward("reward_model", rm.score_batch, batched=True))
-  register_reward("rm:", lambda path: Reward(f"rm:{path}", load_rm(path), batched=True))  # "rm:DIR:0.5"
+  register_reward("my_rm:", lambda path: Reward(f"my_rm:{path}", load(path), batched=True))  # "my_rm:DIR:0.5"
 
 A python: callable is treated as batched when it carries `batched_reward = True` (decorate it with
 @batched). Scores must be finite numbers; a non-finite or non-numeric one is an error naming the
@@ -150,6 +153,16 @@ REWARDS: dict[str, Callable[..., Reward]] = {
 }
 
 
+RM_PREFIX = "rm:"
+
+
+def load_rm_reward(path: str) -> Reward:
+  """Reward "rm:DIR": the reward model in the checkpoints directory DIR (jaxllm.rl.reward_model,
+  imported here so that this module stays free of jax until a reward model is asked for)."""
+  from jaxllm.rl.reward_model import rm_reward
+  return rm_reward(path)
+
+
 def register_reward(name: str, factory: Callable[..., Reward], *, replace: bool = False) -> None:
   """Add a reward to REWARDS. `factory()` returns the Reward (for a name ending in ":",
   `factory(arg)` with the text after the prefix). Batch scorers return Reward(..., batched=True)."""
@@ -158,6 +171,9 @@ def register_reward(name: str, factory: Callable[..., Reward], *, replace: bool 
   if name in REWARDS and not replace:
     raise ValueError(f"reward {name!r} is already registered; pass replace=True to override it")
   REWARDS[name] = factory
+
+
+register_reward(RM_PREFIX, load_rm_reward)
 
 
 def known_rewards() -> str:
