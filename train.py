@@ -28,7 +28,7 @@ def rl_main(argv) -> int:
   from jaxllm.rl.loop import rl_train
   from jaxllm.train.checkpoint import CheckpointError
   try:
-    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    overrides = cli.mesh_overrides(args.mesh)
     cfg = load_config(args.config, ["train.out_dir=runs/rl"] + overrides + args.overrides)
     summary = rl_train(cfg, progress=not args.no_progress)
   except (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
@@ -63,7 +63,7 @@ def reward_main(argv) -> int:
   try:
     ours, others = rm.split_overrides(args.overrides)
     rcfg = rm.reward_config(ours + ([f"reward.data={args.data}"] if args.data else []))
-    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    overrides = cli.mesh_overrides(args.mesh)
     cfg = load_config(args.config, ["train.out_dir=runs/rm"] + overrides + others)
     summary = rm.train_reward_model(cfg, rcfg, progress=not args.no_progress)
   except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
   from jaxllm.train.checkpoint import CheckpointError
   from jaxllm.train.loop import TrainingDiverged, train
   try:
-    overrides = cli.default_mesh_overrides(bool(args.mesh)) + ([f"mesh={args.mesh}"] if args.mesh else [])
+    overrides = cli.mesh_overrides(args.mesh)
     base = None
     if args.init_from_hf:
       from jaxllm.config import Config

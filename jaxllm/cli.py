@@ -27,11 +27,12 @@ def prepare_devices(mesh_path: str | None) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 
-def default_mesh_overrides(mesh_given: bool) -> list[str]:
-  """No --mesh: the emulated cpu-8 preset on a CPU-only machine, else all local devices as dp."""
+def mesh_overrides(mesh_path: str | None) -> list[str]:
+  """The mesh part of a run's overrides: the given preset file; without one, the emulated cpu-8
+  preset on a CPU-only machine, else all local devices as dp."""
+  if mesh_path:
+    return [f"mesh={mesh_path}"]
   import jax
-  if mesh_given:
-    return []
   if jax.devices()[0].platform == "cpu":
     return [f"mesh={DEFAULT_CPU_MESH}"]
   return [f"mesh.dp={len(jax.devices())}", f"mesh.device={jax.devices()[0].platform}", "mesh.name=all-dp"]

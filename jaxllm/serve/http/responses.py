@@ -72,6 +72,14 @@ def json_safe(v):
   return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
+def token_extras(parsed, choice: dict, token_ids, version) -> dict:
+  """vLLM's return_token_ids extension: the choice's token ids and the weights that produced them."""
+  if parsed.return_token_ids:
+    choice["token_ids"] = list(token_ids)
+    choice["weight_version"] = json_safe(version)
+  return choice
+
+
 def first_error(outputs: list[Output]) -> str | None:
   return next((o.error or "engine error" for o in outputs if o.finish_reason == "error"), None)
 
@@ -134,12 +142,9 @@ class Completions:
     return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
 
   def _extras(self, choice: dict, token_ids, version, first: bool) -> dict:
-    if self.parsed.return_token_ids:
-      if first:
-        choice["prompt_token_ids"] = self.parsed.prompt_ids
-      choice["token_ids"] = list(token_ids)
-      choice["weight_version"] = json_safe(version)
-    return choice
+    if first and self.parsed.return_token_ids:
+      choice["prompt_token_ids"] = self.parsed.prompt_ids
+    return token_extras(self.parsed, choice, token_ids, version)
 
   def response(self, outputs: list[Output]) -> dict:
     choices = []
@@ -183,10 +188,7 @@ class ChatCompletions:
     return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
   def _extras(self, choice: dict, token_ids, version) -> dict:
-    if self.parsed.return_token_ids:
-      choice["token_ids"] = list(token_ids)
-      choice["weight_version"] = json_safe(version)
-    return choice
+    return token_extras(self.parsed, choice, token_ids, version)
 
   def response(self, outputs: list[Output]) -> dict:
     choices = []
