@@ -252,6 +252,7 @@ class RLConfig:
   kl_estimator: str = "k2"        # "k1", "k2" or "k3" (k2 in the loss / k1 in the reward: unbiased gradient)
   kl_in: str = "loss"             # "loss" or "reward"
   entropy_coef: float = 0.0       # entropy bonus coefficient
+  behaviour_logprobs: str = "sampler"  # loss's behaviour log-probs: "sampler" (engine's) or "learner" (recomputed: exact)
   eval_every: int = 10            # learner steps between held-out accuracy measurements; 0 = only at the end
   eval_problems: int = 200        # held-out problems per measurement (greedy)
 
@@ -265,6 +266,9 @@ class RLConfig:
       raise ConfigError(f"rl.digits_min={self.digits_min}, rl.digits_max={self.digits_max}: need 1 <= min <= max")
     if self.group_size < 2:
       raise ConfigError(f"rl.group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
+    if self.behaviour_logprobs not in ("sampler", "learner"):
+      raise ConfigError(f"rl.behaviour_logprobs={self.behaviour_logprobs!r}: choose 'sampler' (the engine's "
+                        f"log-probs) or 'learner' (recomputed by the learner's forward; deterministic)")
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,11 @@ def test_schedule_horizon_is_its_own_key():
   assert float(b(100)) == pytest.approx(1e-3) and float(b(150)) == pytest.approx(1e-3)
   stretched = lr_schedule(dataclasses.replace(longer, decay_steps=0))   # horizon = steps: the old jump
   assert float(stretched(100)) > 3 * float(a(100))
+
+
+def test_no_warmup_starts_at_the_peak():
+  """warmup_steps=0 means the first step already uses lr (not 0, as a one-step warmup would give)."""
+  sched = lr_schedule(TrainConfig(steps=100, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1))
+  assert float(sched(0)) == pytest.approx(1e-3) and float(sched(100)) == pytest.approx(1e-4)
+  flat_lr = lr_schedule(TrainConfig(steps=100, warmup_steps=0, lr=1e-3, min_lr_ratio=1.0))
+  assert all(float(flat_lr(s)) == pytest.approx(1e-3) for s in (0, 50, 99))

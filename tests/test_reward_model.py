@@ -247,3 +247,21 @@ def test_rm_reward_through_spec_and_combine_prefers_correct_answers(trained):
 def test_rm_reward_errors_name_the_reward(tmp_path):
   with pytest.raises(ValueError, match=r"reward 'rm:.*nowhere': .*does not exist"):
     RewardSpec.parse(f"rm:{tmp_path / 'nowhere'}:0.5")
+
+
+def test_rl_run_mixes_the_reward_model_with_the_verifiable_reward(trained, tmp_path):
+  """`train.py rl` with rl.rewards=exact_match:1.0,rm:DIR:0.5 on a tiny policy: both terms are logged
+  per step and the reward the learner used is their weighted sum."""
+  ckpt, _, _ = trained
+  name = f"rm:{ckpt}"
+  rc = train_cli.main(["rl", "--no-progress", f"--mesh={MESH}", "mesh.dp=8", "mesh.tp=1", *TINY,
+                       "model.max_seq_len=64", "train.steps=2", "train.lr=1e-3", "train.warmup_steps=0",
+                       "rl.group_size=4", "rl.prompts_per_step=4", "rl.max_new_tokens=4", "rl.eval_problems=16",
+                       "rl.eval_every=0", "serve.page_size=4", "serve.num_pages=256",
+                       f"rl.rewards=exact_match:1.0,{name}:0.5", f"train.out_dir={tmp_path}"])
+  assert rc == 0
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "reward" in json.loads(l)]
+  assert [l["step"] for l in lines] == [1, 2]
+  for l in lines:
+    assert 0 < l[f"reward/{name}"] < 1
+    assert l["reward"] == pytest.approx(l["reward/exact_match"] + 0.5 * l[f"reward/{name}"], rel=1e-5)

@@ -53,6 +53,15 @@ def test_builtin_rewards(completion, reference, em, fmt):
   assert make_reward("format")(["p"], [completion], [reference])[0] == fmt
 
 
+@pytest.mark.parametrize("completion, reference, score", [
+  ("357\n", "357", 1.0), ("358\n", "357", 2 / 3), ("57\n", "357", 2 / 3), ("1357\n", "357", 3 / 4),
+  ("999\n", "357", 0.0), ("357", "357", 0.0), ("\n", "357", 0.0), ("x57\n", "357", 2 / 3),
+])
+def test_digits_partial_credit(completion, reference, score):
+  assert R.digit_match("", completion, reference) == pytest.approx(score)
+  assert make_reward("digits")([""], [completion], [reference])[0] == pytest.approx(score)
+
+
 def test_exact_match_works_for_non_numeric_answers():
   assert R.exact_match("capital of France? ", "Paris\n", "Paris") == 1.0
 

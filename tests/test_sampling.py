@@ -232,6 +232,31 @@ def test_top_logprobs_are_the_raw_top_20():
   assert np.isneginf(np.asarray(jax.jit(sample_rows)(small, s)[3])).all()
 
 
+def test_processed_logprobs_are_of_the_distribution_sampled_from():
+  """logprobs_mode="processed": the sampled token's log-prob after bias, penalties, temperature and
+  the filters, renormalised (what an RL learner divides by); greedy rows and "raw" rows unchanged."""
+  R = 5
+  x = logits_of(R, seed=11)
+  x[3] = x[0]                                           # row 3: row 0 in raw mode
+  sps = [SamplingParams(logprobs=True, logprobs_mode="processed", temperature=0.7, seed=1),
+         SamplingParams(logprobs=True, logprobs_mode="processed", temperature=1.3, seed=2, top_k=5, top_p=0.9,
+                        presence_penalty=1.0, logit_bias={3: 2.0}),
+         SamplingParams(logprobs=True, logprobs_mode="processed"),             # greedy: raw
+         SamplingParams(logprobs=True, temperature=0.7, seed=1)]               # raw mode
+  hist = [((1, 2), [3])] * 4
+  samp = build_sampling_arrays(sps, hist, R)
+  toks, lp = (np.asarray(a) for a in jit_sample(x, samp)[:2])
+  proc = np.asarray(jit_process(x, samp))                 # bias and penalties applied
+  raw = log_softmax(x)
+  want0 = log_softmax(proc[0] / 0.7)[toks[0]]
+  keep = ref_keep(proc[1] / 1.3, 5, 0.9, 0.0)
+  want1 = log_softmax(np.where(keep, proc[1] / 1.3, -np.inf))[toks[1]]
+  np.testing.assert_allclose(lp[:4], [want0, want1, raw[2, toks[2]], raw[3, toks[3]]], rtol=1e-5, atol=1e-6)
+  assert toks[0] == toks[3] and lp[0] != lp[3]             # same seed, same draw; different log-prob reported
+  with pytest.raises(ValueError, match="logprobs_mode"):
+    SamplingParams(logprobs_mode="tempered")
+
+
 # ---------------------------------------------------------------------------------------------------
 # seeds, neutral rows, padding
 

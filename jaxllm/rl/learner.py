@@ -31,37 +31,46 @@ def loss_config(rl: RLConfig) -> RLLossConfig:
                       entropy_coef=rl.entropy_coef)
 
 
-def rl_objective(cfg: RLLossConfig) -> Objective:
+def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
   """The train step's objective: the RL loss summed over completion tokens, divided once by the
-  step's completion-token count (token-mean with a global denominator)."""
+  step's completion-token count (token-mean with a global denominator). The policy is the model's
+  distribution at the rollouts' sampling temperature, softmax(logits / temperature): the one the
+  samples were drawn from and whose log-probs the sampler reports (logprobs_mode="processed"), so the
+  importance ratios compare like with like (veRL divides the actor's logits the same way). The
+  per-token entropy of that policy is always computed (logged; a bonus only with entropy_coef)."""
   def sums(mdef, params, batch, forward):
     model = mdef.bind(params)
     if forward is None:
       h, aux, _ = model.hidden(batch["inputs"])
     else:
       h, aux = forward(params, batch["inputs"])
-    logits = model.logits(h)
-    b = dict(batch)
-    if cfg.entropy_coef:
-      b["entropy"] = token_entropy(logits)
+    logits = model.logits(h).astype(jnp.float32) / temperature
+    b = dict(batch, entropy=token_entropy(logits))
     loss_sum, _, metric_sums, _ = rl_loss(token_logprobs(logits, batch["targets"]), b, cfg)
     return loss_sum, aux_loss(mdef.cfg, aux), {"loss": loss_sum, **metric_sums}
   return Objective(count=lambda b: jnp.sum(b["mask"].astype(jnp.float32)), sums=sums)
 
 
-@functools.partial(jax.jit, static_argnames=("mdef",))
-def _token_logps(mdef, params, inputs, targets):
-  return token_logprobs(mdef.bind(params)(inputs).logits, targets)
+@functools.partial(jax.jit, static_argnames=("mdef", "temperature"))
+def _token_logps(mdef, params, inputs, targets, temperature):
+  return token_logprobs(mdef.bind(params)(inputs).logits.astype(jnp.float32) / temperature, targets)
 
 
-def token_logps(mdef, params, batch, hook_kwargs: dict | None = None):
-  """Log-probs [B, T] of the targets under `params` (no gradient): the proximal or reference policy."""
+def token_logps(mdef, params, batch, hook_kwargs: dict | None = None, temperature: float = 1.0):
+  """Log-probs [B, T] of the targets under `params` at `temperature` (no gradient): the proximal or
+  reference policy, or the behaviour log-probs recomputed by the learner (rl.behaviour_logprobs)."""
   with hooks.using(**(hook_kwargs or {})):
-    return _token_logps(mdef, params, batch["inputs"], batch["targets"])
+    return _token_logps(mdef, params, batch["inputs"], batch["targets"], float(temperature))
 
 
 def seq_len_bucket(n: int, lo: int = 16) -> int:
   return max(lo, 1 << max(0, n - 1).bit_length())
+
+
+def rollout_len(samples, max_new_tokens: int) -> int:
+  """T of a rollout's batch: a power of two (few compiled shapes), the same in the generation
+  thread and the learner so their forward passes are the same computation."""
+  return seq_len_bucket(max(len(s.prompt_ids) + max_new_tokens for s in samples))
 
 
 def build_batch(samples, advantages, T: int) -> dict:

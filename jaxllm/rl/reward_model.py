@@ -403,7 +403,7 @@ def train_reward_model(cfg: Config, rcfg: RewardConfig, progress: bool = True, l
   state, acc = evaluate(state)
   log(f"held-out pair accuracy at step {first}: {100 * acc:.1f}% ({len(eval_pairs)} pairs)")
   evals, history = [(first, acc)], []
-  writer = MetricsWriter(t.out_dir)
+  writer = MetricsWriter(t.out_dir, resume_step=first)
   bar = tqdm(total=t.steps, initial=first, disable=not progress, desc="reward", dynamic_ncols=True)
   t0 = time.perf_counter()
   try:

@@ -18,6 +18,8 @@ Registry. REWARDS maps a name to a factory returning a Reward:
                    no newline (the generation never finished its answer) scores 0.0
   format           1.0 if the completion starts with digits immediately followed by a newline, else
                    0.0 (what follows the newline is not looked at)
+  digits           partial credit: the fraction of digit positions (aligned from the right) that
+                   agree with the reference, over the longer of the two; 0.0 without a newline
   python:          a prefix form: "python:MODULE:FUNCTION" imports FUNCTION from MODULE, a callable
                    fn(prompt: str, completion: str, reference: str) -> float
   rm:              a prefix form: "rm:DIR" scores with the reward model trained by `train.py reward`
@@ -120,6 +122,20 @@ def format_ok(prompt: str, completion: str, reference: str) -> float:
   return float(ANSWER_FORMAT.match(completion) is not None)
 
 
+def digit_match(prompt: str, completion: str, reference: str) -> float:
+  """Partial credit: the fraction of digit positions, aligned from the right (units with units), at
+  which the completion's first line agrees with the reference, over the longer of the two; 1.0 only
+  for an exact match, 0.0 without a newline. A denser signal than exact_match for GRPO: a group in
+  which every sample has the wrong sum still ranks them by how many digits are right."""
+  line = answer_line(completion)
+  ref = reference.strip()
+  if line is None or not line or not ref:
+    return 0.0
+  n = max(len(line), len(ref))
+  a, b = line.rjust(n), ref.rjust(n)
+  return sum(x == y for x, y in zip(a, b)) / n
+
+
 def load_python_reward(path: str) -> Reward:
   """Reward "python:PATH" for PATH = "MODULE:ATTR" (ATTR may be dotted, e.g. "mod:Class.method") or
   "MODULE.ATTR": the callable found there, per-sample unless it carries batched_reward = True."""
@@ -149,6 +165,7 @@ def load_python_reward(path: str) -> Reward:
 REWARDS: dict[str, Callable[..., Reward]] = {
   "exact_match": lambda: Reward("exact_match", exact_match),
   "format": lambda: Reward("format", format_ok),
+  "digits": lambda: Reward("digits", digit_match),
   PYTHON_PREFIX: load_python_reward,
 }
 

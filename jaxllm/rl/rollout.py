@@ -2,13 +2,19 @@
 
 A GRPO group is G requests for one prompt; the engine's radix cache computes the prompt's KV once and
 the other samples reuse its pages (prefix dedup). Each sample keeps the token ids it was given and
-generated (never retokenized), the behaviour log-probs the sampler reported (raw model distribution,
-see jaxllm/serve/sampling.py), and the weight version that generated it (bound at admission).
+generated (never retokenized), the behaviour log-probs the sampler reported, and the weight version
+that generated it (bound at admission). The sampler reports log-probs with logprobs_mode="processed":
+of the distribution each token was drawn from (the model's at the rollout temperature; no top-k/top-p
+here), which is the policy the learner's loss evaluates (jaxllm/rl/learner.py).
+
+A rollout is plain data (ids, floats, strings): `to_json` / `from_json` write and read it exactly
+(Python floats round-trip), so rollouts generated ahead of the learner are saved with a checkpoint.
 
 Shapes: the package legend in jaxllm/__init__.py (B samples = prompts * G, T tokens).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ class Sample:
   completion: str
   reference: str                 # the task's answer, for verifiable rewards
   cache_hit: int                 # prompt tokens reused from the radix cache
+  learner_logprobs: list | None = None   # the same tokens' log-probs by the learner's forward, same weights
 
 
 @dataclass
@@ -35,6 +42,14 @@ class Rollout:
   step: int                      # which learner step it is for
   seconds: float
   version: object                # the oldest weight version among its samples
+
+  def to_json(self) -> dict:
+    return {"samples": [dataclasses.asdict(x) for x in self.samples], "step": self.step, "seconds": self.seconds,
+            "version": self.version}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Rollout":
+    return cls([Sample(**x) for x in d["samples"]], d["step"], d["seconds"], d["version"])
 
 
 def generate(engine: Engine, tokenizer, prompts: list[str], references: list[str], group_size: int,
@@ -45,7 +60,8 @@ def generate(engine: Engine, tokenizer, prompts: list[str], references: list[str
   for i, prompt in enumerate(prompts):
     ids = tokenizer.encode(prompt)
     for g in range(group_size):
-      sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=True, stop=stop,
+      sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=True,
+                          logprobs_mode="processed", stop=stop,
                           seed=(seed * 1_000_003 + step * 65_537 + i * group_size + g) & 0x7FFFFFFF)
       reqs.append((engine.add_request(ids, sp), prompt, references[i]))
   engine.run()

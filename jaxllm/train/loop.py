@@ -112,7 +112,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   b_sh = batch_sharding(mesh, plan)
   peak = measure_matmul_peak(cfg.model.dtype) * (1 if jax.devices()[0].platform == "cpu" else len(jax.devices()))
   flops_tok = cfg.model.flops_per_token(t.seq_len)
-  writer = MetricsWriter(t.out_dir)
+  writer = MetricsWriter(t.out_dir, resume_step=int(state.step))
 
   step = int(state.step)
   first_step, losses, history = step, [], []

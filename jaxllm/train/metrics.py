@@ -28,9 +28,20 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5,
 
 
 class MetricsWriter:
-  def __init__(self, out_dir: str):
+  """Appends {"step", ...} lines to out_dir/metrics.jsonl (and TensorBoard scalars when tensorboardX
+  is installed). resume_step: a run resumed from that checkpoint step first drops the lines of later
+  steps, which a killed run wrote after its last checkpoint and the resumed run writes again."""
+
+  def __init__(self, out_dir: str, resume_step: int | None = None):
     os.makedirs(out_dir, exist_ok=True)
     self.path = os.path.join(out_dir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(self.path):
+      with open(self.path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
     self.f = open(self.path, "a")
     self.tb = None
     try:

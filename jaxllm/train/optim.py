@@ -36,6 +36,8 @@ def decay_mask(logical: dict) -> dict:
 
 def lr_schedule(cfg: TrainConfig):
   horizon = cfg.decay_steps or cfg.steps
+  if cfg.warmup_steps == 0:      # no warmup: the first step already uses the peak (warmup_cosine would give 0)
+    return optax.cosine_decay_schedule(cfg.lr, decay_steps=max(horizon, 1), alpha=cfg.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0, peak_value=cfg.lr, warmup_steps=max(cfg.warmup_steps, 1),
     decay_steps=max(horizon, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
