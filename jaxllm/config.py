@@ -253,11 +253,16 @@ class RLConfig:
   kl_in: str = "loss"             # "loss" or "reward"
   entropy_coef: float = 0.0       # entropy bonus coefficient
   behaviour_logprobs: str = "sampler"  # loss's behaviour log-probs: "sampler" (engine's) or "learner" (recomputed: exact)
+  ppo_epochs: int = 1             # passes over each rollout (PPO's K epochs; the clip bounds the drift)
+  minibatches: int = 1            # optimizer steps per pass: the rollout's groups split this many ways
   eval_every: int = 10            # learner steps between held-out accuracy measurements; 0 = only at the end
   eval_problems: int = 200        # held-out problems per measurement (greedy)
 
   def __post_init__(self):
-    _positive(self, "group_size", "prompts_per_step", "max_new_tokens", "eval_problems")
+    _positive(self, "group_size", "prompts_per_step", "max_new_tokens", "eval_problems", "ppo_epochs", "minibatches")
+    if self.prompts_per_step % self.minibatches:
+      raise ConfigError(f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step={self.prompts_per_step} "
+                        "(a GRPO group is never split)")
     if self.eta < 0:
       raise ConfigError(f"rl.eta={self.eta} must be >= 0 (0 = synchronous on-policy)")
     if self.temperature <= 0:

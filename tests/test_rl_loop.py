@@ -19,7 +19,7 @@ from jaxllm.io.checkpoint import read_meta
 from jaxllm.rl.loop import Publisher, rl_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("gen_tok_s", "train_tok_s")
+TIMING = ("gen_tok_s", "train_tok_s", "elapsed_s")
 TINY = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.vocab_size=259", "model.max_seq_len=64",
         "mesh.dp=8", "train.lr=1e-3", "train.warmup_steps=0", "rl.group_size=4", "rl.prompts_per_step=4",
         "rl.max_new_tokens=4", "rl.eval_problems=16", "rl.eval_every=0", "serve.page_size=4", "serve.num_pages=256"]
@@ -84,12 +84,14 @@ def test_kill_and_resume_give_the_uninterrupted_metrics_with_eta1(tmp_path):
   assert all(l["staleness_max"] <= 1 for l in more)
 
 
-def test_kl_in_reward_penalises_and_checkpoint_loads(tmp_path):
+def test_kl_in_reward_ppo_epochs_minibatches_and_checkpoint(tmp_path):
   _, lines = run(tmp_path / "klr", "train.steps=2", "rl.eta=0", "rl.kl_coef=0.5", "rl.kl_in=reward",
-                 "rl.kl_estimator=k1", "train.lr=3e-2")
+                 "rl.kl_estimator=k1", "train.lr=3e-2", "rl.ppo_epochs=2", "rl.minibatches=2")
   lines = steps_of(lines)
   assert lines[0]["kl_penalty"] == pytest.approx(0.0, abs=1e-5)        # the policy starts at the reference
   assert lines[1]["kl_penalty"] != 0.0 and lines[1]["kl"] != 0.0
+  assert lines[0]["ratio"] != 1.0                   # the last of 4 updates sees weights moved since proximal
+  assert read_meta(str(tmp_path / "klr" / "checkpoints"), 2)["data"]["opt_step"] == 2 * 2 * 2
   from jaxllm.io.checkpoint import load_params
   config, params = load_params(str(tmp_path / "klr" / "checkpoints"))
   assert config.rl.kl_in == "reward" and params["layers"]["wq"].shape[0] == 2
@@ -111,3 +113,5 @@ def test_config_errors():
     load_config([], ["rl.behaviour_logprobs=engine"])
   with pytest.raises(ConfigError, match="eta"):
     load_config([], ["rl.eta=-1"])
+  with pytest.raises(ConfigError, match="minibatches"):
+    load_config([], ["rl.prompts_per_step=6", "rl.minibatches=4"])

@@ -116,6 +116,10 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   if B % plan.cfg.dp:
     raise ConfigError(f"rl.prompts_per_step * rl.group_size = {B} must be divisible by mesh.dp={plan.cfg.dp}")
 
+  updates = rl.ppo_epochs * rl.minibatches            # optimizer steps per learner step
+  if not t.decay_steps:                                # the lr horizon counts optimizer steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, decay_steps=t.steps * updates))
+    t = cfg.train
   tx = make_optimizer(t, mdef.logical)
   shardings = state_shardings(mdef, tx, mesh, plan)
   place = lambda m: param_shardings(m, mesh, plan)
@@ -127,7 +131,8 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   pending = collections.deque()        # rollouts generated ahead of the learner (restored on resume)
   if start is not None:
     params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, shardings), start)
-    state = TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), shardings.step))
+    opt_step = meta["data"].get("opt_step", meta["step"])      # optimizer steps: rl steps * epochs * minibatches
+    state = TrainState(params, opt_state, jax.device_put(jnp.int32(opt_step), shardings.step))
     pending.extend(rollout.Rollout.from_json(r) for r in meta["data"].get("pending", []))
     log(f"resumed from {ckpt.directory}/{start}" + (f" ({len(pending)} rollouts ahead)" if pending else ""))
   else:
@@ -140,7 +145,7 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
                             objective=learner.rl_objective(loss_cfg, rl.temperature))
   smesh, splan = serving_mesh(mesh, plan)
   serve_cfg = dataclasses.replace(cfg.serve, max_running=max(cfg.serve.max_running, B))
-  first = int(state.step)
+  first = start if start is not None else 0          # learner steps done = the weight version
   publisher = Publisher(_snapshot(state.params), first, keep=rl.eta)
   gen_engine = Engine(cfg.model, publisher.get(first), serve_cfg, mesh=smesh, plan=splan, detokenize=tok.decode,
                       weight_version=first)
@@ -221,12 +226,19 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
         kl_pen = np.asarray(kl_reward_penalty(batch["logp_prox"], batch["logp_ref"], batch["mask"], loss_cfg)).sum(1)
       adv = learner.advantages_of(rewards - kl_pen, rl.group_size, rl.normalize_std)
       batch["advantages"] = jax.device_put(jnp.asarray(np.repeat(adv[:, None], T, axis=1)), b_sh)
-      state, metrics = step_fn(state, batch)
-    metrics = jax.device_get(metrics)
+      # PPO: ppo_epochs passes over the rollout, each split into `minibatches` optimizer steps of whole
+      # groups; logp_prox stays the weights before the first, so the clip bounds the total drift.
+      n = len(samples) // rl.minibatches
+      parts = ([batch] if rl.minibatches == 1 else
+               [jax.device_put({k: v[i * n:(i + 1) * n] for k, v in batch.items()}, b_sh) for i in range(rl.minibatches)])
+      for _ in range(rl.ppo_epochs):
+        for part in parts:
+          state, metrics = step_fn(state, part)
+          if not bool(metrics["finite"]):
+            raise FloatingPointError(f"RL loss or gradient became NaN/inf at step {step + 1}; the update was not "
+                                     f"applied. Lower train.lr or rl.is_cap, then resume from {ckpt.directory}")
+    metrics = jax.device_get(metrics)          # of the last optimizer step
     train_s = time.perf_counter() - t0
-    if not metrics["finite"]:
-      raise FloatingPointError(f"RL loss or gradient became NaN/inf at step {step + 1}; the update was not "
-                               f"applied. Lower train.lr or rl.is_cap, then resume from {ckpt.directory}")
     on = arrays["mask"] > 0
     fresh = on & (staleness == 0)[:, None]
     gap = np.abs(np.concatenate([np.asarray(s.logprobs) - np.asarray(s.learner_logprobs) for s in ro.samples]))
@@ -240,7 +252,7 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
            "train_tok_s": float(on.sum()) / train_s,
            "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
            "cache_hit_ideal": (rl.group_size - 1) / rl.group_size,
-           "lr": float(lr_schedule(t)(step))}
+           "lr": float(lr_schedule(t)(int(state.step) - 1))}
     if fresh.any():                     # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
       rec["logp_gap_fresh_max"] = float(np.abs(np.asarray(batch["logp_behav"]) - np.asarray(batch["logp_prox"]))[fresh].max())
     if rl.kl_in == "reward" and rl.kl_coef:
@@ -258,6 +270,7 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
     gen.start()
   bar = tqdm(total=t.steps, initial=first, disable=not progress, desc="rl", dynamic_ncols=True)
   step = first
+  t_start, eval_s = time.perf_counter(), 0.0
   try:
     while step < t.steps and (stop_after is None or step - first < stop_after):
       ro = pending.popleft() if pending else next_rollout(step)
@@ -268,8 +281,11 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
       rec, state = learn(ro, step, state)
       step += 1
       publisher.publish(_snapshot(state.params), step)
+      rec["elapsed_s"] = time.perf_counter() - t_start - eval_s   # wall-clock of this process's RL, evals excluded
       if rl.eval_every and step % rl.eval_every == 0 or step == t.steps:
+        t0 = time.perf_counter()
         rec["heldout_acc"] = evaluate(state.params, step)
+        eval_s += time.perf_counter() - t0
         evals.append((step, rec["heldout_acc"]))
       history.append({"step": step, **rec})
       writer.write(step, rec)
@@ -280,7 +296,8 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
         # they are saved with it (generated now if the thread has not got there yet).
         while len(pending) < min(step + rl.eta, t.steps) - step:
           pending.append(next_rollout(step + len(pending)))
-        ckpt.save(step, state, {"rl_step": step, "pending": [r.to_json() for r in pending]}, cfg)
+        ckpt.save(step, state, {"rl_step": step, "opt_step": int(state.step),
+                                "pending": [r.to_json() for r in pending]}, cfg)
   finally:
     publisher.close()
     bar.close()
