@@ -13,11 +13,18 @@ import sys
 from jaxllm import cli
 
 
+# RL fine-tunes a trained policy: a small constant learning rate, no warmup, no weight decay (the
+# pretraining defaults of train.* would wreck it). Listed in --help; any of them can be overridden.
+RL_DEFAULTS = ["train.out_dir=runs/rl", "train.lr=5e-5", "train.warmup_steps=0", "train.min_lr_ratio=1.0",
+               "train.weight_decay=0.0"]
+
+
 def rl_main(argv) -> int:
   """`train.py rl`: off-policy RL from an SFT checkpoint (rl.init_from) on a verifiable task."""
   p = argparse.ArgumentParser(prog="train.py rl", description=rl_main.__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="config keys (section.key=value):\n" + cli.config_help(("rl", "train", "serve")))
+                              epilog="defaults for RL (before yours): " + " ".join(RL_DEFAULTS) +
+                              "\n\nconfig keys (section.key=value):\n" + cli.config_help(("rl", "train", "serve")))
   p.add_argument("overrides", nargs="*", help="rl.key=value / train.key=value / serve.key=value overrides")
   p.add_argument("--mesh", help="mesh preset TOML; default: cpu-8 on CPU, all devices as dp otherwise")
   p.add_argument("--config", action="append", default=[], help="TOML file(s) with [rl]/[train]/[serve] tables")
@@ -29,7 +36,7 @@ def rl_main(argv) -> int:
   from jaxllm.train.checkpoint import CheckpointError
   try:
     overrides = cli.mesh_overrides(args.mesh)
-    cfg = load_config(args.config, ["train.out_dir=runs/rl"] + overrides + args.overrides)
+    cfg = load_config(args.config, RL_DEFAULTS + overrides + args.overrides)
     summary = rl_train(cfg, progress=not args.no_progress)
   except (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
     cli.fail(str(e))

@@ -236,6 +236,7 @@ class RLConfig:
   digits_min: int = 1             # addition task: fewest digits of an operand
   digits_max: int = 2             # addition task: most digits of an operand
   rewards: str = "exact_match:1.0"  # name:weight,... (jaxllm.rl.rewards; python:MODULE:FN for your own)
+  train_problems: int = 0         # 0: fresh training problems every step; N: a fixed set of N, in shuffled epochs
   group_size: int = 8             # G: samples per prompt (GRPO group; the prompt's KV is shared)
   prompts_per_step: int = 8       # prompts per learner step (batch = prompts_per_step * group_size)
   max_new_tokens: int = 8         # longest completion
@@ -260,6 +261,8 @@ class RLConfig:
 
   def __post_init__(self):
     _positive(self, "group_size", "prompts_per_step", "max_new_tokens", "eval_problems", "ppo_epochs", "minibatches")
+    if self.train_problems < 0:
+      raise ConfigError(f"rl.train_problems={self.train_problems} must be >= 0 (0 = a fresh stream)")
     if self.prompts_per_step % self.minibatches:
       raise ConfigError(f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step={self.prompts_per_step} "
                         "(a GRPO group is never split)")

@@ -239,3 +239,14 @@ def test_eval_batches_deterministic_in_order():
   assert len(a) == 99 // 4 and _equal_batches(a, b)
   assert sum((_window_ids(x, 10) for x in a), []) == list(range(len(a) * 4))
   assert len(eval_batches(tokens, 10, 4, 2)) == 2 and eval_batches(tokens, 10, 4, 0) == []
+
+
+def test_epoch_indices_cover_each_epoch_once_and_resume_from_the_step():
+  from jaxllm.data.loader import epoch_indices
+  n, b = 6, 4
+  stream = np.concatenate([epoch_indices(n, b, s, seed=3) for s in range(6)])     # 24 = 4 epochs
+  for e in range(4):
+    assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n))
+  assert not all((stream[:n] == stream[n:2 * n]))                                  # reshuffled per epoch
+  np.testing.assert_array_equal(epoch_indices(n, b, 4, seed=3), stream[16:20])    # from the step alone
+  assert not np.array_equal(epoch_indices(n, b, 0, seed=4), stream[:4])

@@ -59,26 +59,28 @@ def test_eta0_async_equals_sync_and_learner_logprobs_are_exact(tmp_path):
 
 
 def test_kill_and_resume_give_the_uninterrupted_metrics_with_eta1(tmp_path):
-  common = ["train.steps=5", "train.save_every=2", "rl.eta=1", "rl.eval_every=2"]
-  whole, ref = run(tmp_path / "whole", *common)
+  # 6 training problems, 4 per step: epochs end inside step 2 and at the end of step 3.
+  common = ["train.steps=5", "rl.eta=1", "rl.eval_every=2", "rl.train_problems=6"]
+  whole, ref = run(tmp_path / "whole", *common, "train.save_every=2")
   ref = steps_of(ref)
   assert [l["staleness_max"] for l in ref] == [0, 1, 1, 1, 1] and all(l["staleness/1"] in (0.0, 1.0) for l in ref)
   assert whole["plot"] and os.path.getsize(whole["plot"]) > 1000
 
   # Killed in step 3 (its metrics written, the checkpoint of step 4 never reached), then resumed.
-  run(tmp_path / "mid", *common, stop_after=3)
+  run(tmp_path / "mid", *common, "train.save_every=2", stop_after=3)
   meta = read_meta(str(tmp_path / "mid" / "checkpoints"), 2)
   assert [r["step"] for r in meta["data"]["pending"]] == [2]      # rollout 2 came from version 1
-  _, mid = run(tmp_path / "mid", *common)
+  _, mid = run(tmp_path / "mid", *common, "train.save_every=2")
   same(steps_of(mid), ref)
 
-  # Killed right after the step-2 checkpoint, then resumed.
-  run(tmp_path / "edge", *common, stop_after=2)
-  _, edge = run(tmp_path / "edge", *common)
+  # Killed right after the checkpoint of step 3, an epoch boundary, then resumed.
+  run(tmp_path / "edge", *common, "train.save_every=3", stop_after=3)
+  _, edge = run(tmp_path / "edge", *common, "train.save_every=3")
   same(steps_of(edge), ref)
 
   # A finished run resumed to more steps keeps the bound (its first new rollout uses version 5).
-  _, more = run(tmp_path / "whole", "train.steps=7", "train.save_every=2", "rl.eta=1", "rl.eval_every=2")
+  _, more = run(tmp_path / "whole", "train.steps=7", "train.save_every=2", "rl.eta=1", "rl.eval_every=2",
+                "rl.train_problems=6")
   more = steps_of(more)
   assert [l["step"] for l in more] == list(range(1, 8)) and more[5]["staleness_max"] == 0
   assert all(l["staleness_max"] <= 1 for l in more)

@@ -130,3 +130,14 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
                      "fraction, a smaller batch, or disable eval")
   windows = np.arange(n * batch_size)
   return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n)]
+
+
+def epoch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Indices of step `step`'s batch of items from a finite set of n: consecutive slices of a stream
+  of per-epoch permutations (epoch e is permutation(n) seeded by (seed, e)), so a resumed run continues
+  with the same batches from the step alone, and a batch may straddle an epoch boundary. For datasets
+  of whole items (preference pairs, RL prompts) rather than a token stream."""
+  pos = step * batch_size + np.arange(batch_size)
+  epochs = pos // n
+  perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+  return np.array([perms[int(e)][p % n] for e, p in zip(epochs, pos)], np.int64)

@@ -24,7 +24,7 @@ deterministic fp32 mode in which decoupled PPO is exactly on-policy PPO at eta =
 
 Checkpoints hold the policy and optimizer state (jaxllm.train.checkpoint) and, as data state, the step
 (= version counter = data position: the prompts and sampling seeds of rollout k are functions of
-(train.seed, k)) and the rollouts already generated for the next steps (at most eta of them, by
+(train.seed, k), from a fresh stream or, with rl.train_problems = N, from epochs of a fixed set) and the rollouts already generated for the next steps (at most eta of them, by
 versions the checkpoint no longer has). The reference is `rl.init_from`, or the seed's random
 initialisation, rebuilt on resume. So a resumed run consumes exactly the rollouts an uninterrupted one
 would: nothing skipped, nothing replayed.
@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import Config, ConfigError, save_config
 from jaxllm.data import load_tokenizer
+from jaxllm.data.loader import epoch_indices
 from jaxllm.data.tasks import make_task
 from jaxllm.io.checkpoint import load_params, read_config
 from jaxllm.model.params import model_def
@@ -152,6 +153,7 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   eval_engine = Engine(cfg.model, publisher.get(first), serve_cfg, mesh=smesh, plan=splan, detokenize=tok.decode,
                        weight_version=("eval", None))
   heldout = task.problems(rl.eval_problems, split="heldout")
+  pool = task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
   eval_prompts, eval_refs = [task.prompt(p) for p in heldout], [task.answer(p) for p in heldout]
 
   def evaluate(params, version):
@@ -173,7 +175,10 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
       return None
     if version != gen_engine.weight_version:
       gen_engine.set_weights(params, version)
-    probs = task.problems(rl.prompts_per_step, split="train", seed=t.seed * 7919 + k)
+    if rl.train_problems:             # a finite set, epoch after shuffled epoch (position = k)
+      probs = [pool[i] for i in epoch_indices(len(pool), rl.prompts_per_step, k, t.seed)]
+    else:                             # a fresh stream: the problems of step k depend on (seed, k) alone
+      probs = task.problems(rl.prompts_per_step, split="train", seed=t.seed * 7919 + k)
     ro = rollout.generate(gen_engine, tok, [task.prompt(p) for p in probs], [task.answer(p) for p in probs],
                           rl.group_size, rl.max_new_tokens, rl.temperature, t.seed, k)
     T = learner.rollout_len(ro.samples, rl.max_new_tokens)

@@ -25,23 +25,30 @@ def plot_rl(metrics_path: str, out_path: str, title: str | None = None, window: 
   import matplotlib.pyplot as plt
 
   rows = read_metrics(metrics_path)
-  steps = np.array([r["step"] for r in rows if "reward" in r])
-  reward = np.array([r["reward"] for r in rows if "reward" in r])
+  stepped = [r for r in rows if "reward" in r]
+  steps = np.array([r["step"] for r in stepped])
   evals = [(r["step"], r["heldout_acc"]) for r in rows if "heldout_acc" in r]
   fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-  if len(steps):
-    ax.plot(steps, reward, color="tab:blue", alpha=0.25, lw=1, label="reward (per step)")
-    w = max(1, min(window, len(reward)))
-    smooth = np.convolve(reward, np.ones(w) / w, mode="valid")
-    ax.plot(steps[w - 1:], smooth, color="tab:blue", lw=2, label=f"reward ({w}-step mean)")
+  top = 1.0
+  # The total reward, and the exact-match term alone when other terms are mixed in.
+  series = [("reward", "reward (total)", "tab:blue")]
+  if stepped and "reward/exact_match" in stepped[0] and len([k for k in stepped[0] if k.startswith("reward/")]) > 1:
+    series.append(("reward/exact_match", "exact match of the samples", "tab:green"))
+  for key, label, color in series if len(steps) else []:
+    y = np.array([r[key] for r in stepped])
+    w = max(1, min(window, len(y)))
+    ax.plot(steps, y, color=color, alpha=0.2, lw=1)
+    ax.plot(steps[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=color, lw=2,
+            label=f"{label} ({w}-step mean)")
+    top = max(top, float(y.max()))
   if evals:
     es, ea = zip(*evals)
     ax.plot(es, ea, "o-", color="tab:red", lw=2, label="held-out accuracy (greedy)")
   ax.set_xlabel("learner step")
   ax.set_ylabel("reward / accuracy")
-  ax.set_ylim(0, 1)
+  ax.set_ylim(0, top * 1.02)
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right")
+  ax.legend(loc="upper left", fontsize=8)
   ax.set_title(title or "jaxllm RL")
   fig.tight_layout()
   fig.savefig(out_path)

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.data import load_tokenizer
+from jaxllm.data.loader import epoch_indices
 from jaxllm.data.tasks import PreferencePair
 from jaxllm.io.checkpoint import CheckpointError, load_params, manager, read_config, read_meta
 from jaxllm.model import hooks
@@ -317,15 +318,6 @@ def make_score_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, 
   return jax.jit(scores, in_shardings=(params_shardings, batch_sharding))
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Rows of training step `step`: consecutive slices of a stream of per-epoch permutations of the n
-  pairs, so a resumed run continues with the same batches from the step alone."""
-  pos = step * batch_size + np.arange(batch_size)
-  epochs = pos // n
-  perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
-  return np.array([perms[int(e)][p % n] for e, p in zip(epochs, pos)], np.int64)
-
-
 # ---- training (`train.py reward`) ----
 
 def _with_init_from(cfg: Config, rcfg: RewardConfig) -> Config:
@@ -408,7 +400,7 @@ def train_reward_model(cfg: Config, rcfg: RewardConfig, progress: bool = True, l
   t0 = time.perf_counter()
   try:
     while step < t.steps and (stop_after is None or step - first < stop_after):
-      rows = batch_indices(len(train_pairs), t.batch_size, step, t.seed)
+      rows = epoch_indices(len(train_pairs), t.batch_size, step, t.seed)
       batch = jax.device_put({k: v[rows] for k, v in train_data.items()}, b_sh)
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
