@@ -171,6 +171,32 @@ def test_reference_equals_dense_attention(Z, G):
     np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want[s, :n], atol=1e-5, rtol=1e-5)
 
 
+def test_reference_ragged_blocks_equal_dense_attention():
+  """Steps longer than one query block (64 rows): sequences of several blocks, an exact multiple, a
+  partial last block, a decode row between prefills, a live sequence without rows, trailing padding."""
+  rng = np.random.default_rng(5)
+  Z, K, G, H = 16, 2, 2, 8
+  q_lens = np.array([150, 1, 64, 0, 65, 7], np.int32)
+  kv_lens = q_lens + np.array([0, 40, 16, 9, 100, 3], np.int32)           # cached prefixes before the rows
+  M = int(-(-kv_lens.max() // Z))
+  k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, jnp.float32)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 5, K * G, H)), jnp.float32)
+  out = np.asarray(reference.ragged_paged_attention(q, k_pages, v_pages, jnp.asarray(kv_lens), page_table,
+                                                    jnp.asarray(cu), jnp.int32(len(q_lens))))
+  assert reference.query_block_size(q.shape[0]) == 64 and np.isfinite(out).all()
+  for s in range(len(q_lens)):
+    k, v = dense[s]
+    qs = np.asarray(q[cu[s]:cu[s + 1]]).reshape(-1, K, G, H)
+    qpos = kv_lens[s] - q_lens[s] + np.arange(q_lens[s])
+    sc = np.einsum("qkgh,ckh->qkgc", qs, k) / np.sqrt(H)
+    sc = np.where((np.arange(kv_lens[s])[None, :] <= qpos[:, None])[:, None, None, :], sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    want = np.einsum("qkgc,ckh->qkgh", p / p.sum(-1, keepdims=True), v).reshape(-1, K * G, H)
+    np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want, atol=1e-5, rtol=1e-5)
+  assert (out[cu[-1]:] == 0).all()                                         # padding rows
+
+
 def test_backend_switch():
   ref = get_attention_backend("reference")
   assert ref.paged_decode_attention is reference.paged_decode_attention

@@ -72,29 +72,48 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table):
   return o.reshape(R, N, H).astype(q.dtype)
 
 
+def query_block_size(Q: int) -> int:
+  """Rows per query block of the ragged attention: 64, or Q itself when smaller."""
+  return max(1, min(Q, 64))
+
+
 @jax.jit
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
   """q [Q, N, H] -> [Q, N, H]; see the module docstring.
 
-  Loops over the live sequences (a dynamic trip count, so padding sequences cost nothing); each
-  iteration gathers one sequence's keys [M * Z, K, H] and scores all Q rows against them, keeping the
-  rows that sequence owns. O(num_seqs * Q * M * Z) work: clear rather than fast, which is what a
-  reference is for.
+  Works per query block: each live sequence's rows are cut into blocks of `query_block_size(Q)` rows
+  (a sequence's last block is partial), and one loop iteration attends one block to its own
+  sequence's keys [M * Z, K, H]. The trip count is dynamic (sum over live sequences of
+  ceil(q_len / block)), so the work is O((Q + num_seqs * block) * M * Z): it grows with the tokens of
+  the step, not with tokens x sequences (a loop over sequences scoring all Q rows each time would),
+  and padding costs nothing.
   """
   Q, N, H = q.shape
   K, n_keys = k_pages.shape[2], page_table.shape[1] * k_pages.shape[1]   # n_keys = M * Z
-  qg = q.reshape(Q, K, N // K, H)
-  rows, kpos = jnp.arange(Q), jnp.arange(n_keys)
+  Bq = query_block_size(Q)
+  R = kv_lens.shape[0]
+  live = jnp.arange(R) < num_seqs
+  q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)                # [R]
+  n_blocks = (q_lens + Bq - 1) // Bq                                         # [R]
+  first_block = jnp.cumsum(n_blocks) - n_blocks                              # [R] exclusive cumsum
+  # Q + Bq rows, so a block's dynamic slice never runs off the end (which would shift it).
+  qg = jnp.pad(q.reshape(Q, K, N // K, H), ((0, Bq), (0, 0), (0, 0), (0, 0)))
+  kpos, offs = jnp.arange(n_keys), jnp.arange(Bq)
 
-  def one_seq(s, out):
-    start, end, kv_len = cu_q_lens[s], cu_q_lens[s + 1], kv_lens[s]
+  def one_block(b, out):
+    s = jnp.searchsorted(first_block + n_blocks, b, side="right")            # the block's sequence
+    start = cu_q_lens[s] + (b - first_block[s]) * Bq                         # its first query row
+    end, kv_len = cu_q_lens[s + 1], kv_lens[s]
     k = k_pages[page_table[s]].reshape(n_keys, K, H)
     v = v_pages[page_table[s]].reshape(n_keys, K, H)
-    own = (rows >= start) & (rows < end)                       # [Q]
-    qpos = kv_len - (end - start) + (rows - start)             # [Q] each row's position in its seq
-    kv_valid = kpos < kv_len                                   # [M * Z]
-    valid = own[:, None] & (kpos[None, :] <= qpos[:, None]) & kv_valid[None, :]  # [Q, M * Z]
-    return jnp.where(own[:, None, None, None], _attend(qg, k, v, valid, kv_valid), out)
+    rows = start + offs                                                      # [Bq]
+    own = rows < end
+    qpos = kv_len - (end - cu_q_lens[s]) + (rows - cu_q_lens[s])             # [Bq] positions in the sequence
+    kv_valid = kpos < kv_len
+    valid = own[:, None] & (kpos[None, :] <= qpos[:, None]) & kv_valid[None, :]
+    blk = _attend(jax.lax.dynamic_slice_in_dim(qg, start, Bq), k, v, valid, kv_valid)
+    old = jax.lax.dynamic_slice_in_dim(out, start, Bq)
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(own[:, None, None, None], blk, old), start, 0)
 
-  out = jax.lax.fori_loop(0, num_seqs, one_seq, jnp.zeros((Q, K, N // K, H), jnp.float32))
-  return out.reshape(Q, N, H).astype(q.dtype)
+  out = jax.lax.fori_loop(0, jnp.sum(n_blocks), one_block, jnp.zeros((Q + Bq, K, N // K, H), jnp.float32))
+  return out[:Q].reshape(Q, N, H).astype(q.dtype)
