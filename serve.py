@@ -146,6 +146,7 @@ def serve_http(argv) -> None:
   from jaxllm.config import ConfigError, load_config
   from jaxllm.io.checkpoint import CheckpointError
   from jaxllm.serve.http.server import NoModel, load_model, serve
+  cli.enable_compile_cache()
   try:
     serve_cfg = load_config(a.config, a.overrides).serve
     mesh, plan = _mesh(a.mesh)
@@ -192,6 +193,7 @@ def main(argv=None):
   a = {"generate": g, "bench": b}[cmd].parse_intermixed_args(argv)   # options and key=value in any order
   if a.mesh and "jax" not in sys.modules:
     cli.prepare_devices(a.mesh)   # CPU mesh presets need their emulated devices before jax starts
+  cli.enable_compile_cache()
   {"generate": generate, "bench": bench}[cmd](a)
 
 

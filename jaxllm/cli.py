@@ -27,6 +27,26 @@ def prepare_devices(mesh_path: str | None) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 
+def enable_compile_cache() -> str | None:
+  """Turn on JAX's persistent compilation cache (serving compiles one program per shape bucket, and a
+  restarted server should not pay for them again): $JAXLLM_COMPILE_CACHE, default
+  ~/.cache/jaxllm/xla; JAXLLM_COMPILE_CACHE="" turns it off. A cache dir the user configured for jax
+  itself (JAX_COMPILATION_CACHE_DIR) wins. -> the directory in use, or None."""
+  import jax
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  path = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
+  if not path:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None                       # read-only home: run without it
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path
+
+
 def mesh_overrides(mesh_path: str | None) -> list[str]:
   """The mesh part of a run's overrides: the given preset file; without one, the emulated cpu-8
   preset on a CPU-only machine, else all local devices as dp."""

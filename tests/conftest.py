@@ -8,5 +8,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Identical programs compiled again in later tests (and later runs) load from disk instead.
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+CACHE = os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE)
+os.environ["JAXLLM_COMPILE_CACHE"] = CACHE        # serve.py's own cache setting, when a test runs it
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -53,3 +53,20 @@ def test_train_py_init_from_hf(tmp_path):
             "train.eval_every=0", "train.sample_tokens=0", f"train.out_dir={tmp_path / 'run'}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "initialised from Hugging Face checkpoint" in out.stdout and "trained to step 3" in out.stdout
+
+
+def test_compile_cache_setting(monkeypatch, tmp_path):
+  import jax
+  from jaxllm import cli as C
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAXLLM_COMPILE_CACHE", str(tmp_path / "xla"))
+    assert C.enable_compile_cache() == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+    assert (tmp_path / "xla").is_dir()
+    monkeypatch.setenv("JAXLLM_COMPILE_CACHE", "")
+    assert C.enable_compile_cache() is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+    assert C.enable_compile_cache() == "/somewhere"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
