@@ -164,3 +164,21 @@ def test_request_validation():
     eng.add_request([1] * 60, SamplingParams(max_tokens=10))
   with pytest.raises(ValueError, match="vocab"):
     eng.add_request([500])
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_pallas_engine_equals_reference_engine(dtype):
+  """serve.attention=pallas end to end (the TPU kernels in interpret mode on CPU): the same greedy
+  tokens as the reference attention, through chunked prefills with cached prefixes, mixed ragged
+  steps and decode steps at several bucket sizes. bf16 (slow): pools and activations in bf16."""
+  import dataclasses
+  cfg = dataclasses.replace(DENSE, dtype=dtype)
+  prompts = shared_prefix_prompts(4, seed=3)
+  kw = dict(page_size=8, num_pages=64, max_running=8, chunk_size=16, decode_steps=1)
+  want = Engine(cfg, params_of(cfg), **kw).generate(prompts, SamplingParams(max_tokens=4))
+  eng = Engine(cfg, params_of(cfg), attention="pallas", **kw)
+  got = eng.generate(prompts, SamplingParams(max_tokens=4))
+  assert [r.output for r in got] == [r.output for r in want]
+  assert eng.compiles >= 3                     # ragged and decode steps, more than one bucket
+  if dtype == "float32":
+    assert [r.output for r in got] == full_forward_greedy(cfg, prompts, 4)
