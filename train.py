@@ -43,6 +43,7 @@ def rl_main(argv) -> int:
   print(f"\nRL to step {summary['steps']}: held-out accuracy {100 * summary['first_acc']:.1f}% -> "
         f"{100 * summary['last_acc']:.1f}%")
   print(f"checkpoint: {summary['checkpoint_dir']}")
+  print(f"plot: {summary['plot']}   (reward and held-out accuracy against step; metrics.jsonl beside it)")
   return 0
 
 
