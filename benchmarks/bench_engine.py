@@ -29,7 +29,7 @@ from jaxllm.config import ModelConfig, ServeConfig  # noqa: E402
 from jaxllm.model.generate import generate as plain_generate  # noqa: E402
 from jaxllm.model.params import init_params, model_def  # noqa: E402
 from jaxllm.serve import Engine  # noqa: E402
-from jaxllm.serve.bench import decode_prompts  # noqa: E402
+from jaxllm.serve.bench import decode_prompts, hf_causal_lm, over_torch_threads  # noqa: E402
 from jaxllm.serve.sampling import SamplingParams  # noqa: E402
 
 
@@ -44,21 +44,8 @@ def best_of(fn, reps: int = 2):
   return best, out
 
 
-def hf_model(cfg, params):
-  try:
-    import tempfile
-    import torch
-    from transformers import AutoModelForCausalLM
-    from jaxllm.io import export_hf
-  except ImportError:
-    return None
-  with tempfile.TemporaryDirectory() as d:
-    export_hf(jax.device_get(params), cfg, d)
-    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-
-
 def hf_generate(model, prompts: np.ndarray, new: int):
-  """-> (seconds, tokens [B, new]) at the faster of torch's default threads and 1 thread."""
+  """-> (seconds, tokens [B, new]) of transformers generate, at the faster thread setting."""
   import torch
   ids = torch.from_numpy(prompts.astype(np.int64))
 
@@ -67,14 +54,7 @@ def hf_generate(model, prompts: np.ndarray, new: int):
       out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
                            min_new_tokens=new, pad_token_id=0)
     return out[:, prompts.shape[1]:].numpy()
-  default, best = torch.get_num_threads(), (float("inf"), None)
-  try:
-    for threads in sorted({default, 1}, reverse=True):
-      torch.set_num_threads(threads)
-      best = min(best, best_of(run), key=lambda b: b[0])
-  finally:
-    torch.set_num_threads(default)
-  return best
+  return min((r for _, r in over_torch_threads(lambda: best_of(run))), key=lambda r: r[0])
 
 
 def main():
@@ -93,7 +73,7 @@ def main():
                     d_ff=4 * args.d_model, vocab_size=args.vocab, max_seq_len=args.prompt + args.new + 16)
   params = jax.jit(lambda: init_params(cfg, 0))()
   mdef = model_def(cfg)
-  hf = None if args.no_hf else hf_model(cfg, params)
+  hf = None if args.no_hf else hf_causal_lm(cfg, params)
   serve = ServeConfig(max_running=max(int(b) for b in args.batches.split(",")), num_pages=4096, page_size=16,
                       radix=False)
   print(f"model: {args.layers} layers, d={args.d_model}, vocab {args.vocab}, fp32, greedy; prompt {args.prompt}, "

@@ -156,8 +156,9 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   pool = task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
   eval_prompts, eval_refs = [task.prompt(p) for p in heldout], [task.answer(p) for p in heldout]
 
-  def evaluate(params, version):
-    eval_engine.set_weights(_snapshot(params), ("eval", version))
+  def evaluate(version):
+    """Held-out greedy accuracy of the published weights of `version` (no copy: they are immutable)."""
+    eval_engine.set_weights(publisher.get(version), ("eval", version))
     return rollout.greedy_accuracy(eval_engine, tok, eval_prompts, eval_refs, rl.max_new_tokens, task.extract_answer)
 
   def learner_logps(params, samples, T):
@@ -214,7 +215,10 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   def learn(ro, step: int, state):
     """One learner step on rollout `ro` (module doc) -> (metrics record, new state)."""
     samples = ro.samples
+    assert ro.step == step, f"rollout {ro.step} arrived for learner step {step}"
     staleness = np.asarray([step - s.version for s in samples])
+    if staleness.max() > rl.eta:
+      raise RuntimeError(f"a sample is {staleness.max()} versions stale > rl.eta={rl.eta} (a bug: please report)")
     if rl.behaviour_logprobs == "learner":
       samples = [dataclasses.replace(s, logprobs=s.learner_logprobs) for s in samples]
     rewards, per = combine(spec, [s.prompt for s in samples], [s.completion for s in samples],
@@ -264,7 +268,7 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
       rec["kl_penalty"] = float(kl_pen.mean())
     return rec, state
 
-  acc0 = evaluate(state.params, first)
+  acc0 = evaluate(first)
   log(f"held-out accuracy at step {first}: {100 * acc0:.1f}% ({len(heldout)} problems)")
   history, evals = [], [(first, acc0)]
   writer = MetricsWriter(t.out_dir, resume_step=first)
@@ -279,17 +283,13 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   try:
     while step < t.steps and (stop_after is None or step - first < stop_after):
       ro = pending.popleft() if pending else next_rollout(step)
-      assert ro.step == step, f"rollout {ro.step} arrived for learner step {step}"
-      staleness = [step - s.version for s in ro.samples]
-      if max(staleness) > rl.eta:
-        raise RuntimeError(f"a sample is {max(staleness)} versions stale > rl.eta={rl.eta} (a bug: please report)")
       rec, state = learn(ro, step, state)
       step += 1
       publisher.publish(_snapshot(state.params), step)
       rec["elapsed_s"] = time.perf_counter() - t_start - eval_s   # wall-clock of this process's RL, evals excluded
       if rl.eval_every and step % rl.eval_every == 0 or step == t.steps:
         t0 = time.perf_counter()
-        rec["heldout_acc"] = evaluate(state.params, step)
+        rec["heldout_acc"] = evaluate(step)
         eval_s += time.perf_counter() - t0
         evals.append((step, rec["heldout_acc"]))
       history.append({"step": step, **rec})

@@ -149,20 +149,41 @@ def engine_decode_tokens_per_s(engine: Engine, batch: int, prompt_len: int, step
   return best, out
 
 
-def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int):
-  """transformers AutoModelForCausalLM.generate (greedy, fp32) on the same weights, at torch's
-  default thread count and at 1 thread, the faster kept (on a loaded machine torch's OpenMP
-  threads can stall each other ~30x); -> (tokens/s, tokens, threads) or Nones if transformers/torch
-  are not installed."""
+def hf_causal_lm(cfg, params):
+  """transformers AutoModelForCausalLM (fp32, eval mode) on the same weights, written by
+  jaxllm.io.export_hf; None if transformers/torch are not installed."""
   try:
     import torch
     from transformers import AutoModelForCausalLM
     from jaxllm.io import export_hf
   except ImportError:
-    return None, None, None
+    return None
   with tempfile.TemporaryDirectory() as d:
     export_hf(jax.device_get(params), cfg, d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def over_torch_threads(measure) -> list:
+  """[(threads, measure())] at torch's default thread count and at 1 thread: on a loaded machine
+  torch's OpenMP threads can stall each other ~30x, so a fair baseline keeps the faster."""
+  import torch
+  default, out = torch.get_num_threads(), []
+  try:
+    for threads in sorted({default, 1}, reverse=True):
+      torch.set_num_threads(threads)
+      out.append((threads, measure()))
+  finally:
+    torch.set_num_threads(default)
+  return out
+
+
+def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int):
+  """transformers generate (greedy, fp32) on the same weights, at the faster of torch's default thread
+  count and 1 thread -> (tokens/s, tokens, threads), or Nones if transformers/torch are not installed."""
+  model = hf_causal_lm(cfg, params)
+  if model is None:
+    return None, None, None
+  import torch
   ids = torch.from_numpy(decode_prompts(cfg.vocab_size, batch, prompt_len).astype(np.int64))
   mask = torch.ones_like(ids)
 
@@ -171,15 +192,8 @@ def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int)
       out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                            pad_token_id=0)
     return out[:, prompt_len:].numpy()
-  default, best = torch.get_num_threads(), (0.0, None, None)
-  try:
-    for threads in sorted({default, 1}, reverse=True):
-      torch.set_num_threads(threads)
-      rate, toks = _decode_rate(run, batch, steps)
-      best = max(best, (rate, toks, threads), key=lambda b: b[0])
-  finally:
-    torch.set_num_threads(default)
-  return best
+  threads, (rate, toks) = max(over_torch_threads(lambda: _decode_rate(run, batch, steps)), key=lambda r: r[1][0])
+  return rate, toks, threads
 
 
 def decode_comparison(cfg, params, engine: Engine, batch: int, prompt_len: int, steps: int, log=print) -> dict:

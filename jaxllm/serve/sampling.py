@@ -361,7 +361,8 @@ def _draw(x, samp):
   filtered = filter_logits(x / jnp.maximum(t, 1e-6)[:, None], samp["top_k"], samp["top_p"], samp["min_p"])
   keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(samp["seeds"], samp["counters"])
   tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  return tokens, jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  # Only the drawn token's log-prob: its logit minus the log-normaliser (no [R, V] log_softmax).
+  return tokens, jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(filtered, axis=-1)
 
 
 def _top_alternatives(logp, samp):
