@@ -184,7 +184,7 @@ class TrainConfig:
 
 
 SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 
 
 @dataclass(frozen=True)
@@ -194,16 +194,16 @@ class ServeConfig:
   num_pages: int = 1024           # P, pages in the device KV pool (page 0 is the null page)
   max_pages: int = 0              # pages the allocator may use (<= num_pages), a memory limit; 0 = num_pages
   max_running: int = 32           # sequences batched together at most
-  chunk_size: int = 256           # prefill tokens per step (chunked prefill budget)
+  chunk_size: int = 256           # tokens per step, prefill chunks and decode rows together (chunked prefill budget)
   decode_steps: int = 8           # decode steps per device call when the batch is pure decode (1 = one)
   policy: str = "lpm"             # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
   radix: bool = True              # share KV of common prefixes through the radix cache
-  attention: str = "reference"    # paged attention: "reference" (pure jnp) or "pallas" (TPU/GPU kernels)
+  attention: str = "auto"         # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA) or "auto" (pallas on TPU/GPU)
   decode_reserve: float = 1.0     # fraction of max_tokens whose pages admission reserves (1 = never preempt)
   max_wait_s: float = 30.0        # a request waiting this long is admitted next, whatever the policy (no starvation)
   min_seqs: int = 4               # smallest sequences bucket of a step (raise to compile fewer shapes)
   min_tokens: int = 32            # smallest tokens bucket of a step
-  min_pages: int = 4              # smallest pages-per-sequence bucket of a step
+  overlap: bool = True            # plan and launch the next decode while the device runs this one (SGLang's overlap)
   host: str = "127.0.0.1"         # HTTP bind address (0.0.0.0 exposes the server to the network)
   port: int = 8000                # HTTP port
   api_key: str = ""               # required as `Authorization: Bearer KEY` when set
@@ -214,7 +214,7 @@ class ServeConfig:
 
   def __post_init__(self):
     _positive(self, "page_size", "num_pages", "max_running", "chunk_size", "decode_steps", "min_seqs",
-              "min_tokens", "min_pages", "port", "max_waiting", "max_n", "max_body_bytes")
+              "min_tokens", "port", "max_waiting", "max_n", "max_body_bytes")
     if self.policy not in SCHEDULING_POLICIES:
       raise ConfigError(f"serve.policy={self.policy!r}: use one of {', '.join(SCHEDULING_POLICIES)}")
     if self.attention not in ATTENTION_BACKENDS:

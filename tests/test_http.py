@@ -34,7 +34,7 @@ KEY = "test-key"
 MODEL = "tiny-test"
 # One bucket per dimension (16 sequences, 64 tokens, 16 pages = max_seq_len): 3 compiles in all.
 SERVE = ServeConfig(page_size=8, num_pages=160, max_running=16, chunk_size=48, min_seqs=16, min_tokens=64,
-                    min_pages=16, api_key=KEY, max_n=8, max_body_bytes=16_384, max_waiting=256)
+                    api_key=KEY, max_n=8, max_body_bytes=16_384, max_waiting=256)
 TOK = load_tokenizer("byte")
 EOS = (TOK.eos_id,)
 

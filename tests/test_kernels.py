@@ -3,7 +3,10 @@
 Every page slot no live key occupies -- whole unused pages (page 0, the null page, included) and the
 tail of each partially filled page -- holds NaN, so a kernel that reads one shows it in the output.
 The Pallas kernels run in interpret mode: TPU kernels under pltpu.InterpretParams(), GPU (Triton)
-kernels with interpret=True. Shapes stay tiny because interpret mode runs grid steps one by one.
+kernels with interpret=True. Shapes stay tiny because interpret mode runs grid steps one by one. TPU
+interpret mode fills scratch buffers with NaN too (a stale read of a DMA buffer shows) and raises on an
+out-of-bounds DMA, which the poisoned page tables below use to prove a kernel copies only the pages it
+needs.
 
 Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M; B, T, S for the dense
 attention the reference is checked against, S = M * Z).
@@ -27,13 +30,14 @@ KERNELS = {
 def make_cache(rng, kv_lens, Z, K, H, M, dtype, spare_pages=3):
   """Scatter random per-sequence K/V into randomly permuted pages; everything else is NaN.
 
-  Returns k_pages, v_pages [P, Z, K, H], page_table [R, M] (padded with the null page 0) and the
-  contiguous per-sequence (k, v) [len, K, H] that were scattered, for dense checks.
+  Returns k_pages, v_pages [K, P, Z, H] (head-major, like the engine's pool), page_table [R, M] (padded
+  with the null page 0) and the contiguous per-sequence (k, v) [len, K, H] that were scattered, for
+  dense checks.
   """
   n_pages = [-(-int(n) // Z) for n in kv_lens]
   P = 1 + sum(n_pages) + spare_pages
-  k_pages = np.full((P, Z, K, H), np.nan, np.float32)
-  v_pages = np.full((P, Z, K, H), np.nan, np.float32)
+  k_pages = np.full((K, P, Z, H), np.nan, np.float32)
+  v_pages = np.full((K, P, Z, H), np.nan, np.float32)
   page_table = np.zeros((len(kv_lens), M), np.int32)
   free = list(rng.permutation(np.arange(1, P)))
   dense = []
@@ -44,8 +48,8 @@ def make_cache(rng, kv_lens, Z, K, H, M, dtype, spare_pages=3):
       page = free.pop()
       page_table[s, j] = page
       rows = slice(j * Z, min((j + 1) * Z, int(n)))
-      k_pages[page, : rows.stop - rows.start] = k[rows]
-      v_pages[page, : rows.stop - rows.start] = v[rows]
+      k_pages[:, page, : rows.stop - rows.start] = k[rows].transpose(1, 0, 2)
+      v_pages[:, page, : rows.stop - rows.start] = v[rows].transpose(1, 0, 2)
     dense.append((k, v))
   cast = lambda x: jnp.asarray(x, dtype)
   return cast(k_pages), cast(v_pages), jnp.asarray(page_table), dense
@@ -128,7 +132,7 @@ def pad_dense(dense, S):
 @pytest.mark.parametrize("impl", sorted(KERNELS))
 def test_ragged_many_short_sequences(impl):
   """More sequences than a query block has rows (decode-heavy batches), some live ones without rows:
-  the TPU kernel's per-block sequence window and the GPU kernel's per-sequence tiles both get busy."""
+  the TPU kernel's per-block sequence lists and the GPU kernel's per-sequence tiles both get busy."""
   rng = np.random.default_rng(7)
   Z, G, M, num_seqs = 4, 2, 3, 13
   kv_lens = np.concatenate([rng.integers(2, M * Z + 1, num_seqs), [0]]).astype(np.int32)
@@ -138,7 +142,79 @@ def test_ragged_many_short_sequences(impl):
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 2, 2 * G, 16)), jnp.float32)
   args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
   mod, kw = KERNELS[impl]
-  check(mod.ragged_paged_attention(*args, **kw), reference.ragged_paged_attention(*args), jnp.float32)
+  out = mod.ragged_paged_attention(*args, **kw, block_q=8)
+  check(out, reference.ragged_paged_attention(*args), jnp.float32)
+
+
+def poison_table(page_table, kv_lens, Z, no_rows=()):
+  """page_table with every entry a kernel must not read -- past each sequence's ceil(kv_len / Z) pages,
+  and all of those of sequences in `no_rows` (no query rows this step) -- set to an out-of-range page id:
+  TPU interpret mode raises on a DMA from it."""
+  pt, kv_lens = np.array(page_table), np.asarray(kv_lens)
+  pt[np.arange(pt.shape[1])[None, :] >= -(-kv_lens[:, None] // Z)] = 10 ** 6
+  pt[list(no_rows)] = 10 ** 6
+  return jnp.asarray(pt)
+
+
+BLOCK_CASES = [(4, 1, jnp.float32), (8, 4, jnp.bfloat16)]
+block_ids = [f"Z{Z}-g{g}-{jnp.dtype(d).name}" for Z, g, d in BLOCK_CASES]
+
+
+@pytest.mark.parametrize("Z,G,dtype", BLOCK_CASES, ids=block_ids)
+def test_tpu_decode_multi_page_blocks(Z, G, dtype):
+  """3 pages per KV block over a 7-page table: sequences of one block, several, a partial last block
+  (7 = 3 + 3 + 1 pages, and partial pages) and a padding row, so the double-buffered walk crosses blocks
+  and kv heads. The page table is poisoned past each sequence's pages: only needed pages are copied."""
+  args, _ = decode_case(Z + G, Z, G, dtype, M=7)
+  q, k_pages, v_pages, kv_lens, page_table = args
+  bad = poison_table(page_table, kv_lens, Z)
+  out = tpu.paged_decode_attention(q, k_pages, v_pages, kv_lens, bad, pages_per_block=3,
+                                   **KERNELS["tpu"][1])
+  check(out, reference.paged_decode_attention(*args), dtype)
+  np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)  # kv_len 0: padding row -> 0
+
+
+@pytest.mark.parametrize("Z,G,dtype", BLOCK_CASES, ids=block_ids)
+def test_tpu_ragged_multi_page_blocks(Z, G, dtype):
+  """8-token query blocks, 2-page KV blocks over a 5-page table. Sequence 0 is a chunked prefill over
+  query blocks 0 and 1 whose block-0 rows stop attending inside KV block 1's first page while its keys
+  go on into the next page (a key neither copied nor causal, whose stale buffer slot is NaN); then a
+  decode row over all 5 pages (KV blocks 2 + 2 + 1), a live sequence with no rows and a padding
+  sequence (neither may be copied at all: their page-table rows are poisoned whole), a full prefill
+  sharing a query block with others, a short decode, and padding rows after the last live one."""
+  rng = np.random.default_rng(Z + G)
+  M, num_seqs = 5, 5
+  q_lens = np.array([Z + 5, 1, 0, Z + 1, 1, 0], np.int32)
+  kv_lens = np.array([3 * Z + 1, M * Z, 3, Z + 1, 2, 0], np.int32)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  k_pages, v_pages, page_table, _ = make_cache(rng, kv_lens, Z, 2, 16, M, dtype)
+  q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 3, 2 * G, 16)), dtype)
+  args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
+  bad = poison_table(page_table, kv_lens, Z, no_rows=[2, 5])
+  out = tpu.ragged_paged_attention(*args[:4], bad, *args[5:], block_q=8, pages_per_block=2,
+                                   **KERNELS["tpu"][1])
+  check(out, reference.ragged_paged_attention(*args), dtype)
+  np.testing.assert_array_equal(np.asarray(out[cu[-1]:], np.float32), 0.0)  # padding rows -> 0
+
+
+@pytest.mark.parametrize("splits,Z,G,dtype", [(2, 4, 1, jnp.float32), (5, 8, 4, jnp.bfloat16)],
+                         ids=["s2-Z4-g1-float32", "s5-Z8-g4-bfloat16"])
+def test_gpu_decode_split_k(splits, Z, G, dtype):
+  """Flash-decoding splits over an 8-page table, one page per KV block: the 1-key sequence leaves every
+  split but the first empty (m at the mask value, l = 0: weight 0 in the merge), others end mid-split,
+  and the padding row has only empty splits (output 0)."""
+  args, _ = decode_case(splits, Z, G, dtype, M=8)
+  out = gpu.paged_decode_attention(*args, pages_per_block=1, num_splits=splits, interpret=True)
+  check(out, reference.paged_decode_attention(*args), dtype)
+  np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)  # kv_len 0: padding row -> 0
+
+
+def test_gpu_decode_num_splits_heuristic():
+  """Split only when R * K programs leave the GPU idle, and only as far as the context has KV blocks."""
+  assert gpu.decode_num_splits(R=64, K=8, M=256, pages_per_block=4) == 1        # 512 programs already
+  assert gpu.decode_num_splits(R=1, K=8, M=256, pages_per_block=4) == 16        # 8 programs x 16 splits
+  assert gpu.decode_num_splits(R=2, K=2, M=32, pages_per_block=4) == 2          # 8 blocks: 4 per split
+  assert gpu.decode_num_splits(R=2, K=2, M=8, pages_per_block=4) == 1           # too short to split
 
 
 @pytest.mark.parametrize("Z,G", [(4, 2), (8, 1)])
@@ -216,12 +292,15 @@ def test_kernels_lower_for_their_hardware(platform, mod, marker):
   TPU block rules). Compiling the lowered kernel needs the hardware."""
   R, Q, P, Z, K, G, H, M = 8, 40, 64, 16, 2, 4, 128, 8
   sds = jax.ShapeDtypeStruct
-  pages = sds((P, Z, K, H), jnp.bfloat16)
+  pages = sds((K, P, Z, H), jnp.bfloat16)
   table, lens = sds((R, M), jnp.int32), sds((R,), jnp.int32)
-  decode = mod.paged_decode_attention.trace(sds((R, K * G, H), jnp.bfloat16), pages, pages, lens, table)
+  # Beyond the defaults: a partial last KV block (TPU, 3 pages of 8) and split-K decode (GPU).
+  knobs = dict(pages_per_block=3) if mod is tpu else dict(num_splits=2)
+  decode = [mod.paged_decode_attention.trace(sds((R, K * G, H), jnp.bfloat16), pages, pages, lens, table,
+                                             **kw) for kw in ({}, knobs)]
   ragged = mod.ragged_paged_attention.trace(sds((Q, K * G, H), jnp.bfloat16), pages, pages, lens, table,
                                             sds((R + 1,), jnp.int32), sds((), jnp.int32))
-  for traced in (decode, ragged):
+  for traced in (*decode, ragged):
     assert marker in traced.lower(lowering_platforms=(platform,)).as_text()  # the serialized kernel
 
 

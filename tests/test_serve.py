@@ -20,7 +20,7 @@ MOE = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=
                   max_seq_len=64, init_std=0.1)
 GEN = 6
 # One bucket per dimension (32 sequences, 64 tokens, 8 pages): each model compiles 2 steps in all.
-PINNED = dict(page_size=8, num_pages=160, max_running=32, min_seqs=32, min_tokens=64, min_pages=8)
+PINNED = dict(page_size=8, num_pages=160, max_running=32, min_seqs=32, min_tokens=64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +174,7 @@ def test_pallas_engine_equals_reference_engine(dtype):
   import dataclasses
   cfg = dataclasses.replace(DENSE, dtype=dtype)
   prompts = shared_prefix_prompts(4, seed=3)
-  kw = dict(page_size=8, num_pages=64, max_running=8, chunk_size=16, decode_steps=1)
+  kw = dict(page_size=8, num_pages=64, max_running=8, chunk_size=16, decode_steps=1, min_seqs=1, min_tokens=8)
   want = Engine(cfg, params_of(cfg), **kw).generate(prompts, SamplingParams(max_tokens=4))
   eng = Engine(cfg, params_of(cfg), attention="pallas", **kw)
   got = eng.generate(prompts, SamplingParams(max_tokens=4))

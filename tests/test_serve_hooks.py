@@ -47,10 +47,11 @@ def test_weight_swap_with_requests_waiting_running_and_preempted():
   reqs = [eng.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
   for _ in range(3):
     eng.step()
-  before = {r.rid: list(r.output) for r in reqs}
   states = {"running": sum(r in eng.sched.running for r in reqs), "waiting": sum(r in eng.sched.waiting for r in reqs)}
-  assert states["running"] > 0 and states["waiting"] > 0 and any(before.values())
-  eng.set_weights(B, version=1)
+  assert states["running"] > 0 and states["waiting"] > 0
+  eng.set_weights(B, version=1)        # commits the step still in flight (overlap) under A first
+  before = {r.rid: list(r.output) for r in reqs}
+  assert any(before.values())
   assert not eng.sched.running and all(r.preemptions == 1 for r in reqs if before[r.rid])
   eng.run()
   eng.sched.check()

@@ -11,16 +11,18 @@ import types
 
 import jax
 
-BACKENDS = ("reference", "pallas")
+BACKENDS = ("auto", "reference", "pallas")
 
 
 def get_attention_backend(name: str, platform: str | None = None) -> types.SimpleNamespace:
-  """name: "reference" (pure jnp) or "pallas" (TPU kernels on TPU, Triton kernels on GPU, and on CPU
-  the TPU kernels under TPU interpret mode -- correct but slow, for tests). platform defaults to
-  jax.default_backend()."""
+  """name: "reference" (pure jnp), "pallas" (TPU kernels on TPU, Triton kernels on GPU, and on CPU
+  the TPU kernels under TPU interpret mode -- correct but slow, for tests) or "auto" (pallas on TPU
+  and GPU, reference on CPU). platform defaults to jax.default_backend()."""
   if name not in BACKENDS:
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
   platform = platform or jax.default_backend()
+  if name == "auto":
+    name = "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "reference"
   if name == "reference":
     from jaxllm.kernels import reference as mod
     return types.SimpleNamespace(name="reference", platform=platform,

@@ -243,9 +243,8 @@ def run_bench(cfg, params, w: Workload, serve: ServeConfig = ServeConfig(), *, m
   sys_pages = w.system_len // page_size
   # Room for the running requests' own pages and half the system prompts: forces eviction.
   mem_pages = mem_pages or max_running * (per_req - sys_pages) + max(1, w.groups // 2) * sys_pages
-  M = 1 << (-(-cfg.max_seq_len // page_size) - 1).bit_length()     # the widest page-table bucket
-  common = dict(serve=dataclasses.replace(serve, num_pages=num_pages, max_pages=0, min_seqs=max_running,
-                                          min_pages=M), mesh=mesh, plan=plan)
+  common = dict(serve=dataclasses.replace(serve, num_pages=num_pages, max_pages=0, min_seqs=max_running),
+                mesh=mesh, plan=plan)
   settings = [("cache off", dict(radix=False))]
   settings += [(f"cache on  {p}", dict(policy=p)) for p in ("fcfs", "lpm", "dfs-weight")]
   settings += [(f"mem {mem_pages}p {p}", dict(policy=p, max_pages=mem_pages)) for p in ("fcfs", "lpm", "dfs-weight")]

@@ -41,7 +41,7 @@ from jaxllm.model.params import model_def
 from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
-from jaxllm.serve.paged_cache import PagedCache, attention_backend, pool_shape
+from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
 from jaxllm.serve.sampling import SamplingParams, advance, build_sampling_arrays, init_state, sample_rows, \
   with_random_seed
 from jaxllm.serve.scheduler import Req, Scheduler
@@ -75,14 +75,14 @@ class Engine:
       raise ValueError(f"unknown engine setting: {e}; the settings are ServeConfig's fields") from None
     self.serve = sc = serve
     self.decode_steps = sc.decode_steps
-    self.min_seqs, self.min_tokens, self.min_pages = sc.min_seqs, sc.min_tokens, sc.min_pages
+    self.min_seqs, self.min_tokens = sc.min_seqs, sc.min_tokens
     self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
     self.mdef = model_def(cfg)
     self.sched = Scheduler(sc.max_pages or sc.num_pages, sc.page_size, max_running=sc.max_running,
                            chunk_size=sc.chunk_size, policy=sc.policy, radix=sc.radix,
                            decode_reserve=sc.decode_reserve, max_wait_s=sc.max_wait_s)
     self.sched.version = weight_version
-    self.max_pages_per_seq = -(-cfg.max_seq_len // sc.page_size)
+    self.M = -(-cfg.max_seq_len // sc.page_size)     # page-table width: max_seq_len's pages, fixed
     self.mesh, self.plan = mesh, plan
     self.rows = 1
     if mesh is not None:
@@ -94,16 +94,21 @@ class Engine:
     shape = pool_shape(cfg, sc.num_pages, sc.page_size)
     if mesh is not None:
       params = jax.device_put(params, param_shardings(self.mdef, mesh, plan))
-      self._pool_sh = NamedSharding(mesh, logical_spec(plan, ("layers", None, None, "kv_heads", "head_dim"), shape))
+      self._pool_sh = NamedSharding(mesh, logical_spec(plan, POOL_AXES, shape))
       self.k_pages = jax.device_put(jnp.zeros(shape, dtype), self._pool_sh)
       self.v_pages = jax.device_put(jnp.zeros(shape, dtype), self._pool_sh)
     else:
       self._pool_sh = None
       self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     self.params = params
-    self.step_seconds = {"ragged": 0.0, "decode": 0.0}
-    self.step_tokens = {"ragged": 0, "decode": 0}
-    self._fns = {mode: _step_fn(cfg, sc.attention, mode, mesh, self._pool_sh, self.rows,
+    self.R_max = _pow2(sc.max_running, self.min_seqs)
+    self.overlap = sc.overlap
+    self._inflight: _Launch | None = None      # the launched step not yet committed (overlap)
+    self.step_tokens = {"ragged": 0, "decode": 0}   # tokens committed per kind of step
+    self.busy_seconds = 0.0                    # wall time inside step()
+    self.wait_seconds = 0.0                    # of which the host waited for device results
+    self.chained = 0                           # launches planned while the previous step ran (overlap)
+    self._fns = {mode: _step_fn(cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows,
                                 sc.decode_steps if mode == "multi" else 1)
                  for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())}
     self._rids = itertools.count()
@@ -177,6 +182,7 @@ class Engine:
     weights is served again)."""
     if version == self.sched.version:
       raise ValueError(f"weight version {version!r} is already in use; give each set_weights a new version")
+    self.finished += self.drain()            # the step in flight ran on the old weights: commit it first
     if self.mesh is not None:
       params = jax.device_put(params, param_shardings(self.mdef, self.mesh, self.plan))
     self.params = params
@@ -198,94 +204,173 @@ class Engine:
 
   @property
   def idle(self) -> bool:
-    return not self.sched.waiting and not self.sched.running
+    return not self.sched.waiting and not self.sched.running and self._inflight is None
 
   # ---- the loop -----------------------------------------------------------------------------
   def step(self) -> list[Req]:
-    """Run one batch; returns requests that finished in it."""
-    t_begin = time.perf_counter()
+    """One scheduling step; returns the requests that finished in it.
+
+    Without overlap: schedule, launch, wait, commit. With overlap (SGLang's overlap scheduler): the
+    step launched last time is still running on the device when this one starts; if it was a pure
+    decode whose rows all go on, the next decode is planned and launched right behind it (its input
+    tokens are the running step's sampled tokens, still on the device), and only then does the host
+    wait for and commit the earlier step -- so commit and planning run while the device computes.
+    Stops are thereby seen one step late: a row that stopped gets one more step whose tokens are
+    dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
+    so a reused page is rewritten after that). Anything else (admissions, prefill, preemption,
+    length limits, penalties) takes the plain path after the commit."""
+    t0 = time.perf_counter()
+    prev, self._inflight = self._inflight, None
+    nxt = self._chain(prev) if prev is not None else None
+    done = self._collect(prev) if prev is not None else []
+    if nxt is None:
+      nxt = self._launch_scheduled()
+      if nxt is not None and not self.overlap:
+        done += self._collect(nxt)
+        nxt = None
+    self._inflight = nxt
+    self.busy_seconds += time.perf_counter() - t0
+    return done
+
+  def _launch_scheduled(self) -> _Launch | None:
+    """Ask the scheduler for a batch and launch it (multi-step when it is pure decode)."""
     batch = self.sched.schedule()
     if not batch:
       if self.sched.waiting and not self.sched.running:
         raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
-      return []
-    Z = self.page_size
+      return None
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
     if decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
       ks = self.sched.grow_decode(batch, self.decode_steps)
       if max(ks) > 1:
-        return self._multi_step(batch, ks, t_begin)
-    if not decode:    # q_len > 1 first: they take the ragged attention, the rest the decode one
-      batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
-    R = _pow2(len(batch), self.min_seqs)
-    Q = R if decode else _pow2(sum(n for _, n in batch), self.min_tokens)
-    M = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
-            _pow2(self.max_pages_per_seq, self.min_pages))
-    tokens, positions = np.zeros(Q, np.int32), np.zeros(Q, np.int32)
-    slots = np.zeros(Q, np.int32)          # padding rows write into the null page 0
-    kv_lens, last_idx = np.zeros(R, np.int32), np.zeros(R, np.int32)
-    page_table = np.zeros((R, M), np.int32)
-    cu = np.zeros(R + 1, np.int32)
-    t = 0
-    for i, (r, n) in enumerate(batch):
-      pos = np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
-      pages = np.asarray(r.pages, np.int32)
-      tokens[t:t + n] = r.tokens[r.num_computed:r.num_computed + n]
-      positions[t:t + n] = pos
-      slots[t:t + n] = pages[pos // Z] * Z + pos % Z
-      page_table[i, :len(pages)] = pages
-      kv_lens[i] = r.num_computed + n
-      t += n
-      cu[i + 1], last_idx[i] = t, t - 1
-    cu[len(batch) + 1:] = t
-    meta = {"slots": slots, "kv_lens": kv_lens, "page_table": page_table, "cu_q_lens": cu,
-            "num_seqs": np.int32(len(batch)), "last_idx": last_idx}
-    if not decode:
-      n_multi = sum(n > 1 for _, n in batch)
-      dec_rows = np.full(R, Q, np.int32)
-      dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
-      meta |= {"num_multi": np.int32(n_multi), "dec_rows": dec_rows}
-    samp = _sampling(batch, R)
-    mode = "decode" if decode else "ragged"
-    self.k_pages, self.v_pages, *out = self._run(mode, tokens, positions, meta, samp)
-    toks, logps, top_ids, top_lps = map(np.asarray, out)
-    now = time.perf_counter()
+        return self._launch_decode(batch, ks, [0] * len(batch), None)
+    if decode:
+      return self._launch_decode(batch, None, [0] * len(batch), None)
+    return self._launch_ragged(batch)
 
-    done = self.sched.commit(batch, toks, logps, now, (top_ids, top_lps))
-    self.step_seconds[mode] += time.perf_counter() - t_begin   # host scheduling included
-    self.step_tokens[mode] += sum(n for _, n in batch)
-    self.finished += done
-    return done
+  def _chain(self, prev: _Launch) -> _Launch | None:
+    """The decode step right after `prev` (still running), or None when it cannot be planned before
+    prev's tokens are known (see step)."""
+    if not self.overlap or prev.mode == "ragged":
+      return None
+    sched, batch = self.sched, prev.batch
+    if len(batch) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_running):
+      return None                            # someone was aborted, or a request may be admitted
+    ahead = prev.ks or [1] * len(batch)      # tokens prev adds to each row (if none stops)
+    for (r, _), a in zip(batch, ahead):
+      if r.finish_reason or r.sp.uses_penalties or len(r.output) + a >= r.sp.max_tokens:
+        return None
+    if self.decode_steps > 1:
+      ks = sched.grow_decode(batch, self.decode_steps, ahead)
+      if min(ks) < 1:
+        return None
+    elif all(sched.grow(r, a + 1) for (r, _), a in zip(batch, ahead)):
+      ks = None
+    else:
+      return None
+    self.chained += 1
+    return self._launch_decode(batch, ks, ahead, prev)
 
-  def _multi_step(self, batch, ks, t_begin: float) -> list[Req]:
-    """decode_steps decode steps in one call; row i keeps at most ks[i] tokens (see module doc)."""
-    Z, n, live = self.page_size, self.decode_steps, len(batch)
+  def _launch_decode(self, batch, ks, ahead, prev: _Launch | None) -> _Launch:
+    """A decode launch: one step ("decode", ks None) or decode_steps steps ("multi"); row i keeps at
+    most ks[i] tokens (see module doc). ahead[i]: tokens of row i still in flight in `prev`, whose
+    sampled tokens (on device) are fed here instead of the host's last output."""
+    Z, live = self.page_size, len(batch)
     R = _pow2(live, self.min_seqs)
-    M = min(_pow2(max(len(r.pages) for r, _ in batch), self.min_pages),
-            _pow2(self.max_pages_per_seq, self.min_pages))
-    page_table = np.zeros((R, M), np.int32)
-    for i, (r, _) in enumerate(batch):
-      page_table[i, :len(r.pages)] = r.pages
-    k = np.asarray(ks, np.int32)
-    start = np.asarray([r.num_computed for r, _ in batch], np.int32)     # position of the fed token
+    n = self.decode_steps if ks is not None else 1
+    k = np.asarray(ks if ks is not None else [1] * live, np.int32)
+    page_table = self._page_table(batch, R)
+    start = np.asarray([r.num_computed + a for (r, _), a in zip(batch, ahead)], np.int32)  # fed token's position
     j = np.arange(n, dtype=np.int32)[:, None]
     pos = start[None, :] + np.minimum(j, k[None, :] - 1)                  # [n, live] done rows stay put
     slots = page_table[np.arange(live), pos // Z] * Z + pos % Z
     slots = np.where(j < k[None, :], slots, 0)                            # done rows write the null page
     pad = lambda a: np.pad(a, ((0, 0), (0, R - live))).astype(np.int32)
-    tokens = np.zeros(R, np.int32)
-    tokens[:live] = [r.output[-1] for r, _ in batch]
+    if prev is None:
+      tokens = np.zeros(R, np.int32)
+      tokens[:live] = [r.token_slice(r.num_computed, r.num_computed + 1)[0] for r, _ in batch]
+    else:
+      tokens = _last_tokens(prev.out[0], np.asarray([a - 1 for a in ahead] + [0] * (R - live), np.int32))
+    # Sampling state as of the fed token: counters and min_tokens count prev's tokens too (the ids
+    # are placeholders; rows with penalties, which would need them, are never chained).
+    samp = build_sampling_arrays([r.sp for r, _ in batch],
+                                 [(r.prompt, r.output + [0] * a) for (r, _), a in zip(batch, ahead)], R)
+    if ks is None:
+      meta = {"slots": pad(slots)[0], "kv_lens": pad(pos + 1)[0], "page_table": page_table,
+              "cu_q_lens": np.arange(R + 1, dtype=np.int32), "num_seqs": np.int32(live),
+              "last_idx": np.arange(R, dtype=np.int32)}
+      return self._launch("decode", batch, None, tokens, pad(pos)[0], meta, samp)
     meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
-    samp = _sampling(batch, R)
-    self.k_pages, self.v_pages, *out = self._run("multi", tokens, pad(pos), meta, samp)
-    toks, logps, top_ids, top_lps = map(np.asarray, out)                  # [n, R] (and [n, R, 20])
+    return self._launch("multi", batch, list(ks), tokens, pad(pos), meta, samp)
+
+  def _launch_ragged(self, batch) -> _Launch:
+    """Prefill chunks and decode rows in one ragged step; q_len > 1 rows first (they take the ragged
+    attention, the rest the decode one)."""
+    Z = self.page_size
+    batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
+    Q = _pow2(sum(n for _, n in batch), self.min_tokens)
+    R = max(self.min_seqs, min(Q, self.R_max))   # tied to Q: a sequence has >= 1 token (fewer compiles)
+    tokens, positions = np.zeros(Q, np.int32), np.zeros(Q, np.int32)
+    slots = np.zeros(Q, np.int32)          # padding rows write into the null page 0
+    kv_lens, last_idx = np.zeros(R, np.int32), np.zeros(R, np.int32)
+    page_table = self._page_table(batch, R)
+    cu = np.zeros(R + 1, np.int32)
+    t = 0
+    for i, (r, n) in enumerate(batch):
+      pos = np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
+      tokens[t:t + n] = r.token_slice(r.num_computed, r.num_computed + n)
+      positions[t:t + n] = pos
+      slots[t:t + n] = page_table[i, pos // Z] * Z + pos % Z
+      kv_lens[i] = r.num_computed + n
+      t += n
+      cu[i + 1], last_idx[i] = t, t - 1
+    cu[len(batch) + 1:] = t
+    n_multi = sum(n > 1 for _, n in batch)
+    dec_rows = np.full(R, Q, np.int32)
+    dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
+    meta = {"slots": slots, "kv_lens": kv_lens, "page_table": page_table, "cu_q_lens": cu,
+            "num_seqs": np.int32(len(batch)), "last_idx": last_idx, "num_multi": np.int32(n_multi),
+            "dec_rows": dec_rows}
+    return self._launch("ragged", batch, None, tokens, positions, meta, _sampling(batch, R))
+
+  def _page_table(self, batch, R: int) -> np.ndarray:
+    """[R, M] page ids, M fixed (the attention walks only live pages), padded with the null page."""
+    table = np.zeros((R, self.M), np.int32)
+    for i, (r, _) in enumerate(batch):
+      table[i, :len(r.pages)] = r.pages
+    return table
+
+  def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
+    """Dispatch a step function (asynchronous: returns before the device finishes)."""
+    self.k_pages, self.v_pages, *out = self._run(mode, tokens, positions, meta, samp)
+    return _Launch(mode, batch, ks, tuple(out))
+
+  def _collect(self, launch: _Launch) -> list[Req]:
+    """Wait for a launch's results and commit them; rows whose request finished meanwhile (stopped
+    one step earlier, or aborted) are dropped."""
+    t0 = time.perf_counter()
+    toks, logps, top_ids, top_lps = map(np.asarray, launch.out)
     now = time.perf_counter()
-    before = sum(len(r.output) for r, _ in batch)
-    done = self.sched.commit_multi(batch, ks, toks, logps, now, (top_ids, top_lps))
-    self.step_seconds["decode"] += time.perf_counter() - t_begin
-    self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
+    self.wait_seconds += now - t0
+    keep = [i for i, (r, _) in enumerate(launch.batch) if r.finish_reason is None]
+    batch = [launch.batch[i] for i in keep]
+    if launch.mode == "multi":
+      pick = lambda a: a[:, keep]
+      before = sum(len(r.output) for r, _ in batch)
+      done = self.sched.commit_multi(batch, [launch.ks[i] for i in keep], pick(toks), pick(logps), now,
+                                     (pick(top_ids), pick(top_lps)))
+      self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
+    else:
+      pick = lambda a: a[keep]
+      done = self.sched.commit(batch, pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps)))
+      self.step_tokens[launch.mode] += sum(n for _, n in batch)
     self.finished += done
     return done
+
+  def drain(self) -> list[Req]:
+    """Wait for and commit the step still in flight (overlap); returns the requests it finished."""
+    prev, self._inflight = self._inflight, None
+    return self._collect(prev) if prev is not None else []
 
   def run(self) -> list[Req]:
     """Step until every queued request finished."""
@@ -301,38 +386,56 @@ class Engine:
     self.run()
     return [result(r) for r in reqs]
 
-  def warmup(self, max_tokens: int | None = None) -> int:
-    """Compile every bucket a run can reach (sequences x pages x tokens); returns compiles done.
-    Runs on a scratch copy of metadata that only writes the null page."""
+  def warmup(self) -> int:
+    """Compile every step shape a run can reach; returns compiles done. The shapes: decode and
+    multi-step decode per sequences bucket R, ragged per tokens bucket Q (its R follows from Q, and
+    the page-table width is fixed). Runs on metadata that only writes the null page."""
+    self.drain()
     before = self.compiles
-    R_max = _pow2(self.sched.max_running, self.min_seqs)
-    M_max = _pow2(self.max_pages_per_seq, self.min_pages)
-    Q_max = _pow2(self.sched.chunk_size + self.sched.max_running, self.min_tokens)
+    Q_max = _pow2(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)   # a step's tokens at most
     sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
     z = lambda *s: np.zeros(s, np.int32)
-    for R in sizes(self.min_seqs, R_max):
-      for M in sizes(self.min_pages, M_max):
-        for mode, Qs in (("decode", [R]), ("ragged", sizes(max(R, self.min_tokens), Q_max))):
-          for Q in Qs:
-            meta = {"slots": z(Q), "kv_lens": z(R), "page_table": z(R, M), "cu_q_lens": z(R + 1),
-                    "num_seqs": np.int32(0), "last_idx": z(R)}
-            if mode == "ragged":
-              meta |= {"num_multi": np.int32(0), "dec_rows": np.full(R, Q, np.int32)}
-            out = self._run(mode, z(Q), z(Q), meta, build_sampling_arrays([], [], R))
-            self.k_pages, self.v_pages = out[0], out[1]
-        if "multi" in self._fns:
-          n = self.decode_steps
-          meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, M)}
-          out = self._run("multi", z(R), z(n, R), meta, build_sampling_arrays([], [], R))
-          self.k_pages, self.v_pages = out[0], out[1]
+    shapes = [("decode", R, R) for R in sizes(self.min_seqs, self.R_max)]
+    shapes += [("multi", R, R) for R in sizes(self.min_seqs, self.R_max) if "multi" in self._fns]
+    shapes += [("ragged", max(self.min_seqs, min(Q, self.R_max)), Q) for Q in sizes(self.min_tokens, Q_max)]
+    for mode, R, Q in shapes:
+      meta = {"slots": z(Q), "kv_lens": z(R), "page_table": z(R, self.M), "cu_q_lens": z(R + 1),
+              "num_seqs": np.int32(0), "last_idx": z(R)}
+      if mode == "ragged":
+        meta |= {"num_multi": np.int32(0), "dec_rows": np.full(R, Q, np.int32)}
+      tokens, positions = z(Q), z(Q)
+      if mode == "multi":
+        n = self.decode_steps
+        meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, self.M)}
+        positions = z(n, R)
+      self._launch(mode, [], None, tokens, positions, meta, build_sampling_arrays([], [], R))
+    jax.block_until_ready(self.k_pages)
     return self.compiles - before
+
+
+@dataclass
+class _Launch:
+  """A dispatched step: what it computes and its (possibly not yet ready) device outputs."""
+  mode: str                # "ragged", "decode" or "multi"
+  batch: list              # [(Req, tokens computed)]
+  ks: list | None          # multi: tokens row i may keep
+  out: tuple               # device arrays: sampled tokens, logprobs, top-20 ids, top-20 logprobs
+
+
+@jax.jit
+def _last_tokens(toks, idx):
+  """The token each row sampled last in a launch still on the device: toks [R] (one step, idx
+  ignored) or [n, R] (multi-step: row i's is toks[idx[i], i])."""
+  if toks.ndim == 1:
+    return toks
+  return toks[idx, jnp.arange(toks.shape[1])]
 
 
 class _Step:
   """A jitted step function that counts its traces (= compilations: one per new input shape)."""
 
-  def __init__(self, cfg, attention: str, mode: str, mesh, pool_sh, rows: int = 1, steps: int = 1):
-    mdef, backend = model_def(cfg), attention_backend(attention)
+  def __init__(self, cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int = 1, steps: int = 1):
+    mdef, backend = model_def(cfg), attention_backend(attention, mesh, plan, cfg)
     decode = mode != "ragged"
     self.traces = 0
 
@@ -382,11 +485,18 @@ class _Step:
     return self.fn(*args)
 
 
-@functools.lru_cache(maxsize=32)
-def _step_fn(cfg, attention: str, mode: str, mesh, pool_sh, rows: int, steps: int) -> _Step:
+def _step_fn(cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int, steps: int) -> _Step:
   """Shared across engines of one model, so a second engine (another policy, a memory limit via
-  max_pages) reuses the compiled steps."""
-  return _Step(cfg, attention, mode, mesh, pool_sh, rows, steps)
+  max_pages) reuses the compiled steps. (A mesh plan is keyed by its MeshConfig: it holds dicts.)"""
+  key = (cfg, attention, mode, mesh, plan.cfg if plan is not None else None, pool_sh, rows, steps)
+  if key not in _STEPS:
+    if len(_STEPS) >= 32:
+      _STEPS.pop(next(iter(_STEPS)))         # oldest first
+    _STEPS[key] = _Step(cfg, attention, mode, mesh, plan, pool_sh, rows, steps)
+  return _STEPS[key]
+
+
+_STEPS: dict = {}
 
 
 def _mesh_rows(cfg: ModelConfig, mc) -> int:

@@ -2,7 +2,8 @@
 
 Shapes: the package legend in jaxllm/__init__.py (L, P, Z, K, H, N, Q, R, M, B, T).
 
-Pool: K and V each `[L, P, Z, K, H]`; page 0 is the null page. A step packs every scheduled sequence
+Pool: K and V each `[K, L, P, Z, H]`, head-major (see jaxllm/kernels/reference.py for why); page 0
+is the null page. A step packs every scheduled sequence
 into one ragged sequence of Q tokens (prefill chunks and decode tokens back to back, vLLM/SGLang
 style). The model sees it folded into B rows of T = Q / B tokens (B = 1, or the mesh's dp so the
 token-parallel parts shard over dp; see engine.py), so `attend` receives q [B, T, N, H] and k, v
@@ -15,14 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from jaxllm.kernels import get_attention_backend
 
 
 @struct.dataclass
 class PagedCache:
-  k_pages: jax.Array      # [L, P, Z, K, H]
-  v_pages: jax.Array      # [L, P, Z, K, H]
+  k_pages: jax.Array      # [K, L, P, Z, H]
+  v_pages: jax.Array      # [K, L, P, Z, H]
   slots: jax.Array        # [Q] int32: page * Z + offset where each new token's K/V goes
   kv_lens: jax.Array      # [R] int32: tokens in each sequence's cache after this step
   page_table: jax.Array   # [R, M] int32, padded with the null page 0
@@ -38,22 +40,22 @@ class PagedCache:
   decode: bool = struct.field(pytree_node=False, default=False)  # every sequence has q_len 1
 
   def attend(self, layer, q, k, v):
-    L, P, Z, K, H = self.k_pages.shape
+    K, L, P, Z, H = self.k_pages.shape
 
     B, T = q.shape[:2]                    # B * T = Q
     q, k, v = q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, K, H), v.reshape(B * T, K, H)
 
-    # Index the carried pool in place: viewed as [L*P*Z, K, H] (a free reshape of the leading
-    # dims), this layer's slot s is row layer*P*Z + s, so the write is one scatter into the carry
-    # (slicing pool[layer] out and back costs two copies of the layer per layer and step), and the
-    # attention reads the [L*P, Z, K, H] view through page ids offset by layer*P.
-    rows = layer * (P * Z) + self.slots
-    def write(pool, new):
-      flat = pool.reshape(L * P * Z, K, H).at[rows].set(new.astype(pool.dtype))
-      return flat.reshape(L, P, Z, K, H)
+    # Index the carried pool in place: viewed as [K, L*P*Z, H] (a free reshape), this layer's slot s
+    # is column layer*P*Z + s, so the write is one scatter into the carry (slicing pool[:, layer] out
+    # and back costs two copies of the layer per layer and step), and the attention reads the
+    # [K, L*P, Z, H] view through page ids offset by layer*P.
+    cols = layer * (P * Z) + self.slots
+    def write(pool, new):                 # new [Q, K, H]
+      flat = pool.reshape(K, L * P * Z, H).at[:, cols].set(new.astype(pool.dtype).transpose(1, 0, 2))
+      return flat.reshape(K, L, P, Z, H)
 
     k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
-    kl, vl = k_pages.reshape(L * P, Z, K, H), v_pages.reshape(L * P, Z, K, H)
+    kl, vl = k_pages.reshape(K, L * P, Z, H), v_pages.reshape(K, L * P, Z, H)
     page_table = self.page_table + layer * P
     if self.decode:
       out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, page_table)
@@ -75,8 +77,11 @@ class PagedCache:
 
 
 def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
-  """[L, P, Z, K, H] with P = num_pages usable pages plus the null page 0, Z = page_size."""
-  return (cfg.n_layers, num_pages + 1, page_size, cfg.n_kv_heads, cfg.head_dim_)
+  """[K, L, P, Z, H] with P = num_pages usable pages plus the null page 0, Z = page_size."""
+  return (cfg.n_kv_heads, cfg.n_layers, num_pages + 1, page_size, cfg.head_dim_)
+
+
+POOL_AXES = ("kv_heads", "layers", None, None, "head_dim")   # logical axes of pool_shape's dims
 
 
 class Backend:
@@ -86,7 +91,23 @@ class Backend:
     self.name, self.ragged_paged_attention, self.paged_decode_attention = name, ragged, decode
 
 
-def attention_backend(name: str) -> Backend:
-  """The engine's view of `jaxllm.kernels.get_attention_backend(name)` ("reference" or "pallas")."""
+def attention_backend(name: str, mesh=None, plan=None, cfg=None) -> Backend:
+  """The engine's view of `jaxllm.kernels.get_attention_backend(name)`.
+
+  On a mesh the Pallas kernels run inside `shard_map`, each device on its local kv heads (and the
+  query heads of their GQA groups) of the pool shard it holds: a kernel is an opaque custom call
+  that GSPMD cannot partition, and left to it would replicate (all-gather) the pool around the
+  call. Heads are split only when the plan shards kv heads and query heads over the same axes (when
+  kv heads are fewer than tp they stay replicated, and so does the attention). The XLA path needs no
+  wrapper: GSPMD partitions its gathers and einsums over the sharded head dims itself."""
   b = get_attention_backend(name)
-  return Backend(name, b.ragged_paged_attention, b.paged_decode_attention)
+  if mesh is None or b.name == "reference":
+    return Backend(b.name, b.ragged_paged_attention, b.paged_decode_attention)
+  from jaxllm.parallel.sharding import logical_spec
+  heads = logical_spec(plan, ("kv_heads",), (cfg.n_kv_heads,))[0]
+  if heads != logical_spec(plan, ("heads",), (cfg.n_heads,))[0]:
+    heads = None
+  q, pool, rep = PartitionSpec(None, heads, None), PartitionSpec(heads, None, None, None), PartitionSpec()
+  wrap = lambda fn, n_meta: jax.shard_map(fn, mesh=mesh, in_specs=(q, pool, pool) + (rep,) * n_meta,
+                                          out_specs=q, check_vma=False)   # Pallas needs check_vma off
+  return Backend(b.name, wrap(b.ragged_paged_attention, 4), wrap(b.paged_decode_attention, 2))

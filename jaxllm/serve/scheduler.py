@@ -2,8 +2,10 @@
 
 Every step the scheduler picks a list of (request, n tokens to compute):
 - running requests first, oldest first: a decoding request computes its last sampled token (n = 1);
-  a request still in prefill takes its next chunk under the prefill token budget (chunked prefill,
-  Sarathi-Serve / SGLang);
+  a request still in prefill takes its next chunk under the step's token budget `chunk_size`
+  (chunked prefill, Sarathi-Serve / SGLang). Decode rows count against the budget too (vLLM's
+  max_num_batched_tokens), so a mixed step fills exactly the chunk_size bucket instead of spilling
+  into the next power of two;
 - then new requests from the waiting queue, in policy order, while budget, running slots and pages
   last. Admission matches the prompt in the radix tree and only computes the uncached rest.
 
@@ -93,6 +95,15 @@ class Req:
   @property
   def tokens(self) -> list:
     return self.prompt + self.output
+
+  def token_slice(self, a: int, b: int) -> list:
+    """(prompt + output)[a:b] without building the whole list."""
+    P = len(self.prompt)
+    if b <= P:
+      return self.prompt[a:b]
+    if a >= P:
+      return self.output[a - P:b - P]
+    return self.prompt[a:] + self.output[:b - P]
 
   @property
   def remaining(self) -> int:
@@ -275,7 +286,7 @@ class Scheduler:
     for req in sorted(self.running, key=lambda r: r.order):
       if req not in self.running:            # preempted earlier in this loop
         continue
-      n = 1 if req.remaining == 1 else min(req.remaining, budget)
+      n = 1 if req.remaining == 1 else min(req.remaining, max(budget, 0))
       if n == 0:
         continue
       while not self._grow(req, n):
@@ -284,8 +295,7 @@ class Scheduler:
           break
       else:
         batch.append((req, n))
-        if n > 1 or req.prefilling:
-          budget -= n
+        budget -= n                          # decode rows too: chunk_size bounds the step's tokens
     if not self.waiting or budget <= 0:
       return batch
     prefilling = [r for r in self.running if r.prefilling]
@@ -369,15 +379,22 @@ class Scheduler:
         done.append(r)
     return done
 
-  def grow_decode(self, batch, steps: int) -> list[int]:
+  def grow(self, req: Req, n_tokens: int) -> bool:
+    """Pages for req's next n_tokens tokens (past num_computed); False, allocating nothing, if the
+    pool cannot give them even after evicting the tree."""
+    return self._grow(req, n_tokens)
+
+  def grow_decode(self, batch, steps: int, ahead=None) -> list[int]:
     """Multi-step decode: allocate each decoding request's pages for its next k <= steps tokens
-    (never past max_tokens); returns the k of each. schedule() already holds the pages of one
-    token, so a row whose pages cannot grow keeps the steps its held pages cover (>= 1)."""
+    (never past max_tokens); returns the k of each. ahead[i]: tokens row i has in flight, not yet
+    committed (overlap), that come first. schedule() already holds the pages of one token, so a row
+    whose pages cannot grow keeps the steps its held pages cover (>= 1 unless tokens are in flight)."""
     ks = []
-    for r, _ in batch:
-      k = max(1, min(steps, r.sp.max_tokens - len(r.output)))
-      if not self._grow(r, k):
-        k = len(r.pages) * self.page_size - r.num_computed
+    for i, (r, _) in enumerate(batch):
+      a = ahead[i] if ahead else 0
+      k = max(1, min(steps, r.sp.max_tokens - len(r.output) - a))
+      if not self._grow(r, a + k):
+        k = len(r.pages) * self.page_size - r.num_computed - a
       ks.append(k)
     return ks
 

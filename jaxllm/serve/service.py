@@ -157,9 +157,12 @@ class EngineService:
           t.req.finish_reason = "error"
           self._emit(t, error=f"{type(e).__name__}: {e}")
         continue
-      for t in list(self._tracked.values()):
-        if len(t.req.output) > t.sent_tokens or t.req.finish_reason:
-          self._emit(t)
+      self._emit_progress()
+
+  def _emit_progress(self) -> None:
+    for t in list(self._tracked.values()):
+      if len(t.req.output) > t.sent_tokens or t.req.finish_reason:
+        self._emit(t)
 
   def _apply(self, cmd) -> None:
     eng, kind = self.engine, cmd[0]
@@ -179,6 +182,7 @@ class EngineService:
         box.append(None)
       elif kind == "weights":
         eng.set_weights(cmd[1], cmd[2])
+        self._emit_progress()          # the step in flight committed tokens of the old weights: send them as such
         box.append(None)
       elif kind == "flush":
         box.append(eng.flush_cache())
