@@ -22,7 +22,7 @@ most M * Z keys.
 
 Both: softmax scale H**-0.5, scores / softmax / accumulation in fp32, output in q's dtype.
 
-Both walk the keys in chunks of `key_chunk_pages(Z)` pages (about 256 keys) with an online softmax
+Both walk the keys in chunks of `key_chunk_pages` pages (128-256 keys) with an online softmax
 (Milakov & Gimelshein 2018; FlashAttention), for as many chunks as the longest sequence needs -- a
 dynamic trip count. So the cost follows the live context, not the page table's width M: the engine
 passes one fixed M (max_seq_len's pages) and M is no compile dimension (sglang-jax does the same).
@@ -43,7 +43,10 @@ import numpy as np
 # Finite "minus infinity" for masked scores: a row with every key masked (padding) gives a uniform
 # softmax instead of NaN. The model's dense attention uses the same value.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-KEY_CHUNK = 256        # keys per online-softmax step of the XLA path (rounded to whole pages)
+# Keys per online-softmax step of the XLA path (rounded to whole pages). Decode: big chunks, as a loop
+# iteration has a fixed cost; ragged: a chunk is scored against whole 64-row query blocks, so keys
+# past the causal limit cost matmul work, and smaller chunks waste less.
+DECODE_KEY_CHUNK, RAGGED_KEY_CHUNK = 256, 128
 
 
 def check_shapes(who: str, q, k_pages, v_pages, kv_lens, page_table) -> None:
@@ -59,8 +62,8 @@ def check_shapes(who: str, q, k_pages, v_pages, kv_lens, page_table) -> None:
                      f"{kv_lens.shape}")
 
 
-def key_chunk_pages(Z: int) -> int:
-  return max(1, KEY_CHUNK // Z)
+def key_chunk_pages(Z: int, keys: int = DECODE_KEY_CHUNK) -> int:
+  return max(1, keys // Z)
 
 
 def gather_pages(pages, page_table):
@@ -135,59 +138,70 @@ def query_block_size(Q: int) -> int:
   return max(1, min(Q, 64))
 
 
+WAVE_BLOCKS = 8        # query blocks attended together per loop iteration of the ragged XLA path
+
+
 @jax.jit
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs):
   """q [Q, N, H] -> [Q, N, H]; see the module docstring.
 
-  Works per query block: each live sequence's rows are cut into blocks of `query_block_size(Q)` rows
-  (a sequence's last block is partial), and one loop iteration attends one block to its own
-  sequence's keys, chunk by chunk up to the block's causal limit (an inner loop). Both trip counts
-  are dynamic (sum over live sequences of ceil(q_len / block); chunks up to the last row's
-  position), so the work is O((Q + num_seqs * block) * context): it grows with the tokens of the
-  step and their context, not with tokens x sequences or the page table's width, and padding costs
-  nothing.
+  Works per query block: each live sequence's rows are cut into blocks of `query_block_size(Q)`
+  rows (a sequence's last block is partial; a block never mixes sequences). A loop iteration takes a
+  wave of W consecutive blocks and attends them at once, each to its own sequence's keys, chunk by
+  chunk up to the wave's furthest causal limit (an inner loop). Both trip counts are dynamic (waves:
+  sum over live sequences of ceil(q_len / block) / W; chunks: up to the wave's last needed key), so
+  the work is O((Q + num_seqs * block) * context): it grows with the step's tokens and their context,
+  not with tokens x sequences or the page table's width, and padding costs nothing. Waves rather
+  than single blocks because a loop iteration costs XLA:CPU a fixed ~0.3 ms: one block per iteration
+  made the attention of a 4,096-token prefill cost half as much as the rest of the layer.
   """
   Q, N, H = q.shape
   K, _, Z, _ = k_pages.shape
-  cp = key_chunk_pages(Z)
+  G = N // K
+  cp = key_chunk_pages(Z, RAGGED_KEY_CHUNK)
   C = cp * Z
   pt = _chunked_table(page_table, cp)
   Bq = query_block_size(Q)
+  W = max(1, min(WAVE_BLOCKS, -(-Q // Bq)))
   R = kv_lens.shape[0]
   live = jnp.arange(R) < num_seqs
   q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)                # [R]
   n_blocks = (q_lens + Bq - 1) // Bq                                         # [R]
-  first_block = jnp.cumsum(n_blocks) - n_blocks                              # [R] exclusive cumsum
-  # Q + Bq rows, so a block's dynamic slice never runs off the end (which would shift it).
-  qg = jnp.pad(q.reshape(Q, K, N // K, H), ((0, Bq), (0, 0), (0, 0), (0, 0)))
+  block_end = jnp.cumsum(n_blocks)                                           # [R] inclusive cumsum
+  total = block_end[-1]
+  # [K, Q + Bq, G, H], head-major like the pool; Bq spare rows so a block never runs off the end.
+  qg = jnp.pad(q.reshape(Q, K, G, H), ((0, Bq), (0, 0), (0, 0), (0, 0))).transpose(1, 0, 2, 3)
   qg = qg.astype(jnp.float32) * (H ** -0.5)
   offs = jnp.arange(Bq)
 
-  def one_block(b, out):
-    s = jnp.searchsorted(first_block + n_blocks, b, side="right")            # the block's sequence
-    start = cu_q_lens[s] + (b - first_block[s]) * Bq                         # its first query row
-    end, kv_len = cu_q_lens[s + 1], kv_lens[s]
-    rows = start + offs                                                      # [Bq]
-    own = rows < end
-    qpos = kv_len - (end - cu_q_lens[s]) + (rows - cu_q_lens[s])             # [Bq] positions in the sequence
-    n_keys = kv_len - (end - jnp.minimum(end, start + Bq))                   # the last own row's position + 1
-    qb = jax.lax.dynamic_slice_in_dim(qg, start, Bq)                         # [Bq, K, G, H]
+  def wave(w, out):
+    b = w * W + jnp.arange(W)                                                # [W] block ids
+    s = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), R - 1)     # each block's sequence
+    seq0, end, kv_len = cu_q_lens[s], cu_q_lens[s + 1], kv_lens[s]           # [W]
+    start = seq0 + (b - (block_end[s] - n_blocks[s])) * Bq                   # [W] first query row
+    rows = start[:, None] + offs[None, :]                                    # [W, Bq]
+    own = (rows < end[:, None]) & (b < total)[:, None]
+    qpos = (kv_len - (end - seq0))[:, None] + (rows - seq0[:, None])         # [W, Bq] positions
+    n_keys = jnp.where(b < total, kv_len - (end - jnp.minimum(end, start + Bq)), 0)  # last own row + 1
+    qb = qg[:, jnp.minimum(rows, Q + Bq - 1)]                                # [K, W, Bq, G, H]
+    tables = pt[s]                                                           # [W, M']
 
     def chunk(c, carry):
-      ids = jax.lax.dynamic_slice_in_dim(pt[s], c * cp, cp)                  # [cp]
-      k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)          # [K, C, H]
+      ids = jax.lax.dynamic_slice_in_dim(tables, c * cp, cp, axis=1)          # [W, cp]
+      k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)          # [K, W, C, H]
       kpos = c * C + jnp.arange(C)
-      kv_valid = kpos < kv_len
-      valid = own[:, None] & (kpos[None, :] <= qpos[:, None]) & kv_valid[None, :]    # [Bq, C]
-      sc = jnp.einsum("rkgh,kch->rkgc", qb, k, preferred_element_type=jnp.float32)
-      v = jnp.where(kv_valid[None, :, None], v, jnp.zeros((), v.dtype)).astype(jnp.float32)
-      pv = lambda p: jnp.einsum("rkgc,kch->rkgh", p, v, preferred_element_type=jnp.float32)
-      return _online_step(carry, sc, valid[:, None, None, :], pv)
+      kv_valid = kpos[None, :] < kv_len[:, None]                             # [W, C]
+      valid = own[:, :, None] & (kpos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]
+      sc = jnp.einsum("kwrgh,kwch->kwrgc", qb, k, preferred_element_type=jnp.float32)
+      v = jnp.where(kv_valid[None, :, :, None], v, jnp.zeros((), v.dtype)).astype(jnp.float32)
+      pv = lambda p: jnp.einsum("kwrgc,kwch->kwrgh", p, v, preferred_element_type=jnp.float32)
+      return _online_step(carry, sc, valid[None, :, :, None, :], pv)
 
-    _, l, acc = jax.lax.fori_loop(0, (n_keys + C - 1) // C, chunk, _init_carry(qb.shape[:3], H))
-    blk = _finish(l, acc)
-    old = jax.lax.dynamic_slice_in_dim(out, start, Bq)
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(own[:, None, None, None], blk, old), start, 0)
+    n_chunks = (jnp.max(n_keys) + C - 1) // C
+    _, l, acc = jax.lax.fori_loop(0, n_chunks, chunk, _init_carry(qb.shape[:4], H))
+    dest = jnp.where(own, rows, Q + Bq)                                      # rows not owned: dropped
+    return out.at[:, dest].set(_finish(l, acc), mode="drop")
 
-  out = jax.lax.fori_loop(0, jnp.sum(n_blocks), one_block, jnp.zeros((Q + Bq, K, N // K, H), jnp.float32))
-  return out[:Q].reshape(Q, N, H).astype(q.dtype)
+  out = jnp.zeros((K, Q + Bq, G, H), jnp.float32)
+  out = jax.lax.fori_loop(0, (total + W - 1) // W, wave, out)
+  return out[:, :Q].transpose(1, 0, 2, 3).reshape(Q, N, H).astype(q.dtype)
