@@ -10,6 +10,12 @@ Table 1, per batch size: end-to-end tokens/s (new tokens / wall time of the whol
 included; best of 2 after a warm-up call) and the share of greedy tokens equal to the plain loop's.
 Table 2: the engine's prefill alone (max_tokens=1) at several chunk sizes against one jitted full
 forward of the same [batch, prompt] tokens.
+Table 3: the decode phase with serve.overlap off and on: wall time, the time the host waited for the
+device, and the host time left on the critical path. Without overlap the host plans, launches, waits
+and commits in turn, so host = wall - wait; with overlap its work runs while the device computes,
+and what is left is wall - (device time), the device time taken from the run without overlap.
+Table 4: warm-up of the serving shapes at chunk 4,096 and 32 running requests: compiles and seconds
+(the persistent compilation cache off, so every shape really compiles).
 
   python benchmarks/bench_engine.py                               # the model of the serving issue
   python benchmarks/bench_engine.py --batches 1,8 --new 32 --layers 2 --d-model 128
@@ -19,6 +25,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -125,6 +132,46 @@ def main():
     t, _ = best_of(lambda: engine.generate(lists, SamplingParams(max_tokens=1)), reps=2)
     print(f"{chunk:>6} {t:>8.3f} {B * args.prompt / t:>8.0f} {t_full / t:>14.2f}x {first:>21.1f}s")
 
+
+  print("\ndecode phase of a batch of", B, "(from every request's second token to the end)")
+  head = f"{'overlap':>7} {'wall s':>7} {'waited s':>8} {'host on critical path':>22} {'tok/s':>7} {'chained':>7}"
+  print(head + "\n" + "-" * len(head))
+  device_s = None
+  for overlap in (False, True):
+    engine = Engine(cfg, params, dataclasses.replace(serve, overlap=overlap))
+    wall, waited, n, chained = decode_phase(engine, lists, args.new)
+    device_s = waited if device_s is None else device_s        # the run without overlap waits for all of it
+    host = max(0.0, wall - device_s)
+    print(f"{str(overlap):>7} {wall:>7.3f} {waited:>8.3f} {host:>11.3f} s ({100 * host / wall:>4.1f}%) "
+          f"{n / wall:>7.0f} {chained:>7}")
+
+  print("\nwarm-up at chunk 4096, 32 running (persistent compilation cache off)")
+  jax.config.update("jax_enable_compilation_cache", False)
+  fresh = dataclasses.replace(cfg, name="warmup")     # step functions not compiled by the runs above
+  engine = Engine(fresh, params, ServeConfig(chunk_size=4096, max_running=32, num_pages=4096, page_size=16,
+                                             radix=False))
+  t0 = time.perf_counter()
+  n = engine.warmup()
+  print(f"{n} compiles in {time.perf_counter() - t0:.1f} s (decode and multi-step per sequences bucket, "
+        f"ragged per tokens bucket)")
+
+
+def decode_phase(engine, prompts, new: int):
+  """(wall s, host-waited s, tokens, chained launches) of the decode phase: from the step after which
+  every request has its first two tokens to the end; best of 2 after a warm-up run."""
+  best = None
+  for rep in range(3):
+    engine.set_weights(engine.params, rep + 1)
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=new)) for p in prompts]
+    while not all(len(r.output) > 1 for r in reqs):
+      engine.step()
+    n0, w0, c0, t0 = sum(len(r.output) for r in reqs), engine.wait_seconds, engine.chained, time.perf_counter()
+    engine.run()
+    got = (time.perf_counter() - t0, engine.wait_seconds - w0, sum(len(r.output) for r in reqs) - n0,
+           engine.chained - c0)
+    if rep and (best is None or got[0] < best[0]):
+      best = got
+  return best
 
 if __name__ == "__main__":
   main()

@@ -291,10 +291,12 @@ class Engine:
       tokens[:live] = [r.token_slice(r.num_computed, r.num_computed + 1)[0] for r, _ in batch]
     else:
       tokens = _last_tokens(prev.out[0], np.asarray([a - 1 for a in ahead] + [0] * (R - live), np.int32))
-    # Sampling state as of the fed token: counters and min_tokens count prev's tokens too (the ids
-    # are placeholders; rows with penalties, which would need them, are never chained).
+    # Sampling state as of the fed token: counters and min_tokens count prev's tokens too. Only their
+    # number is known; a range stands in for them (rows with penalties, which would need the ids,
+    # are never chained).
     samp = build_sampling_arrays([r.sp for r, _ in batch],
-                                 [(r.prompt, r.output + [0] * a) for (r, _), a in zip(batch, ahead)], R)
+                                 [(r.prompt, range(len(r.output) + a) if a else r.output)
+                                  for (r, _), a in zip(batch, ahead)], R)
     if ks is None:
       meta = {"slots": pad(slots)[0], "kv_lens": pad(pos + 1)[0], "page_table": page_table,
               "cu_q_lens": np.arange(R + 1, dtype=np.int32), "num_seqs": np.int32(live),
