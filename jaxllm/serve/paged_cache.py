@@ -50,6 +50,12 @@ class PagedCache:
     # and back costs two copies of the layer per layer and step), and the attention reads the
     # [K, L*P, Z, H] view through page ids offset by layer*P.
     cols = layer * (P * Z) + self.slots
+    if cols.shape[0] == 1:
+      # A one-row scatter becomes an update XLA:CPU does not do in place inside the layer scan: it
+      # copied the whole pool per layer (0.9 s a step at 4k pages). A second write, into the null
+      # page (never read as a key), keeps it a scatter.
+      cols = jnp.concatenate([cols, jnp.full_like(cols, layer * (P * Z))])
+      k, v = (jnp.concatenate([x, jnp.zeros_like(x)]) for x in (k, v))
     def write(pool, new):                 # new [Q, K, H]
       flat = pool.reshape(K, L * P * Z, H).at[:, cols].set(new.astype(pool.dtype).transpose(1, 0, 2))
       return flat.reshape(K, L, P, Z, H)
