@@ -365,14 +365,16 @@ def _draw(x, samp):
   return tokens, jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(filtered, axis=-1)
 
 
-def _top_alternatives(logp, samp):
+def _top_alternatives(logits, lse, samp):
   """[R, 20] ids and logprobs of the most likely tokens of the raw distribution (ties: lower id
-  first), skipped at run time when no row asked; ids 0 / logprob -inf past a vocab under 20."""
-  R, V = logp.shape
+  first), skipped at run time when no row asked; ids 0 / logprob -inf past a vocab under 20.
+  logits [R, V] fp32 and their logsumexp lse [R]."""
+  R, V = logits.shape
   k = min(TOP_LOGPROBS, V)
 
   def top(_):
-    vals, ids = jax.lax.top_k(logp, k)
+    vals, ids = jax.lax.top_k(logits, k)
+    vals = vals - lse[:, None]
     pad = ((0, 0), (0, TOP_LOGPROBS - k))
     return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
@@ -390,7 +392,8 @@ def sample_rows(logits, samp: dict):
   logits = logits.astype(jnp.float32)
   if "gen_counts" not in samp:
     samp = init_state(samp, logits.shape[-1])
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  # Raw log-probs only where needed (the sampled token, the top-20): no [R, V] log_softmax.
+  lse = jax.nn.logsumexp(logits, axis=-1)
   x = process_logits(logits, samp)
   greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
   sampled = samp["temperature"] > 0
@@ -400,8 +403,8 @@ def sample_rows(logits, samp: dict):
 
   # An all-greedy batch skips the sort/filter/draw at run time (cond runs one branch).
   tokens, drawn_lp = jax.lax.cond(jnp.any(sampled), draw, lambda _: (greedy, jnp.zeros(greedy.shape)), None)
-  raw = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-  top_ids, top_lp = _top_alternatives(logp, samp)
+  raw = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+  top_ids, top_lp = _top_alternatives(logits, lse, samp)
   return tokens, jnp.where(sampled & samp["processed_logprobs"], drawn_lp, raw), top_ids, top_lp
 
 
