@@ -201,7 +201,7 @@ class ServeConfig:
   attention: str = "auto"         # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA) or "auto" (pallas on TPU/GPU)
   decode_reserve: float = 1.0     # fraction of max_tokens whose pages admission reserves (1 = never preempt)
   max_wait_s: float = 30.0        # a request waiting this long is admitted next, whatever the policy (no starvation)
-  min_seqs: int = 4               # smallest sequences bucket of a step (raise to compile fewer shapes)
+  min_seqs: int = 1               # smallest sequences bucket of a step (raise to compile fewer shapes)
   min_tokens: int = 32            # smallest tokens bucket of a step
   overlap: bool = True            # plan and launch the next decode while the device runs this one (SGLang's overlap)
   host: str = "127.0.0.1"         # HTTP bind address (0.0.0.0 exposes the server to the network)
