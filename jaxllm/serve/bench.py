@@ -265,6 +265,7 @@ def run_bench(cfg, params, w: Workload, serve: ServeConfig = ServeConfig(), *, m
     on = results[f"cache on  {p}"]
     log(f"cache on ({p}) vs off: throughput x{on['tok_s'] / base['tok_s']:.2f}, "
         f"median TTFT x{base['ttft_p50'] / on['ttft_p50']:.2f} lower, hit rate {100 * on['hit'] / ideal:.1f}% of ideal")
-  results["decode"] = decode_comparison(cfg, params, Engine(cfg, params, **common), decode_batch,
+  exact = dict(common, serve=dataclasses.replace(common["serve"], min_seqs=1))   # R = the batch, no padding rows
+  results["decode"] = decode_comparison(cfg, params, Engine(cfg, params, **exact), decode_batch,
                                          w.system_len, 32, log)
   return results
