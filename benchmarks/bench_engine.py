@@ -7,7 +7,8 @@ Same random Llama weights (fp32, greedy) for all three:
   hf      transformers AutoModelForCausalLM.generate on the same weights (jaxllm.io.export_hf),
           at torch's default thread count and at 1 thread, the faster kept.
 Table 1, per batch size: end-to-end tokens/s (new tokens / wall time of the whole call, prefill
-included; best of 2 after a warm-up call) and the share of greedy tokens equal to the plain loop's.
+included; best of 2 after a warm-up call), the share of greedy tokens equal to the plain loop's, and
+decode alone: engine against the plain loop with the prefill taken out.
 Table 2: the engine's prefill alone (max_tokens=1) at several chunk sizes against one jitted full
 forward of the same [batch, prompt] tokens.
 Table 3: the decode phase with serve.overlap off and on: wall time, the time the host waited for the
@@ -36,7 +37,8 @@ from jaxllm.config import ModelConfig, ServeConfig  # noqa: E402
 from jaxllm.model.generate import generate as plain_generate  # noqa: E402
 from jaxllm.model.params import init_params, model_def  # noqa: E402
 from jaxllm.serve import Engine  # noqa: E402
-from jaxllm.serve.bench import decode_prompts, hf_causal_lm, over_torch_threads  # noqa: E402
+from jaxllm.serve.bench import decode_prompts, engine_decode_tokens_per_s, hf_causal_lm, over_torch_threads, \
+  plain_decode_tokens_per_s  # noqa: E402
 from jaxllm.serve.sampling import SamplingParams  # noqa: E402
 
 
@@ -97,7 +99,9 @@ def main():
     t_eng, outs = best_of(lambda: engine.generate(lists, sp))
     eng = np.array([o.output for o in outs])
     row = {"B": B, "engine": B * args.new / t_eng, "plain": B * args.new / t_plain,
-           "eng_same": float(np.mean(eng == plain))}
+           "eng_same": float(np.mean(eng == plain)),
+           "eng_dec": engine_decode_tokens_per_s(engine, B, args.prompt, args.new // 2)[0],
+           "plain_dec": plain_decode_tokens_per_s(cfg, params, B, args.prompt, args.new // 2)[0]}
     if hf is not None:
       t_hf, hf_toks = hf_generate(hf, prompts, args.new)
       row.update(hf=B * args.new / t_hf, hf_same=float(np.mean(hf_toks == plain)))
@@ -105,14 +109,18 @@ def main():
     print(f"  batch {B}: done", flush=True)
 
   print("\nend to end (prefill included), tokens/s; 'same' = greedy tokens equal to the plain loop's")
-  head = f"{'batch':>5} {'engine':>8} {'plain':>8} {'hf':>8} {'eng/plain':>9} {'eng/hf':>7} {'eng same':>8} {'hf same':>7}"
+  print("decode only: tokens/s of the decode phase (engine: from every request's first token; plain:")
+  print("time(1 + n new) - time(1 new), so prefill cancels); n = --new / 2")
+  head = (f"{'batch':>5} {'engine':>8} {'plain':>8} {'hf':>8} {'eng/plain':>9} {'eng/hf':>7} {'eng same':>8} "
+          f"{'hf same':>7} | {'dec eng':>8} {'dec plain':>9} {'ratio':>6}")
   print(head + "\n" + "-" * len(head))
   for r in rows:
     hf_s = f"{r['hf']:>8.0f}" if "hf" in r else f"{'-':>8}"
     ratio = f"{r['engine'] / r['hf']:>7.2f}" if "hf" in r else f"{'-':>7}"
     same = f"{100 * r['hf_same']:>6.1f}%" if "hf" in r else f"{'-':>7}"
     print(f"{r['B']:>5} {r['engine']:>8.0f} {r['plain']:>8.0f} {hf_s} {r['engine'] / r['plain']:>9.2f} {ratio} "
-          f"{100 * r['eng_same']:>7.1f}% {same}")
+          f"{100 * r['eng_same']:>7.1f}% {same} | {r['eng_dec']:>8.0f} {r['plain_dec']:>9.0f} "
+          f"{r['eng_dec'] / r['plain_dec']:>6.2f}")
 
   B = max(int(b) for b in args.batches.split(","))
   prompts = decode_prompts(cfg.vocab_size, B, args.prompt, seed=B)

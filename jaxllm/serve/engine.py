@@ -1,13 +1,15 @@
 """The serving engine: scheduler + radix cache + page pool + jitted step functions.
 
 Each `step()` asks the scheduler for (request, n tokens) pairs, packs them into one ragged row with
-numpy metadata (positions, slots in the page pool, kv_lens, page table, cu_q_lens), pads every array
-to a bucketed shape (tokens, sequences, pages per sequence: powers of two) and runs one of two jitted
-functions: `decode` when every sequence computes exactly its last token (paged decode attention),
-`ragged` otherwise (prefill chunks and decodes mixed; its q_len-1 sequences are sorted last and take
-the decode attention, the rest the ragged one, see PagedCache). Both run the shared model with the paged
-cache, take the logits of each sequence's last row and sample on device; the pool is donated.
-Shapes come only from buckets, so after warm-up nothing compiles (`compiles` counts traces).
+numpy metadata (positions, slots in the page pool, kv_lens, page table, cu_q_lens), pads it to a
+bucketed shape and runs one of the jitted functions: `decode` when every sequence computes exactly its
+last token (paged decode attention), `ragged` otherwise (prefill chunks and decodes mixed; its
+q_len-1 sequences are sorted last and take the decode attention, the rest the ragged one, see
+PagedCache). Both run the shared model with the paged cache, take the logits of each sequence's last
+row and sample on device; the pool is donated. Buckets: decode per power-of-two sequence count R,
+ragged per power-of-two token count Q with R = min(Q, max R) (a sequence has at least one token), and
+one fixed page-table width M (the attention walks only live pages). So after warm-up nothing compiles
+(`compiles` counts traces), and warm-up compiles a few dozen shapes, not sequences x pages x tokens.
 
 Multi-step decode (vLLM's multi-step scheduling, JetStream's generate loop): when a step is pure
 decode, a third function `multi` runs `decode_steps` decode steps in one call -- a lax.scan that feeds
@@ -19,12 +21,15 @@ discarding the rest (their K/V sits past num_computed in pages the request relea
 dispatch, metadata upload and the host loop are paid once per decode_steps tokens instead of once per
 token; new requests wait at most one chunk to be admitted.
 
+Overlap (SGLang's overlap scheduler, `serve.overlap`): see `step`. A pure decode step whose rows all go
+on is launched behind the one still running, fed its sampled tokens on the device; the host commits
+the earlier one while the device computes.
+
 Shapes: the package legend in jaxllm/__init__.py (R, Q, M, Z, n, V); the model sees a step's Q tokens
 as B = `rows` rows of T = Q / rows.
 """
 from __future__ import annotations
 
-import functools
 import dataclasses
 import itertools
 import time

@@ -3,9 +3,8 @@
 Shapes: the package legend in jaxllm/__init__.py (L, P, Z, K, H, N, Q, R, M, B, T).
 
 Pool: K and V each `[K, L, P, Z, H]`, head-major (see jaxllm/kernels/reference.py for why); page 0
-is the null page. A step packs every scheduled sequence
-into one ragged sequence of Q tokens (prefill chunks and decode tokens back to back, vLLM/SGLang
-style). The model sees it folded into B rows of T = Q / B tokens (B = 1, or the mesh's dp so the
+is the null page. A step packs every scheduled sequence into one ragged sequence of Q tokens (prefill
+chunks and decode tokens back to back, vLLM/SGLang style). The model sees it folded into B rows of T = Q / B tokens (B = 1, or the mesh's dp so the
 token-parallel parts shard over dp; see engine.py), so `attend` receives q [B, T, N, H] and k, v
 [B, T, K, H] and flattens them back to [Q, ...]. It scatters the new K/V into this layer's pages at
 the host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as
