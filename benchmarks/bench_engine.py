@@ -37,8 +37,8 @@ from jaxllm.config import ModelConfig, ServeConfig  # noqa: E402
 from jaxllm.model.generate import generate as plain_generate  # noqa: E402
 from jaxllm.model.params import init_params, model_def  # noqa: E402
 from jaxllm.serve import Engine  # noqa: E402
-from jaxllm.serve.bench import decode_prompts, engine_decode_tokens_per_s, hf_causal_lm, over_torch_threads, \
-  plain_decode_tokens_per_s  # noqa: E402
+from jaxllm.serve.bench import (decode_prompts, engine_decode_phase, engine_decode_tokens_per_s,  # noqa: E402
+                                hf_causal_lm, over_torch_threads, plain_decode_tokens_per_s)
 from jaxllm.serve.sampling import SamplingParams  # noqa: E402
 
 
@@ -140,18 +140,18 @@ def main():
     t, _ = best_of(lambda: engine.generate(lists, SamplingParams(max_tokens=1)), reps=2)
     print(f"{chunk:>6} {t:>8.3f} {B * args.prompt / t:>8.0f} {t_full / t:>14.2f}x {first:>21.1f}s")
 
-
-  print("\ndecode phase of a batch of", B, "(from every request's second token to the end)")
+  print("\ndecode phase of a batch of", B, "(from every request's first token to the end)")
   head = f"{'overlap':>7} {'wall s':>7} {'waited s':>8} {'host on critical path':>22} {'tok/s':>7} {'chained':>7}"
   print(head + "\n" + "-" * len(head))
   device_s = None
   for overlap in (False, True):
     engine = Engine(cfg, params, dataclasses.replace(serve, overlap=overlap))
-    wall, waited, n, chained = decode_phase(engine, lists, args.new)
-    device_s = waited if device_s is None else device_s        # the run without overlap waits for all of it
+    m = engine_decode_phase(engine, lists, args.new)
+    wall = m["wall"]
+    device_s = m["waited"] if device_s is None else device_s   # the run without overlap waits for all of it
     host = max(0.0, wall - device_s)
-    print(f"{str(overlap):>7} {wall:>7.3f} {waited:>8.3f} {host:>11.3f} s ({100 * host / wall:>4.1f}%) "
-          f"{n / wall:>7.0f} {chained:>7}")
+    print(f"{str(overlap):>7} {wall:>7.3f} {m['waited']:>8.3f} {host:>11.3f} s ({100 * host / wall:>4.1f}%) "
+          f"{m['tok_s']:>7.0f} {m['chained']:>7}")
 
   print("\nwarm-up at chunk 4096, 32 running (persistent compilation cache off)")
   jax.config.update("jax_enable_compilation_cache", False)
@@ -163,23 +163,6 @@ def main():
   print(f"{n} compiles in {time.perf_counter() - t0:.1f} s (decode and multi-step per sequences bucket, "
         f"ragged per tokens bucket)")
 
-
-def decode_phase(engine, prompts, new: int):
-  """(wall s, host-waited s, tokens, chained launches) of the decode phase: from the step after which
-  every request has its first two tokens to the end; best of 2 after a warm-up run."""
-  best = None
-  for rep in range(3):
-    engine.set_weights(engine.params, rep + 1)
-    reqs = [engine.add_request(p, SamplingParams(max_tokens=new)) for p in prompts]
-    while not all(len(r.output) > 1 for r in reqs):
-      engine.step()
-    n0, w0, c0, t0 = sum(len(r.output) for r in reqs), engine.wait_seconds, engine.chained, time.perf_counter()
-    engine.run()
-    got = (time.perf_counter() - t0, engine.wait_seconds - w0, sum(len(r.output) for r in reqs) - n0,
-           engine.chained - c0)
-    if rep and (best is None or got[0] < best[0]):
-      best = got
-  return best
 
 if __name__ == "__main__":
   main()

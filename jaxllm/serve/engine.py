@@ -109,9 +109,7 @@ class Engine:
     self.R_max = _pow2(sc.max_running, self.min_seqs)
     self.overlap = sc.overlap
     self._inflight: _Launch | None = None      # the launched step not yet committed (overlap)
-    self.step_tokens = {"ragged": 0, "decode": 0}   # tokens committed per kind of step
-    self.busy_seconds = 0.0                    # wall time inside step()
-    self.wait_seconds = 0.0                    # of which the host waited for device results
+    self.wait_seconds = 0.0                    # time the host waited for device results
     self.chained = 0                           # launches planned while the previous step ran (overlap)
     self._fns = {mode: _step_fn(cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows,
                                 sc.decode_steps if mode == "multi" else 1)
@@ -224,7 +222,6 @@ class Engine:
     dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
     so a reused page is rewritten after that). Anything else (admissions, prefill, preemption,
     length limits, penalties) takes the plain path after the commit."""
-    t0 = time.perf_counter()
     prev, self._inflight = self._inflight, None
     nxt = self._chain(prev) if prev is not None else None
     done = self._collect(prev) if prev is not None else []
@@ -234,7 +231,6 @@ class Engine:
         done += self._collect(nxt)
         nxt = None
     self._inflight = nxt
-    self.busy_seconds += time.perf_counter() - t0
     return done
 
   def _launch_scheduled(self) -> _Launch | None:
@@ -265,16 +261,11 @@ class Engine:
     for (r, _), a in zip(batch, ahead):
       if r.finish_reason or r.sp.uses_penalties or len(r.output) + a >= r.sp.max_tokens:
         return None
-    if self.decode_steps > 1:
-      ks = sched.grow_decode(batch, self.decode_steps, ahead)
-      if min(ks) < 1:
-        return None
-    elif all(sched.grow(r, a + 1) for (r, _), a in zip(batch, ahead)):
-      ks = None
-    else:
-      return None
+    ks = sched.grow_decode(batch, self.decode_steps, ahead)
+    if min(ks) < 1:
+      return None                            # out of pages: the plain path preempts
     self.chained += 1
-    return self._launch_decode(batch, ks, ahead, prev)
+    return self._launch_decode(batch, ks if self.decode_steps > 1 else None, ahead, prev)
 
   def _launch_decode(self, batch, ks, ahead, prev: _Launch | None) -> _Launch:
     """A decode launch: one step ("decode", ks None) or decode_steps steps ("multi"); row i keeps at
@@ -363,14 +354,11 @@ class Engine:
     batch = [launch.batch[i] for i in keep]
     if launch.mode == "multi":
       pick = lambda a: a[:, keep]
-      before = sum(len(r.output) for r, _ in batch)
       done = self.sched.commit_multi(batch, [launch.ks[i] for i in keep], pick(toks), pick(logps), now,
                                      (pick(top_ids), pick(top_lps)))
-      self.step_tokens["decode"] += sum(len(r.output) for r, _ in batch) - before
     else:
       pick = lambda a: a[keep]
       done = self.sched.commit(batch, pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps)))
-      self.step_tokens[launch.mode] += sum(n for _, n in batch)
     self.finished += done
     return done
 

@@ -379,11 +379,6 @@ class Scheduler:
         done.append(r)
     return done
 
-  def grow(self, req: Req, n_tokens: int) -> bool:
-    """Pages for req's next n_tokens tokens (past num_computed); False, allocating nothing, if the
-    pool cannot give them even after evicting the tree."""
-    return self._grow(req, n_tokens)
-
   def grow_decode(self, batch, steps: int, ahead=None) -> list[int]:
     """Multi-step decode: allocate each decoding request's pages for its next k <= steps tokens
     (never past max_tokens); returns the k of each. ahead[i]: tokens row i has in flight, not yet
