@@ -123,10 +123,14 @@ class MeshConfig:
   ep: int = 1            # expert parallel ways (may span tp devices: MoE Parallel Folding)
   etp: int = 1           # tensor parallel ways inside each expert (shards the expert hidden dim)
   microbatches: int = 1  # pipeline microbatches m per step (pp > 1 only; needs m >= pp)
+  schedule: str = "1f1b"  # pipeline order: "1f1b" (Megatron's interleaved, memory flat in m) or "gpipe"
 
   def __post_init__(self):
     _positive(self, "pp", "vpp", "dp", "tp", "ep", "etp", "microbatches")
     check_pipeline(self.pp, self.vpp, self.microbatches)
+    if self.schedule not in ("1f1b", "gpipe"):
+      raise ConfigError(f"mesh.schedule={self.schedule!r} is not a pipeline schedule; use \"1f1b\" (activation "
+                        "memory bounded by ~2*pp*vpp chunk inputs) or \"gpipe\" (all forwards, then all backwards)")
     per_stage = self.dp * self.tp
     if per_stage % (self.ep * self.etp):
       ok = [(e, t) for e in _divisors(per_stage) for t in _divisors(per_stage // e)]

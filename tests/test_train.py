@@ -190,7 +190,7 @@ def test_continuing_a_finished_run_keeps_the_lr_schedule(tmp_path):
 
 
 def test_pipelined_run_end_to_end(tmp_path):
-  """train() on the pp=2 x vpp=2 (dp=2 tp=2) mesh: train, eval through the pipeline, save, kill,
+  """train() on the pp=2 x vpp=2 (dp=2 tp=2) mesh, 1F1B: train, eval through the pipeline, save, kill,
   resume, and the sample from the serving engine; the loss curve and eval loss equal those of the
   non-pipelined cpu-8 mesh (dp=4 x tp=2) on the same batches."""
   from jaxllm.serve import complete_text
@@ -201,7 +201,7 @@ def test_pipelined_run_end_to_end(tmp_path):
   cfg = _cfg(tmp_path / "pp", *common, f"mesh={pp_mesh}")
   lines = []
   first = train(cfg, stop_after=3, progress=False, log=lines.append)
-  assert first["steps"] == 3 and any("pipeline pp=2 vpp=2 m=4" in l for l in lines)
+  assert first["steps"] == 3 and any("pipeline 1f1b pp=2 vpp=2 m=4" in l for l in lines)
   second = train(cfg, progress=False, log=lines.append, sampler=complete_text)
   assert second["history"][0]["step"] == 3          # resumed from the step-2 checkpoint
   want = {h["step"]: h["loss"] for h in ref["history"]}

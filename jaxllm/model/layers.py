@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.hooks import constrain
+from jaxllm.model.hooks import constrain, sum_partials
 
 from jaxllm.kernels.reference import MASK_VALUE  # one finite "-inf" shared with the paged kernels
 
@@ -81,7 +81,8 @@ def causal_mask(B: int, T: int):
 
 def swiglu(x, w_gate, w_up, w_down):
   """SwiGLU MLP (Shazeer 2020) in x's dtype. x [B, T, D]; w_gate, w_up [D, F]; w_down [F, D] -> [B, T, D].
-  The hidden activation is annotated ('batch', 'seq', 'mlp') so tensor parallelism splits F."""
+  The hidden activation is annotated ('batch', 'seq', 'mlp') so tensor parallelism splits F; with F
+  split by hand (manual TP) the down projection is a partial sum, which `sum_partials` completes."""
   dt = x.dtype
   gate = constrain(x @ w_gate.astype(dt), ("batch", "seq", "mlp"))
-  return (jax.nn.silu(gate) * (x @ w_up.astype(dt))) @ w_down.astype(dt)
+  return sum_partials((jax.nn.silu(gate) * (x @ w_up.astype(dt))) @ w_down.astype(dt))

@@ -26,10 +26,14 @@ def route(x, w_router, k: int, renormalize: bool):
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   E = w_router.shape[-1]
-  frac = jnp.mean(jax.nn.one_hot(ids, E, dtype=jnp.float32).sum(axis=-2), axis=(0, 1)) / k  # [E]
+  # Batch statistics go through `hooks.batch_mean`, so a data-parallel shard that sees only its own
+  # tokens still gets whole-batch f_e and P_e (each averaged before their product).
+  chosen = jax.nn.one_hot(ids, E, dtype=jnp.float32).sum(axis=-2)          # [B, T, E]
+  frac = hooks.batch_mean(jnp.mean(chosen, axis=(0, 1)) / k)                 # [E]
+  mean_prob = hooks.batch_mean(jnp.mean(probs, axis=(0, 1)))                 # [E]
   aux = {
-    "load_balance": E * jnp.sum(frac * jnp.mean(probs, axis=(0, 1))),
-    "router_z": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+    "load_balance": E * jnp.sum(frac * mean_prob),
+    "router_z": hooks.batch_mean(jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))),
   }
   return ids, weights, aux
 
@@ -67,8 +71,8 @@ def moe_mlp(x, p, cfg):
   experts = hooks.moe_experts_impl() or local_experts
   y = experts(x, ids, weights, p["w_gate"], p["w_up"], p["w_down"])
   if cfg.shared_expert_d_ff:
-    shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"])
-    if cfg.shared_expert_gate:
+    shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"])   # already summed over split F
+    if cfg.shared_expert_gate:   # gate from the full x, applied after the sum
       shared = jax.nn.sigmoid(x @ p["shared_expert_gate"].astype(x.dtype)[:, None]) * shared
     y = y + shared
   return y, aux

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import layers as ops
-from jaxllm.model.hooks import constrain
+from jaxllm.model.hooks import constrain, sum_partials
 from jaxllm.model.moe import moe_mlp
 
 
@@ -97,7 +97,8 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
     attn = ops.attention(q, k, v, ops.causal_mask(x.shape[0], x.shape[1]))
   else:
     attn, cache = cache.attend(layer, q, k, v)
-  x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt))
+  # With the heads split by hand (manual TP) this projection is a partial sum over the local heads.
+  x = x + sum_partials(jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt)))
   x = constrain(x, ("batch", "seq", "embed"))
   h = ops.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
   if cfg.is_moe:

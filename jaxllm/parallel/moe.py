@@ -2,7 +2,9 @@
 
 `expert_parallel(mesh, plan)` returns a function with the signature and result of
 `jaxllm.model.moe.local_experts` (x [B, T, D], ids/weights [B, T, k], w_gate/w_up [E, D, F],
-w_down [E, F, D] -> [B, T, D]) that runs the experts sharded over the mesh.
+w_down [E, F, D] -> [B, T, D]) that runs the experts sharded over the mesh. Its body,
+`device_experts(plan)`, also serves code that is already manual over every mesh axis
+(jaxllm.parallel.manual): the same function on local shards.
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, D, E, k, F). Local counts are words: n_own
 tokens a device owns, n_local = E/ep experts a device holds, n_slots = n_own*k routed slots, buf_rows
@@ -48,14 +50,34 @@ from jaxllm.model.moe import expert_ffn
 from jaxllm.parallel.mesh import MeshPlan
 
 
+def live_axes(plan: MeshPlan, dim: str) -> tuple[str, ...]:
+  """The physical axes of a parallel dim that actually split something (size > 1)."""
+  sizes = dict(zip(plan.axis_names, plan.axis_sizes))
+  return tuple(a for a in plan.dims[dim] if sizes[a] > 1)
+
+
+def device_experts(plan: MeshPlan, capacity_factor: float = 0.0):
+  """The per-device dispatch, for code already inside a `shard_map` manual over every mesh axis
+  (`expert_parallel`'s body; jaxllm.parallel.manual installs it as the `moe_experts` hook).
+  fn(x [B/dp, T, D] (this dp rank's tokens, replicated over tp), ids, weights [B/dp, T, k],
+  w_gate, w_up [E/ep, D, F/etp], w_down [E/ep, F/etp, D]) -> [B/dp, T, D], replicated over tp."""
+  tp, ep, etp = live_axes(plan, "tp"), live_axes(plan, "ep"), live_axes(plan, "etp")
+  n_tp, n_ep, n_etp = plan.size("tp"), plan.size("ep"), plan.size("etp")
+
+  def experts(x, ids, weights, w_gate, w_up, w_down):
+    B_dp, T, _ = x.shape
+    if B_dp * T % n_tp:
+      raise ConfigError(f"MoE under folding needs the tokens per dp rank ({B_dp}*{T}) divisible by "
+                        f"tp={n_tp}; change the batch size or sequence length")
+    return _device_experts(x, ids, weights, w_gate, w_up, w_down, tp=tp, ep=ep, etp=etp, n_tp=n_tp,
+                           n_ep=n_ep, n_etp=n_etp, capacity_factor=capacity_factor)
+
+  return experts
+
+
 def expert_parallel(mesh, plan: MeshPlan, capacity_factor: float = 0.0):
   """The `moe_experts` hook for this mesh (see module docstring)."""
-  sizes = dict(zip(plan.axis_names, plan.axis_sizes))
-
-  def live(dim):  # physical axes of a parallel dim that actually split something
-    return tuple(a for a in plan.dims[dim] if sizes[a] > 1)
-
-  dp, tp, ep, etp = live("dp"), live("tp"), live("ep"), live("etp")
+  dp, ep, etp = live_axes(plan, "dp"), live_axes(plan, "ep"), live_axes(plan, "etp")
   n_tp, n_ep, n_etp = plan.size("tp"), plan.size("ep"), plan.size("etp")
 
   def spec(*dims):
@@ -64,6 +86,7 @@ def expert_parallel(mesh, plan: MeshPlan, capacity_factor: float = 0.0):
   tok_spec = spec(dp, (), ())
   gate_spec = spec(ep, (), etp)      # [E, D, F]
   down_spec = spec(ep, etp, ())      # [E, F, D]
+  body = device_experts(plan, capacity_factor)
 
   def experts(x, ids, weights, w_gate, w_up, w_down):
     B, T, D = x.shape
@@ -76,8 +99,6 @@ def expert_parallel(mesh, plan: MeshPlan, capacity_factor: float = 0.0):
       raise ConfigError(f"MoE under folding needs batch {B} divisible by dp={plan.size('dp')} and the "
                         f"tokens per dp rank ({B}/{plan.size('dp')}*{T}) divisible by tp={n_tp}; "
                         "change the batch size or sequence length")
-    body = lambda *a: _device_experts(*a, tp=tp, ep=ep, etp=etp, n_tp=n_tp, n_ep=n_ep, n_etp=n_etp,
-                                      capacity_factor=capacity_factor)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
                        out_specs=tok_spec, axis_names=set(mesh.axis_names), check_vma=True)
     return fn(x, ids, weights, w_gate, w_up, w_down)

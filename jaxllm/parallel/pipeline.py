@@ -1,77 +1,65 @@
-"""Circular pipeline with virtual stages (PP x vPP) inside `shard_map`.
+"""The pipelined loss: decoder blocks over PP x vPP stages, head and loss on the last stage, in one
+`shard_map` manual over every mesh axis, with GPipe-order or interleaved 1F1B schedules.
 
-Megatron-LM's interleaved schedule (Narayanan et al., SC'21) puts `vpp` non-adjacent chunks of
-`C = L/(pp*vpp)` layers on each of `pp` stages: layer `l` lives on stage `(l // C) % pp`, repeat
-`l // (C*pp)`. Run as a circular pipeline (as in GSPMD/Praxis and MaxText): every tick each stage
-runs one chunk on one microbatch and `ppermute`s the result to the next stage; the last stage's
-output wraps around to stage 0, which runs it through its next chunk. Stage `s` at tick `t` works
-on item `k = t - s` (repeat `k // m`, microbatch `k % m`), so with `m >= pp` microbatches the
-circulated output of item `k` is back at stage 0 by tick `k + m`. The schedule takes
-`T = m*vpp + pp - 1` ticks and idles `(pp-1)/T` of them (the bubble), against `(pp-1)/(m+pp-1)`
-without virtual stages.
+Layout. Layer params live in the pipeline layout [vpp, pp, C, ...] (`to_pipeline_layout`: element
+[r, s, c] is canonical layer (r*pp + s)*C + c, Megatron's placement), the pp dim on the stage axis,
+so each stage holds exactly its chunks and no weight moves between stages during a step. The train
+state keeps this layout; checkpoints are canonical [L, ...] (jaxllm.train.state converts).
 
-Only the decoder blocks are pipelined; the embedding and final norm run in the auto-sharded part of
-the step (replicated over the stage axis), and the head and loss are the trainer's (jaxllm.train.step
-takes `pipeline_hidden` as its forward, so loss and gradient accumulation have one code path).
-The shard_map is manual over the stage axis only, so dp/tp/ep sharding inside a stage stays automatic (GSPMD), and the backward pass
-is plain autodiff through the scan over ticks. With `remat=True` each tick saves only its stage
-input; the stage is recomputed in the backward pass, so activation memory grows by one [b, T, D]
-per tick instead of every layer's intermediates.
+Per device. Inside the shard_map every array is a local shard and the blocks run Megatron-style
+manual tensor parallelism (jaxllm.parallel.manual): psum after the row-parallel projections, the
+all-to-all expert dispatch of jaxllm.parallel.moe for MoE layers (ep/etp/edp folding inside each
+stage), pmean of router statistics over dp. The embedding lookup (vocab-parallel) runs on stage 0
+when a microbatch enters, the final norm, head and vocab-parallel cross-entropy on the last stage when
+it leaves: once per microbatch, never pp times, and no [B, T, D] hidden state crosses stages.
 
-Parameters and checkpoints stay canonical ([L, ...] in model order, the L dim split over the stage
-axis by the rules table's `layers -> pp`); `to_pipeline_layout` is a reshape computed inside the
-step and constrained onto the stage axis.
+Schedules (tables from jaxllm.parallel.schedule; `mesh.schedule`):
+  gpipe  a scan over ticks of forwards; `jax.grad` through it gives all backwards after all forwards.
+         With remat each tick keeps only its stage input for the backward.
+  1f1b   every tick a stage runs one chunk forward and one chunk backward, written by hand: the
+         backward is `jax.vjp` of the chunk recomputed from its stashed input (a fixed ring of
+         `n_stash` inputs per stage, independent of m), gradients accumulate in the scan carry.
+         The loss gradient enters at the last stage right after a microbatch's last forward.
+Both: a forward ring (`ppermute` s -> s+1, last -> 0) and (1f1b) a backward ring (s -> s-1) run every
+tick outside any branch; which chunk a stage runs, or whether it idles, comes from static tables
+indexed by (tick, stage) and a `lax.cond`, so idle slots cost no compute.
 
-Shapes: the package legend in jaxllm/__init__.py (B, b, m, T, D, L, C).
+Gradient reduction. Parameters are cast to "varying" over the data axes they are replicated on
+(dp; edp for experts) once, before the scan, so gradients accumulate per device and are summed once
+per step (the transpose of that cast under autodiff; an explicit psum in the 1F1B body), not per tick.
+
+Shapes: the package legend in jaxllm/__init__.py (B, b, m, T, D, L, C, V).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxllm.config import ConfigError, check_pipeline
-from jaxllm.model import hooks
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import block_forward, remat as remat_layer
+from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan
+from jaxllm.parallel.moe import live_axes
+from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
 from jaxllm.parallel.sharding import logical_spec
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule accounting (the validity check, jaxllm.config.check_pipeline, is shared with the config)
-
-def schedule_info(pp: int, vpp: int, m: int) -> dict:
-  """Tick accounting of the circular schedule: ticks, (stage, tick) slots, valid ones, bubble."""
-  ticks = m * vpp + pp - 1
-  slots = ticks * pp
-  valid = m * vpp * pp
-  return {"pp": pp, "vpp": vpp, "microbatches": m, "ticks": ticks, "slots": slots,
-          "valid_slots": valid, "bubble": (pp - 1) / ticks,
-          "bubble_no_vpp": (pp - 1) / (m + pp - 1)}
-
-
-def format_schedule(pp: int, vpp: int, m: int) -> str:
-  """One startup line, e.g. `pipeline pp=2 vpp=2 m=4: 9 ticks, 16/18 slots valid, bubble 11.1%`."""
-  s = schedule_info(pp, vpp, m)
-  return (f"pipeline pp={pp} vpp={vpp} m={m}: {s['ticks']} ticks, {s['valid_slots']}/{s['slots']} "
-          f"stage-slots valid, bubble {100 * s['bubble']:.1f}% (vpp=1 would be "
-          f"{100 * s['bubble_no_vpp']:.1f}%)")
-
+# Layout: canonical [L, ...] <-> pipeline [vpp, pp, C, ...]
 
 def stage_of_layer(layer: int, n_layers: int, pp: int, vpp: int) -> tuple[int, int, int]:
   """Megatron placement of canonical layer `layer` -> (repeat, stage, index in chunk)."""
   C = n_layers // (pp * vpp)
   return layer // (C * pp), (layer // C) % pp, layer % C
 
-
-# ---------------------------------------------------------------------------------------------
-# Layout: canonical [L, ...] <-> pipeline [vpp, pp, C, ...]
 
 def to_pipeline_layout(stacked, pp: int, vpp: int):
   """Canonical [L, ...] leaves -> [vpp, pp, C, ...]; element [r, s, c] is layer (r*pp + s)*C + c,
@@ -84,107 +72,34 @@ def from_pipeline_layout(staged):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1] * x.shape[2], *x.shape[3:]), staged)
 
 
-def staged_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
-  """NamedShardings of the layer params in pipeline layout [vpp, pp, C, ...]: the pp dim on the stage
-  axis, the other dims by the logical rules. (The canonical [L, ...] params are placed by
-  jaxllm.parallel.sharding.param_shardings, which splits L over the stage axis in contiguous blocks:
-  exactly the stage placement when vpp == 1. With vpp > 1 a stage's chunks are not one contiguous
-  block of [L], so the step moves the weights into place once per step -- an all-to-all over the
-  stage axis, not an all-gather -- and the gradients back; per microbatch only the ppermutes move.)"""
+def staged_params(params: dict, pp: int, vpp: int) -> dict:
+  """Canonical params -> the same dict with "layers" in pipeline layout."""
+  return {**params, "layers": to_pipeline_layout(params["layers"], pp, vpp)}
+
+
+def canonical_params(params: dict) -> dict:
+  """Inverse of staged_params."""
+  return {**params, "layers": from_pipeline_layout(params["layers"])}
+
+
+def staged_specs(mdef: ModelDef, plan: MeshPlan) -> dict:
+  """PartitionSpecs of the params with "layers" in pipeline layout: the pp dim on the stage axis, the
+  other dims by the logical rules (jaxllm.parallel.sharding)."""
+  specs = manual.param_specs(mdef, plan)
   abstract = mdef.abstract_params()["layers"]
 
   def one(names, a):
     inner = tuple(logical_spec(plan, names[1:], a.shape[1:]))
-    return NamedSharding(mesh, P(None, STAGE if plan.cfg.pp > 1 else None, None, *inner))
-  return jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
+    return P(None, STAGE if plan.cfg.pp > 1 else None, None, *inner)
+  layers = jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
+  return {**specs, "layers": layers}
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipelined decoder stack
+def staged_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
+  """NamedShardings of staged_specs: the train state's placement when pp > 1."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), staged_specs(mdef, plan),
+                      is_leaf=lambda x: isinstance(x, P))
 
-def _chunk(cfg, chunk_params, x, cos, sin, layer_remat: str = "none"):
-  """Run the C layers of one chunk. x [b, T, D] -> (x, {aux name: sum over the C layers})."""
-  def body(x, p):
-    x, _, aux = block_forward(cfg, p, x, cos, sin, None, 0)
-    return x, aux
-  x, aux = jax.lax.scan(remat_layer(body, layer_remat), x, chunk_params)
-  return x, {k: jnp.sum(v) for k, v in aux.items()}
-
-
-def pipeline_layers(cfg, staged, x, mesh, m: int, remat: bool = True):
-  """Run all decoder blocks over microbatches with the circular schedule.
-
-  staged: layer params in pipeline layout [vpp, pp, C, ...] (pp dim on the stage axis).
-  x: [m, b, T, D] embedded microbatches. -> (y [m, b, T, D] after the last block, aux dict of the
-  per-microbatch aux statistics averaged over layers and microbatches).
-  """
-  vpp, pp = jax.tree.leaves(staged)[0].shape[:2]
-  L = vpp * pp * jax.tree.leaves(staged)[0].shape[2]
-  ticks = m * vpp + pp - 1
-  b, T = x.shape[1], x.shape[2]
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
-  cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
-
-  def stage_apply(w_all, r, x_in):
-    # Indexing the chunk inside the remat region keeps the weights out of the per-tick residuals.
-    w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), w_all)
-    # Without the tick-level remat, the model's own per-layer policy (model.remat) applies.
-    return _chunk(cfg, w, x_in, cos, sin, "none" if remat else cfg.remat)
-  if remat:
-    stage_apply = jax.checkpoint(stage_apply, policy=jax.checkpoint_policies.nothing_saveable)
-
-  def body(w_all, buf):
-    # w_all: [vpp, C, ...] this stage's chunks; buf: [m, b, T, D] microbatches (replicated).
-    s = jax.lax.axis_index(STAGE)
-    vary = functools.partial(jax.lax.pcast, axis_name=(STAGE,), to="varying")
-    aux_names = _aux_names(cfg)
-
-    def tick(carry, t):
-      recv, buf, outs, aux_acc = carry
-      # Stage 0 banks the last stage's output of item t - pp (received now) in the slot of its
-      # microbatch: that slot's previous content was consumed at tick t - pp.
-      slot_in = jnp.mod(t - pp, m)
-      keep = jax.lax.dynamic_index_in_dim(buf, slot_in, 0, keepdims=False)
-      buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(t >= pp, recv, keep), slot_in, 0)
-      x_in = jnp.where(s == 0, jax.lax.dynamic_index_in_dim(buf, jnp.mod(t, m), 0, keepdims=False), recv)
-      k = t - s                                    # item this stage works on
-      valid = (k >= 0) & (k < m * vpp)
-      r = jnp.clip(k // m, 0, vpp - 1)
-      j = jnp.mod(k, m)
-      y, aux = stage_apply(w_all, r, x_in)
-      # Only valid slots are written: final outputs (last stage, last repeat) and aux statistics.
-      done = valid & (s == pp - 1) & (r == vpp - 1)
-      old = jax.lax.dynamic_index_in_dim(outs, j, 0, keepdims=False)
-      outs = jax.lax.dynamic_update_index_in_dim(outs, jnp.where(done, y, old), j, 0)
-      aux_acc = {n: aux_acc[n] + jnp.where(valid, aux[n], 0.0) for n in aux_names}
-      recv = jax.lax.ppermute(y, STAGE, [(i, (i + 1) % pp) for i in range(pp)])
-      return (recv, buf, outs, aux_acc), None
-
-    w_all = jax.tree.map(lambda a: a[:, 0], w_all)          # [vpp, 1, C, ...] -> [vpp, C, ...]
-    zeros = vary(jnp.zeros_like(buf[0]))
-    init = (zeros, vary(buf), vary(jnp.zeros_like(buf)), {n: vary(jnp.float32(0)) for n in aux_names})
-    # Global sharding hooks don't apply inside shard_map. MoE layers take the local dropless path
-    # (jaxllm.model.moe.local_experts), GSPMD-partitioned over the stage's ep devices: nesting the
-    # all-to-all expert shard_map (jaxllm.parallel.moe) in this one fails to lower under Shardy
-    # ("manual axis after free axis 'pp'"); experts inside stages stay on the local path for now.
-    with hooks.cleared():
-      (_, _, outs, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(ticks, dtype=jnp.int32))
-    # The final hidden states live on the last stage; summing over stages hands them to all.
-    outs = jax.lax.psum(jnp.where(s == pp - 1, outs, 0.0), STAGE)
-    aux = {n: jax.lax.psum(v, STAGE) / (L * m) for n, v in aux_acc.items()}
-    return outs, aux
-
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(P(None, STAGE), P()), out_specs=(P(), P()),
-                     axis_names={STAGE})
-  return fn(staged, x)
-
-
-def _aux_names(cfg) -> tuple[str, ...]:
-  return ("load_balance", "router_z") if cfg.is_moe else ()
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipelined forward (the train step's `forward`)
 
 def split_microbatches(x, m: int):
   """[B, ...] -> [m, B/m, ...] with microbatch i = rows i, m+i, 2m+i, ... (strided, so a batch dim
@@ -192,25 +107,286 @@ def split_microbatches(x, m: int):
   return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
-def merge_microbatches(x):
-  """Inverse of split_microbatches: [m, b, ...] -> [m*b, ...]."""
-  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+# ---------------------------------------------------------------------------------------------
+# Per-device helpers
+
+def _when(pred, fn, *args):
+  """lax.cond(pred, fn, zeros): `fn`'s outputs, or zeros of the same shapes and vma types."""
+  shapes = jax.eval_shape(fn, *args)
+
+  def zeros(*_):
+    return jax.tree.map(lambda s: manual.vary(jnp.zeros(s.shape, s.dtype), tuple(manual.varying_axes(s))), shapes)
+  return jax.lax.cond(pred, fn, zeros, *args)
 
 
-def pipeline_hidden(mdef: ModelDef, params, tokens, mesh, plan: MeshPlan, microbatches: int,
-                    remat: bool = True):
-  """Same contract as the model's `hidden` without a cache: tokens [B, T] -> (final hidden [B, T, D]
-  after the last norm, aux). MoE aux statistics are per microbatch and averaged over layers and
-  microbatches, as Megatron computes them under pipelining."""
-  cfg, pp, vpp, m = mdef.cfg, plan.cfg.pp, plan.cfg.vpp, microbatches
-  check_pipeline(pp, vpp, m, n_layers=cfg.n_layers)
-  B = tokens.shape[0]
-  if B % m:
-    raise ConfigError(f"batch of {B} sequences does not split into {m} microbatches; make the "
-                      f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}")
-  model = mdef.bind(params)
-  x = split_microbatches(model.embed_tokens(tokens), m)               # [m, b, T, D]
-  staged = to_pipeline_layout(params["layers"], pp, vpp)
-  staged = jax.lax.with_sharding_constraint(staged, staged_shardings(mdef, mesh, plan))
-  y, aux = pipeline_layers(cfg, staged, x, mesh, m, remat)
-  return ops.rms_norm(merge_microbatches(y), params["final_norm"], cfg.norm_eps), aux
+def _put(buf, slot, value):
+  """buf[slot] = value when slot >= 0 (a one-row in-place update either way)."""
+  i = jnp.maximum(slot, 0)
+  old = jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, value, old), i, 0)
+
+
+def _get(buf, slot):
+  return jax.lax.dynamic_index_in_dim(buf, jnp.maximum(slot, 0), 0, keepdims=False)
+
+
+def _aux_names(cfg) -> tuple[str, ...]:
+  return ("load_balance", "router_z") if cfg.is_moe else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+@dataclass(frozen=True, eq=False)
+class Pipeline:
+  """The pipelined LM loss of one model on one mesh: `sums` (forward; differentiable, GPipe order)
+  and `value_and_grad` (the train step's gradients, by the configured schedule). Params have
+  "layers" in pipeline layout (staged_params); batches are {inputs, targets[, mask]} [B, T]."""
+  mdef: ModelDef
+  mesh: jax.sharding.Mesh
+  plan: MeshPlan
+  microbatches: int
+  schedule: str = "1f1b"
+  remat: bool = True
+  capacity_factor: float = 0.0
+
+  def __post_init__(self):
+    cfg, c = self.mdef.cfg, self.plan.cfg
+    check_pipeline(c.pp, c.vpp, self.microbatches, n_layers=cfg.n_layers)
+    manual.check_manual(cfg, self.plan)
+
+  @functools.cached_property
+  def tables(self) -> dict[str, Schedule]:
+    c = self.plan.cfg
+    return {k: make_schedule(k, c.pp, c.vpp, self.microbatches) for k in {"gpipe", self.schedule}}
+
+  # -- entry points ---------------------------------------------------------------------------
+
+  def sums(self, params, batch):
+    """-> (sum of token NLLs over the counted tokens, aux dict averaged over layers and microbatches)."""
+    fn = self._shard_map(self._gpipe_body, n_extra=0, grads=False)
+    nll, aux = fn(params, *self._microbatches(batch))
+    return nll, aux
+
+  def value_and_grad(self, params, batch, nll_weight, aux_weight):
+    """Gradients of nll_sum * nll_weight + aux_loss(aux) * aux_weight -> (grads, nll_sum, aux)."""
+    from jaxllm.model.transformer import aux_loss
+    if self.schedule == "gpipe":
+      def objective(p):
+        nll, aux = self.sums(p, batch)
+        return nll * nll_weight + aux_loss(self.mdef.cfg, aux) * aux_weight, (nll, aux)
+      (_, (nll, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+      return grads, nll, aux
+    fn = self._shard_map(self._1f1b_body, n_extra=2, grads=True)
+    grads, nll, aux = fn(params, *self._microbatches(batch), jnp.float32(nll_weight), jnp.float32(aux_weight))
+    return grads, nll, aux
+
+  # -- plumbing --------------------------------------------------------------------------------
+
+  def _microbatches(self, batch):
+    B, m = batch["inputs"].shape[0], self.microbatches
+    if B % m:
+      raise ConfigError(f"batch of {B} sequences does not split into {m} microbatches; make the "
+                        f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}")
+    mask = batch.get("mask")
+    mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return tuple(split_microbatches(x, m) for x in (batch["inputs"], batch["targets"], mask))
+
+  def _shard_map(self, body, n_extra: int, grads: bool):
+    specs = staged_specs(self.mdef, self.plan)
+    dp = live_axes(self.plan, "dp")
+    mb = P(None, dp or None)
+    out = (specs, P(), P()) if grads else (P(), P())
+    return jax.shard_map(body, mesh=self.mesh, in_specs=(specs, mb, mb, mb) + (P(),) * n_extra,
+                         out_specs=out, axis_names=set(self.mesh.axis_names), check_vma=True)
+
+  def _setup(self, params, tokens):
+    """Per-device pieces shared by both bodies (called inside the shard_map)."""
+    cfg, plan = self.mdef.cfg, self.plan
+    # Cast every parameter to varying over the stage axis and the data axes it is replicated on (dp;
+    # edp too for experts), once, here: per-tick gradient contributions then stay local and are summed
+    # once per step, and no gradient psum lands inside a stage's branch (where the other stages,
+    # taking other branches, would never join it).
+    data = set(live_axes(plan, "dp")) | {STAGE}
+    edp = set(live_axes(plan, "edp"))
+
+    def cast(names, x):
+      axes = (data | (edp if "exp" in names else set())) - manual.varying_axes(x)
+      return manual.vary(x, tuple(sorted(axes)))
+    params = jax.tree.map(cast, self.mdef.logical, params, is_leaf=lambda x: isinstance(x, tuple))
+    layers = jax.tree.map(lambda a: a[:, 0], params["layers"])          # [vpp, C, ...] this stage's chunks
+    b, T = tokens.shape[1:]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
+    cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
+    act_axes = tuple(sorted({STAGE} | set(live_axes(plan, "dp"))))   # what activations vary over
+    return params, layers, cos, sin, act_axes
+
+  def _chunk(self, w, x, cos, sin, layer_remat):
+    """The C layers of one chunk on one microbatch: x [b, T, D] -> (x, {aux name: sum over C layers})."""
+    cfg = self.mdef.cfg
+
+    def body(x, p):
+      x, _, aux = block_forward(cfg, manual.localize_layer_params(p, self.plan, cfg), x, cos, sin, None, 0)
+      return x, aux
+    x, aux = jax.lax.scan(remat_layer(body, layer_remat), x, w)
+    return x, {k: jnp.sum(v) for k, v in aux.items()}
+
+  def _embed(self, params, tokens):
+    cfg = self.mdef.cfg
+    return manual.vocab_parallel_embed(tokens, params["embed"], self.plan, cfg.vocab_size, jnp.dtype(cfg.dtype))
+
+  def _head_nll(self, head, y, targets, mask):
+    """Final norm, vocab-parallel head and masked NLL sum of one microbatch on the last stage."""
+    cfg = self.mdef.cfg
+    h = ops.rms_norm(y, head["final_norm"], cfg.norm_eps)
+    w = head["embed"].T if cfg.tie_embeddings else head["lm_head"]
+    nll = manual.vocab_parallel_nll(h, w, targets, self.plan, cfg.vocab_size)
+    return jnp.sum(nll * mask)
+
+  def _head_params(self, params):
+    return {k: params[k] for k in (("final_norm", "embed") if self.mdef.cfg.tie_embeddings
+                                   else ("final_norm", "lm_head"))}
+
+  def _stage_input(self, s, row, recv, fbank, params, tokens, act_axes):
+    """Stage 0: a fresh microbatch's embedding, or a banked ring arrival; other stages: the ring."""
+    fresh = (s == 0) & (row["f_src"] < 0) & (row["f_r"] >= 0)
+    ring = jnp.where(s == 0, _get(fbank, row["f_src"]), recv)
+    return jax.lax.cond(fresh, lambda: manual.vary(self._embed(params, _get(tokens, row["f_j"])), act_axes),
+                        lambda: manual.vary(ring, act_axes))
+
+  def _ring(self, x, step: int):
+    pp = self.plan.cfg.pp
+    return jax.lax.ppermute(x, STAGE, [(i, (i + step) % pp) for i in range(pp)])
+
+  def _finish(self, nll, aux_acc):
+    """Sum over devices and average aux over layers and microbatches."""
+    L = self.mdef.cfg.n_layers
+    total = lambda x: jax.lax.psum(x, tuple(sorted(manual.varying_axes(x)))) if manual.varying_axes(x) else x
+    return total(nll), {n: total(v) / (L * self.microbatches) for n, v in aux_acc.items()}
+
+  # -- GPipe order: forward scan, autodiff backward -----------------------------------------------
+
+  def _gpipe_body(self, params, tokens, targets, mask):
+    cfg, plan, sched = self.mdef.cfg, self.plan, self.tables["gpipe"]
+    pp, vpp = plan.cfg.pp, plan.cfg.vpp
+    with manual.manual(plan, cfg, self.capacity_factor):
+      params, layers, cos, sin, act = self._setup(params, tokens)
+      head = self._head_params(params)
+      s = jax.lax.axis_index(STAGE)
+      table = jnp.asarray(sched.table)
+
+      def stage_apply(w_all, r, x):
+        # Indexing the chunk inside the remat region keeps the weights out of the per-tick residuals.
+        w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), w_all)
+        y, aux = self._chunk(w, x, cos, sin, "none" if self.remat else cfg.remat)
+        return manual.vary(y, act), aux
+      head_nll = self._head_nll
+      if self.remat:
+        stage_apply = jax.checkpoint(stage_apply, policy=jax.checkpoint_policies.nothing_saveable)
+        head_nll = jax.checkpoint(head_nll, policy=jax.checkpoint_policies.nothing_saveable)
+
+      def tick(carry, t):
+        recv, fbank, nll, aux_acc = carry
+        row = {c: table[i, t, s] for i, c in enumerate(COLUMNS)}
+        fbank = _put(fbank, row["f_bank"], recv)
+        x_in = self._stage_input(s, row, recv, fbank, params, tokens, act)
+        r, j = row["f_r"], row["f_j"]
+        y, aux = _when(r >= 0, stage_apply, layers, jnp.maximum(r, 0), x_in)
+        last = (r == vpp - 1) & (s == pp - 1)
+        nll = nll + _when(last, head_nll, head, y, _get(targets, j), _get(mask, j))
+        aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
+        return (self._ring(y, 1), fbank, nll, aux_acc), None
+
+      b, T = tokens.shape[1:]
+      zero_x = manual.vary(jnp.zeros((b, T, cfg.d_model), jnp.dtype(cfg.dtype)), act)
+      fbank = manual.vary(jnp.zeros((sched.n_fbank, b, T, cfg.d_model), zero_x.dtype), act)
+      init = (zero_x, fbank, manual.vary(jnp.float32(0), act),
+              {n: manual.vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+      (_, _, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
+      return self._finish(nll, aux_acc)
+
+  # -- Interleaved 1F1B: one forward and one hand-written backward per tick ----------------------
+
+  def _1f1b_body(self, params, tokens, targets, mask, nll_weight, aux_weight):
+    cfg, plan, sched = self.mdef.cfg, self.plan, self.tables["1f1b"]
+    pp, vpp, L, m = plan.cfg.pp, plan.cfg.vpp, cfg.n_layers, self.microbatches
+    coefs = {"load_balance": cfg.aux_loss_coef, "router_z": cfg.z_loss_coef}
+    with manual.manual(plan, cfg, self.capacity_factor):
+      params, layers, cos, sin, act = self._setup(params, tokens)
+      head = self._head_params(params)
+      s = jax.lax.axis_index(STAGE)
+      table = jnp.asarray(sched.table)
+
+      def index(r):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), layers)
+
+      def forward(r, x):
+        y, aux = self._chunk(index(r), x, cos, sin, "none")
+        return manual.vary(y, act), aux
+
+      def backward(r, x, dy):
+        # Recompute the chunk from its stashed input and pull the output gradient (and the aux-loss
+        # weights: each layer's statistics enter the loss as coef / (L * m) per microbatch) back.
+        (y, aux), vjp = jax.vjp(lambda w, x: self._chunk(w, x, cos, sin, cfg.remat), index(r), x)
+        aux_ct = {n: manual.vary(aux_weight * coefs[n] / (L * m), tuple(manual.varying_axes(v))) for n, v in aux.items()}
+        dw, dx = vjp((manual.vary(dy, tuple(manual.varying_axes(y))), aux_ct))
+        return dw, manual.vary(dx, act)
+
+      def loss_grad(head, y, tgt, msk):
+        nll, vjp = jax.vjp(lambda h, y: self._head_nll(h, y, tgt, msk), head, y)
+        d_head, dy = vjp(manual.vary(nll_weight, tuple(manual.varying_axes(nll))))
+        return nll, d_head, manual.vary(dy, act)
+
+      def embed_grad(tok, dx):
+        _, vjp = jax.vjp(lambda e: manual.vary(self._embed({"embed": e}, tok), act), params["embed"])
+        return vjp(dx)[0]
+
+      def tick(carry, t):
+        f_recv, b_recv, fbank, gbank, stash, acc, nll, aux_acc = carry
+        row = {c: table[i, t, s] for i, c in enumerate(COLUMNS)}
+        fbank = _put(fbank, row["f_bank"], f_recv)
+        gbank = _put(gbank, row["b_bank"], b_recv)
+        # Forward.
+        x_in = self._stage_input(s, row, f_recv, fbank, params, tokens, act)
+        r, j = row["f_r"], row["f_j"]
+        y, aux = _when(r >= 0, forward, jnp.maximum(r, 0), x_in)
+        stash = _put(stash, row["stash_put"], x_in)
+        aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
+        # Loss and its gradient, right after a microbatch's last chunk.
+        nll_j, d_head, dy_loss = _when(row["g_put"] >= 0, loss_grad, head, y, _get(targets, j), _get(mask, j))
+        gbank = _put(gbank, row["g_put"], dy_loss)
+        # Backward.
+        rb, jb = row["b_r"], row["b_j"]
+        dy = jnp.where(s == pp - 1, _get(gbank, row["b_src"]), b_recv)
+        dw, dx = _when(rb >= 0, backward, jnp.maximum(rb, 0), _get(stash, row["stash_get"]), dy)
+        d_embed = _when((rb == 0) & (s == 0), embed_grad, _get(tokens, jb), dx)
+        i = jnp.maximum(rb, 0)
+        acc = {**acc,
+               "layers": jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(
+                 a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + g, i, 0), acc["layers"], dw),
+               "embed": acc["embed"] + d_embed}
+        acc = {**acc, **{k: acc[k] + d_head[k] for k in d_head}}
+        return (self._ring(y, 1), self._ring(dx, -1), fbank, gbank, stash, acc, nll + nll_j, aux_acc), None
+
+      b, T, D = tokens.shape[1], tokens.shape[2], cfg.d_model
+      dt = jnp.dtype(cfg.dtype)
+      zeros = lambda *shape: manual.vary(jnp.zeros(shape, dt), act)
+      acc = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items()}
+      acc["layers"] = jax.tree.map(jnp.zeros_like, layers)
+      acc = jax.tree.map(lambda z, p: manual.vary(z, tuple(manual.varying_axes(p) | {STAGE})), acc,
+                         {**params, "layers": layers})
+      init = (zeros(b, T, D), zeros(b, T, D), zeros(sched.n_fbank, b, T, D), zeros(sched.n_gbank, b, T, D),
+              zeros(sched.n_stash, b, T, D), acc, manual.vary(jnp.float32(0), act),
+              {n: manual.vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+      (_, _, _, _, _, acc, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
+      # One sum per step over the devices each gradient was split into contributions on.
+      specs = staged_specs(self.mdef, plan)
+      acc["layers"] = jax.tree.map(lambda a: a[:, None], acc["layers"])
+
+      def reduce(g, spec):
+        named = {a for d in spec if d for a in ((d,) if isinstance(d, str) else d)}
+        axes = tuple(sorted(manual.varying_axes(g) - named))
+        return jax.lax.psum(g, axes) if axes else g
+      grads = jax.tree.map(reduce, acc, specs, is_leaf=lambda x: isinstance(x, P))
+      nll, aux = self._finish(nll, aux_acc)
+      return grads, nll, aux

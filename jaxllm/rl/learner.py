@@ -38,12 +38,9 @@ def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
   samples were drawn from and whose log-probs the sampler reports (logprobs_mode="processed"), so the
   importance ratios compare like with like (veRL divides the actor's logits the same way). The
   per-token entropy of that policy is always computed (logged; a bonus only with entropy_coef)."""
-  def sums(mdef, params, batch, forward):
+  def sums(mdef, params, batch):
     model = mdef.bind(params)
-    if forward is None:
-      h, aux, _ = model.hidden(batch["inputs"])
-    else:
-      h, aux = forward(params, batch["inputs"])
+    h, aux, _ = model.hidden(batch["inputs"])
     logits = model.logits(h).astype(jnp.float32) / temperature
     b = dict(batch, entropy=token_entropy(logits))
     loss_sum, _, metric_sums, _ = rl_loss(token_logprobs(logits, batch["targets"]), b, cfg)

@@ -251,24 +251,19 @@ def init_head(cfg: ModelConfig, seed: int) -> dict:
   return {"w": w, "b": jnp.zeros((), jnp.float32)}
 
 
-def last_token_scores(mdef: ModelDef, params: dict, tokens, lengths, forward=None):
-  """tokens [B, T] int32 right-padded, lengths [B] int32 in 1..T -> (r [B] fp32, aux). `forward`:
-  jaxllm.train.step's Forward over the backbone params (None: the model's own)."""
-  if forward is None:
-    h, aux, _ = mdef.bind(params["backbone"]).hidden(tokens)
-  else:
-    h, aux = forward(params["backbone"], tokens)
+def last_token_scores(mdef: ModelDef, params: dict, tokens, lengths):
+  """tokens [B, T] int32 right-padded, lengths [B] int32 in 1..T -> (r [B] fp32, aux)."""
+  h, aux, _ = mdef.bind(params["backbone"]).hidden(tokens)
   last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
   h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)   # [B, D]
   head = params["head"]
   return h_last @ head["w"] + head["b"], aux
 
 
-def pair_scores(mdef: ModelDef, params: dict, batch: dict, forward=None):
+def pair_scores(mdef: ModelDef, params: dict, batch: dict):
   """batch tokens [B, 2, T], lengths [B, 2] -> (r [B, 2] fp32: column 0 chosen, 1 rejected; aux)."""
   B, _, T = batch["tokens"].shape
-  r, aux = last_token_scores(mdef, params, batch["tokens"].reshape(2 * B, T), batch["lengths"].reshape(2 * B),
-                             forward)
+  r, aux = last_token_scores(mdef, params, batch["tokens"].reshape(2 * B, T), batch["lengths"].reshape(2 * B))
   return r.reshape(B, 2), aux
 
 
@@ -283,8 +278,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
   return bradley_terry_sums(r_chosen, r_rejected)[0] / r_chosen.shape[0]
 
 
-def _preference_sums(mdef, params, batch, forward):
-  r, aux = pair_scores(mdef, params, batch, forward)
+def _preference_sums(mdef, params, batch):
+  r, aux = pair_scores(mdef, params, batch)
   loss, right, margin = bradley_terry_sums(r[:, 0], r[:, 1])
   return loss, aux_loss(mdef.cfg, aux), {"loss": loss, "accuracy": right, "margin": margin}
 

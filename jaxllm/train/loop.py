@@ -1,7 +1,8 @@
 """The training run: mesh, data, sharded state (fresh, resumed or imported), the jitted step in a
 loop with progress, eval, metrics, NaN stop, checkpoints, and a generated sample at the end.
 
-The same forward serves the step and eval: the model's own, or the circular pipeline when pp > 1.
+The same loss serves the step and eval: the model's own forward, or the pipeline when pp > 1 (whose
+train state keeps the layers in the pipeline layout; checkpoints stay canonical, see train/state.py).
 The end-of-run sample comes from a `sampler` the caller passes (train.py passes the serving engine's
 `complete_text`), since the trainer does not import the serving layer."""
 from __future__ import annotations
@@ -21,13 +22,14 @@ from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, load_t
   split_train_eval, tokenize_documents
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
-from jaxllm.parallel.pipeline import format_schedule
+from jaxllm.parallel.pipeline import Pipeline
+from jaxllm.parallel.schedule import format_schedule, make_schedule
 from jaxllm.parallel.sharding import batch_sharding
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.metrics import MetricsWriter, measure_matmul_peak
 from jaxllm.train.optim import lr_schedule, make_optimizer
-from jaxllm.train.state import abstract_state, init_state, state_shardings
-from jaxllm.train.step import TrainState, make_eval_step, make_train_step, pipelined
+from jaxllm.train.state import Layout, abstract_state, init_state, relayout, state_shardings
+from jaxllm.train.step import TrainState, make_eval_step, make_train_step
 
 # sampler(model_cfg, params, tokenizer, prompt, max_tokens, mesh=, plan=) -> prompt + continuation
 Sampler = Callable[..., str]
@@ -58,10 +60,10 @@ def resolve_continuation(cfg: Config, saved: dict | None) -> Config:
 
 def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
   """The jitted train and eval steps for this mesh (through the pipeline when pp > 1)."""
-  forward = pipelined(mdef, mesh, plan, cfg.mesh.microbatches) if cfg.mesh.pp > 1 else None
+  pipe = Pipeline(mdef, mesh, plan, cfg.mesh.microbatches, cfg.mesh.schedule) if cfg.mesh.pp > 1 else None
   hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
-  step = make_train_step(mdef, tx, shardings, b_sh, cfg.train.grad_accum, hook_kwargs=hk, forward=forward)
-  return step, make_eval_step(mdef, shardings.params, b_sh, hook_kwargs=hk, forward=forward)
+  step = make_train_step(mdef, tx, shardings, b_sh, cfg.train.grad_accum, hook_kwargs=hk, pipeline=pipe)
+  return step, make_eval_step(mdef, shardings.params, b_sh, hook_kwargs=hk, pipeline=pipe)
 
 
 def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log=print,
@@ -77,7 +79,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   mesh, plan = build_mesh(cfg.mesh)
   log(format_rank_table(mesh, plan))
   if cfg.mesh.pp > 1:
-    log(format_schedule(cfg.mesh.pp, cfg.mesh.vpp, cfg.mesh.microbatches))
+    log(format_schedule(make_schedule(cfg.mesh.schedule, cfg.mesh.pp, cfg.mesh.vpp, cfg.mesh.microbatches)))
 
   tokenizer = load_tokenizer(t.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -89,19 +91,22 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
 
   mdef = model_def(cfg.model)
   tx = make_optimizer(t, mdef.logical)
-  shardings = state_shardings(mdef, tx, mesh, plan)
+  layout = Layout.of(plan)
+  shardings = state_shardings(mdef, tx, mesh, plan)                   # in memory
+  disk = state_shardings(mdef, tx, mesh, plan, layout=Layout())       # canonical: checkpoints
   if start is not None:
-    params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, shardings), start)
-    state = TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), shardings.step))
+    params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, disk), start)
+    state = relayout(tx, TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), disk.step)),
+                     layout, shardings, to_memory=True)
     batches.restore(meta["data"])
     log(f"resumed from {ckpt.directory}/{start} (step {start})")
   elif t.init_from_hf:
     from jaxllm.io import load_hf
-    _, params = load_hf(t.init_from_hf, shardings=shardings.params, cfg=cfg.model)
-    state = init_state(mdef, tx, shardings, t.seed, params=params)
+    _, params = load_hf(t.init_from_hf, shardings=disk.params, cfg=cfg.model)
+    state = init_state(mdef, tx, shardings, t.seed, params=params, layout=layout)
     log(f"initialised from Hugging Face checkpoint {t.init_from_hf}")
   else:
-    state = init_state(mdef, tx, shardings, t.seed)
+    state = init_state(mdef, tx, shardings, t.seed, layout=layout)
   save_config(cfg, os.path.join(t.out_dir, "config.json"))
   n_params = count_params(mdef.abstract_params())
   log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
@@ -161,10 +166,10 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
         t_window, tok_window = time.perf_counter(), 0
       writer.write(step, record)
       if t.save_every and step % t.save_every == 0:
-        ckpt.save(step, state, batches.state(), cfg)
+        ckpt.save(step, relayout(tx, state, layout, disk, to_memory=False), batches.state(), cfg)
     if stop_after is None or step >= t.steps:
       if ckpt.latest_step() != step:
-        ckpt.save(step, state, batches.state(), cfg)
+        ckpt.save(step, relayout(tx, state, layout, disk, to_memory=False), batches.state(), cfg)
   finally:
     bar.close()
     ckpt.close()
@@ -172,7 +177,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
 
   sample = None
   if sampler is not None and t.sample_tokens and step >= t.steps:
-    sample = sampler(cfg.model, state.params, tokenizer, t.sample_prompt, t.sample_tokens, mesh=mesh, plan=plan)
+    sample = sampler(cfg.model, layout.params_out(state.params), tokenizer, t.sample_prompt, t.sample_tokens, mesh=mesh, plan=plan)
   summary = {"steps": step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "eval_loss": last_eval, "compile_s": compile_s, "checkpoint_dir": ckpt.directory,
              "history": history, "sample": sample, "params": n_params}

@@ -1,8 +1,8 @@
 """Loss, gradients and the jitted train step over pure pytrees: TrainState(params, opt_state, step).
 
-One loss and one gradient-accumulation path serve every mesh. The forward is the model's own
-(`hidden`), or the circular pipeline's (`jaxllm.parallel.pipeline.pipeline_hidden`, see `pipelined`);
-the head and the loss are the same for both. The masked cross-entropy is normalised once per step by
+One loss and one gradient-accumulation path serve every mesh. With pipeline stages (pp > 1) the
+language-model loss and its gradients come from `jaxllm.parallel.pipeline.Pipeline` (head and loss
+on the last stage, GPipe or 1F1B schedule); otherwise from the model's own forward. The masked cross-entropy is normalised once per step by
 the step's token count: each accumulation chunk contributes its token-loss *sum* divided by that
 global count, so uneven masks give the same loss and gradients accumulated or not (Megatron and
 MaxText do the same). MoE aux losses are per chunk and averaged over chunks (as Megatron does for
@@ -19,7 +19,6 @@ Shapes: the package legend in jaxllm/__init__.py (B, T, D).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -27,15 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm.config import ConfigError
 from jaxllm.model import hooks
 from jaxllm.model.loss import cross_entropy_sums, token_count
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss
-from jaxllm.parallel.pipeline import pipeline_hidden
-
-# forward(params, tokens [B, T]) -> (final hidden [B, T, D], aux dict); None = the model's own.
-Forward = Callable[[Any, jax.Array], tuple]
-
+from jaxllm.parallel.pipeline import Pipeline
 
 class TrainState(NamedTuple):
   params: Any
@@ -43,54 +39,58 @@ class TrainState(NamedTuple):
   step: jax.Array   # int32 scalar, optimizer steps taken
 
 
-def pipelined(mdef: ModelDef, mesh, plan, microbatches: int, remat: bool = True) -> Forward:
-  """The circular-pipeline forward for `forward=` (pp > 1 meshes)."""
-  return functools.partial(pipeline_hidden, mdef, mesh=mesh, plan=plan, microbatches=microbatches,
-                           remat=remat)
-
-
-def loss_sums(mdef: ModelDef, params, batch, forward: Forward | None = None):
+def loss_sums(mdef: ModelDef, params, batch, pipeline: Pipeline | None = None):
   """-> (sum of token NLLs, counted tokens, aux loss) of one batch: inputs, targets [B, T] int32,
   optional mask [B, T] (1 = counts)."""
+  count = token_count(batch["targets"], batch.get("mask"))
+  if pipeline is not None:
+    nll, aux = pipeline.sums(params, batch)
+    return nll, count, aux_loss(mdef.cfg, aux)
   model = mdef.bind(params)
-  if forward is None:
-    h, aux, _ = model.hidden(batch["inputs"])
-  else:
-    h, aux = forward(params, batch["inputs"])
-  nll, count = cross_entropy_sums(model.logits(h), batch["targets"], batch.get("mask"))
+  h, aux, _ = model.hidden(batch["inputs"])
+  nll, _ = cross_entropy_sums(model.logits(h), batch["targets"], batch.get("mask"))
   return nll, count, aux_loss(mdef.cfg, aux)
 
 
 @dataclass(frozen=True)
 class Objective:
   """What a train step minimises. count(batch) -> the step's counted tokens (the one denominator);
-  sums(mdef, params, batch, forward) -> (loss sum over counted tokens, aux loss (a per-chunk mean),
+  sums(mdef, params, batch) -> (loss sum over counted tokens, aux loss (a per-chunk mean),
   {metric name: sum over counted tokens}); the step reports each metric sum / count."""
   count: Callable
   sums: Callable
 
 
-def _lm_sums(mdef, params, batch, forward):
-  nll, _, aux = loss_sums(mdef, params, batch, forward)
+def _lm_sums(mdef, params, batch):
+  nll, _, aux = loss_sums(mdef, params, batch)
   return nll, aux, {"loss": nll}
 
 
 LM = Objective(count=lambda b: token_count(b["targets"], b.get("mask")), sums=_lm_sums)
 
 
-def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forward: Forward | None = None,
+def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, pipeline: Pipeline | None = None,
                       objective: Objective = LM):
   """Gradients of (objective sum / the batch's counted tokens + aux loss), accumulated over
   `grad_accum` chunks. -> (grads, {each objective metric (per token), 'aux_loss', 'tokens'}); for the
-  LM objective 'loss' is the CE mean."""
+  LM objective 'loss' is the CE mean. With a `pipeline` (pp > 1) params have "layers" in its layout."""
   denom = jnp.maximum(objective.count(batch), 1.0)
+  if pipeline is not None and objective is not LM:
+    raise ConfigError("pipeline parallelism (mesh.pp > 1) trains the language-model objective only; "
+                      "use mesh.pp=1 for RL and reward-model training")
 
   def chunk_loss(p, b):
-    total, aux, sums = objective.sums(mdef, p, b, forward)
+    total, aux, sums = objective.sums(mdef, p, b)
     return total / denom + aux / grad_accum, {**sums, "aux_loss": aux / grad_accum}
-  grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+
+  def grad_fn(p, b):
+    if pipeline is None:
+      (_, sums), g = jax.value_and_grad(chunk_loss, has_aux=True)(p, b)
+      return g, sums
+    g, nll, aux = pipeline.value_and_grad(p, b, 1.0 / denom, 1.0 / grad_accum)
+    return g, {"loss": nll, "aux_loss": aux_loss(mdef.cfg, aux) / grad_accum}
   if grad_accum == 1:
-    (_, sums), grads = grad_fn(params, batch)
+    grads, sums = grad_fn(params, batch)
   else:
     # Strided chunks (row i -> chunk i % grad_accum) keep each dp shard's rows local; a contiguous
     # split would move rows between dp ranks.
@@ -98,10 +98,9 @@ def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forwar
                                                 0, 1), batch)
 
     def body(acc, mb):
-      (_, s), g = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, acc, (g, s)), None
-    shapes = jax.eval_shape(lambda: chunk_loss(params, jax.tree.map(lambda x: x[0], micro))[1])
-    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes))
+      return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
     (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   metrics = {k: v / denom for k, v in sums.items() if k != "aux_loss"}
   return grads, {**metrics, "aux_loss": sums["aux_loss"], "tokens": denom}
@@ -109,12 +108,12 @@ def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, forwar
 
 def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shardings=None,
                     batch_sharding=None, grad_accum: int = 1, hook_kwargs: dict | None = None,
-                    forward: Forward | None = None, objective: Objective = LM):
+                    pipeline: Pipeline | None = None, objective: Objective = LM):
   """Jitted (state, batch) -> (state, metrics). `hook_kwargs` installs mesh hooks while tracing;
-  `forward` replaces the model's own forward (the pipeline, see `pipelined`); `objective` the loss."""
+  `pipeline` computes the loss and gradients through pipeline stages; `objective` the loss."""
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):
-      grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, forward, objective)
+      grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, pipeline, objective)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -131,11 +130,11 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shar
 
 
 def make_eval_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, hook_kwargs: dict | None = None,
-                   forward: Forward | None = None):
+                   pipeline: Pipeline | None = None):
   """Jitted (params, batch) -> (sum of token NLLs, counted tokens): add over eval batches, divide once."""
   def ev(params, batch):
     with hooks.using(**(hook_kwargs or {})):
-      nll, count, _ = loss_sums(mdef, params, batch, forward)
+      nll, count, _ = loss_sums(mdef, params, batch, pipeline)
     return nll, count
   if params_shardings is None:
     return jax.jit(ev)
