@@ -93,7 +93,8 @@ def microbatch_reference(mdef, params, batch, m):
 DENSE = [("1f1b", 2, 2, 5, 2, 2, 1, True),     # m % pp != 0, dp and tp inside the stages
          ("gpipe", 4, 1, 4, 2, 1, 2, True),    # accumulation over two pipelined chunks
          ("1f1b", 2, 3, 4, 1, 4, 1, True),     # vpp = 3; tp = 4 > 2 kv heads (replicated, sliced per rank)
-         ("gpipe", 2, 2, 3, 2, 2, 1, False)]   # no tick remat: the model's own per-layer policy
+         ("gpipe", 2, 2, 3, 2, 2, 1, False),   # no tick remat: the model's own per-layer policy
+         ("1f1b", 4, 1, 6, 2, 1, 1, False)]    # 1F1B stashing vjp residuals instead of recomputing
 DENSE_SLOW = [("1f1b", 8, 1, 8, 1, 1, 1, True), ("1f1b", 4, 2, 8, 2, 1, 1, True), ("gpipe", 2, 4, 4, 1, 4, 1, True),
               ("1f1b", 2, 1, 3, 4, 1, 2, True), ("gpipe", 4, 3, 5, 2, 1, 1, True), ("1f1b", 4, 3, 10, 1, 2, 1, True),
               ("1f1b", 2, 2, 8, 2, 2, 1, True)]
@@ -228,24 +229,27 @@ def test_head_runs_once_per_microbatch(monkeypatch):
 
 def test_1f1b_memory_flat_in_m_gpipe_grows():
   """Compiled temp memory per device from m = 2 to m = 16 at a fixed microbatch size: 1F1B's stash is
-  bounded (~2*pp*vpp chunk inputs), GPipe order keeps every microbatch's tick inputs."""
+  bounded (~2*pp*vpp chunk inputs, or chunk residuals without remat), GPipe order keeps every
+  microbatch's tick inputs."""
   cfg = tiny(4, vocab_size=64, d_ff=256)
   mdef = model_def(cfg)
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=1, dp=4, microbatches=2))
   sh = pl.staged_shardings(mdef, mesh, plan)
   abstract = jax.eval_shape(lambda p: pl.staged_params(p, 2, 1), mdef.abstract_params())
 
-  def temp(m, schedule):
-    pipe = pl.Pipeline(mdef, mesh, plan, m, schedule)
+  def temp(m, schedule, remat=True):
+    pipe = pl.Pipeline(mdef, mesh, plan, m, schedule, remat=remat)
     tokens = jax.ShapeDtypeStruct((m * 4, SEQ * 4), jnp.int32)
     with jax.set_mesh(mesh):
       fn = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, pipeline=pipe), in_shardings=(sh, None),
                    out_shardings=(sh, None))
       return compiled_temp_bytes(fn, abstract, {"inputs": tokens, "targets": tokens})
   one_f = [temp(m, "1f1b") for m in (2, 16)]
+  residuals = [temp(m, "1f1b", remat=False) for m in (2, 16)]
   gpipe = [temp(m, "gpipe") for m in (2, 16)]
   assert one_f[1] <= 1.5 * one_f[0], one_f
-  assert gpipe[1] - gpipe[0] > 4 * max(one_f[1] - one_f[0], 1), (gpipe, one_f)
+  assert residuals[1] <= 1.5 * residuals[0], residuals
+  assert gpipe[1] - gpipe[0] > 4 * max(one_f[1] - one_f[0], residuals[1] - residuals[0], 1), (gpipe, one_f, residuals)
 
 
 @pytest.mark.parametrize("kind,pp,vpp,m", [("gpipe", 2, 2, 4), ("1f1b", 2, 2, 5), ("1f1b", 4, 3, 10),

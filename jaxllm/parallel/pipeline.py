@@ -16,10 +16,11 @@ it leaves: once per microbatch, never pp times, and no [B, T, D] hidden state cr
 Schedules (tables from jaxllm.parallel.schedule; `mesh.schedule`):
   gpipe  a scan over ticks of forwards; `jax.grad` through it gives all backwards after all forwards.
          With remat each tick keeps only its stage input for the backward.
-  1f1b   every tick a stage runs one chunk forward and one chunk backward, written by hand: the
-         backward is `jax.vjp` of the chunk recomputed from its stashed input (a fixed ring of
-         `n_stash` inputs per stage, independent of m), gradients accumulate in the scan carry.
-         The loss gradient enters at the last stage right after a microbatch's last forward.
+  1f1b   every tick a stage runs one chunk forward and one chunk backward, written by hand with
+         `jax.vjp`; gradients accumulate in the scan carry, and the loss gradient enters at the last
+         stage right after a microbatch's last forward. What a forward leaves for its backward sits
+         in a fixed ring of `n_stash` slots per stage, independent of m: with remat the chunk input
+         (the backward recomputes the chunk), without it the chunk's vjp residuals (no recompute).
 Both: a forward ring (`ppermute` s -> s+1, last -> 0) and (1f1b) a backward ring (s -> s-1) run every
 tick outside any branch; which chunk a stage runs, or whether it idles, comes from static tables
 indexed by (tick, stage) and a `lax.cond`, so idle slots cost no compute.
@@ -42,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxllm.config import ConfigError, check_pipeline
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
-from jaxllm.model.transformer import block_forward, remat as remat_layer
+from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
 from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.parallel.moe import live_axes
@@ -170,7 +171,6 @@ class Pipeline:
 
   def value_and_grad(self, params, batch, nll_weight, aux_weight):
     """Gradients of nll_sum * nll_weight + aux_loss(aux) * aux_weight -> (grads, nll_sum, aux)."""
-    from jaxllm.model.transformer import aux_loss
     if self.schedule == "gpipe":
       def objective(p):
         nll, aux = self.sums(p, batch)
@@ -320,16 +320,39 @@ class Pipeline:
       def index(r):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), layers)
 
-      def forward(r, x):
-        y, aux = self._chunk(index(r), x, cos, sin, "none")
-        return manual.vary(y, act), aux
+      def aux_cot(aux_axes):
+        # Each layer's MoE statistics enter the loss as coef / (L * m) per microbatch.
+        return {n: manual.vary(aux_weight * coefs[n] / (L * m), tuple(axes)) for n, axes in aux_axes.items()}
 
-      def backward(r, x, dy):
-        # Recompute the chunk from its stashed input and pull the output gradient (and the aux-loss
-        # weights: each layer's statistics enter the loss as coef / (L * m) per microbatch) back.
-        (y, aux), vjp = jax.vjp(lambda w, x: self._chunk(w, x, cos, sin, cfg.remat), index(r), x)
-        aux_ct = {n: manual.vary(aux_weight * coefs[n] / (L * m), tuple(manual.varying_axes(v))) for n, v in aux.items()}
-        dw, dx = vjp((manual.vary(dy, tuple(manual.varying_axes(y))), aux_ct))
+      def chunk_vjp(w, x):
+        return jax.vjp(lambda w, x: self._chunk(w, x, cos, sin, cfg.remat), w, x)
+
+      # What a forward stashes for its backward. remat: the chunk input, recomputed in the backward.
+      # No remat: the chunk's vjp residuals (jax.vjp's pullback is a pytree of them), minus the
+      # weights, which the backward takes from the params again; `layout` remembers where they go.
+      layout = {}
+
+      def forward(r, x):
+        if self.remat:
+          y, aux = self._chunk(index(r), x, cos, sin, "none")
+          return manual.vary(y, act), aux, [x]
+        w = index(r)
+        (y, aux), vjp = chunk_vjp(w, x)
+        leaves, layout["tree"] = jax.tree.flatten(vjp)
+        weights = jax.tree.leaves(w)
+        layout["at"] = [next((i for i, w in enumerate(weights) if leaf is w), -1) for leaf in leaves]
+        layout["types"] = (manual.varying_axes(y), {n: manual.varying_axes(v) for n, v in aux.items()})
+        return manual.vary(y, act), aux, [leaf for leaf, at in zip(leaves, layout["at"]) if at < 0]
+
+      def backward(r, saved, dy):
+        if self.remat:
+          (y, aux), vjp = chunk_vjp(index(r), saved[0])
+          y_axes, aux_axes = manual.varying_axes(y), {n: manual.varying_axes(v) for n, v in aux.items()}
+        else:
+          weights, rest = jax.tree.leaves(index(r)), iter(saved)
+          vjp = jax.tree.unflatten(layout["tree"], [weights[at] if at >= 0 else next(rest) for at in layout["at"]])
+          y_axes, aux_axes = layout["types"]
+        dw, dx = vjp((manual.vary(dy, tuple(y_axes)), aux_cot(aux_axes)))
         return dw, manual.vary(dx, act)
 
       def loss_grad(head, y, tgt, msk):
@@ -349,8 +372,8 @@ class Pipeline:
         # Forward.
         x_in = self._stage_input(s, row, f_recv, fbank, params, tokens, act)
         r, j = row["f_r"], row["f_j"]
-        y, aux = _when(r >= 0, forward, jnp.maximum(r, 0), x_in)
-        stash = _put(stash, row["stash_put"], x_in)
+        y, aux, saved = _when(r >= 0, forward, jnp.maximum(r, 0), x_in)
+        stash = [_put(buf, row["stash_put"], v) for buf, v in zip(stash, saved)]
         aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
         # Loss and its gradient, right after a microbatch's last chunk.
         nll_j, d_head, dy_loss = _when(row["g_put"] >= 0, loss_grad, head, y, _get(targets, j), _get(mask, j))
@@ -358,7 +381,7 @@ class Pipeline:
         # Backward.
         rb, jb = row["b_r"], row["b_j"]
         dy = jnp.where(s == pp - 1, _get(gbank, row["b_src"]), b_recv)
-        dw, dx = _when(rb >= 0, backward, jnp.maximum(rb, 0), _get(stash, row["stash_get"]), dy)
+        dw, dx = _when(rb >= 0, backward, jnp.maximum(rb, 0), [_get(buf, row["stash_get"]) for buf in stash], dy)
         d_embed = _when((rb == 0) & (s == 0), embed_grad, _get(tokens, jb), dx)
         i = jnp.maximum(rb, 0)
         acc = {**acc,
@@ -375,8 +398,10 @@ class Pipeline:
       acc["layers"] = jax.tree.map(jnp.zeros_like, layers)
       acc = jax.tree.map(lambda z, p: manual.vary(z, tuple(manual.varying_axes(p) | {STAGE})), acc,
                          {**params, "layers": layers})
+      saved = jax.eval_shape(forward, jnp.int32(0), zeros(b, T, D))[2]
+      stash = [manual.vary(jnp.zeros((sched.n_stash, *v.shape), v.dtype), tuple(manual.varying_axes(v))) for v in saved]
       init = (zeros(b, T, D), zeros(b, T, D), zeros(sched.n_fbank, b, T, D), zeros(sched.n_gbank, b, T, D),
-              zeros(sched.n_stash, b, T, D), acc, manual.vary(jnp.float32(0), act),
+              stash, acc, manual.vary(jnp.float32(0), act),
               {n: manual.vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
       (_, _, _, _, _, acc, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
       # One sum per step over the devices each gradient was split into contributions on.
