@@ -276,14 +276,27 @@ class Pipeline:
       table = jnp.asarray(sched.table)
 
       def stage_apply(w_all, r, x):
-        # Indexing the chunk inside the remat region keeps the weights out of the per-tick residuals.
         w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), w_all)
         y, aux = self._chunk(w, x, cos, sin, "none" if self.remat else cfg.remat)
         return manual.vary(y, act), aux
-      head_nll = self._head_nll
+
+      # Residuals of a lax.cond branch leave it as per-tick outputs, which the scan's autodiff stacks
+      # over ticks -- the weights among them. A remat region around the branch keeps only its inputs
+      # (the tick input; the weights stay scan constants). Without remat the stage runs every slot,
+      # idle ones on zeros, so the weights it saves are scan constants too. The head is always
+      # rematerialised (one more head matmul per microbatch, in the backward).
+      def run_stage(w_all, r, x):
+        if not self.remat:
+          y, aux = stage_apply(w_all, jnp.maximum(r, 0), x)
+          return y, {n: jnp.where(r >= 0, v, 0.0) for n, v in aux.items()}
+        return _when(r >= 0, stage_apply, w_all, jnp.maximum(r, 0), x)
+
+      def run_head(head, y, last, tgt, msk):
+        return _when(last, self._head_nll, head, y, tgt, msk)
+      nothing = jax.checkpoint_policies.nothing_saveable
       if self.remat:
-        stage_apply = jax.checkpoint(stage_apply, policy=jax.checkpoint_policies.nothing_saveable)
-        head_nll = jax.checkpoint(head_nll, policy=jax.checkpoint_policies.nothing_saveable)
+        run_stage = jax.checkpoint(run_stage, policy=nothing)
+      run_head = jax.checkpoint(run_head, policy=nothing)
 
       def tick(carry, t):
         recv, fbank, nll, aux_acc = carry
@@ -291,9 +304,8 @@ class Pipeline:
         fbank = _put(fbank, row["f_bank"], recv)
         x_in = self._stage_input(s, row, recv, fbank, params, tokens, act)
         r, j = row["f_r"], row["f_j"]
-        y, aux = _when(r >= 0, stage_apply, layers, jnp.maximum(r, 0), x_in)
-        last = (r == vpp - 1) & (s == pp - 1)
-        nll = nll + _when(last, head_nll, head, y, _get(targets, j), _get(mask, j))
+        y, aux = run_stage(layers, r, x_in)
+        nll = nll + run_head(head, y, (r == vpp - 1) & (s == pp - 1), _get(targets, j), _get(mask, j))
         aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
         return (self._ring(y, 1), fbank, nll, aux_acc), None
 
