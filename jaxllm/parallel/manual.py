@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.model import hooks
 from jaxllm.model.loss import token_nll
-from jaxllm.parallel.mesh import MeshPlan
-from jaxllm.parallel.moe import device_experts, live_axes
+from jaxllm.parallel.mesh import MeshPlan, live_axes
+from jaxllm.parallel.moe import device_experts
 from jaxllm.parallel.sharding import logical_spec
 
 

@@ -33,6 +33,12 @@ class MeshPlan:
     return int(np.prod([sizes[a] for a in self.dims[dim]], dtype=np.int64))
 
 
+def live_axes(plan: MeshPlan, dim: str) -> tuple[str, ...]:
+  """The physical axes of a parallel dim that actually split something (size > 1)."""
+  sizes = dict(zip(plan.axis_names, plan.axis_sizes))
+  return tuple(a for a in plan.dims[dim] if sizes[a] > 1)
+
+
 def plan_mesh(cfg: MeshConfig) -> MeshPlan:
   """Compute the physical axes refining both factorizations, or explain why none exists."""
   n = cfg.dp * cfg.tp

@@ -47,13 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ConfigError
 from jaxllm.model.moe import expert_ffn
-from jaxllm.parallel.mesh import MeshPlan
-
-
-def live_axes(plan: MeshPlan, dim: str) -> tuple[str, ...]:
-  """The physical axes of a parallel dim that actually split something (size > 1)."""
-  sizes = dict(zip(plan.axis_names, plan.axis_sizes))
-  return tuple(a for a in plan.dims[dim] if sizes[a] > 1)
+from jaxllm.parallel.mesh import MeshPlan, live_axes
 
 
 def device_experts(plan: MeshPlan, capacity_factor: float = 0.0):

@@ -45,8 +45,7 @@ from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
 from jaxllm.parallel import manual
-from jaxllm.parallel.mesh import MeshPlan
-from jaxllm.parallel.moe import live_axes
+from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
 from jaxllm.parallel.sharding import logical_spec
 
