@@ -51,7 +51,7 @@ class ModelConfig:
   init_std: float = 0.02          # normal init std of weight matrices
   dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"    # storage dtype of parameters (fp32 master weights with bf16 compute)
-  remat: str = "none"             # activation checkpointing per layer: "none", "full" or "dots"
+  remat: str = "none"             # activation checkpointing per layer: "none", "full" or "dots" (pipeline: "full" keeps only each chunk's input)
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")

@@ -146,9 +146,9 @@ class Pipeline:
   mesh: jax.sharding.Mesh
   plan: MeshPlan
   microbatches: int
-  schedule: str = "1f1b"
-  remat: bool = True
-  capacity_factor: float = 0.0
+  schedule: str = "1f1b"        # "1f1b" or "gpipe" (jaxllm.parallel.schedule)
+  remat: bool = True            # keep only each chunk's input per microbatch; recompute it in the backward
+  capacity_factor: float = 0.0  # MoE: 0 = dropless, else GShard capacity (jaxllm.parallel.moe)
 
   def __post_init__(self):
     cfg, c = self.mdef.cfg, self.plan.cfg
@@ -336,7 +336,9 @@ class Pipeline:
         return {n: manual.vary(aux_weight * coefs[n] / (L * m), tuple(axes)) for n, axes in aux_axes.items()}
 
       def chunk_vjp(w, x):
-        return jax.vjp(lambda w, x: self._chunk(w, x, cos, sin, cfg.remat), w, x)
+        # Recomputing from the input already is the remat; otherwise the model's per-layer policy
+        # decides what the residuals hold.
+        return jax.vjp(lambda w, x: self._chunk(w, x, cos, sin, "none" if self.remat else cfg.remat), w, x)
 
       # What a forward stashes for its backward. remat: the chunk input, recomputed in the backward.
       # No remat: the chunk's vjp residuals (jax.vjp's pullback is a pytree of them), minus the

@@ -60,7 +60,10 @@ def resolve_continuation(cfg: Config, saved: dict | None) -> Config:
 
 def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
   """The jitted train and eval steps for this mesh (through the pipeline when pp > 1)."""
-  pipe = Pipeline(mdef, mesh, plan, cfg.mesh.microbatches, cfg.mesh.schedule) if cfg.mesh.pp > 1 else None
+  # model.remat="full" keeps only each chunk's input per microbatch and recomputes the chunk in the
+  # backward; "none" / "dots" keep what the per-layer policy saves (Megatron's default: no recompute).
+  pipe = (Pipeline(mdef, mesh, plan, cfg.mesh.microbatches, cfg.mesh.schedule, remat=cfg.model.remat == "full")
+          if cfg.mesh.pp > 1 else None)
   hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
   step = make_train_step(mdef, tx, shardings, b_sh, cfg.train.grad_accum, hook_kwargs=hk, pipeline=pipe)
   return step, make_eval_step(mdef, shardings.params, b_sh, hook_kwargs=hk, pipeline=pipe)
