@@ -25,9 +25,10 @@ Both: a forward ring (`ppermute` s -> s+1, last -> 0) and (1f1b) a backward ring
 tick outside any branch; which chunk a stage runs, or whether it idles, comes from static tables
 indexed by (tick, stage) and a `lax.cond`, so idle slots cost no compute.
 
-Gradient reduction. Parameters are cast to "varying" over the data axes they are replicated on
-(dp; edp for experts) once, before the scan, so gradients accumulate per device and are summed once
-per step (the transpose of that cast under autodiff; an explicit psum in the 1F1B body), not per tick.
+Gradient reduction. Parameters are cast to "varying" over the stage axis and the data axes they are
+replicated on (dp; edp for experts) once, before the scan, so gradients accumulate per device and are
+summed once per step (the transpose of that cast under autodiff; an explicit psum in the 1F1B body),
+not per tick -- and never inside a stage's branch, which the other stages would not join.
 
 Shapes: the package legend in jaxllm/__init__.py (B, b, m, T, D, L, C, V).
 """
@@ -353,7 +354,7 @@ class Pipeline:
         (y, aux), vjp = chunk_vjp(w, x)
         leaves, layout["tree"] = jax.tree.flatten(vjp)
         weights = jax.tree.leaves(w)
-        layout["at"] = [next((i for i, w in enumerate(weights) if leaf is w), -1) for leaf in leaves]
+        layout["at"] = [next((i for i, wt in enumerate(weights) if leaf is wt), -1) for leaf in leaves]
         layout["types"] = (manual.varying_axes(y), {n: manual.varying_axes(v) for n, v in aux.items()})
         return manual.vary(y, act), aux, [leaf for leaf, at in zip(leaves, layout["at"]) if at < 0]
 
