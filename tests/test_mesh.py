@@ -100,3 +100,13 @@ def test_mesh_presets(path):
   if mc.device == "cpu":
     assert mc.num_devices in (1, len(jax.devices()))
     build_mesh(mc, jax.devices()[:mc.num_devices])
+
+
+def test_device_grid_keeps_local_order_off_tpu():
+  """On CPU (and GPU) the mesh keeps the given device order, inner axes fastest, also for a subset
+  of the devices (the serving meshes use jax.devices()[:n])."""
+  from jaxllm.parallel.mesh import device_grid
+  devs = jax.devices()[4:]
+  assert [d.id for d in device_grid((2, 2), devs).flat] == [d.id for d in devs]
+  mesh, plan = build_mesh(MeshConfig(pp=2, dp=2, tp=2, microbatches=2))
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxllm.config import ConfigError, MeshConfig
@@ -77,8 +78,19 @@ def build_mesh(cfg: MeshConfig, devices=None) -> tuple[Mesh, MeshPlan]:
       f"mesh {cfg.name!r} needs pp*dp*tp = {cfg.pp}*{cfg.dp}*{cfg.tp} = {cfg.num_devices} devices but "
       f"{len(devices)} exist ({devices[0].platform}); pick a mesh preset for {len(devices)} devices or "
       "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts")
-  arr = np.array(devices).reshape(plan.axis_sizes)
-  return Mesh(arr, plan.axis_names, axis_types=(AxisType.Auto,) * len(plan.axis_names)), plan
+  return Mesh(device_grid(plan.axis_sizes, devices), plan.axis_names,
+              axis_types=(AxisType.Auto,) * len(plan.axis_names)), plan
+
+
+def device_grid(axis_sizes, devices) -> np.ndarray:
+  """The devices laid out as the mesh, inner axes (tp, ep) varying fastest. `mesh_utils` orders them
+  by the physical topology on TPU, so the inner axes land on neighbouring chips of the ICI torus; on
+  GPU and CPU it keeps the given order (NVLink peers and local devices are contiguous ids). A shape it
+  cannot map onto the physical torus falls back to that plain order."""
+  try:
+    return mesh_utils.create_device_mesh(tuple(axis_sizes), devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError):
+    return np.array(devices).reshape(axis_sizes)
 
 
 def rank_table(mesh: Mesh, plan: MeshPlan) -> list[tuple[int, dict[str, int]]]:
