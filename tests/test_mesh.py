@@ -103,7 +103,7 @@ def test_mesh_presets(path):
 
 
 def test_device_grid_keeps_local_order_off_tpu():
-  """On CPU (and GPU) the mesh keeps the given device order, inner axes fastest, also for a subset
+  """On CPU the mesh keeps the given device order, inner axes fastest, also for a subset
   of the devices (the serving meshes use jax.devices()[:n])."""
   from jaxllm.parallel.mesh import device_grid
   devs = jax.devices()[4:]

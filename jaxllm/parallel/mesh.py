@@ -85,8 +85,8 @@ def build_mesh(cfg: MeshConfig, devices=None) -> tuple[Mesh, MeshPlan]:
 def device_grid(axis_sizes, devices) -> np.ndarray:
   """The devices laid out as the mesh, inner axes (tp, ep) varying fastest. `mesh_utils` orders them
   by the physical topology on TPU, so the inner axes land on neighbouring chips of the ICI torus; on
-  GPU and CPU it keeps the given order (NVLink peers and local devices are contiguous ids). A shape it
-  cannot map onto the physical torus falls back to that plain order."""
+  GPU by device id (XLA's topology-aware global numbering: a node's NVLink peers are contiguous); on
+  CPU in the given order. A shape it cannot map onto the physical torus falls back to the given order."""
   try:
     return mesh_utils.create_device_mesh(tuple(axis_sizes), devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError):
