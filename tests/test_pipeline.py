@@ -161,6 +161,19 @@ def test_moe_pipeline_grid(schedule, pp, vpp, m, dp, tp, ep, etp):
   _moe_case(schedule, pp, vpp, m, dp, tp, ep, etp)
 
 
+def test_tied_embeddings_qkv_bias_qk_norm_pipeline():
+  """Tied embeddings (the table's gradient comes from stage 0's lookup and the last stage's head),
+  q/k/v biases and q/k norms, under 1F1B with tp inside the stages."""
+  cfg = tiny(4, tie_embeddings=True, qkv_bias=True, qk_norm=True)
+  mdef, params = model_def(cfg), init_params(cfg, 3)
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
+  batch = make_batch(8, cfg.vocab_size, seed=9)
+  ref = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b))(params, batch)
+  mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=2, tp=2, microbatches=2))
+  grads, metrics, _ = run_pipeline(mdef, mesh, plan, 2, "1f1b", params, batch)
+  assert_close(grads, metrics, *ref)
+
+
 def _groups(line):
   """Replica groups of a collective as lists of device ids (explicit {{..},{..}} form)."""
   m = re.search(r"replica_groups=\{(\{[\d,]+\}(?:,\{[\d,]+\})*)\}", line)
