@@ -18,10 +18,10 @@ from jaxllm.model.loss import cross_entropy_sums
 from jaxllm.model.params import init_params, model_def
 from jaxllm.model.transformer import aux_loss, block_forward
 from jaxllm.parallel import mesh_hooks
-from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, param_specs, vary, \
+from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, vary, \
   varying_axes, vocab_parallel_embed, vocab_parallel_nll
-from jaxllm.parallel.mesh import build_mesh
-from jaxllm.parallel.moe import live_axes
+from jaxllm.parallel.mesh import build_mesh, live_axes
+from jaxllm.parallel.sharding import param_specs
 
 # Loss: relative 1e-6. Gradients: per leaf max |g - g_ref| <= 1e-5 * max |g_ref| (psums over
 # devices reassociate fp32 adds).

@@ -5,9 +5,8 @@ computation, `sum_partials(x)` on projections that contract a dim tensor paralle
 (attention heads, MLP hidden) and `batch_mean(x)` on statistics averaged over the batch (MoE router).
 Outside any `using(...)` block `constrain`, `sum_partials` and `batch_mean` are identities and the
 experts take the single-device dropless dispatch. `jaxllm.parallel` installs mesh-aware versions:
-sharding constraints and the expert-parallel dispatch for the auto-sharded jit (`mesh_hooks`), or,
-inside a shard_map manual over every mesh axis, psum over tp / pmean over dp and the per-device
-dispatch (jaxllm.parallel.manual).
+sharding constraints and the expert-parallel dispatch for the auto-sharded jit (`mesh_hooks`), or the
+per-device versions for code partitioned by hand (jaxllm.parallel.manual says which collectives).
 """
 from __future__ import annotations
 
@@ -35,14 +34,14 @@ def moe_experts_impl() -> Callable | None:
 
 def sum_partials(x):
   """`x` is a partial sum because the contracted dim (heads, MLP hidden) is split over devices:
-  return the full sum. Identity unless a manual tensor-parallel region installs a psum."""
+  return the full sum. Identity unless jaxllm.parallel.manual installs the reduction."""
   fn = _sum_partials.get()
   return x if fn is None else fn(x)
 
 
 def batch_mean(x):
   """`x` is a mean over this device's tokens: return the mean over the whole batch. Identity unless
-  a manual data-parallel region installs a pmean (equal token counts per shard make it exact)."""
+  jaxllm.parallel.manual installs the average over data shards (exact: equal token counts per shard)."""
   fn = _batch_mean.get()
   return x if fn is None else fn(x)
 

@@ -2,7 +2,7 @@
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, D, E, k, F).
 The expert computation is a hook (`hooks.moe_experts_impl`): by default the local dropless
-dispatch below; under expert parallelism `jaxllm.parallel.moe` installs an all-to-all version
+dispatch below; under expert parallelism `jaxllm.parallel.moe` installs a sharded version
 with the same signature and the same result.
 """
 from __future__ import annotations

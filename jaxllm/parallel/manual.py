@@ -4,7 +4,7 @@ jaxllm.parallel.moe directly, with no nested shard_map).
 
 Inside such a region every array is a local shard and the code is written per device, as in
 Megatron-LM (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models
-Using Model Parallelism"). Parameters enter with the specs of the rules table (`param_specs`):
+Using Model Parallelism"). Parameters enter with the specs of the rules table (sharding.param_specs):
 attention heads, kv heads, the MLP hidden dim and the vocab are split over tp, experts over ep/etp,
 the rest replicated. Tokens enter split over dp and replicated over tp. Then per block:
 
@@ -36,13 +36,6 @@ from jaxllm.model import hooks
 from jaxllm.model.loss import token_nll
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.moe import device_experts
-from jaxllm.parallel.sharding import logical_spec
-
-
-def param_specs(mdef, plan: MeshPlan):
-  """PartitionSpecs of every parameter of `mdef` (a ModelDef): the shard_map in_specs."""
-  return jax.tree.map(lambda names, a: logical_spec(plan, names, a.shape), mdef.logical,
-                      mdef.abstract_params(), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def check_manual(cfg: ModelConfig, plan: MeshPlan) -> None:

@@ -48,7 +48,7 @@ from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_lay
 from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
-from jaxllm.parallel.sharding import logical_spec
+from jaxllm.parallel.sharding import logical_spec, param_specs
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
 
@@ -86,7 +86,7 @@ def canonical_params(params: dict) -> dict:
 def staged_specs(mdef: ModelDef, plan: MeshPlan) -> dict:
   """PartitionSpecs of the params with "layers" in pipeline layout: the pp dim on the stage axis, the
   other dims by the logical rules (jaxllm.parallel.sharding)."""
-  specs = manual.param_specs(mdef, plan)
+  specs = param_specs(mdef, plan)
   abstract = mdef.abstract_params()["layers"]
 
   def one(names, a):

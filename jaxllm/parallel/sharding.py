@@ -47,12 +47,17 @@ def logical_spec(plan: MeshPlan, names, shape=None) -> P:
   return P(*spec)
 
 
+def param_specs(mdef, plan: MeshPlan):
+  """PartitionSpec of every parameter of `mdef` (a jaxllm.model.params.ModelDef) from its logical
+  names (also the in_specs of code partitioned by hand, jaxllm.parallel.manual)."""
+  return jax.tree.map(lambda names, a: logical_spec(plan, names, a.shape), mdef.logical,
+                      mdef.abstract_params(), is_leaf=lambda x: isinstance(x, tuple))
+
+
 def param_shardings(mdef, mesh, plan: MeshPlan):
-  """NamedSharding of every parameter of `mdef` (a jaxllm.model.params.ModelDef) from its logical
-  names: the placement used by training (pp=1), serving and checkpoint loading."""
-  abstract = mdef.abstract_params()
-  return jax.tree.map(lambda names, a: NamedSharding(mesh, logical_spec(plan, names, a.shape)),
-                      mdef.logical, abstract, is_leaf=lambda x: isinstance(x, tuple))
+  """NamedSharding of every parameter of `mdef`: the placement used by training (pp=1), serving and
+  checkpoint loading."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(mdef, plan), is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh, plan: MeshPlan) -> NamedSharding:
