@@ -87,7 +87,13 @@ def relayout(tx, state: TrainState, layout: Layout, shardings: TrainState, to_me
   """`state` converted between disk and `layout`, placed on `shardings` (a copy; the input stays)."""
   if not layout.staged:
     return state
-  return jax.jit(lambda s: layout.state(tx, s, to_memory), out_shardings=shardings)(state)
+  key = (id(tx), layout, id(shardings), to_memory)
+  if key not in _RELAYOUT:   # compiled once per run, not at every save; the entry keeps tx and shardings alive
+    _RELAYOUT[key] = (tx, shardings, jax.jit(lambda s: layout.state(tx, s, to_memory), out_shardings=shardings))
+  return _RELAYOUT[key][2](state)
+
+
+_RELAYOUT: dict = {}
 
 
 def abstract_state(mdef: ModelDef, tx, shardings: TrainState) -> TrainState:
