@@ -120,6 +120,11 @@ def _when(pred, fn, *args):
   return jax.lax.cond(pred, fn, zeros, *args)
 
 
+def _add_when(pred, fn, acc, *args):
+  """acc + fn(*args) when pred, else acc untouched: idle ticks skip the add, not only fn."""
+  return jax.lax.cond(pred, lambda acc, *a: jax.tree.map(jnp.add, acc, fn(*a)), lambda acc, *a: acc, acc, *args)
+
+
 def _put(buf, slot, value):
   """buf[slot] = value when slot >= 0 (a one-row in-place update either way)."""
   i = jnp.maximum(slot, 0)
@@ -369,10 +374,14 @@ class Pipeline:
         dw, dx = vjp((manual.vary(dy, tuple(y_axes)), aux_cot(aux_axes)))
         return dw, manual.vary(dx, act)
 
-      def loss_grad(head, y, tgt, msk):
+      def loss_grad(acc_head, y, tgt, msk):
+        # -> (nll, gradient at the last chunk's output, head gradients added into acc_head)
         nll, vjp = jax.vjp(lambda h, y: self._head_nll(h, y, tgt, msk), head, y)
         d_head, dy = vjp(manual.vary(nll_weight, tuple(manual.varying_axes(nll))))
-        return nll, d_head, manual.vary(dy, act)
+        return manual.vary(nll, act), manual.vary(dy, act), jax.tree.map(jnp.add, acc_head, d_head)
+
+      def no_loss(acc_head, y, tgt, msk):
+        return manual.vary(jnp.float32(0), act), manual.vary(jnp.zeros_like(y), act), acc_head
 
       def embed_grad(tok, dx):
         _, vjp = jax.vjp(lambda e: manual.vary(self._embed({"embed": e}, tok), act), params["embed"])
@@ -390,19 +399,18 @@ class Pipeline:
         stash = [_put(buf, row["stash_put"], v) for buf, v in zip(stash, saved)]
         aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
         # Loss and its gradient, right after a microbatch's last chunk.
-        nll_j, d_head, dy_loss = _when(row["g_put"] >= 0, loss_grad, head, y, _get(targets, j), _get(mask, j))
+        nll_j, dy_loss, acc_head = jax.lax.cond(row["g_put"] >= 0, loss_grad, no_loss, {k: acc[k] for k in head},
+                                                y, _get(targets, j), _get(mask, j))
         gbank = _put(gbank, row["g_put"], dy_loss)
         # Backward.
         rb, jb = row["b_r"], row["b_j"]
         dy = jnp.where(s == pp - 1, _get(gbank, row["b_src"]), b_recv)
         dw, dx = _when(rb >= 0, backward, jnp.maximum(rb, 0), [_get(buf, row["stash_get"]) for buf in stash], dy)
-        d_embed = _when((rb == 0) & (s == 0), embed_grad, _get(tokens, jb), dx)
+        acc = {**acc, **acc_head}
+        acc["embed"] = _add_when((rb == 0) & (s == 0), embed_grad, acc["embed"], _get(tokens, jb), dx)
         i = jnp.maximum(rb, 0)
-        acc = {**acc,
-               "layers": jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(
-                 a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + g, i, 0), acc["layers"], dw),
-               "embed": acc["embed"] + d_embed}
-        acc = {**acc, **{k: acc[k] + d_head[k] for k in d_head}}
+        acc["layers"] = jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(
+          a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + g, i, 0), acc["layers"], dw)
         return (self._ring(y, 1), self._ring(dx, -1), fbank, gbank, stash, acc, nll + nll_j, aux_acc), None
 
       b, T, D = tokens.shape[1], tokens.shape[2], cfg.d_model
