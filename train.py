@@ -4,6 +4,7 @@ standard library source) on the emulated 8-device CPU mesh, for a few minutes.
 
   python train.py [--mesh meshes/NAME.toml] [--config FILE.toml] [--init-from-hf DIR] [key=value ...]
   e.g. python train.py model=tiny-moe mesh.ep=4 train.steps=200 train.out_dir=runs/moe
+  python train.py --coordinator HOST0:PORT --num-processes N --process-id I [...]   one process per host
   python train.py rl rl.init_from=runs/sft/checkpoints [rl.key=value ...]   off-policy RL (see rl --help)
   python train.py reward --data pairs.jsonl [reward.key=value ...]   reward model (see reward --help)
 """
@@ -95,8 +96,10 @@ def main(argv=None) -> int:
   p.add_argument("--config", action="append", default=[], help="TOML file(s) with [model]/[mesh]/[train] tables")
   p.add_argument("--init-from-hf", help="start from a Hugging Face model directory (config.json + safetensors)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+  cli.add_distributed_args(p)
   args = p.parse_intermixed_args(argv)   # options and key=value overrides mix in any order
   cli.prepare_devices(args.mesh)
+  cli.init_distributed(args, args.overrides)
 
   from jaxllm.config import ConfigError, load_config
   from jaxllm.serve import complete_text
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     summary = train(cfg, progress=not args.no_progress, sampler=complete_text)
   except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
+  from jaxllm.parallel.distributed import is_main_process
+  if not is_main_process():
+    return 0   # process 0 prints the run's summary
   if summary["first_loss"] is None:
     print(f"\nnothing to do: the checkpoint in {summary['checkpoint_dir']} is already at train.steps="
           f"{summary['steps']} (raise train.steps to continue: the learning rate keeps its schedule and stays "

@@ -27,6 +27,43 @@ def prepare_devices(mesh_path: str | None) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 
+def mesh_device_count(mesh_path: str | None, overrides=()) -> int | None:
+  """pp*dp*tp of the run's mesh from its preset TOML (default cpu-8) and any mesh.pp/dp/tp=N
+  overrides, read without starting jax; None if the file cannot be read."""
+  try:
+    with open(mesh_path or DEFAULT_CPU_MESH, "rb") as f:
+      m = tomllib.load(f).get("mesh", {})
+  except (OSError, tomllib.TOMLDecodeError):
+    return None
+  for o in overrides:
+    key, _, value = o.partition("=")
+    if key in ("mesh.pp", "mesh.dp", "mesh.tp") and value.strip().isdigit():
+      m[key[5:]] = int(value)
+  return int(m.get("pp", 1)) * int(m.get("dp", 1)) * int(m.get("tp", 1))
+
+
+def add_distributed_args(p) -> None:
+  """The multi-host options of an argparse parser (see jaxllm.parallel.distributed)."""
+  g = p.add_argument_group("multi-host (one process per host; default: $JAXLLM_COORDINATOR, "
+                           "$JAXLLM_NUM_PROCESSES, $JAXLLM_PROCESS_ID, else a detected TPU pod / SLURM / Open MPI "
+                           "job, else one process)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0, which every process connects to")
+  g.add_argument("--num-processes", type=int, help="processes in the run")
+  g.add_argument("--process-id", type=int, help="this process's index in [0, num-processes)")
+  g.add_argument("--local-devices", type=int,
+                 help="devices per process on CPU (default: the mesh's device count / num-processes)")
+
+
+def init_distributed(args, overrides=()) -> None:
+  """Join a multi-process run if the flags, environment or cluster ask for one (before jax starts)."""
+  from jaxllm.parallel.distributed import DistributedError, initialize
+  try:
+    initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices,
+               mesh_device_count(args.mesh, overrides))
+  except DistributedError as e:
+    fail(str(e))
+
+
 def enable_compile_cache() -> str | None:
   """Turn on JAX's persistent compilation cache (serving compiles one program per shape bucket, and a
   restarted server should not pay for them again): $JAXLLM_COMPILE_CACHE, default

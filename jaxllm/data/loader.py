@@ -28,6 +28,16 @@ def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> dict[str, 
   return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
 
 
+def _check_rows(rows, batch_size: int) -> np.ndarray | None:
+  """None (the whole batch) or the given row indices, checked to lie in [0, batch_size)."""
+  if rows is None:
+    return None
+  rows = np.asarray(rows, np.int64).reshape(-1)
+  if len(rows) == 0 or rows.min() < 0 or rows.max() >= batch_size:
+    raise ValueError(f"rows {rows.tolist()} must be a non-empty subset of [0, {batch_size}) (batch_size={batch_size})")
+  return rows
+
+
 class PackedBatches:
   """Infinite iterator of {"inputs", "targets"} int32 [B, T] batches (B = batch_size, T = seq_len).
 
@@ -37,15 +47,20 @@ class PackedBatches:
 
   state() is the position (epoch, windows of that epoch consumed) plus what it depends on;
   restore(state) on a fresh instance over the same tokens continues with exactly the next batch.
+
+  rows (multi-host): yield only these rows (ascending indices into [0, B)) of each global batch, for a
+  process that holds only part of the batch dim. The window order and state() stay global, the same
+  in every process and independent of rows, so a checkpoint resumes on any process count.
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True):
+               shuffle: bool = True, rows=None):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
     self.tokens = _as_stream(tokens)
     self.seq_len, self.batch_size = int(seq_len), int(batch_size)
     self.seed, self.shuffle = int(seed), shuffle
+    self.rows = _check_rows(rows, self.batch_size)
     if self.num_windows < self.batch_size:
       need = self.batch_size * self.seq_len + 1
       raise ValueError(f"{len(self.tokens):,} tokens make {self.num_windows} sequences of seq_len="
@@ -85,7 +100,8 @@ class PackedBatches:
       self.index += len(take)
       if self.index == self.num_windows:
         self.epoch, self.index = self.epoch + 1, 0
-    return _gather(self.tokens, np.concatenate(windows), self.seq_len)
+    windows = np.concatenate(windows)
+    return _gather(self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len)
 
   def state(self) -> dict:
     """JSON-serialisable position, to store with a checkpoint."""
@@ -118,9 +134,9 @@ class PackedBatches:
             f"{self.batch_size}, {self.num_windows} windows, epoch={self.epoch}, index={self.index})")
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rows=None) -> list[dict]:
   """Up to max_batches batches from the start of the stream, in order: the same set every call, so
-  eval losses are comparable across steps and runs."""
+  eval losses are comparable across steps and runs. rows: only these rows of each (see PackedBatches)."""
   tokens = _as_stream(tokens)
   num_windows = max(len(tokens) - 1, 0) // seq_len
   n = min(max_batches, num_windows // batch_size)
@@ -128,8 +144,9 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
     raise ValueError(f"the eval split has {len(tokens):,} tokens, too few for one batch of {batch_size} x "
                      f"{seq_len} (needs {batch_size * seq_len + 1:,}); use more data, a larger eval "
                      "fraction, a smaller batch, or disable eval")
-  windows = np.arange(n * batch_size)
-  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n)]
+  windows, rows = np.arange(n * batch_size), _check_rows(rows, batch_size)
+  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size][slice(None) if rows is None else rows], seq_len)
+          for i in range(n)]
 
 
 def epoch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -22,6 +21,7 @@ from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, load_t
   split_train_eval, tokenize_documents
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
+from jaxllm.parallel.distributed import global_batch, is_main_process, local_rows
 from jaxllm.parallel.pipeline import Pipeline
 from jaxllm.parallel.schedule import format_schedule, make_schedule
 from jaxllm.parallel.sharding import batch_sharding
@@ -33,6 +33,16 @@ from jaxllm.train.step import TrainState, make_eval_step, make_train_step
 
 # sampler(model_cfg, params, tokenizer, prompt, max_tokens, mesh=, plan=) -> prompt + continuation
 Sampler = Callable[..., str]
+
+
+class _NoMetrics:
+  """The metrics sink of processes other than 0 (process 0 writes metrics.jsonl for the run)."""
+
+  def write(self, step: int, values: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,7 +83,14 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
           sampler: Sampler | None = None) -> dict:
   """Run (or resume) training to cfg.train.steps. `stop_after` ends this process early after that
   many steps (used to emulate a kill in tests). `sampler` generates the end-of-run sample (none
-  without it). Returns a summary dict."""
+  without it). Returns a summary dict.
+
+  Multi-host (after jaxllm.parallel.distributed.initialize): every process calls this with the same
+  config and runs the same steps; each loads only the batch rows its devices hold, and only process 0
+  logs, shows progress and writes metrics.jsonl / config.json (checkpoints are written cooperatively)."""
+  main = is_main_process()
+  if not main:
+    log, progress = (lambda *_: None), False
   os.makedirs(cfg.train.out_dir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(cfg.train.out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints)
   start = ckpt.latest_step() if cfg.train.resume else None
@@ -89,8 +106,13 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
     raise ConfigError(f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
                       f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
   train_tokens, eval_tokens = load_corpus(cfg, tokenizer)
-  batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed)
-  eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches) if t.eval_every else []
+  # This process loads only the rows of each global batch its devices hold (all of them single-process);
+  # the window order and the checkpointed position are global, so any process count resumes them.
+  b_sh, shape = batch_sharding(mesh, plan), (t.batch_size, t.seq_len)
+  rows = local_rows(b_sh, shape)
+  rows = None if len(rows) == t.batch_size else rows
+  batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows)
+  eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows) if t.eval_every else []
 
   mdef = model_def(cfg.model)
   tx = make_optimizer(t, mdef.logical)
@@ -99,7 +121,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   disk = state_shardings(mdef, tx, mesh, plan, layout=Layout())       # canonical: checkpoints
   if start is not None:
     params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, disk), start)
-    state = relayout(tx, TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), disk.step)),
+    state = relayout(tx, TrainState(params, opt_state, jax.device_put(np.int32(meta["step"]), disk.step)),
                      layout, shardings, to_memory=True)
     batches.restore(meta["data"])
     log(f"resumed from {ckpt.directory}/{start} (step {start})")
@@ -110,17 +132,19 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
     log(f"initialised from Hugging Face checkpoint {t.init_from_hf}")
   else:
     state = init_state(mdef, tx, shardings, t.seed, layout=layout)
-  save_config(cfg, os.path.join(t.out_dir, "config.json"))
+  if main:
+    save_config(cfg, os.path.join(t.out_dir, "config.json"))
   n_params = count_params(mdef.abstract_params())
   log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
       f"active), {len(train_tokens):,} train tokens, {batches.batches_per_epoch} batches/epoch")
 
   step_fn, eval_fn = build_steps(cfg, mdef, tx, mesh, plan, shardings)
   schedule = lr_schedule(t)
-  b_sh = batch_sharding(mesh, plan)
-  peak = measure_matmul_peak(cfg.model.dtype) * (1 if jax.devices()[0].platform == "cpu" else len(jax.devices()))
+  # (measured on one of this process's own devices; the CPU matmul already uses every core)
+  peak = measure_matmul_peak(cfg.model.dtype, device=jax.local_devices()[0]) * (
+    jax.process_count() if jax.devices()[0].platform == "cpu" else len(jax.devices()))
   flops_tok = cfg.model.flops_per_token(t.seq_len)
-  writer = MetricsWriter(t.out_dir, resume_step=int(state.step))
+  writer = MetricsWriter(t.out_dir, resume_step=int(state.step)) if main else _NoMetrics()
 
   step = int(state.step)
   first_step, losses, history = step, [], []
@@ -129,7 +153,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   t_window, tok_window, compile_s = time.perf_counter(), 0, None
   try:
     while step < t.steps and (stop_after is None or step - first_step < stop_after):
-      batch = jax.device_put({k: jnp.asarray(v) for k, v in next(batches).items()}, b_sh)
+      batch = global_batch(b_sh, next(batches), shape)
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
@@ -153,7 +177,7 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
                 "lr": float(schedule(step - 1))}   # the rate this update used (optimizer count step-1)
       if t.eval_every and step % t.eval_every == 0 and eval_set:
         t_eval = time.perf_counter()
-        sums = np.sum([jax.device_get(eval_fn(state.params, jax.device_put(b, b_sh))) for b in eval_set], axis=0)
+        sums = np.sum([jax.device_get(eval_fn(state.params, global_batch(b_sh, b, shape))) for b in eval_set], axis=0)
         last_eval = float(sums[0] / max(sums[1], 1.0))
         t_window += time.perf_counter() - t_eval   # throughput counts training time only
         record["eval_loss"] = last_eval
