@@ -119,23 +119,34 @@ class MeshConfig:
   pp: int = 1            # pipeline stages
   vpp: int = 1           # virtual stages (layer chunks) per pipeline stage, Megatron interleaving
   dp: int = 1            # data parallel replicas of the attention/dense part
+  fsdp: int = 1          # of the dp ways, how many also shard params, grads and Adam state (ZeRO-3 / FSDP; divides dp)
   tp: int = 1            # tensor parallel ways of attention/dense MLP/vocab
   ep: int = 1            # expert parallel ways (may span tp devices: MoE Parallel Folding)
   etp: int = 1           # tensor parallel ways inside each expert (shards the expert hidden dim)
   microbatches: int = 1  # pipeline microbatches m per step (pp > 1 only; needs m >= pp)
   schedule: str = "1f1b"  # pipeline order: "1f1b" (Megatron's interleaved, memory flat in m) or "gpipe"
+  dcn_pp: int = 1        # of the pp ways, how many cross hosts/slices (the slow network, DCN); divides pp
+  dcn_dp: int = 1        # of the dp ways, how many cross hosts/slices (outermost dp ways); divides dp; tp/ep/etp never cross
 
   def __post_init__(self):
-    _positive(self, "pp", "vpp", "dp", "tp", "ep", "etp", "microbatches")
+    _positive(self, "pp", "vpp", "dp", "fsdp", "tp", "ep", "etp", "microbatches")
     check_pipeline(self.pp, self.vpp, self.microbatches)
     if self.schedule not in ("1f1b", "gpipe"):
       raise ConfigError(f"mesh.schedule={self.schedule!r} is not a pipeline schedule; use \"1f1b\" (activation "
                         "memory bounded by ~2*pp*vpp chunk inputs) or \"gpipe\" (all forwards, then all backwards)")
+    if self.dp % self.fsdp:
+      raise ConfigError(f"mesh.fsdp={self.fsdp} must divide mesh.dp={self.dp} (FSDP shards the parameters over "
+                        f"that many of the data-parallel devices); divisors of dp: {_divisors(self.dp)}")
     per_stage = self.dp * self.tp
     if per_stage % (self.ep * self.etp):
       ok = [(e, t) for e in _divisors(per_stage) for t in _divisors(per_stage // e)]
       raise ConfigError(f"mesh.ep * mesh.etp = {self.ep}*{self.etp} must divide dp*tp = {per_stage} "
                         f"(the MoE layers fold onto the same devices); (ep, etp) that work: {ok}")
+    _positive(self, "dcn_pp", "dcn_dp")
+    for key, of in (("dcn_pp", "pp"), ("dcn_dp", "dp")):
+      if getattr(self, of) % getattr(self, key):
+        raise ConfigError(f"mesh.{key}={getattr(self, key)} must divide mesh.{of}={getattr(self, of)} (it is how many "
+                          f"of the {of} ways sit on different hosts/slices); use one of {_divisors(getattr(self, of))}")
 
   @property
   def edp(self) -> int:

@@ -1,16 +1,18 @@
 """Mesh plan (common refinement of the attention and MoE factorizations), Megatron rank order,
 the logical rules table, mesh presets, and rejection of illegal configurations before compiling."""
 import glob
+import math
 import os
 import tomllib
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ConfigError, MeshConfig, load_config
 from jaxllm.parallel import build_mesh, format_rank_table, logical_spec, plan_mesh
-from jaxllm.parallel.mesh import rank_table
+from jaxllm.parallel.mesh import dcn_axis_sizes, device_grid, rank_table
 
 MESHES = os.path.join(os.path.dirname(__file__), "..", "meshes")
 
@@ -39,7 +41,7 @@ def test_rank_table_is_megatron_order(pp, dp, tp, ep, etp):
     i = order[dev]
     j = i % n     # position inside the stage
     assert r == {"pp": i // n, "tp": j % tp, "dp": j // tp, "etp": j % etp,
-                 "ep": (j // etp) % ep, "edp": j // (etp * ep)}, (dev, r)
+                 "ep": (j // etp) % ep, "edp": j // (etp * ep), "fsdp": 0}, (dev, r)
   assert len({(r["pp"], r["dp"], r["tp"]) for _, r in rows}) == 8
   assert len({(r["pp"], r["edp"], r["ep"], r["etp"]) for _, r in rows}) == 8
   text = format_rank_table(mesh, plan)
@@ -97,6 +99,8 @@ def test_mesh_presets(path):
   assert mc.name == os.path.basename(path)[:-5]
   plan = plan_mesh(mc)                                  # the folding nests
   assert plan.size("dp") * plan.size("tp") == mc.edp * mc.ep * mc.etp
+  dcn = dcn_axis_sizes(plan)                            # the host/slice-crossing factors can be placed
+  assert math.prod(dcn) == mc.dcn_pp * mc.dcn_dp
   if mc.device == "cpu":
     assert mc.num_devices in (1, len(jax.devices()))
     build_mesh(mc, jax.devices()[:mc.num_devices])
@@ -110,3 +114,128 @@ def test_device_grid_keeps_local_order_off_tpu():
   assert [d.id for d in device_grid((2, 2), devs).flat] == [d.id for d in devs]
   mesh, plan = build_mesh(MeshConfig(pp=2, dp=2, tp=2, microbatches=2))
   assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes across hosts / slices (mesh.dcn_pp, mesh.dcn_dp): fake devices, so no multi-host run needed.
+
+class FakeDevice:
+  """What mesh_utils reads of a GPU device (id, platform, device_kind) plus its host (process_index)
+  and, for TPU multi-slice, its slice_index."""
+  def __init__(self, id, process_index, slice_index=None):
+    self.id, self.process_index = id, process_index
+    self.platform, self.device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+    if slice_index is not None:
+      self.slice_index = slice_index
+
+  def __repr__(self):
+    return f"FakeDevice({self.id}, host={self.process_index})"
+
+
+def fake_hosts(hosts: int, per_host: int) -> list[FakeDevice]:
+  # Ids interleave the hosts and the list is shuffled, so neither the id order (create_device_mesh's
+  # order on GPU) nor the given order keeps a host's devices together: only the hybrid layout does.
+  devs = [FakeDevice(i, i % hosts) for i in range(hosts * per_host)]
+  return [devs[i] for i in np.random.default_rng(0).permutation(len(devs))]
+
+
+def groups(grid, plan, dim) -> list[list]:
+  """The device groups of a parallel dim: devices that differ only in dim's physical axes."""
+  axes = [plan.axis_names.index(a) for a in plan.dims[dim]]
+  rest = [i for i in range(grid.ndim) if i not in axes]
+  size = math.prod(grid.shape[i] for i in axes)
+  return [list(g) for g in np.transpose(grid, rest + axes).reshape(-1, size)]
+
+
+def hosts_of(group) -> set[int]:
+  return {d.process_index for d in group}
+
+
+@pytest.mark.parametrize("kwargs,hosts", [
+  (dict(dp=4, tp=2, dcn_dp=2), 2),                              # 2 hosts x 4: dp crosses, tp inside
+  (dict(dp=4, tp=2, ep=4, dcn_dp=2), 2),                        # folded: ep=(f1,f0) inside, edp crosses
+  (dict(pp=2, dp=2, tp=2, microbatches=2, dcn_pp=2), 2),        # stages on different hosts
+  (dict(pp=2, dp=2, tp=2, microbatches=2, dcn_pp=2, dcn_dp=2), 4),
+  (dict(dp=8, tp=2, ep=4, dcn_dp=2), 2),                        # dcn_dp takes part of the outer dp axis
+  (dict(pp=2, vpp=2, dp=4, tp=8, ep=8, microbatches=8, dcn_pp=2, dcn_dp=4), 8),   # h100-8x8
+])
+def test_hybrid_mesh_keeps_tp_ep_inside_a_host(kwargs, hosts):
+  mc = MeshConfig(**kwargs)
+  plan = plan_mesh(mc)
+  devs = fake_hosts(hosts, mc.num_devices // hosts)
+  dcn = dcn_axis_sizes(plan)
+  grid = device_grid(plan.axis_sizes, devs, dcn)
+  assert grid.shape == plan.axis_sizes and sorted(d.id for d in grid.flat) == list(range(len(devs)))
+  for dim in ("tp", "ep", "etp"):                      # fast-network groups never leave a host
+    assert all(len(hosts_of(g)) == 1 for g in groups(grid, plan, dim)), dim
+  for dim, k in (("pp", mc.dcn_pp), ("dp", mc.dcn_dp)):   # slow-network groups span dcn_* hosts
+    if plan.dims[dim]:
+      assert all(len(hosts_of(g)) == k for g in groups(grid, plan, dim)), dim
+  # The dcn factor sits on the outer axes: pp first, then dp's outermost physical axes.
+  assert dcn[0] == mc.dcn_pp and math.prod(dcn[plan.axis_names.index(a)] for a in plan.dims["dp"]) == mc.dcn_dp
+  inner = {a for d in ("tp", "ep", "etp") for a in plan.dims[d]}
+  assert all(dcn[plan.axis_names.index(a)] == 1 for a in inner)
+
+
+def test_hybrid_mesh_splits_dcn_dp_over_several_dp_axes():
+  """With FSDP the dp ways are two physical axes; dcn_dp=4 takes both (outer-first), tp stays inside."""
+  if "fsdp" not in MeshConfig.__dataclass_fields__:
+    pytest.skip("no mesh.fsdp")
+  mc = MeshConfig(dp=4, fsdp=2, tp=2, dcn_dp=4)
+  plan = plan_mesh(mc)
+  dcn = dcn_axis_sizes(plan)
+  assert math.prod(dcn) == 4
+  grid = device_grid(plan.axis_sizes, fake_hosts(4, 2), dcn)
+  assert all(len(hosts_of(g)) == 1 for g in groups(grid, plan, "tp"))
+  assert all(len(hosts_of(g)) == 4 for g in groups(grid, plan, "dp"))
+
+
+def test_hybrid_mesh_uses_slices_when_devices_span_several():
+  """TPU multi-slice: the granules are slices (slice_index), not hosts; 2 slices x 2 hosts x 2 chips."""
+  devs = [FakeDevice(i, process_index=i // 2, slice_index=i // 4) for i in range(8)]
+  mc = MeshConfig(dp=4, tp=2, ep=4, dcn_dp=2)
+  plan = plan_mesh(mc)
+  grid = device_grid(plan.axis_sizes, devs, dcn_axis_sizes(plan))
+  for dim in ("tp", "ep"):
+    assert all(len({d.slice_index for d in g}) == 1 for g in groups(grid, plan, dim))
+  assert all(len({d.slice_index for d in g}) == 2 for g in groups(grid, plan, "dp"))
+
+
+def test_one_host_keeps_the_single_host_layout():
+  """dcn factors on one host (or the emulated CPU mesh) change nothing: the layout is today's."""
+  mc = MeshConfig(pp=2, dp=2, tp=2, microbatches=2, dcn_pp=2, dcn_dp=2)
+  mesh, plan = build_mesh(mc)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+  devs = [FakeDevice(i, 0) for i in range(8)]
+  assert (device_grid(plan.axis_sizes, devs, dcn_axis_sizes(plan)) == device_grid(plan.axis_sizes, devs)).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+  (dict(dp=4, dcn_dp=3), r"mesh.dcn_dp=3 must divide mesh.dp=4 .*use one of \[1, 2, 4\]"),
+  (dict(pp=2, microbatches=2, dcn_pp=4), r"mesh.dcn_pp=4 must divide mesh.pp=2 .*use one of \[1, 2\]"),
+  (dict(dcn_dp=0), "mesh.dcn_dp=0 must be >= 1"),
+])
+def test_illegal_dcn_config_rejected(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    MeshConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+  # Folded dp=4 tp=2 ep=4: dp=(f2,f1), ep=(f1,f0); dcn_dp=4 would put f1, an ep axis, across hosts.
+  (dict(dp=4, tp=2, ep=4, dcn_dp=4), r"axis f1 is also ep's.*dcn_dp values that work here: \[1, 2\]"),
+  # dp=6 ep=3: dp's outer axis has size 2, which a cross-host factor of 3 cannot fill or split.
+  (dict(dp=6, ep=3, dcn_dp=3), r"axis f1 of size 2 neither divides nor is divided by the factor 3.*\[1, 2\]"),
+])
+def test_unplaceable_dcn_rejected_with_working_values(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    dcn_axis_sizes(plan_mesh(MeshConfig(**kwargs)))
+
+
+def test_host_count_must_match_dcn_factors():
+  plan = plan_mesh(MeshConfig(dp=4, tp=2, dcn_dp=2))
+  dcn = dcn_axis_sizes(plan)
+  with pytest.raises(ConfigError, match=r"8 devices span 4 hosts.*mesh.dcn_pp \* mesh.dcn_dp = 4"):
+    device_grid(plan.axis_sizes, fake_hosts(4, 2), dcn)
+  uneven = [FakeDevice(i, int(i >= 3)) for i in range(8)]
+  with pytest.raises(ConfigError, match=r"different numbers of devices \[3, 5\]"):
+    device_grid(plan.axis_sizes, uneven, dcn)

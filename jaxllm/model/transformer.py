@@ -133,7 +133,10 @@ class Transformer(nnx.Module):
     return {name: var[...] for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
 
   def embed_tokens(self, tokens):
-    x = self.embed[...].astype(jnp.dtype(self.cfg.dtype))[tokens]
+    # The table as activations see it (model dim whole), so a table split over the model dim is
+    # gathered before the lookup rather than the looked-up rows resharded.
+    table = constrain(self.embed[...].astype(jnp.dtype(self.cfg.dtype)), ("vocab", "embed"))
+    x = table[tokens]
     return constrain(x, ("batch", "seq", "embed"))
 
   def hidden(self, tokens, positions=None, cache=None):

@@ -36,6 +36,7 @@ from jaxllm.model import hooks
 from jaxllm.model.loss import token_nll
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.moe import device_experts
+from jaxllm.parallel.sharding import param_specs
 
 
 def check_manual(cfg: ModelConfig, plan: MeshPlan) -> None:
@@ -112,6 +113,27 @@ def localize_layer_params(p: dict, plan: MeshPlan, cfg: ModelConfig) -> dict:
     if name in p:
       out[name] = jax.lax.dynamic_slice_in_dim(p[name], kv, 1, axis=p[name].ndim - 2)
   return out
+
+
+def fsdp_gathers(mdef, plan: MeshPlan) -> dict:
+  """Tree like the params: (dim, axes) of the model dim a parameter splits over the FSDP axes
+  (sharding.PARAM_RULES), or None where nothing is split."""
+  def one(names, spec):
+    if "embed" not in names:
+      return None
+    axes = spec[names.index("embed")]
+    return None if axes is None else (names.index("embed"), axes)
+  return jax.tree.map(one, mdef.logical, param_specs(mdef, plan), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def gather_fsdp(params: dict, gathers: dict, skip: int = 0) -> dict:
+  """ZeRO-3's gather (Rajbhandari et al. 2020): each FSDP-split parameter of `params` all-gathered
+  whole over its FSDP axes, where it is used (per layer inside a chunk's scan: `skip=1` for a layer's
+  params without the stacked L dim). Its transpose, a reduce-scatter, hands each device the summed
+  gradient of its own shard."""
+  def one(x, g):
+    return x if g is None else jax.lax.all_gather(x, g[1], axis=g[0] - skip, tiled=True)
+  return {k: one(v, gathers[k]) for k, v in params.items()}
 
 
 def _vocab_range(plan: MeshPlan, local_v: int, vocab_size: int):

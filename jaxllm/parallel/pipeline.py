@@ -48,7 +48,7 @@ from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_lay
 from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
-from jaxllm.parallel.sharding import logical_spec, param_specs
+from jaxllm.parallel.sharding import PARAM_RULES, logical_spec, param_specs
 
 STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
 
@@ -90,7 +90,7 @@ def staged_specs(mdef: ModelDef, plan: MeshPlan) -> dict:
   abstract = mdef.abstract_params()["layers"]
 
   def one(names, a):
-    inner = tuple(logical_spec(plan, names[1:], a.shape[1:]))
+    inner = tuple(logical_spec(plan, names[1:], a.shape[1:], PARAM_RULES))
     return P(None, STAGE if plan.cfg.pp > 1 else None, None, *inner)
   layers = jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
   return {**specs, "layers": layers}
@@ -160,6 +160,7 @@ class Pipeline:
     cfg, c = self.mdef.cfg, self.plan.cfg
     check_pipeline(c.pp, c.vpp, self.microbatches, n_layers=cfg.n_layers)
     manual.check_manual(cfg, self.plan)
+    object.__setattr__(self, "_gathers", manual.fsdp_gathers(self.mdef, self.plan))
 
   @functools.cached_property
   def tables(self) -> dict[str, Schedule]:
@@ -231,6 +232,7 @@ class Pipeline:
     cfg = self.mdef.cfg
 
     def body(x, p):
+      p = manual.gather_fsdp(p, self._gathers["layers"], skip=1)
       x, _, aux = block_forward(cfg, manual.localize_layer_params(p, self.plan, cfg), x, cos, sin, None, 0)
       return x, aux
     x, aux = jax.lax.scan(remat_layer(body, layer_remat), x, w)
@@ -238,11 +240,13 @@ class Pipeline:
 
   def _embed(self, params, tokens):
     cfg = self.mdef.cfg
-    return manual.vocab_parallel_embed(tokens, params["embed"], self.plan, cfg.vocab_size, jnp.dtype(cfg.dtype))
+    embed = manual.gather_fsdp({"embed": params["embed"]}, self._gathers)["embed"]
+    return manual.vocab_parallel_embed(tokens, embed, self.plan, cfg.vocab_size, jnp.dtype(cfg.dtype))
 
   def _head_nll(self, head, y, targets, mask):
     """Final norm, vocab-parallel head and masked NLL sum of one microbatch on the last stage."""
     cfg = self.mdef.cfg
+    head = manual.gather_fsdp(head, self._gathers)
     h = ops.rms_norm(y, head["final_norm"], cfg.norm_eps)
     w = head["embed"].T if cfg.tie_embeddings else head["lm_head"]
     nll = manual.vocab_parallel_nll(h, w, targets, self.plan, cfg.vocab_size)

@@ -26,20 +26,27 @@ LOGICAL_RULES = {
   # when pp = 1); jaxllm.parallel.pipeline regroups it into [vpp, pp, C, ...] inside the step.
   "layers": "pp",
 }
+# Parameters (and so gradients and optimizer moments) also split their model dim over the FSDP axes
+# (ZeRO-3, Rajbhandari et al. 2020; MaxText's `fsdp` axis); activations keep it whole. Each layer's
+# weights are gathered where they are used: by XLA inside the layer scan under auto-sharding, by
+# jaxllm.parallel.manual.gather_fsdp inside the pipeline.
+PARAM_RULES = {**LOGICAL_RULES, "embed": "fsdp"}
 
 
-def logical_spec(plan: MeshPlan, names, shape=None) -> P:
+def logical_spec(plan: MeshPlan, names, shape=None, rules=LOGICAL_RULES) -> P:
   """PartitionSpec for an array with these logical names. A dim whose size the axes do not divide
-  (e.g. 2 kv heads under tp=4) stays replicated, as Megatron replicates kv heads when tp > K."""
+  (e.g. 2 kv heads under tp=4) stays replicated, as Megatron replicates kv heads when tp > K. A dim
+  gets only the axes an earlier dim has not taken (an expert weight's model dim gets the FSDP axes
+  that ep does not already split)."""
   sizes = dict(zip(plan.axis_names, plan.axis_sizes))
   used, spec = set(), []
   for i, name in enumerate(names):
-    dim = LOGICAL_RULES.get(name) if name is not None else None
-    if name is not None and name not in LOGICAL_RULES:
+    dim = rules.get(name) if name is not None else None
+    if name is not None and name not in rules:
       raise KeyError(f"logical axis {name!r} has no rule in jaxllm.parallel.sharding.LOGICAL_RULES")
-    axes = tuple(a for a in plan.dims.get(dim, ()) if sizes[a] > 1) if dim else ()
+    axes = tuple(a for a in plan.dims.get(dim, ()) if sizes[a] > 1 and a not in used) if dim else ()
     n = int(np.prod([sizes[a] for a in axes], dtype=np.int64))
-    if not axes or used & set(axes) or (shape is not None and shape[i] % n):
+    if not axes or (shape is not None and shape[i] % n):
       spec.append(None)
     else:
       used |= set(axes)
@@ -50,7 +57,7 @@ def logical_spec(plan: MeshPlan, names, shape=None) -> P:
 def param_specs(mdef, plan: MeshPlan):
   """PartitionSpec of every parameter of `mdef` (a jaxllm.model.params.ModelDef) from its logical
   names (also the in_specs of code partitioned by hand, jaxllm.parallel.manual)."""
-  return jax.tree.map(lambda names, a: logical_spec(plan, names, a.shape), mdef.logical,
+  return jax.tree.map(lambda names, a: logical_spec(plan, names, a.shape, PARAM_RULES), mdef.logical,
                       mdef.abstract_params(), is_leaf=lambda x: isinstance(x, tuple))
 
 

@@ -24,7 +24,7 @@ def serving_mesh(mesh, plan: MeshPlan | None):
   if mesh is None or plan.cfg.pp == 1:
     return mesh, plan
   mc = dataclasses.replace(plan.cfg, name=f"{plan.cfg.name}-serve", pp=1, vpp=1, microbatches=1,
-                           dp=plan.cfg.pp * plan.cfg.dp)
+                           dp=plan.cfg.pp * plan.cfg.dp, dcn_pp=1, dcn_dp=plan.cfg.dcn_pp * plan.cfg.dcn_dp)
   return build_mesh(mc, list(mesh.devices.flat))
 
 
