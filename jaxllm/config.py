@@ -18,6 +18,20 @@ class ConfigError(ValueError):
   """A configuration the user must fix; the message says what and how."""
 
 
+# model.remat: what each layer keeps for its backward (jax.checkpoint policies; the rest is recomputed).
+#   none                     everything (no recompute)
+#   full                     only the layer input (recompute the whole layer)
+#   dots                     the matmul outputs without batch dims: the weight projections, not the attention
+#                            scores (jax's dots_with_no_batch_dims_saveable; what "dots" always meant)
+#   dots_with_no_batch_dims  the same as dots, by its jax name
+#   dots_saveable            every matmul output, with model.attention=xla the scores [B, N, T, T] too (jax's dots_saveable)
+#   offload                  like dots, but kept in pinned host memory instead of the accelerator's
+#                            (offload_dot_with_no_batch_dims: device -> pinned_host)
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_saveable", "offload")
+# model.attention: the training-attention implementations (jaxllm.model.attention).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn", "splash")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
   """A Llama/Qwen-family decoder; MoE when `n_experts > 0` (every layer is then MoE)."""
@@ -51,7 +65,10 @@ class ModelConfig:
   init_std: float = 0.02          # normal init std of weight matrices
   dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"    # storage dtype of parameters (fp32 master weights with bf16 compute)
-  remat: str = "none"             # activation checkpointing per layer: "none", "full" or "dots" (pipeline: "full" keeps only each chunk's input)
+  remat: str = "none"             # activation checkpointing per layer: "none", "full", "dots" (= "dots_with_no_batch_dims"), "dots_saveable" or "offload" (REMAT_POLICIES; costs: README "Training"; pipeline: "full" keeps only each chunk's input)
+  attention: str = "auto"         # training attention, one of ATTENTION_IMPLEMENTATIONS: "xla" (naive, memory quadratic in T), "flash" (blockwise, linear), "cudnn" (GPU), "splash" (TPU), "auto"
+  scan_unroll: int = 1            # layers per iteration of the scan over layers (>1 unrolls: fewer loop steps for shallow models, longer compiles)
+  loss_chunk: int = 1024          # LM loss: sequence positions per chunk whose logits [B, chunk, V] fp32 exist at once (fwd and bwd); 0 = whole sequence
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -65,8 +82,14 @@ class ModelConfig:
       raise ConfigError(f"model.n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}")
     if self.rope_scaling not in ("none", "llama3"):
       raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}: use 'none' or 'llama3'")
-    if self.remat not in ("none", "full", "dots"):
-      raise ConfigError(f"model.remat={self.remat!r}: use 'none', 'full' or 'dots'")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat={self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"model.attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+                        "('auto' = cudnn on GPU, splash on TPU, flash otherwise)")
+    if self.scan_unroll < 1 or self.loss_chunk < 0:
+      raise ConfigError(f"model.scan_unroll={self.scan_unroll} must be >= 1 and model.loss_chunk={self.loss_chunk} "
+                        ">= 0 (0 = the loss over whole sequences)")
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         raise ConfigError(f"model.{key}={getattr(self, key)!r}: use 'float32' or 'bfloat16'")
@@ -187,6 +210,8 @@ class TrainConfig:
   sample_prompt: str = "def "     # prompt of the sample printed after training
   sample_tokens: int = 160        # tokens generated for that sample (temperature 0.8)
   init_from_hf: str = ""          # start from a Hugging Face model directory instead of random init
+  document_masks: bool = False    # packed rows: attention stays within each document (segment ids from the eos separators), no loss on a document's first token
+  reset_positions: bool = False   # with document_masks: RoPE positions restart at 0 at each document start
 
   def __post_init__(self):
     _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints")
@@ -196,6 +221,9 @@ class TrainConfig:
       raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
     if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.decay_steps < 0:
       raise ConfigError("train.warmup_steps, train.decay_steps, train.eval_every and train.save_every must be >= 0")
+    if self.reset_positions and not self.document_masks:
+      raise ConfigError("train.reset_positions=true needs train.document_masks=true (positions restart where "
+                        "the document masks start a new document)")
 
 
 SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
@@ -305,6 +333,9 @@ class Config:
   def __post_init__(self):
     m, t, mesh = self.model, self.train, self.mesh
     check_pipeline(mesh.pp, mesh.vpp, mesh.microbatches, n_layers=m.n_layers)
+    if mesh.pp > 1 and t.document_masks:
+      raise ConfigError("train.document_masks=true is not supported with pipeline parallelism (mesh.pp > 1) "
+                        "yet; use mesh.pp=1 or train.document_masks=false")
     if m.is_moe and m.n_experts % mesh.ep:
       raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
     micro = t.batch_size // t.grad_accum

@@ -29,7 +29,8 @@ def _batch(B=8, T=16, V=259, seed=0):
   return {k: jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32) for k in ("inputs", "targets")}
 
 
-def _sharded_grads(cfg, mesh_cfg, params, batch):
+def sharded_grads(cfg, mesh_cfg, params, batch):
+  """Loss gradients and metrics of `batch` on a mesh (params and batch placed by the rules)."""
   mesh, plan = build_mesh(mesh_cfg)
   mdef = model_def(cfg)
   p = jax.device_put(params, param_shardings(mdef, mesh, plan))
@@ -47,7 +48,7 @@ def test_sharded_loss_and_grads_equal_single_device(dp, tp, moe):
   params, batch = init_params(cfg, 0), _batch()
   mdef = model_def(cfg)
   ref_g, ref_m = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b))(params, batch)
-  g, m = _sharded_grads(cfg, MeshConfig(dp=dp, tp=tp), params, batch)
+  g, m = sharded_grads(cfg, MeshConfig(dp=dp, tp=tp), params, batch)
   np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, ref_g)
   # attention weights really are split over tp (heads=4 divisible by tp<=4)

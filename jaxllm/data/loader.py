@@ -6,6 +6,13 @@ The stream is cut into windows of T+1 tokens at stride T (window w covers tokens
 inputs are a window's first T tokens and targets its last T, so every token of the stream except the
 first is a target exactly once per epoch. Documents are packed back to back with their eos
 separators and no padding (as GPT-2/nanoGPT train), so no compute is spent on pad tokens.
+
+Document masks (eos_id given): each batch also carries "segment_ids" [B, T] int32, the index of an
+input's document within its row (an eos closes its document; the next token opens the next one), so
+the model's attention never crosses a document boundary, and "mask" [B, T] int32, 0 where the target
+is the first token of a new document (its input, the previous document's eos, may not see it). With
+reset_positions also "positions" [B, T] int32, restarting at 0 at each document start (and at the
+row start). Train and eval batches carry the same keys.
 """
 from __future__ import annotations
 
@@ -22,10 +29,38 @@ def _as_stream(tokens) -> np.ndarray:
   return tokens.astype(np.int32, copy=False)
 
 
-def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-  """{"inputs", "targets"} int32 [B, T] (B = len(windows), T = seq_len) for the given window numbers."""
+def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int, eos_id: int | None = None,
+            reset_positions: bool = False) -> dict[str, np.ndarray]:
+  """{"inputs", "targets"} int32 [B, T] (B = len(windows), T = seq_len) for the given window numbers;
+  with eos_id the document fields too (see document_fields)."""
   rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, T+1]
-  return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
+  batch = {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
+  if eos_id is not None:
+    batch.update(document_fields(batch["inputs"], eos_id, reset_positions))
+  return batch
+
+
+def document_fields(inputs: np.ndarray, eos_id: int, reset_positions: bool = False) -> dict[str, np.ndarray]:
+  """inputs [B, T] of documents packed with eos separators -> {"segment_ids", "mask"[, "positions"]},
+  each int32 [B, T]: segment_ids counts the eos before each position (an eos ends its document), mask
+  is 0 where the input is an eos (its target opens the next document), positions restart at 0 after
+  each eos and at the row start."""
+  is_eos = inputs == eos_id
+  seg = np.cumsum(is_eos, axis=1, dtype=np.int32) - is_eos
+  out = {"segment_ids": seg.astype(np.int32), "mask": (~is_eos).astype(np.int32)}
+  if reset_positions:
+    T = inputs.shape[1]
+    t = np.arange(T, dtype=np.int32)
+    start = np.concatenate([np.ones_like(is_eos[:, :1]), is_eos[:, :-1]], axis=1)  # a document starts here
+    out["positions"] = (t - np.maximum.accumulate(np.where(start, t, 0), axis=1)).astype(np.int32)
+  return out
+
+
+def _check_documents(eos_id, reset_positions: bool):
+  if reset_positions and eos_id is None:
+    raise ValueError("reset_positions needs eos_id: positions restart at document boundaries, which the "
+                     "eos separators mark (turn on document masks)")
+  return (None if eos_id is None else int(eos_id)), bool(reset_positions)
 
 
 def _check_rows(rows, batch_size: int) -> np.ndarray | None:
@@ -51,16 +86,20 @@ class PackedBatches:
   rows (multi-host): yield only these rows (ascending indices into [0, B)) of each global batch, for a
   process that holds only part of the batch dim. The window order and state() stay global, the same
   in every process and independent of rows, so a checkpoint resumes on any process count.
+
+  eos_id (document masks): also "segment_ids" and "mask" [B, T], and with reset_positions
+  "positions" (see document_fields).
   """
 
   def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True, rows=None):
+               shuffle: bool = True, rows=None, eos_id: int | None = None, reset_positions: bool = False):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
     self.tokens = _as_stream(tokens)
     self.seq_len, self.batch_size = int(seq_len), int(batch_size)
     self.seed, self.shuffle = int(seed), shuffle
     self.rows = _check_rows(rows, self.batch_size)
+    self.eos_id, self.reset_positions = _check_documents(eos_id, reset_positions)
     if self.num_windows < self.batch_size:
       need = self.batch_size * self.seq_len + 1
       raise ValueError(f"{len(self.tokens):,} tokens make {self.num_windows} sequences of seq_len="
@@ -101,7 +140,8 @@ class PackedBatches:
       if self.index == self.num_windows:
         self.epoch, self.index = self.epoch + 1, 0
     windows = np.concatenate(windows)
-    return _gather(self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len)
+    return _gather(self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len,
+                   self.eos_id, self.reset_positions)
 
   def state(self) -> dict:
     """JSON-serialisable position, to store with a checkpoint."""
@@ -134,9 +174,12 @@ class PackedBatches:
             f"{self.batch_size}, {self.num_windows} windows, epoch={self.epoch}, index={self.index})")
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rows=None) -> list[dict]:
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rows=None,
+                 eos_id: int | None = None, reset_positions: bool = False) -> list[dict]:
   """Up to max_batches batches from the start of the stream, in order: the same set every call, so
-  eval losses are comparable across steps and runs. rows: only these rows of each (see PackedBatches)."""
+  eval losses are comparable across steps and runs. rows: only these rows of each; eos_id,
+  reset_positions: the document fields (see PackedBatches)."""
+  eos_id, reset_positions = _check_documents(eos_id, reset_positions)
   tokens = _as_stream(tokens)
   num_windows = max(len(tokens) - 1, 0) // seq_len
   n = min(max_batches, num_windows // batch_size)
@@ -145,7 +188,8 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
                      f"{seq_len} (needs {batch_size * seq_len + 1:,}); use more data, a larger eval "
                      "fraction, a smaller batch, or disable eval")
   windows, rows = np.arange(n * batch_size), _check_rows(rows, batch_size)
-  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size][slice(None) if rows is None else rows], seq_len)
+  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size][slice(None) if rows is None else rows], seq_len,
+                  eos_id, reset_positions)
           for i in range(n)]
 
 

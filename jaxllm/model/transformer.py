@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import layers as ops
+from jaxllm.model.attention import self_attention
 from jaxllm.model.hooks import constrain, sum_partials
 from jaxllm.model.moe import moe_mlp
 
@@ -76,8 +77,9 @@ class Blocks(nnx.Module):
       self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pd)
 
 
-def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
-  """One decoder block. p: this layer's arrays (name -> array without the L axis).
+def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer, segment_ids=None):
+  """One decoder block. p: this layer's arrays (name -> array without the L axis). Without a cache,
+  causal self-attention by `cfg.attention`, within documents when segment_ids [B, T] are given.
 
   x [B, T, D] -> (x [B, T, D], cache, aux dict).
   """
@@ -94,7 +96,7 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
   k = constrain(ops.apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
   v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
   if cache is None:
-    attn = ops.attention(q, k, v, ops.causal_mask(x.shape[0], x.shape[1]))
+    attn = self_attention(cfg.attention, q, k, v, segment_ids)
   else:
     attn, cache = cache.attend(layer, q, k, v)
   # With the heads split by hand (manual TP) this projection is a partial sum over the local heads.
@@ -109,13 +111,24 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer):
   return x, cache, aux
 
 
+def remat_policy(policy: str):
+  """The jax.checkpoint policy of a ModelConfig.remat name (jaxllm.config.REMAT_POLICIES); None for 'none'."""
+  cp = jax.checkpoint_policies
+  if policy == "none":
+    return None
+  if policy == "offload":
+    return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+  return {"full": cp.nothing_saveable,
+          "dots": cp.dots_with_no_batch_dims_saveable,
+          "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
+          "dots_saveable": cp.dots_saveable}[policy]
+
+
 def remat(fn, policy: str):
-  """fn wrapped in jax.checkpoint per ModelConfig.remat ('none', 'full', 'dots')."""
+  """fn wrapped in jax.checkpoint per ModelConfig.remat (see jaxllm.config.REMAT_POLICIES)."""
   if policy == "none":
     return fn
-  saveable = {"full": jax.checkpoint_policies.nothing_saveable,
-              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
-  return jax.checkpoint(fn, policy=saveable)
+  return jax.checkpoint(fn, policy=remat_policy(policy))
 
 
 class Transformer(nnx.Module):
@@ -139,39 +152,46 @@ class Transformer(nnx.Module):
     x = table[tokens]
     return constrain(x, ("batch", "seq", "embed"))
 
-  def hidden(self, tokens, positions=None, cache=None):
-    """tokens [B, T] -> (final hidden [B, T, D] after the last norm, aux, cache)."""
+  def hidden(self, tokens, positions=None, cache=None, segment_ids=None):
+    """tokens [B, T] -> (final hidden [B, T, D] after the last norm, aux, cache). segment_ids [B, T]
+    (packed documents, training only): attention stays within each document."""
     cfg = self.cfg
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if cache is None else cache.positions(T)
     x = self.embed_tokens(tokens)
-    x, aux, cache = self.run_layers(x, positions, self.layer_params(), cache)
+    x, aux, cache = self.run_layers(x, positions, self.layer_params(), cache, segment_ids=segment_ids)
     if cache is not None:
       cache = cache.advance(T)
     return ops.rms_norm(x, self.final_norm[...], cfg.norm_eps), aux, cache
 
-  def run_layers(self, x, positions, params: dict, cache=None, first_layer: int = 0):
+  def run_layers(self, x, positions, params: dict, cache=None, first_layer: int = 0, segment_ids=None):
     """Scan the blocks whose stacked params are given (all L, or a pipeline chunk)."""
     cfg = self.cfg
     cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
 
     def body(carry, p):
       x, cache, layer = carry
-      x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer)
+      x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer, segment_ids)
       return (x, cache, layer + 1), aux
 
-    (x, cache, _), aux = jax.lax.scan(remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params)
+    (x, cache, _), aux = jax.lax.scan(remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params,
+                                      unroll=cfg.scan_unroll)
     return x, {k: jnp.mean(v) for k, v in aux.items()}, cache
+
+  def head_weight(self):
+    """The output head [D, V] as stored (param dtype): embed.T when tied, else lm_head. The training
+    loss reads it (jaxllm.model.loss.chunked_cross_entropy_sums) instead of full logits."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
   def logits(self, h):
     """h [B, T, D] -> logits [B, T, V] in fp32."""
-    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    w = self.head_weight()
     logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))
 
-  def __call__(self, tokens, positions=None, cache=None) -> Output:
-    h, aux, cache = self.hidden(tokens, positions, cache)
+  def __call__(self, tokens, positions=None, cache=None, segment_ids=None) -> Output:
+    h, aux, cache = self.hidden(tokens, positions, cache, segment_ids)
     return Output(self.logits(h), aux, cache)
 
 

@@ -191,6 +191,9 @@ class Pipeline:
 
   def _microbatches(self, batch):
     B, m = batch["inputs"].shape[0], self.microbatches
+    if batch.get("segment_ids") is not None or batch.get("positions") is not None:
+      raise ConfigError("document masks (segment_ids / positions in the batch) are not supported with pipeline "
+                        "parallelism (mesh.pp > 1) yet; use mesh.pp=1 or train.document_masks=false")
     if B % m:
       raise ConfigError(f"batch of {B} sequences does not split into {m} microbatches; make the "
                         f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}")

@@ -111,8 +111,10 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   b_sh, shape = batch_sharding(mesh, plan), (t.batch_size, t.seq_len)
   rows = local_rows(b_sh, shape)
   rows = None if len(rows) == t.batch_size else rows
-  batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows)
-  eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows) if t.eval_every else []
+  # Document masks: segment ids, loss mask (and positions) from the eos separators, in train and eval.
+  docs = dict(eos_id=tokenizer.eos_id if t.document_masks else None, reset_positions=t.reset_positions)
+  batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs)
+  eval_set = eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs) if t.eval_every else []
 
   mdef = model_def(cfg.model)
   tx = make_optimizer(t, mdef.logical)

@@ -28,7 +28,7 @@ import optax
 
 from jaxllm.config import ConfigError
 from jaxllm.model import hooks
-from jaxllm.model.loss import cross_entropy_sums, token_count
+from jaxllm.model.loss import chunked_cross_entropy_sums, token_count
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss
 from jaxllm.parallel.pipeline import Pipeline
@@ -41,14 +41,15 @@ class TrainState(NamedTuple):
 
 def loss_sums(mdef: ModelDef, params, batch, pipeline: Pipeline | None = None):
   """-> (sum of token NLLs, counted tokens, aux loss) of one batch: inputs, targets [B, T] int32,
-  optional mask [B, T] (1 = counts)."""
+  optional mask [B, T] (1 = counts), segment_ids and positions [B, T] int32 (packed documents)."""
   count = token_count(batch["targets"], batch.get("mask"))
   if pipeline is not None:
     nll, aux = pipeline.sums(params, batch)
     return nll, count, aux_loss(mdef.cfg, aux)
   model = mdef.bind(params)
-  h, aux, _ = model.hidden(batch["inputs"])
-  nll, _ = cross_entropy_sums(model.logits(h), batch["targets"], batch.get("mask"))
+  h, aux, _ = model.hidden(batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"))
+  # The head and the loss chunk by chunk of positions (model.loss_chunk): never the [B, T, V] fp32 logits.
+  nll, _ = chunked_cross_entropy_sums(h, model.head_weight(), batch["targets"], batch.get("mask"), mdef.cfg.loss_chunk)
   return nll, count, aux_loss(mdef.cfg, aux)
 
 

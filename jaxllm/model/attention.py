@@ -1,0 +1,283 @@
+"""Training (full-sequence, causal) self-attention behind one switch, `ModelConfig.attention`:
+
+  xla     the naive reference: fp32 scores [B, K, G, T, T] and a [B, T, T] mask (memory quadratic in T)
+  flash   blockwise attention in plain XLA: an online softmax over key blocks (FlashAttention, Dao et
+          al. 2022), key blocks past the causal diagonal skipped, and a custom_vjp whose backward
+          recomputes each block from the saved log-sum-exp: forward and backward memory linear in T
+  cudnn   GPU: jax.nn.dot_product_attention(implementation="cudnn") (bf16/fp16 inputs only)
+  splash  TPU: the Pallas splash-attention kernel (causal, segment ids), vmapped over batch and kv heads
+  auto    cudnn on GPU (bf16, no document mask), splash on TPU (T a multiple of 128), flash otherwise
+
+Every path takes `segment_ids` [B, T] int32 (document index within a packed row, or None): a query
+attends to keys at or before it AND in the same document. GQA never repeats K/V: q is viewed as
+[B, T, K, G, H]. Scores and softmax in fp32, output in q's dtype. Serving attention (the caches'
+`attend`) is not here.
+
+Shapes: the package legend in jaxllm/__init__.py (B, T, N, K, G, H).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from jaxllm.model.layers import MASK_VALUE, attention as dense_attention
+
+# Query / key rows per block of the flash path: one block's fp32 scores are [B, K, G, BLOCK_Q, BLOCK_K].
+BLOCK_Q = BLOCK_K = 512
+
+
+def document_mask(B: int, T: int, segment_ids=None):
+  """[B, T, T] bool: causal, and (with segment_ids [B, T]) within one document."""
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), dtype=bool)), (B, T, T))
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
+
+
+def resolve(impl: str, q, segment_ids=None) -> str:
+  """The concrete implementation `impl` means for q [B, T, N, H] on the default backend."""
+  if impl != "auto":
+    return impl
+  platform = jax.devices()[0].platform
+  T, H = q.shape[1], q.shape[3]
+  if platform in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16) and segment_ids is None \
+      and H % 8 == 0 and H <= 128:
+    return "cudnn"
+  if platform == "tpu" and T % 128 == 0:
+    return "splash"
+  return "flash"
+
+
+def self_attention(impl: str, q, k, v, segment_ids=None):
+  """Causal (document-masked) self-attention. q [B, T, N, H]; k, v [B, T, K, H] -> [B, T, N, H]."""
+  impl = resolve(impl, q, segment_ids)
+  if impl == "xla":
+    return dense_attention(q, k, v, document_mask(q.shape[0], q.shape[1], segment_ids))
+  if impl == "flash":
+    return flash_attention(q, k, v, segment_ids)
+  if impl == "cudnn":
+    return cudnn_attention(q, k, v, segment_ids)
+  if impl == "splash":
+    return splash_attention(q, k, v, segment_ids)
+  raise ValueError(f"attention implementation {impl!r}: use one of {IMPLEMENTATIONS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# flash: blockwise attention in XLA
+
+def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block_k: int | None = None):
+  """Blockwise causal attention, memory linear in T in the forward and the backward.
+  q [B, T, N, H]; k, v [B, T, K, H]; segment_ids [B, T] int or None -> [B, T, N, H] in q's dtype.
+  Blocks: BLOCK_Q / BLOCK_K unless given (capped at T; T need not be a multiple)."""
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  if k.shape[1] != T:
+    raise ValueError(f"flash attention is self-attention: q has {T} positions, k {k.shape[1]}")
+  bq, bk = min(block_q or BLOCK_Q, T), min(block_k or BLOCK_K, T)
+  seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  # Inside a shard_map (manual TP, the pipeline) the inputs may vary over different mesh axes: give
+  # them one type here, so the loops' carries and the backward's cotangents all share it.
+  q, k, v, seg = _vary((q, k, v, seg), _varying(q, k, v, seg))
+  out = _flash(bq, bk, q.reshape(B, T, K, N // K, H), k, v, seg)
+  return out.reshape(B, T, N, H)
+
+
+def _varying(*xs) -> tuple:
+  """The manual mesh axes any of xs varies over (empty outside a shard_map)."""
+  axes = set()
+  for x in xs:
+    axes |= set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()))
+  return tuple(sorted(axes))
+
+
+def _vary(tree, axes: tuple):
+  """Every array of tree marked varying over axes (a no-op outside a shard_map)."""
+  def one(x):
+    missing = tuple(a for a in axes if a not in _varying(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(one, tree)
+
+
+def _pad(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _padded(bq, bk, q, k, v, seg):
+  """Pad T to whole blocks; padded rows get segment -1 (they never meet a real row)."""
+  T = q.shape[1]
+  Tq, Tk = -(-T // bq) * bq, -(-T // bk) * bk
+  return (_pad(q, 1, Tq), _pad(k, 1, Tk), _pad(v, 1, Tk), _pad(seg, 1, Tq, -1), _pad(seg, 1, Tk, -1))
+
+
+def _scores_mask(bq, bk, i, j, seg_q, seg_k):
+  """[B, 1, 1, bq, bk] bool for query block i and key block j: causal and same segment."""
+  qs = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)
+  ks = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+  q_pos = i * bq + jnp.arange(bq)
+  k_pos = j * bk + jnp.arange(bk)
+  mask = (q_pos[:, None] >= k_pos[None, :])[None] & (qs[:, :, None] == ks[:, None, :])
+  return mask[:, None, None]
+
+
+def _key_blocks(bq, bk, i, nk):
+  """Key blocks query block i can see: 0 .. ceil((i+1)*bq / bk) - 1 (the rest lie in its future)."""
+  return (min if isinstance(i, int) else jnp.minimum)(((i + 1) * bq + bk - 1) // bk, nk)
+
+
+def _loop(lo, hi, body, init):
+  """fori_loop, or the body called once when the bounds are static and one apart (T within one block:
+  no while loops to compile)."""
+  if isinstance(lo, int) and isinstance(hi, int) and hi - lo == 1:
+    return body(lo, init)
+  return jax.lax.fori_loop(lo, hi, body, init)
+
+
+def _forward(bq, bk, q, k, v, seg):
+  """-> out [B, T, K, G, H] (q's dtype), lse [B, K, G, Tq] fp32 (padded rows included)."""
+  B, T, K, G, H = q.shape
+  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)
+  Tq, Tk = qp.shape[1], kp.shape[1]
+  nq, nk, scale = Tq // bq, Tk // bk, H ** -0.5
+  axes = _varying(q, k, v, seg)
+
+  def q_block(i, carry):
+    out, lse = carry
+    qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)               # [B, bq, K, G, H]
+
+    def k_block(j, c):
+      m, l, acc = c
+      kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)             # [B, bk, K, H]
+      vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+      s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+      mask = _scores_mask(bq, bk, i, j, seg_q, seg_k)
+      s = jnp.where(mask, s, MASK_VALUE)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      alpha = jnp.exp(m - m_new)
+      l = l * alpha + jnp.sum(p, axis=-1)
+      pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      return m_new, l, acc * alpha[..., None] + pv
+
+    init = _vary((jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                  jnp.zeros((B, K, G, bq, H), jnp.float32)), axes)
+    m, l, acc = _loop(0, _key_blocks(bq, bk, i, nk), k_block, init)
+    l_safe = jnp.where(l == 0, 1.0, l)            # a row that sees no key (padding only): output 0
+    o = jnp.transpose(acc / l_safe[..., None], (0, 3, 1, 2, 4)).astype(q.dtype)  # [B, bq, K, G, H]
+    out = jax.lax.dynamic_update_slice_in_dim(out, o, i * bq, axis=1)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l_safe), i * bq, axis=3)
+    return out, lse
+
+  out, lse = _loop(0, nq, q_block, _vary((jnp.zeros(qp.shape, q.dtype), jnp.zeros((B, K, G, Tq), jnp.float32)), axes))
+  return out[:, :T], lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(bq, bk, q, k, v, seg):
+  return _forward(bq, bk, q, k, v, seg)[0]
+
+
+def _flash_fwd(bq, bk, q, k, v, seg):
+  out, lse = _forward(bq, bk, q, k, v, seg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(bq, bk, res, dout):
+  """Per key block j: dK_j, dV_j summed over the query blocks that see it (from its diagonal on),
+  dQ accumulated into an fp32 [B, Tq, K, G, H] buffer; P recomputed from the saved lse."""
+  q, k, v, seg, out, lse = res
+  B, T, K, G, H = q.shape
+  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)
+  dop = _pad(dout.astype(q.dtype), 1, qp.shape[1])
+  # D_i = rowsum(dO * O) [B, K, G, Tq]
+  delta = _pad(jnp.einsum("btkgh,btkgh->bkgt", dout.astype(jnp.float32), out.astype(jnp.float32)), 3, qp.shape[1])
+  Tq, Tk = qp.shape[1], kp.shape[1]
+  nq, nk, scale = Tq // bq, Tk // bk, H ** -0.5
+  axes = _varying(q, k, v, seg, dout)
+  dop, delta = _vary((dop, delta), axes)
+
+  def k_block(j, carry):
+    dq, dk, dv = carry
+    kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)               # [B, bk, K, H]
+    vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+
+    def q_block(i, c):
+      dq, dkj, dvj = c
+      qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)             # [B, bq, K, G, H]
+      doi = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=1)
+      lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)         # [B, K, G, bq]
+      d_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+      s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+      p = jnp.where(_scores_mask(bq, bk, i, j, seg_q, seg_k), jnp.exp(s - lse_i[..., None]), 0.0)
+      dvj = dvj + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqkgh,bskh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+      ds = (p * (dp - d_i[..., None]) * scale)
+      dkj = dkj + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+      old = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqi, i * bq, axis=1)
+      return dq, dkj, dvj
+
+    zeros = _vary(jnp.zeros((B, bk, K, H), jnp.float32), axes)
+    dq, dkj, dvj = _loop((j * bk) // bq, nq, q_block, (dq, zeros, zeros))
+    dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * bk, axis=1)
+    dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj.astype(dv.dtype), j * bk, axis=1)
+    return dq, dk, dv
+
+  init = _vary((jnp.zeros(qp.shape, jnp.float32), jnp.zeros(kp.shape, k.dtype), jnp.zeros(vp.shape, v.dtype)), axes)
+  dq, dk, dv = _loop(0, nk, k_block, init)
+  return dq[:, :T].astype(q.dtype), dk[:, :T], dv[:, :T], None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# cudnn (GPU) and splash (TPU)
+
+def cudnn_attention(q, k, v, segment_ids=None, implementation: str = "cudnn"):
+  """jax.nn.dot_product_attention, GQA native (k, v keep their K heads). cuDNN takes causal masking
+  natively; a document mask goes in as a [B, 1, T, T] mask, which cuDNN turns into a bias: memory
+  quadratic in T again ("auto" picks flash when there are segment ids). cuDNN wants bf16/fp16.
+  `implementation="xla"` runs the same call through XLA (the tests use it on CPU)."""
+  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model.attention='cudnn' needs bf16/fp16 activations (model.dtype='bfloat16'), got "
+                     f"{q.dtype}; use model.attention='flash' (or 'auto') for float32")
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+  return out.astype(q.dtype)
+
+
+def splash_attention(q, k, v, segment_ids=None, interpret: bool = False):
+  """The Pallas TPU splash-attention kernel: an MQA kernel per kv head (its G query heads share one
+  K/V), vmapped over batch and kv heads; causal mask, documents as segment ids. T must be a multiple
+  of the kernel's 128-row blocks. `interpret=True` runs the kernel in the Pallas interpreter."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  G = N // K
+  if T % 128:
+    raise ValueError(f"model.attention='splash' needs the sequence length ({T}) to be a multiple of 128; "
+                     "use model.attention='flash' (or 'auto') for other lengths")
+  mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
+  kernel = sk.make_splash_mqa_single_device(mask, interpret=interpret)
+  qg = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 3, 1, 4)) * jnp.asarray(H ** -0.5, q.dtype)  # [B, K, G, T, H]
+  kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))                         # [B, K, T, H]
+  if segment_ids is None:
+    run = lambda qh, kh, vh, s: kernel(qh, kh, vh)
+    seg = jnp.zeros((B, T), jnp.int32)
+  else:
+    run = lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s))
+    seg = segment_ids.astype(jnp.int32)
+  per_head = jax.vmap(run, in_axes=(0, 0, 0, None))                 # over K
+  out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qg, kt, vt, seg)   # [B, K, G, T, H]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q.dtype)
