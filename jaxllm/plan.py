@@ -167,15 +167,9 @@ def compute_shapes(mdef, plan) -> dict:
 def fsdp_axes(mdef, plan) -> set[str]:
   """Mesh axes that split some parameter's `embed` dim (ZeRO-3 style data-parallel sharding)."""
   import jax
-  from jaxllm.parallel.sharding import param_specs
-  found = set()
-
-  def one(names, spec):
-    for n, e in zip(names, tuple(spec)):
-      if n == "embed":
-        found.update(_entry_axes(e))
-  jax.tree.map(one, mdef.logical, param_specs(mdef, plan), is_leaf=lambda x: isinstance(x, tuple) and not _is_spec(x))
-  return found
+  from jaxllm.parallel.manual import fsdp_gathers
+  gathers = jax.tree.leaves(fsdp_gathers(mdef, plan), is_leaf=lambda x: isinstance(x, tuple))
+  return {a for _, axes in gathers for a in _entry_axes(axes)}
 
 
 # ---------------------------------------------------------------------------------------------
