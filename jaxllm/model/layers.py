@@ -79,6 +79,19 @@ def causal_mask(B: int, T: int):
   return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), dtype=bool)), (B, T, T))
 
 
+def project(x, w):
+  """x [B, T, D] @ w [D, n, H] -> [B, T, n, H] (the q/k/v projections), as one 2-D matmul over the
+  flattened tokens (see swiglu for why)."""
+  D, n, H = w.shape
+  return (x.reshape(-1, D) @ w.reshape(D, n * H)).reshape(*x.shape[:-1], n, H)
+
+
+def project_out(a, w):
+  """a [B, T, n, H] @ w [n, H, D] -> [B, T, D] (the output projection), one 2-D matmul."""
+  n, H, D = w.shape
+  return (a.reshape(-1, n * H) @ w.reshape(n * H, D)).reshape(*a.shape[:-2], D)
+
+
 def swiglu(x, w_gate, w_up, w_down):
   """SwiGLU MLP (Shazeer 2020) in x's dtype. x [B, T, D]; w_gate, w_up [D, F]; w_down [F, D] -> [B, T, D].
   The hidden activation is annotated ('batch', 'seq', 'mlp') so tensor parallelism splits F; with F

@@ -45,9 +45,13 @@ def cross_entropy(logits, targets, mask=None):
   return total / jnp.maximum(count, 1.0)
 
 
+def _rows(x):  # [B, C, X] -> [B*C, X]: plain 2-D matmuls (one contracted axis; see layers.swiglu)
+  return x.reshape(-1, x.shape[-1])
+
+
 def _chunk_logits(hc, w):
-  logits = jnp.einsum("btd,dv->btv", hc, w.astype(hc.dtype), preferred_element_type=jnp.float32)
-  return constrain(logits, ("batch", "seq", "vocab"))
+  logits = jnp.dot(_rows(hc), w.astype(hc.dtype), preferred_element_type=jnp.float32)
+  return constrain(logits.reshape(*hc.shape[:-1], w.shape[-1]), ("batch", "seq", "vocab"))
 
 
 def _split(x, n):  # [B, n*C, ...] -> [n, B, C, ...]
@@ -68,8 +72,8 @@ def _chunk_grads(hc, w, tc, mc):
   # autodiff of the plain loss keeps them fp32, which makes XLA upcast the head to an fp32 copy
   # (1 GB more temp for llama-3.2-1b) and run fp32 matmuls; in bf16 the two differ by bf16 rounding.
   dlogits = constrain((probs - onehot) * mc[..., None], ("batch", "seq", "vocab")).astype(hc.dtype)
-  dh = jnp.einsum("btv,dv->btd", dlogits, w.astype(hc.dtype), preferred_element_type=jnp.float32)
-  dw = jnp.einsum("btd,btv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+  dh = jnp.dot(_rows(dlogits), w.astype(hc.dtype).T, preferred_element_type=jnp.float32).reshape(hc.shape)
+  dw = jnp.dot(_rows(hc).T, _rows(dlogits), preferred_element_type=jnp.float32)
   return nll, dh.astype(hc.dtype), dw
 
 

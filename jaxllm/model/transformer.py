@@ -85,9 +85,7 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer, segment_
   """
   dt = x.dtype
   h = ops.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
-  k = jnp.einsum("btd,dkh->btkh", h, p["wk"].astype(dt))
-  v = jnp.einsum("btd,dkh->btkh", h, p["wv"].astype(dt))
+  q, k, v = (ops.project(h, p[name].astype(dt)) for name in ("wq", "wk", "wv"))
   if cfg.qkv_bias:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   if cfg.qk_norm:
@@ -100,7 +98,7 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer, segment_
   else:
     attn, cache = cache.attend(layer, q, k, v)
   # With the heads split by hand (manual TP) this projection is a partial sum over the local heads.
-  x = x + sum_partials(jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt)))
+  x = x + sum_partials(ops.project_out(attn, p["wo"].astype(dt)))
   x = constrain(x, ("batch", "seq", "embed"))
   h = ops.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
   if cfg.is_moe:
