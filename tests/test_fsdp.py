@@ -41,7 +41,7 @@ def _assert_equal(grads, metrics, ref_g, ref_m):
 
 
 @pytest.mark.parametrize("cfg,mesh_kw", [
-  (DENSE, dict(dp=8, fsdp=8)),                  # FSDP alone over all 8 devices
+  pytest.param(DENSE, dict(dp=8, fsdp=8), marks=pytest.mark.slow),   # FSDP alone over all 8 devices
   (DENSE, dict(dp=4, tp=2, fsdp=4)),            # with tensor parallelism
   (MOE, dict(dp=4, tp=2, fsdp=2, ep=4)),        # with MoE folding: fsdp lines up with edp
   pytest.param(MOE, dict(dp=4, tp=2, fsdp=4, ep=2), marks=pytest.mark.slow),  # experts: ep over tp, fsdp over dp
@@ -90,7 +90,7 @@ def _state_bytes(cfg, mesh_kw):
 @pytest.mark.parametrize("cfg,base,fsdp,factor", [
   (DENSE, dict(dp=8), dict(dp=8, fsdp=8), 8),
   (DENSE, dict(dp=4, tp=2), dict(dp=4, tp=2, fsdp=4), 4),
-  (MOE, dict(dp=4, tp=2, ep=4), dict(dp=4, tp=2, ep=4, fsdp=2), 2),
+  pytest.param(MOE, dict(dp=4, tp=2, ep=4), dict(dp=4, tp=2, ep=4, fsdp=2), 2, marks=pytest.mark.slow),
 ], ids=["dp8", "tp2", "fold"])
 def test_fsdp_bytes_fall_by_the_factor(cfg, base, fsdp, factor):
   """Per-device params + optimizer bytes (the state's shard shapes, and the compiled train step's
@@ -103,7 +103,7 @@ def test_fsdp_bytes_fall_by_the_factor(cfg, base, fsdp, factor):
 
 @pytest.mark.parametrize("schedule,pp,vpp,m,dp,tp,fsdp,remat", [
   pytest.param("1f1b", 2, 2, 4, 2, 2, 2, True, marks=pytest.mark.slow),     # with tp inside the stages
-  ("gpipe", 2, 1, 2, 4, 1, 4, True),
+  pytest.param("gpipe", 2, 1, 2, 4, 1, 4, True, marks=pytest.mark.slow),
   ("1f1b", 2, 1, 2, 4, 1, 2, False),    # residual stash
 ])
 def test_fsdp_inside_the_pipeline(schedule, pp, vpp, m, dp, tp, fsdp, remat):
