@@ -78,7 +78,7 @@ def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block
     raise ValueError(f"flash attention is self-attention: q has {T} positions, k {k.shape[1]}")
   bq, bk = min(block_q or BLOCK_Q, T), min(block_k or BLOCK_K, T)
   seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  # Inside a shard_map (manual TP, the pipeline) the inputs may vary over different mesh axes: give
+  # Inside a region partitioned by hand (jaxllm.parallel.manual: manual TP, the pipeline) the inputs may vary over different mesh axes: give
   # them one type here, so the loops' carries and the backward's cotangents all share it.
   q, k, v, seg = _vary((q, k, v, seg), _varying(q, k, v, seg))
   out = _flash(bq, bk, q.reshape(B, T, K, N // K, H), k, v, seg)
@@ -86,7 +86,7 @@ def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block
 
 
 def _varying(*xs) -> tuple:
-  """The manual mesh axes any of xs varies over (empty outside a shard_map)."""
+  """The manual mesh axes any of xs varies over (empty outside a hand-partitioned region)."""
   axes = set()
   for x in xs:
     axes |= set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()))
@@ -94,7 +94,7 @@ def _varying(*xs) -> tuple:
 
 
 def _vary(tree, axes: tuple):
-  """Every array of tree marked varying over axes (a no-op outside a shard_map)."""
+  """Every array of tree marked varying over axes (a no-op outside a hand-partitioned region)."""
   def one(x):
     missing = tuple(a for a in axes if a not in _varying(x))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
