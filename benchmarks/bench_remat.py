@@ -10,50 +10,23 @@ offload policy where the backend reports it), compile time and step time (median
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from jaxllm.config import REMAT_POLICIES, ConfigError, load_config  # noqa: E402
-from jaxllm.model.params import model_def  # noqa: E402
-from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
-from jaxllm.parallel.sharding import batch_sharding  # noqa: E402
+from bench_train import build_one  # noqa: E402  (this directory; sets the CPU device count before jax starts)
+from jaxllm.config import REMAT_POLICIES, ConfigError  # noqa: E402
 from jaxllm.train.metrics import time_train_steps  # noqa: E402
-from jaxllm.train.optim import make_optimizer  # noqa: E402
-from jaxllm.train.state import init_state, state_shardings  # noqa: E402
-from jaxllm.train.step import make_train_step  # noqa: E402
 
 
 def bench_one(a, remat: str, loss_chunk: int, unroll: int) -> dict:
-  overrides = [f"model={a.model}", f"model.dtype={a.dtype}", f"model.remat={remat}",
-               f"model.loss_chunk={loss_chunk}", f"model.scan_unroll={unroll}",
-               f"train.batch_size={a.batch}", f"train.seq_len={a.seq}", "mesh.dp=1"]
-  if a.layers:
-    overrides.append(f"model.n_layers={a.layers}")
-  cfg = load_config([], overrides)
-  mesh, plan = build_mesh(cfg.mesh, jax.devices()[:1])
-  mdef = model_def(cfg.model)
-  tx = make_optimizer(cfg.train, mdef.logical)
-  sh = state_shardings(mdef, tx, mesh, plan)
-  state = init_state(mdef, tx, sh, 0)
-  b_sh = batch_sharding(mesh, plan)
-  step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, cfg.model))
-  rng = np.random.default_rng(0)
-  data = jax.device_put({k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (a.batch, a.seq)), jnp.int32)
-                         for k in ("inputs", "targets")}, b_sh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  dt, state, m = time_train_steps(step, state, data, a.steps)
-  return {"remat": remat, "loss_chunk": loss_chunk, "unroll": unroll,
-          "temp_MB": mem.temp_size_in_bytes / 2 ** 20,
-          "host_temp_MB": getattr(mem, "host_temp_size_in_bytes", 0) / 2 ** 20,
-          "compile_s": compile_s, "step_s": dt, "loss": float(m["loss"])}
+  extra = [f"model.loss_chunk={loss_chunk}", f"model.scan_unroll={unroll}"] + (
+    [f"model.n_layers={a.layers}"] if a.layers else [])
+  r = build_one(a.model, "cpu-1", a.batch, a.seq, a.dtype, remat, extra)   # one device
+  dt, _, m = time_train_steps(r["step"], r["state"], r["data"], a.steps)
+  return {"remat": remat, "loss_chunk": loss_chunk, "unroll": unroll, "temp_MB": r["temp_MB"],
+          "host_temp_MB": r["host_temp_MB"], "compile_s": r["compile_s"], "step_s": dt, "loss": float(m["loss"])}
 
 
 def main():

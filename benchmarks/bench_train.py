@@ -46,10 +46,11 @@ def bench_one(model: str, mesh_name: str, batch: int, seq: int, steps: int, dtyp
   return finish_row(r, dt, float(m["loss"]))
 
 
-def build_one(model: str, mesh_name: str, batch: int, seq: int, dtype: str, remat: str) -> dict:
-  """jaxllm's compiled train step, state and batch for one model x mesh (nothing timed yet)."""
+def build_one(model: str, mesh_name: str, batch: int, seq: int, dtype: str, remat: str, extra=()) -> dict:
+  """jaxllm's compiled train step, state and batch for one model x mesh (nothing timed yet); `extra`:
+  more section.key=value overrides (benchmarks/bench_remat.py)."""
   overrides = [f"model={model}", f"model.dtype={dtype}", f"model.remat={remat}", f"train.batch_size={batch}",
-               f"train.seq_len={seq}"]
+               f"train.seq_len={seq}", *extra]
   mesh_file = os.path.join(MESHES, f"{mesh_name}.toml")
   if os.path.exists(mesh_file):
     overrides.append(f"mesh={mesh_file}")
@@ -72,7 +73,8 @@ def build_one(model: str, mesh_name: str, batch: int, seq: int, dtype: str, rema
   mem = compiled.memory_analysis()
   return {"model": model, "mesh": mesh_name, "cfg": cfg, "step": step, "state": state, "data": data,
           "params_M": cfg.model.param_counts()["total"] / 1e6, "tokens": batch * seq, "compile_s": compile_s,
-          "temp_MB": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20}
+          "temp_MB": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20,
+          "host_temp_MB": getattr(mem, "host_temp_size_in_bytes", 0) / 2 ** 20}
 
 
 def finish_row(r: dict, dt: float, first_loss: float) -> dict:
