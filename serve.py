@@ -198,4 +198,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  cli.tune_malloc()
   main()

@@ -137,4 +137,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  cli.tune_malloc()
   sys.exit(main())

@@ -70,3 +70,23 @@ def test_compile_cache_setting(monkeypatch, tmp_path):
     assert C.enable_compile_cache() == "/somewhere"
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_tune_malloc_reexec(tmp_path):
+  """cli.tune_malloc re-runs the same command once with the malloc tunables added to the ones
+  already set (where the machine can use it), with the arguments intact; JAXLLM_TUNE_MALLOC=0 opts out."""
+  from jaxllm import cli
+  probe = tmp_path / "probe.py"
+  probe.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nfrom jaxllm import cli\nprint('start')\n"
+                   "cli.tune_malloc()\nprint(sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))\n")
+  env = {**os.environ, "GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=0"}
+  env.pop("JAXLLM_TUNE_MALLOC", None)
+  out = subprocess.run([sys.executable, str(probe), "a b", "x=1"], capture_output=True, text=True, env=env, timeout=60)
+  assert out.returncode == 0, out.stderr
+  if cli.malloc_tunable():
+    assert out.stdout.splitlines() == ["start", "start", f"['a b', 'x=1'] glibc.rtld.optional_static_tls=0:{cli.MALLOC_TUNABLES}"]
+  else:
+    assert out.stdout.splitlines() == ["start", "['a b', 'x=1'] glibc.rtld.optional_static_tls=0"]
+  off = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
+                       env={**env, "JAXLLM_TUNE_MALLOC": "0"})
+  assert off.stdout.splitlines() == ["start", "[] glibc.rtld.optional_static_tls=0"]
