@@ -41,6 +41,8 @@ def _close(got, ref, tol=2e-5):
 PATHS = {
   "flash": lambda q, k, v, s: A.flash_attention(q, k, v, s, block_q=8, block_k=16),
   "flash_qk": lambda q, k, v, s: A.flash_attention(q, k, v, s, block_q=16, block_k=8),
+  # three query blocks: straight-line block loops; without documents, blocks below the diagonal unmasked
+  "flash_unrolled": lambda q, k, v, s: A.flash_attention(q, k, v, s, block_q=16, block_k=16),
   # the cudnn path's call (GQA, causal, document mask) run by XLA; cuDNN itself needs a GPU (below)
   "dot_product_attention": lambda q, k, v, s: A.cudnn_attention(q, k, v, s, implementation="xla"),
 }
@@ -50,8 +52,9 @@ _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("path,gqa,docs", [
-  ("flash", True, True), ("dot_product_attention", True, True),
-  pytest.param("flash_qk", True, True, marks=_SLOW), pytest.param("flash", False, False, marks=_SLOW),
+  ("flash", True, True), ("dot_product_attention", True, True), ("flash_unrolled", True, False),
+  ("flash_unrolled", False, True),
+  ("flash_qk", True, True), pytest.param("flash", False, False, marks=_SLOW),
   pytest.param("flash", True, False, marks=_SLOW), pytest.param("dot_product_attention", False, False, marks=_SLOW)])
 def test_paths_equal_naive_values_and_grads(path, gqa, docs):
   q, k, v, seg, w = _qkv(2, 37, 4, 2 if gqa else 4, 8, docs=docs)   # 37: not a multiple of any block

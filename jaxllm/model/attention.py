@@ -25,9 +25,16 @@ import jax.numpy as jnp
 from jaxllm.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from jaxllm.model.layers import MASK_VALUE, attention as dense_attention
 
-# Query / key rows per block of the flash path: one block's fp32 scores are [B, K, G, BLOCK_Q, BLOCK_K].
-BLOCK_Q = BLOCK_K = 512
-
+# Query / key rows per block of the flash path: one block's fp32 scores are [B, K, G, block_q, block_k].
+# By default a block is a quarter of the sequence rounded up to MIN_BLOCK rows, at most BLOCK_Q /
+# BLOCK_K: on 2 CPU cores (fwd+bwd, 12 heads over 4 kv heads, head_dim 64) blocks of 512 ran 2.2x
+# slower than 256 at T=2048 and 2.7x at T=1024, and at T=256 one block of 256 (no causal skipping)
+# took 1.7x the time of four blocks of 64.
+BLOCK_Q = BLOCK_K = 256
+MIN_BLOCK = 64
+# Loops over at most this many query blocks run as straight-line code (Python ints as block indices):
+# key blocks wholly below the causal diagonal then skip the mask, and nothing is a while loop.
+UNROLL_BLOCKS = 4
 
 def document_mask(B: int, T: int, segment_ids=None):
   """[B, T, T] bool: causal, and (with segment_ids [B, T]) within one document."""
@@ -68,15 +75,23 @@ def self_attention(impl: str, q, k, v, segment_ids=None):
 # ---------------------------------------------------------------------------------------------
 # flash: blockwise attention in XLA
 
+def flash_block(T: int, block: int | None, most: int) -> int:
+  """Rows per flash block for T positions: `block` if given, else a quarter of T rounded up to
+  MIN_BLOCK, within [MIN_BLOCK, most]; never more than T."""
+  if block is None:
+    block = min(most, max(MIN_BLOCK, -(-T // (4 * MIN_BLOCK)) * MIN_BLOCK))
+  return min(block, T)
+
+
 def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block_k: int | None = None):
   """Blockwise causal attention, memory linear in T in the forward and the backward.
   q [B, T, N, H]; k, v [B, T, K, H]; segment_ids [B, T] int or None -> [B, T, N, H] in q's dtype.
-  Blocks: BLOCK_Q / BLOCK_K unless given (capped at T; T need not be a multiple)."""
+  Blocks: flash_block (T need not be a multiple)."""
   B, T, N, H = q.shape
   K = k.shape[2]
   if k.shape[1] != T:
     raise ValueError(f"flash attention is self-attention: q has {T} positions, k {k.shape[1]}")
-  bq, bk = min(block_q or BLOCK_Q, T), min(block_k or BLOCK_K, T)
+  bq, bk = flash_block(T, block_q, BLOCK_Q), flash_block(T, block_k, BLOCK_K)
   seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   # Inside a region partitioned by hand (jaxllm.parallel.manual: manual TP, the pipeline) the inputs may vary over different mesh axes: give
   # them one type here, so the loops' carries and the backward's cotangents all share it.
@@ -85,7 +100,8 @@ def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block
   # batched matmul over (B, K) with no transposes in the loops (measured on CPU: the token-major layout
   # spent ~10% of the tiny train step copying blocks into this order and back).
   qh = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
-  out = _flash(bq, bk, qh, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), seg)
+  out = _flash(bq, bk, segment_ids is not None, qh, jnp.transpose(k, (0, 2, 1, 3)),
+               jnp.transpose(v, (0, 2, 1, 3)), seg)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
@@ -115,20 +131,25 @@ def _pad(x, axis: int, size: int, value=0):
 
 def _padded(bq, bk, q, k, v, seg):
   """Pad T to whole blocks (q [B, K, G, T, H], k/v [B, K, T, H]); padded rows get segment -1 (they
-  never meet a real row)."""
-  T = q.shape[3]
+  never meet a real row). q comes back scaled by H**-0.5 (once here, not on every block's scores)."""
+  T, H = q.shape[3], q.shape[4]
   Tq, Tk = -(-T // bq) * bq, -(-T // bk) * bk
+  q = q * jnp.asarray(H ** -0.5, q.dtype)
   return (_pad(q, 3, Tq), _pad(k, 2, Tk), _pad(v, 2, Tk), _pad(seg, 1, Tq, -1), _pad(seg, 1, Tk, -1))
 
 
-def _scores_mask(bq, bk, i, j, seg_q, seg_k):
-  """[B, 1, 1, bq, bk] bool for query block i and key block j: causal and same segment."""
+def _masked(s, bq, bk, i, j, seg_q, seg_k, documents: bool):
+  """Scores s [B, K, G, bq, bk] of query block i and key block j with the keys a query may not see
+  (later position, other document) set to MASK_VALUE. Unchanged when the indices are Python ints,
+  there are no documents and the whole key block lies at or before the block's first query."""
+  if not documents and isinstance(i, int) and isinstance(j, int) and (j + 1) * bk <= i * bq + 1:
+    return s
   qs = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)
   ks = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
   q_pos = i * bq + jnp.arange(bq)
   k_pos = j * bk + jnp.arange(bk)
   mask = (q_pos[:, None] >= k_pos[None, :])[None] & (qs[:, :, None] == ks[:, None, :])
-  return mask[:, None, None]
+  return jnp.where(mask[:, None, None], s, MASK_VALUE)
 
 
 def _key_blocks(bq, bk, i, nk):
@@ -136,21 +157,30 @@ def _key_blocks(bq, bk, i, nk):
   return (min if isinstance(i, int) else jnp.minimum)(((i + 1) * bq + bk - 1) // bk, nk)
 
 
-def _loop(lo, hi, body, init):
-  """fori_loop, or the body called once when the bounds are static and one apart (T within one block:
-  no while loops to compile)."""
-  if isinstance(lo, int) and isinstance(hi, int) and hi - lo == 1:
-    return body(lo, init)
+def _loop(lo, hi, body, init, unroll: bool, reverse: bool = False):
+  """body(i, carry) for i in lo..hi-1 (hi-1 down to lo when reverse): straight-line code with Python
+  int indices when `unroll` (the bounds are then ints), else a fori_loop."""
+  if unroll:
+    for i in (range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)):
+      init = body(i, init)
+    return init
+  if reverse:
+    return jax.lax.fori_loop(lo, hi, lambda t, c: body(hi - 1 - (t - lo), c), init)
   return jax.lax.fori_loop(lo, hi, body, init)
 
 
-def _forward(bq, bk, q, k, v, seg):
+def _forward(bq, bk, documents, q, k, v, seg):
   """q [B, K, G, T, H], k/v [B, K, T, H] -> out [B, K, G, T, H] (q's dtype), lse [B, K, G, Tq] fp32
   (padded rows included)."""
   B, K, G, T, H = q.shape
   qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)
   Tq, Tk = qp.shape[3], kp.shape[2]
-  nq, nk, scale = Tq // bq, Tk // bk, H ** -0.5
+  nq, nk = Tq // bq, Tk // bk
+  unroll = nq <= UNROLL_BLOCKS
+  # Key blocks are visited from the diagonal back. When bk is a multiple of bq, every query row sees
+  # a key in that first block (itself, and padded rows see padded keys), so the running max is a
+  # real score from then on and exp(MASK_VALUE - max) is exactly 0: no second select on p.
+  first_sees = bk % bq == 0
   axes = _varying(q, k, v, seg)
 
   def q_block(i, carry):
@@ -161,11 +191,12 @@ def _forward(bq, bk, q, k, v, seg):
       m, l, acc = c
       kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)             # [B, K, bk, H]
       vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
-      s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-      mask = _scores_mask(bq, bk, i, j, seg_q, seg_k)
-      s = jnp.where(mask, s, MASK_VALUE)
+      s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32)
+      s = _masked(s, bq, bk, i, j, seg_q, seg_k, documents)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      p = jnp.exp(s - m_new[..., None])
+      if not first_sees:                     # a row may have seen no key yet: its max is MASK_VALUE
+        p = jnp.where(s > MASK_VALUE, p, 0.0)
       alpha = jnp.exp(m - m_new)
       l = l * alpha + jnp.sum(p, axis=-1)
       pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
@@ -173,38 +204,40 @@ def _forward(bq, bk, q, k, v, seg):
 
     init = _vary((jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                   jnp.zeros((B, K, G, bq, H), jnp.float32)), axes)
-    m, l, acc = _loop(0, _key_blocks(bq, bk, i, nk), k_block, init)
+    m, l, acc = _loop(0, _key_blocks(bq, bk, i, nk), k_block, init, unroll, reverse=True)
     l_safe = jnp.where(l == 0, 1.0, l)            # a row that sees no key (padding only): output 0
     o = (acc / l_safe[..., None]).astype(q.dtype)                          # [B, K, G, bq, H]
     out = jax.lax.dynamic_update_slice_in_dim(out, o, i * bq, axis=3)
     lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l_safe), i * bq, axis=3)
     return out, lse
 
-  out, lse = _loop(0, nq, q_block, _vary((jnp.zeros(qp.shape, q.dtype), jnp.zeros((B, K, G, Tq), jnp.float32)), axes))
+  init = _vary((jnp.zeros(qp.shape, q.dtype), jnp.zeros((B, K, G, Tq), jnp.float32)), axes)
+  out, lse = _loop(0, nq, q_block, init, unroll)
   return out[:, :, :, :T], lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(bq, bk, q, k, v, seg):
-  return _forward(bq, bk, q, k, v, seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(bq, bk, documents, q, k, v, seg):
+  return _forward(bq, bk, documents, q, k, v, seg)[0]
 
 
-def _flash_fwd(bq, bk, q, k, v, seg):
-  out, lse = _forward(bq, bk, q, k, v, seg)
+def _flash_fwd(bq, bk, documents, q, k, v, seg):
+  out, lse = _forward(bq, bk, documents, q, k, v, seg)
   return out, (q, k, v, seg, out, lse)
 
 
-def _flash_bwd(bq, bk, res, dout):
+def _flash_bwd(bq, bk, documents, res, dout):
   """Per key block j: dK_j, dV_j summed over the query blocks that see it (from its diagonal on),
   dQ accumulated into an fp32 [B, K, G, Tq, H] buffer; P recomputed from the saved lse."""
   q, k, v, seg, out, lse = res
   B, K, G, T, H = q.shape
-  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)
+  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)                  # qp scaled
   Tq, Tk = qp.shape[3], kp.shape[2]
   dop = _pad(dout.astype(q.dtype), 3, Tq)
   # D_i = rowsum(dO * O) [B, K, G, Tq]
   delta = _pad(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 3, Tq)
-  nq, nk, scale = Tq // bq, Tk // bk, H ** -0.5
+  nq, nk = Tq // bq, Tk // bk
+  unroll = nq <= UNROLL_BLOCKS and nk <= UNROLL_BLOCKS * max(1, bq // bk)
   axes = _varying(q, k, v, seg, dout)
   dop, delta = _vary((dop, delta), axes)
 
@@ -219,11 +252,12 @@ def _flash_bwd(bq, bk, res, dout):
       doi = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=3)
       lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)         # [B, K, G, bq]
       d_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-      s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-      p = jnp.where(_scores_mask(bq, bk, i, j, seg_q, seg_k), jnp.exp(s - lse_i[..., None]), 0.0)
+      s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32)
+      p = jnp.exp(_masked(s, bq, bk, i, j, seg_q, seg_k, documents) - lse_i[..., None])   # masked: 0
       dvj = dvj + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-      ds = (p * (dp - d_i[..., None]) * scale)
+      ds = p * (dp - d_i[..., None])
+      # dK from the scaled q; dQ gets the scale once at the end
       dkj = dkj + jnp.einsum("bkgqs,bkgqh->bksh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
       dqi = jnp.einsum("bkgqs,bksh->bkgqh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
       old = jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3)
@@ -231,14 +265,15 @@ def _flash_bwd(bq, bk, res, dout):
       return dq, dkj, dvj
 
     zeros = _vary(jnp.zeros((B, K, bk, H), jnp.float32), axes)
-    dq, dkj, dvj = _loop((j * bk) // bq, nq, q_block, (dq, zeros, zeros))
+    dq, dkj, dvj = _loop((j * bk) // bq, nq, q_block, (dq, zeros, zeros), unroll)
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * bk, axis=2)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj.astype(dv.dtype), j * bk, axis=2)
     return dq, dk, dv
 
   init = _vary((jnp.zeros(qp.shape, jnp.float32), jnp.zeros(kp.shape, k.dtype), jnp.zeros(vp.shape, v.dtype)), axes)
-  dq, dk, dv = _loop(0, nk, k_block, init)
-  return dq[:, :, :, :T].astype(q.dtype), dk[:, :, :T], dv[:, :, :T], None
+  dq, dk, dv = _loop(0, nk, k_block, init, unroll)
+  dq = dq[:, :, :, :T] * (H ** -0.5)
+  return dq.astype(q.dtype), dk[:, :, :T], dv[:, :, :T], None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -232,7 +232,7 @@ def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
     # their gradients, fp32 [b, N/tp, block_q, block_k] each, next to the layer's other gradients.
     from jaxllm.model import attention as A
     heads = weights["layers"]["wq"].shape[2]
-    tile = nbytes((b, heads, min(getattr(A, "BLOCK_Q", T), T), min(getattr(A, "BLOCK_K", T), T)), "float32")
+    tile = nbytes((b, heads, A.flash_block(T, None, A.BLOCK_Q), A.flash_block(T, None, A.BLOCK_K)), "float32")
     out["layer_backward"] += FLASH_BWD_TILES * tile
   gathered = fsdp_axes(mdef, plan)
   if gathered:
