@@ -112,10 +112,22 @@ def test_remat_policies_give_the_grads_of_no_remat(policy, no_remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, ref_g)
 
 
+def test_scan_unroll_auto_unrolls_training_on_cpu_and_gives_the_scanned_grads(no_remat):
+  from jaxllm.model.transformer import scan_unroll
+  stacked = {"w": jnp.zeros((TINY.n_layers, 3))}
+  assert TINY.scan_unroll == 0 and scan_unroll(TINY, stacked) == TINY.n_layers   # the CPU test platform
+  assert scan_unroll(TINY, stacked, cache=object()) == 1                          # serving: one per step
+  assert scan_unroll(dataclasses.replace(TINY, scan_unroll=1), stacked) == 1
+  batch, (ref_g, ref_m) = no_remat                                                # auto: unrolled
+  g, m = _grads(dataclasses.replace(TINY, scan_unroll=1), batch)                  # a scan of one layer per step
+  np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, ref_g)
+
+
 def test_bad_remat_and_chunk_settings_are_config_errors():
   with pytest.raises(ConfigError, match="dots_saveable"):
     dataclasses.replace(TINY, remat="everything")
   with pytest.raises(ConfigError, match="loss_chunk"):
     dataclasses.replace(TINY, loss_chunk=-1)
   with pytest.raises(ConfigError, match="scan_unroll"):
-    dataclasses.replace(TINY, scan_unroll=0)
+    dataclasses.replace(TINY, scan_unroll=-1)
