@@ -157,6 +157,12 @@ def _key_blocks(bq, bk, i, nk):
   return (min if isinstance(i, int) else jnp.minimum)(((i + 1) * bq + bk - 1) // bk, nk)
 
 
+def _unrolled(nq: int, nk: int, bq: int, bk: int) -> bool:
+  """Whether the block loops (forward and backward alike) run as straight-line code: at most
+  UNROLL_BLOCKS query blocks, and the key blocks that cover them."""
+  return nq <= UNROLL_BLOCKS and nk <= UNROLL_BLOCKS * max(1, bq // bk)
+
+
 def _loop(lo, hi, body, init, unroll: bool, reverse: bool = False):
   """body(i, carry) for i in lo..hi-1 (hi-1 down to lo when reverse): straight-line code with Python
   int indices when `unroll` (the bounds are then ints), else a fori_loop."""
@@ -176,7 +182,7 @@ def _forward(bq, bk, documents, q, k, v, seg):
   qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)
   Tq, Tk = qp.shape[3], kp.shape[2]
   nq, nk = Tq // bq, Tk // bk
-  unroll = nq <= UNROLL_BLOCKS
+  unroll = _unrolled(nq, nk, bq, bk)
   # Key blocks are visited from the diagonal back. When bk is a multiple of bq, every query row sees
   # a key in that first block (itself, and padded rows see padded keys), so the running max is a
   # real score from then on and exp(MASK_VALUE - max) is exactly 0: no second select on p.
@@ -237,7 +243,7 @@ def _flash_bwd(bq, bk, documents, res, dout):
   # D_i = rowsum(dO * O) [B, K, G, Tq]
   delta = _pad(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 3, Tq)
   nq, nk = Tq // bq, Tk // bk
-  unroll = nq <= UNROLL_BLOCKS and nk <= UNROLL_BLOCKS * max(1, bq // bk)
+  unroll = _unrolled(nq, nk, bq, bk)
   axes = _varying(q, k, v, seg, dout)
   dop, delta = _vary((dop, delta), axes)
 

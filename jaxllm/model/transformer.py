@@ -131,11 +131,12 @@ def remat(fn, policy: str):
 
 def scan_unroll(cfg: ModelConfig, params: dict, cache=None) -> int:
   """Layers per iteration of the scan over the stacked `params`. model.scan_unroll=0 (auto) unrolls
-  every layer on CPU when there is no cache (training, scoring) and no remat (unrolled, a remat'd
-  tiny-moe step compiled to 2.1x the memory the planner predicts, which the scanned one meets): there the loop's per-layer slicing,
-  stacking and zero-filled output buffers cost more than the longer compile (2 CPU cores, 8 x 256:
-  tiny 0.105 -> 0.091 s per step, small 4.48 -> 4.28 s; compile 3.3 -> 3.0 s and 4.8 -> 5.2 s; small's
-  temp memory +11%). Elsewhere, and for the serving engine's many cached shapes, one layer per step."""
+  every layer on CPU when there is no cache (training, scoring) and no remat: there the loop's
+  per-layer slicing, stacking and zero-filled output buffers cost more than the longer compile
+  (2 CPU cores, 8 x 256: tiny 0.105 -> 0.091 s per step, small 4.48 -> 4.28 s; compile 3.3 -> 3.0 s
+  and 4.8 -> 5.2 s; small's temp memory +11%). With remat, an unrolled tiny-moe step compiled to 2.1x
+  the memory the planner predicts (the scanned one meets it). Elsewhere, and for the serving
+  engine's many cached shapes, one layer per step."""
   if cfg.scan_unroll:
     return cfg.scan_unroll
   if cache is None and cfg.remat == "none" and jax.default_backend() == "cpu":
