@@ -2,8 +2,8 @@
 
   python benchmarks/bench_pipeline.py [--steps 5] [--quick]
 
-Four tables, all from one process; the default run takes ~4 minutes on 2 cores. --quick (~2 minutes):
-tiny sizes, m=4 only in table 2, m in (2, 8) and the remat columns only in table 3, no GPipe row in 4.
+Four tables, all from one process (run times: benchmarks/README.md). --quick: tiny sizes, m=4 only
+in table 2, m in (2, 8) and the remat columns only in table 3, no GPipe row in 4.
 
 1. Schedules (no compiling): for pp in (2, 4), vpp in (1, 2), m in (pp, 2pp, 8pp), both kinds of
    jaxllm.parallel.schedule: ticks, the forward-slot bubble read from the tick tables (Schedule.bubble)

@@ -1,6 +1,6 @@
 """Off-policy RL, staleness bound eta = 0, 1, 2 side by side in one process.
 
-From one starting checkpoint (an SFT run of the addition task, see the README's RL section), each
+From one starting checkpoint (an SFT run of the addition task, see docs/rl.md), each
 setting runs `train.py rl`'s loop (jaxllm.rl.loop.rl_train) with the same config but rl.eta, and the
 table shows per eta: learner steps and wall-clock (RL only, held-out evaluations excluded) until the
 held-out accuracy first reaches the target, the accuracy at the end, generation and training

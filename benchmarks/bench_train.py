@@ -28,8 +28,7 @@ if __name__ == "__main__":
 
 def _devices_needed(argv) -> int:
   """Emulated CPU devices of the largest mesh asked for ('all': 8). Only that many: 8 emulated devices
-  where one is used slowed both jaxllm and the torch peer (measured tiny: 0.34 / 0.31 s per step against
-  0.26 / 0.25 s with one)."""
+  where one is used slow both jaxllm and the torch peer (docs/benchmarks.md)."""
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--meshes", default="cpu-1,cpu-8")
   names = pre.parse_known_args(argv)[0].meshes.split(",")
@@ -38,7 +37,7 @@ def _devices_needed(argv) -> int:
 
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_devices_needed(sys.argv[1:])}")
 # --peer torch: torch's OpenMP threads otherwise spin between ops and take the cores from XLA's
-# threads in the same process (and XLA's from torch): measured 2-cores tiny, both sides 1.3x-10x slower.
+# threads in the same process (and XLA's from torch), slowing both sides (docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402

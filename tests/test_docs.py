@@ -3,20 +3,21 @@
 - docs/architecture.md's `## Shape legend` block is the legend of `jaxllm.__doc__` (the one legend of
   the package), line for line after normalising whitespace, and no letter is defined twice;
 - `import jaxllm` stays cheap (no jax);
-- no project text file (*.py, *.md, *.toml, .ci/run; tracked or new) points outside the repository:
-  not to the internal design notes beside the checkout, not through parent-directory paths that
-  climb out of the repo;
-- the README links docs/architecture.md, and that file exists.
+- no project text file (*.py, *.md, *.toml, .ci/run; tracked, or new and not ignored by git, so a
+  virtual environment or cache inside the checkout is not ours) points outside the repository: not to
+  the internal design notes beside the checkout, not through parent-directory paths that climb out of
+  the repo;
+- every relative Markdown link in those files names a file or directory that exists;
+- the README links docs/architecture.md, and that file exists, and its test command is the one CI runs.
 Pure Python (git and the standard library); no jax needed.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
 import sys
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = os.path.join(ROOT, "docs", "architecture.md")
@@ -89,14 +90,53 @@ def test_import_jaxllm_is_cheap():
   assert r.returncode == 0, "`import jaxllm` imported jax; keep jaxllm/__init__.py free of imports"
 
 
+def _gitignore_patterns() -> list[str]:
+  try:
+    lines = _read(os.path.join(ROOT, ".gitignore")).splitlines()
+  except OSError:
+    return []
+  return [l.strip() for l in lines if l.strip() and not l.startswith(("#", "!"))]
+
+
+def _ignored(rel: str, is_dir: bool, patterns: list[str]) -> bool:
+  """A rough .gitignore match (no negation, no '**'): 'dir/' matches directories only, a leading '/'
+  anchors at the root, a pattern with no '/' matches the base name at any depth."""
+  for pat in patterns:
+    if pat.endswith("/"):
+      if not is_dir:
+        continue
+      pat = pat[:-1]
+    if pat.startswith("/") or "/" in pat:
+      if fnmatch.fnmatch(rel, pat.lstrip("/")):
+        return True
+    elif fnmatch.fnmatch(os.path.basename(rel), pat):
+      return True
+  return False
+
+
+def _walk_project() -> list[str]:
+  """Without git: every file under the root, minus what .gitignore names, hidden directories (.git,
+  .venv, caches) and virtual environments (a pyvenv.cfg inside)."""
+  patterns, out = _gitignore_patterns(), []
+  for base, dirs, names in os.walk(ROOT):
+    rel_base = os.path.relpath(base, ROOT)
+    rel_base = "" if rel_base == "." else rel_base + "/"
+    dirs[:] = [d for d in dirs if not (d.startswith(".") and rel_base + d != ".ci")
+               and not _ignored(rel_base + d, True, patterns)
+               and not os.path.isfile(os.path.join(base, d, "pyvenv.cfg"))]
+    out += [rel_base + n for n in names if not _ignored(rel_base + n, False, patterns)]
+  return out
+
+
 def project_text_files() -> list[str]:
-  """Tracked files plus new ones git does not ignore: *.py, *.md, *.toml and .ci/run."""
+  """Tracked files plus new ones git does not ignore (without git: a walk that skips what .gitignore
+  names): *.py, *.md, *.toml and .ci/run. Virtual environments, caches and run outputs are not ours."""
   try:
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True).stdout.splitlines()
   except (OSError, subprocess.CalledProcessError):
-    pytest.skip("not a git checkout")
-  files = sorted({f for f in out.splitlines() if f.endswith((".py", ".md", ".toml")) or f == ".ci/run"})
+    out = _walk_project()
+  files = sorted({f for f in out if f.endswith((".py", ".md", ".toml")) or f == ".ci/run"})
   return [f for f in files if os.path.isfile(os.path.join(ROOT, f))]
 
 
@@ -135,3 +175,37 @@ def test_readme_links_architecture():
   assert re.search(r"\]\(docs/architecture\.md\)", readme), "README.md must link [..](docs/architecture.md)"
   assert os.path.isfile(ARCH), "docs/architecture.md is linked from the README but missing"
   assert "docs/" in readme.split("## Layout", 1)[-1], "README's Layout block should list docs/"
+
+
+def test_readme_test_command_is_cis():
+  """The README's quick start runs the tests exactly as .ci/run does (less pip's -q)."""
+  readme = _read(os.path.join(ROOT, "README.md"))
+  ci = [l.strip() for l in _read(os.path.join(ROOT, ".ci", "run")).splitlines()]
+  install = next(l for l in ci if l.startswith("python -m pip install") and "-e" in l).replace(" -q", "")
+  test = next(l for l in ci if l.startswith("python -m pytest"))
+  assert install in readme and test in readme, f"README.md must show CI's commands: {install!r}, {test!r}"
+
+
+def test_relative_links_resolve():
+  bad = []
+  for rel in project_text_files():
+    if not rel.endswith(".md"):
+      continue
+    text = _read(os.path.join(ROOT, rel))
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+      target = m.group(1).split("#", 1)[0]
+      if not target or re.match(r"[a-z]+:", target):
+        continue
+      if not os.path.exists(os.path.normpath(os.path.join(ROOT, os.path.dirname(rel), target))):
+        bad.append(f"{rel}: {m.group(1)}")
+  assert not bad, "links to missing files:\n" + "\n".join(bad)
+
+
+def test_without_git_the_walk_skips_ignored_and_hidden_paths():
+  assert _ignored(".venv", True, [".venv/"]) and not _ignored(".venv", False, [".venv/"])
+  assert _ignored("jaxllm/__pycache__", True, ["__pycache__/"]) and _ignored("a/b.pyc", False, ["*.py[cod]"])
+  assert _ignored("runs", True, ["runs/"]) and not _ignored("docs/runs.md", False, ["runs/"])
+  assert _ignored(".whl", True, ["/.whl/"]) and not _ignored("x/.whl", True, ["/.whl/"])
+  files = _walk_project()
+  assert "README.md" in files and "jaxllm/__init__.py" in files and ".ci/run" in files
+  assert not [f for f in files if f.startswith((".git/", ".venv/", "runs/")) or "__pycache__" in f]

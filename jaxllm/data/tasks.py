@@ -11,7 +11,7 @@ The text format is one problem per line, the end of line being the answer's end 
 so a model's completion of a prompt is read up to its first newline (`extract_answer`). The leading
 newline of the prompt matters: in the SFT text every problem follows a newline, never the start of
 the sequence, and a byte-level model trained on that text does far worse on a bare "12+345=" at
-position 0 (measured: 2% vs 16% held-out exact match for the `tiny` model after 600 steps).
+position 0 (docs/rl.md).
 
 Every task has a fixed held-out split, disjoint from the training problems: which split a problem
 belongs to is a hash of the problem itself, independent of any seed or digit range, so the same
@@ -84,11 +84,8 @@ class AdditionTask:
   problem into training.
 
   The default 1..2 digits is sized for the `tiny` byte-level model (0.9M params, 128-token
-  sequences, default optimizer). Measured, greedy, 500 held-out problems:
-    1..2 digits, 600 steps: 16% exact match (1-digit pairs 45%, 2-digit 9%; 22% on train problems)
-    1..2 digits, 300 steps: 2%;  1..3 digits, 300 steps: 0% (the loss plateaus near 1.55 nats/byte
-    until ~300 steps, then drops as the model starts to add)
-  so SFT gets part of the way and leaves room for RL."""
+  sequences, default optimizer): SFT gets part of the way and leaves room for RL (held-out
+  accuracies in docs/rl.md)."""
 
   name = "addition"
   _ROUND = 4096    # pairs drawn per rejection-sampling round

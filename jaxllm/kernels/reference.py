@@ -30,8 +30,8 @@ passes one fixed M (max_seq_len's pages) and M is no compile dimension (sglang-j
 The pool is head-major, [K, P, Z, H] (the layout of JAX's TPU paged_attention): one kv head's page is a
 contiguous [Z, H] tile, so a TPU kernel's block is (keys, head dim) -- the (8, 128) tiling for
 Z >= 8, H = 128 -- and the XLA path gathers a key chunk into [K, R, keys, H], whose batched matmuls run
-over contiguous keys. Token-major [P, Z, K, H] made XLA on CPU strided-copy every gathered page
-(measured: 4x slower decode attention at 32 sequences of 256 keys).
+over contiguous keys. Token-major [P, Z, K, H] makes XLA on CPU strided-copy every gathered page
+(figures: docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def key_chunk_pages(Z: int, keys: int = DECODE_KEY_CHUNK) -> int:
 def gather_pages(pages, page_table):
   """pages [K, P, Z, H], page_table [..., m] -> [K, ..., m * Z, H] (each row's keys, contiguous)."""
   K, P, Z, H = pages.shape
-  # take over [K, P, Z*H] rows: XLA:CPU copies whole [Z*H] rows (1.6x faster than pages[:, table])
+  # take over [K, P, Z*H] rows: XLA:CPU copies whole [Z*H] rows (faster than pages[:, table])
   rows = jnp.take(pages.reshape(K, P, Z * H), page_table, axis=1, mode="clip")
   return rows.reshape(K, *page_table.shape[:-1], page_table.shape[-1] * Z, H)
 
@@ -152,8 +152,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   sum over live sequences of ceil(q_len / block) / W; chunks: up to the wave's last needed key), so
   the work is O((Q + num_seqs * block) * context): it grows with the step's tokens and their context,
   not with tokens x sequences or the page table's width, and padding costs nothing. Waves rather
-  than single blocks because a loop iteration costs XLA:CPU a fixed ~0.3 ms: one block per iteration
-  made the attention of a 4,096-token prefill cost half as much as the rest of the layer.
+  than single blocks because each loop iteration has a fixed cost on XLA:CPU, which one block per
+  iteration pays many times over on a long prefill (docs/benchmarks.md).
   """
   Q, N, H = q.shape
   K, _, Z, _ = k_pages.shape

@@ -1,63 +1,21 @@
 """The RL objective as pure jax functions, kept as sums and counts (like jaxllm/model/loss.py).
 
-A sample is a prompt plus generated tokens; its row of the [B, T] arrays holds per-token values of the
-tokens it generated, and `mask [B, T]` is 1 on the generated tokens that count (0 on prompt and
-padding; fractional values act as token weights). Every function is jit-friendly: static shapes,
-masks instead of gathers, configuration static (`RLLossConfig` is frozen and hashable).
+Owns the per-token pieces of the learner's loss -- GRPO advantages, the PPO-clip surrogate with an
+off-policy correction, KL estimators (in the loss or as a reward penalty), entropy and token
+log-probs -- and `rl_loss`, which combines them: (logp, batch, cfg) -> (loss_sum, count, sums, maxes).
 
-Pieces
-  grpo_advantages     group-relative advantages (GRPO, Shao et al. 2024; Dr. GRPO, Liu et al. 2025)
-  ppo_surrogate       the token-level clipped surrogate (PPO, Schulman et al. 2017), with DAPO's
-                      decoupled clip-higher (Yu et al. 2025) and dual clip (Ye et al. 2020)
-  kl_estimate         k1 / k2 / k3 of Schulman's "Approximating KL divergence" note
-  kl_reward_penalty   the KL as a per-token reward penalty (no gradient)
-  token_entropy       entropy of the full distribution per token, from logits
-  token_logprobs      log-probabilities of the chosen tokens, from logits
-  rl_loss             the entry point: (logp, batch, cfg) -> (loss_sum, count, sums, maxes)
-  metric_means        sums and maxes -> logged means, divided once by the step's count
+The one idea: three policies. `logp_behav` is what the sampler reported (weights up to `eta` versions
+old, another numeric stack), `logp_prox` the learner's no-grad log-probs just before this update, and
+`logp` the current ones, with gradient. correction="decoupled" PPO-clips pi/proximal and weights each
+token by proximal/behaviour (tokens above is_cap drop out); "tis" truncates that weight instead;
+"none" clips pi/behaviour. Nothing here divides: a caller adds the sums over its chunks and divides
+once by the step's token count. Why k2-in-loss / k1-in-reward is the right KL gradient, and the rest
+of the derivation: docs/rl.md.
 
-Three policies (off-policy correction)
-  behaviour  `logp_behav`: log-probs the sampler (serving engine) reported for the tokens it drew,
-             possibly under weights up to `eta` versions old, and from a different numeric stack.
-  proximal   `logp_prox`: the learner's own log-probs under the weights just before this update,
-             computed without gradient (one forward pass over the batch before the first minibatch).
-  current    `logp`: the learner's log-probs under the weights being optimised (with gradient).
-  correction="none":      ratio = pi/behaviour, PPO-clipped.  Plain PPO with old = behaviour.
-  correction="decoupled": ratio = pi/proximal, PPO-clipped, times w = proximal/behaviour (no gradient);
-                          tokens with w > is_cap are dropped from the policy-gradient term (they still
-                          count in the denominator). Decoupled PPO (Hilton et al. 2022, "Batch
-                          size-invariance for policy optimization"), as in AReaL (Fu et al. 2025) with
-                          its behaviour-importance-weight cap. behaviour == proximal gives plain PPO,
-                          bit for bit.
-  correction="tis":       the same ratio and weight, but w is truncated, min(w, is_cap) (truncated
-                          importance sampling, Yao et al. 2025, "Your efficient RL framework secretly
-                          brings you off-policy RL training"). w = 1 gives plain PPO.
-
-KL to the frozen reference: which placement has the right gradient
-  On-policy samples x ~ pi, d = log pi(x) - log ref(x). The target is grad KL(pi||ref) =
-  E[d * grad log pi] (reverse KL).  Checked exactly (expectation summed over a 5-way categorical) in
-  tests/test_rl_losses.py::test_kl_gradients_on_a_categorical:
-    k1 = d               in the loss:   expected gradient E[grad log pi] = 0. Wrong (no signal at all).
-    k1 = d               in the reward: E[stopgrad(d) grad log pi] = grad KL(pi||ref). Right (REINFORCE).
-    k2 = d^2 / 2         in the loss:   E[d grad log pi] = grad KL(pi||ref). Right.
-    k3 = e^-d + d - 1    in the loss:   E[(1 - ref/pi) grad log pi] = grad KL(ref||pi), the FORWARD KL.
-                                        Wrong for reverse KL, though E[k3] = KL(pi||ref) in value
-                                        (k3 is unbiased in value, not in gradient).
-    k2, k3 in the reward: neither gives grad KL(pi||ref).
-  Values: E[k1] = E[k3] = KL(pi||ref); E[k2] != KL(pi||ref) in general (k2 is biased in value).
-  So use kl_estimator="k2" with kl_in="loss", or "k1" with kl_in="reward". (GRPO's own choice, k3 in
-  the loss, eq. 4 of Shao et al., pulls along the forward KL's gradient.) For off-policy samples
-  (behaviour != current) the in-loss KL term here is not importance-corrected.
-
-Aggregation (global denominators)
-  `rl_loss` returns the loss summed over the counted tokens and their count; metrics come back as
-  sums over the same tokens (and a few maxima). A caller that splits the step's batch into
-  microbatches / chunks adds the sums and divides once by the step's total count (the token-level
-  mean of DAPO, the same normalisation as jaxllm/train/step.py); dividing by a constant instead
-  (Dr. GRPO's fixed denominator) is equally possible since nothing here divides.
-
-Shapes: the package legend in jaxllm/__init__.py (B, T, V). The rows of one GRPO group (the samples
-of one prompt) are adjacent: B = prompts * group_size.
+A sample's row of the [B, T] arrays holds per-token values of the tokens it generated; `mask [B, T]`
+is 1 on the tokens that count (fractional values act as token weights). Jit-friendly: static shapes,
+masks instead of gathers, `RLLossConfig` frozen and hashable. Shapes: the package legend in
+jaxllm/__init__.py (B, T, V); the rows of one GRPO group are adjacent, B = prompts * group_size.
 """
 from __future__ import annotations
 

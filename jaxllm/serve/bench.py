@@ -177,7 +177,8 @@ def hf_causal_lm(cfg, params):
 
 def over_torch_threads(measure) -> list:
   """[(threads, measure())] at torch's default thread count and at 1 thread: on a loaded machine
-  torch's OpenMP threads can stall each other ~30x, so a fair baseline keeps the faster."""
+  torch's OpenMP threads can stall each other many times over (docs/benchmarks.md), so a fair
+  baseline keeps the faster."""
   import torch
   default, out = torch.get_num_threads(), []
   try:
