@@ -122,7 +122,7 @@ def main():
   tokens = args.batch * args.seq
   print(f"jax {jax.__version__} {jax.devices()[0].platform} x{len(jax.devices())}; model {mcfg.name} "
         f"(L={mcfg.n_layers} D={mcfg.d_model} E={mcfg.n_experts} top-{mcfg.n_experts_per_tok} "
-        f"Fm={mcfg.moe_d_ff_}); batch {args.batch} x seq {args.seq} = {tokens} tokens/step; "
+        f"Fm={mcfg.resolved_moe_d_ff}); batch {args.batch} x seq {args.seq} = {tokens} tokens/step; "
         f"median of {args.steps} steps")
   head = (f"{'folding (attn | moe)':<28} {'step ms':>8} {'tokens/s':>9} {'first loss':>10}  "
           + " ".join(f"{k:>14}" for k in COLLECTIVES) + f" {'total KiB':>10}")

@@ -26,6 +26,7 @@ import time  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
+from jaxllm.buckets import pow2_bucket  # noqa: E402
 from jaxllm.config import MODEL_PRESETS, ServeConfig  # noqa: E402
 from jaxllm.data import load_tokenizer  # noqa: E402
 from jaxllm.model.params import init_params  # noqa: E402
@@ -116,7 +117,7 @@ def main():
   a = ap.parse_args()
   tok = load_tokenizer("byte")
   longest = a.system_len + a.question_len + 32 + a.max_tokens
-  cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=1 << (longest - 1).bit_length())
+  cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=pow2_bucket(longest))
   params = init_params(cfg, 0)
   prompts = workload(a.groups, a.per_group, a.system_len, a.question_len, a.seed)
   print(f"model {a.model} (random weights), {len(prompts)} requests = {a.groups} groups x {a.per_group}, "

@@ -472,7 +472,7 @@ def section_train(rep: Report, a, ceil: dict, budget: Budget):
       r = bench_train.bench_one(model, "cpu-1", B, T, steps, BF16, "none")
       m = MODEL_PRESETS[model]
       f_causal = m.flops_per_token(T)                                   # 6 N + 6 L T (N_h H): causal half
-      f_palm = f_causal + 6 * m.n_layers * T * m.n_heads * m.head_dim_  # 6 N + 12 L T D (PaLM, no halving)
+      f_palm = f_causal + 6 * m.n_layers * T * m.n_heads * m.resolved_head_dim  # 6 N + 12 L T D (PaLM, no halving)
       tok_s = r["tok_s"]
       row = dict(model=model, params=r["params_M"], tokens=r["tokens"], compile_s=r["compile_s"],
                  step_ms=r["step_s"] * 1e3, tok_s=tok_s, tf_causal=tok_s * f_causal / 1e12,

@@ -72,15 +72,15 @@ def test_folding_matches_single_device(setup, dp, tp, ep, etp):
 
   # Parameters sit where the rank table says: experts over ep, expert hidden over etp, heads over tp.
   ranks = dict(rank_table(mesh, plan))
-  El, Fl, Nl = CFG.n_experts // ep, CFG.moe_d_ff_ // etp, CFG.n_heads // tp
+  El, Fl, Nl = CFG.n_experts // ep, CFG.resolved_moe_d_ff // etp, CFG.n_heads // tp
   for shard in p["layers"]["w_gate"].addressable_shards:          # [L, E, D, Fm]
     r = ranks[shard.device.id]
     assert _range(shard.index[1], CFG.n_experts) == (r["ep"] * El, (r["ep"] + 1) * El)
-    assert _range(shard.index[3], CFG.moe_d_ff_) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
+    assert _range(shard.index[3], CFG.resolved_moe_d_ff) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
   for shard in p["layers"]["w_down"].addressable_shards:          # [L, E, Fm, D]
     r = ranks[shard.device.id]
     assert _range(shard.index[1], CFG.n_experts) == (r["ep"] * El, (r["ep"] + 1) * El)
-    assert _range(shard.index[2], CFG.moe_d_ff_) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
+    assert _range(shard.index[2], CFG.resolved_moe_d_ff) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
   for shard in p["layers"]["wq"].addressable_shards:              # [L, D, N, H]
     r = ranks[shard.device.id]
     assert _range(shard.index[2], CFG.n_heads) == (r["tp"] * Nl, (r["tp"] + 1) * Nl)

@@ -204,16 +204,16 @@ def test_config_old_and_new_spellings_agree():
                             "rope_theta": 5e5, "rope_scaling": {**rope, "type": rope["rope_type"]}})
   assert new == old
   assert (new.rope_scaling, new.rope_factor, new.rope_original_max_pos, new.rope_theta) == ("llama3", 8.0, 64, 5e5)
-  assert new.head_dim_ == 16 and new.param_dtype == "bfloat16"
+  assert new.resolved_head_dim == 16 and new.param_dtype == "bfloat16"
   moe = dict(BASE, architectures=["Qwen3MoeForCausalLM"], moe_intermediate_size=32, head_dim=32, norm_topk_prob=True)
   a = hf_to_model_config({**moe, "num_experts": 8})
   b = hf_to_model_config({**moe, "num_local_experts": 8})
-  assert a == b and a.n_experts == 8 and a.head_dim_ == 32 and a.moe_renormalize and a.qk_norm
+  assert a == b and a.n_experts == 8 and a.resolved_head_dim == 32 and a.moe_renormalize and a.qk_norm
   q2 = hf_to_model_config(dict(BASE, architectures=["Qwen2MoeForCausalLM"], num_experts=4, moe_intermediate_size=32,
                                shared_expert_intermediate_size=48))
   assert q2.qkv_bias and q2.shared_expert_gate and q2.shared_expert_d_ff == 48 and not q2.moe_renormalize
   mix = hf_to_model_config(dict(BASE, architectures=["MixtralForCausalLM"], num_local_experts=4))
-  assert mix.moe_renormalize and mix.moe_d_ff_ == 96 and mix.rope_theta == 1e6
+  assert mix.moe_renormalize and mix.resolved_moe_d_ff == 96 and mix.rope_theta == 1e6
 
 
 @pytest.mark.parametrize("arch,extra,needle", [

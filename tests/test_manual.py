@@ -17,9 +17,10 @@ from jaxllm.model import hooks, layers as ops
 from jaxllm.model.loss import cross_entropy_sums
 from jaxllm.model.params import init_params, model_def
 from jaxllm.model.transformer import aux_loss, block_forward
+from jaxllm.model.varying import vary, varying_axes
 from jaxllm.parallel import mesh_hooks
-from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, vary, \
-  varying_axes, vocab_parallel_embed, vocab_parallel_nll
+from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, vocab_parallel_embed, \
+  vocab_parallel_nll
 from jaxllm.parallel.mesh import build_mesh, live_axes
 from jaxllm.parallel.sharding import param_specs
 

@@ -1,4 +1,4 @@
-"""The memory planner (jaxllm.plan) against XLA's compiled memory analysis of the real train step.
+"""The memory planner (jaxllm.planner) against XLA's compiled memory analysis of the real train step.
 
 What is compared. The planner predicts, per device, the peak memory of one call of the jitted train
 step: its arguments (train state + batch), the temporaries (gradients, activations, the head's fp32
@@ -23,7 +23,7 @@ from jaxllm.config import load_config
 from jaxllm.model.params import model_def
 from jaxllm.parallel import build_mesh
 from jaxllm.parallel.sharding import batch_sharding
-from jaxllm import plan as planner
+from jaxllm import planner
 from jaxllm.train.loop import build_steps
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.state import Layout, state_shardings

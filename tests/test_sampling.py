@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from jaxllm.serve.sampling import (TOP_LOGPROBS, SamplingParams, advance, build_sampling_arrays,
-                                   filter_logits, history_bucket, init_state, process_logits,
+                                   filter_logits, history_bucket, init_penalty_state, process_logits,
                                    sample_rows, with_random_seed)
 
 V = 64
 jit_sample = jax.jit(sample_rows)
-jit_process = jax.jit(lambda logits, samp: process_logits(logits, init_state(samp, logits.shape[-1])))
+jit_process = jax.jit(lambda logits, samp: process_logits(logits, init_penalty_state(samp, logits.shape[-1])))
 jit_filter = jax.jit(filter_logits)
 
 
@@ -327,7 +327,7 @@ def test_multi_step_scan_equals_single_steps_rebuilt_on_the_host():
 
   @jax.jit
   def scan(samp, tok):
-    samp = init_state(samp, V)
+    samp = init_penalty_state(samp, V)
 
     def one(carry, _):
       samp, tok = carry
@@ -359,7 +359,7 @@ def test_advance_keeps_the_state_exact():
   R = 4
   sps = [SamplingParams(frequency_penalty=1, min_tokens=3, stop_token_ids=(1,)), SamplingParams(min_tokens=1)]
   samp = build_sampling_arrays(sps, [((5, 6), [7]), ((5,), [])], R, hist_width=16)
-  st = jax.jit(init_state, static_argnums=1)(samp, V)
+  st = jax.jit(init_penalty_state, static_argnums=1)(samp, V)
   for step, toks in enumerate(([7, 2, 0, 0], [9, 2, 0, 0])):
     st = jax.jit(advance)(st, jnp.asarray(toks, jnp.int32))
     assert np.asarray(st["counters"]).tolist() == [2 + step, 1 + step, 1 + step, 1 + step]
@@ -369,13 +369,12 @@ def test_advance_keeps_the_state_exact():
   assert np.asarray(st["prompt_mask"])[0, [5, 6, 7]].tolist() == [True, True, False]
 
 
-def test_width_zero_history_and_former_entry_points():
+def test_width_zero_history():
   R = 4
-  x = logits_of(R, seed=12)
   samp = build_sampling_arrays([SamplingParams(temperature=1.0, seed=3)], [((1, 2), [3])], R)
   assert samp["hist_ids"].shape == (R, 0)                # no penalised row: no [R, V] state
-  st = init_state({k: jnp.asarray(v) for k, v in samp.items()}, V)
+  st = init_penalty_state({k: jnp.asarray(v) for k, v in samp.items()}, V)
   assert st["gen_counts"].shape == (R, 0)
   assert int(advance(st, jnp.zeros(R, jnp.int32))["counters"][0]) == 2
-  with pytest.raises(KeyError, match="init_state"):
+  with pytest.raises(KeyError, match="init_penalty_state"):
     advance(samp, jnp.zeros(R, jnp.int32))

@@ -203,7 +203,7 @@ def model_config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dic
     raise ValueError(f"cannot export this jaxllm model as {arch}: " + "; ".join(problems))
   hf = {"architectures": [arch], "model_type": fam.model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim_, "intermediate_size": cfg.d_ff,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.d_ff,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": cfg.param_dtype, "attention_dropout": 0.0, "use_cache": True}
@@ -224,10 +224,10 @@ def model_config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dic
     hf["router_aux_loss_coef"] = cfg.aux_loss_coef
     if fam.moe == "mixtral":
       # Mixtral's intermediate_size is the expert width (jaxllm's d_ff is unused in MoE models).
-      hf.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.moe_d_ff_)
+      hf.update(num_local_experts=cfg.n_experts, intermediate_size=cfg.resolved_moe_d_ff)
     else:
-      hf.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.moe_d_ff_, norm_topk_prob=cfg.moe_renormalize,
-                decoder_sparse_step=1, mlp_only_layers=[])
+      hf.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.resolved_moe_d_ff,
+                norm_topk_prob=cfg.moe_renormalize, decoder_sparse_step=1, mlp_only_layers=[])
     if fam.shared_expert:
       hf["shared_expert_intermediate_size"] = cfg.shared_expert_d_ff
       hf["qkv_bias"] = cfg.qkv_bias   # transformers 5 key; 4.x always has the biases

@@ -64,7 +64,7 @@ def _vec(pattern, stack, sizes):
 def weight_table(cfg: ModelConfig, fam: Family, fused: bool = False) -> dict[tuple[str, ...], Source]:
   """jaxllm param path -> Source, for this config and family; `fused` reads transformers-5 style
   3D expert tensors (mlp.experts.gate_up_proj [E, 2Fm, D], mlp.experts.down_proj [E, D, Fm])."""
-  D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff, cfg.vocab_size
+  D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff, cfg.vocab_size
   l, le = ("l",), ("l", "e")
   a = "model.layers.{l}.self_attn."
   t = {
@@ -91,7 +91,7 @@ def weight_table(cfg: ModelConfig, fam: Family, fused: bool = False) -> dict[tup
     t[("layers", "w_up")] = _lin(m + "up_proj.weight", l, (F,), (D,))
     t[("layers", "w_down")] = _lin(m + "down_proj.weight", l, (D,), (F,))
     return t
-  E, Fm = cfg.n_experts, cfg.moe_d_ff_
+  E, Fm = cfg.n_experts, cfg.resolved_moe_d_ff
   mixtral_files = fam.moe == "mixtral" and not fused   # transformers 5 renames Mixtral's module to mlp
   moe = "model.layers.{l}.block_sparse_moe." if mixtral_files else m
   t[("layers", "router")] = _lin(moe + "gate.weight", l, (E,), (D,))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxllm.buckets import pow2_bucket
 from jaxllm.kernels.reference import MASK_VALUE, check_shapes
 
 
@@ -42,15 +43,11 @@ TARGET_PROGRAMS = 128   # programs that fill a GPU: ~1 per SM of an A100 (108) /
 MIN_SPLIT_BLOCKS = 4    # KV blocks per split at least, so a split's q load and partial write amortise
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def _check_shapes(name, q, k_pages, v_pages, kv_lens, page_table):
   check_shapes(f"gpu {name}", q, k_pages, v_pages, kv_lens, page_table)
   _, _, Z, H = k_pages.shape
   for what, n in (("page size", Z), ("head dim", H)):
-    if n != _pow2(n):
+    if n != pow2_bucket(n):
       raise ValueError(f"gpu {name}: {what} {n} is not a power of two (Triton tiles must be); "
                        "use a power-of-two page size, or the 'reference' backend")
 
@@ -71,7 +68,7 @@ def _attend_block(q, k, v, valid, kv_valid, m, l, acc, scale):
 def _block_pages(Z: int, pages_per_block: int | None, interpret) -> int:
   """Pages per loop iteration: bk of 64 keys unless told."""
   ppb = pages_per_block or max(1, 64 // Z)
-  if ppb != _pow2(ppb):
+  if ppb != pow2_bucket(ppb):
     raise ValueError(f"gpu paged attention: pages_per_block {ppb} is not a power of two")
   if not interpret and ppb * Z < 16:
     raise ValueError(f"gpu paged attention: pages_per_block * page size = {ppb * Z} < 16, the "
@@ -146,7 +143,7 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
   K, P, Z, _ = k_pages.shape
   M = page_table.shape[1]
   G = N // K
-  Gp = max(16, _pow2(G))
+  Gp = pow2_bucket(G, 16)
   ppb = _block_pages(Z, pages_per_block, interpret)
   blocks = pl.cdiv(M, ppb)
   if num_splits is not None and num_splits < 1:
@@ -238,8 +235,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   if cu_q_lens.shape != (R + 1,):
     raise ValueError(f"gpu ragged_paged_attention: cu_q_lens must be [R + 1] = [{R + 1}], got "
                      f"{cu_q_lens.shape}")
-  G, bq = N // K, _pow2(block_q)
-  Gp = _pow2(G)
+  G, bq = N // K, pow2_bucket(block_q)
+  Gp = pow2_bucket(G)
   ppb = _block_pages(Z, pages_per_block, interpret)
   Mp = pl.cdiv(M, ppb) * ppb                                 # M padded to whole loop blocks
   pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, Mp - M)))

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 
 from jaxllm.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from jaxllm.model.layers import MASK_VALUE, attention as dense_attention
+from jaxllm.model.varying import vary, varying_axes
 
 # Query / key rows per block of the flash path: one block's fp32 scores are [B, K, G, block_q, block_k].
 # By default a block is a quarter of the sequence rounded up to MIN_BLOCK rows, at most BLOCK_Q /
-# BLOCK_K: on 2 CPU cores (fwd+bwd, 12 heads over 4 kv heads, head_dim 64) blocks of 512 ran 2.2x
-# slower than 256 at T=2048 and 2.7x at T=1024, and at T=256 one block of 256 (no causal skipping)
-# took 1.45x the time of four blocks of 64 (64 against 44 ms).
+# BLOCK_K: larger blocks fall out of the CPU caches, and at short T smaller blocks let the causal skip
+# drop work (figures: docs/benchmarks.md).
 BLOCK_Q = BLOCK_K = 256
 MIN_BLOCK = 64
 # Loops over at most this many query blocks run as straight-line code (Python ints as block indices):
@@ -93,32 +93,17 @@ def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block
     raise ValueError(f"flash attention is self-attention: q has {T} positions, k {k.shape[1]}")
   bq, bk = flash_block(T, block_q, BLOCK_Q), flash_block(T, block_k, BLOCK_K)
   seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  # Inside a region partitioned by hand (jaxllm.parallel.manual: manual TP, the pipeline) the inputs may vary over different mesh axes: give
-  # them one type here, so the loops' carries and the backward's cotangents all share it.
-  q, k, v, seg = _vary((q, k, v, seg), _varying(q, k, v, seg))
+  # Inside a region partitioned by hand (jaxllm.parallel.manual: manual TP, the pipeline) the inputs may
+  # vary over different mesh axes: give them one type here, so the loops' carries and the backward's
+  # cotangents all share it (jaxllm.model.varying).
+  q, k, v, seg = vary((q, k, v, seg), varying_axes(q, k, v, seg))
   # Heads-major inside: q [B, K, G, T, H], k/v [B, K, T, H], so every block product below is a plain
-  # batched matmul over (B, K) with no transposes in the loops (measured on CPU: the token-major layout
-  # spent ~10% of the tiny train step copying blocks into this order and back).
+  # batched matmul over (B, K) with no transposes in the loops (a token-major layout copies every
+  # block into this order and back).
   qh = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
   out = _flash(bq, bk, segment_ids is not None, qh, jnp.transpose(k, (0, 2, 1, 3)),
                jnp.transpose(v, (0, 2, 1, 3)), seg)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
-
-
-def _varying(*xs) -> tuple:
-  """The manual mesh axes any of xs varies over (empty outside a hand-partitioned region)."""
-  axes = set()
-  for x in xs:
-    axes |= set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()))
-  return tuple(sorted(axes))
-
-
-def _vary(tree, axes: tuple):
-  """Every array of tree marked varying over axes (a no-op outside a hand-partitioned region)."""
-  def one(x):
-    missing = tuple(a for a in axes if a not in _varying(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
 
 
 def _pad(x, axis: int, size: int, value=0):
@@ -187,7 +172,7 @@ def _forward(bq, bk, documents, q, k, v, seg):
   # a key in that first block (itself, and padded rows see padded keys), so the running max is a
   # real score from then on and exp(MASK_VALUE - max) is exactly 0: no second select on p.
   first_sees = bk % bq == 0
-  axes = _varying(q, k, v, seg)
+  axes = varying_axes(q, k, v, seg)
 
   def q_block(i, carry):
     out, lse = carry
@@ -208,8 +193,8 @@ def _forward(bq, bk, documents, q, k, v, seg):
       pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
       return m_new, l, acc * alpha[..., None] + pv
 
-    init = _vary((jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
-                  jnp.zeros((B, K, G, bq, H), jnp.float32)), axes)
+    init = vary((jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                 jnp.zeros((B, K, G, bq, H), jnp.float32)), axes)
     m, l, acc = _loop(0, _key_blocks(bq, bk, i, nk), k_block, init, unroll, reverse=True)
     l_safe = jnp.where(l == 0, 1.0, l)            # a row that sees no key (padding only): output 0
     o = (acc / l_safe[..., None]).astype(q.dtype)                          # [B, K, G, bq, H]
@@ -217,7 +202,7 @@ def _forward(bq, bk, documents, q, k, v, seg):
     lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l_safe), i * bq, axis=3)
     return out, lse
 
-  init = _vary((jnp.zeros(qp.shape, q.dtype), jnp.zeros((B, K, G, Tq), jnp.float32)), axes)
+  init = vary((jnp.zeros(qp.shape, q.dtype), jnp.zeros((B, K, G, Tq), jnp.float32)), axes)
   out, lse = _loop(0, nq, q_block, init, unroll)
   return out[:, :, :, :T], lse
 
@@ -244,8 +229,8 @@ def _flash_bwd(bq, bk, documents, res, dout):
   delta = _pad(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), 3, Tq)
   nq, nk = Tq // bq, Tk // bk
   unroll = _unrolled(nq, nk, bq, bk)
-  axes = _varying(q, k, v, seg, dout)
-  dop, delta = _vary((dop, delta), axes)
+  axes = varying_axes(q, k, v, seg, dout)
+  dop, delta = vary((dop, delta), axes)
 
   def k_block(j, carry):
     dq, dk, dv = carry
@@ -270,13 +255,13 @@ def _flash_bwd(bq, bk, documents, res, dout):
       dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqi, i * bq, axis=3)
       return dq, dkj, dvj
 
-    zeros = _vary(jnp.zeros((B, K, bk, H), jnp.float32), axes)
+    zeros = vary(jnp.zeros((B, K, bk, H), jnp.float32), axes)
     dq, dkj, dvj = _loop((j * bk) // bq, nq, q_block, (dq, zeros, zeros), unroll)
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * bk, axis=2)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj.astype(dv.dtype), j * bk, axis=2)
     return dq, dk, dv
 
-  init = _vary((jnp.zeros(qp.shape, jnp.float32), jnp.zeros(kp.shape, k.dtype), jnp.zeros(vp.shape, v.dtype)), axes)
+  init = vary((jnp.zeros(qp.shape, jnp.float32), jnp.zeros(kp.shape, k.dtype), jnp.zeros(vp.shape, v.dtype)), axes)
   dq, dk, dv = _loop(0, nk, k_block, init, unroll)
   dq = dq[:, :, :, :T] * (H ** -0.5)
   return dq.astype(q.dtype), dk[:, :, :T], dv[:, :, :T], None

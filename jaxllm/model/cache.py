@@ -22,7 +22,7 @@ class KVCache:
   @classmethod
   def init(cls, cfg, batch: int, capacity: int, dtype=None):
     dtype = dtype or jnp.dtype(cfg.dtype)
-    shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim_)
+    shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.resolved_head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
   @property

@@ -1,5 +1,9 @@
-"""A plain jitted generate loop over the contiguous KVCache: for samples after training, tests,
-and as the baseline the serving engine is measured against.
+"""A plain jitted generate loop over the contiguous KVCache: one XLA program, prefill then a lax.scan of
+cached one-token steps, for a batch of equal-length prompts.
+
+Why two generation paths: requests and the sample after training go through the serving engine
+(jaxllm.serve: paged cache, scheduler, sampling parameters); this loop is the simple baseline it is
+measured and checked against (`serve.py bench` and benchmarks/bench_engine.py: tokens/s, equal greedy tokens).
 
 Shapes: the package legend in jaxllm/__init__.py (B, T = prompt length, left-aligned and equal per
 batch, n new tokens, V).

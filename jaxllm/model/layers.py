@@ -27,7 +27,7 @@ def rms_norm(x, weight, eps: float):
 @functools.lru_cache(maxsize=16)
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """[H/2] inverse frequencies, fp32 as HF computes them, with optional llama3 scaling."""
-  H = cfg.head_dim_
+  H = cfg.resolved_head_dim
   inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H)))
   inv = inv.astype(np.float32)
   if cfg.rope_scaling == "llama3":
@@ -74,11 +74,6 @@ def attention(q, k, v, mask):
   return out.reshape(B, T, N, H)
 
 
-def causal_mask(B: int, T: int):
-  """[B, T, T] lower-triangular mask for full-sequence (training) attention."""
-  return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), dtype=bool)), (B, T, T))
-
-
 def project(x, w):
   """x [B, T, D] @ w [D, n, H] -> [B, T, n, H] (the q/k/v projections), as one 2-D matmul over the
   flattened tokens (see swiglu for why)."""
@@ -99,8 +94,8 @@ def swiglu(x, w_gate, w_up, w_down):
   dt = x.dtype
   # Plain 2-D matmuls over the flattened tokens [B*T, D]: with [B, T, D] operands the weight
   # gradients contract two axes (B and T), and XLA:CPU then transposes the [B, T, F] activation
-  # gradients into copies before every weight-gradient dot (measured on 2 cores: the MLP's forward
-  # + backward 1.3x (small) to 1.7x (tiny) slower that way). The reshapes are free (row-major).
+  # gradients into copies before every weight-gradient dot (docs/benchmarks.md). The reshapes are
+  # free (row-major).
   lead, F = x.shape[:-1], w_gate.shape[-1]
   x2 = x.reshape(-1, x.shape[-1])
   gate = constrain((x2 @ w_gate.astype(dt)).reshape(*lead, F), ("batch", "seq", "mlp"))

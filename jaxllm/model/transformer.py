@@ -42,7 +42,7 @@ class Blocks(nnx.Module):
   one block, which `__call__` runs (see Transformer.hidden)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    L, D, N, K, H, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff
+    L, D, N, K, H, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff
     pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
     out_std = std / (2 * L) ** 0.5   # GPT-2: residual projections scaled by depth
     self.attn_norm = _ones((L, D), ("layers", "embed"), pd)
@@ -59,7 +59,7 @@ class Blocks(nnx.Module):
       self.k_norm = _ones((L, H), ("layers", "head_dim"), pd)
     self.mlp_norm = _ones((L, D), ("layers", "embed"), pd)
     if cfg.is_moe:
-      E, Fm = cfg.n_experts, cfg.moe_d_ff_
+      E, Fm = cfg.n_experts, cfg.resolved_moe_d_ff
       self.router = _param(rngs, (L, D, E), ("layers", "embed", None), std, pd)
       self.w_gate = _param(rngs, (L, E, D, Fm), ("layers", "exp", "embed", "moe_mlp"), std, pd)
       self.w_up = _param(rngs, (L, E, D, Fm), ("layers", "exp", "embed", "moe_mlp"), std, pd)
@@ -132,11 +132,10 @@ def remat(fn, policy: str):
 def scan_unroll(cfg: ModelConfig, params: dict, cache=None) -> int:
   """Layers per iteration of the scan over the stacked `params`. model.scan_unroll=0 (auto) unrolls
   every layer on CPU when there is no cache (training, scoring) and no remat: there the loop's
-  per-layer slicing, stacking and zero-filled output buffers cost more than the longer compile
-  (2 CPU cores, 8 x 256: tiny 0.105 -> 0.091 s per step, small 4.48 -> 4.28 s; compile 3.3 -> 3.0 s
-  and 4.8 -> 5.2 s; small's temp memory +11%). With remat, an unrolled tiny-moe step compiled to 2.1x
-  the memory the planner predicts (the scanned one meets it). Elsewhere, and for the serving
-  engine's many cached shapes, one layer per step."""
+  per-layer slicing, stacking and zero-filled output buffers cost more than the longer compile.
+  With remat an unrolled stack compiles to about twice the memory the planner predicts (the scanned
+  one meets it). Elsewhere, and for the serving engine's many cached shapes, one layer per step.
+  Figures: docs/benchmarks.md."""
   if cfg.scan_unroll:
     return cfg.scan_unroll
   if cache is None and cfg.remat == "none" and jax.default_backend() == "cpu":

@@ -53,8 +53,8 @@ def check_manual(cfg: ModelConfig, plan: MeshPlan) -> None:
     bad.append(f"model.shared_expert_d_ff={cfg.shared_expert_d_ff} must be divisible by mesh.tp={tp}")
   if cfg.is_moe and cfg.n_experts % ep:
     bad.append(f"model.n_experts={cfg.n_experts} must be divisible by mesh.ep={ep}")
-  if cfg.is_moe and cfg.moe_d_ff_ % etp:
-    bad.append(f"the expert hidden size (model.moe_d_ff={cfg.moe_d_ff_}) must be divisible by mesh.etp={etp}")
+  if cfg.is_moe and cfg.resolved_moe_d_ff % etp:
+    bad.append(f"the expert hidden size (model.moe_d_ff={cfg.resolved_moe_d_ff}) must be divisible by mesh.etp={etp}")
   if bad:
     raise ConfigError("manual tensor parallelism cannot split this model: " + "; ".join(bad)
                       + ". Change the model sizes or pick a smaller mesh.tp / mesh.ep / mesh.etp.")
@@ -81,21 +81,6 @@ def manual(plan: MeshPlan, cfg: ModelConfig, capacity_factor: float = 0.0):
   """`with manual(plan, cfg): ...` runs model code per device: all hooks cleared, then the manual ones."""
   with hooks.cleared(), hooks.using(**manual_hooks(plan, cfg, capacity_factor)):
     yield
-
-
-def varying_axes(x) -> frozenset:
-  """The mesh axes over which `x` may differ per device (its type's varying manual axes)."""
-  return frozenset(jax.typeof(x).mat.varying)
-
-
-def vary(tree, axes):
-  """Mark every array of `tree` as varying over `axes` (it may differ per device there), e.g. to
-  give a scan carry the same type before and after its body. Already-varying axes are skipped
-  (pcast rejects them)."""
-  def one(x):
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
 
 
 def localize_layer_params(p: dict, plan: MeshPlan, cfg: ModelConfig) -> dict:

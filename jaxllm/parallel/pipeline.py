@@ -45,6 +45,7 @@ from jaxllm.config import ConfigError, check_pipeline
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
+from jaxllm.model.varying import vary, varying_axes
 from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
@@ -116,7 +117,7 @@ def _when(pred, fn, *args):
   shapes = jax.eval_shape(fn, *args)
 
   def zeros(*_):
-    return jax.tree.map(lambda s: manual.vary(jnp.zeros(s.shape, s.dtype), tuple(manual.varying_axes(s))), shapes)
+    return jax.tree.map(lambda s: vary(jnp.zeros(s.shape, s.dtype), tuple(varying_axes(s))), shapes)
   return jax.lax.cond(pred, fn, zeros, *args)
 
 
@@ -220,8 +221,8 @@ class Pipeline:
     edp = set(live_axes(plan, "edp"))
 
     def cast(names, x):
-      axes = (data | (edp if "exp" in names else set())) - manual.varying_axes(x)
-      return manual.vary(x, tuple(sorted(axes)))
+      axes = (data | (edp if "exp" in names else set())) - varying_axes(x)
+      return vary(x, tuple(sorted(axes)))
     params = jax.tree.map(cast, self.mdef.logical, params, is_leaf=lambda x: isinstance(x, tuple))
     layers = jax.tree.map(lambda a: a[:, 0], params["layers"])          # [vpp, C, ...] this stage's chunks
     b, T = tokens.shape[1:]
@@ -263,8 +264,8 @@ class Pipeline:
     """Stage 0: a fresh microbatch's embedding, or a banked ring arrival; other stages: the ring."""
     fresh = (s == 0) & (row["f_src"] < 0) & (row["f_r"] >= 0)
     ring = jnp.where(s == 0, _get(fbank, row["f_src"]), recv)
-    return jax.lax.cond(fresh, lambda: manual.vary(self._embed(params, _get(tokens, row["f_j"])), act_axes),
-                        lambda: manual.vary(ring, act_axes))
+    return jax.lax.cond(fresh, lambda: vary(self._embed(params, _get(tokens, row["f_j"])), act_axes),
+                        lambda: vary(ring, act_axes))
 
   def _ring(self, x, step: int):
     pp = self.plan.cfg.pp
@@ -273,7 +274,7 @@ class Pipeline:
   def _finish(self, nll, aux_acc):
     """Sum over devices and average aux over layers and microbatches."""
     L = self.mdef.cfg.n_layers
-    total = lambda x: jax.lax.psum(x, tuple(sorted(manual.varying_axes(x)))) if manual.varying_axes(x) else x
+    total = lambda x: jax.lax.psum(x, tuple(sorted(varying_axes(x)))) if varying_axes(x) else x
     return total(nll), {n: total(v) / (L * self.microbatches) for n, v in aux_acc.items()}
 
   # -- GPipe order: forward scan, autodiff backward -----------------------------------------------
@@ -290,7 +291,7 @@ class Pipeline:
       def stage_apply(w_all, r, x):
         w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False), w_all)
         y, aux = self._chunk(w, x, cos, sin, "none" if self.remat else cfg.remat)
-        return manual.vary(y, act), aux
+        return vary(y, act), aux
 
       # Residuals of a lax.cond branch leave it as per-tick outputs, which the scan's autodiff stacks
       # over ticks -- the weights among them. A remat region around the branch keeps only its inputs
@@ -322,10 +323,10 @@ class Pipeline:
         return (self._ring(y, 1), fbank, nll, aux_acc), None
 
       b, T = tokens.shape[1:]
-      zero_x = manual.vary(jnp.zeros((b, T, cfg.d_model), jnp.dtype(cfg.dtype)), act)
-      fbank = manual.vary(jnp.zeros((sched.n_fbank, b, T, cfg.d_model), zero_x.dtype), act)
-      init = (zero_x, fbank, manual.vary(jnp.float32(0), act),
-              {n: manual.vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+      zero_x = vary(jnp.zeros((b, T, cfg.d_model), jnp.dtype(cfg.dtype)), act)
+      fbank = vary(jnp.zeros((sched.n_fbank, b, T, cfg.d_model), zero_x.dtype), act)
+      init = (zero_x, fbank, vary(jnp.float32(0), act),
+              {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
       (_, _, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
       return self._finish(nll, aux_acc)
 
@@ -346,7 +347,7 @@ class Pipeline:
 
       def aux_cot(aux_axes):
         # Each layer's MoE statistics enter the loss as coef / (L * m) per microbatch.
-        return {n: manual.vary(aux_weight * coefs[n] / (L * m), tuple(axes)) for n, axes in aux_axes.items()}
+        return {n: vary(aux_weight * coefs[n] / (L * m), tuple(axes)) for n, axes in aux_axes.items()}
 
       def chunk_vjp(w, x):
         # Recomputing from the input already is the remat; otherwise the model's per-layer policy
@@ -361,37 +362,37 @@ class Pipeline:
       def forward(r, x):
         if self.remat:
           y, aux = self._chunk(index(r), x, cos, sin, "none")
-          return manual.vary(y, act), aux, [x]
+          return vary(y, act), aux, [x]
         w = index(r)
         (y, aux), vjp = chunk_vjp(w, x)
         leaves, layout["tree"] = jax.tree.flatten(vjp)
         weights = jax.tree.leaves(w)
         layout["at"] = [next((i for i, wt in enumerate(weights) if leaf is wt), -1) for leaf in leaves]
-        layout["types"] = (manual.varying_axes(y), {n: manual.varying_axes(v) for n, v in aux.items()})
-        return manual.vary(y, act), aux, [leaf for leaf, at in zip(leaves, layout["at"]) if at < 0]
+        layout["types"] = (varying_axes(y), {n: varying_axes(v) for n, v in aux.items()})
+        return vary(y, act), aux, [leaf for leaf, at in zip(leaves, layout["at"]) if at < 0]
 
       def backward(r, saved, dy):
         if self.remat:
           (y, aux), vjp = chunk_vjp(index(r), saved[0])
-          y_axes, aux_axes = manual.varying_axes(y), {n: manual.varying_axes(v) for n, v in aux.items()}
+          y_axes, aux_axes = varying_axes(y), {n: varying_axes(v) for n, v in aux.items()}
         else:
           weights, rest = jax.tree.leaves(index(r)), iter(saved)
           vjp = jax.tree.unflatten(layout["tree"], [weights[at] if at >= 0 else next(rest) for at in layout["at"]])
           y_axes, aux_axes = layout["types"]
-        dw, dx = vjp((manual.vary(dy, tuple(y_axes)), aux_cot(aux_axes)))
-        return dw, manual.vary(dx, act)
+        dw, dx = vjp((vary(dy, tuple(y_axes)), aux_cot(aux_axes)))
+        return dw, vary(dx, act)
 
       def loss_grad(acc_head, y, tgt, msk):
         # -> (nll, gradient at the last chunk's output, head gradients added into acc_head)
         nll, vjp = jax.vjp(lambda h, y: self._head_nll(h, y, tgt, msk), head, y)
-        d_head, dy = vjp(manual.vary(nll_weight, tuple(manual.varying_axes(nll))))
-        return manual.vary(nll, act), manual.vary(dy, act), jax.tree.map(jnp.add, acc_head, d_head)
+        d_head, dy = vjp(vary(nll_weight, tuple(varying_axes(nll))))
+        return vary(nll, act), vary(dy, act), jax.tree.map(jnp.add, acc_head, d_head)
 
       def no_loss(acc_head, y, tgt, msk):
-        return manual.vary(jnp.float32(0), act), manual.vary(jnp.zeros_like(y), act), acc_head
+        return vary(jnp.float32(0), act), vary(jnp.zeros_like(y), act), acc_head
 
       def embed_grad(tok, dx):
-        _, vjp = jax.vjp(lambda e: manual.vary(self._embed({"embed": e}, tok), act), params["embed"])
+        _, vjp = jax.vjp(lambda e: vary(self._embed({"embed": e}, tok), act), params["embed"])
         return vjp(dx)[0]
 
       def tick(carry, t):
@@ -422,16 +423,16 @@ class Pipeline:
 
       b, T, D = tokens.shape[1], tokens.shape[2], cfg.d_model
       dt = jnp.dtype(cfg.dtype)
-      zeros = lambda *shape: manual.vary(jnp.zeros(shape, dt), act)
+      zeros = lambda *shape: vary(jnp.zeros(shape, dt), act)
       acc = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items()}
       acc["layers"] = jax.tree.map(jnp.zeros_like, layers)
-      acc = jax.tree.map(lambda z, p: manual.vary(z, tuple(manual.varying_axes(p) | {STAGE})), acc,
+      acc = jax.tree.map(lambda z, p: vary(z, tuple(varying_axes(p) | {STAGE})), acc,
                          {**params, "layers": layers})
       saved = jax.eval_shape(forward, jnp.int32(0), zeros(b, T, D))[2]
-      stash = [manual.vary(jnp.zeros((sched.n_stash, *v.shape), v.dtype), tuple(manual.varying_axes(v))) for v in saved]
+      stash = [vary(jnp.zeros((sched.n_stash, *v.shape), v.dtype), tuple(varying_axes(v))) for v in saved]
       init = (zeros(b, T, D), zeros(b, T, D), zeros(sched.n_fbank, b, T, D), zeros(sched.n_gbank, b, T, D),
-              stash, acc, manual.vary(jnp.float32(0), act),
-              {n: manual.vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+              stash, acc, vary(jnp.float32(0), act),
+              {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
       (_, _, _, _, _, acc, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
       # One sum per step over the devices each gradient was split into contributions on.
       specs = staged_specs(self.mdef, plan)
@@ -439,7 +440,7 @@ class Pipeline:
 
       def reduce(g, spec):
         named = {a for d in spec if d for a in ((d,) if isinstance(d, str) else d)}
-        axes = tuple(sorted(manual.varying_axes(g) - named))
+        axes = tuple(sorted(varying_axes(g) - named))
         return jax.lax.psum(g, axes) if axes else g
       grads = jax.tree.map(reduce, acc, specs, is_leaf=lambda x: isinstance(x, P))
       nll, aux = self._finish(nll, aux_acc)

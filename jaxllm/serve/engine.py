@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxllm.buckets import pow2_bucket
 from jaxllm.config import ModelConfig, ServeConfig
 from jaxllm.model import hooks
 from jaxllm.model.params import model_def
@@ -47,13 +48,9 @@ from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
 from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
-from jaxllm.serve.sampling import SamplingParams, advance, build_sampling_arrays, init_state, sample_rows, \
-  with_random_seed
+from jaxllm.serve.sampling import SamplingParams, advance, build_sampling_arrays, init_penalty_state, \
+  sample_rows, with_random_seed
 from jaxllm.serve.scheduler import Req, Scheduler
-
-
-def _pow2(n: int, lo: int) -> int:
-  return max(lo, 1 << max(0, n - 1).bit_length())
 
 
 @dataclass
@@ -94,7 +91,7 @@ class Engine:
       self.rows = _mesh_rows(cfg, plan.cfg)
       # Every bucket must split into dp*tp equal parts (rows over dp, the MoE token slices over tp).
       par = plan.cfg.dp * plan.cfg.tp if self.rows > 1 or cfg.is_moe else 1
-      self.min_seqs, self.min_tokens = _pow2(max(sc.min_seqs, par), 1), _pow2(max(sc.min_tokens, par), 1)
+      self.min_seqs, self.min_tokens = pow2_bucket(max(sc.min_seqs, par), 1), pow2_bucket(max(sc.min_tokens, par), 1)
     dtype = jnp.dtype(cfg.dtype)
     shape = pool_shape(cfg, sc.num_pages, sc.page_size)
     if mesh is not None:
@@ -106,7 +103,7 @@ class Engine:
       self._pool_sh = None
       self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     self.params = params
-    self.R_max = _pow2(sc.max_running, self.min_seqs)
+    self.R_max = pow2_bucket(sc.max_running, self.min_seqs)
     self.overlap = sc.overlap
     self._inflight: _Launch | None = None      # the launched step not yet committed (overlap)
     self.wait_seconds = 0.0                    # time the host waited for device results
@@ -272,7 +269,7 @@ class Engine:
     most ks[i] tokens (see module doc). ahead[i]: tokens of row i still in flight in `prev`, whose
     sampled tokens (on device) are fed here instead of the host's last output."""
     Z, live = self.page_size, len(batch)
-    R = _pow2(live, self.min_seqs)
+    R = pow2_bucket(live, self.min_seqs)
     n = self.decode_steps if ks is not None else 1
     k = np.asarray(ks if ks is not None else [1] * live, np.int32)
     page_table = self._page_table(batch, R)
@@ -306,7 +303,7 @@ class Engine:
     attention, the rest the decode one)."""
     Z = self.page_size
     batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
-    Q = _pow2(sum(n for _, n in batch), self.min_tokens)
+    Q = pow2_bucket(sum(n for _, n in batch), self.min_tokens)
     R = max(self.min_seqs, min(Q, self.R_max))   # tied to Q: a sequence has >= 1 token (fewer compiles)
     tokens, positions = np.zeros(Q, np.int32), np.zeros(Q, np.int32)
     slots = np.zeros(Q, np.int32)          # padding rows write into the null page 0
@@ -387,7 +384,7 @@ class Engine:
     the page-table width is fixed). Runs on metadata that only writes the null page."""
     self.drain()
     before = self.compiles
-    Q_max = _pow2(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)   # a step's tokens at most
+    Q_max = pow2_bucket(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)   # a step's tokens at most
     sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
     z = lambda *s: np.zeros(s, np.int32)
     shapes = [("decode", R, R) for R in sizes(self.min_seqs, self.R_max)]
@@ -466,7 +463,7 @@ class _Step:
         return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
 
       xs = (positions, meta["slots"], meta["kv_lens"])
-      samp = init_state(samp, mdef.cfg.vocab_size)
+      samp = init_penalty_state(samp, mdef.cfg.vocab_size)
       (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, samp), xs)
       return (k_pages, v_pages) + tuple(out)
 

@@ -51,8 +51,8 @@ class PagedCache:
     cols = layer * (P * Z) + self.slots
     if cols.shape[0] == 1:
       # A one-row scatter becomes an update XLA:CPU does not do in place inside the layer scan: it
-      # copied the whole pool per layer (0.9 s a step at 4k pages). A second write, into the null
-      # page (never read as a key), keeps it a scatter.
+      # copies the whole pool per layer. A second write, into the null page (never read as a key),
+      # keeps it a scatter.
       cols = jnp.concatenate([cols, jnp.full_like(cols, layer * (P * Z))])
       k, v = (jnp.concatenate([x, jnp.zeros_like(x)]) for x in (k, v))
     def write(pool, new):                 # new [Q, K, H]
@@ -83,7 +83,7 @@ class PagedCache:
 
 def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
   """[K, L, P, Z, H] with P = num_pages usable pages plus the null page 0, Z = page_size."""
-  return (cfg.n_kv_heads, cfg.n_layers, num_pages + 1, page_size, cfg.head_dim_)
+  return (cfg.n_kv_heads, cfg.n_layers, num_pages + 1, page_size, cfg.resolved_head_dim)
 
 
 POOL_AXES = ("kv_heads", "layers", None, None, "head_dim")   # logical axes of pool_shape's dims

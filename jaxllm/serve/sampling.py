@@ -33,14 +33,12 @@ seed gets a random one at submission (`with_random_seed`), so two unseeded reque
 
 The host/device split:
   build_sampling_arrays (host, numpy)  per-row arrays of one step (`samp`), keys listed there;
-  init_state (device)                  adds the penalty state (generated-token counts, prompt mask)
+  init_penalty_state (device)          adds the penalty state (generated-token counts, prompt mask)
                                        built from the padded history by one scatter;
   sample_rows (device)                 logits -> tokens, logprobs, top-20 ids and logprobs;
   advance (device)                     the state after a step: multi-step decode carries `samp`
                                        through its lax.scan so penalties, min_tokens and the random
                                        counters stay exact without the host.
-`sample` / `sampling_arrays` are the former single-purpose entry points, kept as thin wrappers until
-the engine moves to the functions above.
 
 Shapes: the package legend in jaxllm/__init__.py (R, V, n); a row is one sequence of the engine step.
 The legend's H, B, S mean head dim, batch and kv length, so the padded widths here are named, not
@@ -57,6 +55,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxllm.buckets import pow2_bucket
 
 TOP_LOGPROBS = 20        # alternatives computed for every row (OpenAI's top_logprobs maximum)
 LOGPROBS_MODES = ("raw", "processed")   # see step 1 of the module doc
@@ -164,19 +164,15 @@ def with_random_seed(sp: SamplingParams) -> SamplingParams:
   return sp if sp.seed is not None else dataclasses.replace(sp, seed=secrets.randbits(32))
 
 
-def _pow2(n: int, lo: int) -> int:
-  return max(lo, 1 << max(0, n - 1).bit_length())
-
-
 def history_bucket(n: int) -> int:
   """Padded history width for a longest penalised history of n ids: 0 when no row needs one (then
   no [R, V] penalty state is built at all), else a power of two >= 16 so a few shapes cover all."""
-  return 0 if n <= 0 else _pow2(n, 16)
+  return 0 if n <= 0 else pow2_bucket(n, 16)
 
 
 def _width_bucket(n: int) -> int:
   """Padded width of the logit-bias and min_tokens stop-id arrays: 8 covers almost every request."""
-  return _pow2(n, 8)
+  return pow2_bucket(n, 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +279,7 @@ def _scatter_ids(valid, ids, V):
   return jnp.where(valid & (ids >= 0), ids, V)
 
 
-def init_state(samp: dict, V: int) -> dict:
+def init_penalty_state(samp: dict, V: int) -> dict:
   """samp plus the penalty state, built on device from the padded history with one scatter:
     gen_counts  [R, V] int32  times each token was generated (presence/frequency penalties)
     prompt_mask [R, V] bool   token occurs in the prompt (with gen_counts > 0: repetition penalty)
@@ -311,7 +307,7 @@ def init_state(samp: dict, V: int) -> dict:
 
 def process_logits(logits, samp: dict):
   """Steps 2-4 of the module doc: logit_bias, the min_tokens ban, penalties. logits [R, V] fp32 ->
-  [R, V]; samp must hold the state of `init_state`. A row with neutral parameters is returned
+  [R, V]; samp must hold the state of `init_penalty_state`. A row with neutral parameters is returned
   bit-for-bit unchanged (bias and bans only touch listed ids; the penalties are x/1, x - 0)."""
   R, V = logits.shape
   rows = jnp.arange(R)[:, None]
@@ -387,11 +383,11 @@ def sample_rows(logits, samp: dict):
   """logits [R, V] -> (tokens [R] int32, logprobs [R] fp32, top_ids [R, 20] int32,
   top_logprobs [R, 20] fp32). Log-probs are of the raw model distribution, or for sampled rows with
   processed_logprobs of the distribution drawn from (module doc, step 1).
-  samp: `build_sampling_arrays` (on device), with or without the `init_state` keys (built here if
+  samp: `build_sampling_arrays` (on device), with or without the `init_penalty_state` keys (built here if
   absent: a single step needs nothing else)."""
   logits = logits.astype(jnp.float32)
   if "gen_counts" not in samp:
-    samp = init_state(samp, logits.shape[-1])
+    samp = init_penalty_state(samp, logits.shape[-1])
   # Raw log-probs only where needed (the sampled token, the top-20): no [R, V] log_softmax.
   lse = jax.nn.logsumexp(logits, axis=-1)
   x = process_logits(logits, samp)
@@ -411,9 +407,9 @@ def sample_rows(logits, samp: dict):
 def advance(samp: dict, tokens) -> dict:
   """The state of the next step after each row generated tokens [R]: random counter + 1, the token
   counted for presence/frequency/repetition, one fewer token before stop ids are allowed. samp must
-  carry the `init_state` keys (the scan carry needs them from its first step)."""
+  carry the `init_penalty_state` keys (the scan carry needs them from its first step)."""
   if "gen_counts" not in samp:
-    raise KeyError("advance needs the penalty state: call samp = init_state(samp, V) before the scan")
+    raise KeyError("advance needs the penalty state: call samp = init_penalty_state(samp, V) before the scan")
   out = dict(samp)
   out["counters"] = samp["counters"] + jnp.uint32(1)
   out["min_tokens_left"] = jnp.maximum(samp["min_tokens_left"] - 1, 0)

@@ -1,13 +1,13 @@
 """Activation bytes of one training micro-step: the vjp residuals of the real decoder block traced on
 one device's shapes under the configured remat policy, plus the head, MoE dispatch, pipeline stash
-and FSDP gathers (see jaxllm/plan/__init__.py for what is modelled)."""
+and FSDP gathers (see jaxllm/planner/__init__.py for what is modelled)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
 
-from jaxllm.plan.shapes import axis_sizes, compute_shapes, fsdp_axes, nbytes
+from jaxllm.planner.shapes import axis_sizes, compute_shapes, fsdp_axes, nbytes
 
 # Gradient temporaries of one layer's backward, as a fraction of its full residual set (calibrated
 # against XLA's buffer assignment of the compiled train step, tests/test_plan.py).

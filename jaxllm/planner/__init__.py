@@ -1,6 +1,6 @@
 """Memory planner: per-device bytes of a training run, estimated without devices.
 
-  python -m jaxllm.plan --model qwen3-30b-a3b --mesh meshes/tpu-v5p-64.toml train.batch_size=256 train.seq_len=4096
+  python -m jaxllm.planner --model qwen3-30b-a3b --mesh meshes/tpu-v5p-64.toml train.batch_size=256 train.seq_len=4096
 
 Everything is derived from the project's own code on abstract shapes, never from a second copy of its
 rules: the mesh from `plan_mesh`, each parameter's placement from `jaxllm.parallel.sharding.param_specs`
@@ -39,7 +39,7 @@ The estimate is validated against XLA's compiled memory analysis of the real jit
 (tests/test_plan.py): `predicted total` vs `argument + output - alias + temp` of the compiled step.
 
 Modules: shapes.py (placements and state bytes), activations.py (traced residuals), this one (the
-estimate, device memory, suggestions, the table and the CLI; `python -m jaxllm.plan`).
+estimate, device memory, suggestions, the table and the CLI; `python -m jaxllm.planner`).
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from jaxllm.plan.activations import _model_def, activation_bytes, microbatch_rows
-from jaxllm.plan.shapes import shard_shape, state_bytes
+from jaxllm.planner.activations import _model_def, activation_bytes, microbatch_rows
+from jaxllm.planner.shapes import shard_shape, state_bytes
 
 __all__ = ["Estimate", "estimate", "device_memory_bytes", "suggestions", "combined_plan", "format_estimate",
            "format_suggestions", "main", "shard_shape", "GiB"]
@@ -281,7 +281,7 @@ def format_suggestions(options: list[Option], combined=None, limit: int = 6) -> 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-    prog="python -m jaxllm.plan",
+    prog="python -m jaxllm.planner",
     description="Per-device memory of a training run (parameters, gradients, optimizer state, activations), "
                 "estimated on abstract shapes: no devices needed.",
     epilog="overrides: section.key=value, e.g. train.batch_size=64 train.seq_len=4096 model.remat=full mesh.tp=4")
