@@ -44,19 +44,19 @@ def _mesh(path):
   return build_mesh(mc, jax.devices()[:mc.num_devices])
 
 
-def _load_hf(model_dir, mesh, plan, **overrides):
-  """(cfg, params, tokenizer path or None) of a Hugging Face directory, placed on the mesh if any."""
-  try:
-    from jaxllm.io import hf_tokenizer_path, load_hf, load_hf_config
-  except ImportError as e:
-    raise SystemExit(f"--hf needs jaxllm.io (Hugging Face import), which failed to import: {e}")
+def _load(path, mesh, plan, **kw):
+  """jaxllm.io.load_model of a checkpoints folder or a Hugging Face directory, placed on the mesh if any;
+  a path that does not load ends the program with the loader's message."""
+  from jaxllm.io import load_model
+  from jaxllm.io.checkpoint import CheckpointError
   shardings = None
   if mesh is not None:
-    from jaxllm.model.params import model_def
     from jaxllm.parallel import param_shardings
-    shardings = param_shardings(model_def(load_hf_config(model_dir, **overrides)), mesh, plan)
-  cfg, params = load_hf(model_dir, shardings, **overrides)
-  return cfg, params, hf_tokenizer_path(model_dir)
+    shardings = lambda mdef: param_shardings(mdef, mesh, plan)
+  try:
+    return load_model(path, shardings=shardings, **kw)
+  except (CheckpointError, ValueError) as e:
+    cli.fail(str(e))
 
 
 def _serve_cfg(a):
@@ -68,33 +68,26 @@ def _serve_cfg(a):
 
 
 def generate(a):
-  import jax
-  from jaxllm.data import load_tokenizer
   from jaxllm.serve.engine import Engine
   from jaxllm.serve.sampling import SamplingParams
   mesh, plan = _mesh(a.mesh)
-  tok_spec = a.tokenizer or "byte"
   if a.hf and a.checkpoint:
     raise SystemExit("give either --checkpoint or --hf, not both")
-  if a.hf:
-    cfg, params, hf_tok = _load_hf(a.hf, mesh, plan)
-    tok_spec = a.tokenizer or hf_tok or "byte"
-  elif a.checkpoint:
-    from jaxllm.io.checkpoint import load_params
-    config, params = load_params(a.checkpoint)
-    cfg = config.model
-    params = jax.device_get(params)      # from the checkpoint's layout to host; the engine places it
+  if a.hf or a.checkpoint:
+    m = _load(a.hf or a.checkpoint, mesh, plan, tokenizer=a.tokenizer)
+    cfg, params, tok, stops = m.cfg, m.params, m.tokenizer, m.eos_ids
   else:
     from jaxllm.config import MODEL_PRESETS
+    from jaxllm.data import load_tokenizer
+    from jaxllm.io import eos_ids
     from jaxllm.model.params import init_params
     print(f"no --checkpoint or --hf: random {a.model} weights (output is noise)", file=sys.stderr)
     cfg = MODEL_PRESETS[a.model]
     params = init_params(cfg, 0)
-  tok = load_tokenizer(tok_spec)
+    tok = load_tokenizer(a.tokenizer or "byte")
+    stops = eos_ids(cfg.vocab_size, tok)
   prompts = [tok.encode(p) for p in a.prompt]
   eng = Engine(cfg, params, _serve_cfg(a), mesh=mesh, plan=plan, detokenize=tok.decode)
-  eos = getattr(tok, "eos_id", None)
-  stops = (eos,) if eos is not None and eos < cfg.vocab_size else ()   # an id the model can produce
   sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                       min_p=a.min_p, seed=a.seed, stop_token_ids=stops, stop=tuple(a.stop))
   for prompt, r in zip(a.prompt, eng.generate(prompts, sp)):
@@ -103,15 +96,17 @@ def generate(a):
 
 
 def bench(a):
+  from jaxllm.buckets import pow2_bucket
   from jaxllm.config import MODEL_PRESETS
   from jaxllm.model.params import init_params
   from jaxllm.serve.bench import Workload, run_bench
   w = Workload(a.groups, a.per_group, a.system_len, a.question_len, a.output_len, a.arrival, a.rate, a.seed)
   need = a.system_len + a.question_len + a.output_len
-  max_seq_len = max(need, 1 << (need - 1).bit_length())   # page tables sized for the workload
+  max_seq_len = pow2_bucket(need)   # page tables sized for the workload
   mesh, plan = _mesh(a.mesh)
   if a.hf:
-    cfg, params, _ = _load_hf(a.hf, None, None, max_seq_len=max_seq_len)   # the engine places it
+    m = _load(a.hf, None, None, tokenizer="byte", max_seq_len=max_seq_len)   # the engine places it; no text
+    cfg, params = m.cfg, m.params
   else:
     cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=max_seq_len)
     params = init_params(cfg, 0)
@@ -169,7 +164,8 @@ def main(argv=None):
   g.add_argument("--model", default="tiny", help="preset for random weights when no --checkpoint")
   g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
   g.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / directory (default: the "
-                 "--hf directory's tokenizer.json, else byte)")
+                 "model's own: the checkpoint's train.tokenizer or the --hf directory's tokenizer.json; byte for "
+                 "random weights)")
   g.add_argument("--max-tokens", type=int, default=64)
   g.add_argument("--temperature", type=float, default=0.0)
   g.add_argument("--top-k", type=int, default=0)

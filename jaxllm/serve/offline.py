@@ -12,6 +12,7 @@ import dataclasses
 import jax
 
 from jaxllm.config import ModelConfig
+from jaxllm.io.load import eos_ids as model_eos_ids
 from jaxllm.parallel import build_mesh
 from jaxllm.parallel.mesh import MeshPlan
 from jaxllm.serve.engine import Engine
@@ -30,16 +31,16 @@ def serving_mesh(mesh, plan: MeshPlan | None):
 
 def complete_text(cfg: ModelConfig, params, tokenizer, prompt: str, max_tokens: int,
                   temperature: float = 0.8, seed: int = 0, mesh=None, plan: MeshPlan | None = None,
-                  page_size: int = 16) -> str:
+                  page_size: int = 16, eos_ids: tuple | None = None) -> str:
   """prompt + its continuation of `max_tokens` tokens (fewer at an end-of-sequence token), generated
-  by the engine on `mesh` (None: one device)."""
+  by the engine on `mesh` (None: one device). eos_ids: every end-of-sequence id (a loaded model's
+  LoadedModel.eos_ids); None: the tokenizer's."""
   ids = tokenizer.encode(prompt)
   mesh, plan = serving_mesh(mesh, plan)
   pages = -(-(len(ids) + max_tokens) // page_size) + 1
   eng = Engine(cfg, params, page_size=page_size, num_pages=pages, max_running=1, mesh=mesh, plan=plan,
                detokenize=tokenizer.decode)
-  eos = getattr(tokenizer, "eos_id", None)
-  sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                      stop_token_ids=(eos,) if eos is not None else ())
+  stops = model_eos_ids(cfg.vocab_size, tokenizer) if eos_ids is None else tuple(eos_ids)
+  sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop_token_ids=stops)
   out = eng.generate([ids], sp)[0]
   return prompt + tokenizer.decode(out.output)

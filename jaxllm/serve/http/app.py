@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from jaxllm.config import ServeConfig
+from jaxllm.io.load import eos_ids as model_eos_ids
 from jaxllm.serve.http import protocol
 from jaxllm.serve.http.bridge import EngineCall
 from jaxllm.serve.http.chat import ChatTemplate
@@ -36,15 +37,18 @@ from jaxllm.serve.service import EngineService
 
 
 def create_app(service: EngineService, tokenizer, model_name: str, serve_cfg: ServeConfig,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, eos_ids: tuple | None = None) -> FastAPI:
   """An app serving `service` (started and closed by the caller). chat_template: the model's Jinja
-  chat template, None for chat.DEFAULT_TEMPLATE. Adds the latency histograms as one of the service's
+  chat template, None for chat.DEFAULT_TEMPLATE. eos_ids: every end-of-sequence id (a loaded model's
+  LoadedModel.eos_ids); None: the tokenizer's. Adds the latency histograms as one of the service's
   finish hooks (call before service.start())."""
   engine = service.engine
   pool_tokens = service.snapshot()["pages_total"] * engine.page_size
+  if eos_ids is None:
+    eos_ids = model_eos_ids(engine.cfg.vocab_size, tokenizer)
   info = protocol.ModelInfo(name=model_name, vocab_size=engine.cfg.vocab_size,
-                            context=min(engine.cfg.max_seq_len, pool_tokens),
-                            eos_id=getattr(tokenizer, "eos_id", None), max_n=serve_cfg.max_n)
+                            context=min(engine.cfg.max_seq_len, pool_tokens), eos_ids=tuple(eos_ids),
+                            max_n=serve_cfg.max_n)
   template = ChatTemplate(chat_template, tokenizer)
   text_of = TokenText(tokenizer)
   metrics = Metrics(service)

@@ -44,7 +44,7 @@ class ModelInfo:
   name: str                 # the model id of the API
   vocab_size: int           # token ids 0..vocab_size-1
   context: int              # prompt + completion tokens at most (max_seq_len, capped by the KV pool)
-  eos_id: int | None        # the tokenizer's end of sequence (a stop token unless ignore_eos)
+  eos_ids: tuple            # the model's end-of-sequence ids (jaxllm.io.eos_ids): stop tokens unless ignore_eos
   max_n: int                # serve.max_n
 
 
@@ -290,9 +290,7 @@ def _sampling(f: Fields, info: ModelInfo, max_tokens: int, *, seed_key="seed", m
   f.check(0 <= min_tokens <= max_tokens, min_tokens_key, min_tokens, f"in 0..{max_tokens} (the max tokens)")
   ignore_eos = f.get("ignore_eos", "boolean", False)
   seed = f.get(seed_key, "integer")
-  stops = tuple(stop_token_ids)
-  if info.eos_id is not None and info.eos_id < info.vocab_size and not ignore_eos:
-    stops += (info.eos_id,)
+  stops = tuple(stop_token_ids) + (() if ignore_eos else info.eos_ids)
   kw = dict(max_tokens=max_tokens, temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p),
             min_p=float(min_p), stop=_stop(f), stop_token_ids=tuple(dict.fromkeys(stops)), logprobs=logprobs,
             top_logprobs=top_logprobs, presence_penalty=float(penalties["presence_penalty"]),

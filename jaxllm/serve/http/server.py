@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import dataclass
 
-from jaxllm.config import ModelConfig, ServeConfig, TrainConfig
-from jaxllm.data import load_tokenizer
+from jaxllm.config import ServeConfig, TrainConfig
+from jaxllm.io import LoadedModel
 
 DEFAULT_CHECKPOINTS = os.path.join(TrainConfig().out_dir, "checkpoints")
 
@@ -22,24 +21,17 @@ class NoModel(RuntimeError):
   """Nothing to serve; the message says how to get a model."""
 
 
-@dataclass
-class LoadedModel:
-  cfg: ModelConfig
-  params: object
-  tokenizer: object
-  name: str                       # the API's model id unless serve.model_name is set
-  chat_template: str | None       # Jinja source, None for the default transcript
-  source: str                     # where it came from, for the startup message
-
-
 def load_model(checkpoint: str | None = None, hf: str | None = None, mesh=None, plan=None) -> LoadedModel:
+  """The model `python serve.py` serves (--checkpoint DIR, --hf DIR, or the default run's newest
+  checkpoint), loaded by jaxllm.io.load_model and placed on `mesh` when given."""
+  from jaxllm.io import load_model as load
   if checkpoint and hf:
     raise NoModel("give either --checkpoint or --hf, not both")
-  if hf:
-    return _load_hf(hf, mesh, plan)
-  if checkpoint is None:
-    checkpoint = _default_checkpoint()
-  return _load_checkpoint(checkpoint)
+  shardings = None
+  if mesh is not None:
+    from jaxllm.parallel import param_shardings
+    shardings = lambda mdef: param_shardings(mdef, mesh, plan)
+  return load(hf or checkpoint or _default_checkpoint(), shardings=shardings)
 
 
 def _default_checkpoint() -> str:
@@ -53,30 +45,6 @@ def _default_checkpoint() -> str:
   return DEFAULT_CHECKPOINTS
 
 
-def _load_checkpoint(directory: str) -> LoadedModel:
-  import jax
-  from jaxllm.io.checkpoint import load_params
-  config, params = load_params(directory)
-  params = jax.device_get(params)          # host copy; the engine places it on its devices
-  path = os.path.abspath(directory)
-  run = os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
-  return LoadedModel(config.model, params, load_tokenizer(config.train.tokenizer), os.path.basename(run), None,
-                     f"checkpoint {directory} (tokenizer {config.train.tokenizer})")
-
-
-def _load_hf(directory: str, mesh, plan) -> LoadedModel:
-  from jaxllm.io import hf_chat_template, hf_tokenizer_path, load_hf, load_hf_config
-  shardings = None
-  if mesh is not None:
-    from jaxllm.model.params import model_def
-    from jaxllm.parallel import param_shardings
-    shardings = param_shardings(model_def(load_hf_config(directory)), mesh, plan)
-  cfg, params = load_hf(directory, shardings)
-  tok_path = hf_tokenizer_path(directory)
-  return LoadedModel(cfg, params, load_tokenizer(tok_path or "byte"), os.path.basename(os.path.abspath(directory)),
-                     hf_chat_template(directory), f"Hugging Face model {directory} (tokenizer {tok_path or 'byte'})")
-
-
 def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
   """-> (app, service), the service started. Close it when done (service.close())."""
   from jaxllm.serve.engine import Engine
@@ -84,7 +52,8 @@ def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
   from jaxllm.serve.service import EngineService
   engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, detokenize=model.tokenizer.decode)
   service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
-  app = create_app(service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template)
+  app = create_app(service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template,
+                   eos_ids=model.eos_ids)
   return app, service
 
 
