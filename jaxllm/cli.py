@@ -27,7 +27,9 @@ def prepare_devices(mesh_path: str | None) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 
-# glibc malloc settings for a training or serving process (see tune_malloc).
+# glibc malloc settings for a training or serving process (see tune_malloc): mmap_max=0 and
+# arena_max=1 serve large blocks from the one heap, trim_threshold keeps it from shrinking,
+# hugetlb=1 maps it in 2 MiB pages.
 MALLOC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1000000000000"
                    ":glibc.malloc.hugetlb=1")
 
@@ -47,23 +49,14 @@ def malloc_tunable() -> bool:
 
 
 def tune_malloc(before_exec=None) -> None:
-  """First thing in a CLI's `__main__` (before jax starts): re-run this same command with glibc's
-  malloc set to keep freed memory in the process and back it with transparent huge pages
-  (GLIBC_TUNABLES=MALLOC_TUNABLES; glibc reads tunables only at process start, hence the exec).
-
-  Why: XLA:CPU allocates every execution's temp buffer afresh (167 MB per `tiny` train step at 8x256,
-  2.7 GB for `small`). By default glibc maps blocks that large with mmap (always, from a worker
-  thread's arena) and unmaps them on free, so every step faults every page back in and the kernel
-  zeroes it again; on a VM that hands free memory back to the host, each fault also goes to the host.
-  mmap_max=0 and arena_max=1 serve large blocks from the one heap, trim_threshold keeps it from
-  shrinking, hugetlb=1 maps it in 2 MiB pages. Measured on 2 cores (docs/architecture.md, "CPU
-  speed"): tiny 43k page faults and 130 ms of kernel time per 320 ms step before, none after warm-up.
-  Nothing changes numerically; the process keeps its peak memory (as a caching GPU allocator does).
-
-  A no-op when it cannot apply or the user chose: not Linux/glibc >= 2.35, transparent huge pages
-  [never], GLIBC_TUNABLES already setting any glibc.malloc tunable, JAXLLM_TUNE_MALLOC=0, jax already
-  imported, or a command line that cannot be re-run (`python -c`, a script on stdin). `before_exec`:
-  called just before the exec (pytest stops its output capture there)."""
+  """First thing in a CLI's `__main__`, before jax starts: re-exec this command with MALLOC_TUNABLES
+  (glibc reads tunables only at process start). XLA:CPU allocates each step's temp buffer afresh, and
+  glibc would mmap and unmap it every step, faulting every page in again; these settings keep freed
+  memory in the one heap, backed by huge pages (docs/architecture.md, "CPU speed"). Nothing changes
+  numerically; the process keeps its peak memory, as a caching GPU allocator does.
+  A no-op without glibc >= 2.35, with THP [never], a glibc.malloc tunable already set,
+  JAXLLM_TUNE_MALLOC=0, jax already imported, or `python -c` / stdin. `before_exec` runs just
+  before the exec (pytest stops its output capture there)."""
   if os.environ.get("JAXLLM_TUNE_MALLOC", "1") == "0" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
     return
   if "jax" in sys.modules or len(sys.orig_argv) < 2 or sys.orig_argv[1] in ("-", "-c") or not malloc_tunable():
@@ -147,8 +140,7 @@ def mesh_overrides(mesh_path: str | None) -> list[str]:
 def config_help(sections=("model", "mesh", "train")) -> str:
   """Every config key of these sections with its type, default and the comment beside its field."""
   from jaxllm import config as C
-  classes = {"model": C.ModelConfig, "mesh": C.MeshConfig, "train": C.TrainConfig, "serve": C.ServeConfig,
-             "rl": C.RLConfig}
+  classes = C.SECTIONS
   out = []
   for section, cls in ((s, classes[s]) for s in sections):
     out.append(f"[{section}]  ({cls.__doc__.strip().splitlines()[0]})")
@@ -160,6 +152,22 @@ def config_help(sections=("model", "mesh", "train")) -> str:
   if "model" in sections:
     out.append("model presets: " + ", ".join(sorted(C.MODEL_PRESETS)) + "   (select with model=NAME)")
   return "\n".join(out)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """The errors a CLI reports in one plain line (bad config, checkpoint, data, or a diverged run):
+  `except cli.user_errors() as e: cli.fail(str(e))` (evaluated only when something is raised, after
+  jax has started)."""
+  from jaxllm.config import ConfigError
+  from jaxllm.io.checkpoint import CheckpointError
+  from jaxllm.train.runner import TrainingDiverged
+  return ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError
+
+
+def is_main() -> bool:
+  """Process 0 of a multi-host run (the one that prints summaries), or the only process."""
+  from jaxllm.parallel.distributed import is_main_process
+  return is_main_process()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -20,15 +20,16 @@ class ConfigError(ValueError):
 
 # model.remat: what each layer keeps for its backward (jax.checkpoint policies; the rest is recomputed).
 #   none                     everything (no recompute)
-#   full                     only the layer input (recompute the whole layer)
+#   full                     only the layer input (recompute the whole layer; in a pipeline, each chunk's input)
 #   dots                     the matmul outputs without batch dims: the weight projections, not the attention
-#                            scores (jax's dots_with_no_batch_dims_saveable; what "dots" always meant)
+#                            scores (jax's dots_with_no_batch_dims_saveable)
 #   dots_with_no_batch_dims  the same as dots, by its jax name
 #   dots_saveable            every matmul output, with model.attention=xla the scores [B, N, T, T] too (jax's dots_saveable)
 #   offload                  like dots, but kept in pinned host memory instead of the accelerator's
 #                            (offload_dot_with_no_batch_dims: device -> pinned_host)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_saveable", "offload")
-# model.attention: the training-attention implementations (jaxllm.model.attention).
+# model.attention: the training-attention implementations (jaxllm.model.attention): xla is naive (memory
+# quadratic in T), flash blockwise (linear), cudnn GPU-only, splash TPU-only; auto picks per backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn", "splash")
 
 
@@ -65,10 +66,10 @@ class ModelConfig:
   init_std: float = 0.02          # normal init std of weight matrices
   dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
   param_dtype: str = "float32"    # storage dtype of parameters (fp32 master weights with bf16 compute)
-  remat: str = "none"             # activation checkpointing per layer: "none", "full", "dots" (= "dots_with_no_batch_dims"), "dots_saveable" or "offload" (REMAT_POLICIES; costs: README "Training"; pipeline: "full" keeps only each chunk's input)
-  attention: str = "auto"         # training attention, one of ATTENTION_IMPLEMENTATIONS: "xla" (naive, memory quadratic in T), "flash" (blockwise, linear), "cudnn" (GPU), "splash" (TPU), "auto"
-  scan_unroll: int = 0            # layers per iteration of the scan over layers (>1 unrolls: fewer loop steps, longer compiles); 0 = auto: all of them on CPU without a cache or remat (training; measured tiny 13%, small 5% faster steps), 1 otherwise
-  loss_chunk: int = 1024          # LM loss: sequence positions per chunk whose logits [B, chunk, V] fp32 exist at once (fwd and bwd); 0 = whole sequence
+  remat: str = "none"             # kept for backward: "none", "full", "dots", "dots_saveable", "offload" (docs/training.md)
+  attention: str = "auto"         # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
+  scan_unroll: int = 0            # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
+  loss_chunk: int = 1024          # LM loss: positions per chunk of fp32 [B, chunk, V] logits held at once; 0 = whole sequence
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -93,11 +94,12 @@ class ModelConfig:
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         raise ConfigError(f"model.{key}={getattr(self, key)!r}: use 'float32' or 'bfloat16'")
-    if self.head_dim_ % 2:
-      raise ConfigError(f"head dim {self.head_dim_} must be even for RoPE")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"head dim {self.resolved_head_dim} must be even for RoPE")
 
   @property
-  def head_dim_(self) -> int:
+  def resolved_head_dim(self) -> int:
+    """H: the head_dim field, or d_model // n_heads where it is 0."""
     return self.head_dim or self.d_model // self.n_heads
 
   @property
@@ -105,17 +107,18 @@ class ModelConfig:
     return self.n_experts > 0
 
   @property
-  def moe_d_ff_(self) -> int:
+  def resolved_moe_d_ff(self) -> int:
+    """Hidden width of each routed expert: the moe_d_ff field, or d_ff where it is 0."""
     return self.moe_d_ff or self.d_ff
 
   def param_counts(self) -> dict[str, int]:
     """Exact parameter counts: 'total' and 'active' (per token; experts counted top-k times)."""
-    D, H, N, K, L = self.d_model, self.head_dim_, self.n_heads, self.n_kv_heads, self.n_layers
+    D, H, N, K, L = self.d_model, self.resolved_head_dim, self.n_heads, self.n_kv_heads, self.n_layers
     attn = D * H * (N + 2 * K) + N * H * D + (H * (N + 2 * K) if self.qkv_bias else 0)
     attn += 2 * H if self.qk_norm else 0
     norms = 2 * D
     if self.is_moe:
-      expert = 3 * D * self.moe_d_ff_
+      expert = 3 * D * self.resolved_moe_d_ff
       shared = 3 * D * self.shared_expert_d_ff + (D if self.shared_expert_gate else 0)
       router = D * self.n_experts
       mlp_total = router + self.n_experts * expert + shared
@@ -130,7 +133,7 @@ class ModelConfig:
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 * active non-embedding-lookup params + causal attention (PaLM app. B)."""
     active = self.param_counts()["active"] - self.vocab_size * self.d_model * (0 if self.tie_embeddings else 1)
-    attention = 12 * self.n_layers * self.n_heads * self.head_dim_ * seq_len / 2  # causal: half the scores
+    attention = 12 * self.n_layers * self.n_heads * self.resolved_head_dim * seq_len / 2  # causal: half the scores
     return 6.0 * active + attention
 
 
@@ -210,7 +213,7 @@ class TrainConfig:
   sample_prompt: str = "def "     # prompt of the sample printed after training
   sample_tokens: int = 160        # tokens generated for that sample (temperature 0.8)
   init_from_hf: str = ""          # start from a Hugging Face model directory instead of random init
-  document_masks: bool = False    # packed rows: attention stays within each document (segment ids from the eos separators), no loss on a document's first token
+  document_masks: bool = False    # attend only within each packed (eos-separated) document; no loss on its first token
   reset_positions: bool = False   # with document_masks: RoPE positions restart at 0 at each document start
 
   def __post_init__(self):
@@ -323,12 +326,26 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+  """Reward-model training (`train.py reward`); optimiser, steps, batch (pairs) and output are train.*."""
+  data: str = ""                  # jsonl of {"prompt", "chosen", "rejected"} lines (or --data FILE)
+  eval_data: str = ""             # held-out pairs (jsonl); "" = hold out reward.eval_fraction of reward.data
+  eval_fraction: float = 0.1      # share of reward.data held out (by a hash of the prompt) without eval_data
+  init_from: str = ""             # checkpoints dir of the backbone (e.g. an SFT run); "" = random init (model.*)
+
+  def __post_init__(self):
+    if not 0 < self.eval_fraction < 1:
+      raise ConfigError(f"reward.eval_fraction={self.eval_fraction} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=lambda: ModelConfig(name="tiny"))  # the `tiny` preset
   mesh: MeshConfig = field(default_factory=MeshConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   serve: ServeConfig = field(default_factory=ServeConfig)
   rl: RLConfig = field(default_factory=RLConfig)
+  reward: RewardConfig = field(default_factory=RewardConfig)
 
   def __post_init__(self):
     m, t, mesh = self.model, self.train, self.mesh
@@ -351,8 +368,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading: TOML + key=value overrides
 
-_SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig, "serve": ServeConfig,
-             "rl": RLConfig}
+# The config sections: TOML tables [model], [mesh], ... and the `section.` of `section.key=value`.
+SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig, "serve": ServeConfig,
+            "rl": RLConfig, "reward": RewardConfig}
 
 
 def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (),
@@ -362,7 +380,7 @@ def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequenc
   `model=NAME` (TOML: `[model] preset = "NAME"`) starts the model section from a preset; likewise
   `mesh=PATH.toml` reads a mesh preset file.
   """
-  raw: dict[str, dict] = {s: {} for s in _SECTIONS}
+  raw: dict[str, dict] = {s: {} for s in SECTIONS}
   base = base or Config()
   for path in toml_paths:
     _merge(raw, _read_toml(path), where=path)
@@ -377,13 +395,13 @@ def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequenc
       _merge(raw, {"mesh": _read_toml(value).get("mesh", {})}, where=value)
     elif "." in key:
       section, name = key.split(".", 1)
-      if section not in _SECTIONS:
-        raise ConfigError(f"override {item!r}: unknown section {section!r}; use one of {list(_SECTIONS)}")
+      if section not in SECTIONS:
+        raise ConfigError(f"override {item!r}: unknown section {section!r}; use one of {list(SECTIONS)}")
       raw[section][name] = _parse_cli_value(value)
     else:
       raise ConfigError(f"override {item!r}: write section.key=value, e.g. train.{key}=... or model.{key}=...")
   sections = {}
-  for section, cls in _SECTIONS.items():
+  for section, cls in SECTIONS.items():
     start = getattr(base, section)
     values = dict(raw[section])
     preset = values.pop("preset", None)
@@ -397,7 +415,7 @@ def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequenc
 
 def config_from_dict(d: dict) -> Config:
   """Inverse of Config.to_dict (used when restoring the config saved beside a checkpoint)."""
-  return Config(**{s: _build(cls, cls(), d.get(s, {}), s) for s, cls in _SECTIONS.items()})
+  return Config(**{s: _build(cls, cls(), d.get(s, {}), s) for s, cls in SECTIONS.items()})
 
 
 def save_config(config: Config, path: str) -> None:
@@ -413,9 +431,9 @@ def _read_toml(path: str) -> dict:
     raise ConfigError(f"config file {path!r} does not exist (mesh presets live in meshes/*.toml)") from None
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
-  unknown = set(data) - set(_SECTIONS)
+  unknown = set(data) - set(SECTIONS)
   if unknown:
-    raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; use [model], [mesh], [train], [serve], [rl]")
+    raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; use {', '.join(f'[{s}]' for s in SECTIONS)}")
   return data
 
 
@@ -503,7 +521,7 @@ def check_pipeline(pp: int, vpp: int, m: int, n_layers: int | None = None) -> No
 def _positive(obj, *names):
   for n in names:
     if getattr(obj, n) < 1:
-      section = {c.__name__: n for n, c in _SECTIONS.items()}[type(obj).__name__]
+      section = {c.__name__: n for n, c in SECTIONS.items()}[type(obj).__name__]
       raise ConfigError(f"{section}.{n}={getattr(obj, n)} must be >= 1")
 
 
@@ -515,7 +533,7 @@ def _divisors(n: int) -> list[int]:
 # Presets
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-  # ~0.9M params; trains visibly in minutes on 2 CPU cores with the byte tokenizer.
+  # ~0.9M params; trains visibly in minutes on a small CPU with the byte tokenizer.
   "tiny": ModelConfig(name="tiny"),
   # Same backbone, 8 experts top-2, with a gated shared expert: exercises every MoE path.
   "tiny-moe": ModelConfig(name="tiny-moe", n_experts=8, n_experts_per_tok=2, moe_d_ff=128,

@@ -31,6 +31,13 @@ def test_train_py_learns_and_saves(tmp_path):
               f"train.out_dir={tmp_path}")
   assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
   assert "tp=(" in again.stdout and "resumed from" in again.stdout
+  # A mistyped override beside an existing run: one plain line, nothing else (the config is checked
+  # before the checkpoint manager starts its threads), and the run's files stay as they were.
+  before = sorted(os.listdir(tmp_path / "checkpoints")), open(tmp_path / "metrics.jsonl").read()
+  bad = run("mesh.tp=3", f"train.out_dir={tmp_path}")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    next(l for l in bad.stderr.splitlines() if l.startswith("error: mesh 'cpu-8' needs"))], bad.stderr
+  assert (sorted(os.listdir(tmp_path / "checkpoints")), open(tmp_path / "metrics.jsonl").read()) == before
 
 
 def test_train_py_errors_in_plain_words(tmp_path):

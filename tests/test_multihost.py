@@ -42,9 +42,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(out, steps, use_env=False, extra=()):
+def _run_two_processes(out, steps, use_env=False, extra=(), argv=None):
   """train.py in 2 processes x 4 CPU devices on loopback; -> (output of process 0, of process 1).
-  If one fails the other is killed at once (it would wait for its peer), and both past TIMEOUT."""
+  If one fails the other is killed at once (it would wait for its peer), and both past TIMEOUT.
+  `argv`: the command's arguments instead of the pretraining run's ARGS, steps and out."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_")}
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -54,8 +55,8 @@ def _run_two_processes(out, steps, use_env=False, extra=()):
   procs, logs = [], [tempfile.TemporaryFile("w+") for _ in range(2)]
   try:
     for i in range(2):
-      cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", "--mesh", MESH, *ARGS,
-             f"train.steps={steps}", f"train.out_dir={out}", *extra]
+      cmd = [sys.executable, os.path.join(ROOT, "train.py"), *(argv or ["--no-progress", "--mesh", MESH, *ARGS,
+             f"train.steps={steps}", f"train.out_dir={out}", *extra])]
       penv = dict(env)
       if use_env:
         penv.update(JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2", JAXLLM_PROCESS_ID=str(i))
@@ -130,6 +131,28 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, reference):
   one = train(load_config([], [f"mesh={MESH}", *ARGS, "train.steps=6", f"train.out_dir={out}", "train.sample_tokens=8"]),
               progress=False, log=lambda *_: None, sampler=complete_text)
   assert one["sample"] and f"sample:\n{'-' * 60}\n{one['sample']}\n{'-' * 60}" in p0
+
+
+def test_two_process_reward_model_equals_one_and_writes_from_process_0_only(tmp_path):
+  """`train.py reward` on 2 processes x 4 devices: the losses of the single-process run; metrics.jsonl
+  holds each step once and process 1 prints nothing (the runner keeps files and logs to process 0)."""
+  from jaxllm.data.tasks import AdditionTask
+  from jaxllm.rl.reward_model import train_reward_model
+  data = AdditionTask(digits_min=1, digits_max=2).write_preference_file(str(tmp_path / "pairs.jsonl"), 400, "train",
+                                                                        mistakes=("typo",))
+  args = ["model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=32",
+          "train.batch_size=16", "train.steps=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1"]
+  one = train_reward_model(load_config([], [f"mesh={MESH}", *args, f"reward.data={data}",
+                                            f"train.out_dir={tmp_path / 'one'}"]), progress=False, log=lambda *_: None)
+  p0, p1 = _run_two_processes(None, None, argv=["reward", "--data", data, "--no-progress", "--mesh", MESH, *args,
+                                                f"train.out_dir={tmp_path / 'two'}"])
+  got = _losses(tmp_path / "two")
+  assert sorted(got) == [1, 2, 3, 4] and len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 4
+  for h in one["history"]:
+    assert got[h["step"]]["loss"] == pytest.approx(h["loss"], rel=1e-5), (h, got[h["step"]])
+  assert "reward model to step 4" in p0 and "step      4" in p0
+  assert not [line for line in p1.splitlines() if line.strip() and "Gloo" not in line], p1
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
 
 
 def test_process_rows_rebuild_the_global_batch():

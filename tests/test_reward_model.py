@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import ConfigError, RewardConfig, load_config
 from jaxllm.data import ByteTokenizer
 from jaxllm.data.tasks import AdditionTask, PreferencePair, answer_line
 from jaxllm.io.checkpoint import read_meta
@@ -161,16 +161,19 @@ def test_data_and_config_errors(tmp_path):
   with pytest.raises(ValueError, match="does not exist"):
     R.read_preference_pairs(str(tmp_path / "nope.jsonl"))
   with pytest.raises(ConfigError, match="no preference data: pass --data"):
-    R.load_pairs(R.RewardConfig())
+    R.load_pairs(RewardConfig())
   with pytest.raises(ConfigError, match="leaves 1 to train on and 0 held out"):   # one prompt: one split
-    R.load_pairs(R.RewardConfig(data=str(path)))
-  assert R.reward_config(["reward.eval_fraction=0.25", "reward.data=x.jsonl"]) == \
-    R.RewardConfig(data="x.jsonl", eval_fraction=0.25)
+    R.load_pairs(RewardConfig(data=str(path)))
+  assert load_config([], ["reward.eval_fraction=0.25", "reward.data=x.jsonl"]).reward == \
+    RewardConfig(data="x.jsonl", eval_fraction=0.25)
   with pytest.raises(ConfigError, match="unknown config key reward.evaldata; did you mean reward.eval_data"):
-    R.reward_config(["reward.evaldata=x"])
+    load_config([], ["reward.evaldata=x"])
   with pytest.raises(ConfigError, match="reward.eval_fraction expects float"):
-    R.reward_config(["reward.eval_fraction=lots"])
-  assert R.split_overrides(["reward.data=a", "train.steps=3"]) == (["reward.data=a"], ["train.steps=3"])
+    load_config([], ["reward.eval_fraction=lots"])
+  toml = tmp_path / "rm.toml"     # a [reward] table works like reward.key=value
+  toml.write_text('[reward]\ndata = "pairs.jsonl"\neval_fraction = 0.2\n[train]\nsteps = 3\n')
+  cfg = load_config([str(toml)], ["reward.eval_fraction=0.3"])
+  assert cfg.reward == RewardConfig(data="pairs.jsonl", eval_fraction=0.3) and cfg.train.steps == 3
   # Left truncation keeps the end (the head reads it) and counts the pairs that lost their start.
   data, cut = R.encode_pairs([PreferencePair("x" * 20, "1\n", "22\n")], ByteTokenizer(), 8)
   assert cut == 1 and data["lengths"].tolist() == [[8, 8]]
@@ -265,3 +268,19 @@ def test_rl_run_mixes_the_reward_model_with_the_verifiable_reward(trained, tmp_p
   for l in lines:
     assert 0 < l[f"reward/{name}"] < 1
     assert l["reward"] == pytest.approx(l["reward/exact_match"] + 0.5 * l[f"reward/{name}"], rel=1e-5)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  """A NaN/inf stops reward-model training as it stops pretraining and RL (jaxllm.train.runner)."""
+  from jaxllm.train.runner import TrainingDiverged
+  data = AdditionTask(digits_min=1, digits_max=2).write_preference_file(str(tmp_path / "p.jsonl"), 200, "train")
+  cfg = load_config([], [f"mesh={MESH}", "mesh.dp=8", "mesh.tp=1", *TINY, "train.seq_len=32", "train.batch_size=16",
+                         "train.steps=10", "train.save_every=1", "train.lr=1e38", "train.warmup_steps=0",
+                         "train.grad_clip=0", "train.weight_decay=0", f"reward.data={data}",
+                         f"train.out_dir={tmp_path / 'run'}"])
+  with pytest.raises(TrainingDiverged, match="reward-model loss or gradient became NaN/inf at step") as e:
+    R.train_reward_model(cfg, progress=False, log=lambda *_: None)
+  meta = read_meta(str(tmp_path / "run" / "checkpoints"))
+  assert f"(step {meta['step']}) is kept" in str(e.value) and meta["data"]["kind"] == "reward_model"
+  model = R.RewardModel.load(str(tmp_path / "run" / "checkpoints"))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model.params))

@@ -166,3 +166,18 @@ def test_one_learner_step_moves_the_policy_towards_the_advantage():
   delta = ((after - before) * mask).sum(1)
   assert bool(metrics["finite"]) and float(np.sum(adv * delta)) > 0
   assert delta[adv > 0].mean() > delta[adv < 0].mean()
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+  """A NaN stops RL as it stops pretraining and the reward model (jaxllm.train.runner): TrainingDiverged
+  naming the step and the last good checkpoint, which stays loadable and finite."""
+  import jax
+  from jaxllm.io.checkpoint import load_params
+  from jaxllm.train.runner import TrainingDiverged
+  with pytest.raises(TrainingDiverged, match="RL loss or gradient became NaN/inf at step") as e:
+    run(tmp_path, "train.steps=8", "train.save_every=1", "train.lr=1e38", "train.grad_clip=0", "train.weight_decay=0",
+        "rl.eta=0", "rl.entropy_coef=0.1")   # the entropy bonus: a gradient although every reward is 0
+  last = read_meta(str(tmp_path / "checkpoints"))["step"]
+  assert f"(step {last}) is kept" in str(e.value) and "rl.is_cap" in str(e.value)
+  _, params = load_params(str(tmp_path / "checkpoints"))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -16,7 +16,8 @@ from jaxllm.parallel import build_mesh, mesh_hooks
 from jaxllm.io.checkpoint import load_params
 from jaxllm.parallel.sharding import batch_sharding, param_shardings
 from jaxllm.train.checkpoint import CheckpointError, Checkpointer
-from jaxllm.train.loop import TrainingDiverged, train
+from jaxllm.train.loop import train
+from jaxllm.train.runner import TrainingDiverged
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.state import abstract_state, init_state, state_shardings
 from jaxllm.train.step import grads_and_metrics, make_train_step

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.buckets import pow2_bucket
 from jaxllm.config import RLConfig
 from jaxllm.model import hooks
 from jaxllm.model.transformer import aux_loss
@@ -60,14 +61,10 @@ def token_logps(mdef, params, batch, hook_kwargs: dict | None = None, temperatur
     return _token_logps(mdef, params, batch["inputs"], batch["targets"], float(temperature))
 
 
-def seq_len_bucket(n: int, lo: int = 16) -> int:
-  return max(lo, 1 << max(0, n - 1).bit_length())
-
-
 def rollout_len(samples, max_new_tokens: int) -> int:
   """T of a rollout's batch: a power of two (few compiled shapes), the same in the generation
   thread and the learner so their forward passes are the same computation."""
-  return seq_len_bucket(max(len(s.prompt_ids) + max_new_tokens for s in samples))
+  return pow2_bucket(max(len(s.prompt_ids) + max_new_tokens for s in samples), 16)
 
 
 def build_batch(samples, advantages, T: int) -> dict:

@@ -41,24 +41,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from jaxllm.config import Config, ConfigError, save_config
-from jaxllm.data import load_tokenizer
+from jaxllm.config import Config, ConfigError
 from jaxllm.data.loader import epoch_indices
 from jaxllm.data.tasks import make_task
-from jaxllm.io.checkpoint import load_params, read_config
+from jaxllm.io import load_model
 from jaxllm.model.params import model_def
 from jaxllm.parallel import build_mesh, mesh_hooks, param_shardings
+from jaxllm.parallel.distributed import is_main_process
 from jaxllm.parallel.sharding import batch_sharding
 from jaxllm.rl import learner, rollout
 from jaxllm.rl.losses import kl_reward_penalty
 from jaxllm.rl.plot import plot_rl
 from jaxllm.rl.rewards import RewardSpec, combine
 from jaxllm.serve import Engine, serving_mesh
-from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optim import lr_schedule, make_optimizer
+from jaxllm.train.runner import Task, checked_tokenizer, run
 from jaxllm.train.state import abstract_state, init_state, state_shardings
 from jaxllm.train.step import TrainState, make_train_step
 
@@ -98,122 +96,144 @@ def _snapshot(params):
   return jax.tree.map(jnp.copy, params)
 
 
-def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
-  """Run (or resume) RL to train.steps learner steps. Returns a summary dict. `stop_after`: return
-  after that many steps of this call (a test's stand-in for a kill), without a final checkpoint."""
-  rl, t = cfg.rl, cfg.train
-  if rl.task != "addition":
-    raise ConfigError(f"rl.task={rl.task!r}: the tasks that ship are 'addition'")
-  spec = RewardSpec.parse(rl.rewards)
-  if rl.init_from:
-    base = read_config(rl.init_from)
-    cfg = dataclasses.replace(cfg, model=base.model, train=dataclasses.replace(t, tokenizer=base.train.tokenizer))
-    t = cfg.train
-  mesh, plan = build_mesh(cfg.mesh)
-  mdef = model_def(cfg.model)
-  tok = load_tokenizer(t.tokenizer)
-  task = make_task(rl.task, digits_min=rl.digits_min, digits_max=rl.digits_max, seed=t.seed)
-  B = rl.prompts_per_step * rl.group_size
-  if B % plan.cfg.dp:
-    raise ConfigError(f"rl.prompts_per_step * rl.group_size = {B} must be divisible by mesh.dp={plan.cfg.dp}")
+class RLTraining(Task):
+  """The RL run as the runner's Task: the generation thread, the learner step and evaluation."""
+  name = "rl"
+  what = "RL loss or gradient"
+  hint = "Lower train.lr or rl.is_cap"
 
-  updates = rl.ppo_epochs * rl.minibatches            # optimizer steps per learner step
-  if not t.decay_steps:                                # the lr horizon counts optimizer steps
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, decay_steps=t.steps * updates))
-    t = cfg.train
-  tx = make_optimizer(t, mdef.logical)
-  shardings = state_shardings(mdef, tx, mesh, plan)
-  place = lambda m: param_shardings(m, mesh, plan)
-  ref_params = (load_params(rl.init_from, shardings=place)[1] if rl.init_from
-                else init_state(mdef, tx, shardings, t.seed).params)       # the seed's init, also on resume
-  os.makedirs(t.out_dir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(t.out_dir, "checkpoints"), keep=t.keep_checkpoints)
-  start = ckpt.latest_step() if t.resume else None
-  pending = collections.deque()        # rollouts generated ahead of the learner (restored on resume)
-  if start is not None:
-    params, opt_state, meta = ckpt.restore(abstract_state(mdef, tx, shardings), start)
-    opt_step = meta["data"].get("opt_step", meta["step"])      # optimizer steps: rl steps * epochs * minibatches
-    state = TrainState(params, opt_state, jax.device_put(jnp.int32(opt_step), shardings.step))
-    pending.extend(rollout.Rollout.from_json(r) for r in meta["data"].get("pending", []))
-    log(f"resumed from {ckpt.directory}/{start}" + (f" ({len(pending)} rollouts ahead)" if pending else ""))
-  else:
-    state = init_state(mdef, tx, shardings, t.seed, params=ref_params)
-  save_config(cfg, os.path.join(t.out_dir, "config.json"))
+  def __init__(self, cfg: Config, log=print):
+    rl, t = cfg.rl, cfg.train
+    if rl.task != "addition":
+      raise ConfigError(f"rl.task={rl.task!r}: the tasks that ship are 'addition'")
+    self.spec = RewardSpec.parse(rl.rewards)
+    self.mesh, self.plan = build_mesh(cfg.mesh)
+    self.ref_params = None           # the reference policy: rl.init_from, else the seed's init (in init)
+    if rl.init_from:                 # a checkpoints dir or a Hugging Face dir: its model and tokenizer
+      policy = load_model(rl.init_from, shardings=lambda m: param_shardings(m, self.mesh, self.plan))
+      cfg = dataclasses.replace(cfg, model=policy.cfg, train=dataclasses.replace(t, tokenizer=policy.tokenizer_spec))
+      self.ref_params = policy.params
+    self.B = B = rl.prompts_per_step * rl.group_size
+    if B % self.plan.cfg.dp:
+      raise ConfigError(f"rl.prompts_per_step * rl.group_size = {B} must be divisible by mesh.dp={self.plan.cfg.dp}")
+    if not cfg.train.decay_steps:       # the lr horizon counts optimizer steps
+      cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, decay_steps=cfg.train.steps * rl.ppo_epochs * rl.minibatches))
+    self.cfg, self.rl, t = cfg, rl, cfg.train
+    self.tok = checked_tokenizer(cfg)
+    self.task = make_task(rl.task, digits_min=rl.digits_min, digits_max=rl.digits_max, seed=t.seed)
+    self.mdef = model_def(cfg.model)
+    self.tx = make_optimizer(t, self.mdef.logical)
+    self.schedule = lr_schedule(t)
+    self.shardings = state_shardings(self.mdef, self.tx, self.mesh, self.plan)
+    self.hk, self.b_sh = mesh_hooks(self.mesh, self.plan, cfg.model), batch_sharding(self.mesh, self.plan)
+    self.loss_cfg = learner.loss_config(rl)
+    self.step_fn = make_train_step(self.mdef, self.tx, self.shardings, self.b_sh, hook_kwargs=self.hk,
+                                   objective=learner.rl_objective(self.loss_cfg, rl.temperature))
+    heldout = self.task.problems(rl.eval_problems, split="heldout")
+    self.pool = self.task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
+    self.eval_prompts, self.eval_refs = [self.task.prompt(p) for p in heldout], [self.task.answer(p) for p in heldout]
+    self.pending = collections.deque()     # rollouts generated ahead of the learner (restored on resume)
+    self.rollouts: queue.Queue = queue.Queue()
+    self.errors: list = []
+    self.evals: list[tuple[int, float]] = []
+    self.publisher = self.gen = None
 
-  hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
-  loss_cfg = learner.loss_config(rl)
-  step_fn = make_train_step(mdef, tx, shardings, b_sh, hook_kwargs=hk,
-                            objective=learner.rl_objective(loss_cfg, rl.temperature))
-  smesh, splan = serving_mesh(mesh, plan)
-  serve_cfg = dataclasses.replace(cfg.serve, max_running=max(cfg.serve.max_running, B))
-  first = start if start is not None else 0          # learner steps done = the weight version
-  publisher = Publisher(_snapshot(state.params), first, keep=rl.eta)
-  gen_engine = Engine(cfg.model, publisher.get(first), serve_cfg, mesh=smesh, plan=splan, detokenize=tok.decode,
-                      weight_version=first)
-  eval_engine = Engine(cfg.model, publisher.get(first), serve_cfg, mesh=smesh, plan=splan, detokenize=tok.decode,
-                       weight_version=("eval", None))
-  heldout = task.problems(rl.eval_problems, split="heldout")
-  pool = task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
-  eval_prompts, eval_refs = [task.prompt(p) for p in heldout], [task.answer(p) for p in heldout]
+  def init(self, ckpt, start, log):
+    mdef, t = self.mdef, self.cfg.train
+    if self.ref_params is None:      # the seed's initialisation, also on resume
+      self.ref_params = init_state(mdef, self.tx, self.shardings, t.seed).params
+    if start is None:
+      state = init_state(mdef, self.tx, self.shardings, t.seed, params=self.ref_params)
+    else:
+      params, opt_state, meta = ckpt.restore(abstract_state(mdef, self.tx, self.shardings), start)
+      opt_step = meta["data"].get("opt_step", meta["step"])      # optimizer steps: rl steps * epochs * minibatches
+      state = TrainState(params, opt_state, jax.device_put(jnp.int32(opt_step), self.shardings.step))
+      self.pending.extend(rollout.Rollout.from_json(r) for r in meta["data"].get("pending", []))
+      if self.pending:
+        log(f"{len(self.pending)} rollouts generated ahead of the learner come with the checkpoint")
+    self.first = start or 0              # learner steps done = the weight version
+    self.publisher = Publisher(_snapshot(state.params), self.first, keep=self.rl.eta)
+    smesh, splan = serving_mesh(self.mesh, self.plan)
+    serve_cfg = dataclasses.replace(self.cfg.serve, max_running=max(self.cfg.serve.max_running, self.B))
+    params0 = self.publisher.get(self.first)
+    self.gen_engine = Engine(self.cfg.model, params0, serve_cfg, mesh=smesh, plan=splan, detokenize=self.tok.decode,
+                             weight_version=self.first)
+    self.eval_engine = Engine(self.cfg.model, params0, serve_cfg, mesh=smesh, plan=splan, detokenize=self.tok.decode,
+                              weight_version=("eval", None))
+    return state
 
-  def evaluate(version):
+  def begin(self, state, step, fresh, log):
+    self.evals.append((step, self._accuracy(step)))
+    log(f"held-out accuracy at step {step}: {100 * self.evals[-1][1]:.1f}% ({len(self.eval_prompts)} problems)")
+    if self.rl.async_rollouts:
+      self.gen = threading.Thread(target=self._generate_loop, args=(step + len(self.pending),),
+                                  name="jaxllm-rollouts", daemon=True)
+      self.gen.start()
+    return state, {"heldout_acc": self.evals[-1][1]}       # the starting point of the plot
+
+  # ---- the generation side ----
+
+  def _accuracy(self, version):
     """Held-out greedy accuracy of the published weights of `version` (no copy: they are immutable)."""
-    eval_engine.set_weights(publisher.get(version), ("eval", version))
-    return rollout.greedy_accuracy(eval_engine, tok, eval_prompts, eval_refs, rl.max_new_tokens, task.extract_answer)
+    self.eval_engine.set_weights(self.publisher.get(version), ("eval", version))
+    return rollout.greedy_accuracy(self.eval_engine, self.tok, self.eval_prompts, self.eval_refs,
+                                   self.rl.max_new_tokens, self.task.extract_answer)
 
-  def learner_logps(params, samples, T):
+  def _learner_logps(self, params, samples, T):
     """The learner's log-probs [B, T] of the samples' tokens under `params` (its forward, its mesh)."""
     batch = learner.build_batch(samples, np.zeros(len(samples), np.float32), T)
-    batch = jax.device_put({k: jnp.asarray(batch[k]) for k in ("inputs", "targets")}, b_sh)
-    with jax.set_mesh(mesh):
-      return np.asarray(learner.token_logps(mdef, params, batch, hk, rl.temperature))
+    batch = jax.device_put({k: jnp.asarray(batch[k]) for k in ("inputs", "targets")}, self.b_sh)
+    with jax.set_mesh(self.mesh):
+      return np.asarray(learner.token_logps(self.mdef, params, batch, self.hk, self.rl.temperature))
 
-  def make_rollout(k: int):
+  def _make_rollout(self, k: int):
     """Rollout k, generated by version max(k - eta, first) (None: closed)."""
-    version = max(k - rl.eta, first)
-    params = publisher.get(version)
+    rl, t, task = self.rl, self.cfg.train, self.task
+    version = max(k - rl.eta, self.first)
+    params = self.publisher.get(version)
     if params is None:
       return None
-    if version != gen_engine.weight_version:
-      gen_engine.set_weights(params, version)
+    if version != self.gen_engine.weight_version:
+      self.gen_engine.set_weights(params, version)
     if rl.train_problems:             # a finite set, epoch after shuffled epoch (position = k)
-      probs = [pool[i] for i in epoch_indices(len(pool), rl.prompts_per_step, k, t.seed)]
+      probs = [self.pool[i] for i in epoch_indices(len(self.pool), rl.prompts_per_step, k, t.seed)]
     else:                             # a fresh stream: the problems of step k depend on (seed, k) alone
       probs = task.problems(rl.prompts_per_step, split="train", seed=t.seed * 7919 + k)
-    ro = rollout.generate(gen_engine, tok, [task.prompt(p) for p in probs], [task.answer(p) for p in probs],
+    ro = rollout.generate(self.gen_engine, self.tok, [task.prompt(p) for p in probs], [task.answer(p) for p in probs],
                           rl.group_size, rl.max_new_tokens, rl.temperature, t.seed, k)
     T = learner.rollout_len(ro.samples, rl.max_new_tokens)
-    lp = learner_logps(params, ro.samples, T)
+    lp = self._learner_logps(params, ro.samples, T)
     for i, s in enumerate(ro.samples):
       a = len(s.prompt_ids) - 1
       s.learner_logprobs = [float(x) for x in lp[i, a:a + len(s.completion_ids)]]
     return ro
 
-  rollouts: queue.Queue = queue.Queue()
-  errors: list = []
-  gen_from = first + len(pending)
-
-  def generate_loop():
+  def _generate_loop(self, start: int):
     try:
-      for k in range(gen_from, t.steps):
-        ro = make_rollout(k)
+      for k in range(start, self.cfg.train.steps):
+        ro = self._make_rollout(k)
         if ro is None:
           return
-        rollouts.put(ro)
+        self.rollouts.put(ro)
     except Exception as e:             # surfaced by the learner
-      errors.append(e)
-      rollouts.put(None)
+      self.errors.append(e)
+      self.rollouts.put(None)
 
-  def next_rollout(k: int):
-    if rl.async_rollouts:
-      ro = rollouts.get()
+  def _next_rollout(self, k: int):
+    if self.rl.async_rollouts:
+      ro = self.rollouts.get()
       if ro is None:
-        raise errors[0]
+        raise self.errors[0]
       return ro
-    return make_rollout(k)
+    return self._make_rollout(k)
 
-  def learn(ro, step: int, state):
-    """One learner step on rollout `ro` (module doc) -> (metrics record, new state)."""
+  # ---- the learner side ----
+
+  def step(self, state, step):
+    """One learner step on rollout `step` (module doc), then publish the new weights."""
+    rl = self.rl
+    ro = self.pending.popleft() if self.pending else self._next_rollout(step)
     samples = ro.samples
     assert ro.step == step, f"rollout {ro.step} arrived for learner step {step}"
     staleness = np.asarray([step - s.version for s in samples])
@@ -221,38 +241,41 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
       raise RuntimeError(f"a sample is {staleness.max()} versions stale > rl.eta={rl.eta} (a bug: please report)")
     if rl.behaviour_logprobs == "learner":
       samples = [dataclasses.replace(s, logprobs=s.learner_logprobs) for s in samples]
-    rewards, per = combine(spec, [s.prompt for s in samples], [s.completion for s in samples],
+    rewards, per = combine(self.spec, [s.prompt for s in samples], [s.completion for s in samples],
                            [s.reference for s in samples])
     T = learner.rollout_len(samples, rl.max_new_tokens)
     arrays = learner.build_batch(samples, np.zeros(len(samples), np.float32), T)
-    batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, b_sh)
+    batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, self.b_sh)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-      batch["logp_prox"] = learner.token_logps(mdef, state.params, batch, hk, rl.temperature)
-      batch["logp_ref"] = learner.token_logps(mdef, ref_params, batch, hk, rl.temperature)   # KL: loss and/or log
+    with jax.set_mesh(self.mesh):
+      batch["logp_prox"] = learner.token_logps(self.mdef, state.params, batch, self.hk, rl.temperature)
+      batch["logp_ref"] = learner.token_logps(self.mdef, self.ref_params, batch, self.hk, rl.temperature)  # KL
       kl_pen = np.zeros(len(samples), np.float32)
       if rl.kl_in == "reward" and rl.kl_coef:     # per-sample penalty, summed over its tokens (REINFORCE on k)
-        kl_pen = np.asarray(kl_reward_penalty(batch["logp_prox"], batch["logp_ref"], batch["mask"], loss_cfg)).sum(1)
+        kl_pen = np.asarray(kl_reward_penalty(batch["logp_prox"], batch["logp_ref"], batch["mask"],
+                                              self.loss_cfg)).sum(1)
       adv = learner.advantages_of(rewards - kl_pen, rl.group_size, rl.normalize_std)
-      batch["advantages"] = jax.device_put(jnp.asarray(np.repeat(adv[:, None], T, axis=1)), b_sh)
+      batch["advantages"] = jax.device_put(jnp.asarray(np.repeat(adv[:, None], T, axis=1)), self.b_sh)
       # PPO: ppo_epochs passes over the rollout, each split into `minibatches` optimizer steps of whole
       # groups; logp_prox stays the weights before the first, so the clip bounds the total drift.
       n = len(samples) // rl.minibatches
       parts = ([batch] if rl.minibatches == 1 else
-               [jax.device_put({k: v[i * n:(i + 1) * n] for k, v in batch.items()}, b_sh) for i in range(rl.minibatches)])
+               [jax.device_put({k: v[i * n:(i + 1) * n] for k, v in batch.items()}, self.b_sh)
+                for i in range(rl.minibatches)])
       for _ in range(rl.ppo_epochs):
         for part in parts:
-          state, metrics = step_fn(state, part)
-          if not bool(metrics["finite"]):
-            raise FloatingPointError(f"RL loss or gradient became NaN/inf at step {step + 1}; the update was not "
-                                     f"applied. Lower train.lr or rl.is_cap, then resume from {ckpt.directory}")
+          state, metrics = self.step_fn(state, part)
+          if not bool(metrics["finite"]):    # the update was not applied; the runner stops the run
+            return state, {"finite": False, **{k: float(v) for k, v in jax.device_get(metrics).items()
+                                               if k in ("loss", "grad_norm")}}
     metrics = jax.device_get(metrics)          # of the last optimizer step
     train_s = time.perf_counter() - t0
+    self.publisher.publish(_snapshot(state.params), step + 1)
     on = arrays["mask"] > 0
     fresh = on & (staleness == 0)[:, None]
     gap = np.abs(np.concatenate([np.asarray(s.logprobs) - np.asarray(s.learner_logprobs) for s in ro.samples]))
     prompt_tokens = sum(len(s.prompt_ids) for s in samples)
-    rec = {"reward": float(np.mean(rewards)), **{f"reward/{k}": float(np.mean(v)) for k, v in per.items()},
+    rec = {"finite": True, "reward": float(np.mean(rewards)), **{f"reward/{k}": float(np.mean(v)) for k, v in per.items()},
            **{k: float(v) for k, v in metrics.items() if k != "finite"},
            "staleness_max": int(staleness.max()), "staleness_mean": float(staleness.mean()),
            **{f"staleness/{v}": float(np.mean(staleness == v)) for v in range(rl.eta + 1)},
@@ -261,55 +284,50 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
            "train_tok_s": float(on.sum()) / train_s,
            "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
            "cache_hit_ideal": (rl.group_size - 1) / rl.group_size,
-           "lr": float(lr_schedule(t)(int(state.step) - 1))}
+           "lr": float(self.schedule(int(state.step) - 1))}
     if fresh.any():                     # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
       rec["logp_gap_fresh_max"] = float(np.abs(np.asarray(batch["logp_behav"]) - np.asarray(batch["logp_prox"]))[fresh].max())
     if rl.kl_in == "reward" and rl.kl_coef:
       rec["kl_penalty"] = float(kl_pen.mean())
-    return rec, state
+    return state, rec
 
-  acc0 = evaluate(first)
-  log(f"held-out accuracy at step {first}: {100 * acc0:.1f}% ({len(heldout)} problems)")
-  history, evals = [], [(first, acc0)]
-  writer = MetricsWriter(t.out_dir, resume_step=first)
-  if start is None:
-    writer.write(first, {"heldout_acc": acc0})        # the starting point of the plot
-  gen = threading.Thread(target=generate_loop, name="jaxllm-rollouts", daemon=True)
-  if rl.async_rollouts:
-    gen.start()
-  bar = tqdm(total=t.steps, initial=first, disable=not progress, desc="rl", dynamic_ncols=True)
-  step = first
-  t_start, eval_s = time.perf_counter(), 0.0
-  try:
-    while step < t.steps and (stop_after is None or step - first < stop_after):
-      ro = pending.popleft() if pending else next_rollout(step)
-      rec, state = learn(ro, step, state)
-      step += 1
-      publisher.publish(_snapshot(state.params), step)
-      rec["elapsed_s"] = time.perf_counter() - t_start - eval_s   # wall-clock of this process's RL, evals excluded
-      if rl.eval_every and step % rl.eval_every == 0 or step == t.steps:
-        t0 = time.perf_counter()
-        rec["heldout_acc"] = evaluate(step)
-        eval_s += time.perf_counter() - t0
-        evals.append((step, rec["heldout_acc"]))
-      history.append({"step": step, **rec})
-      writer.write(step, rec)
-      bar.update(1)
-      bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{100 * evals[-1][1]:.0f}%", stale=rec["staleness_max"])
-      if t.save_every and step % t.save_every == 0 or step == t.steps:
-        # The rollouts for steps step..step+eta-1 come from versions this checkpoint does not hold:
-        # they are saved with it (generated now if the thread has not got there yet).
-        while len(pending) < min(step + rl.eta, t.steps) - step:
-          pending.append(next_rollout(step + len(pending)))
-        ckpt.save(step, state, {"rl_step": step, "opt_step": int(state.step),
-                                "pending": [r.to_json() for r in pending]}, cfg)
-  finally:
-    publisher.close()
-    bar.close()
-    if gen.is_alive():
-      gen.join(timeout=60)
-    ckpt.close()
-    writer.close()
-  plot = plot_rl(os.path.join(t.out_dir, "metrics.jsonl"), os.path.join(t.out_dir, "rl.png"))
-  return {"steps": step, "history": history, "evals": evals, "first_acc": acc0, "last_acc": evals[-1][1],
-          "checkpoint_dir": ckpt.directory, "plot": plot}
+  def eval_due(self, step):
+    return bool(self.rl.eval_every and step % self.rl.eval_every == 0 or step == self.cfg.train.steps)
+
+  def evaluate(self, state, step):
+    self.evals.append((step, self._accuracy(step)))
+    return state, {"heldout_acc": self.evals[-1][1]}
+
+  def checkpoint(self, state, step):
+    # The rollouts for steps step..step+eta-1 come from versions this checkpoint does not hold: they
+    # are saved with it (generated now if the thread has not got there yet).
+    while len(self.pending) < min(step + self.rl.eta, self.cfg.train.steps) - step:
+      self.pending.append(self._next_rollout(step + len(self.pending)))
+    return state, {"rl_step": step, "opt_step": int(state.step), "pending": [r.to_json() for r in self.pending]}
+
+  def postfix(self, r):
+    return {"reward": f"{r['reward']:.2f}", "acc": f"{100 * self.evals[-1][1]:.0f}%", "stale": r["staleness_max"]}
+
+  def log_line(self, step, r):
+    return (f"step {step:>6}  reward {r['reward']:.3f}  loss {r.get('loss', float('nan')):.4f}  "
+            f"stale {r['staleness_max']}"
+            + (f"  held-out acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else ""))
+
+  def close(self):
+    if self.publisher is not None:
+      self.publisher.close()
+    if self.gen is not None and self.gen.is_alive():
+      self.gen.join(timeout=60)
+
+
+def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+  """Run (or resume) RL to train.steps learner steps. Returns a summary dict. `stop_after`: return
+  after that many steps of this call (a test's stand-in for a kill), without a final checkpoint."""
+  if not is_main_process():
+    log = lambda *_: None   # noqa: E731
+  task = RLTraining(cfg, log)
+  res = run(task, progress=progress, log=log, stop_after=stop_after)
+  t = task.cfg.train
+  plot = plot_rl(os.path.join(t.out_dir, "metrics.jsonl"), os.path.join(t.out_dir, "rl.png")) if is_main_process() else None
+  return {"steps": res.step, "history": res.history, "evals": task.evals, "first_acc": task.evals[0][1],
+          "last_acc": task.evals[-1][1], "checkpoint_dir": res.checkpoint_dir, "plot": plot}

@@ -39,25 +39,21 @@ loses the start of its prompt (the head reads the end). Held-out pairs are `rewa
 a `reward.eval_fraction` of `reward.data` chosen by a hash of the prompt (pairs sharing a prompt share
 a split). AdditionTask.write_preference_file (jaxllm.data.tasks) writes a checkable preference task.
 
-Config: `RewardConfig` ([reward] keys, given as reward.key=value on the command line) holds what is
-specific to reward models; the optimiser, steps, batch size (pairs per step), seq_len, output
-directory, seed, and log/eval/save intervals are train.*, the model model.* (or the init_from run's).
+Config: `jaxllm.config.RewardConfig` (the [reward] table, or reward.key=value) holds what is specific
+to reward models; the optimiser, steps, batch size (pairs per step), seq_len, output directory, seed,
+and log/eval/save intervals are train.*, the model model.* (or the init_from run's). The loop is
+jaxllm.train.runner's.
 
 Shapes: the package legend in jaxllm/__init__.py (B pairs, or sequences when flattened; T; D).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
-import inspect
 import json
 import os
-import re
 import time
-import typing
-from dataclasses import dataclass
 from typing import Sequence
 
 import jax
@@ -65,80 +61,25 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from jaxllm.config import Config, ConfigError, ModelConfig
+from jaxllm.buckets import pow2_bucket
+from jaxllm.config import Config, ConfigError, ModelConfig, RewardConfig
 from jaxllm.data import load_tokenizer
 from jaxllm.data.loader import epoch_indices
 from jaxllm.data.tasks import PreferencePair
-from jaxllm.io.checkpoint import CheckpointError, load_params, manager, read_config, read_meta
+from jaxllm.io import load_model
+from jaxllm.io.checkpoint import CheckpointError, manager, read_config, read_meta
 from jaxllm.model import hooks
 from jaxllm.model.params import ModelDef, count_params, init_params, model_def
 from jaxllm.model.transformer import aux_loss
 from jaxllm.parallel import build_mesh, mesh_hooks, opt_state_shardings, param_shardings
 from jaxllm.parallel.sharding import batch_sharding
-from jaxllm.rl.learner import seq_len_bucket
-from jaxllm.rl.rewards import Reward
-from jaxllm.train.checkpoint import Checkpointer
-from jaxllm.train.loop import TrainingDiverged
-from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optim import lr_schedule, make_optimizer
+from jaxllm.train.runner import Task, checked_tokenizer, run
 from jaxllm.train.state import init_state
 from jaxllm.train.step import Objective, TrainState, make_train_step
 
 KIND = "reward_model"   # meta["data"]["kind"] of a reward-model checkpoint
-
-
-# ---- configuration ----
-
-@dataclass(frozen=True)
-class RewardConfig:
-  """Reward-model training (`train.py reward`); optimiser, steps, batch and output are train.*."""
-  data: str = ""                  # jsonl of {"prompt", "chosen", "rejected"} lines (or --data FILE)
-  eval_data: str = ""             # held-out pairs (jsonl); "" = hold out reward.eval_fraction of reward.data
-  eval_fraction: float = 0.1      # share of reward.data held out (by a hash of the prompt) without eval_data
-  init_from: str = ""             # checkpoints dir of the backbone (e.g. an SFT run); "" = random init (model.*)
-
-  def __post_init__(self):
-    if not 0 < self.eval_fraction < 1:
-      raise ConfigError(f"reward.eval_fraction={self.eval_fraction} must be in (0, 1)")
-
-
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Command-line overrides -> (the reward.key=value ones, the rest, for jaxllm.config.load_config)."""
-  ours = [o for o in overrides if o.strip().lstrip("-").startswith("reward.")]
-  return ours, [o for o in overrides if o not in ours]
-
-
-def reward_config(overrides: Sequence[str] = ()) -> RewardConfig:
-  """RewardConfig from reward.key=value items; unknown keys and wrong types name the key and the fix."""
-  hints = typing.get_type_hints(RewardConfig)
-  values = {}
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    name = key.strip().lstrip("-").removeprefix("reward.")
-    if not sep:
-      raise ConfigError(f"override {item!r} is not key=value; e.g. reward.data=pairs.jsonl")
-    if name not in hints:
-      close = difflib.get_close_matches(name, hints, n=3)
-      raise ConfigError(f"unknown config key reward.{name}" + (
-        f"; did you mean {', '.join('reward.' + c for c in close)}?" if close else f"; known keys: {sorted(hints)}"))
-    try:
-      values[name] = {str: str, float: float, int: int}[hints[name]](value.strip())
-    except ValueError:
-      raise ConfigError(f"config key reward.{name} expects {hints[name].__name__}, got {value!r}") from None
-  return RewardConfig(**values)
-
-
-def config_help() -> str:
-  """The [reward] keys with type, default and comment (the format of jaxllm.cli.config_help)."""
-  out = [f"[reward]  ({RewardConfig.__doc__.strip().splitlines()[0]})"]
-  for line in inspect.getsource(RewardConfig).splitlines():
-    m = re.match(r"\s+(\w+): ([\w\[\], .|]+?) = (.+?)\s+# (.*)$", line)
-    if m:
-      name, typ, default, comment = m.groups()
-      out.append(f"  reward.{name}={default}  ({typ}) {comment}")
-  return "\n".join(out)
 
 
 # ---- data ----
@@ -221,7 +162,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, seq_len: int) -> tu
   of their prompt), T = the longest sequence rounded up to a power of two, at most seq_len; a longer
   sequence keeps its last seq_len tokens."""
   seqs = [(encode(tokenizer, p.prompt, p.chosen), encode(tokenizer, p.prompt, p.rejected)) for p in pairs]
-  T = min(seq_len, seq_len_bucket(max(len(ids) for pair in seqs for ids in pair)))
+  T = min(seq_len, pow2_bucket(max(len(ids) for pair in seqs for ids in pair), 16))
   tokens = np.full((len(pairs), 2, T), pad_id(tokenizer), np.int32)
   lengths = np.zeros((len(pairs), 2), np.int32)
   for i, pair in enumerate(seqs):
@@ -310,124 +251,115 @@ def make_score_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, 
       return pair_scores(mdef, params, batch)[0]
   if params_shardings is None:
     return jax.jit(scores)
-  return jax.jit(scores, in_shardings=(params_shardings, batch_sharding))
+  # Replicated scores: every process of a multi-host run reads all of them.
+  return jax.jit(scores, in_shardings=(params_shardings, batch_sharding),
+                 out_shardings=NamedSharding(batch_sharding.mesh, P()))
 
 
 # ---- training (`train.py reward`) ----
 
-def _with_init_from(cfg: Config, rcfg: RewardConfig) -> Config:
-  """The backbone's model and tokenizer come from reward.init_from when given (as rl.init_from)."""
-  if not rcfg.init_from:
-    return cfg
-  base = read_config(rcfg.init_from)
-  return dataclasses.replace(cfg, model=base.model, train=dataclasses.replace(cfg.train, tokenizer=base.train.tokenizer))
+class RewardTraining(Task):
+  """Bradley-Terry training on preference pairs: the runner's Task. Each evaluation re-sets the
+  head's offset b (module docstring), so the state it returns carries the new b."""
+  name = "reward"
+  what = "reward-model loss or gradient"
+  hint = "Lower train.lr or set train.grad_clip > 0"
 
+  def __init__(self, cfg: Config, log=print):
+    rcfg = cfg.reward
+    self.mesh, self.plan = build_mesh(cfg.mesh)
+    self.backbone = None
+    if rcfg.init_from:      # a checkpoints dir or a Hugging Face dir: the backbone's model and tokenizer
+      base = load_model(rcfg.init_from, shardings=lambda m: param_shardings(m, self.mesh, self.plan))
+      cfg = dataclasses.replace(cfg, model=base.cfg, train=dataclasses.replace(cfg.train, tokenizer=base.tokenizer_spec))
+      self.backbone = base.params
+    self.cfg, t = cfg, cfg.train
+    self.tok = checked_tokenizer(cfg)
+    self.train_pairs, self.eval_pairs = load_pairs(rcfg)
+    self.train_data, cut = encode_pairs(self.train_pairs, self.tok, t.seq_len)
+    self.eval_data, cut_eval = encode_pairs(self.eval_pairs, self.tok, t.seq_len)
+    if cut + cut_eval:
+      log(f"{cut + cut_eval} pairs are longer than train.seq_len={t.seq_len} tokens; their prompts lose their start")
+    self.T = max(self.train_data["tokens"].shape[-1], self.eval_data["tokens"].shape[-1])
+    self.mdef = model_def(cfg.model)
+    self.tx = make_optimizer(t, rm_logical(self.mdef))
+    self.schedule = lr_schedule(t)
+    self.shardings = rm_shardings(self.mdef, self.tx, self.mesh, self.plan)
+    self.b_sh = batch_sharding(self.mesh, self.plan)
+    hk = mesh_hooks(self.mesh, self.plan, cfg.model)
+    self.step_fn = make_train_step(self.mdef, self.tx, self.shardings, self.b_sh, t.grad_accum, hook_kwargs=hk,
+                                   objective=PREFERENCE)
+    self.score_fn = make_score_step(self.mdef, self.shardings.params, self.b_sh, hk)
+    self.evals: list[tuple[int, float]] = []
 
-def train_reward_model(cfg: Config, rcfg: RewardConfig, progress: bool = True, log=print,
-                       stop_after: int | None = None) -> dict:
-  """Train (or resume) a reward model to train.steps; a checkpoint under train.out_dir/checkpoints.
-  `stop_after` ends this process after that many steps (emulates a kill). Returns a summary dict."""
-  cfg = _with_init_from(cfg, rcfg)
-  t = cfg.train
-  tok = load_tokenizer(t.tokenizer)
-  if tok.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"tokenizer {t.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size="
-                      f"{cfg.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}")
-  train_pairs, eval_pairs = load_pairs(rcfg)
-  train_data, cut = encode_pairs(train_pairs, tok, t.seq_len)
-  eval_data, cut_eval = encode_pairs(eval_pairs, tok, t.seq_len)
-  if cut + cut_eval:
-    log(f"{cut + cut_eval} pairs are longer than train.seq_len={t.seq_len} tokens; their prompts lose their start")
-  T = max(train_data["tokens"].shape[-1], eval_data["tokens"].shape[-1])
-
-  mesh, plan = build_mesh(cfg.mesh)
-  mdef = model_def(cfg.model)
-  tx = make_optimizer(t, rm_logical(mdef))
-  shardings = rm_shardings(mdef, tx, mesh, plan)
-  os.makedirs(t.out_dir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(t.out_dir, "checkpoints"), keep=t.keep_checkpoints)
-  start = ckpt.latest_step() if t.resume else None
-  if start is not None:
-    if ckpt.meta(start).get("data", {}).get("kind") != KIND:
-      raise CheckpointError(f"{ckpt.directory} holds checkpoints that are not a reward model's; use another "
-                            "train.out_dir")
-    params, opt_state, meta = ckpt.restore(abstract_rm_state(mdef, tx, shardings), start)
-    state = TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), shardings.step))
-    log(f"resumed from {ckpt.directory}/{start}")
-  else:
-    if rcfg.init_from:
-      backbone = load_params(rcfg.init_from, shardings=lambda m: param_shardings(m, mesh, plan))[1]
-      log(f"backbone initialised from {rcfg.init_from}")
+  def init(self, ckpt, start, log):
+    mdef, t = self.mdef, self.cfg.train
+    if start is not None:
+      if ckpt.meta(start).get("data", {}).get("kind") != KIND:
+        raise CheckpointError(f"{ckpt.directory} holds checkpoints that are not a reward model's; use another "
+                              "train.out_dir")
+      params, opt_state, meta = ckpt.restore(abstract_rm_state(mdef, self.tx, self.shardings), start)
+      return TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), self.shardings.step))
+    backbone = self.backbone
+    if backbone is not None:
+      log(f"backbone initialised from {self.cfg.reward.init_from}")
     else:
-      backbone = jax.jit(lambda: init_params(cfg.model, t.seed), out_shardings=shardings.params["backbone"])()
-    state = init_state(mdef, tx, shardings, t.seed, params={"backbone": backbone, "head": init_head(cfg.model, t.seed)})
-  with open(os.path.join(t.out_dir, "config.json"), "w") as f:
-    json.dump({**cfg.to_dict(), "reward": dataclasses.asdict(rcfg)}, f, indent=2)
-  log(f"reward model {cfg.model.name}: {count_params(abstract_rm_params(mdef)) / 1e6:.2f}M params, "
-      f"{len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs, {T} tokens per sequence")
+      backbone = jax.jit(lambda: init_params(self.cfg.model, t.seed), out_shardings=self.shardings.params["backbone"])()
+    return init_state(mdef, self.tx, self.shardings, t.seed,
+                      params={"backbone": backbone, "head": init_head(self.cfg.model, t.seed)})
 
-  hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
-  step_fn = make_train_step(mdef, tx, shardings, b_sh, t.grad_accum, hook_kwargs=hk, objective=PREFERENCE)
-  score_fn = make_score_step(mdef, shardings.params, b_sh, hk)
-  schedule = lr_schedule(t)
+  def begin(self, state, step, fresh, log):
+    log(f"reward model {self.cfg.model.name}: {count_params(abstract_rm_params(self.mdef)) / 1e6:.2f}M params, "
+        f"{len(self.train_pairs)} train pairs, {len(self.eval_pairs)} held-out pairs, {self.T} tokens per sequence")
+    state, ev = self.evaluate(state, step)
+    log(f"held-out pair accuracy at step {step}: {100 * ev['heldout_acc']:.1f}% ({len(self.eval_pairs)} pairs)")
+    return state, None
 
-  def evaluate(state: TrainState) -> tuple[TrainState, float]:
+  def step(self, state, step):
+    rows = epoch_indices(len(self.train_pairs), self.cfg.train.batch_size, step, self.cfg.train.seed)
+    state, metrics = self.step_fn(state, jax.device_put({k: v[rows] for k, v in self.train_data.items()}, self.b_sh))
+    m = jax.device_get(metrics)
+    return state, {"finite": bool(m["finite"]), "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                   "margin": float(m["margin"]), "grad_norm": float(m["grad_norm"]), "lr": float(self.schedule(step))}
+
+  def eval_due(self, step):
+    return bool(self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 or step == self.cfg.train.steps)
+
+  def evaluate(self, state, step):
     """Held-out pair accuracy; re-sets b so the held-out scores average 0 (see the module docstring)."""
-    n, B = len(eval_pairs), t.batch_size
+    n, B = len(self.eval_pairs), self.cfg.train.batch_size
     rows = np.resize(np.arange(n), -(-n // B) * B)           # padded to whole batches, then dropped
-    r = np.concatenate([np.asarray(score_fn(state.params, jax.device_put(
-      {k: v[rows[i:i + B]] for k, v in eval_data.items()}, b_sh))) for i in range(0, len(rows), B)])[:n]
+    r = np.concatenate([np.asarray(self.score_fn(state.params, jax.device_put(
+      {k: v[rows[i:i + B]] for k, v in self.eval_data.items()}, self.b_sh))) for i in range(0, len(rows), B)])[:n]
     head = state.params["head"]
-    b = jax.device_put(head["b"] - jnp.float32(r.mean()), shardings.params["head"]["b"])
+    b = jax.device_put(head["b"] - jnp.float32(r.mean()), self.shardings.params["head"]["b"])
     params = {"backbone": state.params["backbone"], "head": {"w": head["w"], "b": b}}
-    return state._replace(params=params), float(np.mean(r[:, 0] > r[:, 1]))
+    self.evals.append((step, float(np.mean(r[:, 0] > r[:, 1]))))
+    return state._replace(params=params), {"heldout_acc": self.evals[-1][1]}
 
-  def data_state(acc: float) -> dict:
-    return {"kind": KIND, "heldout_acc": acc, "heldout_pairs": len(eval_pairs),
-            "reward": dataclasses.asdict(rcfg)}
+  def checkpoint(self, state, step):
+    return state, {"kind": KIND, "heldout_acc": self.evals[-1][1], "heldout_pairs": len(self.eval_pairs),
+                   "reward": dataclasses.asdict(self.cfg.reward)}
 
-  step = first = int(state.step)
-  state, acc = evaluate(state)
-  log(f"held-out pair accuracy at step {first}: {100 * acc:.1f}% ({len(eval_pairs)} pairs)")
-  evals, history = [(first, acc)], []
-  writer = MetricsWriter(t.out_dir, resume_step=first)
-  bar = tqdm(total=t.steps, initial=first, disable=not progress, desc="reward", dynamic_ncols=True)
+  def postfix(self, r):
+    return {"loss": f"{r['loss']:.3f}", "acc": f"{100 * self.evals[-1][1]:.0f}%"}
+
+  def log_line(self, step, r):
+    return (f"step {step:>6}  loss {r['loss']:.4f}  train pair acc {100 * r['accuracy']:.0f}%  "
+            f"grad_norm {r['grad_norm']:.3f}"
+            + (f"  held-out pair acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else ""))
+
+
+def train_reward_model(cfg: Config, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
+  """Train (or resume) a reward model (cfg.reward) to train.steps; a checkpoint under
+  train.out_dir/checkpoints. `stop_after` ends this process after that many steps (emulates a kill).
+  Returns a summary dict."""
+  task = RewardTraining(cfg, log)
   t0 = time.perf_counter()
-  try:
-    while step < t.steps and (stop_after is None or step - first < stop_after):
-      rows = epoch_indices(len(train_pairs), t.batch_size, step, t.seed)
-      batch = jax.device_put({k: v[rows] for k, v in train_data.items()}, b_sh)
-      state, metrics = step_fn(state, batch)
-      metrics = jax.device_get(metrics)
-      if not metrics["finite"]:
-        raise TrainingDiverged(f"reward-model loss or gradient became NaN/inf at step {step + 1}; the update "
-                               f"was not applied. Lower train.lr, then run again (it resumes from {ckpt.directory})")
-      step += 1
-      rec = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-             "margin": float(metrics["margin"]), "grad_norm": float(metrics["grad_norm"]),
-             "lr": float(schedule(step - 1))}
-      if t.eval_every and step % t.eval_every == 0 or step == t.steps:
-        state, rec["heldout_acc"] = evaluate(state)
-        evals.append((step, rec["heldout_acc"]))
-      history.append({"step": step, **rec})
-      writer.write(step, rec)
-      bar.update(1)
-      bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{100 * evals[-1][1]:.0f}%")
-      if not progress and (step % t.log_every == 0 or "heldout_acc" in rec):
-        log(f"step {step:>6}  loss {rec['loss']:.4f}  train pair acc {100 * rec['accuracy']:.0f}%  "
-            f"grad_norm {rec['grad_norm']:.3f}" + (f"  held-out pair acc {100 * rec['heldout_acc']:.1f}%"
-                                                   if "heldout_acc" in rec else ""))
-      if t.save_every and step % t.save_every == 0:
-        ckpt.save(step, state, data_state(evals[-1][1]), cfg)
-    if (stop_after is None or step >= t.steps) and ckpt.latest_step() != step:
-      ckpt.save(step, state, data_state(evals[-1][1]), cfg)
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-  return {"steps": step, "history": history, "evals": evals, "first_acc": evals[0][1], "last_acc": evals[-1][1],
-          "train_pairs": len(train_pairs), "heldout_pairs": len(eval_pairs), "seconds": time.perf_counter() - t0,
-          "checkpoint_dir": ckpt.directory}
+  res = run(task, progress=progress, log=log, stop_after=stop_after)
+  return {"steps": res.step, "history": res.history, "evals": task.evals, "first_acc": task.evals[0][1],
+          "last_acc": task.evals[-1][1], "train_pairs": len(task.train_pairs), "heldout_pairs": len(task.eval_pairs),
+          "seconds": time.perf_counter() - t0, "checkpoint_dir": res.checkpoint_dir}
 
 
 # ---- scoring with a trained reward model (the reward "rm:DIR") ----
@@ -482,7 +414,7 @@ class RewardModel:
     out = np.zeros(len(seqs), np.float32)
     for lo in range(0, len(seqs), self.rows):
       chunk = seqs[lo:lo + self.rows]
-      T = seq_len_bucket(max(map(len, chunk)))            # few shapes: a compile per (rows, T) bucket
+      T = pow2_bucket(max(map(len, chunk)), 16)          # few shapes: a compile per (rows, T) bucket
       tokens = np.full((self.rows, T), pad_id(self.tokenizer), np.int32)
       lengths = np.ones(self.rows, np.int32)
       for i, ids in enumerate(chunk):
@@ -492,13 +424,3 @@ class RewardModel:
 
   def __call__(self, prompts: Sequence[str], completions: Sequence[str], references=None) -> np.ndarray:
     return sigmoid(self.raw_scores(prompts, completions)).astype(np.float32)
-
-
-def rm_reward(path: str) -> Reward:
-  """The reward "rm:DIR": sigmoid of the reward model's score, one batched call per RL batch. Load
-  errors become ValueErrors naming the reward, as for python: rewards."""
-  try:
-    model = RewardModel.load(path)
-  except (CheckpointError, ValueError) as e:
-    raise ValueError(f"reward 'rm:{path}': {e}") from e
-  return Reward(f"rm:{path}", model, batched=True)

@@ -176,8 +176,13 @@ RM_PREFIX = "rm:"
 def load_rm_reward(path: str) -> Reward:
   """Reward "rm:DIR": the reward model in the checkpoints directory DIR (jaxllm.rl.reward_model,
   imported here so that this module stays free of jax until a reward model is asked for)."""
-  from jaxllm.rl.reward_model import rm_reward
-  return rm_reward(path)
+  from jaxllm.io.checkpoint import CheckpointError
+  from jaxllm.rl.reward_model import RewardModel
+  try:
+    model = RewardModel.load(path)
+  except (CheckpointError, ValueError) as e:
+    raise ValueError(f"reward 'rm:{path}': {e}") from e
+  return Reward(f"rm:{path}", model, batched=True)
 
 
 def register_reward(name: str, factory: Callable[..., Reward], *, replace: bool = False) -> None:

@@ -118,7 +118,9 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shar
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    # Finite loss and gradients, and an update that did not overflow the parameters (a huge learning
+    # rate can turn finite gradients into inf weights, which a checkpoint must never hold).
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves((metrics, params))]))
     # A non-finite step is not applied: the state stays the last good one and the loop stops.
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state.params, state.opt_state))
     metrics["finite"] = finite
