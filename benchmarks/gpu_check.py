@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 
 DATASHEET_BF16 = 989e12      # H100/H200 SXM dense bf16 tensor-core FLOP/s (no sparsity)
 F32, BF16 = "float32", "bfloat16"
-TOL = {F32: 1e-4, BF16: 2e-2}   # max |kernel - fp32 reference| that passes (tests/test_kernels.py: bf16 2e-2)
+TOL = {F32: 1e-4, BF16: 2e-2}   # max |kernel - fp32 reference| that passes (tests/kernels/test_kernels.py: bf16 2e-2)
 
 
 def elapsed() -> float:

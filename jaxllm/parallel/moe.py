@@ -30,7 +30,7 @@ Per device, inside `jax.shard_map` manual over every mesh axis:
   5. all_to_all back, weight by the router probs, scatter-add into tokens, all_gather over tp so
      the output is replicated over tp again, as attention expects.
 Gradients of the expert weights are summed over edp (and every axis they are replicated on) by
-shard_map's transpose: the in_specs declare them invariant there (checked by tests/test_folding.py).
+shard_map's transpose: the in_specs declare them invariant there (checked by tests/parallel/test_folding.py).
 
 Capacity-factor mode (`capacity_factor > 0`, GShard/Switch style, per source device): each device
 sends at most cap = ceil(capacity_factor * n_own*k / E) slots to each expert; the rest are dropped

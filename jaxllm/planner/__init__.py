@@ -36,7 +36,7 @@ What it models, per device (one chip of the mesh):
                (forward and backward) and the gathered embedding/head are added as transients.
 
 The estimate is validated against XLA's compiled memory analysis of the real jitted train step
-(tests/test_plan.py): `predicted total` vs `argument + output - alias + temp` of the compiled step.
+(tests/planner/test_planner.py): `predicted total` vs `argument + output - alias + temp` of the compiled step.
 
 Modules: shapes.py (placements and state bytes), activations.py (traced residuals), this one (the
 estimate, device memory, suggestions, the table and the CLI; `python -m jaxllm.planner`).

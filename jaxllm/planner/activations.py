@@ -10,7 +10,7 @@ import math
 from jaxllm.planner.shapes import axis_sizes, compute_shapes, fsdp_axes, nbytes
 
 # Gradient temporaries of one layer's backward, as a fraction of its full residual set (calibrated
-# against XLA's buffer assignment of the compiled train step, tests/test_plan.py).
+# against XLA's buffer assignment of the compiled train step, tests/planner/test_planner.py).
 GRAD_TEMP = 0.75
 # fp32 score tiles alive at once in the backward of blockwise (flash) attention (same calibration).
 FLASH_BWD_TILES = 3

@@ -14,8 +14,6 @@ from jaxllm.train import runner
 from jaxllm.train.runner import Task, TrainingDiverged, run
 from jaxllm.train.step import TrainState
 
-pytestmark = pytest.mark.quick
-
 
 class Counting(Task):
   """state.params["w"] counts the steps; step `nan_at` reports a non-finite update."""

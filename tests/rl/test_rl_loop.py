@@ -18,7 +18,7 @@ from jaxllm.config import ConfigError, load_config
 from jaxllm.io.checkpoint import read_meta
 from jaxllm.rl.loop import Publisher, rl_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = ("gen_tok_s", "train_tok_s", "elapsed_s")
 TINY = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.vocab_size=259", "model.max_seq_len=64",
         "mesh.dp=8", "train.lr=1e-3", "train.warmup_steps=0", "rl.group_size=4", "rl.prompts_per_step=4",

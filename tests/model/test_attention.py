@@ -223,7 +223,7 @@ def test_training_run_with_document_masks(tmp_path):
   words = ["alpha", "beta", "gamma", "delta", "eps"]
   docs.write_text("".join('{"text": "%s"}\n' % " ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(400)))
   cfg = load_config([], [
-    f"mesh={os.path.join(os.path.dirname(__file__), '..', 'meshes', 'cpu-8.toml')}",
+    f"mesh={os.path.join(os.path.dirname(__file__), '..', '..', 'meshes', 'cpu-8.toml')}",
     "model=tiny", "model.n_layers=1", "model.d_model=64", "model.d_ff=128", "model.attention=flash",
     "train.seq_len=64", "train.batch_size=8", f"train.data={docs}", "train.steps=4", "train.eval_every=2",
     "train.eval_batches=1", "train.document_masks=true", "train.reset_positions=true", "train.sample_tokens=0",

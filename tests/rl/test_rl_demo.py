@@ -1,5 +1,5 @@
 """The RL demo of the README and docs/rl.md at reduced length (marked slow; run with
-`python -m pytest -m slow tests/test_rl_demo.py`): SFT on 1-2 digit addition through `train.py`, then
+`python -m pytest -m slow tests/rl/test_rl_demo.py`): SFT on 1-2 digit addition through `train.py`, then
 `train.py rl` from it, both as a user runs them (fresh processes, the default cpu-8 mesh); held-out
 accuracy after 100 RL steps is clearly above the SFT model's (measured: 29.5% -> 45.5% on 200 held-out
 problems; the full demo's numbers and run times are in docs/rl.md)."""
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cli(*args, cwd):

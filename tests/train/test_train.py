@@ -96,7 +96,7 @@ def test_nonfinite_step_is_not_applied():
 
 def _cfg(tmp_path, *extra):
   return load_config([], [
-    f"mesh={os.path.join(os.path.dirname(__file__), '..', 'meshes', 'cpu-8.toml')}",
+    f"mesh={os.path.join(os.path.dirname(__file__), '..', '..', 'meshes', 'cpu-8.toml')}",
     "model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=64",
     "train.batch_size=8", "train.max_corpus_bytes=300000", "train.warmup_steps=5", "train.lr=3e-3",
     "train.eval_every=0", "train.sample_tokens=0", "train.log_every=5", f"train.out_dir={tmp_path}", *extra])
@@ -196,7 +196,7 @@ def test_pipelined_run_end_to_end(tmp_path):
   resume, and the sample from the serving engine; the loss curve and eval loss equal those of the
   non-pipelined cpu-8 mesh (dp=4 x tp=2) on the same batches."""
   from jaxllm.serve import complete_text
-  pp_mesh = os.path.join(os.path.dirname(__file__), "..", "meshes", "cpu-8-pp.toml")
+  pp_mesh = os.path.join(os.path.dirname(__file__), "..", "..", "meshes", "cpu-8-pp.toml")
   common = ("model.n_layers=4", "train.steps=4", "train.save_every=2", "train.eval_every=2", "train.eval_batches=2",
             "train.sample_tokens=6")
   ref = train(_cfg(tmp_path / "ref", *common), progress=False, log=lambda *_: None)

@@ -1,6 +1,6 @@
 """Radix prefix cache and page allocator: unit tests, a hypothesis property test of the page
 accounting invariant, and 10,000 random requests through the scheduler (model replaced by random
-tokens; tests/test_serve.py runs the real engine)."""
+tokens; tests/serve/test_serve.py runs the real engine)."""
 import random
 
 import numpy as np

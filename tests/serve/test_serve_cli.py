@@ -43,7 +43,7 @@ def test_generate_from_hf_dir_on_a_mesh(tmp_path, capsys):
   tok = load_tokenizer("byte")
   prompt = "abcabc"
   want = full_forward_greedy(DENSE, [tok.encode(prompt)], 5)[0]
-  mesh_file = os.path.join(os.path.dirname(__file__), "..", "meshes", "cpu-8.toml")
+  mesh_file = os.path.join(os.path.dirname(__file__), "..", "..", "meshes", "cpu-8.toml")
   serve.main(["generate", "--hf", hf_dir, "--mesh", mesh_file, "--tokenizer", "byte", "--prompt", prompt,
               "--max-tokens", "5", "serve.page_size=8"])
   out = capsys.readouterr().out

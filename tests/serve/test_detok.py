@@ -11,7 +11,7 @@ import pytest
 from jaxllm.data.tokenizer import ByteTokenizer, HFTokenizer
 from jaxllm.serve.detok import TextStream
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BYTE = ByteTokenizer()
 UNICODE_TEXT = "héllo wörld — 中文字符 😀👍 ñ ok; ascii tail\n"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "wörld", "naïve",

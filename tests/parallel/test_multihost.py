@@ -18,7 +18,7 @@ from jaxllm.data import PackedBatches, eval_batches
 from jaxllm.parallel.distributed import DistributedError, local_rows, resolve
 from jaxllm.train.loop import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESH = os.path.join(ROOT, "meshes", "cpu-8.toml")
 # Tiny and short; decay_steps fixed so a 3-step run and its resumption follow one LR schedule.
 ARGS = ["model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=32",

@@ -14,7 +14,7 @@ from jaxllm.config import ConfigError, MeshConfig, load_config
 from jaxllm.parallel import build_mesh, format_rank_table, logical_spec, plan_mesh
 from jaxllm.parallel.mesh import dcn_axis_sizes, device_grid, rank_table
 
-MESHES = os.path.join(os.path.dirname(__file__), "..", "meshes")
+MESHES = os.path.join(os.path.dirname(__file__), "..", "..", "meshes")
 
 
 def test_design_example_axes():

@@ -25,7 +25,7 @@ from jaxllm.rl import reward_model as R
 from jaxllm.rl.rewards import RewardSpec, combine
 from jaxllm.train.step import grads_and_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
 train_cli = importlib.util.module_from_spec(_spec)   # the command line, train.py
 _spec.loader.exec_module(train_cli)
