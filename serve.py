@@ -11,6 +11,7 @@
 
 Engine settings are ServeConfig's serve.* keys everywhere (python serve.py --help lists them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,23 @@ from jaxllm import cli
 
 
 def _engine_args(p):
-  p.add_argument("overrides", nargs="*", help="serve.key=value engine settings, e.g. serve.page_size=8 "
-                 "serve.attention=pallas (python serve.py --help lists them)")
+  p.add_argument(
+    "overrides",
+    nargs="*",
+    help="serve.key=value engine settings, e.g. serve.page_size=8 "
+    "serve.attention=pallas (python serve.py --help lists them)",
+  )
   p.add_argument("--config", action="append", default=[], help="TOML file(s) with a [serve] table")
-  p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over, e.g. tp=2; "
-                 "pp must be 1")
-  p.add_argument("--hf", default=None, metavar="DIR", help="Hugging Face model directory (config.json, "
-                 "safetensors, tokenizer.json) to serve instead of a training checkpoint")
+  p.add_argument(
+    "--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over, e.g. tp=2; pp must be 1"
+  )
+  p.add_argument(
+    "--hf",
+    default=None,
+    metavar="DIR",
+    help="Hugging Face model directory (config.json, "
+    "safetensors, tokenizer.json) to serve instead of a training checkpoint",
+  )
 
 
 def _mesh(path):
@@ -35,13 +46,17 @@ def _mesh(path):
   if path is None:
     return None, None
   import jax
+
   from jaxllm.config import load_config
   from jaxllm.parallel import build_mesh
+
   mc = load_config([], [f"mesh={path}"]).mesh
   if mc.num_devices > jax.device_count():
-    raise SystemExit(f"--mesh {path} needs {mc.num_devices} devices but jax sees {jax.device_count()} "
-                     f"({jax.devices()[0].platform}); pick a smaller mesh preset")
-  return build_mesh(mc, jax.devices()[:mc.num_devices])
+    raise SystemExit(
+      f"--mesh {path} needs {mc.num_devices} devices but jax sees {jax.device_count()} "
+      f"({jax.devices()[0].platform}); pick a smaller mesh preset"
+    )
+  return build_mesh(mc, jax.devices()[: mc.num_devices])
 
 
 def _load(path, mesh, plan, **kw):
@@ -49,9 +64,11 @@ def _load(path, mesh, plan, **kw):
   a path that does not load ends the program with the loader's message."""
   from jaxllm.io import load_model
   from jaxllm.io.checkpoint import CheckpointError
+
   shardings = None
   if mesh is not None:
     from jaxllm.parallel import param_shardings
+
     shardings = lambda mdef: param_shardings(mdef, mesh, plan)
   try:
     return load_model(path, shardings=shardings, **kw)
@@ -61,6 +78,7 @@ def _load(path, mesh, plan, **kw):
 
 def _serve_cfg(a):
   from jaxllm.config import ConfigError, load_config
+
   try:
     return load_config(a.config, a.overrides).serve
   except ConfigError as e:
@@ -70,6 +88,7 @@ def _serve_cfg(a):
 def generate(a):
   from jaxllm.serve.engine import Engine
   from jaxllm.serve.sampling import SamplingParams
+
   mesh, plan = _mesh(a.mesh)
   if a.hf and a.checkpoint:
     raise SystemExit("give either --checkpoint or --hf, not both")
@@ -81,6 +100,7 @@ def generate(a):
     from jaxllm.data import load_tokenizer
     from jaxllm.io import eos_ids
     from jaxllm.model.params import init_params
+
     print(f"no --checkpoint or --hf: random {a.model} weights (output is noise)", file=sys.stderr)
     cfg = MODEL_PRESETS[a.model]
     params = init_params(cfg, 0)
@@ -88,8 +108,16 @@ def generate(a):
     stops = eos_ids(cfg.vocab_size, tok)
   prompts = [tok.encode(p) for p in a.prompt]
   eng = Engine(cfg, params, _serve_cfg(a), mesh=mesh, plan=plan, detokenize=tok.decode)
-  sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                      min_p=a.min_p, seed=a.seed, stop_token_ids=stops, stop=tuple(a.stop))
+  sp = SamplingParams(
+    max_tokens=a.max_tokens,
+    temperature=a.temperature,
+    top_k=a.top_k,
+    top_p=a.top_p,
+    min_p=a.min_p,
+    seed=a.seed,
+    stop_token_ids=stops,
+    stop=tuple(a.stop),
+  )
   for prompt, r in zip(a.prompt, eng.generate(prompts, sp)):
     print(f"--- {prompt!r} [{r.finish_reason}, {len(r.output)} tokens, cache hit {r.cache_hit}]")
     print(prompt + tok.decode(r.output))
@@ -100,12 +128,13 @@ def bench(a):
   from jaxllm.config import MODEL_PRESETS
   from jaxllm.model.params import init_params
   from jaxllm.serve.bench import Workload, run_bench
+
   w = Workload(a.groups, a.per_group, a.system_len, a.question_len, a.output_len, a.arrival, a.rate, a.seed)
   need = a.system_len + a.question_len + a.output_len
-  max_seq_len = pow2_bucket(need)   # page tables sized for the workload
+  max_seq_len = pow2_bucket(need)  # page tables sized for the workload
   mesh, plan = _mesh(a.mesh)
   if a.hf:
-    m = _load(a.hf, None, None, tokenizer="byte", max_seq_len=max_seq_len)   # the engine places it; no text
+    m = _load(a.hf, None, None, tokenizer="byte", max_seq_len=max_seq_len)  # the engine places it; no text
     cfg, params = m.cfg, m.params
   else:
     cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=max_seq_len)
@@ -117,13 +146,17 @@ SUBCOMMANDS = ("generate", "bench")
 
 
 def _server_parser():
-  p = argparse.ArgumentParser(prog="serve.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="config keys (serve.key=value, or a [serve] table in --config):\n"
-                              + cli.config_help(("serve",)))
+  p = argparse.ArgumentParser(
+    prog="serve.py",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="config keys (serve.key=value, or a [serve] table in --config):\n" + cli.config_help(("serve",)),
+  )
   p.add_argument("overrides", nargs="*", help="serve.key=value overrides, e.g. serve.port=8001 serve.num_pages=512")
   p.add_argument("--checkpoint", help="training checkpoint directory (train.out_dir/checkpoints of a run)")
-  p.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json, safetensors, "
-                 "tokenizer.json, chat template)")
+  p.add_argument(
+    "--hf", metavar="DIR", help="Hugging Face model directory (config.json, safetensors, tokenizer.json, chat template)"
+  )
   p.add_argument("--config", action="append", default=[], help="TOML file(s) with a [serve] table")
   p.add_argument("--mesh", default=None, help="mesh preset file (meshes/NAME.toml) to serve over; pp must be 1")
   return p
@@ -131,16 +164,19 @@ def _server_parser():
 
 def serve_http(argv) -> None:
   """The default action: the HTTP server (logic in jaxllm.serve.http.server)."""
-  a = _server_parser().parse_intermixed_args(argv)   # options and key=value overrides in any order
+  a = _server_parser().parse_intermixed_args(argv)  # options and key=value overrides in any order
   if a.mesh and "jax" not in sys.modules:
     cli.prepare_devices(a.mesh)
   not_serve = [o for o in a.overrides if not o.split("=", 1)[0].strip().lstrip("-").startswith("serve.")]
   if not_serve:
-    cli.fail(f"{not_serve[0]!r}: only serve.key=value overrides apply here (the model and its settings come "
-             "with --checkpoint / --hf); see --help for the keys")
+    cli.fail(
+      f"{not_serve[0]!r}: only serve.key=value overrides apply here (the model and its settings come "
+      "with --checkpoint / --hf); see --help for the keys"
+    )
   from jaxllm.config import ConfigError, load_config
   from jaxllm.io.checkpoint import CheckpointError
   from jaxllm.serve.http.server import NoModel, load_model, serve
+
   cli.enable_compile_cache()
   try:
     serve_cfg = load_config(a.config, a.overrides).serve
@@ -157,15 +193,20 @@ def main(argv=None):
     return serve_http(argv)
   cmd, argv = argv[0], argv[1:]
   epilog = "config keys (serve.key=value, or a [serve] table in --config):\n" + cli.config_help(("serve",))
-  sub = lambda name, help: argparse.ArgumentParser(prog=f"serve.py {name}", description=help, epilog=epilog,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = lambda name, help: argparse.ArgumentParser(
+    prog=f"serve.py {name}", description=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   g = sub("generate", "offline generation from a training checkpoint, an HF directory or random weights")
   g.add_argument("--checkpoint", help="training checkpoint directory (any training mesh)")
   g.add_argument("--model", default="tiny", help="preset for random weights when no --checkpoint")
   g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-  g.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer.json / directory (default: the "
-                 "model's own: the checkpoint's train.tokenizer or the --hf directory's tokenizer.json; byte for "
-                 "random weights)")
+  g.add_argument(
+    "--tokenizer",
+    default=None,
+    help="'byte', or a tokenizer.json / directory (default: the "
+    "model's own: the checkpoint's train.tokenizer or the --hf directory's tokenizer.json; byte for "
+    "random weights)",
+  )
   g.add_argument("--max-tokens", type=int, default=64)
   g.add_argument("--temperature", type=float, default=0.0)
   g.add_argument("--top-k", type=int, default=0)
@@ -186,9 +227,9 @@ def main(argv=None):
   b.add_argument("--seed", type=int, default=0)
   b.add_argument("--mem-pages", type=int, default=0, help="page limit of the eviction runs (0: auto)")
   _engine_args(b)
-  a = {"generate": g, "bench": b}[cmd].parse_intermixed_args(argv)   # options and key=value in any order
+  a = {"generate": g, "bench": b}[cmd].parse_intermixed_args(argv)  # options and key=value in any order
   if a.mesh and "jax" not in sys.modules:
-    cli.prepare_devices(a.mesh)   # CPU mesh presets need their emulated devices before jax starts
+    cli.prepare_devices(a.mesh)  # CPU mesh presets need their emulated devices before jax starts
   cli.enable_compile_cache()
   {"generate": generate, "bench": bench}[cmd](a)
 

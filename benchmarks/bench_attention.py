@@ -8,6 +8,7 @@ one process, against PyTorch's scaled_dot_product_attention (causal, GQA) on the
 Each row: median of --steps timed calls (one warm-up call excluded) of value-and-gradient wrt q, k, v
 with a fixed output cotangent, fp32. On CPU run it on a quiet machine: both sides use every core.
 """
+
 import argparse
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_train.py: torch's spinning threads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_train.py: torch's spinning threads
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,12 +38,14 @@ def jax_fwd_bwd(impl: str, q, k, v, do):
   def f(q, k, v):
     out, vjp = jax.vjp(lambda q, k, v: self_attention(impl, q, k, v), q, k, v)
     return vjp(do)
+
   f = jax.jit(f)
   return lambda: f(q, k, v)
 
 
 def torch_fwd_bwd(q, k, v, do, threads: int):
   import torch
+
   torch.set_num_threads(threads)
   qt, kt, vt = (torch.tensor(np.asarray(x)).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
   dot = torch.tensor(np.asarray(do)).transpose(1, 2).contiguous()
@@ -52,6 +55,7 @@ def torch_fwd_bwd(q, k, v, do, threads: int):
       x.grad = None
     out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     out.backward(dot)
+
   return step
 
 

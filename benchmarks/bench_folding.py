@@ -14,6 +14,7 @@ agreement is expected there: slots over capacity are dropped).
 The 8 emulated devices share the host's cores, so step time here measures overhead and
 collective count, not the speedup a real mesh would see.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -33,26 +34,49 @@ import numpy as np  # noqa: E402
 from jaxllm.config import MODEL_PRESETS, MeshConfig, TrainConfig  # noqa: E402
 from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import build_mesh, mesh_hooks  # noqa: E402
+from jaxllm.parallel.sharding import batch_sharding  # noqa: E402
 from jaxllm.train.metrics import time_train_steps  # noqa: E402
 from jaxllm.train.optim import make_optimizer  # noqa: E402
-from jaxllm.parallel.sharding import batch_sharding  # noqa: E402
 from jaxllm.train.state import init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import make_train_step  # noqa: E402
 
 #            dp tp  ep etp
-FOLDINGS = [(4, 2, 1, 1), (4, 2, 8, 1), (2, 4, 4, 2), (4, 2, 4, 1), (8, 1, 2, 1), (1, 8, 8, 1),
-            (2, 4, 2, 2), (8, 1, 8, 1)]
+FOLDINGS = [
+  (4, 2, 1, 1),
+  (4, 2, 8, 1),
+  (2, 4, 4, 2),
+  (4, 2, 4, 1),
+  (8, 1, 2, 1),
+  (1, 8, 8, 1),
+  (2, 4, 2, 2),
+  (8, 1, 8, 1),
+]
 COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
-_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
-                "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_DTYPE_BYTES = {
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "s8": 1,
+  "u8": 1,
+  "pred": 1,
+}
 _ARRAY = re.compile(r"\b(f64|s64|u64|f32|s32|u32|bf16|f16|s16|u16|s8|u8|pred)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 
 
 def _bytes(shape_text: str) -> int:
-  return sum(_DTYPE_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for t, dims in _ARRAY.findall(shape_text))
+  return sum(
+    _DTYPE_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    for t, dims in _ARRAY.findall(shape_text)
+  )
 
 
 def collective_bytes(hlo: str) -> dict[str, int]:
@@ -60,11 +84,11 @@ def collective_bytes(hlo: str) -> dict[str, int]:
   the operand sizes of every collective, times the trip counts of enclosing while loops."""
   size, per_comp, calls, entry, comp = {}, defaultdict(lambda: defaultdict(int)), defaultdict(list), None, None
   lines = hlo.splitlines()
-  for line in lines:                          # pass 1: every value's size
+  for line in lines:  # pass 1: every value's size
     m = _INSTR.match(line)
     if m:
       size[m.group(1)] = _bytes(m.group(2))
-  for line in lines:                          # pass 2: collectives and the call graph
+  for line in lines:  # pass 2: collectives and the call graph
     h = _HEADER.match(line)
     if h:
       comp = h.group(1)
@@ -90,6 +114,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
       total[kind] += b * mult
     for callee, n in calls[c]:
       visit(callee, mult * n)
+
   visit(entry, 1)
   return dict(total)
 
@@ -120,24 +145,40 @@ def main():
   args = ap.parse_args()
   mcfg = MODEL_PRESETS[args.model]
   tokens = args.batch * args.seq
-  print(f"jax {jax.__version__} {jax.devices()[0].platform} x{len(jax.devices())}; model {mcfg.name} "
-        f"(L={mcfg.n_layers} D={mcfg.d_model} E={mcfg.n_experts} top-{mcfg.n_experts_per_tok} "
-        f"Fm={mcfg.resolved_moe_d_ff}); batch {args.batch} x seq {args.seq} = {tokens} tokens/step; "
-        f"median of {args.steps} steps")
-  head = (f"{'folding (attn | moe)':<28} {'step ms':>8} {'tokens/s':>9} {'first loss':>10}  "
-          + " ".join(f"{k:>14}" for k in COLLECTIVES) + f" {'total KiB':>10}")
+  print(
+    f"jax {jax.__version__} {jax.devices()[0].platform} x{len(jax.devices())}; model {mcfg.name} "
+    f"(L={mcfg.n_layers} D={mcfg.d_model} E={mcfg.n_experts} top-{mcfg.n_experts_per_tok} "
+    f"Fm={mcfg.resolved_moe_d_ff}); batch {args.batch} x seq {args.seq} = {tokens} tokens/step; "
+    f"median of {args.steps} steps"
+  )
+  head = (
+    f"{'folding (attn | moe)':<28} {'step ms':>8} {'tokens/s':>9} {'first loss':>10}  "
+    + " ".join(f"{k:>14}" for k in COLLECTIVES)
+    + f" {'total KiB':>10}"
+  )
   print("collective bytes per device per step, KiB\n" + head)
   rows = [("1 device (baseline)", MeshConfig(), jax.devices()[:1], 0.0)]
-  rows += [(f"tp={tp} dp={dp} | ep={ep} etp={etp} edp={dp * tp // (ep * etp)}",
-            MeshConfig(dp=dp, tp=tp, ep=ep, etp=etp), jax.devices(), 0.0) for dp, tp, ep, etp in FOLDINGS]
+  rows += [
+    (
+      f"tp={tp} dp={dp} | ep={ep} etp={etp} edp={dp * tp // (ep * etp)}",
+      MeshConfig(dp=dp, tp=tp, ep=ep, etp=etp),
+      jax.devices(),
+      0.0,
+    )
+    for dp, tp, ep, etp in FOLDINGS
+  ]
   # The capacity-factor option: smaller exchange buffers, tokens over capacity dropped.
-  rows += [(f"tp=2 dp=4 | ep=8 cf={args.capacity_factor}", MeshConfig(dp=4, tp=2, ep=8), jax.devices(),
-            args.capacity_factor)]
+  rows += [
+    (f"tp=2 dp=4 | ep=8 cf={args.capacity_factor}", MeshConfig(dp=4, tp=2, ep=8), jax.devices(), args.capacity_factor)
+  ]
   for label, mc, devices, cf in rows:
     t, coll, loss = run(mc, mcfg, args.batch, args.seq, args.steps, devices, cf)
-    print(f"{label:<28} {1e3 * t:>8.1f} {tokens / t:>9.0f} {loss:>10.5f}  "
-          + " ".join(f"{coll.get(k, 0) / 1024:>14.1f}" for k in COLLECTIVES)
-          + f" {sum(coll.values()) / 1024:>10.1f}", flush=True)
+    print(
+      f"{label:<28} {1e3 * t:>8.1f} {tokens / t:>9.0f} {loss:>10.5f}  "
+      + " ".join(f"{coll.get(k, 0) / 1024:>14.1f}" for k in COLLECTIVES)
+      + f" {sum(coll.values()) / 1024:>10.1f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

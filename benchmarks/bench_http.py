@@ -10,6 +10,7 @@ request but the first of its group reuses the system prompt's whole pages).
   python benchmarks/bench_http.py                       # tiny random model, byte tokenizer
   python benchmarks/bench_http.py --groups 8 --per-group 8 --system-len 512 --concurrency 16   # lighter sharing
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -72,8 +73,14 @@ def workload(groups: int, per_group: int, system_len: int, question_len: int, se
 async def one(client, url, prompt, max_tokens, out):
   t0 = time.perf_counter()
   times, usage = [], None
-  body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-          "stream_options": {"include_usage": True}}
+  body = {
+    "model": "bench",
+    "prompt": prompt,
+    "max_tokens": max_tokens,
+    "temperature": 0,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+  }
   async with client.stream("POST", url + "/v1/completions", json=body) as r:
     r.raise_for_status()
     async for line in r.aiter_lines():
@@ -84,16 +91,24 @@ async def one(client, url, prompt, max_tokens, out):
         usage = chunk["usage"]
       if chunk.get("choices") and chunk["choices"][0].get("text"):
         times.append(time.perf_counter())
-  out.append({"ttft": times[0] - t0 if times else float("nan"), "itl": [b - a for a, b in zip(times, times[1:])],
-              "e2e": time.perf_counter() - t0, "usage": usage})
+  out.append(
+    {
+      "ttft": times[0] - t0 if times else float("nan"),
+      "itl": [b - a for a, b in zip(times, times[1:])],
+      "e2e": time.perf_counter() - t0,
+      "usage": usage,
+    }
+  )
 
 
 async def drive(url, prompts, max_tokens, concurrency):
   out, queue = [], list(prompts)
   async with httpx.AsyncClient(timeout=600) as client:
+
     async def worker():
       while queue:
         await one(client, url, queue.pop(), max_tokens, out)
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out, time.perf_counter() - t0
@@ -120,9 +135,11 @@ def main():
   cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=pow2_bucket(longest))
   params = init_params(cfg, 0)
   prompts = workload(a.groups, a.per_group, a.system_len, a.question_len, a.seed)
-  print(f"model {a.model} (random weights), {len(prompts)} requests = {a.groups} groups x {a.per_group}, "
-        f"system {a.system_len} + question ~{a.question_len + 10} tokens, {a.max_tokens} new tokens, "
-        f"{a.concurrency} concurrent streaming clients")
+  print(
+    f"model {a.model} (random weights), {len(prompts)} requests = {a.groups} groups x {a.per_group}, "
+    f"system {a.system_len} + question ~{a.question_len + 10} tokens, {a.max_tokens} new tokens, "
+    f"{a.concurrency} concurrent streaming clients"
+  )
   rows = []
   for radix in (False, True):
     serve = ServeConfig(radix=radix, num_pages=4096, max_running=16, chunk_size=512)
@@ -132,7 +149,7 @@ def main():
     port = free_port()
     with Server(app, port):
       url = f"http://127.0.0.1:{port}"
-      asyncio.run(drive(url, prompts[:a.concurrency], a.max_tokens, a.concurrency))   # compile + warm up
+      asyncio.run(drive(url, prompts[: a.concurrency], a.max_tokens, a.concurrency))  # compile + warm up
       engine.flush_cache()
       out, wall = asyncio.run(drive(url, prompts, a.max_tokens, a.concurrency))
     service.close()
@@ -143,16 +160,32 @@ def main():
     shared = len(tok.encode(prompts[0].split(" [q")[0] + " [q"))
     ideal = a.groups * (a.per_group - 1) * (shared // Z * Z)
     itl = [x for o in out for x in o["itl"]]
-    rows.append((("on" if radix else "off"), len(out) / wall, completion / wall,
-                 pct([o["ttft"] for o in out], 0.5), pct([o["ttft"] for o in out], 0.9),
-                 pct(itl, 0.5), pct(itl, 0.9), cached / prompt_tokens, ideal / prompt_tokens))
-  print(f"\n{'cache':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p90':>7} {'ITL p50':>8} {'p90':>7} "
-        f"{'cached share':>13} {'ideal':>6}")
+    rows.append(
+      (
+        ("on" if radix else "off"),
+        len(out) / wall,
+        completion / wall,
+        pct([o["ttft"] for o in out], 0.5),
+        pct([o["ttft"] for o in out], 0.9),
+        pct(itl, 0.5),
+        pct(itl, 0.9),
+        cached / prompt_tokens,
+        ideal / prompt_tokens,
+      )
+    )
+  print(
+    f"\n{'cache':>5} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p90':>7} {'ITL p50':>8} {'p90':>7} "
+    f"{'cached share':>13} {'ideal':>6}"
+  )
   for name, rps, tps, t50, t90, i50, i90, share, ideal in rows:
-    print(f"{name:>5} {rps:>7.2f} {tps:>10.1f} {1e3 * t50:>7.0f}ms {1e3 * t90:>5.0f}ms {1e3 * i50:>6.1f}ms "
-          f"{1e3 * i90:>5.1f}ms {100 * share:>12.1f}% {100 * ideal:>5.1f}%")
-  print(f"\ncache on / off: {rows[1][1] / rows[0][1]:.2f}x requests/s "
-        "(ITL is measured at delivery: multi-step decode streams serve.decode_steps tokens per chunk)")
+    print(
+      f"{name:>5} {rps:>7.2f} {tps:>10.1f} {1e3 * t50:>7.0f}ms {1e3 * t90:>5.0f}ms {1e3 * i50:>6.1f}ms "
+      f"{1e3 * i90:>5.1f}ms {100 * share:>12.1f}% {100 * ideal:>5.1f}%"
+    )
+  print(
+    f"\ncache on / off: {rows[1][1] / rows[0][1]:.2f}x requests/s "
+    "(ITL is measured at delivery: multi-step decode streams serve.decode_steps tokens per chunk)"
+  )
 
 
 if __name__ == "__main__":

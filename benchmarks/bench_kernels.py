@@ -22,6 +22,7 @@ interpret timings mean nothing.
 Shapes: the package legend in jaxllm/__init__.py (R = --batch sequences, K, G, H, P, Z, M); the pools
 are head-major [K, P, Z, H], as the engine keeps them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,10 +82,15 @@ def ragged_inputs(q_lens, kv_lens, K, G, H, Z, dtype, seed=0):
   page_table = (1 + rng.permutation(P - 1)).reshape(len(kv_lens), M).astype(np.int32)
   kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-  return (jax.random.normal(kq, (int(cu[-1]), K * G, H), dtype),
-          jax.random.normal(kk, (K, P, Z, H), dtype), jax.random.normal(kv, (K, P, Z, H), dtype),
-          jnp.asarray(kv_lens, jnp.int32), jnp.asarray(page_table), jnp.asarray(cu),
-          jnp.int32(len(q_lens)))
+  return (
+    jax.random.normal(kq, (int(cu[-1]), K * G, H), dtype),
+    jax.random.normal(kk, (K, P, Z, H), dtype),
+    jax.random.normal(kv, (K, P, Z, H), dtype),
+    jnp.asarray(kv_lens, jnp.int32),
+    jnp.asarray(page_table),
+    jnp.asarray(cu),
+    jnp.int32(len(q_lens)),
+  )
 
 
 def main():
@@ -98,11 +104,20 @@ def main():
   ap.add_argument("--group", type=int, default=4, help="query heads per kv head (GQA ratio)")
   ap.add_argument("--head-dim", type=int, default=128 if real else 32)
   ap.add_argument("--page-size", type=int, default=16)
-  ap.add_argument("--pages-per-block", type=int, nargs="+",
-                  default=[4, 8] if on_gpu else [8, 16, 32] if on_tpu else [2],
-                  help="pages per KV block (block_k = pages * page size): GPU loop iteration, TPU DMA block")
-  ap.add_argument("--num-splits", type=int, nargs="+", default=[0] if real else [1, 2],
-                  help="GPU decode kv splits (flash-decoding); 0 = the kernel's heuristic")
+  ap.add_argument(
+    "--pages-per-block",
+    type=int,
+    nargs="+",
+    default=[4, 8] if on_gpu else [8, 16, 32] if on_tpu else [2],
+    help="pages per KV block (block_k = pages * page size): GPU loop iteration, TPU DMA block",
+  )
+  ap.add_argument(
+    "--num-splits",
+    type=int,
+    nargs="+",
+    default=[0] if real else [1, 2],
+    help="GPU decode kv splits (flash-decoding); 0 = the kernel's heuristic",
+  )
   ap.add_argument("--block-q", type=int, default=64, help="TPU ragged: query tokens per program")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--iters", type=int, default=20 if real else 3)
@@ -124,13 +139,19 @@ def main():
         M = -(-context // Z)
         used = min(-(-M // ppb), splits or gpu.decode_num_splits(batch, K, M, ppb))
         label = f"S={used}" if splits else f"S=auto({used})"
-        out.append((f"pallas-gpu ppb={ppb} {label}",
-                    functools.partial(gpu.paged_decode_attention, pages_per_block=ppb,
-                                      num_splits=splits or None, interpret=not on_gpu)))
+        out.append(
+          (
+            f"pallas-gpu ppb={ppb} {label}",
+            functools.partial(
+              gpu.paged_decode_attention, pages_per_block=ppb, num_splits=splits or None, interpret=not on_gpu
+            ),
+          )
+        )
     return out
 
   if on_tpu or not real:
     from jax.experimental.pallas import tpu as pltpu
+
     tpu_kw = {} if on_tpu else {"interpret": pltpu.InterpretParams()}
   tpu_ppbs = args.pages_per_block if on_tpu else args.pages_per_block[:1]
 
@@ -141,8 +162,10 @@ def main():
     for context in args.context:
       impls = [("reference", jax.jit(reference.paged_decode_attention))]
       if on_tpu or not real:
-        impls += [(f"pallas-tpu ppb={ppb}", functools.partial(tpu.paged_decode_attention, pages_per_block=ppb,
-                                                              **tpu_kw)) for ppb in tpu_ppbs]
+        impls += [
+          (f"pallas-tpu ppb={ppb}", functools.partial(tpu.paged_decode_attention, pages_per_block=ppb, **tpu_kw))
+          for ppb in tpu_ppbs
+        ]
       if on_gpu or not real:
         impls += gpu_decode(batch, context)
       inputs = decode_inputs(batch, context, K, G, H, Z, dtype)
@@ -154,8 +177,9 @@ def main():
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - want.astype(jnp.float32))))
         t = timeit(fn, *inputs, iters=args.iters)
         bw = kv_bytes / t
-        print(f"{name:<30}{batch:>6}{context:>8}{t * 1e3:>10.3f}{bw / 1e9:>9.1f}{100 * bw / copy_bw:>7.1f}%"
-              f"{err:>10.2e}")
+        print(
+          f"{name:<30}{batch:>6}{context:>8}{t * 1e3:>10.3f}{bw / 1e9:>9.1f}{100 * bw / copy_bw:>7.1f}%{err:>10.2e}"
+        )
 
   # Mixed prefill + decode batch: a few prefill chunks and many decode rows in one ragged call.
   if real:
@@ -164,17 +188,26 @@ def main():
     q_lens, kv_lens = [8, 1, 1], [24, 17, 5]
   ragged = [("reference", jax.jit(reference.ragged_paged_attention))]
   if on_tpu or not real:
-    ragged += [(f"pallas-tpu ppb={ppb} bq={args.block_q}",
-                functools.partial(tpu.ragged_paged_attention, pages_per_block=ppb, block_q=args.block_q,
-                                  **tpu_kw)) for ppb in tpu_ppbs]
+    ragged += [
+      (
+        f"pallas-tpu ppb={ppb} bq={args.block_q}",
+        functools.partial(tpu.ragged_paged_attention, pages_per_block=ppb, block_q=args.block_q, **tpu_kw),
+      )
+      for ppb in tpu_ppbs
+    ]
   if on_gpu or not real:
-    ragged += [(f"pallas-gpu ppb={args.pages_per_block[0]}",
-                functools.partial(gpu.ragged_paged_attention, pages_per_block=args.pages_per_block[0],
-                                  interpret=not on_gpu))]
+    ragged += [
+      (
+        f"pallas-gpu ppb={args.pages_per_block[0]}",
+        functools.partial(gpu.ragged_paged_attention, pages_per_block=args.pages_per_block[0], interpret=not on_gpu),
+      )
+    ]
   inputs = ragged_inputs(q_lens, kv_lens, K, G, H, Z, dtype)
   kv_bytes = 2 * sum(kv_lens) * K * H * dtype.itemsize
-  print(f"\nragged paged attention: {len(q_lens)} seqs, {sum(q_lens)} query tokens, "
-        f"{sum(kv_lens)} kv tokens; GB/s counts each sequence's K/V once")
+  print(
+    f"\nragged paged attention: {len(q_lens)} seqs, {sum(q_lens)} query tokens, "
+    f"{sum(kv_lens)} kv tokens; GB/s counts each sequence's K/V once"
+  )
   hdr = f"{'impl':<30}{'ms':>10}{'GB/s':>9}{'max err':>10}"
   print(hdr + "\n" + "-" * len(hdr))
   want = None

@@ -9,6 +9,7 @@ compiled and never run, so long sequences cost compile time only.
 A compile that fails or exceeds --timeout seconds is reported as such (at 32k tokens the naive
 path's [B, K, G, T, T] fp32 scores alone are tens of GiB).
 """
+
 import argparse
 import dataclasses
 import os
@@ -34,6 +35,7 @@ def temp_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
   def loss(p, b):
     nll, count, aux = loss_sums(mdef, p, b)
     return nll / count + aux
+
   step = jax.jit(jax.value_and_grad(loss))
   return step.lower(params, {"inputs": tokens, "targets": tokens}).compile().memory_analysis().temp_size_in_bytes
 
@@ -49,13 +51,25 @@ def main():
   ap.add_argument("--kv-heads", type=int, default=2)
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--timeout", type=float, default=600, help="skip longer T of an attention once a compile took this long")
+  ap.add_argument(
+    "--timeout", type=float, default=600, help="skip longer T of an attention once a compile took this long"
+  )
   args = ap.parse_args()
-  base = ModelConfig(name="bench", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
-                     n_heads=args.heads, n_kv_heads=args.kv_heads, d_ff=4 * args.d_model, dtype=args.dtype)
+  base = ModelConfig(
+    name="bench",
+    vocab_size=args.vocab,
+    d_model=args.d_model,
+    n_layers=args.layers,
+    n_heads=args.heads,
+    n_kv_heads=args.kv_heads,
+    d_ff=4 * args.d_model,
+    dtype=args.dtype,
+  )
   seqs = [int(s) for s in args.seq.split(",")]
-  print(f"# {jax.devices()[0].platform}: d_model={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
-        f"vocab={args.vocab} batch={args.batch} {args.dtype}; temp bytes of value_and_grad(loss), compiled only")
+  print(
+    f"# {jax.devices()[0].platform}: d_model={args.d_model} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+    f"vocab={args.vocab} batch={args.batch} {args.dtype}; temp bytes of value_and_grad(loss), compiled only"
+  )
   print(f"{'attention':>10} {'T':>7} {'temp MiB':>12} {'x prev':>7} {'compile s':>10}")
   for impl in args.attention.split(","):
     cfg = dataclasses.replace(base, attention=impl, max_seq_len=max(seqs))

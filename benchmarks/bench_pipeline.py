@@ -27,6 +27,7 @@ On emulated CPU devices all 8 "devices" share the host's cores: idle (bubble) sl
 (lax.cond skips them) and wall time tracks total work, not the critical path, so the pipeline bubble
 does not show in step time here; tables 1, 3 and 4 are what transfer to a real mesh.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -44,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 from bench_folding import COLLECTIVES, collective_bytes  # noqa: E402
+
 from jaxllm.config import MeshConfig, ModelConfig, TrainConfig  # noqa: E402
 from jaxllm.model.params import model_def  # noqa: E402
 from jaxllm.parallel import mesh_hooks  # noqa: E402
@@ -58,7 +59,7 @@ from jaxllm.train.optim import make_optimizer  # noqa: E402
 from jaxllm.train.state import Layout, init_state, state_shardings  # noqa: E402
 from jaxllm.train.step import TrainState, grads_and_metrics, make_train_step  # noqa: E402
 
-MiB, KiB = 2 ** 20, 2 ** 10
+MiB, KiB = 2**20, 2**10
 T0 = time.perf_counter()
 
 
@@ -72,9 +73,19 @@ def dense_cfg(n_layers=8, d_model=128, d_ff=384):
 
 
 def moe_cfg(n_layers=4, d_model=128):
-  return ModelConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=384,
-                     n_experts=8, n_experts_per_tok=2, moe_d_ff=128, shared_expert_d_ff=128,
-                     shared_expert_gate=True)
+  return ModelConfig(
+    vocab_size=256,
+    d_model=d_model,
+    n_layers=n_layers,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=384,
+    n_experts=8,
+    n_experts_per_tok=2,
+    moe_d_ff=128,
+    shared_expert_d_ff=128,
+    shared_expert_gate=True,
+  )
 
 
 def optimizer(mdef):
@@ -111,21 +122,30 @@ def mesh_label(c: MeshConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 # 1. Schedules
 
+
 def schedules_table(quick: bool):
   print("== 1. schedule tables (jaxllm.parallel.schedule; no compiling) ==")
-  print("bubble = idle fraction of the (stage, tick) forward slots; formula (pp-1)/(m*vpp+pp-1). 1F1B stashes "
-        "n_stash chunk inputs per stage; GPipe order keeps m*vpp tick inputs per stage.")
-  print(f"{'pp':>3} {'vpp':>4} {'m':>4} | {'ticks gpipe':>11} {'ticks 1f1b':>10} | {'bubble gpipe':>12} "
-        f"{'bubble 1f1b':>11} {'formula':>8} | {'1f1b delay':>10} {'1f1b n_stash':>12} {'gpipe m*vpp':>11}")
+  print(
+    "bubble = idle fraction of the (stage, tick) forward slots; formula (pp-1)/(m*vpp+pp-1). 1F1B stashes "
+    "n_stash chunk inputs per stage; GPipe order keeps m*vpp tick inputs per stage."
+  )
+  print(
+    f"{'pp':>3} {'vpp':>4} {'m':>4} | {'ticks gpipe':>11} {'ticks 1f1b':>10} | {'bubble gpipe':>12} "
+    f"{'bubble 1f1b':>11} {'formula':>8} | {'1f1b delay':>10} {'1f1b n_stash':>12} {'gpipe m*vpp':>11}"
+  )
   for pp in (2, 4):
     for vpp in (1, 2):
       for m in (pp, 2 * pp, 8 * pp):
         g, f = make_schedule("gpipe", pp, vpp, m), make_schedule("1f1b", pp, vpp, m)
         formula = (pp - 1) / (m * vpp + pp - 1)
-        print(f"{pp:>3} {vpp:>4} {m:>4} | {g.ticks:>11} {f.ticks:>10} | {100 * g.bubble:>11.1f}% "
-              f"{100 * f.bubble:>10.1f}% {100 * formula:>7.1f}% | {f.delay:>10} {f.n_stash:>12} {m * vpp:>11}")
-  print("\n1F1B ticks run one chunk forward and one chunk backward each (fused); GPipe ticks are forwards only, "
-        "its backward is the reversed scan.")
+        print(
+          f"{pp:>3} {vpp:>4} {m:>4} | {g.ticks:>11} {f.ticks:>10} | {100 * g.bubble:>11.1f}% "
+          f"{100 * f.bubble:>10.1f}% {100 * formula:>7.1f}% | {f.delay:>10} {f.n_stash:>12} {m * vpp:>11}"
+        )
+  print(
+    "\n1F1B ticks run one chunk forward and one chunk backward each (fused); GPipe ticks are forwards only, "
+    "its backward is the reversed scan."
+  )
   print("\nrender(make_schedule('1f1b', pp=2, vpp=2, m=4))   cells: F/B <repeat r><microbatch j>, '...' idle")
   print(render(make_schedule("1f1b", 2, 2, 4)))
 
@@ -133,20 +153,25 @@ def schedules_table(quick: bool):
 # ---------------------------------------------------------------------------------------------
 # 2. Train step time
 
+
 def step_times(steps: int, quick: bool):
   mcfg = dense_cfg(n_layers=4 if quick else 8, d_model=64 if quick else 128, d_ff=192 if quick else 384)
   seq = 32 if quick else 64
   ms = (4,) if quick else (4, 8)
-  batch_size = 16 if quick else 32          # one global batch for every config
+  batch_size = 16 if quick else 32  # one global batch for every config
   configs = [MeshConfig(dp=4, tp=2)]
   for m in ms:
     configs += [MeshConfig(pp=2, vpp=2, dp=2, tp=2, microbatches=m, schedule=k) for k in ("gpipe", "1f1b")]
-  print(f"\n== 2. train step time (AdamW included): dense d={mcfg.d_model} L={mcfg.n_layers} "
-        f"V={mcfg.vocab_size} F={mcfg.d_ff}, global batch {batch_size} x seq {seq}; median of {steps} steps, "
-        "configs run round-robin ==")
-  print("NOTE: the 8 emulated CPU devices share the host's cores (2 here): idle (bubble) slots are skipped by "
-        "lax.cond and cost nothing, so wall time tracks total work, not the critical path -- the pipeline "
-        "bubble is not visible in these times.")
+  print(
+    f"\n== 2. train step time (AdamW included): dense d={mcfg.d_model} L={mcfg.n_layers} "
+    f"V={mcfg.vocab_size} F={mcfg.d_ff}, global batch {batch_size} x seq {seq}; median of {steps} steps, "
+    "configs run round-robin =="
+  )
+  print(
+    "NOTE: the 8 emulated CPU devices share the host's cores (2 here): idle (bubble) slots are skipped by "
+    "lax.cond and cost nothing, so wall time tracks total work, not the critical path -- the pipeline "
+    "bubble is not visible in these times."
+  )
   batch = token_batch(mcfg.vocab_size, batch_size, seq)
   runs = []
   for c in configs:
@@ -159,7 +184,7 @@ def step_times(steps: int, quick: bool):
       first = float(jax.block_until_ready(metrics)["loss"])
     runs.append({"cfg": c, "step": step, "mesh": mesh, "state": state, "batch": b, "first": first, "t": []})
   progress(f"timing {steps} rounds")
-  for _ in range(steps):   # round-robin: load changes on the host hit every config alike
+  for _ in range(steps):  # round-robin: load changes on the host hit every config alike
     for r in runs:
       with jax.set_mesh(r["mesh"]):
         t0 = time.perf_counter()
@@ -168,8 +193,10 @@ def step_times(steps: int, quick: bool):
         r["t"].append(time.perf_counter() - t0)
   med = [1e3 * statistics.median(r["t"]) for r in runs]
   base = med[0]
-  print(f"{'config':<40} {'ticks':>6} {'bubble':>7} {'step ms':>9} {'min ms':>8} {'/ baseline':>10} "
-        f"{'1f1b/gpipe':>10} {'loss step 1':>12}")
+  print(
+    f"{'config':<40} {'ticks':>6} {'bubble':>7} {'step ms':>9} {'min ms':>8} {'/ baseline':>10} "
+    f"{'1f1b/gpipe':>10} {'loss step 1':>12}"
+  )
   for i, (r, t) in enumerate(zip(runs, med)):
     c = r["cfg"]
     if c.pp > 1:
@@ -178,12 +205,15 @@ def step_times(steps: int, quick: bool):
       ratio = f"{t / med[i - 1]:.2f}" if c.schedule == "1f1b" else ""
     else:
       ticks, bub, ratio = "-", "-", ""
-    print(f"{mesh_label(c):<40} {ticks:>6} {bub:>7} {t:>9.1f} {1e3 * min(r['t']):>8.1f} {t / base:>10.2f} "
-          f"{ratio:>10} {r['first']:>12.5f}")
+    print(
+      f"{mesh_label(c):<40} {ticks:>6} {bub:>7} {t:>9.1f} {1e3 * min(r['t']):>8.1f} {t / base:>10.2f} "
+      f"{ratio:>10} {r['first']:>12.5f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Compiled temp memory against m
+
 
 def temp_memory(quick: bool):
   mcfg = dense_cfg(n_layers=2 if quick else 4, d_model=64 if quick else 128, d_ff=192 if quick else 384)
@@ -195,26 +225,33 @@ def temp_memory(quick: bool):
   sh = pl.staged_shardings(mdef, mesh, plan)
   abstract = jax.eval_shape(lambda p: pl.staged_params(p, pp, vpp), mdef.abstract_params())
   b_sh = batch_sharding(mesh, plan)
-  chunk_in = per_rank * seq * mcfg.d_model * 4   # one stashed chunk input [b, T, D] fp32 per device
-  print(f"\n== 3. compiled temp memory per device of the pipelined gradients (nothing runs): dense "
-        f"d={mcfg.d_model} L={mcfg.n_layers} F={mcfg.d_ff}, pp={pp} vpp={vpp} dp={dp}, fixed microbatch "
-        f"{dp * per_rank} seqs x {seq} ({per_rank} per device; one chunk input = {chunk_in / KiB:.0f} KiB) ==")
-  print("remat: GPipe keeps only each tick's stage input and recomputes the chunk in the backward; 1F1B stashes "
-        "each chunk's input (n_stash slots per stage) and recomputes. no remat: GPipe keeps every layer's "
-        "activations of every tick; 1F1B stashes the chunk's vjp residuals instead (still n_stash slots).")
+  chunk_in = per_rank * seq * mcfg.d_model * 4  # one stashed chunk input [b, T, D] fp32 per device
+  print(
+    f"\n== 3. compiled temp memory per device of the pipelined gradients (nothing runs): dense "
+    f"d={mcfg.d_model} L={mcfg.n_layers} F={mcfg.d_ff}, pp={pp} vpp={vpp} dp={dp}, fixed microbatch "
+    f"{dp * per_rank} seqs x {seq} ({per_rank} per device; one chunk input = {chunk_in / KiB:.0f} KiB) =="
+  )
+  print(
+    "remat: GPipe keeps only each tick's stage input and recomputes the chunk in the backward; 1F1B stashes "
+    "each chunk's input (n_stash slots per stage) and recomputes. no remat: GPipe keeps every layer's "
+    "activations of every tick; 1F1B stashes the chunk's vjp residuals instead (still n_stash slots)."
+  )
 
   def temp(m, schedule, remat):
     pipe = pl.Pipeline(mdef, mesh, plan, m, schedule, remat=remat)
     tokens = jax.ShapeDtypeStruct((m * dp * per_rank, seq), jnp.int32)
     with jax.set_mesh(mesh):
-      fn = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, pipeline=pipe), in_shardings=(sh, b_sh),
-                   out_shardings=(sh, None))
+      fn = jax.jit(
+        lambda p, b: grads_and_metrics(mdef, p, b, pipeline=pipe), in_shardings=(sh, b_sh), out_shardings=(sh, None)
+      )
       return compiled_temp_bytes(fn, abstract, {"inputs": tokens, "targets": tokens})
 
   all_cols = [("gpipe", True), ("gpipe", False), ("1f1b", True), ("1f1b", False)]
-  cols = [c for c in all_cols if c[1] or not quick]   # --quick: the remat columns only
-  print(f"{'m':>4} {'gpipe remat':>12} {'gpipe no-remat':>15} {'1f1b remat':>11} {'1f1b no-remat':>14} "
-        f"{'1f1b n_stash':>12} {'n_stash x chunk input':>22}   (MiB)")
+  cols = [c for c in all_cols if c[1] or not quick]  # --quick: the remat columns only
+  print(
+    f"{'m':>4} {'gpipe remat':>12} {'gpipe no-remat':>15} {'1f1b remat':>11} {'1f1b no-remat':>14} "
+    f"{'1f1b n_stash':>12} {'n_stash x chunk input':>22}   (MiB)"
+  )
   rows = {}
   # XLA compiles with the GIL released: two at a time use both host cores.
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -231,6 +268,7 @@ def temp_memory(quick: bool):
       return "- (full run only)"
     a, b = rows[lo][col], rows[hi][col]
     return f"{b / a:.2f}x ({a / MiB:.2f} -> {b / MiB:.2f} MiB, +{(b - a) / MiB:.2f})"
+
   print(f"1f1b temp at m={hi} / at m={lo}: remat {growth(('1f1b', True))}, no remat {growth(('1f1b', False))}")
   print(f"gpipe growth m={lo} -> {hi}: remat {growth(('gpipe', True))}, no remat {growth(('gpipe', False))}")
 
@@ -238,28 +276,33 @@ def temp_memory(quick: bool):
 # ---------------------------------------------------------------------------------------------
 # 4. MoE in stages: collective bytes
 
+
 def abstract_state(mdef, tx, sh, layout):
-  shapes = jax.eval_shape(lambda p: (lambda q: TrainState(q, tx.init(q), jnp.int32(0)))(layout.params_in(p)),
-                          mdef.abstract_params())
+  shapes = jax.eval_shape(
+    lambda p: (lambda q: TrainState(q, tx.init(q), jnp.int32(0)))(layout.params_in(p)), mdef.abstract_params()
+  )
   return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
 
 
 def moe_collectives(quick: bool):
   mcfg = moe_cfg(n_layers=4, d_model=64 if quick else 128)
   m, seq = 4, (32 if quick else 64)
-  kinds = ("1f1b",) if quick else ("1f1b", "gpipe")   # --quick: one compile less
+  kinds = ("1f1b",) if quick else ("1f1b", "gpipe")  # --quick: one compile less
   pipe_cfgs = [MeshConfig(pp=2, vpp=2, dp=2, tp=2, ep=4, microbatches=m, schedule=k) for k in kinds]
-  batch_size = m * 2 * 2          # 2 sequences per dp rank per microbatch
+  batch_size = m * 2 * 2  # 2 sequences per dp rank per microbatch
   ref_cfg = MeshConfig(dp=2, tp=2, ep=4)
-  print(f"\n== 4. MoE in stages: per-device collective bytes per train step (bench_folding.collective_bytes on "
-        f"the compiled HLO; KiB) -- MoE d={mcfg.d_model} L={mcfg.n_layers} E={mcfg.n_experts} "
-        f"top-{mcfg.n_experts_per_tok} Fm={mcfg.moe_d_ff} + shared expert, global batch {batch_size} x seq "
-        f"{seq}, dropless ==")
-  print("HLO counts are static: collectives inside a stage's lax.cond branch are counted on every tick, idle "
-        "(bubble) ticks included, so pipeline rows are upper bounds; 'a2a busy' scales the all-to-all by the busy "
-        "fraction m*vpp/ticks (every all-to-all sits in a chunk branch).")
-  head = (f"{'config':<44} {'devs':>4} " + " ".join(f"{k:>18}" for k in COLLECTIVES)
-          + f" {'total':>10} {'a2a busy':>9}")
+  print(
+    f"\n== 4. MoE in stages: per-device collective bytes per train step (bench_folding.collective_bytes on "
+    f"the compiled HLO; KiB) -- MoE d={mcfg.d_model} L={mcfg.n_layers} E={mcfg.n_experts} "
+    f"top-{mcfg.n_experts_per_tok} Fm={mcfg.moe_d_ff} + shared expert, global batch {batch_size} x seq "
+    f"{seq}, dropless =="
+  )
+  print(
+    "HLO counts are static: collectives inside a stage's lax.cond branch are counted on every tick, idle "
+    "(bubble) ticks included, so pipeline rows are upper bounds; 'a2a busy' scales the all-to-all by the busy "
+    "fraction m*vpp/ticks (every all-to-all sits in a chunk branch)."
+  )
+  head = f"{'config':<44} {'devs':>4} " + " ".join(f"{k:>18}" for k in COLLECTIVES) + f" {'total':>10} {'a2a busy':>9}"
   print(head)
   batch = token_batch(mcfg.vocab_size, batch_size, seq)
   results = []
@@ -277,18 +320,26 @@ def moe_collectives(quick: bool):
     else:
       busy = a2a
     results.append((c, coll, busy))
-    print(f"{mesh_label(c):<44} {c.num_devices:>4} " + " ".join(f"{coll.get(k, 0) / KiB:>18.1f}" for k in COLLECTIVES)
-          + f" {sum(coll.values()) / KiB:>10.1f} {busy / KiB:>9.1f}", flush=True)
+    print(
+      f"{mesh_label(c):<44} {c.num_devices:>4} "
+      + " ".join(f"{coll.get(k, 0) / KiB:>18.1f}" for k in COLLECTIVES)
+      + f" {sum(coll.values()) / KiB:>10.1f} {busy / KiB:>9.1f}",
+      flush=True,
+    )
   (_, ref, ref_busy) = results[0]
   ref_total, ref_a2a = sum(ref.values()), ref.get("all-to-all", 0)
-  print("ratios pipeline / no pipeline, per device per step (target: <= 1.5x). A pipeline device holds 1/pp = 1/2 "
-        "of the layers and recomputes each chunk's forward in its backward (x1.5 of the no-remat step's "
-        "dispatches), so the executed all-to-all should be ~0.75x; the static count adds ticks/(m*vpp).")
+  print(
+    "ratios pipeline / no pipeline, per device per step (target: <= 1.5x). A pipeline device holds 1/pp = 1/2 "
+    "of the layers and recomputes each chunk's forward in its backward (x1.5 of the no-remat step's "
+    "dispatches), so the executed all-to-all should be ~0.75x; the static count adds ticks/(m*vpp)."
+  )
   for c, coll, busy in results[1:]:
     tot, a2a = sum(coll.values()), coll.get("all-to-all", 0)
-    print(f"  {c.schedule:<5}: total {tot / ref_total:.2f}x, all-to-all {a2a / ref_a2a:.2f}x "
-          f"(busy-adjusted {busy / ref_busy:.2f}x), total without collective-permute "
-          f"{(tot - coll.get('collective-permute', 0)) / ref_total:.2f}x")
+    print(
+      f"  {c.schedule:<5}: total {tot / ref_total:.2f}x, all-to-all {a2a / ref_a2a:.2f}x "
+      f"(busy-adjusted {busy / ref_busy:.2f}x), total without collective-permute "
+      f"{(tot - coll.get('collective-permute', 0)) / ref_total:.2f}x"
+    )
 
 
 def main():
@@ -297,8 +348,10 @@ def main():
   ap.add_argument("--quick", action="store_true", help="tiny sizes, fewer m values (< ~2 minutes)")
   args = ap.parse_args()
   steps = args.steps or (3 if args.quick else 5)
-  print(f"jax {jax.__version__} {jax.devices()[0].platform} x{len(jax.devices())} on {os.cpu_count()} host cores"
-        + (" (--quick)" if args.quick else ""))
+  print(
+    f"jax {jax.__version__} {jax.devices()[0].platform} x{len(jax.devices())} on {os.cpu_count()} host cores"
+    + (" (--quick)" if args.quick else "")
+  )
   schedules_table(args.quick)
   step_times(steps, args.quick)
   temp_memory(args.quick)

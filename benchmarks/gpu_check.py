@@ -33,6 +33,7 @@ Results go to OUT/gpu_check.json and OUT/gpu_check.md after every row, so a cras
 are no longer started once their share of it is used up (printed as skipped).
 Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M, L, T, D).
 """
+
 from __future__ import annotations
 
 import time
@@ -49,15 +50,15 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]   # the repo (jaxllm) and benchmarks/ (bench_* helpers)
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo (jaxllm) and benchmarks/ (bench_* helpers)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-DATASHEET_BF16 = 989e12      # H100/H200 SXM dense bf16 tensor-core FLOP/s (no sparsity)
+DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16 tensor-core FLOP/s (no sparsity)
 F32, BF16 = "float32", "bfloat16"
-TOL = {F32: 1e-4, BF16: 2e-2}   # max |kernel - fp32 reference| that passes (tests/kernels/test_kernels.py: bf16 2e-2)
+TOL = {F32: 1e-4, BF16: 2e-2}  # max |kernel - fp32 reference| that passes (tests/kernels/test_kernels.py: bf16 2e-2)
 
 
 def elapsed() -> float:
@@ -129,8 +130,10 @@ class Report:
 
   def save(self):
     data = {"meta": self.meta, "sections": self.sections, "summary": self.summary, "elapsed_s": elapsed()}
-    for path, text in ((self.json_path, json.dumps(data, indent=1, default=_jsonable)),
-                       (self.md_path, self.markdown())):
+    for path, text in (
+      (self.json_path, json.dumps(data, indent=1, default=_jsonable)),
+      (self.md_path, self.markdown()),
+    ):
       with open(path + ".tmp", "w") as f:
         f.write(text)
       os.replace(path + ".tmp", path)
@@ -192,15 +195,17 @@ def device_time(fn, args, iters: int, reps: int = 3):
   """(device seconds per fn(*args), output of one call). fn(q, *rest) -> array shaped like q runs n
   times in one jitted fori_loop; each iteration's q depends on the previous output (a 1e-30 nudge of
   one element), so nothing is hoisted or reused. (t(1 + iters) - t(1)) / iters, medians of `reps`."""
+
   @jax.jit
   def loop(n, q, *rest):
     def body(_, carry):
       q, _ = carry
       o = fn(q, *rest)
       return q.at[0, 0, 0].add((o[0, 0, 0] * 1e-30).astype(q.dtype)), o
+
     return jax.lax.fori_loop(0, n, body, (q, jnp.zeros_like(q)))[1]
 
-  out = jax.block_until_ready(loop(1, *args))                       # compile + one call
+  out = jax.block_until_ready(loop(1, *args))  # compile + one call
 
   def t(n):
     ts = []
@@ -209,6 +214,7 @@ def device_time(fn, args, iters: int, reps: int = 3):
       jax.block_until_ready(loop(n, *args))
       ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
   small, big = t(1), t(1 + iters)
   per = (big - small) / iters
   return (per if per > 0 else big / (1 + iters)), out
@@ -227,10 +233,10 @@ def poison(k_pages, v_pages, kv_lens, page_table):
   lens, pt = np.asarray(kv_lens), np.array(page_table)
   need = -(-lens // Z)
   pt[np.arange(pt.shape[1])[None, :] >= need[:, None]] = 0
-  live = np.zeros(k_pages.shape[1:3], bool)                          # [P, Z]
+  live = np.zeros(k_pages.shape[1:3], bool)  # [P, Z]
   for s, n in enumerate(lens):
     for j in range(need[s]):
-      live[pt[s, j], :min(Z, int(n) - j * Z)] = True
+      live[pt[s, j], : min(Z, int(n) - j * Z)] = True
   m = jnp.asarray(live)[None, :, :, None]
   nan = jnp.array(jnp.nan, k_pages.dtype)
   return jnp.where(m, k_pages, nan), jnp.where(m, v_pages, nan), jnp.asarray(pt)
@@ -255,19 +261,34 @@ def fp32_reference(fn, *args):
 
 def section_ceilings(rep: Report, a) -> dict:
   from bench_kernels import copy_bandwidth, timeit
+
   n = 512 if a.smoke else 8192
   ka, kb = jax.random.split(jax.random.key(0))
   x, y = jax.random.normal(ka, (n, n), jnp.bfloat16), jax.random.normal(kb, (n, n), jnp.bfloat16)
   t = timeit(jax.jit(jnp.matmul), x, y, iters=a.iters)
-  peak = 2 * n ** 3 / t
+  peak = 2 * n**3 / t
   del x, y
   nbytes = (64 << 20) if a.smoke else 4_000_000_000
   bw = copy_bandwidth(nbytes, a.iters)
   cols = [("what", "measurement", ""), ("ms", "ms", ".3f"), ("value", "value", "")]
-  rep.row("ceilings", cols, {"what": f"bf16 matmul {n}x{n}x{n} (median of {a.iters})", "ms": t * 1e3,
-                             "value": f"{peak / 1e12:.1f} TFLOP/s ({100 * peak / DATASHEET_BF16:.0f}% of 989)"})
-  rep.row("ceilings", cols, {"what": f"copy -x over {nbytes / 1e9:.2f} GB (read + write)",
-                             "ms": 2 * nbytes / bw * 1e3, "value": f"{bw / 1e12:.3f} TB/s"})
+  rep.row(
+    "ceilings",
+    cols,
+    {
+      "what": f"bf16 matmul {n}x{n}x{n} (median of {a.iters})",
+      "ms": t * 1e3,
+      "value": f"{peak / 1e12:.1f} TFLOP/s ({100 * peak / DATASHEET_BF16:.0f}% of 989)",
+    },
+  )
+  rep.row(
+    "ceilings",
+    cols,
+    {
+      "what": f"copy -x over {nbytes / 1e9:.2f} GB (read + write)",
+      "ms": 2 * nbytes / bw * 1e3,
+      "value": f"{bw / 1e12:.3f} TB/s",
+    },
+  )
   rep.summary["bf16 matmul peak (measured)"] = f"{peak / 1e12:.1f} TFLOP/s"
   rep.summary["copy bandwidth (measured)"] = f"{bw / 1e12:.3f} TB/s"
   return {"peak": peak, "copy_bw": bw}
@@ -276,14 +297,14 @@ def section_ceilings(rep: Report, a) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # 2. kernels
 
-GPU_DECODE_CHECKS = [   # lens: kv_lens per sequence (0 = padding row); splits: num_splits (None = heuristic);
-                        # ppb: pages_per_block (absent = the kernel's default, 64-key blocks)
+GPU_DECODE_CHECKS = [  # lens: kv_lens per sequence (0 = padding row); splits: num_splits (None = heuristic);
+  # ppb: pages_per_block (absent = the kernel's default, 64-key blocks)
   dict(K=2, G=1, H=64, Z=16, lens=[1, 19, 32, 256, 0, 111], dtypes=(F32, BF16), splits=(None, 3)),
   dict(K=8, G=4, H=128, Z=64, lens=[2048, 1, 700, 0, 1500, 64, 65, 1999], dtypes=(BF16,), splits=(None, 1)),
   dict(K=4, G=7, H=128, Z=8, lens=[5, 130, 64, 0], dtypes=(F32,), splits=(None,)),
   dict(K=2, G=4, H=128, Z=16, lens=[300, 17, 0, 512], dtypes=(BF16,), splits=(None, 8), ppb=1),  # bk=16: smallest dot
 ]
-GPU_RAGGED_CHECKS = [   # q, kv: q_lens / kv_lens per sequence; live: num_seqs; pad: padding query rows
+GPU_RAGGED_CHECKS = [  # q, kv: q_lens / kv_lens per sequence; live: num_seqs; pad: padding query rows
   dict(K=2, G=1, H=64, Z=16, q=[1, 37, 0, 100, 5, 0], kv=[50, 37, 3, 130, 40, 0], live=5, pad=3, dtypes=(F32, BF16)),
   dict(K=8, G=4, H=128, Z=64, q=[1, 300, 17, 1, 64], kv=[1000, 300, 517, 2048, 64], live=5, pad=5, dtypes=(BF16,)),
   dict(K=4, G=7, H=128, Z=8, q=[3, 20], kv=[10, 100], live=2, pad=0, dtypes=(F32,)),
@@ -299,24 +320,40 @@ SMOKE_RAGGED_CHECKS = [
 # Decode timing rows (Z, R, context, pages_per_block, num_splits), most important first (the budget
 # may cut the tail). None = the kernel's default (64-key blocks; split heuristic). R=256 stays at 4k keys:
 # at 8k one [K, P, Z, H] pool would pass 2^31 elements (int32 offsets, jax.random's counters).
-GPU_DECODE_TIMING = [(16, 64, 8192, None, None), (16, 256, 4096, None, None), (64, 64, 8192, None, None),
-                     (64, 256, 4096, None, None), (16, 8, 8192, None, None), (16, 1, 8192, None, None),
-                     (16, 1, 8192, None, 1), (16, 64, 1024, None, None), (16, 256, 1024, None, None),
-                     (16, 8, 1024, None, None), (16, 1, 1024, None, None), (64, 8, 8192, None, None),
-                     (16, 64, 8192, 8, None)]
+GPU_DECODE_TIMING = [
+  (16, 64, 8192, None, None),
+  (16, 256, 4096, None, None),
+  (64, 64, 8192, None, None),
+  (64, 256, 4096, None, None),
+  (16, 8, 8192, None, None),
+  (16, 1, 8192, None, None),
+  (16, 1, 8192, None, 1),
+  (16, 64, 1024, None, None),
+  (16, 256, 1024, None, None),
+  (16, 8, 1024, None, None),
+  (16, 1, 1024, None, None),
+  (64, 8, 8192, None, None),
+  (16, 64, 8192, 8, None),
+]
 SMOKE_DECODE_TIMING = [(8, 2, 64, None, None), (8, 4, 32, None, 1)]
-GPU_RAGGED_TIMING = [("prefill 8x1024", [1024] * 8, [1024] * 8),
-                     ("chunk 8x1024 @4k", [1024] * 8, [4096] * 8),
-                     ("mixed 4x512 + 60 dec", [512] * 4 + [1] * 60, [1024] * 4 + [2048] * 60)]
+GPU_RAGGED_TIMING = [
+  ("prefill 8x1024", [1024] * 8, [1024] * 8),
+  ("chunk 8x1024 @4k", [1024] * 8, [4096] * 8),
+  ("mixed 4x512 + 60 dec", [512] * 4 + [1] * 60, [1024] * 4 + [2048] * 60),
+]
 SMOKE_RAGGED_TIMING = [("prefill 2x16", [16, 16], [16, 16]), ("mixed 1x8 + 2 dec", [8, 1, 1], [24, 17, 5])]
 
 
 def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
   from bench_kernels import decode_inputs, ragged_inputs
+
   from jaxllm.kernels import gpu, reference
+
   interp = a.smoke
-  rep.note(f"kernels: jaxllm.kernels.gpu (Triton lowering), interpret={interp}; reference: "
-           "jaxllm.kernels.reference (XLA). Pools head-major [K, P, Z, H].")
+  rep.note(
+    f"kernels: jaxllm.kernels.gpu (Triton lowering), interpret={interp}; reference: "
+    "jaxllm.kernels.reference (XLA). Pools head-major [K, P, Z, H]."
+  )
   copy_bw = ceil.get("copy_bw")
 
   def splits_used(R, K, M, Z, ppb, splits):
@@ -328,9 +365,17 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
       return "?", "?"
 
   # --- a. correctness
-  cols = [("kind", "kernel", ""), ("shape", "K,G,H,Z", ""), ("rows", "R / Q", ""), ("dtype", "dtype", ""),
-          ("variant", "variant", ""), ("err", "max err kernel", ".2e"), ("ref_err", "max err XLA ref", ".2e"),
-          ("tol", "tol", ".0e"), ("ok", "pass", "")]
+  cols = [
+    ("kind", "kernel", ""),
+    ("shape", "K,G,H,Z", ""),
+    ("rows", "R / Q", ""),
+    ("dtype", "dtype", ""),
+    ("variant", "variant", ""),
+    ("err", "max err kernel", ".2e"),
+    ("ref_err", "max err XLA ref", ".2e"),
+    ("tol", "tol", ".0e"),
+    ("ok", "pass", ""),
+  ]
   n_ok = n_all = 0
 
   def check(row: dict, run):
@@ -339,10 +384,19 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
     got = guarded(rep, f"{row['kind']} check {row['shape']} {row['rows']} {row['dtype']} {row['variant']}", run)
     ok = got is not None and got[0] <= TOL[row["dtype"]]
     n_ok, n_all = n_ok + ok, n_all + 1
-    rep.row("correctness", cols, dict(row, err=got and got[0], ref_err=got and got[1], tol=TOL[row["dtype"]],
-                                      ok="yes" if ok else ("NO" if got else "ERROR (see notes)")))
+    rep.row(
+      "correctness",
+      cols,
+      dict(
+        row,
+        err=got and got[0],
+        ref_err=got and got[1],
+        tol=TOL[row["dtype"]],
+        ok="yes" if ok else ("NO" if got else "ERROR (see notes)"),
+      ),
+    )
 
-  for c in (SMOKE_DECODE_CHECKS if a.smoke else GPU_DECODE_CHECKS):
+  for c in SMOKE_DECODE_CHECKS if a.smoke else GPU_DECODE_CHECKS:
     for dtype in c["dtypes"]:
       lens = np.array(c["lens"], np.int32)
       base = dict(kind="decode", shape=f"{c['K']},{c['G']},{c['H']},{c['Z']}", rows=f"R={len(lens)}", dtype=dtype)
@@ -365,33 +419,57 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
           args, want, ref_err = setup()
           out = gpu.paged_decode_attention(*args, interpret=interp, num_splits=splits, pages_per_block=c.get("ppb"))
           return max_err(out, want), ref_err
+
         check(dict(base, variant=f"ppb={ppb} S={S}" + ("" if splits else " (auto)")), run)
-  for c in (SMOKE_RAGGED_CHECKS if a.smoke else GPU_RAGGED_CHECKS):
+  for c in SMOKE_RAGGED_CHECKS if a.smoke else GPU_RAGGED_CHECKS:
     for dtype in c["dtypes"]:
+
       def run(c=c, dtype=dtype):
         q, k, v, kvl, pt, cu, _ = ragged_inputs(c["q"], c["kv"], c["K"], c["G"], c["H"], c["Z"], jnp.dtype(dtype))
         k, v, pt = poison(k, v, c["kv"], pt)
-        q = jnp.pad(q, ((0, c["pad"]), (0, 0), (0, 0)))                # padding rows past cu[num_seqs]
+        q = jnp.pad(q, ((0, c["pad"]), (0, 0), (0, 0)))  # padding rows past cu[num_seqs]
         args = (q, k, v, kvl, pt, cu, jnp.int32(c["live"]))
         want = fp32_reference(reference.ragged_paged_attention, *args)
         ref_err = max_err(reference.ragged_paged_attention(*args), want)
         return max_err(gpu.ragged_paged_attention(*args, interpret=interp), want), ref_err
-      check(dict(kind="ragged", shape=f"{c['K']},{c['G']},{c['H']},{c['Z']}", dtype=dtype, variant="default",
-                 rows=f"R={len(c['q'])} live={c['live']} Q={sum(c['q']) + c['pad']}"), run)
+
+      check(
+        dict(
+          kind="ragged",
+          shape=f"{c['K']},{c['G']},{c['H']},{c['Z']}",
+          dtype=dtype,
+          variant="default",
+          rows=f"R={len(c['q'])} live={c['live']} Q={sum(c['q']) + c['pad']}",
+        ),
+        run,
+      )
   rep.summary["kernel correctness (pass / run)"] = f"{n_ok} / {n_all}"
-  rep.note("correctness: error against the reference in fp32 at 'highest' precision on the same (upcast) "
-           "inputs; 'XLA ref' = the reference itself in the tested dtype (the dtype's own rounding).")
+  rep.note(
+    "correctness: error against the reference in fp32 at 'highest' precision on the same (upcast) "
+    "inputs; 'XLA ref' = the reference itself in the tested dtype (the dtype's own rounding)."
+  )
 
   # --- b. decode timing
   K, G, H = (2, 2, 16) if a.smoke else (8, 4, 128)
   dt = jnp.dtype(BF16)
-  cols = [("Z", "Z", "d"), ("R", "R", "d"), ("ctx", "ctx", "d"), ("variant", "kernel variant", ""),
-          ("MB", "K+V MB", ".1f"), ("p_ms", "pallas ms", ".3f"), ("p_gbs", "pallas GB/s", ".0f"),
-          ("p_pct", "pallas % copy", ".1f"), ("x_ms", "xla ms", ".3f"), ("x_gbs", "xla GB/s", ".0f"),
-          ("x_pct", "xla % copy", ".1f"), ("speedup", "pallas/xla", ".2f"), ("err", "max |p - x|", ".1e")]
+  cols = [
+    ("Z", "Z", "d"),
+    ("R", "R", "d"),
+    ("ctx", "ctx", "d"),
+    ("variant", "kernel variant", ""),
+    ("MB", "K+V MB", ".1f"),
+    ("p_ms", "pallas ms", ".3f"),
+    ("p_gbs", "pallas GB/s", ".0f"),
+    ("p_pct", "pallas % copy", ".1f"),
+    ("x_ms", "xla ms", ".3f"),
+    ("x_gbs", "xla GB/s", ".0f"),
+    ("x_pct", "xla % copy", ".1f"),
+    ("speedup", "pallas/xla", ".2f"),
+    ("err", "max |p - x|", ".1e"),
+  ]
   title = f"decode: K={K} G={G} H={H} {dt.name}, time per call (device loop)"
   best_pct = []
-  for Z, R, ctx, ppb, splits in (SMOKE_DECODE_TIMING if a.smoke else GPU_DECODE_TIMING):
+  for Z, R, ctx, ppb, splits in SMOKE_DECODE_TIMING if a.smoke else GPU_DECODE_TIMING:
     if not budget.ok(rep, 0.55, f"decode timing Z={Z} R={R} ctx={ctx}"):
       continue
 
@@ -400,32 +478,50 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
       ppb_used, S = splits_used(R, K, args[4].shape[1], Z, ppb, splits)
       kv_bytes = 2 * R * ctx * K * H * dt.itemsize
       kern = functools.partial(gpu.paged_decode_attention, interpret=interp, pages_per_block=ppb, num_splits=splits)
-      row = dict(Z=Z, R=R, ctx=ctx, MB=kv_bytes / 1e6,
-                 variant=f"ppb={ppb_used} S={S}" + ("" if splits else " (auto)"))
+      row = dict(Z=Z, R=R, ctx=ctx, MB=kv_bytes / 1e6, variant=f"ppb={ppb_used} S={S}" + ("" if splits else " (auto)"))
       tp, out_p = device_time(kern, args, a.iters)
       row.update(p_ms=tp * 1e3, p_gbs=kv_bytes / tp / 1e9, p_pct=100 * kv_bytes / tp / copy_bw if copy_bw else None)
       tx, out_x = device_time(reference.paged_decode_attention, args, a.iters)
-      row.update(x_ms=tx * 1e3, x_gbs=kv_bytes / tx / 1e9, x_pct=100 * kv_bytes / tx / copy_bw if copy_bw else None,
-                 speedup=tx / tp, err=max_err(out_p, out_x))
-      print(f"  decode Z={Z} R={R} ctx={ctx} {row['variant']}: pallas {tp * 1e3:.3f} ms, xla {tx * 1e3:.3f} ms",
-            flush=True)
+      row.update(
+        x_ms=tx * 1e3,
+        x_gbs=kv_bytes / tx / 1e9,
+        x_pct=100 * kv_bytes / tx / copy_bw if copy_bw else None,
+        speedup=tx / tp,
+        err=max_err(out_p, out_x),
+      )
+      print(
+        f"  decode Z={Z} R={R} ctx={ctx} {row['variant']}: pallas {tp * 1e3:.3f} ms, xla {tx * 1e3:.3f} ms", flush=True
+      )
       rep.row(title, cols, row)
       if R >= 64 and ctx >= 4096 and row["p_pct"] is not None:
         best_pct.append(row["p_pct"])
+
     guarded(rep, f"decode timing Z={Z} R={R} ctx={ctx}", time_decode)
   if best_pct:
     rep.summary["decode pallas, R>=64 ctx>=4k: % of copy bandwidth"] = f"{min(best_pct):.0f}-{max(best_pct):.0f}%"
-  rep.note("decode bandwidth = bytes of K and V of every live key (R * ctx * K * H * 2 tensors * 2 B) / time; "
-           "'% copy' relative to section 1's copy bandwidth. Only sequences' own pages are read (no NaN here).")
+  rep.note(
+    "decode bandwidth = bytes of K and V of every live key (R * ctx * K * H * 2 tensors * 2 B) / time; "
+    "'% copy' relative to section 1's copy bandwidth. Only sequences' own pages are read (no NaN here)."
+  )
 
   # --- c. ragged (prefill) timing
-  cols = [("case", "case", ""), ("Q", "Q", "d"), ("R", "R", "d"), ("kv", "kv tokens", "d"),
-          ("gflop", "GFLOP", ".1f"), ("p_ms", "pallas ms", ".3f"), ("p_tf", "pallas TFLOP/s", ".1f"),
-          ("p_gbs", "pallas KV GB/s", ".0f"), ("x_ms", "xla ms", ".3f"), ("x_tf", "xla TFLOP/s", ".1f"),
-          ("speedup", "pallas/xla", ".2f"), ("err", "max |p - x|", ".1e")]
+  cols = [
+    ("case", "case", ""),
+    ("Q", "Q", "d"),
+    ("R", "R", "d"),
+    ("kv", "kv tokens", "d"),
+    ("gflop", "GFLOP", ".1f"),
+    ("p_ms", "pallas ms", ".3f"),
+    ("p_tf", "pallas TFLOP/s", ".1f"),
+    ("p_gbs", "pallas KV GB/s", ".0f"),
+    ("x_ms", "xla ms", ".3f"),
+    ("x_tf", "xla TFLOP/s", ".1f"),
+    ("speedup", "pallas/xla", ".2f"),
+    ("err", "max |p - x|", ".1e"),
+  ]
   Z = 8 if a.smoke else 16
   title = f"ragged paged attention: K={K} G={G} H={H} Z={Z} {dt.name}, causal FLOPs = 4 N H per visible (q, k)"
-  for name, q_lens, kv_lens in (SMOKE_RAGGED_TIMING if a.smoke else GPU_RAGGED_TIMING):
+  for name, q_lens, kv_lens in SMOKE_RAGGED_TIMING if a.smoke else GPU_RAGGED_TIMING:
     if not budget.ok(rep, 0.6, f"ragged timing {name}"):
       continue
 
@@ -437,11 +533,27 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
       tp, out_p = device_time(kern, args, a.iters)
       tx, out_x = device_time(reference.ragged_paged_attention, args, a.iters)
       print(f"  ragged {name}: pallas {tp * 1e3:.3f} ms, xla {tx * 1e3:.3f} ms", flush=True)
-      rep.row(title, cols, dict(case=name, Q=sum(q_lens), R=len(q_lens), kv=sum(kv_lens), gflop=flops / 1e9,
-                                p_ms=tp * 1e3, p_tf=flops / tp / 1e12, p_gbs=kv_bytes / tp / 1e9, x_ms=tx * 1e3,
-                                x_tf=flops / tx / 1e12, speedup=tx / tp, err=max_err(out_p, out_x)))
+      rep.row(
+        title,
+        cols,
+        dict(
+          case=name,
+          Q=sum(q_lens),
+          R=len(q_lens),
+          kv=sum(kv_lens),
+          gflop=flops / 1e9,
+          p_ms=tp * 1e3,
+          p_tf=flops / tp / 1e12,
+          p_gbs=kv_bytes / tp / 1e9,
+          x_ms=tx * 1e3,
+          x_tf=flops / tx / 1e12,
+          speedup=tx / tp,
+          err=max_err(out_p, out_x),
+        ),
+      )
       if name.startswith("prefill"):
         rep.summary[f"ragged {name}: pallas / xla TFLOP/s"] = f"{flops / tp / 1e12:.1f} / {flops / tx / 1e12:.1f}"
+
     guarded(rep, f"ragged timing {name}", time_ragged)
 
 
@@ -451,19 +563,31 @@ def section_kernels(rep: Report, a, ceil: dict, budget: Budget):
 
 def section_train(rep: Report, a, ceil: dict, budget: Budget):
   import bench_train
+
   from jaxllm.config import MODEL_PRESETS
+
   peak = ceil.get("peak")
   if peak is None:
     from jaxllm.train.metrics import measure_matmul_peak
+
     n = 512 if a.smoke else 4096
     peak = measure_matmul_peak(BF16, n=n)
     rep.note(f"section 1 gave no peak; measured here: {peak / 1e12:.1f} TFLOP/s (bf16 matmul, best of 5, n={n})")
   runs = [("tiny", 2, 64, 2)] if a.smoke else [("small", 16, 1024, 5), ("tiny", 16, 1024, 5)]
-  cols = [("model", "model", ""), ("params", "params M", ".1f"), ("tokens", "tok/step", "d"),
-          ("compile_s", "compile s", ".1f"), ("step_ms", "step ms", ".1f"), ("tok_s", "tok/s", ",.0f"),
-          ("tf_causal", "TFLOP/s (causal)", ".1f"), ("mfu", "MFU vs measured", ".1%"),
-          ("mfu_ds", "MFU vs 989", ".1%"), ("tf_palm", "TFLOP/s (12LTD)", ".1f"),
-          ("mfu_palm", "MFU 12LTD vs measured", ".1%"), ("loss", "first loss", ".3f")]
+  cols = [
+    ("model", "model", ""),
+    ("params", "params M", ".1f"),
+    ("tokens", "tok/step", "d"),
+    ("compile_s", "compile s", ".1f"),
+    ("step_ms", "step ms", ".1f"),
+    ("tok_s", "tok/s", ",.0f"),
+    ("tf_causal", "TFLOP/s (causal)", ".1f"),
+    ("mfu", "MFU vs measured", ".1%"),
+    ("mfu_ds", "MFU vs 989", ".1%"),
+    ("tf_palm", "TFLOP/s (12LTD)", ".1f"),
+    ("mfu_palm", "MFU 12LTD vs measured", ".1%"),
+    ("loss", "first loss", ".3f"),
+  ]
   for i, (model, B, T, steps) in enumerate(runs):
     if not budget.ok(rep, 0.8 if i == 0 else 0.85, f"train {model}"):
       continue
@@ -471,22 +595,36 @@ def section_train(rep: Report, a, ceil: dict, budget: Budget):
     def one(model=model, B=B, T=T, steps=steps):
       r = bench_train.bench_one(model, "cpu-1", B, T, steps, BF16, "none")
       m = MODEL_PRESETS[model]
-      f_causal = m.flops_per_token(T)                                   # 6 N + 6 L T (N_h H): causal half
+      f_causal = m.flops_per_token(T)  # 6 N + 6 L T (N_h H): causal half
       f_palm = f_causal + 6 * m.n_layers * T * m.n_heads * m.resolved_head_dim  # 6 N + 12 L T D (PaLM, no halving)
       tok_s = r["tok_s"]
-      row = dict(model=model, params=r["params_M"], tokens=r["tokens"], compile_s=r["compile_s"],
-                 step_ms=r["step_s"] * 1e3, tok_s=tok_s, tf_causal=tok_s * f_causal / 1e12,
-                 mfu=tok_s * f_causal / peak, mfu_ds=tok_s * f_causal / DATASHEET_BF16,
-                 tf_palm=tok_s * f_palm / 1e12, mfu_palm=tok_s * f_palm / peak, loss=r["first_loss"])
+      row = dict(
+        model=model,
+        params=r["params_M"],
+        tokens=r["tokens"],
+        compile_s=r["compile_s"],
+        step_ms=r["step_s"] * 1e3,
+        tok_s=tok_s,
+        tf_causal=tok_s * f_causal / 1e12,
+        mfu=tok_s * f_causal / peak,
+        mfu_ds=tok_s * f_causal / DATASHEET_BF16,
+        tf_palm=tok_s * f_palm / 1e12,
+        mfu_palm=tok_s * f_palm / peak,
+        loss=r["first_loss"],
+      )
       print(f"  train {model}: {tok_s:,.0f} tok/s, MFU {row['mfu']:.1%} of measured peak", flush=True)
       rep.row(f"train step: bf16 compute, fp32 params, AdamW, 1 device, batch x seq = {B} x {T}", cols, row)
-      rep.summary[f"train {model} {B}x{T}: tok/s, MFU (measured / 989)"] = \
-          f"{tok_s:,.0f}, {row['mfu']:.1%} / {row['mfu_ds']:.1%}"
+      rep.summary[f"train {model} {B}x{T}: tok/s, MFU (measured / 989)"] = (
+        f"{tok_s:,.0f}, {row['mfu']:.1%} / {row['mfu_ds']:.1%}"
+      )
+
     guarded(rep, f"train {model}", one)
-  rep.note("FLOPs per token: causal = jaxllm ModelConfig.flops_per_token(T) = 6 * N_active (all params but the "
-           "input embedding) + 6 * L * T * (n_heads * head_dim) [the 12 L T D attention term halved for causal "
-           "masking]; 12LTD = 6 * N_active + 12 * L * T * D (PaLM appendix B, no halving). MFU = FLOPs/token * "
-           "tok/s / peak, peak = section 1's measured bf16 matmul (or the 989 TFLOP/s datasheet).")
+  rep.note(
+    "FLOPs per token: causal = jaxllm ModelConfig.flops_per_token(T) = 6 * N_active (all params but the "
+    "input embedding) + 6 * L * T * (n_heads * head_dim) [the 12 L T D attention term halved for causal "
+    "masking]; 12LTD = 6 * N_active + 12 * L * T * D (PaLM appendix B, no halving). MFU = FLOPs/token * "
+    "tok/s / peak, peak = section 1's measured bf16 matmul (or the 989 TFLOP/s datasheet)."
+  )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -498,12 +636,17 @@ def section_engine(rep: Report, a, budget: Budget):
   from jaxllm.model.params import init_params
   from jaxllm.serve import Engine
   from jaxllm.serve.bench import engine_decode_tokens_per_s
+
   model, B, prompt, steps, chunk = ("tiny", 2, 16, 3, 64) if a.smoke else ("small", 64, 1024, 64, 4096)
   cfg = dataclasses.replace(MODEL_PRESETS[model], dtype=BF16, max_seq_len=prompt + steps + 32)
   params = jax.jit(lambda: init_params(cfg, 0))()
   pages = B * -(-cfg.max_seq_len // 16) + 16
-  cols = [("attention", "serve.attention", ""), ("tok_s", "decode tok/s", ",.0f"), ("wall_s", "wall s (incl. compile)", ".1f"),
-          ("same", "tokens = first backend's", ".1%")]
+  cols = [
+    ("attention", "serve.attention", ""),
+    ("tok_s", "decode tok/s", ",.0f"),
+    ("wall_s", "wall s (incl. compile)", ".1f"),
+    ("same", "tokens = first backend's", ".1%"),
+  ]
   first = None
   for i, attention in enumerate(("pallas", "reference")):
     if not budget.ok(rep, 0.7 if i == 0 else 0.85, f"engine {attention}"):
@@ -512,14 +655,25 @@ def section_engine(rep: Report, a, budget: Budget):
     def one(attention=attention):
       nonlocal first
       t0 = time.perf_counter()
-      eng = Engine(cfg, params, ServeConfig(attention=attention, max_running=B, num_pages=pages, page_size=16,
-                                            chunk_size=chunk, radix=False))
+      eng = Engine(
+        cfg,
+        params,
+        ServeConfig(attention=attention, max_running=B, num_pages=pages, page_size=16, chunk_size=chunk, radix=False),
+      )
       tok_s, toks = engine_decode_tokens_per_s(eng, B, prompt, steps, reps=1)
       first = toks if first is None else first
-      rep.row(f"engine decode: {model} bf16, batch {B}, prompt {prompt}, {steps} decode steps", cols,
-              dict(attention=attention, tok_s=tok_s, wall_s=time.perf_counter() - t0,
-                   same=float(np.mean(np.asarray(toks) == np.asarray(first)))))
+      rep.row(
+        f"engine decode: {model} bf16, batch {B}, prompt {prompt}, {steps} decode steps",
+        cols,
+        dict(
+          attention=attention,
+          tok_s=tok_s,
+          wall_s=time.perf_counter() - t0,
+          same=float(np.mean(np.asarray(toks) == np.asarray(first))),
+        ),
+      )
       rep.summary[f"engine decode tok/s ({attention})"] = f"{tok_s:,.0f}"
+
     guarded(rep, f"engine {attention}", one)
 
 
@@ -532,10 +686,15 @@ def main():
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on any backend, kernels in interpret mode")
   ap.add_argument("--sections", default="1,2,3,4", help="comma list of section numbers to run")
   ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; smoke 2)")
-  ap.add_argument("--budget", type=float, default=None, help="seconds; rows start only within their share "
-                  "(default 190; smoke 3600)")
-  ap.add_argument("--watchdog", type=float, default=None, help="seconds after which every stack is dumped "
-                  "and the process exits (default 235; smoke 3600)")
+  ap.add_argument(
+    "--budget", type=float, default=None, help="seconds; rows start only within their share (default 190; smoke 3600)"
+  )
+  ap.add_argument(
+    "--watchdog",
+    type=float,
+    default=None,
+    help="seconds after which every stack is dumped and the process exits (default 235; smoke 3600)",
+  )
   a = ap.parse_args()
   a.iters = a.iters or (2 if a.smoke else 10)
   budget = Budget(a.budget or (3600 if a.smoke else 190))
@@ -546,9 +705,17 @@ def main():
   if platform != "gpu" and not a.smoke:
     print(f"WARNING: backend is {platform!r}, not gpu: running the --smoke sizes instead", flush=True)
     a.smoke = True
-  meta = {"jax": jax.__version__, "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
-          "platform": platform, "device_kind": dev.device_kind, "devices": len(jax.devices()),
-          "python": sys.version.split()[0], "smoke": a.smoke, "iters": a.iters, "budget_s": budget.seconds}
+  meta = {
+    "jax": jax.__version__,
+    "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+    "platform": platform,
+    "device_kind": dev.device_kind,
+    "devices": len(jax.devices()),
+    "python": sys.version.split()[0],
+    "smoke": a.smoke,
+    "iters": a.iters,
+    "budget_s": budget.seconds,
+  }
   try:
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:
@@ -571,8 +738,11 @@ def main():
 
   for name, s in rep.sections.items():
     failed, skipped = (sum(n.startswith(w) for n in s["notes"]) for w in ("FAILED", "skipped"))
-    rep.summary[f"section {name}"] = (f"{s['status']}, {s['wall_s']:.1f} s" + (f", {failed} row(s) FAILED" if failed else "")
-                                      + (f", {skipped} row(s) skipped" if skipped else ""))
+    rep.summary[f"section {name}"] = (
+      f"{s['status']}, {s['wall_s']:.1f} s"
+      + (f", {failed} row(s) FAILED" if failed else "")
+      + (f", {skipped} row(s) skipped" if skipped else "")
+    )
   rep.summary["total wall s"] = f"{elapsed():.1f}"
   rep.save()
   print("\n## summary\n\n| metric | value |\n|---|---|", flush=True)

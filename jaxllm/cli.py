@@ -1,5 +1,6 @@
 """Shared command-line plumbing for train.py and serve.py: device-count setup before jax starts,
 help text generated from the config dataclasses' field comments, and plain-words error exits."""
+
 from __future__ import annotations
 
 import inspect
@@ -30,14 +31,16 @@ def prepare_devices(mesh_path: str | None) -> None:
 # glibc malloc settings for a training or serving process (see tune_malloc): mmap_max=0 and
 # arena_max=1 serve large blocks from the one heap, trim_threshold keeps it from shrinking,
 # hugetlb=1 maps it in 2 MiB pages.
-MALLOC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1000000000000"
-                   ":glibc.malloc.hugetlb=1")
+MALLOC_TUNABLES = (
+  "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1000000000000:glibc.malloc.hugetlb=1"
+)
 
 
 def malloc_tunable() -> bool:
   """Linux with glibc >= 2.35 (which has every tunable of MALLOC_TUNABLES) and transparent huge pages
   not [never]."""
   import platform
+
   lib, version = platform.libc_ver()
   try:
     if lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
@@ -86,22 +89,27 @@ def mesh_device_count(mesh_path: str | None, overrides=()) -> int | None:
 
 def add_distributed_args(p) -> None:
   """The multi-host options of an argparse parser (see jaxllm.parallel.distributed)."""
-  g = p.add_argument_group("multi-host (one process per host; default: $JAXLLM_COORDINATOR, "
-                           "$JAXLLM_NUM_PROCESSES, $JAXLLM_PROCESS_ID, else a detected TPU pod / SLURM / Open MPI "
-                           "job, else one process)")
+  g = p.add_argument_group(
+    "multi-host (one process per host; default: $JAXLLM_COORDINATOR, "
+    "$JAXLLM_NUM_PROCESSES, $JAXLLM_PROCESS_ID, else a detected TPU pod / SLURM / Open MPI "
+    "job, else one process)"
+  )
   g.add_argument("--coordinator", help="HOST:PORT of process 0, which every process connects to")
   g.add_argument("--num-processes", type=int, help="processes in the run")
   g.add_argument("--process-id", type=int, help="this process's index in [0, num-processes)")
-  g.add_argument("--local-devices", type=int,
-                 help="devices per process on CPU (default: the mesh's device count / num-processes)")
+  g.add_argument(
+    "--local-devices", type=int, help="devices per process on CPU (default: the mesh's device count / num-processes)"
+  )
 
 
 def init_distributed(args, overrides=()) -> None:
   """Join a multi-process run if the flags, environment or cluster ask for one (before jax starts)."""
   from jaxllm.parallel.distributed import DistributedError, initialize
+
   try:
-    initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices,
-               mesh_device_count(args.mesh, overrides))
+    initialize(
+      args.coordinator, args.num_processes, args.process_id, args.local_devices, mesh_device_count(args.mesh, overrides)
+    )
   except DistributedError as e:
     fail(str(e))
 
@@ -112,6 +120,7 @@ def enable_compile_cache() -> str | None:
   ~/.cache/jaxllm/xla; JAXLLM_COMPILE_CACHE="" turns it off. A cache dir the user configured for jax
   itself (JAX_COMPILATION_CACHE_DIR) wins. -> the directory in use, or None."""
   import jax
+
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
   path = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
@@ -120,7 +129,7 @@ def enable_compile_cache() -> str | None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError:
-    return None                       # read-only home: run without it
+    return None  # read-only home: run without it
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path
@@ -132,6 +141,7 @@ def mesh_overrides(mesh_path: str | None) -> list[str]:
   if mesh_path:
     return [f"mesh={mesh_path}"]
   import jax
+
   if jax.devices()[0].platform == "cpu":
     return [f"mesh={DEFAULT_CPU_MESH}"]
   return [f"mesh.dp={len(jax.devices())}", f"mesh.device={jax.devices()[0].platform}", "mesh.name=all-dp"]
@@ -140,6 +150,7 @@ def mesh_overrides(mesh_path: str | None) -> list[str]:
 def config_help(sections=("model", "mesh", "train")) -> str:
   """Every config key of these sections with its type, default and the comment beside its field."""
   from jaxllm import config as C
+
   classes = C.SECTIONS
   out = []
   for section, cls in ((s, classes[s]) for s in sections):
@@ -161,12 +172,14 @@ def user_errors() -> tuple[type[Exception], ...]:
   from jaxllm.config import ConfigError
   from jaxllm.io.checkpoint import CheckpointError
   from jaxllm.train.runner import TrainingDiverged
+
   return ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, ValueError
 
 
 def is_main() -> bool:
   """Process 0 of a multi-host run (the one that prints summaries), or the only process."""
   from jaxllm.parallel.distributed import is_main_process
+
   return is_main_process()
 
 

@@ -4,6 +4,7 @@ Configs come from named presets, a TOML file (sections [model], [mesh], [train],
 overrides on the command line (`model=tiny-moe model.n_layers=2 mesh.tp=2 train.steps=50`).
 Unknown keys, wrong types and impossible combinations are errors that name the key and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,8 @@ class ConfigError(ValueError):
 #   dots                     the matmul outputs without batch dims: the weight projections, not the attention
 #                            scores (jax's dots_with_no_batch_dims_saveable)
 #   dots_with_no_batch_dims  the same as dots, by its jax name
-#   dots_saveable            every matmul output, with model.attention=xla the scores [B, N, T, T] too (jax's dots_saveable)
+#   dots_saveable            every matmul output, with model.attention=xla the scores [B, N, T, T] too
+#                            (jax's dots_saveable)
 #   offload                  like dots, but kept in pinned host memory instead of the accelerator's
 #                            (offload_dot_with_no_batch_dims: device -> pinned_host)
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_saveable", "offload")
@@ -36,49 +38,54 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn", "splash")
 @dataclass(frozen=True)
 class ModelConfig:
   """A Llama/Qwen-family decoder; MoE when `n_experts > 0` (every layer is then MoE)."""
-  name: str = "custom"           # preset name, for logs
-  vocab_size: int = 512           # token ids 0..vocab_size-1 (>= tokenizer vocab; padded for sharding)
-  d_model: int = 128              # D, residual width
-  n_layers: int = 4               # L, transformer blocks
-  n_heads: int = 4                # N, query heads
-  n_kv_heads: int = 2             # K, key/value heads (GQA when K < N)
-  head_dim: int = 0               # H, per-head width; 0 means d_model // n_heads
-  d_ff: int = 384                 # F, SwiGLU hidden width of the dense MLP
-  n_experts: int = 0              # E, routed experts; 0 means a dense MLP
-  n_experts_per_tok: int = 2      # top-k experts per token
-  moe_d_ff: int = 0               # hidden width of each expert; 0 means d_ff
-  moe_renormalize: bool = True    # renormalise the top-k router probs to sum to 1 (Mixtral/Qwen3: norm_topk_prob)
-  shared_expert_d_ff: int = 0     # width of an always-on shared expert (Qwen2-MoE); 0 means none
+
+  name: str = "custom"  # preset name, for logs
+  vocab_size: int = 512  # token ids 0..vocab_size-1 (>= tokenizer vocab; padded for sharding)
+  d_model: int = 128  # D, residual width
+  n_layers: int = 4  # L, transformer blocks
+  n_heads: int = 4  # N, query heads
+  n_kv_heads: int = 2  # K, key/value heads (GQA when K < N)
+  head_dim: int = 0  # H, per-head width; 0 means d_model // n_heads
+  d_ff: int = 384  # F, SwiGLU hidden width of the dense MLP
+  n_experts: int = 0  # E, routed experts; 0 means a dense MLP
+  n_experts_per_tok: int = 2  # top-k experts per token
+  moe_d_ff: int = 0  # hidden width of each expert; 0 means d_ff
+  moe_renormalize: bool = True  # renormalise the top-k router probs to sum to 1 (Mixtral/Qwen3: norm_topk_prob)
+  shared_expert_d_ff: int = 0  # width of an always-on shared expert (Qwen2-MoE); 0 means none
   shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w) (Qwen2-MoE)
-  aux_loss_coef: float = 0.01     # load-balancing loss weight (Switch Transformer)
-  z_loss_coef: float = 0.001      # router z-loss weight (ST-MoE)
-  rope_theta: float = 10000.0     # RoPE base
-  rope_scaling: str = "none"      # "none" or "llama3" (Llama 3.1+ frequency scaling)
-  rope_factor: float = 8.0        # llama3 scaling: factor
-  rope_low_freq_factor: float = 1.0   # llama3 scaling: low_freq_factor
+  aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer)
+  z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+  rope_theta: float = 10000.0  # RoPE base
+  rope_scaling: str = "none"  # "none" or "llama3" (Llama 3.1+ frequency scaling)
+  rope_factor: float = 8.0  # llama3 scaling: factor
+  rope_low_freq_factor: float = 1.0  # llama3 scaling: low_freq_factor
   rope_high_freq_factor: float = 4.0  # llama3 scaling: high_freq_factor
-  rope_original_max_pos: int = 8192   # llama3 scaling: original_max_position_embeddings
-  max_seq_len: int = 2048         # longest sequence the model is meant for (cache sizing)
-  norm_eps: float = 1e-5          # RMSNorm epsilon
-  qkv_bias: bool = False          # biases on q/k/v projections (Qwen2)
-  qk_norm: bool = False           # RMSNorm on each q and k head (Qwen3)
-  tie_embeddings: bool = False    # output head reuses the embedding matrix
-  init_std: float = 0.02          # normal init std of weight matrices
-  dtype: str = "float32"          # compute dtype: "float32" or "bfloat16"
-  param_dtype: str = "float32"    # storage dtype of parameters (fp32 master weights with bf16 compute)
-  remat: str = "none"             # kept for backward: "none", "full", "dots", "dots_saveable", "offload" (docs/training.md)
-  attention: str = "auto"         # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
-  scan_unroll: int = 0            # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
-  loss_chunk: int = 1024          # LM loss: positions per chunk of fp32 [B, chunk, V] logits held at once; 0 = whole sequence
+  rope_original_max_pos: int = 8192  # llama3 scaling: original_max_position_embeddings
+  max_seq_len: int = 2048  # longest sequence the model is meant for (cache sizing)
+  norm_eps: float = 1e-5  # RMSNorm epsilon
+  qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm on each q and k head (Qwen3)
+  tie_embeddings: bool = False  # output head reuses the embedding matrix
+  init_std: float = 0.02  # normal init std of weight matrices
+  dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights with bf16 compute)
+  remat: str = "none"  # kept for backward: "none", "full", "dots", "dots_saveable", "offload" (docs/training.md)
+  attention: str = "auto"  # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
+  scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
+  loss_chunk: int = 1024  # LM loss: positions per chunk of fp32 [B, chunk, V] logits held at once; 0 = whole sequence
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
     if self.head_dim == 0 and self.d_model % self.n_heads:
-      raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
-                        f"pick n_heads among {_divisors(self.d_model)} or set model.head_dim explicitly")
+      raise ConfigError(
+        f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+        f"pick n_heads among {_divisors(self.d_model)} or set model.head_dim explicitly"
+      )
     if self.n_heads % self.n_kv_heads:
-      raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
-                        f"(GQA groups); use one of {_divisors(self.n_heads)}")
+      raise ConfigError(
+        f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+        f"(GQA groups); use one of {_divisors(self.n_heads)}"
+      )
     if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts):
       raise ConfigError(f"model.n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts={self.n_experts}")
     if self.rope_scaling not in ("none", "llama3"):
@@ -86,11 +93,15 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"model.remat={self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ConfigError(f"model.attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
-                        "('auto' = cudnn on GPU, splash on TPU, flash otherwise)")
+      raise ConfigError(
+        f"model.attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+        "('auto' = cudnn on GPU, splash on TPU, flash otherwise)"
+      )
     if self.scan_unroll < 0 or self.loss_chunk < 0:
-      raise ConfigError(f"model.scan_unroll={self.scan_unroll} and model.loss_chunk={self.loss_chunk} must be >= 0 "
-                        "(scan_unroll 0 = auto; loss_chunk 0 = the loss over whole sequences)")
+      raise ConfigError(
+        f"model.scan_unroll={self.scan_unroll} and model.loss_chunk={self.loss_chunk} must be >= 0 "
+        "(scan_unroll 0 = auto; loss_chunk 0 = the loss over whole sequences)"
+      )
     for key in ("dtype", "param_dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         raise ConfigError(f"model.{key}={getattr(self, key)!r}: use 'float32' or 'bfloat16'")
@@ -140,39 +151,48 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MeshConfig:
   """Device mesh sizes. Attention uses dp x tp per stage, MoE uses edp x ep x etp on the same devices."""
-  name: str = "custom"   # preset name, for logs
-  device: str = "cpu"    # device kind the preset is for: "cpu", "gpu" or "tpu" (any: whatever jax has)
-  pp: int = 1            # pipeline stages
-  vpp: int = 1           # virtual stages (layer chunks) per pipeline stage, Megatron interleaving
-  dp: int = 1            # data parallel replicas of the attention/dense part
-  fsdp: int = 1          # of the dp ways, how many also shard params, grads and Adam state (ZeRO-3 / FSDP; divides dp)
-  tp: int = 1            # tensor parallel ways of attention/dense MLP/vocab
-  ep: int = 1            # expert parallel ways (may span tp devices: MoE Parallel Folding)
-  etp: int = 1           # tensor parallel ways inside each expert (shards the expert hidden dim)
+
+  name: str = "custom"  # preset name, for logs
+  device: str = "cpu"  # device kind the preset is for: "cpu", "gpu" or "tpu" (any: whatever jax has)
+  pp: int = 1  # pipeline stages
+  vpp: int = 1  # virtual stages (layer chunks) per pipeline stage, Megatron interleaving
+  dp: int = 1  # data parallel replicas of the attention/dense part
+  fsdp: int = 1  # of the dp ways, how many also shard params, grads and Adam state (ZeRO-3 / FSDP; divides dp)
+  tp: int = 1  # tensor parallel ways of attention/dense MLP/vocab
+  ep: int = 1  # expert parallel ways (may span tp devices: MoE Parallel Folding)
+  etp: int = 1  # tensor parallel ways inside each expert (shards the expert hidden dim)
   microbatches: int = 1  # pipeline microbatches m per step (pp > 1 only; needs m >= pp)
   schedule: str = "1f1b"  # pipeline order: "1f1b" (Megatron's interleaved, memory flat in m) or "gpipe"
-  dcn_pp: int = 1        # of the pp ways, how many cross hosts/slices (the slow network, DCN); divides pp
-  dcn_dp: int = 1        # of the dp ways, how many cross hosts/slices (outermost dp ways); divides dp; tp/ep/etp never cross
+  dcn_pp: int = 1  # of the pp ways, how many cross hosts/slices (the slow network, DCN); divides pp
+  dcn_dp: int = 1  # of the dp ways, how many cross hosts/slices (outermost dp ways); divides dp; tp/ep/etp never cross
 
   def __post_init__(self):
     _positive(self, "pp", "vpp", "dp", "fsdp", "tp", "ep", "etp", "microbatches")
     check_pipeline(self.pp, self.vpp, self.microbatches)
     if self.schedule not in ("1f1b", "gpipe"):
-      raise ConfigError(f"mesh.schedule={self.schedule!r} is not a pipeline schedule; use \"1f1b\" (activation "
-                        "memory bounded by ~2*pp*vpp chunk inputs) or \"gpipe\" (all forwards, then all backwards)")
+      raise ConfigError(
+        f'mesh.schedule={self.schedule!r} is not a pipeline schedule; use "1f1b" (activation '
+        'memory bounded by ~2*pp*vpp chunk inputs) or "gpipe" (all forwards, then all backwards)'
+      )
     if self.dp % self.fsdp:
-      raise ConfigError(f"mesh.fsdp={self.fsdp} must divide mesh.dp={self.dp} (FSDP shards the parameters over "
-                        f"that many of the data-parallel devices); divisors of dp: {_divisors(self.dp)}")
+      raise ConfigError(
+        f"mesh.fsdp={self.fsdp} must divide mesh.dp={self.dp} (FSDP shards the parameters over "
+        f"that many of the data-parallel devices); divisors of dp: {_divisors(self.dp)}"
+      )
     per_stage = self.dp * self.tp
     if per_stage % (self.ep * self.etp):
       ok = [(e, t) for e in _divisors(per_stage) for t in _divisors(per_stage // e)]
-      raise ConfigError(f"mesh.ep * mesh.etp = {self.ep}*{self.etp} must divide dp*tp = {per_stage} "
-                        f"(the MoE layers fold onto the same devices); (ep, etp) that work: {ok}")
+      raise ConfigError(
+        f"mesh.ep * mesh.etp = {self.ep}*{self.etp} must divide dp*tp = {per_stage} "
+        f"(the MoE layers fold onto the same devices); (ep, etp) that work: {ok}"
+      )
     _positive(self, "dcn_pp", "dcn_dp")
     for key, of in (("dcn_pp", "pp"), ("dcn_dp", "dp")):
       if getattr(self, of) % getattr(self, key):
-        raise ConfigError(f"mesh.{key}={getattr(self, key)} must divide mesh.{of}={getattr(self, of)} (it is how many "
-                          f"of the {of} ways sit on different hosts/slices); use one of {_divisors(getattr(self, of))}")
+        raise ConfigError(
+          f"mesh.{key}={getattr(self, key)} must divide mesh.{of}={getattr(self, of)} (it is how many "
+          f"of the {of} ways sit on different hosts/slices); use one of {_divisors(getattr(self, of))}"
+        )
 
   @property
   def edp(self) -> int:
@@ -187,34 +207,35 @@ class MeshConfig:
 @dataclass(frozen=True)
 class TrainConfig:
   """Optimisation, data and checkpointing of one training run."""
-  steps: int = 600                # optimizer steps to run in total (resume continues to this)
-  decay_steps: int = 0            # cosine horizon; 0 = train.steps when the run starts (saved; longer resumes keep it)
-  batch_size: int = 16            # global sequences per optimizer step
-  seq_len: int = 128              # tokens per sequence
-  grad_accum: int = 1             # micro-steps accumulated per optimizer step (batch_size % grad_accum == 0)
-  lr: float = 3e-3                # peak learning rate
-  min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-  warmup_steps: int = 30          # linear warmup steps
-  weight_decay: float = 0.1       # AdamW decoupled weight decay (matrices only)
-  b1: float = 0.9                 # AdamW beta1
-  b2: float = 0.95                # AdamW beta2
-  grad_clip: float = 1.0          # global-norm clipping; 0 disables
-  seed: int = 0                   # init and data order seed
-  data: tuple[str, ...] = ()      # text/jsonl files or dirs; empty means the embedded stdlib corpus
-  tokenizer: str = "byte"         # "byte" or a path to a HF tokenizer.json (or its directory)
+
+  steps: int = 600  # optimizer steps to run in total (resume continues to this)
+  decay_steps: int = 0  # cosine horizon; 0 = train.steps when the run starts (saved; longer resumes keep it)
+  batch_size: int = 16  # global sequences per optimizer step
+  seq_len: int = 128  # tokens per sequence
+  grad_accum: int = 1  # micro-steps accumulated per optimizer step (batch_size % grad_accum == 0)
+  lr: float = 3e-3  # peak learning rate
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+  warmup_steps: int = 30  # linear warmup steps
+  weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+  b1: float = 0.9  # AdamW beta1
+  b2: float = 0.95  # AdamW beta2
+  grad_clip: float = 1.0  # global-norm clipping; 0 disables
+  seed: int = 0  # init and data order seed
+  data: tuple[str, ...] = ()  # text/jsonl files or dirs; empty means the embedded stdlib corpus
+  tokenizer: str = "byte"  # "byte" or a path to a HF tokenizer.json (or its directory)
   max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
-  log_every: int = 10             # steps between log lines / metrics records
-  eval_every: int = 100           # steps between eval-loss measurements; 0 disables
-  eval_batches: int = 4           # batches per eval
-  out_dir: str = "runs/default"   # checkpoints, config.json and metrics.jsonl go here
-  save_every: int = 100           # steps between checkpoints; 0 saves only at the end
-  keep_checkpoints: int = 3       # newest checkpoints kept
-  resume: bool = True             # continue from the newest checkpoint in out_dir if there is one
-  sample_prompt: str = "def "     # prompt of the sample printed after training
-  sample_tokens: int = 160        # tokens generated for that sample (temperature 0.8)
-  init_from_hf: str = ""          # start from a Hugging Face model directory instead of random init
-  document_masks: bool = False    # attend only within each packed (eos-separated) document; no loss on its first token
-  reset_positions: bool = False   # with document_masks: RoPE positions restart at 0 at each document start
+  log_every: int = 10  # steps between log lines / metrics records
+  eval_every: int = 100  # steps between eval-loss measurements; 0 disables
+  eval_batches: int = 4  # batches per eval
+  out_dir: str = "runs/default"  # checkpoints, config.json and metrics.jsonl go here
+  save_every: int = 100  # steps between checkpoints; 0 saves only at the end
+  keep_checkpoints: int = 3  # newest checkpoints kept
+  resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
+  sample_prompt: str = "def "  # prompt of the sample printed after training
+  sample_tokens: int = 160  # tokens generated for that sample (temperature 0.8)
+  init_from_hf: str = ""  # start from a Hugging Face model directory instead of random init
+  document_masks: bool = False  # attend only within each packed (eos-separated) document; no loss on its first token
+  reset_positions: bool = False  # with document_masks: RoPE positions restart at 0 at each document start
 
   def __post_init__(self):
     _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints")
@@ -225,8 +246,10 @@ class TrainConfig:
     if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0 or self.decay_steps < 0:
       raise ConfigError("train.warmup_steps, train.decay_steps, train.eval_every and train.save_every must be >= 0")
     if self.reset_positions and not self.document_masks:
-      raise ConfigError("train.reset_positions=true needs train.document_masks=true (positions restart where "
-                        "the document masks start a new document)")
+      raise ConfigError(
+        "train.reset_positions=true needs train.document_masks=true (positions restart where "
+        "the document masks start a new document)"
+      )
 
 
 SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
@@ -236,31 +259,46 @@ ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 @dataclass(frozen=True)
 class ServeConfig:
   """The serving engine (KV pages, batching, scheduling) and the HTTP server in front of it."""
-  page_size: int = 16             # Z, tokens per KV page
-  num_pages: int = 1024           # P, pages in the device KV pool (page 0 is the null page)
-  max_pages: int = 0              # pages the allocator may use (<= num_pages), a memory limit; 0 = num_pages
-  max_running: int = 32           # sequences batched together at most
-  chunk_size: int = 256           # tokens per step, prefill chunks and decode rows together (chunked prefill budget)
-  decode_steps: int = 8           # decode steps per device call when the batch is pure decode (1 = one)
-  policy: str = "lpm"             # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
-  radix: bool = True              # share KV of common prefixes through the radix cache
-  attention: str = "auto"         # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA) or "auto" (pallas on TPU/GPU)
-  decode_reserve: float = 1.0     # fraction of max_tokens whose pages admission reserves (1 = never preempt)
-  max_wait_s: float = 30.0        # a request waiting this long is admitted next, whatever the policy (no starvation)
-  min_seqs: int = 1               # smallest sequences bucket of a step (raise to compile fewer shapes)
-  min_tokens: int = 32            # smallest tokens bucket of a step
-  overlap: bool = True            # plan and launch the next decode while the device runs this one (SGLang's overlap)
-  host: str = "127.0.0.1"         # HTTP bind address (0.0.0.0 exposes the server to the network)
-  port: int = 8000                # HTTP port
-  api_key: str = ""               # required as `Authorization: Bearer KEY` when set
-  model_name: str = ""            # model id in the API; "" = the checkpoint or HF directory name
-  max_waiting: int = 256          # queued requests at most; beyond it requests get 503 + Retry-After
-  max_n: int = 16                 # largest `n` (samples per request)
+
+  page_size: int = 16  # Z, tokens per KV page
+  num_pages: int = 1024  # P, pages in the device KV pool (page 0 is the null page)
+  max_pages: int = 0  # pages the allocator may use (<= num_pages), a memory limit; 0 = num_pages
+  max_running: int = 32  # sequences batched together at most
+  chunk_size: int = 256  # tokens per step, prefill chunks and decode rows together (chunked prefill budget)
+  decode_steps: int = 8  # decode steps per device call when the batch is pure decode (1 = one)
+  policy: str = "lpm"  # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
+  radix: bool = True  # share KV of common prefixes through the radix cache
+  attention: str = (
+    "auto"  # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA) or "auto" (pallas on TPU/GPU)
+  )
+  decode_reserve: float = 1.0  # fraction of max_tokens whose pages admission reserves (1 = never preempt)
+  max_wait_s: float = 30.0  # a request waiting this long is admitted next, whatever the policy (no starvation)
+  min_seqs: int = 1  # smallest sequences bucket of a step (raise to compile fewer shapes)
+  min_tokens: int = 32  # smallest tokens bucket of a step
+  overlap: bool = True  # plan and launch the next decode while the device runs this one (SGLang's overlap)
+  host: str = "127.0.0.1"  # HTTP bind address (0.0.0.0 exposes the server to the network)
+  port: int = 8000  # HTTP port
+  api_key: str = ""  # required as `Authorization: Bearer KEY` when set
+  model_name: str = ""  # model id in the API; "" = the checkpoint or HF directory name
+  max_waiting: int = 256  # queued requests at most; beyond it requests get 503 + Retry-After
+  max_n: int = 16  # largest `n` (samples per request)
   max_body_bytes: int = 1_000_000  # largest request body (413 above)
 
   def __post_init__(self):
-    _positive(self, "page_size", "num_pages", "max_running", "chunk_size", "decode_steps", "min_seqs",
-              "min_tokens", "port", "max_waiting", "max_n", "max_body_bytes")
+    _positive(
+      self,
+      "page_size",
+      "num_pages",
+      "max_running",
+      "chunk_size",
+      "decode_steps",
+      "min_seqs",
+      "min_tokens",
+      "port",
+      "max_waiting",
+      "max_n",
+      "max_body_bytes",
+    )
     if self.policy not in SCHEDULING_POLICIES:
       raise ConfigError(f"serve.policy={self.policy!r}: use one of {', '.join(SCHEDULING_POLICIES)}")
     if self.attention not in ATTENTION_BACKENDS:
@@ -277,41 +315,46 @@ class ServeConfig:
 class RLConfig:
   """Off-policy RL (`train.py rl`): rollouts from the serving engine, rewards, the PPO-family loss.
   The optimiser, steps, output directory and seed are train.*; the engine's settings serve.*."""
-  init_from: str = ""             # checkpoints dir of the policy to start from (e.g. an SFT run); "" = random init
-  task: str = "addition"          # prompts and references (jaxllm.data.tasks)
-  digits_min: int = 1             # addition task: fewest digits of an operand
-  digits_max: int = 2             # addition task: most digits of an operand
+
+  init_from: str = ""  # checkpoints dir of the policy to start from (e.g. an SFT run); "" = random init
+  task: str = "addition"  # prompts and references (jaxllm.data.tasks)
+  digits_min: int = 1  # addition task: fewest digits of an operand
+  digits_max: int = 2  # addition task: most digits of an operand
   rewards: str = "exact_match:1.0"  # name:weight,... (jaxllm.rl.rewards; python:MODULE:FN for your own)
-  train_problems: int = 0         # 0: fresh training problems every step; N: a fixed set of N, in shuffled epochs
-  group_size: int = 8             # G: samples per prompt (GRPO group; the prompt's KV is shared)
-  prompts_per_step: int = 8       # prompts per learner step (batch = prompts_per_step * group_size)
-  max_new_tokens: int = 8         # longest completion
-  temperature: float = 1.0        # sampling temperature of the rollouts
-  eta: int = 1                    # staleness bound: samples are generated by weights at most eta versions old
-  async_rollouts: bool = True     # generate in a thread of its own, overlapping the learner (False: inline)
-  normalize_std: bool = True      # GRPO advantages divided by the group std (False: Dr. GRPO)
-  clip_low: float = 0.2           # PPO epsilon (lower clip)
-  clip_high: float = 0.2          # upper clip (DAPO clip-higher, e.g. 0.28)
-  dual_clip: float = 0.0          # dual-clip c (e.g. 3); 0 = off
-  correction: str = "decoupled"   # behaviour-policy correction: "decoupled" (AReaL), "tis" or "none"
-  is_cap: float = -1.0            # importance-weight cap; -1 = the correction's default (5 / 2), 0 = none
-  kl_coef: float = 0.0            # beta of the KL to the frozen reference; 0 = off
-  kl_estimator: str = "k2"        # "k1", "k2" or "k3" (k2 in the loss / k1 in the reward: unbiased gradient)
-  kl_in: str = "loss"             # "loss" or "reward"
-  entropy_coef: float = 0.0       # entropy bonus coefficient
-  behaviour_logprobs: str = "sampler"  # loss's behaviour log-probs: "sampler" (engine's) or "learner" (recomputed: exact)
-  ppo_epochs: int = 1             # passes over each rollout (PPO's K epochs; the clip bounds the drift)
-  minibatches: int = 1            # optimizer steps per pass: the rollout's groups split this many ways
-  eval_every: int = 10            # learner steps between held-out accuracy measurements; 0 = only at the end
-  eval_problems: int = 200        # held-out problems per measurement (greedy)
+  train_problems: int = 0  # 0: fresh training problems every step; N: a fixed set of N, in shuffled epochs
+  group_size: int = 8  # G: samples per prompt (GRPO group; the prompt's KV is shared)
+  prompts_per_step: int = 8  # prompts per learner step (batch = prompts_per_step * group_size)
+  max_new_tokens: int = 8  # longest completion
+  temperature: float = 1.0  # sampling temperature of the rollouts
+  eta: int = 1  # staleness bound: samples are generated by weights at most eta versions old
+  async_rollouts: bool = True  # generate in a thread of its own, overlapping the learner (False: inline)
+  normalize_std: bool = True  # GRPO advantages divided by the group std (False: Dr. GRPO)
+  clip_low: float = 0.2  # PPO epsilon (lower clip)
+  clip_high: float = 0.2  # upper clip (DAPO clip-higher, e.g. 0.28)
+  dual_clip: float = 0.0  # dual-clip c (e.g. 3); 0 = off
+  correction: str = "decoupled"  # behaviour-policy correction: "decoupled" (AReaL), "tis" or "none"
+  is_cap: float = -1.0  # importance-weight cap; -1 = the correction's default (5 / 2), 0 = none
+  kl_coef: float = 0.0  # beta of the KL to the frozen reference; 0 = off
+  kl_estimator: str = "k2"  # "k1", "k2" or "k3" (k2 in the loss / k1 in the reward: unbiased gradient)
+  kl_in: str = "loss"  # "loss" or "reward"
+  entropy_coef: float = 0.0  # entropy bonus coefficient
+  behaviour_logprobs: str = (
+    "sampler"  # loss's behaviour log-probs: "sampler" (engine's) or "learner" (recomputed: exact)
+  )
+  ppo_epochs: int = 1  # passes over each rollout (PPO's K epochs; the clip bounds the drift)
+  minibatches: int = 1  # optimizer steps per pass: the rollout's groups split this many ways
+  eval_every: int = 10  # learner steps between held-out accuracy measurements; 0 = only at the end
+  eval_problems: int = 200  # held-out problems per measurement (greedy)
 
   def __post_init__(self):
     _positive(self, "group_size", "prompts_per_step", "max_new_tokens", "eval_problems", "ppo_epochs", "minibatches")
     if self.train_problems < 0:
       raise ConfigError(f"rl.train_problems={self.train_problems} must be >= 0 (0 = a fresh stream)")
     if self.prompts_per_step % self.minibatches:
-      raise ConfigError(f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step={self.prompts_per_step} "
-                        "(a GRPO group is never split)")
+      raise ConfigError(
+        f"rl.minibatches={self.minibatches} must divide rl.prompts_per_step={self.prompts_per_step} "
+        "(a GRPO group is never split)"
+      )
     if self.eta < 0:
       raise ConfigError(f"rl.eta={self.eta} must be >= 0 (0 = synchronous on-policy)")
     if self.temperature <= 0:
@@ -321,17 +364,20 @@ class RLConfig:
     if self.group_size < 2:
       raise ConfigError(f"rl.group_size={self.group_size}: GRPO needs at least 2 samples per prompt")
     if self.behaviour_logprobs not in ("sampler", "learner"):
-      raise ConfigError(f"rl.behaviour_logprobs={self.behaviour_logprobs!r}: choose 'sampler' (the engine's "
-                        f"log-probs) or 'learner' (recomputed by the learner's forward; deterministic)")
+      raise ConfigError(
+        f"rl.behaviour_logprobs={self.behaviour_logprobs!r}: choose 'sampler' (the engine's "
+        f"log-probs) or 'learner' (recomputed by the learner's forward; deterministic)"
+      )
 
 
 @dataclass(frozen=True)
 class RewardConfig:
   """Reward-model training (`train.py reward`); optimiser, steps, batch (pairs) and output are train.*."""
-  data: str = ""                  # jsonl of {"prompt", "chosen", "rejected"} lines (or --data FILE)
-  eval_data: str = ""             # held-out pairs (jsonl); "" = hold out reward.eval_fraction of reward.data
-  eval_fraction: float = 0.1      # share of reward.data held out (by a hash of the prompt) without eval_data
-  init_from: str = ""             # checkpoints dir of the backbone (e.g. an SFT run); "" = random init (model.*)
+
+  data: str = ""  # jsonl of {"prompt", "chosen", "rejected"} lines (or --data FILE)
+  eval_data: str = ""  # held-out pairs (jsonl); "" = hold out reward.eval_fraction of reward.data
+  eval_fraction: float = 0.1  # share of reward.data held out (by a hash of the prompt) without eval_data
+  init_from: str = ""  # checkpoints dir of the backbone (e.g. an SFT run); "" = random init (model.*)
 
   def __post_init__(self):
     if not 0 < self.eval_fraction < 1:
@@ -351,15 +397,19 @@ class Config:
     m, t, mesh = self.model, self.train, self.mesh
     check_pipeline(mesh.pp, mesh.vpp, mesh.microbatches, n_layers=m.n_layers)
     if mesh.pp > 1 and t.document_masks:
-      raise ConfigError("train.document_masks=true is not supported with pipeline parallelism (mesh.pp > 1) "
-                        "yet; use mesh.pp=1 or train.document_masks=false")
+      raise ConfigError(
+        "train.document_masks=true is not supported with pipeline parallelism (mesh.pp > 1) "
+        "yet; use mesh.pp=1 or train.document_masks=false"
+      )
     if m.is_moe and m.n_experts % mesh.ep:
       raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
     micro = t.batch_size // t.grad_accum
     per_pipe = micro // mesh.microbatches if micro % mesh.microbatches == 0 else 0
     if per_pipe == 0 or per_pipe % mesh.dp:
-      raise ConfigError(f"train.batch_size/grad_accum = {micro} must split into mesh.microbatches="
-                        f"{mesh.microbatches} microbatches each divisible by mesh.dp={mesh.dp}")
+      raise ConfigError(
+        f"train.batch_size/grad_accum = {micro} must split into mesh.microbatches="
+        f"{mesh.microbatches} microbatches each divisible by mesh.dp={mesh.dp}"
+      )
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -369,12 +419,19 @@ class Config:
 # Loading: TOML + key=value overrides
 
 # The config sections: TOML tables [model], [mesh], ... and the `section.` of `section.key=value`.
-SECTIONS = {"model": ModelConfig, "mesh": MeshConfig, "train": TrainConfig, "serve": ServeConfig,
-            "rl": RLConfig, "reward": RewardConfig}
+SECTIONS = {
+  "model": ModelConfig,
+  "mesh": MeshConfig,
+  "train": TrainConfig,
+  "serve": ServeConfig,
+  "rl": RLConfig,
+  "reward": RewardConfig,
+}
 
 
-def load_config(toml_paths: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (),
-                base: Config | None = None) -> Config:
+def load_config(
+  toml_paths: typing.Sequence[str] = (), overrides: typing.Sequence[str] = (), base: Config | None = None
+) -> Config:
   """Resolve a Config: base (defaults) <- each TOML file in order <- `section.key=value` overrides.
 
   `model=NAME` (TOML: `[model] preset = "NAME"`) starts the model section from a preset; likewise
@@ -451,8 +508,9 @@ def _build(cls, start, values: dict, section: str):
   for key, value in values.items():
     if key not in names:
       close = difflib.get_close_matches(key, names, n=3)
-      hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else \
-        f"; known keys: {sorted(names)}"
+      hint = (
+        f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else f"; known keys: {sorted(names)}"
+      )
       raise ConfigError(f"unknown config key {section}.{key}{hint}")
     kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
   return replace(start, **kwargs)
@@ -502,20 +560,28 @@ def check_pipeline(pp: int, vpp: int, m: int, n_layers: int | None = None) -> No
   if min(pp, vpp, m) < 1:
     raise ConfigError(f"pipeline sizes must be >= 1, got pp={pp} vpp={vpp} microbatches={m}")
   if pp == 1 and vpp > 1:
-    raise ConfigError(f"mesh.vpp={vpp} needs mesh.pp > 1 (virtual stages interleave layer chunks over "
-                      "pipeline stages); set mesh.vpp=1, or mesh.pp >= 2")
+    raise ConfigError(
+      f"mesh.vpp={vpp} needs mesh.pp > 1 (virtual stages interleave layer chunks over "
+      "pipeline stages); set mesh.vpp=1, or mesh.pp >= 2"
+    )
   if pp == 1 and m > 1:
-    raise ConfigError(f"mesh.microbatches={m} only applies with mesh.pp > 1; to split a step's batch "
-                      f"without pipelining set train.grad_accum={m} and mesh.microbatches=1")
+    raise ConfigError(
+      f"mesh.microbatches={m} only applies with mesh.pp > 1; to split a step's batch "
+      f"without pipelining set train.grad_accum={m} and mesh.microbatches=1"
+    )
   if pp > 1 and m < pp:
-    raise ConfigError(f"mesh.microbatches={m} must be >= mesh.pp={pp}: the circular schedule needs the "
-                      f"last stage's output of microbatch i back at stage 0 before it is due; raise "
-                      f"microbatches to at least {pp}")
+    raise ConfigError(
+      f"mesh.microbatches={m} must be >= mesh.pp={pp}: the circular schedule needs the "
+      f"last stage's output of microbatch i back at stage 0 before it is due; raise "
+      f"microbatches to at least {pp}"
+    )
   if n_layers is not None and n_layers % (pp * vpp):
     ok = [v for v in range(1, n_layers + 1) if n_layers % (pp * v) == 0]
-    raise ConfigError(f"model.n_layers={n_layers} must be divisible by mesh.pp*mesh.vpp={pp}*{vpp} (each "
-                      "virtual stage holds the same number of layers); "
-                      + (f"with pp={pp} use vpp in {ok}" if ok else f"pick pp among the divisors of {n_layers}"))
+    raise ConfigError(
+      f"model.n_layers={n_layers} must be divisible by mesh.pp*mesh.vpp={pp}*{vpp} (each "
+      "virtual stage holds the same number of layers); "
+      + (f"with pp={pp} use vpp in {ok}" if ok else f"pick pp among the divisors of {n_layers}")
+    )
 
 
 def _positive(obj, *names):
@@ -536,17 +602,46 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
   # ~0.9M params; trains visibly in minutes on a small CPU with the byte tokenizer.
   "tiny": ModelConfig(name="tiny"),
   # Same backbone, 8 experts top-2, with a gated shared expert: exercises every MoE path.
-  "tiny-moe": ModelConfig(name="tiny-moe", n_experts=8, n_experts_per_tok=2, moe_d_ff=128,
-                          shared_expert_d_ff=128, shared_expert_gate=True),
+  "tiny-moe": ModelConfig(
+    name="tiny-moe", n_experts=8, n_experts_per_tok=2, moe_d_ff=128, shared_expert_d_ff=128, shared_expert_gate=True
+  ),
   # ~100M params (GPT-2-small-like shape with GQA), the benchmark model.
-  "small": ModelConfig(name="small", vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                       d_ff=2048, max_seq_len=2048),
+  "small": ModelConfig(
+    name="small", vocab_size=16384, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=2048
+  ),
   # Shapes of public models, for planning meshes and memory (weights come from HF import).
-  "llama-3.2-1b": ModelConfig(name="llama-3.2-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
-                              n_kv_heads=8, head_dim=64, d_ff=8192, rope_theta=500000.0, rope_scaling="llama3",
-                              rope_factor=32.0, max_seq_len=131072, tie_embeddings=True, dtype="bfloat16"),
-  "qwen3-30b-a3b": ModelConfig(name="qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32,
-                               n_kv_heads=4, head_dim=128, d_ff=6144, n_experts=128, n_experts_per_tok=8,
-                               moe_d_ff=768, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
-                               max_seq_len=40960, dtype="bfloat16"),
+  "llama-3.2-1b": ModelConfig(
+    name="llama-3.2-1b",
+    vocab_size=128256,
+    d_model=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=64,
+    d_ff=8192,
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    max_seq_len=131072,
+    tie_embeddings=True,
+    dtype="bfloat16",
+  ),
+  "qwen3-30b-a3b": ModelConfig(
+    name="qwen3-30b-a3b",
+    vocab_size=151936,
+    d_model=2048,
+    n_layers=48,
+    n_heads=32,
+    n_kv_heads=4,
+    head_dim=128,
+    d_ff=6144,
+    n_experts=128,
+    n_experts_per_tok=8,
+    moe_d_ff=768,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    max_seq_len=40960,
+    dtype="bfloat16",
+  ),
 }

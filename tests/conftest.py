@@ -5,6 +5,7 @@ folder is on sys.path, so a test module imports another's helpers by name (`from
 DENSE`). QUICK names the contributor tier, `python -m pytest -m quick`: one or more fast modules of
 each layer, about 2 minutes on 2 cores.
 """
+
 import os
 import sys
 
@@ -17,11 +18,29 @@ for _d in sorted(os.listdir(HERE)):
   if os.path.isdir(os.path.join(HERE, _d)) and not _d.startswith((".", "_")):
     sys.path.insert(0, os.path.join(HERE, _d))
 
-QUICK = {"test_config.py", "test_docs.py", "test_layering.py", "test_notebook.py", "data/test_data.py",
-         "data/test_tasks.py", "model/test_loss.py", "parallel/test_manual.py", "io/test_hf.py",
-         "io/test_load_model.py", "train/test_runner.py", "train/test_optim.py", "serve/test_detok.py",
-         "serve/test_radix.py", "serve/test_sampling.py", "serve/test_serve_overlap.py", "serve/test_serve_hooks.py",
-         "serve/test_serve_multistep.py", "serve/test_serve_cli.py", "serve/test_http.py", "rl/test_rl_losses.py"}
+QUICK = {
+  "test_config.py",
+  "test_docs.py",
+  "test_layering.py",
+  "test_notebook.py",
+  "data/test_data.py",
+  "data/test_tasks.py",
+  "model/test_loss.py",
+  "parallel/test_manual.py",
+  "io/test_hf.py",
+  "io/test_load_model.py",
+  "train/test_runner.py",
+  "train/test_optim.py",
+  "serve/test_detok.py",
+  "serve/test_radix.py",
+  "serve/test_sampling.py",
+  "serve/test_serve_overlap.py",
+  "serve/test_serve_hooks.py",
+  "serve/test_serve_multistep.py",
+  "serve/test_serve_cli.py",
+  "serve/test_http.py",
+  "rl/test_rl_losses.py",
+}
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -41,10 +60,11 @@ def pytest_configure(config):
   capture = config.pluginmanager.getplugin("capturemanager")
   cli.tune_malloc(before_exec=capture.stop_global_capturing if capture else None)
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
   # Identical programs compiled again in later tests (and later runs) load from disk instead.
   jax.config.update("jax_compilation_cache_dir", CACHE)
-  os.environ["JAXLLM_COMPILE_CACHE"] = CACHE        # serve.py's own cache setting, when a test runs it
+  os.environ["JAXLLM_COMPILE_CACHE"] = CACHE  # serve.py's own cache setting, when a test runs it
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

@@ -1,4 +1,5 @@
 """Config loading and validation: every bad input names the key and the fix."""
+
 import json
 import subprocess
 import sys
@@ -22,20 +23,23 @@ def test_toml_and_round_trip(tmp_path):
   assert config_from_dict(json.loads((tmp_path / "out.json").read_text())) == cfg
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-  (["model.d_modle=3"], "did you mean model.d_model"),
-  (["train.steps=abc"], "train.steps expects int"),
-  (["model.n_heads=3"], "does not divide model.d_model"),
-  (["model.n_kv_heads=3"], "must divide model.n_heads"),
-  (["model=nope"], "unknown model preset"),
-  (["steps=3"], "section.key=value"),
-  (["foo.bar=1"], "unknown section"),
-  (["model.n_layers=3", "mesh.pp=2", "mesh.microbatches=2"], "divisible by mesh.pp\\*mesh.vpp"),
-  (["mesh.dp=3"], "divisible by mesh.dp=3"),
-  (["mesh.pp=2"], "microbatches"),
-  (["model.dtype=fp8"], "model.dtype"),
-  (["train.batch_size=10", "train.grad_accum=3"], "multiple of train.grad_accum"),
-])
+@pytest.mark.parametrize(
+  "overrides,fragment",
+  [
+    (["model.d_modle=3"], "did you mean model.d_model"),
+    (["train.steps=abc"], "train.steps expects int"),
+    (["model.n_heads=3"], "does not divide model.d_model"),
+    (["model.n_kv_heads=3"], "must divide model.n_heads"),
+    (["model=nope"], "unknown model preset"),
+    (["steps=3"], "section.key=value"),
+    (["foo.bar=1"], "unknown section"),
+    (["model.n_layers=3", "mesh.pp=2", "mesh.microbatches=2"], "divisible by mesh.pp\\*mesh.vpp"),
+    (["mesh.dp=3"], "divisible by mesh.dp=3"),
+    (["mesh.pp=2"], "microbatches"),
+    (["model.dtype=fp8"], "model.dtype"),
+    (["train.batch_size=10", "train.grad_accum=3"], "multiple of train.grad_accum"),
+  ],
+)
 def test_bad_configs_are_clear(overrides, fragment):
   with pytest.raises(ConfigError, match=fragment):
     load_config([], overrides)

@@ -11,6 +11,7 @@
 - the README links docs/architecture.md, and that file exists, and its test command is the one CI runs.
 Pure Python (git and the standard library); no jax needed.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -41,12 +42,13 @@ def _normalise(lines) -> list[str]:
 def docstring_legend() -> list[str]:
   """Lines of the legend in jaxllm.__doc__: from its 'Shape legend' line through its 'In code,' line."""
   import jaxllm
+
   lines = (jaxllm.__doc__ or "").splitlines()
   start = next((i for i, l in enumerate(lines) if l.startswith(LEGEND_TITLE)), None)
   assert start is not None, "jaxllm/__init__.py's docstring has no 'Shape legend' block"
   end = next((i for i in range(start, len(lines)) if lines[i].strip().startswith(LEGEND_END)), None)
   assert end is not None, "the legend in jaxllm.__doc__ must end with its 'In code, `P` ...' line"
-  return [l for l in lines[start:end + 1] if l.strip()]
+  return [l for l in lines[start : end + 1] if l.strip()]
 
 
 def docs_legend() -> list[str]:
@@ -72,10 +74,12 @@ def legend_entries(lines: list[str]) -> list[tuple[str, str]]:
 def test_docs_legend_is_the_package_legend():
   ours, docs = legend_entries(docstring_legend()), legend_entries(docs_legend())
   assert len(ours) >= 20, f"parsed only {len(ours)} legend entries from jaxllm.__doc__"
-  assert dict(docs) == dict(ours), ("letter -> meaning differs between docs/architecture.md and "
-                                    f"jaxllm/__init__.py: {sorted(set(docs) ^ set(ours))}")
-  assert _normalise(docs_legend()) == _normalise(docstring_legend()), \
+  assert dict(docs) == dict(ours), (
+    f"letter -> meaning differs between docs/architecture.md and jaxllm/__init__.py: {sorted(set(docs) ^ set(ours))}"
+  )
+  assert _normalise(docs_legend()) == _normalise(docstring_legend()), (
     "the legend block in docs/architecture.md must be the text of the one in jaxllm/__init__.py"
+  )
 
 
 def test_legend_defines_each_letter_once():
@@ -121,9 +125,13 @@ def _walk_project() -> list[str]:
   for base, dirs, names in os.walk(ROOT):
     rel_base = os.path.relpath(base, ROOT)
     rel_base = "" if rel_base == "." else rel_base + "/"
-    dirs[:] = [d for d in dirs if not (d.startswith(".") and rel_base + d != ".ci")
-               and not _ignored(rel_base + d, True, patterns)
-               and not os.path.isfile(os.path.join(base, d, "pyvenv.cfg"))]
+    dirs[:] = [
+      d
+      for d in dirs
+      if not (d.startswith(".") and rel_base + d != ".ci")
+      and not _ignored(rel_base + d, True, patterns)
+      and not os.path.isfile(os.path.join(base, d, "pyvenv.cfg"))
+    ]
     out += [rel_base + n for n in names if not _ignored(rel_base + n, False, patterns)]
   return out
 
@@ -132,8 +140,13 @@ def project_text_files() -> list[str]:
   """Tracked files plus new ones git does not ignore (without git: a walk that skips what .gitignore
   names): *.py, *.md, *.toml and .ci/run. Virtual environments, caches and run outputs are not ours."""
   try:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+      ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.splitlines()
   except (OSError, subprocess.CalledProcessError):
     out = _walk_project()
   files = sorted({f for f in out if f.endswith((".py", ".md", ".toml")) or f == ".ci/run"})
@@ -166,8 +179,10 @@ def test_no_paths_outside_the_repo():
       if _escapes_repo(rel, text, m.start()):
         n = text.count("\n", 0, m.start()) + 1
         bad.append(f"{rel}:{n}: {text.splitlines()[n - 1].strip()}")
-  assert not bad, ("the project must stand alone: these lines point outside the repository "
-                   "(describe the thing here, or link a file inside the repo):\n" + "\n".join(bad))
+  assert not bad, (
+    "the project must stand alone: these lines point outside the repository "
+    "(describe the thing here, or link a file inside the repo):\n" + "\n".join(bad)
+  )
 
 
 def test_readme_links_architecture():

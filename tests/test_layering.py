@@ -10,6 +10,7 @@ ALLOWED maps each layer to the jaxllm layers its modules may import (its own alw
 top-level module and package of jaxllm is a layer of its own and must be declared there: an undeclared
 one (a new jaxllm/utils/, say) fails the test instead of importing anything unnoticed.
 """
+
 import ast
 import os
 
@@ -19,19 +20,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BELOW_TRAIN_SERVE = {"config", "buckets", "kernels", "data", "model", "io", "parallel"}
 ALLOWED = {
-  "buckets": set(),                                      # jaxllm/buckets.py: pure Python
+  "buckets": set(),  # jaxllm/buckets.py: pure Python
   "config": set(),
   "kernels": {"config", "buckets"},
   "data": {"config"},
   "model": {"config", "kernels"},
-  "io": {"config", "model", "data"},   # data is a leaf: io's load_model returns a model's tokenizer
+  "io": {"config", "model", "data"},  # data is a leaf: io's load_model returns a model's tokenizer
   "parallel": {"config", "kernels", "model"},
   "train": BELOW_TRAIN_SERVE,
   "serve": BELOW_TRAIN_SERVE,
   "rl": BELOW_TRAIN_SERVE | {"train", "serve"},
-  "planner": BELOW_TRAIN_SERVE | {"train"},              # jaxllm/planner/: train.optim's optimizer
-  "cli": BELOW_TRAIN_SERVE | {"train", "serve", "rl", "planner"},   # train.py, serve.py, jaxllm/cli.py
-  "package": set(),                                      # jaxllm/__init__.py: no imports
+  "planner": BELOW_TRAIN_SERVE | {"train"},  # jaxllm/planner/: train.optim's optimizer
+  "cli": BELOW_TRAIN_SERVE | {"train", "serve", "rl", "planner"},  # train.py, serve.py, jaxllm/cli.py
+  "package": set(),  # jaxllm/__init__.py: no imports
 }
 
 
@@ -54,8 +55,8 @@ def imported_layers(source: str, relpath: str):
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):
-      if node.level:   # relative import: resolve against the file's package
-        base = package.split(".")[:len(package.split(".")) - node.level + 1]
+      if node.level:  # relative import: resolve against the file's package
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
         names = [".".join(base + ([node.module] if node.module else []))]
       else:
         names = [node.module or ""]
@@ -72,8 +73,10 @@ def imported_layers(source: str, relpath: str):
 
 
 def undeclared(relpath: str, name: str) -> str:
-  return (f"{relpath}: jaxllm.{name} has no declared layer: declare it in ALLOWED (tests/test_layering.py) "
-          "with the layers it may import")
+  return (
+    f"{relpath}: jaxllm.{name} has no declared layer: declare it in ALLOWED (tests/test_layering.py) "
+    "with the layers it may import"
+  )
 
 
 def violations(source: str, relpath: str) -> list[str]:
@@ -104,17 +107,20 @@ def test_every_import_follows_the_layering():
   assert not found, "wrong-way imports or undeclared layers:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("relpath,source", [
-  ("jaxllm/parallel/pipeline.py", "def f():\n  from jaxllm.train.step import loss_sums\n"),
-  ("jaxllm/serve/engine.py", "import jaxllm.train.checkpoint\n"),
-  ("jaxllm/train/loop.py", "from jaxllm import serve\n"),
-  ("jaxllm/kernels/tpu.py", "from jaxllm.model.layers import MASK_VALUE\n"),
-  ("jaxllm/io/hf.py", "from jaxllm.parallel import param_shardings\n"),
-  ("jaxllm/model/moe.py", "from ..parallel import moe\n"),
-  ("jaxllm/config.py", "from jaxllm.model import hooks\n"),
-  ("jaxllm/buckets.py", "from jaxllm.config import ModelConfig\n"),
-  ("jaxllm/planner/__init__.py", "from jaxllm.serve import Engine\n"),
-])
+@pytest.mark.parametrize(
+  "relpath,source",
+  [
+    ("jaxllm/parallel/pipeline.py", "def f():\n  from jaxllm.train.step import loss_sums\n"),
+    ("jaxllm/serve/engine.py", "import jaxllm.train.checkpoint\n"),
+    ("jaxllm/train/loop.py", "from jaxllm import serve\n"),
+    ("jaxllm/kernels/tpu.py", "from jaxllm.model.layers import MASK_VALUE\n"),
+    ("jaxllm/io/hf.py", "from jaxllm.parallel import param_shardings\n"),
+    ("jaxllm/model/moe.py", "from ..parallel import moe\n"),
+    ("jaxllm/config.py", "from jaxllm.model import hooks\n"),
+    ("jaxllm/buckets.py", "from jaxllm.config import ModelConfig\n"),
+    ("jaxllm/planner/__init__.py", "from jaxllm.serve import Engine\n"),
+  ],
+)
 def test_a_wrong_way_import_is_caught_and_named(relpath, source):
   """The checker itself can fail: each of these inserted imports is reported with file and line."""
   found = violations(source, relpath)
@@ -133,8 +139,10 @@ def test_an_undeclared_package_is_caught():
   """No free pass for a package ALLOWED does not list: a new jaxllm/utils/ importing jaxllm.rl is
   reported as undeclared (and so is its import), and so is importing from it."""
   found = violations("import jaxllm.rl\n", "jaxllm/utils/x.py")
-  assert found == ["jaxllm/utils/x.py: jaxllm.utils has no declared layer: declare it in ALLOWED "
-                   "(tests/test_layering.py) with the layers it may import",
-                   "jaxllm/utils/x.py:1: utils imports jaxllm.rl (an undeclared layer may import nothing)"], found
+  assert found == [
+    "jaxllm/utils/x.py: jaxllm.utils has no declared layer: declare it in ALLOWED "
+    "(tests/test_layering.py) with the layers it may import",
+    "jaxllm/utils/x.py:1: utils imports jaxllm.rl (an undeclared layer may import nothing)",
+  ], found
   found = violations("from jaxllm.utils.x import f\n", "jaxllm/serve/engine.py")
   assert len(found) == 1 and found[0].startswith("jaxllm/serve/engine.py:1: jaxllm.utils has no declared"), found

@@ -3,13 +3,15 @@
 - the notebook is valid nbformat-4 JSON (checked with nbformat when it is installed), saved without outputs;
 - every code cell is Python once its IPython lines (`!shell`, `%magic`, `x = !cmd`) are blanked out;
 - every `python train.py ...` / `python serve.py ...` command, in a `!` line or a command string the
-  notebook builds in Python (the background server), with the notebook's own `{VAR}` / `$VAR` values filled in (MESH: each preset the notebook can pick), is parsed by the real
+  notebook builds in Python (the background server), with the notebook's own `{VAR}` / `$VAR` values
+  filled in (MESH: each preset the notebook can pick), is parsed by the real
   argparse parser of that script and subcommand (so a renamed or removed `--flag` fails here), and its
   `section.key=value` overrides resolve through `jaxllm.config.load_config` exactly as the CLI feeds them
   (so a renamed key, a wrong type or an impossible combination fails here), with the real meshes/*.toml;
 - what serve.py / `train.py rl` read is what an earlier train.py command in the notebook wrote.
 No TPU and no training: the scripts' parsers run in this process and stop right after parsing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +27,7 @@ import shlex
 import pytest
 
 from jaxllm import cli
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import Config, ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu.ipynb")
@@ -65,10 +67,10 @@ def logical_lines(text: str) -> list[str]:
 def as_python(text: str) -> str:
   """The cell with every IPython-only line replaced by plain Python of the same indentation."""
   if text.lstrip().startswith("%%"):
-    return ""                                          # a cell magic: not Python at all
+    return ""  # a cell magic: not Python at all
   out = []
   for line in logical_lines(text):
-    indent = line[:len(line) - len(line.lstrip())]
+    indent = line[: len(line) - len(line.lstrip())]
     if line.lstrip().startswith(("!", "%")):
       out.append(indent + "pass")
     elif re.match(r"\s*[A-Za-z_]\w*\s*=\s*[!%]", line):
@@ -87,7 +89,7 @@ def notebook_values(cells: list[str]) -> tuple[dict, dict]:
         try:
           values[node.targets[0].id] = ast.literal_eval(node.value)
         except ValueError:
-          pass                                         # computed at run time (e.g. MESH)
+          pass  # computed at run time (e.g. MESH)
   presets = values.pop("PRESETS", None)
   assert isinstance(presets, dict) and presets, "the notebook should define PRESETS = {device kind: mesh preset}"
   return values, presets
@@ -96,10 +98,12 @@ def notebook_values(cells: list[str]) -> tuple[dict, dict]:
 def expand(line: str, values: dict) -> str:
   """IPython's `{NAME}` and `$NAME` expansion in `!` lines (and f-string fields), for plain names only."""
   assert "{?}" not in line, f"{line!r}: keep f-string fields of commands plain NAMEs"
+
   def sub(m):
     name = m.group(1) or m.group(2)
     assert name in values, f"{line!r}: {name} has no value the test can see (keep placeholders plain NAMEs)"
     return str(values[name])
+
   return re.sub(r"\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)", sub, line)
 
 
@@ -113,10 +117,13 @@ def python_command_strings(text: str) -> list[str]:
     if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts:
       s = node.value
     elif isinstance(node, ast.JoinedStr):
-      s = "".join(v.value if isinstance(v, ast.Constant) else
-                  "{%s}" % (v.value.id if isinstance(v.value, ast.Name) and v.conversion == -1 and v.format_spec is None
-                            else "?")
-                  for v in node.values)
+      s = "".join(
+        v.value
+        if isinstance(v, ast.Constant)
+        else "{%s}"
+        % (v.value.id if isinstance(v.value, ast.Name) and v.conversion == -1 and v.format_spec is None else "?")
+        for v in node.values
+      )
     else:
       continue
     if re.match(r"\s*python3? (%s)\b" % "|".join(map(re.escape, SCRIPTS)), s):
@@ -129,8 +136,11 @@ def cli_commands(cells: list[str], values: dict) -> list[tuple[str, list[str], s
   and in command strings built in Python."""
   found = []
   for text in cells:
-    shell_lines = [re.sub(r"^\s*(?:[A-Za-z_]\w*\s*=\s*)?!", "", line) for line in logical_lines(text)
-                   if re.match(r"\s*(?:[A-Za-z_]\w*\s*=\s*)?!", line)]
+    shell_lines = [
+      re.sub(r"^\s*(?:[A-Za-z_]\w*\s*=\s*)?!", "", line)
+      for line in logical_lines(text)
+      if re.match(r"\s*(?:[A-Za-z_]\w*\s*=\s*)?!", line)
+    ]
     for shell in shell_lines + python_command_strings(text):
       if not any(s in shell for s in SCRIPTS):
         continue
@@ -140,8 +150,8 @@ def cli_commands(cells: list[str], values: dict) -> list[tuple[str, list[str], s
       for i, tok in enumerate(tokens[:-1]):
         if os.path.basename(tok) in ("python", "python3") and tokens[i + 1] in SCRIPTS:
           args = []
-          for t in tokens[i + 2:]:
-            if set(t) <= SHELL_OPS:                    # end of this command: redirect, &, &&, ;, |
+          for t in tokens[i + 2 :]:
+            if set(t) <= SHELL_OPS:  # end of this command: redirect, &, &&, ;, |
               break
             args.append(t)
           found.append((tokens[i + 1], args, shell.strip()))
@@ -175,14 +185,14 @@ def parse_like_cli(script: str, argv: list[str]) -> tuple[str, argparse.Namespac
     mp.setattr(argparse.ArgumentParser, "parse_intermixed_args", stop_after_parse)
     try:
       main(list(argv))
-    except Parsed as p:   # a top-level parser's prog is the running program's name: call it the script's
+    except Parsed as p:  # a top-level parser's prog is the running program's name: call it the script's
       return (p.parser.prog if p.parser.prog.startswith(script) else script), p.namespace
     except SystemExit as e:
       pytest.fail(f"{script} {shlex.join(argv)}: the CLI rejects it (exit {e.code}):\n{err.getvalue()}")
   pytest.fail(f"{script} {shlex.join(argv)}: main() returned without parsing its arguments")
 
 
-def check_config(script: str, prog: str, a: argparse.Namespace) -> "Config":
+def check_config(script: str, prog: str, a: argparse.Namespace) -> Config:
   """Resolve the overrides the way the CLI does, so renamed keys and bad values fail here."""
   try:
     if script == "train.py":
@@ -190,9 +200,9 @@ def check_config(script: str, prog: str, a: argparse.Namespace) -> "Config":
       assert prog in ("train.py", "train.py rl"), f"no config check written for {prog!r}"
       return load_config(a.config, defaults + cli.mesh_overrides(a.mesh) + a.overrides)
     if a.mesh:
-      mc = load_config([], [f"mesh={a.mesh}"]).mesh     # serve.py's _mesh
+      mc = load_config([], [f"mesh={a.mesh}"]).mesh  # serve.py's _mesh
       assert mc.pp == 1, f"{prog} --mesh {a.mesh}: serving needs pp=1"
-    if prog == "serve.py":                             # the HTTP server takes serve.* overrides only
+    if prog == "serve.py":  # the HTTP server takes serve.* overrides only
       bad = [o for o in a.overrides if not o.split("=", 1)[0].strip().lstrip("-").startswith("serve.")]
       assert not bad, f"serve.py accepts only serve.key=value overrides, not {bad}"
     return load_config(a.config, a.overrides)
@@ -249,7 +259,7 @@ def test_mesh_presets_exist_and_are_single_tpu_chips(nb):
 
 
 def test_every_cli_command_parses_and_validates(commands, monkeypatch):
-  monkeypatch.chdir(ROOT)                            # the notebook runs from the repository root
+  monkeypatch.chdir(ROOT)  # the notebook runs from the repository root
   progs = set()
   for mesh, script, argv, line in commands:
     assert os.path.isfile(os.path.join(ROOT, script)), f"{line}: {script} does not exist"

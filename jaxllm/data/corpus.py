@@ -1,6 +1,7 @@
 """Corpora: the embedded default (Python's own standard library source, present on every machine
 that runs jaxllm, so a first run needs no download), user .txt/.jsonl files, and the step from
 documents to one flat token stream with a train/eval split."""
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,15 @@ def default_corpus_text(max_bytes: int = 8_000_000) -> str:
       chunk = (f"# file: {rel}\n" + f.read() + "\n").encode("utf-8")
     if used + len(chunk) >= max_bytes:
       # Cut the last file to fill the budget exactly; "ignore" drops a split multi-byte character.
-      pieces.append(chunk[:max_bytes - used].decode("utf-8", errors="ignore"))
+      pieces.append(chunk[: max_bytes - used].decode("utf-8", errors="ignore"))
       break
     pieces.append(chunk.decode("utf-8"))
     used += len(chunk)
   if not pieces:
-    raise ValueError(f"found no Python sources under the standard library directory {root}; pass "
-                     "your own corpus with train.data=PATH (.txt/.jsonl files or directories)")
+    raise ValueError(
+      f"found no Python sources under the standard library directory {root}; pass "
+      "your own corpus with train.data=PATH (.txt/.jsonl files or directories)"
+    )
   return "".join(pieces)
 
 
@@ -67,13 +70,17 @@ def _read_jsonl(path: str, text_field: str) -> list[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON "
-                         f"object with a string field {text_field!r}") from e
+        raise ValueError(
+          f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON "
+          f"object with a string field {text_field!r}"
+        ) from e
       text = record.get(text_field) if isinstance(record, dict) else None
       if not isinstance(text, str):
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r}, "
-                         f"found {found}; fix the line or choose the field with text_field=")
+        raise ValueError(
+          f"{path}:{lineno}: expected a JSON object with a string field {text_field!r}, "
+          f"found {found}; fix the line or choose the field with text_field="
+        )
       texts.append(text)
   return texts
 
@@ -100,8 +107,10 @@ def load_texts(paths: list[str], text_field: str = "text") -> list[str]:
     elif os.path.isfile(path):
       files = [path]
     else:
-      raise ValueError(f"data path {path!r} does not exist; give .txt/.jsonl files or directories of "
-                       "them, or no data paths at all to use the embedded standard-library corpus")
+      raise ValueError(
+        f"data path {path!r} does not exist; give .txt/.jsonl files or directories of "
+        "them, or no data paths at all to use the embedded standard-library corpus"
+      )
     for file in files:
       if file.endswith(".jsonl"):
         texts += _read_jsonl(file, text_field)
@@ -117,8 +126,10 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
   documents end and packing may put several into one sequence."""
   eos = tokenizer.eos_id
   if eos is None:
-    raise ValueError(f"{tokenizer!r} has no end-of-sequence token to separate documents; name one as "
-                     "eos_token in the tokenizer_config.json beside tokenizer.json")
+    raise ValueError(
+      f"{tokenizer!r} has no end-of-sequence token to separate documents; name one as "
+      "eos_token in the tokenizer_config.json beside tokenizer.json"
+    )
   texts = list(texts)
   if isinstance(tokenizer, ByteTokenizer):
     docs = [tokenizer.encode_np(t) for t in texts]
@@ -131,8 +142,9 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
-def split_train_eval(tokens: np.ndarray, eval_fraction: float = 0.01,
-                     min_eval_tokens: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def split_train_eval(
+  tokens: np.ndarray, eval_fraction: float = 0.01, min_eval_tokens: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
   """(train, eval): eval is the last max(eval_fraction of the stream, min_eval_tokens) tokens, but
   the minimum never takes more than a tenth of a small stream. The end of the stream is held out so
   the split does not depend on any seed."""
@@ -141,4 +153,4 @@ def split_train_eval(tokens: np.ndarray, eval_fraction: float = 0.01,
   tokens = np.asarray(tokens)
   n = len(tokens)
   n_eval = max(int(np.ceil(n * eval_fraction)), min(min_eval_tokens, n // 10))
-  return tokens[:n - n_eval], tokens[n - n_eval:]
+  return tokens[: n - n_eval], tokens[n - n_eval :]

@@ -14,6 +14,7 @@ is the first token of a new document (its input, the previous document's eos, ma
 reset_positions also "positions" [B, T] int32, restarting at 0 at each document start (and at the
 row start). Train and eval batches carry the same keys.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def _as_stream(tokens) -> np.ndarray:
   return tokens.astype(np.int32, copy=False)
 
 
-def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int, eos_id: int | None = None,
-            reset_positions: bool = False) -> dict[str, np.ndarray]:
+def _gather(
+  tokens: np.ndarray, windows: np.ndarray, seq_len: int, eos_id: int | None = None, reset_positions: bool = False
+) -> dict[str, np.ndarray]:
   """{"inputs", "targets"} int32 [B, T] (B = len(windows), T = seq_len) for the given window numbers;
   with eos_id the document fields too (see document_fields)."""
   rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, T+1]
@@ -58,8 +60,10 @@ def document_fields(inputs: np.ndarray, eos_id: int, reset_positions: bool = Fal
 
 def _check_documents(eos_id, reset_positions: bool):
   if reset_positions and eos_id is None:
-    raise ValueError("reset_positions needs eos_id: positions restart at document boundaries, which the "
-                     "eos separators mark (turn on document masks)")
+    raise ValueError(
+      "reset_positions needs eos_id: positions restart at document boundaries, which the "
+      "eos separators mark (turn on document masks)"
+    )
   return (None if eos_id is None else int(eos_id)), bool(reset_positions)
 
 
@@ -91,8 +95,17 @@ class PackedBatches:
   "positions" (see document_fields).
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True, rows=None, eos_id: int | None = None, reset_positions: bool = False):
+  def __init__(
+    self,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    rows=None,
+    eos_id: int | None = None,
+    reset_positions: bool = False,
+  ):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
     self.tokens = _as_stream(tokens)
@@ -102,9 +115,11 @@ class PackedBatches:
     self.eos_id, self.reset_positions = _check_documents(eos_id, reset_positions)
     if self.num_windows < self.batch_size:
       need = self.batch_size * self.seq_len + 1
-      raise ValueError(f"{len(self.tokens):,} tokens make {self.num_windows} sequences of seq_len="
-                       f"{self.seq_len}, fewer than batch_size={self.batch_size}; one batch needs at "
-                       f"least {need:,} tokens. Add data, or lower the batch size or sequence length")
+      raise ValueError(
+        f"{len(self.tokens):,} tokens make {self.num_windows} sequences of seq_len="
+        f"{self.seq_len}, fewer than batch_size={self.batch_size}; one batch needs at "
+        f"least {need:,} tokens. Add data, or lower the batch size or sequence length"
+      )
     self.epoch, self.index = 0, 0
     self._order_epoch, self._order = -1, None
 
@@ -133,49 +148,70 @@ class PackedBatches:
   def __next__(self) -> dict[str, np.ndarray]:
     windows, need = [], self.batch_size
     while need:
-      take = self._epoch_order(self.epoch)[self.index:self.index + need]
+      take = self._epoch_order(self.epoch)[self.index : self.index + need]
       windows.append(take)
       need -= len(take)
       self.index += len(take)
       if self.index == self.num_windows:
         self.epoch, self.index = self.epoch + 1, 0
     windows = np.concatenate(windows)
-    return _gather(self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len,
-                   self.eos_id, self.reset_positions)
+    return _gather(
+      self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len, self.eos_id, self.reset_positions
+    )
 
   def state(self) -> dict:
     """JSON-serialisable position, to store with a checkpoint."""
-    return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len,
-            "batch_size": self.batch_size, "num_tokens": len(self.tokens)}
+    return {
+      "epoch": self.epoch,
+      "index": self.index,
+      "seed": self.seed,
+      "seq_len": self.seq_len,
+      "batch_size": self.batch_size,
+      "num_tokens": len(self.tokens),
+    }
 
   def restore(self, state: dict) -> None:
     """Continue from a state() taken on the same token stream and batch shape. The checkpoint's seed
     wins over this instance's, since the data order is part of the run being resumed."""
     missing = [k for k in ("epoch", "index", "seed", *_SHAPE_KEYS) if k not in state]
     if missing:
-      raise ValueError(f"data loader state is missing {missing}; expected the dict from "
-                       f"PackedBatches.state(), got keys {sorted(state)}")
+      raise ValueError(
+        f"data loader state is missing {missing}; expected the dict from "
+        f"PackedBatches.state(), got keys {sorted(state)}"
+      )
     now = self.state()
-    changed = [f"{k}: {state[k]} in the checkpoint, {now[k]} now" for k in _SHAPE_KEYS
-               if int(state[k]) != now[k]]
+    changed = [f"{k}: {state[k]} in the checkpoint, {now[k]} now" for k in _SHAPE_KEYS if int(state[k]) != now[k]]
     if changed:
-      raise ValueError("cannot resume the data order: " + "; ".join(changed) + ". The corpus, tokenizer "
-                       "or batch shape changed since the checkpoint was written; restore them, or start a "
-                       "fresh run (a new output directory, or resume disabled)")
+      raise ValueError(
+        "cannot resume the data order: " + "; ".join(changed) + ". The corpus, tokenizer "
+        "or batch shape changed since the checkpoint was written; restore them, or start a "
+        "fresh run (a new output directory, or resume disabled)"
+      )
     epoch, index = int(state["epoch"]), int(state["index"])
     if epoch < 0 or not 0 <= index < self.num_windows:
-      raise ValueError(f"data loader state has epoch={epoch}, index={index}; index must be in "
-                       f"[0, {self.num_windows}) for this stream — the state is corrupt")
+      raise ValueError(
+        f"data loader state has epoch={epoch}, index={index}; index must be in "
+        f"[0, {self.num_windows}) for this stream — the state is corrupt"
+      )
     self.seed, self.epoch, self.index = int(state["seed"]), epoch, index
     self._order_epoch = -1  # the seed may have changed: recompute the permutation
 
   def __repr__(self) -> str:
-    return (f"PackedBatches({len(self.tokens):,} tokens, seq_len={self.seq_len}, batch_size="
-            f"{self.batch_size}, {self.num_windows} windows, epoch={self.epoch}, index={self.index})")
+    return (
+      f"PackedBatches({len(self.tokens):,} tokens, seq_len={self.seq_len}, batch_size="
+      f"{self.batch_size}, {self.num_windows} windows, epoch={self.epoch}, index={self.index})"
+    )
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, rows=None,
-                 eos_id: int | None = None, reset_positions: bool = False) -> list[dict]:
+def eval_batches(
+  tokens: np.ndarray,
+  seq_len: int,
+  batch_size: int,
+  max_batches: int,
+  rows=None,
+  eos_id: int | None = None,
+  reset_positions: bool = False,
+) -> list[dict]:
   """Up to max_batches batches from the start of the stream, in order: the same set every call, so
   eval losses are comparable across steps and runs. rows: only these rows of each; eos_id,
   reset_positions: the document fields (see PackedBatches)."""
@@ -184,13 +220,22 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
   num_windows = max(len(tokens) - 1, 0) // seq_len
   n = min(max_batches, num_windows // batch_size)
   if max_batches > 0 and n == 0:
-    raise ValueError(f"the eval split has {len(tokens):,} tokens, too few for one batch of {batch_size} x "
-                     f"{seq_len} (needs {batch_size * seq_len + 1:,}); use more data, a larger eval "
-                     "fraction, a smaller batch, or disable eval")
+    raise ValueError(
+      f"the eval split has {len(tokens):,} tokens, too few for one batch of {batch_size} x "
+      f"{seq_len} (needs {batch_size * seq_len + 1:,}); use more data, a larger eval "
+      "fraction, a smaller batch, or disable eval"
+    )
   windows, rows = np.arange(n * batch_size), _check_rows(rows, batch_size)
-  return [_gather(tokens, windows[i * batch_size:(i + 1) * batch_size][slice(None) if rows is None else rows], seq_len,
-                  eos_id, reset_positions)
-          for i in range(n)]
+  return [
+    _gather(
+      tokens,
+      windows[i * batch_size : (i + 1) * batch_size][slice(None) if rows is None else rows],
+      seq_len,
+      eos_id,
+      reset_positions,
+    )
+    for i in range(n)
+  ]
 
 
 def epoch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ dropped or doubled), all of the same split;
 Adding a task: a class with the same methods as AdditionTask (problems, question, prompt, answer,
 sft_text, write_sft_file, extract_answer), registered in TASKS under a name. Pure Python + numpy.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ def extract_answer(completion: str) -> str | None:
 
 
 def _split_of(key: str, heldout_fraction: float) -> str:
-  """"heldout" for a fixed ~heldout_fraction of keys, decided by a stable hash (not Python's
+  """ "heldout" for a fixed ~heldout_fraction of keys, decided by a stable hash (not Python's
   hash(), which is salted per process for strings)."""
   h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
   return "heldout" if h / 2**64 < heldout_fraction else "train"
@@ -63,12 +64,14 @@ def _split_of(key: str, heldout_fraction: float) -> str:
 
 class Addition(NamedTuple):
   """One problem: a + b."""
+
   a: int
   b: int
 
 
 class PreferencePair(NamedTuple):
   """One preference: for `prompt`, the completion `chosen` is better than `rejected`."""
+
   prompt: str
   chosen: str
   rejected: str
@@ -88,11 +91,10 @@ class AdditionTask:
   accuracies in docs/rl.md)."""
 
   name = "addition"
-  _ROUND = 4096    # pairs drawn per rejection-sampling round
+  _ROUND = 4096  # pairs drawn per rejection-sampling round
 
-  def __init__(self, digits_min: int = 1, digits_max: int = 2, seed: int = 0,
-               heldout_fraction: float = 0.1):
-    if not 1 <= digits_min <= digits_max <= 18:   # 18: operands stay within int64 while drawn
+  def __init__(self, digits_min: int = 1, digits_max: int = 2, seed: int = 0, heldout_fraction: float = 0.1):
+    if not 1 <= digits_min <= digits_max <= 18:  # 18: operands stay within int64 while drawn
       raise ValueError(f"digits_min={digits_min}, digits_max={digits_max}: need 1 <= digits_min <= digits_max <= 18")
     if not 0 < heldout_fraction < 1:
       raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
@@ -100,18 +102,20 @@ class AdditionTask:
     self.seed, self.heldout_fraction = int(seed), float(heldout_fraction)
 
   def __repr__(self) -> str:
-    return (f"AdditionTask(digits_min={self.digits_min}, digits_max={self.digits_max}, seed={self.seed}, "
-            f"heldout_fraction={self.heldout_fraction})")
+    return (
+      f"AdditionTask(digits_min={self.digits_min}, digits_max={self.digits_max}, seed={self.seed}, "
+      f"heldout_fraction={self.heldout_fraction})"
+    )
 
   def split_of(self, p: Addition) -> str:
-    """"train" or "heldout"; depends on the problem only (not on seeds or the digit range)."""
+    """ "train" or "heldout"; depends on the problem only (not on seeds or the digit range)."""
     lo, hi = sorted((int(p.a), int(p.b)))
     return _split_of(f"add:{lo}+{hi}", self.heldout_fraction)
 
   def _operands(self, rng: np.random.Generator, n: int) -> np.ndarray:
     digits = rng.integers(self.digits_min, self.digits_max + 1, size=n)
     low = np.where(digits == 1, 0, 10 ** (digits - 1))
-    return rng.integers(low, 10 ** digits)     # high exclusive: values with exactly `digits` digits
+    return rng.integers(low, 10**digits)  # high exclusive: values with exactly `digits` digits
 
   def problems(self, n: int, split: str = "train", seed: int | None = None) -> list[Addition]:
     """n problems of `split`, the same list for the same (task, n, split, seed); seed None = the
@@ -131,8 +135,10 @@ class AdditionTask:
       out += [p for p in map(Addition, a.tolist(), b.tolist()) if self.split_of(p) == split]
       drawn += self._ROUND
       if not out and drawn >= 100_000:
-        raise ValueError(f"{self!r} has no {split!r} problems among {drawn} draws (its digit range is "
-                         "too small to hold both splits); widen the digit range")
+        raise ValueError(
+          f"{self!r} has no {split!r} problems among {drawn} draws (its digit range is "
+          "too small to hold both splits); widen the digit range"
+        )
     return out[:n]
 
   def question(self, p: Addition) -> str:
@@ -183,25 +189,29 @@ class AdditionTask:
     i = int(rng.integers(len(digits)))
     if kind == "typo" and total:
       if len(digits) > 1 and rng.random() < 0.5:
-        return str(int(digits[:i] + digits[i + 1:]))          # dropped ("105" -> "05" reads 5)
-      return digits[:i] + digits[i] + digits[i:]                # doubled
+        return str(int(digits[:i] + digits[i + 1 :]))  # dropped ("105" -> "05" reads 5)
+      return digits[:i] + digits[i] + digits[i:]  # doubled
     d = int(digits[i])
     options = [x for x in (d - 1, d + 1) if 0 <= x <= 9 and not (i == 0 and x == 0 and len(digits) > 1)]
-    return digits[:i] + str(int(rng.choice(options))) + digits[i + 1:]
+    return digits[:i] + str(int(rng.choice(options))) + digits[i + 1 :]
 
-  def preference_pairs(self, n: int, split: str = "train", seed: int | None = None,
-                       mistakes=("carry", "digit")) -> list[PreferencePair]:
+  def preference_pairs(
+    self, n: int, split: str = "train", seed: int | None = None, mistakes=("carry", "digit")
+  ) -> list[PreferencePair]:
     """n pairs over problems(n, split, seed): prompt(p), chosen = answer + "\\n", rejected =
     wrong_answer(mistakes) + "\\n" (the same end marker, so only the number differs). Deterministic,
     and preference_pairs(n) is a prefix of preference_pairs(m) for n < m."""
     seed = self.seed if seed is None else int(seed)
-    problems = self.problems(n, split, seed)                       # validates n and split
-    rng = np.random.default_rng([seed, SPLITS.index(split), 1])   # a stream of its own, not problems()'
-    return [PreferencePair(self.prompt(p), self.answer(p) + "\n", self.wrong_answer(p, rng, mistakes) + "\n")
-            for p in problems]
+    problems = self.problems(n, split, seed)  # validates n and split
+    rng = np.random.default_rng([seed, SPLITS.index(split), 1])  # a stream of its own, not problems()'
+    return [
+      PreferencePair(self.prompt(p), self.answer(p) + "\n", self.wrong_answer(p, rng, mistakes) + "\n")
+      for p in problems
+    ]
 
-  def write_preference_file(self, path: str, n: int, split: str = "train", seed: int | None = None,
-                            mistakes=("carry", "digit")) -> str:
+  def write_preference_file(
+    self, path: str, n: int, split: str = "train", seed: int | None = None, mistakes=("carry", "digit")
+  ) -> str:
     """Write preference_pairs(n, split, seed, mistakes) as jsonl, one {"prompt", "chosen", "rejected"}
     object a line (for `train.py reward --data PATH`); returns path."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:

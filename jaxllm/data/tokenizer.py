@@ -4,6 +4,7 @@
   encode(text, add_bos=False) -> list[int]     decode(ids) -> str
   encode_np(text) -> int32 array                vocab_size, bos_id, eos_id, pad_id
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import numpy as np
 class ByteTokenizer:
   """UTF-8 bytes as ids 0..255 plus three specials. Any text round-trips, nothing to download, and
   the vocabulary is small enough for the tiny models the tests and CPU runs use."""
+
   bos_id = 256
   eos_id = 257
   pad_id = 258
@@ -65,8 +67,10 @@ class HFTokenizer:
     try:
       self.tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-      raise ValueError(f"could not read Hugging Face tokenizer {path!r}: {e}. Expected a tokenizer.json "
-                       "as written by `tokenizers` / `transformers` (save_pretrained)") from e
+      raise ValueError(
+        f"could not read Hugging Face tokenizer {path!r}: {e}. Expected a tokenizer.json "
+        "as written by `tokenizers` / `transformers` (save_pretrained)"
+      ) from e
     named = _named_special_tokens(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
     self.bos_id = self._find(named.get("bos_token"), _BOS_CANDIDATES)
     self.eos_id = self._find(named.get("eos_token"), _EOS_CANDIDATES)
@@ -108,8 +112,10 @@ class HFTokenizer:
     return self.tokenizer.decode(ids, skip_special_tokens=True)
 
   def __repr__(self) -> str:
-    return (f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-            f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+    return (
+      f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+      f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+    )
 
 
 def _named_special_tokens(config_path: str) -> dict[str, str]:
@@ -121,8 +127,10 @@ def _named_special_tokens(config_path: str) -> dict[str, str]:
     with open(config_path, encoding="utf-8") as f:
       config = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path} is not valid JSON ({e}); fix or remove it — it only names the "
-                     "special tokens, which are otherwise guessed from the vocabulary") from e
+    raise ValueError(
+      f"{config_path} is not valid JSON ({e}); fix or remove it — it only names the "
+      "special tokens, which are otherwise guessed from the vocabulary"
+    ) from e
   out = {}
   for key in ("bos_token", "eos_token", "pad_token"):
     value = config.get(key) if isinstance(config, dict) else None
@@ -134,14 +142,16 @@ def _named_special_tokens(config_path: str) -> dict[str, str]:
 
 
 def load_tokenizer(spec: str):
-  """"byte" -> ByteTokenizer; otherwise a path to a tokenizer.json or to a directory holding one."""
+  """ "byte" -> ByteTokenizer; otherwise a path to a tokenizer.json or to a directory holding one."""
   if spec == "byte":
     return ByteTokenizer()
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(path):
-    raise ValueError(f"tokenizer {spec!r}: no file at {path}. Pass a Hugging Face tokenizer.json or a "
-                     "directory containing one, or \"byte\" for the built-in byte-level tokenizer, "
-                     "which needs no files")
+    raise ValueError(
+      f"tokenizer {spec!r}: no file at {path}. Pass a Hugging Face tokenizer.json or a "
+      'directory containing one, or "byte" for the built-in byte-level tokenizer, '
+      "which needs no files"
+    )
   return HFTokenizer(path)

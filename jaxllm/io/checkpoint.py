@@ -6,6 +6,7 @@ layers stacked [L, ...] in model order, so any mesh or one device can load it), 
 state (jaxllm.train.checkpoint); serving and RL read only `meta` and `params`, through here, without
 importing the trainer.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def manager(directory: str, keep: int = 3, async_save: bool = True) -> ocp.Check
   """The orbax CheckpointManager of a checkpoints directory (created if missing)."""
   # cleanup_tmp_directories: a save cut off by a kill leaves STEP.orbax-checkpoint-tmp; it is
   # never a restore candidate, so drop it when the next run opens the directory.
-  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                      create=True, cleanup_tmp_directories=True)
+  opts = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_names=ITEMS)
 
 
@@ -39,13 +41,15 @@ def read_meta(directory: str, step: int | None = None) -> dict:
   without loading arrays."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory} does not exist; pass the train.out_dir/"
-                          "checkpoints folder of a training run")
+    raise CheckpointError(
+      f"checkpoint directory {directory} does not exist; pass the train.out_dir/checkpoints folder of a training run"
+    )
   mgr = manager(directory, async_save=False)
   step = mgr.latest_step() if step is None else step
   if step is None:
-    raise CheckpointError(f"{directory} holds no finished checkpoint (a run writes them every "
-                          "train.save_every steps and at the end)")
+    raise CheckpointError(
+      f"{directory} holds no finished checkpoint (a run writes them every train.save_every steps and at the end)"
+    )
   path = os.path.join(directory, str(step), "meta", "metadata")
   try:
     with open(path) as f:
@@ -75,12 +79,14 @@ def load_params(directory: str, shardings: Callable[[ModelDef], Any] | None = No
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                          shardings(mdef))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings(mdef))
   try:
     out = manager(directory, async_save=False).restore(
-      meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+      meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
   except Exception as e:  # orbax raises many types; the user needs the step and the way out
-    raise CheckpointError(f"parameters of step {meta['step']} in {directory} could not be read "
-                          f"({type(e).__name__}: {e}); nothing was changed on disk") from e
+    raise CheckpointError(
+      f"parameters of step {meta['step']} in {directory} could not be read "
+      f"({type(e).__name__}: {e}); nothing was changed on disk"
+    ) from e
   return config, out.params

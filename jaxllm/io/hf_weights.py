@@ -13,6 +13,7 @@ Shapes: the package legend in jaxllm/__init__.py (L, E, D, N, K, H, F, V); `Fm` 
 expert and shared-expert hidden widths (both F of their MLP). HF nn.Linear weights are [out, in];
 jaxllm's are [in, ...out].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,15 +32,15 @@ from jaxllm.io.hf_config import Family
 
 @dataclass(frozen=True)
 class Group:
-  hf_dim: int               # the HF tensor dim this jaxllm dim (or dim group) comes from
-  sizes: tuple[int, ...]    # jaxllm dims it splits into, row-major (e.g. (N, H) from N*H)
-  offset: int = 0           # start along hf_dim (fused gate_up_proj: up starts at Fm)
+  hf_dim: int  # the HF tensor dim this jaxllm dim (or dim group) comes from
+  sizes: tuple[int, ...]  # jaxllm dims it splits into, row-major (e.g. (N, H) from N*H)
+  offset: int = 0  # start along hf_dim (fused gate_up_proj: up starts at Fm)
 
 
 @dataclass(frozen=True)
 class Source:
-  pattern: str              # HF name; {l} layer, {e} expert
-  stack: tuple[str, ...]    # leading jaxllm dims iterated over files: (), ("l",) or ("l", "e")
+  pattern: str  # HF name; {l} layer, {e} expert
+  stack: tuple[str, ...]  # leading jaxllm dims iterated over files: (), ("l",) or ("l", "e")
   groups: tuple[Group, ...]  # the remaining jaxllm dims, in jaxllm order
   hf_shape: tuple[int, ...]  # shape of each HF tensor
 
@@ -53,8 +54,7 @@ class Source:
 def _lin(pattern, stack, out_sizes, in_sizes, out_first=False):
   """An nn.Linear weight [prod(out), prod(in)] -> jaxllm [*in, *out] (or [*out, *in] if out_first)."""
   o, i = Group(0, out_sizes), Group(1, in_sizes)
-  return Source(pattern, stack, (o, i) if out_first else (i, o),
-                (int(np.prod(out_sizes)), int(np.prod(in_sizes))))
+  return Source(pattern, stack, (o, i) if out_first else (i, o), (int(np.prod(out_sizes)), int(np.prod(in_sizes))))
 
 
 def _vec(pattern, stack, sizes):
@@ -92,7 +92,7 @@ def weight_table(cfg: ModelConfig, fam: Family, fused: bool = False) -> dict[tup
     t[("layers", "w_down")] = _lin(m + "down_proj.weight", l, (D,), (F,))
     return t
   E, Fm = cfg.n_experts, cfg.resolved_moe_d_ff
-  mixtral_files = fam.moe == "mixtral" and not fused   # transformers 5 renames Mixtral's module to mlp
+  mixtral_files = fam.moe == "mixtral" and not fused  # transformers 5 renames Mixtral's module to mlp
   moe = "model.layers.{l}.block_sparse_moe." if mixtral_files else m
   t[("layers", "router")] = _lin(moe + "gate.weight", l, (E,), (D,))
   if fused:
@@ -110,7 +110,7 @@ def weight_table(cfg: ModelConfig, fam: Family, fused: bool = False) -> dict[tup
     t[("layers", "shared_gate")] = _lin(s + "gate_proj.weight", l, (Fs,), (D,))
     t[("layers", "shared_up")] = _lin(s + "up_proj.weight", l, (Fs,), (D,))
     t[("layers", "shared_down")] = _lin(s + "down_proj.weight", l, (D,), (Fs,))
-    if cfg.shared_expert_gate:   # nn.Linear(D, 1): [1, D] -> [D]
+    if cfg.shared_expert_gate:  # nn.Linear(D, 1): [1, D] -> [D]
       t[("layers", "shared_expert_gate")] = Source(m + "shared_expert_gate.weight", l, (Group(1, (D,)),), (1, D))
   return t
 
@@ -128,6 +128,7 @@ class SafetensorsDir(contextlib.AbstractContextManager):
 
   def __init__(self, model_dir: str):
     from safetensors import safe_open
+
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
       with open(index) as f:
@@ -136,8 +137,10 @@ class SafetensorsDir(contextlib.AbstractContextManager):
     else:
       files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.safetensors")))
       if not files:
-        raise ValueError(f"{model_dir}: no *.safetensors weights (and no model.safetensors.index.json); "
-                         "jaxllm reads safetensors only (convert .bin with transformers' save_pretrained)")
+        raise ValueError(
+          f"{model_dir}: no *.safetensors weights (and no model.safetensors.index.json); "
+          "jaxllm reads safetensors only (convert .bin with transformers' save_pretrained)"
+        )
     self._stack = contextlib.ExitStack()
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._slices = {}
@@ -169,9 +172,14 @@ def check_names(table: dict, files: dict[str, tuple], cfg: ModelConfig, where: s
         missing.append(name)
       elif files[name] != src.hf_shape:
         wrong.append(f"{name} has shape {list(files[name])}, expected {list(src.hf_shape)}")
-  unused = sorted(n for n in files if n not in expected and not IGNORED.match(n)
-                  # transformers also ignores a stored lm_head when the embeddings are tied
-                  and not (cfg.tie_embeddings and n == "lm_head.weight"))
+  unused = sorted(
+    n
+    for n in files
+    if n not in expected
+    and not IGNORED.match(n)
+    # transformers also ignores a stored lm_head when the embeddings are tied
+    and not (cfg.tie_embeddings and n == "lm_head.weight")
+  )
   problems = []
   for title, items in (("missing tensors", missing), ("mis-shaped tensors", wrong), ("unused tensors", unused)):
     if items:
@@ -183,6 +191,7 @@ def check_names(table: dict, files: dict[str, tuple], cfg: ModelConfig, where: s
 
 # ---------------------------------------------------------------------------------------------
 # Reading blocks and writing units
+
 
 def _norm(index, shape) -> list[range]:
   return [range(*s.indices(n)) if isinstance(s, slice) else range(s, s + 1) for s, n in zip(index, shape)]
@@ -197,10 +206,12 @@ def read_block(src: Source, files: SafetensorsDir, shape: tuple[int, ...], index
   # bounding box of HF rows to read (contiguous for every slice a mesh asks for).
   flat, box = {}, []
   for g, first in zip(src.groups, itertools.accumulate([len(g.sizes) for g in src.groups], initial=0)):
-    parts = unit_r[first:first + len(g.sizes)]
+    parts = unit_r[first : first + len(g.sizes)]
     strides = np.cumprod((g.sizes[1:] + (1,))[::-1])[::-1]
-    idx = g.offset + sum(np.asarray(r).reshape([-1 if i == j else 1 for j in range(len(parts))]) * st
-                         for i, (r, st) in enumerate(zip(parts, strides)))
+    idx = g.offset + sum(
+      np.asarray(r).reshape([-1 if i == j else 1 for j in range(len(parts))]) * st
+      for i, (r, st) in enumerate(zip(parts, strides))
+    )
     flat[g.hf_dim] = (np.asarray(idx).reshape(-1), [len(r) for r in parts])
   for d in range(len(src.hf_shape)):
     box.append(slice(int(flat[d][0].min()), int(flat[d][0].max()) + 1) if d in flat else slice(0, 1))
@@ -209,12 +220,14 @@ def read_block(src: Source, files: SafetensorsDir, shape: tuple[int, ...], index
   for pos in itertools.product(*[range(len(r)) for r in stack_r]):
     unit = dict(zip(src.stack, (r[p] for r, p in zip(stack_r, pos))))
     t = files.read(src.pattern.format(**unit), tuple(box))
-    for d in range(len(src.hf_shape)):   # pick the requested rows of each grouped dim
+    for d in range(len(src.hf_shape)):  # pick the requested rows of each grouped dim
       t = np.take(t, flat[d][0] - box[d].start, axis=d) if d in flat else t
     t = t.reshape([n for d in range(len(src.hf_shape)) for n in (flat[d][1] if d in flat else [1])])
     t = t.squeeze(axis=tuple(_axis_of(src, d) for d in range(len(src.hf_shape)) if d not in flat))
     # now dims are in HF dim order, each group expanded; permute into jaxllm group order
-    starts = {d: s for d, s in zip(sorted(flat), itertools.accumulate([len(flat[d][1]) for d in sorted(flat)], initial=0))}
+    starts = {
+      d: s for d, s in zip(sorted(flat), itertools.accumulate([len(flat[d][1]) for d in sorted(flat)], initial=0))
+    }
     perm = [starts[d] + i for d in order for i in range(len(flat[d][1]))]
     out[pos] = np.transpose(t, perm).astype(dtype)
   return out

@@ -10,6 +10,7 @@ End-of-sequence ids (`eos_ids`) are the one rule every generating caller uses: a
 with several tokens (Llama-3 and Qwen instruct models list them in generation_config.json), so all of
 them stop generation, not just the tokenizer's one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,10 @@ from jaxllm.io.hf import RUN_FIELDS, hf_chat_template, hf_tokenizer_path, load_h
 from jaxllm.io.hf_config import load_hf_config, read_json
 from jaxllm.model.params import ModelDef, model_def
 
-_FIX = ("pass a training run's checkpoints folder (train.out_dir/checkpoints) or a Hugging Face model "
-        "directory (config.json + *.safetensors)")
+_FIX = (
+  "pass a training run's checkpoints folder (train.out_dir/checkpoints) or a Hugging Face model "
+  "directory (config.json + *.safetensors)"
+)
 
 
 class ModelLoadError(ValueError):
@@ -37,20 +40,21 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class LoadedModel:
   cfg: ModelConfig
-  params: Any                     # the model's parameter pytree, placed by `shardings` (default device without)
-  tokenizer: Any                  # encode/decode, vocab_size, bos_id/eos_id/pad_id (jaxllm.data)
-  tokenizer_spec: str             # what load_tokenizer was given: "byte" or a tokenizer.json path
-  eos_ids: tuple[int, ...]        # every end-of-sequence id the model can produce (see eos_ids)
-  name: str                       # the directory's name (the run's, for a checkpoints folder)
-  chat_template: str | None       # Jinja source of a Hugging Face directory; None for checkpoints
-  source: str                     # where it came from, for messages
-  run_config: Config | None       # a checkpoint's saved run config; None for a Hugging Face directory
+  params: Any  # the model's parameter pytree, placed by `shardings` (default device without)
+  tokenizer: Any  # encode/decode, vocab_size, bos_id/eos_id/pad_id (jaxllm.data)
+  tokenizer_spec: str  # what load_tokenizer was given: "byte" or a tokenizer.json path
+  eos_ids: tuple[int, ...]  # every end-of-sequence id the model can produce (see eos_ids)
+  name: str  # the directory's name (the run's, for a checkpoints folder)
+  chat_template: str | None  # Jinja source of a Hugging Face directory; None for checkpoints
+  source: str  # where it came from, for messages
+  run_config: Config | None  # a checkpoint's saved run config; None for a Hugging Face directory
 
 
 def _is_hf_dir(path: str) -> bool:
   names = os.listdir(path)
-  return "config.json" in names and any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
-                                        for n in names)
+  return "config.json" in names and any(
+    n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names
+  )
 
 
 def _is_checkpoints_dir(path: str) -> bool:
@@ -61,8 +65,9 @@ def _token_ids(value, where: str) -> list[int]:
   """An `eos_token_id` entry: an int, a list of ints, or null."""
   values = value if isinstance(value, list) else [] if value is None else [value]
   if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-    raise ModelLoadError(f"{where}: eos_token_id {value!r} is not an integer or a list of integers; fix or "
-                         "remove the entry")
+    raise ModelLoadError(
+      f"{where}: eos_token_id {value!r} is not an integer or a list of integers; fix or remove the entry"
+    )
   return values
 
 
@@ -100,8 +105,14 @@ def _run_overrides(overrides: dict) -> None:
     raise ModelLoadError(f"load_model: {wrong} would change the weights; only {RUN_FIELDS} can be overridden")
 
 
-def load_model(path: str, *, shardings: Callable[[ModelDef], Any] | None = None, tokenizer: str | None = None,
-               step: int | None = None, **overrides) -> LoadedModel:
+def load_model(
+  path: str,
+  *,
+  shardings: Callable[[ModelDef], Any] | None = None,
+  tokenizer: str | None = None,
+  step: int | None = None,
+  **overrides,
+) -> LoadedModel:
   """The model at `path`: a training checkpoints folder (or a run's out_dir holding one) or a Hugging
   Face model directory.
 
@@ -128,25 +139,45 @@ def load_model(path: str, *, shardings: Callable[[ModelDef], Any] | None = None,
 def _load_hf(path: str, shardings, tokenizer: str | None, overrides: dict) -> LoadedModel:
   spec = tokenizer or hf_tokenizer_path(path)
   if spec is None:
-    raise ModelLoadError(f"{path} has no tokenizer.json; copy the model's tokenizer files (tokenizer.json, "
-                         "tokenizer_config.json) into it, or pass a tokenizer (\"byte\" or a tokenizer.json path)")
+    raise ModelLoadError(
+      f"{path} has no tokenizer.json; copy the model's tokenizer files (tokenizer.json, "
+      'tokenizer_config.json) into it, or pass a tokenizer ("byte" or a tokenizer.json path)'
+    )
   tok = _tokenizer(spec, path)
   placed = None if shardings is None else shardings(model_def(load_hf_config(path, **overrides)))
   cfg, params = load_hf(path, placed, **overrides)
-  return LoadedModel(cfg, params, tok, spec, eos_ids(cfg.vocab_size, tok, path),
-                     os.path.basename(os.path.abspath(path)), hf_chat_template(path),
-                     f"Hugging Face model {path} (tokenizer {spec})", None)
+  return LoadedModel(
+    cfg,
+    params,
+    tok,
+    spec,
+    eos_ids(cfg.vocab_size, tok, path),
+    os.path.basename(os.path.abspath(path)),
+    hf_chat_template(path),
+    f"Hugging Face model {path} (tokenizer {spec})",
+    None,
+  )
 
 
-def _load_checkpoint(directory: str, shardings, tokenizer: str | None, step: int | None,
-                     overrides: dict) -> LoadedModel:
+def _load_checkpoint(
+  directory: str, shardings, tokenizer: str | None, step: int | None, overrides: dict
+) -> LoadedModel:
   spec = tokenizer or read_config(directory, step).train.tokenizer
-  tok = _tokenizer(spec, directory)           # before the weights: a missing tokenizer fails at once
+  tok = _tokenizer(spec, directory)  # before the weights: a missing tokenizer fails at once
   config, params = load_params(directory, shardings, step)
   cfg = dataclasses.replace(config.model, **overrides)
   if cfg.param_dtype != config.model.param_dtype:
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), params)
   full = os.path.abspath(directory)
   run = os.path.dirname(full) if os.path.basename(full) == "checkpoints" else full
-  return LoadedModel(cfg, params, tok, spec, eos_ids(cfg.vocab_size, tok), os.path.basename(run), None,
-                     f"checkpoint {directory} (tokenizer {spec})", config)
+  return LoadedModel(
+    cfg,
+    params,
+    tok,
+    spec,
+    eos_ids(cfg.vocab_size, tok),
+    os.path.basename(run),
+    None,
+    f"checkpoint {directory} (tokenizer {spec})",
+    config,
+  )

@@ -4,6 +4,7 @@ Interface: jaxllm/kernels/reference.py. `get_attention_backend(name)` returns a 
 `paged_decode_attention` and `ragged_paged_attention`; the engine calls only those two.
 Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M; used in reference.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,22 +26,32 @@ def get_attention_backend(name: str, platform: str | None = None) -> types.Simpl
     name = "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "reference"
   if name == "reference":
     from jaxllm.kernels import reference as mod
-    return types.SimpleNamespace(name="reference", platform=platform,
-                                 paged_decode_attention=mod.paged_decode_attention,
-                                 ragged_paged_attention=mod.ragged_paged_attention)
+
+    return types.SimpleNamespace(
+      name="reference",
+      platform=platform,
+      paged_decode_attention=mod.paged_decode_attention,
+      ragged_paged_attention=mod.ragged_paged_attention,
+    )
   if platform in ("gpu", "cuda", "rocm"):
     from jaxllm.kernels import gpu as mod
+
     kw = {}
   elif platform == "tpu":
     from jaxllm.kernels import tpu as mod
+
     kw = {}
   elif platform == "cpu":
     from jax.experimental.pallas import tpu as pltpu
+
     from jaxllm.kernels import tpu as mod
+
     kw = {"interpret": pltpu.InterpretParams()}
   else:
     raise ValueError(f"no pallas attention kernels for platform {platform!r}; use 'reference'")
   return types.SimpleNamespace(
-      name="pallas", platform=platform,
-      paged_decode_attention=functools.partial(mod.paged_decode_attention, **kw),
-      ragged_paged_attention=functools.partial(mod.ragged_paged_attention, **kw))
+    name="pallas",
+    platform=platform,
+    paged_decode_attention=functools.partial(mod.paged_decode_attention, **kw),
+    ragged_paged_attention=functools.partial(mod.ragged_paged_attention, **kw),
+  )

@@ -33,11 +33,11 @@ Z >= 8, H = 128 -- and the XLA path gathers a key chunk into [K, R, keys, H], wh
 over contiguous keys. Token-major [P, Z, K, H] makes XLA on CPU strided-copy every gathered page
 (figures: docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 # Finite "minus infinity" for masked scores: a row with every key masked (padding) gives a uniform
@@ -52,14 +52,14 @@ DECODE_KEY_CHUNK, RAGGED_KEY_CHUNK = 256, 128
 def check_shapes(who: str, q, k_pages, v_pages, kv_lens, page_table) -> None:
   """ValueError in plain words unless the arrays have the interface's shapes (the kernels call it)."""
   if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-    raise ValueError(f"{who}: k_pages and v_pages must both be [K, P, Z, H] (kv head major); got "
-                     f"{k_pages.shape} and {v_pages.shape}")
+    raise ValueError(
+      f"{who}: k_pages and v_pages must both be [K, P, Z, H] (kv head major); got {k_pages.shape} and {v_pages.shape}"
+    )
   K, _, _, H = k_pages.shape
   if q.ndim != 3 or q.shape[2] != H or q.shape[1] % K:
     raise ValueError(f"{who}: q must be [rows, N, {H}] with N a multiple of the {K} kv heads; got {q.shape}")
   if page_table.ndim != 2 or kv_lens.shape != page_table.shape[:1]:
-    raise ValueError(f"{who}: page_table must be [R, M] and kv_lens [R]; got {page_table.shape} and "
-                     f"{kv_lens.shape}")
+    raise ValueError(f"{who}: page_table must be [R, M] and kv_lens [R]; got {page_table.shape} and {kv_lens.shape}")
 
 
 def key_chunk_pages(Z: int, keys: int = DECODE_KEY_CHUNK) -> int:
@@ -90,12 +90,11 @@ def _online_step(carry, s, valid, pv):
 
 
 def _init_carry(shape, H):
-  return (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros((*shape, H), jnp.float32))
+  return (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, H), jnp.float32))
 
 
 def _finish(l, acc):
-  return acc / jnp.where(l == 0.0, 1.0, l)[..., None]   # no valid key -> 0, not a uniform average
+  return acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # no valid key -> 0, not a uniform average
 
 
 def _chunked_table(page_table, cp):
@@ -116,12 +115,12 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table):
   cp = key_chunk_pages(Z)
   C = cp * Z
   pt = _chunked_table(page_table, cp)
-  qg = q.reshape(R, K, N // K, H).transpose(1, 0, 2, 3).astype(jnp.float32) * (H ** -0.5)  # [K, R, G, H]
+  qg = q.reshape(R, K, N // K, H).transpose(1, 0, 2, 3).astype(jnp.float32) * (H**-0.5)  # [K, R, G, H]
 
   def chunk(c, carry):
-    ids = jax.lax.dynamic_slice_in_dim(pt, c * cp, cp, axis=1)               # [R, cp]
-    k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)            # [K, R, C, H]
-    kv_valid = c * C + jnp.arange(C)[None, :] < kv_lens[:, None]             # [R, C]
+    ids = jax.lax.dynamic_slice_in_dim(pt, c * cp, cp, axis=1)  # [R, cp]
+    k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)  # [K, R, C, H]
+    kv_valid = c * C + jnp.arange(C)[None, :] < kv_lens[:, None]  # [R, C]
     s = jnp.einsum("krgh,krch->krgc", qg, k, preferred_element_type=jnp.float32)
     # keys past a sequence's length: zero value too (their slots may hold anything; 0 * NaN = NaN)
     v = jnp.where(kv_valid[None, :, :, None], v, jnp.zeros((), v.dtype)).astype(jnp.float32)
@@ -138,7 +137,7 @@ def query_block_size(Q: int) -> int:
   return max(1, min(Q, 64))
 
 
-WAVE_BLOCKS = 8        # query blocks attended together per loop iteration of the ragged XLA path
+WAVE_BLOCKS = 8  # query blocks attended together per loop iteration of the ragged XLA path
 
 
 @jax.jit
@@ -165,32 +164,32 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   W = max(1, min(WAVE_BLOCKS, -(-Q // Bq)))
   R = kv_lens.shape[0]
   live = jnp.arange(R) < num_seqs
-  q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)                # [R]
-  n_blocks = (q_lens + Bq - 1) // Bq                                         # [R]
-  block_end = jnp.cumsum(n_blocks)                                           # [R] inclusive cumsum
+  q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [R]
+  n_blocks = (q_lens + Bq - 1) // Bq  # [R]
+  block_end = jnp.cumsum(n_blocks)  # [R] inclusive cumsum
   total = block_end[-1]
   # [K, Q + Bq, G, H], head-major like the pool; Bq spare rows so a block never runs off the end.
   qg = jnp.pad(q.reshape(Q, K, G, H), ((0, Bq), (0, 0), (0, 0), (0, 0))).transpose(1, 0, 2, 3)
-  qg = qg.astype(jnp.float32) * (H ** -0.5)
+  qg = qg.astype(jnp.float32) * (H**-0.5)
   offs = jnp.arange(Bq)
 
   def wave(w, out):
-    b = w * W + jnp.arange(W)                                                # [W] block ids
-    s = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), R - 1)     # each block's sequence
-    seq0, end, kv_len = cu_q_lens[s], cu_q_lens[s + 1], kv_lens[s]           # [W]
-    start = seq0 + (b - (block_end[s] - n_blocks[s])) * Bq                   # [W] first query row
-    rows = start[:, None] + offs[None, :]                                    # [W, Bq]
+    b = w * W + jnp.arange(W)  # [W] block ids
+    s = jnp.minimum(jnp.searchsorted(block_end, b, side="right"), R - 1)  # each block's sequence
+    seq0, end, kv_len = cu_q_lens[s], cu_q_lens[s + 1], kv_lens[s]  # [W]
+    start = seq0 + (b - (block_end[s] - n_blocks[s])) * Bq  # [W] first query row
+    rows = start[:, None] + offs[None, :]  # [W, Bq]
     own = (rows < end[:, None]) & (b < total)[:, None]
-    qpos = (kv_len - (end - seq0))[:, None] + (rows - seq0[:, None])         # [W, Bq] positions
+    qpos = (kv_len - (end - seq0))[:, None] + (rows - seq0[:, None])  # [W, Bq] positions
     n_keys = jnp.where(b < total, kv_len - (end - jnp.minimum(end, start + Bq)), 0)  # last own row + 1
-    qb = qg[:, jnp.minimum(rows, Q + Bq - 1)]                                # [K, W, Bq, G, H]
-    tables = pt[s]                                                           # [W, M']
+    qb = qg[:, jnp.minimum(rows, Q + Bq - 1)]  # [K, W, Bq, G, H]
+    tables = pt[s]  # [W, M']
 
     def chunk(c, carry):
-      ids = jax.lax.dynamic_slice_in_dim(tables, c * cp, cp, axis=1)          # [W, cp]
-      k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)          # [K, W, C, H]
+      ids = jax.lax.dynamic_slice_in_dim(tables, c * cp, cp, axis=1)  # [W, cp]
+      k, v = gather_pages(k_pages, ids), gather_pages(v_pages, ids)  # [K, W, C, H]
       kpos = c * C + jnp.arange(C)
-      kv_valid = kpos[None, :] < kv_len[:, None]                             # [W, C]
+      kv_valid = kpos[None, :] < kv_len[:, None]  # [W, C]
       valid = own[:, :, None] & (kpos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]
       sc = jnp.einsum("kwrgh,kwch->kwrgc", qb, k, preferred_element_type=jnp.float32)
       v = jnp.where(kv_valid[None, :, :, None], v, jnp.zeros((), v.dtype)).astype(jnp.float32)
@@ -199,7 +198,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
 
     n_chunks = (jnp.max(n_keys) + C - 1) // C
     _, l, acc = jax.lax.fori_loop(0, n_chunks, chunk, _init_carry(qb.shape[:4], H))
-    dest = jnp.where(own, rows, Q + Bq)                                      # rows not owned: dropped
+    dest = jnp.where(own, rows, Q + Bq)  # rows not owned: dropped
     return out.at[:, dest].set(_finish(l, acc), mode="drop")
 
   out = jnp.zeros((K, Q + Bq, G, H), jnp.float32)

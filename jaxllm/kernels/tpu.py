@@ -39,6 +39,7 @@ Design (why):
   sequence's rows, so a block holding many one-row (decode) sequences spends bq x the MXU work those rows
   need; HBM traffic, what bounds attention, stays exact. Decode-only steps use the decode kernel.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,7 +51,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels.reference import MASK_VALUE, check_shapes
 
-BLOCK_KEYS = 256   # default keys per KV block (pages_per_block = BLOCK_KEYS // Z)
+BLOCK_KEYS = 256  # default keys per KV block (pages_per_block = BLOCK_KEYS // Z)
 
 
 def _pages_per_block(pages_per_block: int | None, Z: int, M: int) -> int:
@@ -67,6 +68,7 @@ def _block_dma(action, pt_ref, row, M, first, count, kh, slot, k_hbm, v_hbm, k_b
   of page-table row `row` (pt_ref is the [R, M] table flattened), kv head kh, into buffer slot `slot`
   (page j of the block into k_buf[slot, j]). A wait rebuilds the same descriptors, so it waits for
   exactly the copies that were started; sem [2 (K, V), 2 slots] counts them."""
+
   def one(j, carry):
     page = pt_ref[row * M + first + j]
     for i, (hbm, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf))):
@@ -88,8 +90,8 @@ def _online_softmax_step(q, k, v, valid, kv_valid, m_ref, l_ref, acc_ref, kh, sc
   invalid keys are zeroed, since their slots may hold anything (0 * NaN = NaN).
   """
   s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-  s = jnp.where(valid, s, MASK_VALUE)                                   # [rows, bk]
-  m_prev = m_ref[kh]                                                    # [rows, 1]
+  s = jnp.where(valid, s, MASK_VALUE)  # [rows, bk]
+  m_prev = m_ref[kh]  # [rows, 1]
   m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
   p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
   alpha = jnp.exp(m_prev - m_new)
@@ -113,18 +115,23 @@ def _finish(o_ref, l_ref, acc_ref):
 
 def _scratch(K, rows, H, ppb, Z, dtype):
   """Two-slot K and V block buffers, their DMA semaphores, and the fp32 m / l / acc."""
-  return [pltpu.VMEM((2, ppb, Z, H), dtype), pltpu.VMEM((2, ppb, Z, H), dtype),
-          pltpu.SemaphoreType.DMA((2, 2)),
-          pltpu.VMEM((K, rows, 1), jnp.float32), pltpu.VMEM((K, rows, 1), jnp.float32),
-          pltpu.VMEM((K, rows, H), jnp.float32)]
+  return [
+    pltpu.VMEM((2, ppb, Z, H), dtype),
+    pltpu.VMEM((2, ppb, Z, H), dtype),
+    pltpu.SemaphoreType.DMA((2, 2)),
+    pltpu.VMEM((K, rows, 1), jnp.float32),
+    pltpu.VMEM((K, rows, 1), jnp.float32),
+    pltpu.VMEM((K, rows, H), jnp.float32),
+  ]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Decode: grid (R,); program s walks steps t = (kv head t // nb, KV block t % nb), nb = its blocks per head.
 
 
-def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sem, m_ref, l_ref,
-                   acc_ref, *, K, M, Z, ppb):
+def _decode_kernel(
+  kv_lens_ref, pt_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sem, m_ref, l_ref, acc_ref, *, K, M, Z, ppb
+):
   # q_ref, o_ref [K, G, H]; k_hbm, v_hbm [K, P, Z, H] (HBM); k_buf, v_buf [2, ppb, Z, H].
   s = pl.program_id(0)
   _, G, H = q_ref.shape
@@ -132,8 +139,9 @@ def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf
   kv_len = kv_lens_ref[s]
   n_pages = jnp.minimum(pl.cdiv(kv_len, Z), M)
   nb = pl.cdiv(n_pages, ppb)
-  dma = functools.partial(_block_dma, pt_ref=pt_ref, row=s, M=M, k_hbm=k_hbm, v_hbm=v_hbm, k_buf=k_buf,
-                          v_buf=v_buf, sem=sem)
+  dma = functools.partial(
+    _block_dma, pt_ref=pt_ref, row=s, M=M, k_hbm=k_hbm, v_hbm=v_hbm, k_buf=k_buf, v_buf=v_buf, sem=sem
+  )
 
   def copies(action, t, slot):
     b = jax.lax.rem(t, nb)
@@ -150,14 +158,24 @@ def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf
 
     @pl.when(t + 1 < K * nb)
     def _():
-      copies("start", t + 1, 1 - slot)      # the next block streams in while this one is computed
+      copies("start", t + 1, 1 - slot)  # the next block streams in while this one is computed
 
     copies("wait", t, slot)
     kh, b = jax.lax.div(t, nb), jax.lax.rem(t, nb)
-    kv_valid = b * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < kv_len   # [bk, 1]
+    kv_valid = b * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < kv_len  # [bk, 1]
     valid = jnp.broadcast_to(kv_valid.reshape(1, bk), (G, bk))
-    _online_softmax_step(q_ref[kh], k_buf[slot].reshape(bk, H), v_buf[slot].reshape(bk, H), valid,
-                         kv_valid, m_ref, l_ref, acc_ref, kh, H ** -0.5)
+    _online_softmax_step(
+      q_ref[kh],
+      k_buf[slot].reshape(bk, H),
+      v_buf[slot].reshape(bk, H),
+      valid,
+      kv_valid,
+      m_ref,
+      l_ref,
+      acc_ref,
+      kh,
+      H**-0.5,
+    )
     return carry
 
   jax.lax.fori_loop(0, K * nb, step, 0)
@@ -165,8 +183,7 @@ def _decode_kernel(kv_lens_ref, pt_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "pages_per_block"))
-def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpret=False,
-                           pages_per_block=None):
+def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpret=False, pages_per_block=None):
   """q [R, N, H] -> [R, N, H]; semantics in jaxllm/kernels/reference.py. pages_per_block: pages per KV
   block (default about 256 keys)."""
   check_shapes("tpu paged_decode_attention", q, k_pages, v_pages, kv_lens, page_table)
@@ -182,13 +199,17 @@ def paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table, *, interpre
   q_spec = pl.BlockSpec((pl.squeezed, K, G, H), lambda s, *_: (s, 0, 0, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   out = pl.pallas_call(
-      functools.partial(_decode_kernel, K=K, M=M, Z=Z, ppb=ppb),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(R,), in_specs=[q_spec, any_spec, any_spec], out_specs=q_spec,
-          scratch_shapes=_scratch(K, G, H, ppb, Z, k_pages.dtype)),
-      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=interpret,
+    functools.partial(_decode_kernel, K=K, M=M, Z=Z, ppb=ppb),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(R,),
+      in_specs=[q_spec, any_spec, any_spec],
+      out_specs=q_spec,
+      scratch_shapes=_scratch(K, G, H, ppb, Z, k_pages.dtype),
+    ),
+    out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=interpret,
   )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), qg, k_pages, v_pages)
   return out.reshape(R, N, H)
 
@@ -212,21 +233,58 @@ def _ragged_seq(w, i, cu_ref, kv_lens_ref, order_ref, *, M, Z, ppb, bq):
   return s, start, end, kv_len, last_key, n_pages, nb
 
 
-def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, order_ref, first_ref, stop_ref, q_ref, k_hbm, v_hbm,
-                   o_ref, k_buf, v_buf, sem, m_ref, l_ref, acc_ref, *, K, M, Z, G, ppb, bq):
+def _ragged_kernel(
+  kv_lens_ref,
+  pt_ref,
+  cu_ref,
+  order_ref,
+  first_ref,
+  stop_ref,
+  q_ref,
+  k_hbm,
+  v_hbm,
+  o_ref,
+  k_buf,
+  v_buf,
+  sem,
+  m_ref,
+  l_ref,
+  acc_ref,
+  *,
+  K,
+  M,
+  Z,
+  G,
+  ppb,
+  bq,
+):
   # q_ref, o_ref [K, bq * G, H]; k_hbm, v_hbm [K, P, Z, H] (HBM); k_buf, v_buf [2, ppb, Z, H].
   i = pl.program_id(0)
   H = q_ref.shape[2]
   bk = ppb * Z
   w_first, w_stop = first_ref[i], stop_ref[i]
-  seq = functools.partial(_ragged_seq, i=i, cu_ref=cu_ref, kv_lens_ref=kv_lens_ref, order_ref=order_ref,
-                          M=M, Z=Z, ppb=ppb, bq=bq)
+  seq = functools.partial(
+    _ragged_seq, i=i, cu_ref=cu_ref, kv_lens_ref=kv_lens_ref, order_ref=order_ref, M=M, Z=Z, ppb=ppb, bq=bq
+  )
 
   def copies(action, w, t, slot):
     s, _, _, _, _, n_pages, nb = seq(w)
     b = jax.lax.rem(t, nb)
-    _block_dma(action, pt_ref, s, M, b * ppb, jnp.clip(n_pages - b * ppb, 0, ppb), jax.lax.div(t, nb),
-               slot, k_hbm, v_hbm, k_buf, v_buf, sem)
+    _block_dma(
+      action,
+      pt_ref,
+      s,
+      M,
+      b * ppb,
+      jnp.clip(n_pages - b * ppb, 0, ppb),
+      jax.lax.div(t, nb),
+      slot,
+      k_hbm,
+      v_hbm,
+      k_buf,
+      v_buf,
+      sem,
+    )
 
   _init(m_ref, l_ref, acc_ref)
 
@@ -234,11 +292,11 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, order_ref, first_ref, stop_ref, 
   def _():
     copies("start", w_first, 0, 0)
 
-  tok = i * bq + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (bq * G, 1), 0), G)   # [bq * G, 1]
+  tok = i * bq + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (bq * G, 1), 0), G)  # [bq * G, 1]
 
   def one_seq(w, n_done):
     _, start, end, kv_len, last_key, _, nb = seq(w)
-    qpos = kv_len - (end - start) + (tok - start)                       # [bq * G, 1]
+    qpos = kv_len - (end - start) + (tok - start)  # [bq * G, 1]
     own = (tok >= start) & (tok < end)
 
     def step(t, n_done):
@@ -254,11 +312,21 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, order_ref, first_ref, stop_ref, 
 
       copies("wait", w, t, slot)
       kh, b = jax.lax.div(t, nb), jax.lax.rem(t, nb)
-      kpos = b * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)   # [1, bk]
-      valid = own & (kpos <= qpos)                                      # [bq * G, bk]; qpos < kv_len
-      kv_valid = b * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) <= last_key   # copied keys
-      _online_softmax_step(q_ref[kh], k_buf[slot].reshape(bk, H), v_buf[slot].reshape(bk, H), valid,
-                           kv_valid, m_ref, l_ref, acc_ref, kh, H ** -0.5)
+      kpos = b * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # [1, bk]
+      valid = own & (kpos <= qpos)  # [bq * G, bk]; qpos < kv_len
+      kv_valid = b * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) <= last_key  # copied keys
+      _online_softmax_step(
+        q_ref[kh],
+        k_buf[slot].reshape(bk, H),
+        v_buf[slot].reshape(bk, H),
+        valid,
+        kv_valid,
+        m_ref,
+        l_ref,
+        acc_ref,
+        kh,
+        H**-0.5,
+      )
       return n_done + 1
 
     return jax.lax.fori_loop(0, K * nb, step, n_done)
@@ -268,8 +336,9 @@ def _ragged_kernel(kv_lens_ref, pt_ref, cu_ref, order_ref, first_ref, stop_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "pages_per_block"))
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-                           interpret=False, block_q=64, pages_per_block=None):
+def ragged_paged_attention(
+  q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, interpret=False, block_q=64, pages_per_block=None
+):
   """q [Q, N, H] -> [Q, N, H]; semantics in jaxllm/kernels/reference.py. block_q: query tokens per
   program (a multiple of 8, capped at Q rounded up to 8); pages_per_block: pages per KV block (default
   about 256 keys)."""
@@ -278,41 +347,44 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
   K, _, Z, _ = k_pages.shape
   R, M = page_table.shape
   if cu_q_lens.shape != (R + 1,):
-    raise ValueError(f"tpu ragged_paged_attention: cu_q_lens must be [R + 1] = [{R + 1}], got "
-                     f"{cu_q_lens.shape}")
+    raise ValueError(f"tpu ragged_paged_attention: cu_q_lens must be [R + 1] = [{R + 1}], got {cu_q_lens.shape}")
   if block_q < 8 or block_q % 8:
-    raise ValueError(f"tpu ragged_paged_attention: block_q must be a positive multiple of 8 (the TPU "
-                     f"sublane tile), got {block_q}")
+    raise ValueError(
+      f"tpu ragged_paged_attention: block_q must be a positive multiple of 8 (the TPU sublane tile), got {block_q}"
+    )
   G = N // K
   ppb = _pages_per_block(pages_per_block, Z, M)
   bq = min(block_q, pl.cdiv(Q, 8) * 8)
   nb = pl.cdiv(Q, bq)
-  Qp = nb * bq                                                # padded rows belong to no sequence
+  Qp = nb * bq  # padded rows belong to no sequence
   qg = jnp.pad(q, ((0, Qp - Q), (0, 0), (0, 0))).reshape(Qp, K, G, H)
-  qg = qg.transpose(1, 0, 2, 3).reshape(K, Qp * G, H)         # [K, (token, g), H]
+  qg = qg.transpose(1, 0, 2, 3).reshape(K, Qp * G, H)  # [K, (token, g), H]
 
   cu = cu_q_lens.astype(jnp.int32)
   has_rows = (cu[1:] > cu[:-1]) & (jnp.arange(R) < num_seqs)  # [R]
   order = jnp.argsort(~has_rows, stable=True).astype(jnp.int32)
-  listed = jnp.arange(R) < jnp.sum(has_rows)                  # order's entries with rows
+  listed = jnp.arange(R) < jnp.sum(has_rows)  # order's entries with rows
   big = jnp.iinfo(jnp.int32).max
-  starts = jnp.where(listed, cu[:-1][order], big)             # both increasing
+  starts = jnp.where(listed, cu[:-1][order], big)  # both increasing
   ends = jnp.where(listed, cu[1:][order], big)
   blk = jnp.arange(nb, dtype=jnp.int32) * bq
-  first = jnp.searchsorted(ends, blk, side="right").astype(jnp.int32)         # first ending after blk
-  stop = jnp.searchsorted(starts, blk + bq, side="left").astype(jnp.int32)    # all starting before its end
+  first = jnp.searchsorted(ends, blk, side="right").astype(jnp.int32)  # first ending after blk
+  stop = jnp.searchsorted(starts, blk + bq, side="left").astype(jnp.int32)  # all starting before its end
 
   q_spec = pl.BlockSpec((K, bq * G, H), lambda i, *_: (0, i, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   out = pl.pallas_call(
-      functools.partial(_ragged_kernel, K=K, M=M, Z=Z, G=G, ppb=ppb, bq=bq),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=6, grid=(nb,), in_specs=[q_spec, any_spec, any_spec], out_specs=q_spec,
-          scratch_shapes=_scratch(K, bq * G, H, ppb, Z, k_pages.dtype)),
-      out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=interpret,
-  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), cu, order, first, stop,
-    qg, k_pages, v_pages)
+    functools.partial(_ragged_kernel, K=K, M=M, Z=Z, G=G, ppb=ppb, bq=bq),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=6,
+      grid=(nb,),
+      in_specs=[q_spec, any_spec, any_spec],
+      out_specs=q_spec,
+      scratch_shapes=_scratch(K, bq * G, H, ppb, Z, k_pages.dtype),
+    ),
+    out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=interpret,
+  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), cu, order, first, stop, qg, k_pages, v_pages)
   out = out.reshape(K, Qp, G, H).transpose(1, 0, 2, 3).reshape(Qp, N, H)
   return out[:Q]

@@ -15,6 +15,7 @@ attends to keys at or before it AND in the same document. GQA never repeats K/V:
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, N, K, G, H).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
-from jaxllm.model.layers import MASK_VALUE, attention as dense_attention
+from jaxllm.model.layers import MASK_VALUE
+from jaxllm.model.layers import attention as dense_attention
 from jaxllm.model.varying import vary, varying_axes
 
 # Query / key rows per block of the flash path: one block's fp32 scores are [B, K, G, block_q, block_k].
@@ -35,6 +37,7 @@ MIN_BLOCK = 64
 # Loops over at most this many query blocks run as straight-line code (Python ints as block indices):
 # key blocks wholly below the causal diagonal then skip the mask, and nothing is a while loop.
 UNROLL_BLOCKS = 4
+
 
 def document_mask(B: int, T: int, segment_ids=None):
   """[B, T, T] bool: causal, and (with segment_ids [B, T]) within one document."""
@@ -50,8 +53,13 @@ def resolve(impl: str, q, segment_ids=None) -> str:
     return impl
   platform = jax.devices()[0].platform
   T, H = q.shape[1], q.shape[3]
-  if platform in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16) and segment_ids is None \
-      and H % 8 == 0 and H <= 128:
+  if (
+    platform in ("gpu", "cuda")
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and segment_ids is None
+    and H % 8 == 0
+    and H <= 128
+  ):
     return "cudnn"
   if platform == "tpu" and T % 128 == 0:
     return "splash"
@@ -74,6 +82,7 @@ def self_attention(impl: str, q, k, v, segment_ids=None):
 
 # ---------------------------------------------------------------------------------------------
 # flash: blockwise attention in XLA
+
 
 def flash_block(T: int, block: int | None, most: int) -> int:
   """Rows per flash block for T positions: `block` if given, else a quarter of T rounded up to
@@ -101,8 +110,7 @@ def flash_attention(q, k, v, segment_ids=None, block_q: int | None = None, block
   # batched matmul over (B, K) with no transposes in the loops (a token-major layout copies every
   # block into this order and back).
   qh = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
-  out = _flash(bq, bk, segment_ids is not None, qh, jnp.transpose(k, (0, 2, 1, 3)),
-               jnp.transpose(v, (0, 2, 1, 3)), seg)
+  out = _flash(bq, bk, segment_ids is not None, qh, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), seg)
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H)
 
 
@@ -119,7 +127,7 @@ def _padded(bq, bk, q, k, v, seg):
   never meet a real row). q comes back scaled by H**-0.5 (once here, not on every block's scores)."""
   T, H = q.shape[3], q.shape[4]
   Tq, Tk = -(-T // bq) * bq, -(-T // bk) * bk
-  q = q * jnp.asarray(H ** -0.5, q.dtype)
+  q = q * jnp.asarray(H**-0.5, q.dtype)
   return (_pad(q, 3, Tq), _pad(k, 2, Tk), _pad(v, 2, Tk), _pad(seg, 1, Tq, -1), _pad(seg, 1, Tk, -1))
 
 
@@ -152,7 +160,7 @@ def _loop(lo, hi, body, init, unroll: bool, reverse: bool = False):
   """body(i, carry) for i in lo..hi-1 (hi-1 down to lo when reverse): straight-line code with Python
   int indices when `unroll` (the bounds are then ints), else a fori_loop."""
   if unroll:
-    for i in (range(hi - 1, lo - 1, -1) if reverse else range(lo, hi)):
+    for i in range(hi - 1, lo - 1, -1) if reverse else range(lo, hi):
       init = body(i, init)
     return init
   if reverse:
@@ -176,28 +184,34 @@ def _forward(bq, bk, documents, q, k, v, seg):
 
   def q_block(i, carry):
     out, lse = carry
-    qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=3)               # [B, K, G, bq, H]
+    qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=3)  # [B, K, G, bq, H]
 
     def k_block(j, c):
       m, l, acc = c
-      kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)             # [B, K, bk, H]
+      kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)  # [B, K, bk, H]
       vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
       s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32)
       s = _masked(s, bq, bk, i, j, seg_q, seg_k, documents)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.exp(s - m_new[..., None])
-      if not first_sees:                     # a row may have seen no key yet: its max is MASK_VALUE
+      if not first_sees:  # a row may have seen no key yet: its max is MASK_VALUE
         p = jnp.where(s > MASK_VALUE, p, 0.0)
       alpha = jnp.exp(m - m_new)
       l = l * alpha + jnp.sum(p, axis=-1)
       pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
       return m_new, l, acc * alpha[..., None] + pv
 
-    init = vary((jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
-                 jnp.zeros((B, K, G, bq, H), jnp.float32)), axes)
+    init = vary(
+      (
+        jnp.full((B, K, G, bq), MASK_VALUE, jnp.float32),
+        jnp.zeros((B, K, G, bq), jnp.float32),
+        jnp.zeros((B, K, G, bq, H), jnp.float32),
+      ),
+      axes,
+    )
     m, l, acc = _loop(0, _key_blocks(bq, bk, i, nk), k_block, init, unroll, reverse=True)
-    l_safe = jnp.where(l == 0, 1.0, l)            # a row that sees no key (padding only): output 0
-    o = (acc / l_safe[..., None]).astype(q.dtype)                          # [B, K, G, bq, H]
+    l_safe = jnp.where(l == 0, 1.0, l)  # a row that sees no key (padding only): output 0
+    o = (acc / l_safe[..., None]).astype(q.dtype)  # [B, K, G, bq, H]
     out = jax.lax.dynamic_update_slice_in_dim(out, o, i * bq, axis=3)
     lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l_safe), i * bq, axis=3)
     return out, lse
@@ -222,7 +236,7 @@ def _flash_bwd(bq, bk, documents, res, dout):
   dQ accumulated into an fp32 [B, K, G, Tq, H] buffer; P recomputed from the saved lse."""
   q, k, v, seg, out, lse = res
   B, K, G, T, H = q.shape
-  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)                  # qp scaled
+  qp, kp, vp, seg_q, seg_k = _padded(bq, bk, q, k, v, seg)  # qp scaled
   Tq, Tk = qp.shape[3], kp.shape[2]
   dop = _pad(dout.astype(q.dtype), 3, Tq)
   # D_i = rowsum(dO * O) [B, K, G, Tq]
@@ -234,17 +248,17 @@ def _flash_bwd(bq, bk, documents, res, dout):
 
   def k_block(j, carry):
     dq, dk, dv = carry
-    kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)               # [B, K, bk, H]
+    kj = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)  # [B, K, bk, H]
     vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
 
     def q_block(i, c):
       dq, dkj, dvj = c
-      qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=3)             # [B, K, G, bq, H]
+      qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=3)  # [B, K, G, bq, H]
       doi = jax.lax.dynamic_slice_in_dim(dop, i * bq, bq, axis=3)
-      lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)         # [B, K, G, bq]
+      lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)  # [B, K, G, bq]
       d_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
       s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32)
-      p = jnp.exp(_masked(s, bq, bk, i, j, seg_q, seg_k, documents) - lse_i[..., None])   # masked: 0
+      p = jnp.exp(_masked(s, bq, bk, i, j, seg_q, seg_k, documents) - lse_i[..., None])  # masked: 0
       dvj = dvj + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqh,bksh->bkgqs", doi, vj, preferred_element_type=jnp.float32)
       ds = p * (dp - d_i[..., None])
@@ -263,7 +277,7 @@ def _flash_bwd(bq, bk, documents, res, dout):
 
   init = vary((jnp.zeros(qp.shape, jnp.float32), jnp.zeros(kp.shape, k.dtype), jnp.zeros(vp.shape, v.dtype)), axes)
   dq, dk, dv = _loop(0, nk, k_block, init, unroll)
-  dq = dq[:, :, :, :T] * (H ** -0.5)
+  dq = dq[:, :, :, :T] * (H**-0.5)
   return dq.astype(q.dtype), dk[:, :, :T], dv[:, :, :T], None
 
 
@@ -273,14 +287,17 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------------------
 # cudnn (GPU) and splash (TPU)
 
+
 def cudnn_attention(q, k, v, segment_ids=None, implementation: str = "cudnn"):
   """jax.nn.dot_product_attention, GQA native (k, v keep their K heads). cuDNN takes causal masking
   natively; a document mask goes in as a [B, 1, T, T] mask, which cuDNN turns into a bias: memory
   quadratic in T again ("auto" picks flash when there are segment ids). cuDNN wants bf16/fp16.
   `implementation="xla"` runs the same call through XLA (the tests use it on CPU)."""
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"model.attention='cudnn' needs bf16/fp16 activations (model.dtype='bfloat16'), got "
-                     f"{q.dtype}; use model.attention='flash' (or 'auto') for float32")
+    raise ValueError(
+      f"model.attention='cudnn' needs bf16/fp16 activations (model.dtype='bfloat16'), got "
+      f"{q.dtype}; use model.attention='flash' (or 'auto') for float32"
+    )
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
@@ -294,22 +311,25 @@ def splash_attention(q, k, v, segment_ids=None, interpret: bool = False):
   of the kernel's 128-row blocks. `interpret=True` runs the kernel in the Pallas interpreter."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   B, T, N, H = q.shape
   K = k.shape[2]
   G = N // K
   if T % 128:
-    raise ValueError(f"model.attention='splash' needs the sequence length ({T}) to be a multiple of 128; "
-                     "use model.attention='flash' (or 'auto') for other lengths")
+    raise ValueError(
+      f"model.attention='splash' needs the sequence length ({T}) to be a multiple of 128; "
+      "use model.attention='flash' (or 'auto') for other lengths"
+    )
   mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
   kernel = sk.make_splash_mqa_single_device(mask, interpret=interpret)
-  qg = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 3, 1, 4)) * jnp.asarray(H ** -0.5, q.dtype)  # [B, K, G, T, H]
-  kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))                         # [B, K, T, H]
+  qg = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 3, 1, 4)) * jnp.asarray(H**-0.5, q.dtype)  # [B, K, G, T, H]
+  kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [B, K, T, H]
   if segment_ids is None:
     run = lambda qh, kh, vh, s: kernel(qh, kh, vh)
     seg = jnp.zeros((B, T), jnp.int32)
   else:
     run = lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s))
     seg = segment_ids.astype(jnp.int32)
-  per_head = jax.vmap(run, in_axes=(0, 0, 0, None))                 # over K
-  out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qg, kt, vt, seg)   # [B, K, G, T, H]
+  per_head = jax.vmap(run, in_axes=(0, 0, 0, None))  # over K
+  out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qg, kt, vt, seg)  # [B, K, G, T, H]
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q.dtype)

@@ -4,6 +4,7 @@ paged cache does). This one is the simple contiguous cache for incremental decod
 
 Shapes: the package legend in jaxllm/__init__.py (L, B, S = cache capacity, T, N, K, H).
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,8 +16,8 @@ from jaxllm.model.layers import attention
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array        # [L, B, S, K, H]
-  v: jax.Array        # [L, B, S, K, H]
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
   lengths: jax.Array  # [B] int32, tokens already cached per row (= position of the next token)
 
   @classmethod
@@ -37,13 +38,15 @@ class KVCache:
     """Write k, v [B, T, K, H] at each row's length, attend q [B, T, N, H] to the cached prefix."""
     T = q.shape[1]
     write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
-    k_l = write(self.k[layer], k.astype(self.k.dtype), self.lengths)   # [B, S, K, H]
+    k_l = write(self.k[layer], k.astype(self.k.dtype), self.lengths)  # [B, S, K, H]
     v_l = write(self.v[layer], v.astype(self.v.dtype), self.lengths)
-    q_pos = self.positions(T)                                           # [B, T]
+    q_pos = self.positions(T)  # [B, T]
     mask = jnp.arange(self.capacity)[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
     out = attention(q, k_l.astype(q.dtype), v_l.astype(q.dtype), mask)
-    new = self.replace(k=jax.lax.dynamic_update_index_in_dim(self.k, k_l, layer, 0),
-                       v=jax.lax.dynamic_update_index_in_dim(self.v, v_l, layer, 0))
+    new = self.replace(
+      k=jax.lax.dynamic_update_index_in_dim(self.k, k_l, layer, 0),
+      v=jax.lax.dynamic_update_index_in_dim(self.v, v_l, layer, 0),
+    )
     return out, new
 
   def advance(self, T: int):

@@ -8,6 +8,7 @@ measured and checked against (`serve.py bench` and benchmarks/bench_engine.py: t
 Shapes: the package legend in jaxllm/__init__.py (B, T = prompt length, left-aligned and equal per
 batch, n new tokens, V).
 """
+
 from __future__ import annotations
 
 import functools

@@ -8,6 +8,7 @@ experts take the single-device dropless dispatch. `jaxllm.parallel` installs mes
 sharding constraints and the expert-parallel dispatch for the auto-sharded jit (`mesh_hooks`), or the
 per-device versions for code partitioned by hand (jaxllm.parallel.manual says which collectives).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,12 @@ def batch_mean(x):
 
 
 @contextlib.contextmanager
-def using(constrain: Callable | None = None, moe_experts: Callable | None = None,
-          sum_partials: Callable | None = None, batch_mean: Callable | None = None):
+def using(
+  constrain: Callable | None = None,
+  moe_experts: Callable | None = None,
+  sum_partials: Callable | None = None,
+  batch_mean: Callable | None = None,
+):
   """Install hooks for the duration of a trace; None leaves the default in place."""
   tokens = []
   for var, fn in zip(_ALL, (constrain, moe_experts, sum_partials, batch_mean)):

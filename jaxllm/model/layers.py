@@ -2,6 +2,7 @@
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, S, D, N, K, G, H, F).
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.hooks import constrain, sum_partials
-
 from jaxllm.kernels.reference import MASK_VALUE  # one finite "-inf" shared with the paged kernels
+from jaxllm.model.hooks import constrain, sum_partials
 
 
 def rms_norm(x, weight, eps: float):
@@ -28,12 +28,17 @@ def rms_norm(x, weight, eps: float):
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """[H/2] inverse frequencies, fp32 as HF computes them, with optional llama3 scaling."""
   H = cfg.resolved_head_dim
-  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H)))
+  inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
   inv = inv.astype(np.float32)
   if cfg.rope_scaling == "llama3":
     # Llama 3.1 (HF _compute_llama3_parameters): keep high frequencies, divide low ones by
     # `factor`, interpolate smoothly in between.
-    factor, lo, hi, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_pos
+    factor, lo, hi, old = (
+      cfg.rope_factor,
+      cfg.rope_low_freq_factor,
+      cfg.rope_high_freq_factor,
+      cfg.rope_original_max_pos,
+    )
     wavelen = 2 * math.pi / inv
     scaled = np.where(wavelen > old / lo, inv / factor, inv)
     smooth = (old / wavelen - lo) / (hi - lo)
@@ -67,7 +72,7 @@ def attention(q, k, v, mask):
   B, T, N, H = q.shape
   K = k.shape[2]
   q = q.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (H**-0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)

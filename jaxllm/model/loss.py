@@ -7,6 +7,7 @@ target tokens (Megatron and MaxText normalise by the global token count the same
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, V).
 """
+
 from __future__ import annotations
 
 import functools
@@ -80,9 +81,11 @@ def _chunk_grads(hc, w, tc, mc):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_nll(h, w, targets, m, n):
   """Masked NLL sum of padded h [B, n*C, D] over n chunks; forward only (eval)."""
+
   def body(total, xs):
     hc, tc, mc = xs
     return total + jnp.sum(token_nll(_chunk_logits(constrain(hc, ("batch", "seq", "embed")), w), tc) * mc), None
+
   total, _ = jax.lax.scan(body, jnp.float32(0.0), (_split(h, n), _split(targets, n), _split(m, n)))
   return total
 
@@ -94,6 +97,7 @@ def _chunked_nll_fwd(h, w, targets, m, n):
     total, dw = carry
     nll, dh, dw_c = _chunk_grads(xs[0], w, xs[1], xs[2])
     return (total + nll, dw + dw_c), dh
+
   dw0 = jnp.zeros(w.shape, jnp.float32)
   (total, dw), dh = jax.lax.scan(body, (jnp.float32(0.0), dw0), (_split(h, n), _split(targets, n), _split(m, n)))
   dh = jnp.moveaxis(dh, 0, 1).reshape(h.shape)

@@ -3,6 +3,7 @@ bridge back to the NNX module: `ModelDef.bind(params)` gives a Transformer over 
 
 Keeping training state as pure pytrees lets jit, shardings, optax and orbax see ordinary arrays.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ def _is_var(x):
 class ModelDef:
   cfg: ModelConfig
   graphdef: Any
-  template: Any            # abstract nnx.State (shapes, dtypes, metadata)
-  logical: dict            # same tree as params; leaves are tuples of logical axis names
+  template: Any  # abstract nnx.State (shapes, dtypes, metadata)
+  logical: dict  # same tree as params; leaves are tuples of logical axis names
 
   def bind(self, params: dict) -> Transformer:
     """A Transformer whose parameters are `params` (arrays or tracers); no copy."""

@@ -4,6 +4,7 @@ shardings. The model never sees a mesh.
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, S, D, N, K, H, F, E, V, L).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -20,9 +21,9 @@ from jaxllm.model.moe import moe_mlp
 
 
 class Output(NamedTuple):
-  logits: jax.Array           # [B, T, V] fp32
-  aux: dict[str, jax.Array]   # MoE losses averaged over layers ({} for dense)
-  cache: Any                  # the updated cache, or None
+  logits: jax.Array  # [B, T, V] fp32
+  aux: dict[str, jax.Array]  # MoE losses averaged over layers ({} for dense)
+  cache: Any  # the updated cache, or None
 
 
 def _param(rngs, shape, names, std, dtype):
@@ -44,7 +45,7 @@ class Blocks(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     L, D, N, K, H, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff
     pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-    out_std = std / (2 * L) ** 0.5   # GPT-2: residual projections scaled by depth
+    out_std = std / (2 * L) ** 0.5  # GPT-2: residual projections scaled by depth
     self.attn_norm = _ones((L, D), ("layers", "embed"), pd)
     self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), std, pd)
     self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), std, pd)
@@ -116,10 +117,12 @@ def remat_policy(policy: str):
     return None
   if policy == "offload":
     return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
-  return {"full": cp.nothing_saveable,
-          "dots": cp.dots_with_no_batch_dims_saveable,
-          "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
-          "dots_saveable": cp.dots_saveable}[policy]
+  return {
+    "full": cp.nothing_saveable,
+    "dots": cp.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
+    "dots_saveable": cp.dots_saveable,
+  }[policy]
 
 
 def remat(fn, policy: str):
@@ -187,8 +190,9 @@ class Transformer(nnx.Module):
       x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer, segment_ids)
       return (x, cache, layer + 1), aux
 
-    (x, cache, _), aux = jax.lax.scan(remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params,
-                                      unroll=scan_unroll(cfg, params, cache))
+    (x, cache, _), aux = jax.lax.scan(
+      remat(body, cfg.remat), (x, cache, jnp.int32(first_layer)), params, unroll=scan_unroll(cfg, params, cache)
+    )
     return x, {k: jnp.mean(v) for k, v in aux.items()}, cache
 
   def head_weight(self):

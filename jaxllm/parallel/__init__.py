@@ -1,9 +1,16 @@
 """Mesh construction, logical->physical sharding rules (MoE Parallel Folding), expert-parallel
 dispatch and the pipeline schedule. The model never imports this package; these install hooks."""
+
 from jaxllm.parallel.mesh import MeshPlan, build_mesh, format_rank_table, plan_mesh
 from jaxllm.parallel.moe import expert_parallel
-from jaxllm.parallel.sharding import LOGICAL_RULES, activation_constrainer, batch_sharding, logical_spec, \
-  opt_state_shardings, param_shardings
+from jaxllm.parallel.sharding import (
+  LOGICAL_RULES,
+  activation_constrainer,
+  batch_sharding,
+  logical_spec,
+  opt_state_shardings,
+  param_shardings,
+)
 
 
 def mesh_hooks(mesh, plan: MeshPlan, model_cfg, capacity_factor: float = 0.0) -> dict:
@@ -19,6 +26,17 @@ def mesh_hooks(mesh, plan: MeshPlan, model_cfg, capacity_factor: float = 0.0) ->
   return hooks
 
 
-__all__ = ["MeshPlan", "build_mesh", "format_rank_table", "plan_mesh", "LOGICAL_RULES",
-           "activation_constrainer", "batch_sharding", "logical_spec", "mesh_hooks", "expert_parallel",
-           "opt_state_shardings", "param_shardings"]
+__all__ = [
+  "MeshPlan",
+  "build_mesh",
+  "format_rank_table",
+  "plan_mesh",
+  "LOGICAL_RULES",
+  "activation_constrainer",
+  "batch_sharding",
+  "logical_spec",
+  "mesh_hooks",
+  "expert_parallel",
+  "opt_state_shardings",
+  "param_shardings",
+]

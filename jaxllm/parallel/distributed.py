@@ -16,6 +16,7 @@ Otherwise nothing is initialised and the run is single-process, exactly as witho
 
 Call `initialize` before anything touches a jax backend (jax.devices(), an array, a jit).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,11 @@ import jax
 import numpy as np
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_LOCAL_DEVICES = (
-  "JAXLLM_COORDINATOR", "JAXLLM_NUM_PROCESSES", "JAXLLM_PROCESS_ID", "JAXLLM_LOCAL_DEVICES")
+  "JAXLLM_COORDINATOR",
+  "JAXLLM_NUM_PROCESSES",
+  "JAXLLM_PROCESS_ID",
+  "JAXLLM_LOCAL_DEVICES",
+)
 
 
 class DistributedError(ValueError):
@@ -35,6 +40,7 @@ class DistributedError(ValueError):
 @dataclass(frozen=True)
 class Cluster:
   """How this process takes part in the run (`source`: "flags", "env" or the detected cluster)."""
+
   num_processes: int
   process_id: int
   coordinator: str | None
@@ -55,24 +61,30 @@ def detected_cluster() -> str | None:
   """The name of a multi-process cluster environment JAX's auto-detection would use (Cloud TPU pod
   slice, SLURM job with several tasks, Open MPI launch, ...), or None (also for a one-process one)."""
   try:
-    from jax._src.clusters import ClusterEnv   # the list jax.distributed.initialize() itself walks
+    from jax._src.clusters import ClusterEnv  # the list jax.distributed.initialize() itself walks
+
     for env in ClusterEnv._cluster_types:
       if not env.opt_in_only_method and env.is_env_present() and int(env.get_process_count()) > 1:
         return env.__name__
     return None
-  except ImportError:   # a jax without the private module: the common launchers by their variables
+  except ImportError:  # a jax without the private module: the common launchers by their variables
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
       return "SlurmCluster"
     if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
       return "OmpiCluster"
     return None
-  except Exception:     # a detector that could not answer (e.g. no metadata server): not a cluster
+  except Exception:  # a detector that could not answer (e.g. no metadata server): not a cluster
     return None
 
 
-def resolve(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-            local_devices: int | None = None, mesh_devices: int | None = None,
-            environ=None) -> Cluster | None:
+def resolve(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_devices: int | None = None,
+  mesh_devices: int | None = None,
+  environ=None,
+) -> Cluster | None:
   """The multi-process settings from arguments, then JAXLLM_* variables, then a detected cluster;
   None for a single-process run. `mesh_devices` (pp*dp*tp of the run's mesh) checks the counts and
   gives the local device count on CPU (mesh_devices / num_processes) when `local_devices` is unset."""
@@ -86,19 +98,30 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
     name = detected_cluster()
     if name is None:
       if local_devices is not None and mesh_devices is not None and local_devices != mesh_devices:
-        raise DistributedError(f"--local-devices {local_devices} on a single process, but the mesh needs "
-                               f"{mesh_devices} devices; run {mesh_devices // local_devices if mesh_devices % local_devices == 0 else 'more'} "
-                               "processes (--coordinator/--num-processes/--process-id) or drop --local-devices")
+        raise DistributedError(
+          f"--local-devices {local_devices} on a single process, but the mesh needs "
+          f"{mesh_devices} devices; run "
+          f"{mesh_devices // local_devices if mesh_devices % local_devices == 0 else 'more'} "
+          "processes (--coordinator/--num-processes/--process-id) or drop --local-devices"
+        )
       return None
-    return Cluster(0, 0, None, local_devices, name)   # counts filled in by jax after initialize
+    return Cluster(0, 0, None, local_devices, name)  # counts filled in by jax after initialize
   if num_processes == 1 and not coordinator:
     return None
-  missing = [n for n, v in (("--coordinator HOST:PORT", coordinator), ("--num-processes", num_processes),
-                            ("--process-id", process_id)) if v is None]
+  missing = [
+    n
+    for n, v in (
+      ("--coordinator HOST:PORT", coordinator),
+      ("--num-processes", num_processes),
+      ("--process-id", process_id),
+    )
+    if v is None
+  ]
   if missing:
-    raise DistributedError(f"a multi-process run needs all of --coordinator, --num-processes and --process-id "
-                           f"(or {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}); missing "
-                           + ", ".join(missing))
+    raise DistributedError(
+      f"a multi-process run needs all of --coordinator, --num-processes and --process-id "
+      f"(or {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}); missing " + ", ".join(missing)
+    )
   if ":" not in coordinator:
     raise DistributedError(f"coordinator {coordinator!r} must be HOST:PORT (process 0's host, a free port)")
   if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -108,17 +131,26 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
   if mesh_devices is not None:
     if local_devices is None:
       if mesh_devices % num_processes:
-        raise DistributedError(f"the mesh needs {mesh_devices} devices, which {num_processes} processes cannot "
-                               f"split evenly; use a process count that divides {mesh_devices}")
+        raise DistributedError(
+          f"the mesh needs {mesh_devices} devices, which {num_processes} processes cannot "
+          f"split evenly; use a process count that divides {mesh_devices}"
+        )
     elif local_devices * num_processes != mesh_devices:
-      raise DistributedError(f"the mesh needs {mesh_devices} devices but {num_processes} processes x "
-                             f"{local_devices} local devices = {num_processes * local_devices}; make "
-                             "num_processes * local_devices equal pp*dp*tp of the mesh")
+      raise DistributedError(
+        f"the mesh needs {mesh_devices} devices but {num_processes} processes x "
+        f"{local_devices} local devices = {num_processes * local_devices}; make "
+        "num_processes * local_devices equal pp*dp*tp of the mesh"
+      )
   return Cluster(num_processes, process_id, coordinator, local_devices, source)
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               local_devices: int | None = None, mesh_devices: int | None = None) -> Cluster | None:
+def initialize(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_devices: int | None = None,
+  mesh_devices: int | None = None,
+) -> Cluster | None:
   """Join the multi-process run (see `resolve` for where the values come from) with
   `jax.distributed.initialize`; None (and nothing done) for a single-process run. On the CPU
   platform each process exposes `local_devices` devices (default mesh_devices / num_processes):
@@ -132,7 +164,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     n_local = mesh_devices // cluster.num_processes
   if n_local is not None:
     jax.config.update("jax_num_cpu_devices", n_local)
-  if cluster.coordinator is None:          # a detected cluster: JAX reads its own variables
+  if cluster.coordinator is None:  # a detected cluster: JAX reads its own variables
     jax.distributed.initialize()
   else:
     jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id)
@@ -157,5 +189,7 @@ def global_batch(sharding, local: dict, global_shape) -> dict:
   """{name: global jax.Array [B, ...]} from this process's rows `local[name]` (the rows
   `local_rows(sharding, global_shape)` names, in that order). Single-process: the whole batch, placed
   shard by shard on its devices."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_shape[0], *np.shape(v)[1:]))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (global_shape[0], *np.shape(v)[1:]))
+    for k, v in local.items()
+  }

@@ -24,6 +24,7 @@ Megatron's cross-entropy (`vocab_parallel_nll`): no device ever holds a [B, T, V
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, D, N, K, H, V).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,11 @@ def check_manual(cfg: ModelConfig, plan: MeshPlan) -> None:
   if cfg.is_moe and cfg.resolved_moe_d_ff % etp:
     bad.append(f"the expert hidden size (model.moe_d_ff={cfg.resolved_moe_d_ff}) must be divisible by mesh.etp={etp}")
   if bad:
-    raise ConfigError("manual tensor parallelism cannot split this model: " + "; ".join(bad)
-                      + ". Change the model sizes or pick a smaller mesh.tp / mesh.ep / mesh.etp.")
+    raise ConfigError(
+      "manual tensor parallelism cannot split this model: "
+      + "; ".join(bad)
+      + ". Change the model sizes or pick a smaller mesh.tp / mesh.ep / mesh.etp."
+    )
 
 
 def _identity(x):
@@ -70,10 +74,12 @@ def manual_hooks(plan: MeshPlan, cfg: ModelConfig, capacity_factor: float = 0.0)
   Raises ConfigError (`check_manual`) when the model cannot be split this way."""
   check_manual(cfg, plan)
   tp, dp = live_axes(plan, "tp"), live_axes(plan, "dp")
-  return {"constrain": lambda x, names: x,
-          "moe_experts": device_experts(plan, capacity_factor),
-          "sum_partials": (lambda x: jax.lax.psum(x, tp)) if tp else _identity,
-          "batch_mean": (lambda x: jax.lax.pmean(x, dp)) if dp else _identity}
+  return {
+    "constrain": lambda x, names: x,
+    "moe_experts": device_experts(plan, capacity_factor),
+    "sum_partials": (lambda x: jax.lax.psum(x, tp)) if tp else _identity,
+    "batch_mean": (lambda x: jax.lax.pmean(x, dp)) if dp else _identity,
+  }
 
 
 @contextlib.contextmanager
@@ -94,7 +100,7 @@ def localize_layer_params(p: dict, plan: MeshPlan, cfg: ModelConfig) -> dict:
     return p
   kv = jax.lax.axis_index(tp) // (n_tp // K)
   out = dict(p)
-  for name in ("wk", "wv", "bk", "bv"):     # [..., K, H]
+  for name in ("wk", "wv", "bk", "bv"):  # [..., K, H]
     if name in p:
       out[name] = jax.lax.dynamic_slice_in_dim(p[name], kv, 1, axis=p[name].ndim - 2)
   return out
@@ -103,11 +109,13 @@ def localize_layer_params(p: dict, plan: MeshPlan, cfg: ModelConfig) -> dict:
 def fsdp_gathers(mdef, plan: MeshPlan) -> dict:
   """Tree like the params: (dim, axes) of the model dim a parameter splits over the FSDP axes
   (sharding.PARAM_RULES), or None where nothing is split."""
+
   def one(names, spec):
     if "embed" not in names:
       return None
     axes = spec[names.index("embed")]
     return None if axes is None else (names.index("embed"), axes)
+
   return jax.tree.map(one, mdef.logical, param_specs(mdef, plan), is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -116,8 +124,10 @@ def gather_fsdp(params: dict, gathers: dict, skip: int = 0) -> dict:
   whole over its FSDP axes, where it is used (per layer inside a chunk's scan: `skip=1` for a layer's
   params without the stacked L dim). Its transpose, a reduce-scatter, hands each device the summed
   gradient of its own shard."""
+
   def one(x, g):
     return x if g is None else jax.lax.all_gather(x, g[1], axis=g[0] - skip, tiled=True)
+
   return {k: one(v, gathers[k]) for k, v in params.items()}
 
 
@@ -159,7 +169,7 @@ def vocab_parallel_nll(h, w_head, targets, plan: MeshPlan, vocab_size: int):
   if split is None:
     return token_nll(logits, targets)
   tp, start = split
-  m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), tp)             # [B/dp, T]
+  m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), tp)  # [B/dp, T]
   logz = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), tp)) + m
   local = targets - start
   inside = (local >= 0) & (local < logits.shape[-1])

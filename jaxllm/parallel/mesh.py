@@ -9,6 +9,7 @@ the outer fsdp ways of dp, a boundary of its own.
 Example: tp=2 dp=4, etp=1 ep=4 edp=2 -> boundaries {1,2,4,8} -> axes f2,f1,f0 of size 2:
 tp=(f0,), dp=(f2,f1), ep=(f1,f0), edp=(f2,).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,9 @@ PARALLEL_DIMS = ("pp", "dp", "tp", "edp", "ep", "etp", "fsdp")
 @dataclass(frozen=True)
 class MeshPlan:
   cfg: MeshConfig
-  axis_names: tuple[str, ...]          # physical axes, outer to inner; 'pp' first
+  axis_names: tuple[str, ...]  # physical axes, outer to inner; 'pp' first
   axis_sizes: tuple[int, ...]
-  dims: dict[str, tuple[str, ...]]     # parallel dim ('dp', 'tp', 'ep', ...) -> physical axes
+  dims: dict[str, tuple[str, ...]]  # parallel dim ('dp', 'tp', 'ep', ...) -> physical axes
 
   def size(self, dim: str) -> int:
     sizes = dict(zip(self.axis_names, self.axis_sizes))
@@ -52,10 +53,12 @@ def plan_mesh(cfg: MeshConfig) -> MeshPlan:
   for lo, hi in zip(bounds, bounds[1:]):
     if hi % lo:
       raise ConfigError(
-        f"mesh folding tp={cfg.tp} dp={cfg.dp} (fsdp={cfg.fsdp}) | ep={cfg.ep} etp={cfg.etp} (edp={cfg.edp}) has no common "
+        f"mesh folding tp={cfg.tp} dp={cfg.dp} (fsdp={cfg.fsdp}) | ep={cfg.ep} etp={cfg.etp} (edp={cfg.edp}) "
+        "has no common "
         f"device order: group sizes {sorted(attn)} (attention) and {sorted(moe)} (MoE) must nest "
         f"(each divide the next), but {lo} does not divide {hi}. Sizes that work for ep*etp with tp={cfg.tp}: "
-        f"{_working_ep_etp(cfg)}")
+        f"{_working_ep_etp(cfg)}"
+      )
   # Segment i covers boundaries [bounds[i], bounds[i+1]); name inner-most f0.
   segs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
   names = [f"f{i}" for i in range(len(segs))]
@@ -63,10 +66,15 @@ def plan_mesh(cfg: MeshConfig) -> MeshPlan:
   def axes_for(lo, hi):
     return tuple(reversed([nm for nm, (a, b) in zip(names, segs) if a >= lo and b <= hi]))
 
-  dims = {"pp": ("pp",) if cfg.pp > 1 else (),
-          "tp": axes_for(1, cfg.tp), "dp": axes_for(cfg.tp, n),
-          "etp": axes_for(1, cfg.etp), "ep": axes_for(cfg.etp, cfg.etp * cfg.ep),
-          "edp": axes_for(cfg.etp * cfg.ep, n), "fsdp": axes_for(n // cfg.fsdp, n)}
+  dims = {
+    "pp": ("pp",) if cfg.pp > 1 else (),
+    "tp": axes_for(1, cfg.tp),
+    "dp": axes_for(cfg.tp, n),
+    "etp": axes_for(1, cfg.etp),
+    "ep": axes_for(cfg.etp, cfg.etp * cfg.ep),
+    "edp": axes_for(cfg.etp * cfg.ep, n),
+    "fsdp": axes_for(n // cfg.fsdp, n),
+  }
   axis_names = ("pp",) + tuple(reversed(names))
   axis_sizes = (cfg.pp,) + tuple(reversed([b // a for a, b in segs]))
   return MeshPlan(cfg, axis_names, axis_sizes, dims)
@@ -80,9 +88,13 @@ def build_mesh(cfg: MeshConfig, devices=None) -> tuple[Mesh, MeshPlan]:
     raise ConfigError(
       f"mesh {cfg.name!r} needs pp*dp*tp = {cfg.pp}*{cfg.dp}*{cfg.tp} = {cfg.num_devices} devices but "
       f"{len(devices)} exist ({devices[0].platform}); pick a mesh preset for {len(devices)} devices or "
-      "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts")
-  return Mesh(device_grid(plan.axis_sizes, devices, dcn_axis_sizes(plan)), plan.axis_names,
-              axis_types=(AxisType.Auto,) * len(plan.axis_names)), plan
+      "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts"
+    )
+  return Mesh(
+    device_grid(plan.axis_sizes, devices, dcn_axis_sizes(plan)),
+    plan.axis_names,
+    axis_types=(AxisType.Auto,) * len(plan.axis_names),
+  ), plan
 
 
 def device_grid(axis_sizes, devices, dcn_sizes=None) -> np.ndarray:
@@ -136,7 +148,8 @@ def dcn_axis_sizes(plan: MeshPlan) -> tuple[int, ...]:
     raise ConfigError(
       f"mesh.dcn_dp={cfg.dcn_dp} cannot go across hosts/slices on mesh {cfg.name!r}: dp's physical axes "
       f"(outer to inner) {[(a, sizes[a]) for a in plan.dims['dp']]} take it outer-first, but {why}. "
-      f"dcn_dp values that work here: {ok}")
+      f"dcn_dp values that work here: {ok}"
+    )
   dcn = dict.fromkeys(plan.axis_names, 1)
   dcn["pp"] = cfg.dcn_pp
   dcn.update(placed)
@@ -159,8 +172,9 @@ def _place_dcn_dp(plan: MeshPlan, k: int) -> tuple[dict[str, int] | None, str]:
     else:
       return None, f"axis {a} of size {s} neither divides nor is divided by the factor {k} left to place"
     if a in inner:
-      return None, (f"axis {a} is also {inner[a]}'s, whose collectives must stay on the fast network "
-                    f"inside one host/slice")
+      return None, (
+        f"axis {a} is also {inner[a]}'s, whose collectives must stay on the fast network inside one host/slice"
+      )
   if k != 1:
     return None, f"a factor {k} is left after all of dp's axes"
   return out, ""
@@ -173,20 +187,25 @@ def _hybrid_grid(axis_sizes, dcn, devices, attr, granules) -> np.ndarray:
     raise ConfigError(
       f"the mesh puts {n_dcn} ways across hosts/slices (mesh.dcn_pp * mesh.dcn_dp; per axis {dcn}) but the "
       f"{len(devices)} devices span {len(granules)} {unit}; set mesh.dcn_pp * mesh.dcn_dp = {len(granules)}, "
-      f"or both to 1 to ignore host boundaries")
+      f"or both to 1 to ignore host boundaries"
+    )
   if len({len(g) for g in granules}) > 1:
-    raise ConfigError(f"the {unit} hold different numbers of devices {[len(g) for g in granules]}; a mesh "
-                      "across hosts/slices needs the same number on each")
+    raise ConfigError(
+      f"the {unit} hold different numbers of devices {[len(g) for g in granules]}; a mesh "
+      "across hosts/slices needs the same number on each"
+    )
   ici = tuple(s // d for s, d in zip(axis_sizes, dcn))
   try:
-    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attr == "process_index",
-                                                allow_split_physical_axes=True)
+    return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=attr == "process_index", allow_split_physical_axes=True
+    )
   except (ValueError, NotImplementedError):
     # A granule that cannot be mapped onto its torus keeps its given order (as device_grid does).
     per_granule = [device_grid(ici, g) for g in granules]
 
     def nest(idx):
       return per_granule[int(idx)] if np.ndim(idx) == 0 else [nest(i) for i in idx]
+
     return np.block(nest(np.arange(n_dcn).reshape(dcn)))
 
 
@@ -208,9 +227,11 @@ def rank_table(mesh: Mesh, plan: MeshPlan) -> list[tuple[int, dict[str, int]]]:
 
 def format_rank_table(mesh: Mesh, plan: MeshPlan) -> str:
   c = plan.cfg
-  head = (f"mesh {c.name}: pp={c.pp} vpp={c.vpp} dp={c.dp} (fsdp={c.fsdp}) tp={c.tp} | edp={c.edp} ep={c.ep} etp={c.etp}  "
-          f"axes {dict(zip(plan.axis_names, plan.axis_sizes))}  "
-          + " ".join(f"{d}={plan.dims[d]}" for d in PARALLEL_DIMS if plan.dims[d]))
+  head = (
+    f"mesh {c.name}: pp={c.pp} vpp={c.vpp} dp={c.dp} (fsdp={c.fsdp}) tp={c.tp} | edp={c.edp} ep={c.ep} etp={c.etp}  "
+    f"axes {dict(zip(plan.axis_names, plan.axis_sizes))}  "
+    + " ".join(f"{d}={plan.dims[d]}" for d in PARALLEL_DIMS if plan.dims[d])
+  )
   lines = [head, "device " + " ".join(f"{d:>4}" for d in PARALLEL_DIMS)]
   for dev, ranks in rank_table(mesh, plan):
     lines.append(f"{dev:>6} " + " ".join(f"{ranks[d]:>4}" for d in PARALLEL_DIMS))

@@ -37,6 +37,7 @@ sends at most cap = ceil(capacity_factor * n_own*k / E) slots to each expert; th
 (their expert output is 0, the token keeps its residual and other experts). Buffers shrink from
 n_own*min(k, n_local) to n_local*cap rows per peer. Dropless (`capacity_factor = 0`) is the default.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,10 +62,25 @@ def device_experts(plan: MeshPlan, capacity_factor: float = 0.0):
   def experts(x, ids, weights, w_gate, w_up, w_down):
     B_dp, T, _ = x.shape
     if B_dp * T % n_tp:
-      raise ConfigError(f"MoE under folding needs the tokens per dp rank ({B_dp}*{T}) divisible by "
-                        f"tp={n_tp}; change the batch size or sequence length")
-    return _device_experts(x, ids, weights, w_gate, w_up, w_down, tp=tp, ep=ep, etp=etp, n_tp=n_tp,
-                           n_ep=n_ep, n_etp=n_etp, capacity_factor=capacity_factor)
+      raise ConfigError(
+        f"MoE under folding needs the tokens per dp rank ({B_dp}*{T}) divisible by "
+        f"tp={n_tp}; change the batch size or sequence length"
+      )
+    return _device_experts(
+      x,
+      ids,
+      weights,
+      w_gate,
+      w_up,
+      w_down,
+      tp=tp,
+      ep=ep,
+      etp=etp,
+      n_tp=n_tp,
+      n_ep=n_ep,
+      n_etp=n_etp,
+      capacity_factor=capacity_factor,
+    )
 
   return experts
 
@@ -78,8 +94,8 @@ def expert_parallel(mesh, plan: MeshPlan, capacity_factor: float = 0.0):
     return P(*[(d if len(d) > 1 else d[0]) if d else None for d in dims])
 
   tok_spec = spec(dp, (), ())
-  gate_spec = spec(ep, (), etp)      # [E, D, F]
-  down_spec = spec(ep, etp, ())      # [E, F, D]
+  gate_spec = spec(ep, (), etp)  # [E, D, F]
+  down_spec = spec(ep, etp, ())  # [E, F, D]
   body = device_experts(plan, capacity_factor)
 
   def experts(x, ids, weights, w_gate, w_up, w_down):
@@ -90,18 +106,25 @@ def expert_parallel(mesh, plan: MeshPlan, capacity_factor: float = 0.0):
     if w_gate.shape[-1] % n_etp:
       raise ConfigError(f"expert hidden size {w_gate.shape[-1]} must be divisible by mesh.etp={n_etp}")
     if B % plan.size("dp") or (B // plan.size("dp")) * T % n_tp:
-      raise ConfigError(f"MoE under folding needs batch {B} divisible by dp={plan.size('dp')} and the "
-                        f"tokens per dp rank ({B}/{plan.size('dp')}*{T}) divisible by tp={n_tp}; "
-                        "change the batch size or sequence length")
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
-                       out_specs=tok_spec, axis_names=set(mesh.axis_names), check_vma=True)
+      raise ConfigError(
+        f"MoE under folding needs batch {B} divisible by dp={plan.size('dp')} and the "
+        f"tokens per dp rank ({B}/{plan.size('dp')}*{T}) divisible by tp={n_tp}; "
+        "change the batch size or sequence length"
+      )
+    fn = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(tok_spec, tok_spec, tok_spec, gate_spec, gate_spec, down_spec),
+      out_specs=tok_spec,
+      axis_names=set(mesh.axis_names),
+      check_vma=True,
+    )
     return fn(x, ids, weights, w_gate, w_up, w_down)
 
   return experts
 
 
-def _device_experts(x, ids, weights, w_gate, w_up, w_down, *, tp, ep, etp, n_tp, n_ep, n_etp,
-                    capacity_factor):
+def _device_experts(x, ids, weights, w_gate, w_up, w_down, *, tp, ep, etp, n_tp, n_ep, n_etp, capacity_factor):
   """Per-device body. x [B/dp, T, D] (this dp rank's tokens); w_* this device's [E/ep, D, F/etp] shards."""
   B_dp, T, D = x.shape
   k = ids.shape[-1]
@@ -111,8 +134,9 @@ def _device_experts(x, ids, weights, w_gate, w_up, w_down, *, tp, ep, etp, n_tp,
   xc = jax.lax.dynamic_slice_in_dim(x.reshape(B_dp * T, D), r * n_own, n_own)
   ids_c = jax.lax.dynamic_slice_in_dim(ids.reshape(B_dp * T, k), r * n_own, n_own)
   w_c = jax.lax.dynamic_slice_in_dim(weights.reshape(B_dp * T, k), r * n_own, n_own)
-  y = _dispatch(xc, ids_c, w_c, w_gate, w_up, w_down, ep=ep, etp=etp, n_ep=n_ep,
-                capacity_factor=capacity_factor)                                     # [n_own, D]
+  y = _dispatch(
+    xc, ids_c, w_c, w_gate, w_up, w_down, ep=ep, etp=etp, n_ep=n_ep, capacity_factor=capacity_factor
+  )  # [n_own, D]
   # 5b. Back to the attention layout: replicated over tp.
   if tp:
     y = jax.lax.all_gather(y, tp, axis=0, tiled=True, to="invarying")
@@ -123,22 +147,22 @@ def _dispatch(xc, ids_c, w_c, w_gate, w_up, w_down, *, ep, etp, n_ep, capacity_f
   """xc [n_own, D] tokens this device owns; ids_c, w_c [n_own, k] -> expert mixture [n_own, D]."""
   n_own, D = xc.shape
   k = ids_c.shape[-1]
-  n_local = w_gate.shape[0]                 # local experts, E/ep
+  n_local = w_gate.shape[0]  # local experts, E/ep
   E = n_local * n_ep
-  n_slots = n_own * k                       # token slots
+  n_slots = n_own * k  # token slots
   # 2. Sort slots by expert: peer p's slots (experts p*n_local .. p*n_local+n_local-1) become contiguous.
   flat = ids_c.reshape(n_slots)
   order = jnp.argsort(flat, stable=True)
-  sid = flat[order]                         # [n_slots] expert of each sorted slot
-  tok = order // k                          # [n_slots] token of each sorted slot
-  counts = jnp.bincount(flat, length=E).astype(jnp.int32)            # [E]
+  sid = flat[order]  # [n_slots] expert of each sorted slot
+  tok = order // k  # [n_slots] token of each sorted slot
+  counts = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
   e_start = jnp.cumsum(counts) - counts
   peer = sid // n_local
   if capacity_factor > 0:
     cap = max(1, math.ceil(capacity_factor * n_slots / E))
     rank_in_e = jnp.arange(n_slots) - e_start[sid]
     keep = rank_in_e < cap
-    pos = jnp.where(keep, (sid % n_local) * cap + rank_in_e, n_local * cap)   # out of range -> dropped
+    pos = jnp.where(keep, (sid % n_local) * cap + rank_in_e, n_local * cap)  # out of range -> dropped
     sent = jnp.minimum(counts, cap)
     buf_rows = n_local * cap
   else:
@@ -157,14 +181,14 @@ def _dispatch(xc, ids_c, w_c, w_gate, w_up, w_down, *, ep, etp, n_ep, capacity_f
     recv_counts = jax.lax.all_to_all(recv_counts, ep, 0, 0, tiled=True)
   # 4. ETP: every etp rank of my expert group processes the union of the group's rows.
   if etp:
-    recv = jax.lax.all_gather(recv, etp, axis=0, tiled=True)                # [etp*ep, buf_rows, D]
+    recv = jax.lax.all_gather(recv, etp, axis=0, tiled=True)  # [etp*ep, buf_rows, D]
     recv_counts = jax.lax.all_gather(recv_counts, etp, axis=0, tiled=True)  # [etp*ep, n_local]
   n_src = recv.shape[0]
-  rexp = _row_experts(recv_counts, buf_rows, capacity_factor > 0)           # [n_src, buf_rows]
+  rexp = _row_experts(recv_counts, buf_rows, capacity_factor > 0)  # [n_src, buf_rows]
   rows, rexp = recv.reshape(n_src * buf_rows, D), rexp.reshape(n_src * buf_rows)
   order2 = jnp.argsort(rexp, stable=True)
   group_sizes = jnp.bincount(rexp, length=n_local + 1)[:n_local].astype(jnp.int32)
-  ys = expert_ffn(rows[order2], group_sizes, w_gate, w_up, w_down)          # [n_src*buf_rows, D] partial over F
+  ys = expert_ffn(rows[order2], group_sizes, w_gate, w_up, w_down)  # [n_src*buf_rows, D] partial over F
   ys = jnp.where((rexp[order2] < n_local)[:, None], ys, 0)
   back = jnp.zeros_like(ys).at[order2].set(ys).reshape(n_src, buf_rows, D)
   if etp:
@@ -172,7 +196,7 @@ def _dispatch(xc, ids_c, w_c, w_gate, w_up, w_down, *, ep, etp, n_ep, capacity_f
   # 5. Return to the senders, weight, combine.
   if ep:
     back = jax.lax.all_to_all(back, ep, 0, 0, tiled=True)
-  y_slot = back.at[peer, pos].get(mode="fill", fill_value=0)                # [n_slots, D]
+  y_slot = back.at[peer, pos].get(mode="fill", fill_value=0)  # [n_slots, D]
   y_slot = y_slot * (w_c.reshape(n_slots)[order] * keep)[:, None].astype(y_slot.dtype)
   return jnp.zeros((n_own, D), y_slot.dtype).at[tok].add(y_slot)
 
@@ -190,6 +214,6 @@ def _row_experts(counts, buf_rows: int, fixed_slots: bool):
     e = j // cap
     valid = (j % cap)[None, :] < jnp.take_along_axis(counts, jnp.broadcast_to(e, (n_src, buf_rows)), axis=1)
     return jnp.where(valid, e[None, :], n_local)
-  ends = jnp.cumsum(counts, axis=1)                                         # [n_src, n_local]
-  e = jax.vmap(lambda en: jnp.searchsorted(en, j, side="right"))(ends)      # [n_src, buf_rows] in 0..n_local
+  ends = jnp.cumsum(counts, axis=1)  # [n_src, n_local]
+  e = jax.vmap(lambda en: jnp.searchsorted(en, j, side="right"))(ends)  # [n_src, buf_rows] in 0..n_local
   return e.astype(jnp.int32)

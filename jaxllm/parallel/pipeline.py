@@ -32,6 +32,7 @@ not per tick -- and never inside a stage's branch, which the other stages would 
 
 Shapes: the package legend in jaxllm/__init__.py (B, b, m, T, D, L, C, V).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,23 +40,26 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ConfigError, check_pipeline
 from jaxllm.model import layers as ops
 from jaxllm.model.params import ModelDef
-from jaxllm.model.transformer import aux_loss, block_forward, remat as remat_layer
+from jaxllm.model.transformer import aux_loss, block_forward
+from jaxllm.model.transformer import remat as remat_layer
 from jaxllm.model.varying import vary, varying_axes
 from jaxllm.parallel import manual
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.schedule import COLUMNS, Schedule, make_schedule
 from jaxllm.parallel.sharding import PARAM_RULES, logical_spec, param_specs
 
-STAGE = "pp"   # the stage mesh axis (jaxllm.parallel.mesh always names it so)
+STAGE = "pp"  # the stage mesh axis (jaxllm.parallel.mesh always names it so)
 
 
 # ---------------------------------------------------------------------------------------------
 # Layout: canonical [L, ...] <-> pipeline [vpp, pp, C, ...]
+
 
 def stage_of_layer(layer: int, n_layers: int, pp: int, vpp: int) -> tuple[int, int, int]:
   """Megatron placement of canonical layer `layer` -> (repeat, stage, index in chunk)."""
@@ -93,14 +97,14 @@ def staged_specs(mdef: ModelDef, plan: MeshPlan) -> dict:
   def one(names, a):
     inner = tuple(logical_spec(plan, names[1:], a.shape[1:], PARAM_RULES))
     return P(None, STAGE if plan.cfg.pp > 1 else None, None, *inner)
+
   layers = jax.tree.map(one, mdef.logical["layers"], abstract, is_leaf=lambda x: isinstance(x, tuple))
   return {**specs, "layers": layers}
 
 
 def staged_shardings(mdef: ModelDef, mesh, plan: MeshPlan) -> dict:
   """NamedShardings of staged_specs: the train state's placement when pp > 1."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), staged_specs(mdef, plan),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), staged_specs(mdef, plan), is_leaf=lambda x: isinstance(x, P))
 
 
 def split_microbatches(x, m: int):
@@ -112,12 +116,14 @@ def split_microbatches(x, m: int):
 # ---------------------------------------------------------------------------------------------
 # Per-device helpers
 
+
 def _when(pred, fn, *args):
   """lax.cond(pred, fn, zeros): `fn`'s outputs, or zeros of the same shapes and vma types."""
   shapes = jax.eval_shape(fn, *args)
 
   def zeros(*_):
     return jax.tree.map(lambda s: vary(jnp.zeros(s.shape, s.dtype), tuple(varying_axes(s))), shapes)
+
   return jax.lax.cond(pred, fn, zeros, *args)
 
 
@@ -144,17 +150,19 @@ def _aux_names(cfg) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
+
 @dataclass(frozen=True, eq=False)
 class Pipeline:
   """The pipelined LM loss of one model on one mesh: `sums` (forward; differentiable, GPipe order)
   and `value_and_grad` (the train step's gradients, by the configured schedule). Params have
   "layers" in pipeline layout (staged_params); batches are {inputs, targets[, mask]} [B, T]."""
+
   mdef: ModelDef
   mesh: jax.sharding.Mesh
   plan: MeshPlan
   microbatches: int
-  schedule: str = "1f1b"        # "1f1b" or "gpipe" (jaxllm.parallel.schedule)
-  remat: bool = True            # keep only each chunk's input per microbatch; recompute it in the backward
+  schedule: str = "1f1b"  # "1f1b" or "gpipe" (jaxllm.parallel.schedule)
+  remat: bool = True  # keep only each chunk's input per microbatch; recompute it in the backward
   capacity_factor: float = 0.0  # MoE: 0 = dropless, else GShard capacity (jaxllm.parallel.moe)
 
   def __post_init__(self):
@@ -179,9 +187,11 @@ class Pipeline:
   def value_and_grad(self, params, batch, nll_weight, aux_weight):
     """Gradients of nll_sum * nll_weight + aux_loss(aux) * aux_weight -> (grads, nll_sum, aux)."""
     if self.schedule == "gpipe":
+
       def objective(p):
         nll, aux = self.sums(p, batch)
         return nll * nll_weight + aux_loss(self.mdef.cfg, aux) * aux_weight, (nll, aux)
+
       (_, (nll, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
       return grads, nll, aux
     fn = self._shard_map(self._1f1b_body, n_extra=2, grads=True)
@@ -193,11 +203,15 @@ class Pipeline:
   def _microbatches(self, batch):
     B, m = batch["inputs"].shape[0], self.microbatches
     if batch.get("segment_ids") is not None or batch.get("positions") is not None:
-      raise ConfigError("document masks (segment_ids / positions in the batch) are not supported with pipeline "
-                        "parallelism (mesh.pp > 1) yet; use mesh.pp=1 or train.document_masks=false")
+      raise ConfigError(
+        "document masks (segment_ids / positions in the batch) are not supported with pipeline "
+        "parallelism (mesh.pp > 1) yet; use mesh.pp=1 or train.document_masks=false"
+      )
     if B % m:
-      raise ConfigError(f"batch of {B} sequences does not split into {m} microbatches; make the "
-                        f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}")
+      raise ConfigError(
+        f"batch of {B} sequences does not split into {m} microbatches; make the "
+        f"per-step batch (train.batch_size/train.grad_accum) a multiple of {m}"
+      )
     mask = batch.get("mask")
     mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     return tuple(split_microbatches(x, m) for x in (batch["inputs"], batch["targets"], mask))
@@ -207,8 +221,14 @@ class Pipeline:
     dp = live_axes(self.plan, "dp")
     mb = P(None, dp or None)
     out = (specs, P(), P()) if grads else (P(), P())
-    return jax.shard_map(body, mesh=self.mesh, in_specs=(specs, mb, mb, mb) + (P(),) * n_extra,
-                         out_specs=out, axis_names=set(self.mesh.axis_names), check_vma=True)
+    return jax.shard_map(
+      body,
+      mesh=self.mesh,
+      in_specs=(specs, mb, mb, mb) + (P(),) * n_extra,
+      out_specs=out,
+      axis_names=set(self.mesh.axis_names),
+      check_vma=True,
+    )
 
   def _setup(self, params, tokens):
     """Per-device pieces shared by both bodies (called inside the shard_map)."""
@@ -223,12 +243,13 @@ class Pipeline:
     def cast(names, x):
       axes = (data | (edp if "exp" in names else set())) - varying_axes(x)
       return vary(x, tuple(sorted(axes)))
+
     params = jax.tree.map(cast, self.mdef.logical, params, is_leaf=lambda x: isinstance(x, tuple))
-    layers = jax.tree.map(lambda a: a[:, 0], params["layers"])          # [vpp, C, ...] this stage's chunks
+    layers = jax.tree.map(lambda a: a[:, 0], params["layers"])  # [vpp, C, ...] this stage's chunks
     b, T = tokens.shape[1:]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
     cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
-    act_axes = tuple(sorted({STAGE} | set(live_axes(plan, "dp"))))   # what activations vary over
+    act_axes = tuple(sorted({STAGE} | set(live_axes(plan, "dp"))))  # what activations vary over
     return params, layers, cos, sin, act_axes
 
   def _chunk(self, w, x, cos, sin, layer_remat):
@@ -239,6 +260,7 @@ class Pipeline:
       p = manual.gather_fsdp(p, self._gathers["layers"], skip=1)
       x, _, aux = block_forward(cfg, manual.localize_layer_params(p, self.plan, cfg), x, cos, sin, None, 0)
       return x, aux
+
     x, aux = jax.lax.scan(remat_layer(body, layer_remat), x, w)
     return x, {k: jnp.sum(v) for k, v in aux.items()}
 
@@ -257,15 +279,17 @@ class Pipeline:
     return jnp.sum(nll * mask)
 
   def _head_params(self, params):
-    return {k: params[k] for k in (("final_norm", "embed") if self.mdef.cfg.tie_embeddings
-                                   else ("final_norm", "lm_head"))}
+    return {
+      k: params[k] for k in (("final_norm", "embed") if self.mdef.cfg.tie_embeddings else ("final_norm", "lm_head"))
+    }
 
   def _stage_input(self, s, row, recv, fbank, params, tokens, act_axes):
     """Stage 0: a fresh microbatch's embedding, or a banked ring arrival; other stages: the ring."""
     fresh = (s == 0) & (row["f_src"] < 0) & (row["f_r"] >= 0)
     ring = jnp.where(s == 0, _get(fbank, row["f_src"]), recv)
-    return jax.lax.cond(fresh, lambda: vary(self._embed(params, _get(tokens, row["f_j"])), act_axes),
-                        lambda: vary(ring, act_axes))
+    return jax.lax.cond(
+      fresh, lambda: vary(self._embed(params, _get(tokens, row["f_j"])), act_axes), lambda: vary(ring, act_axes)
+    )
 
   def _ring(self, x, step: int):
     pp = self.plan.cfg.pp
@@ -306,6 +330,7 @@ class Pipeline:
 
       def run_head(head, y, last, tgt, msk):
         return _when(last, self._head_nll, head, y, tgt, msk)
+
       nothing = jax.checkpoint_policies.nothing_saveable
       if self.remat:
         run_stage = jax.checkpoint(run_stage, policy=nothing)
@@ -325,8 +350,7 @@ class Pipeline:
       b, T = tokens.shape[1:]
       zero_x = vary(jnp.zeros((b, T, cfg.d_model), jnp.dtype(cfg.dtype)), act)
       fbank = vary(jnp.zeros((sched.n_fbank, b, T, cfg.d_model), zero_x.dtype), act)
-      init = (zero_x, fbank, vary(jnp.float32(0), act),
-              {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+      init = (zero_x, fbank, vary(jnp.float32(0), act), {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
       (_, _, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
       return self._finish(nll, aux_acc)
 
@@ -334,7 +358,7 @@ class Pipeline:
 
   def _1f1b_body(self, params, tokens, targets, mask, nll_weight, aux_weight):
     cfg, plan, sched = self.mdef.cfg, self.plan, self.tables["1f1b"]
-    pp, vpp, L, m = plan.cfg.pp, plan.cfg.vpp, cfg.n_layers, self.microbatches
+    pp, L, m = plan.cfg.pp, cfg.n_layers, self.microbatches
     coefs = {"load_balance": cfg.aux_loss_coef, "router_z": cfg.z_loss_coef}
     with manual.manual(plan, cfg, self.capacity_factor):
       params, layers, cos, sin, act = self._setup(params, tokens)
@@ -407,8 +431,9 @@ class Pipeline:
         stash = [_put(buf, row["stash_put"], v) for buf, v in zip(stash, saved)]
         aux_acc = {n: aux_acc[n] + aux[n] for n in aux_acc}
         # Loss and its gradient, right after a microbatch's last chunk.
-        nll_j, dy_loss, acc_head = jax.lax.cond(row["g_put"] >= 0, loss_grad, no_loss, {k: acc[k] for k in head},
-                                                y, _get(targets, j), _get(mask, j))
+        nll_j, dy_loss, acc_head = jax.lax.cond(
+          row["g_put"] >= 0, loss_grad, no_loss, {k: acc[k] for k in head}, y, _get(targets, j), _get(mask, j)
+        )
         gbank = _put(gbank, row["g_put"], dy_loss)
         # Backward.
         rb, jb = row["b_r"], row["b_j"]
@@ -417,8 +442,13 @@ class Pipeline:
         acc = {**acc, **acc_head}
         acc["embed"] = _add_when((rb == 0) & (s == 0), embed_grad, acc["embed"], _get(tokens, jb), dx)
         i = jnp.maximum(rb, 0)
-        acc["layers"] = jax.tree.map(lambda a, g: jax.lax.dynamic_update_index_in_dim(
-          a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + g, i, 0), acc["layers"], dw)
+        acc["layers"] = jax.tree.map(
+          lambda a, g: jax.lax.dynamic_update_index_in_dim(
+            a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + g, i, 0
+          ),
+          acc["layers"],
+          dw,
+        )
         return (self._ring(y, 1), self._ring(dx, -1), fbank, gbank, stash, acc, nll + nll_j, aux_acc), None
 
       b, T, D = tokens.shape[1], tokens.shape[2], cfg.d_model
@@ -426,13 +456,19 @@ class Pipeline:
       zeros = lambda *shape: vary(jnp.zeros(shape, dt), act)
       acc = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items()}
       acc["layers"] = jax.tree.map(jnp.zeros_like, layers)
-      acc = jax.tree.map(lambda z, p: vary(z, tuple(varying_axes(p) | {STAGE})), acc,
-                         {**params, "layers": layers})
+      acc = jax.tree.map(lambda z, p: vary(z, tuple(varying_axes(p) | {STAGE})), acc, {**params, "layers": layers})
       saved = jax.eval_shape(forward, jnp.int32(0), zeros(b, T, D))[2]
       stash = [vary(jnp.zeros((sched.n_stash, *v.shape), v.dtype), tuple(varying_axes(v))) for v in saved]
-      init = (zeros(b, T, D), zeros(b, T, D), zeros(sched.n_fbank, b, T, D), zeros(sched.n_gbank, b, T, D),
-              stash, acc, vary(jnp.float32(0), act),
-              {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)})
+      init = (
+        zeros(b, T, D),
+        zeros(b, T, D),
+        zeros(sched.n_fbank, b, T, D),
+        zeros(sched.n_gbank, b, T, D),
+        stash,
+        acc,
+        vary(jnp.float32(0), act),
+        {n: vary(jnp.float32(0), (STAGE,)) for n in _aux_names(cfg)},
+      )
       (_, _, _, _, _, acc, nll, aux_acc), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks, dtype=jnp.int32))
       # One sum per step over the devices each gradient was split into contributions on.
       specs = staged_specs(self.mdef, plan)
@@ -442,6 +478,7 @@ class Pipeline:
         named = {a for d in spec if d for a in ((d,) if isinstance(d, str) else d)}
         axes = tuple(sorted(varying_axes(g) - named))
         return jax.lax.psum(g, axes) if axes else g
+
       grads = jax.tree.map(reduce, acc, specs, is_leaf=lambda x: isinstance(x, P))
       nll, aux = self._finish(nll, aux_acc)
       return grads, nll, aux

@@ -24,6 +24,7 @@ schedule then costs max(F + B) per tick and no idle half-ticks, at the price of 
 in-flight microbatches (still independent of m). Tables mark idle (stage, tick) slots -1; the step skips
 their compute (`lax.cond`), so the bubble costs time only where a stage has nothing to do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,16 +51,17 @@ class Schedule:
   b_bank       last stage: grad-bank slot for the item arriving on the backward ring this tick.
   stash_get    stash slot of the input the backward recomputes from.
   """
+
   kind: str
   pp: int
   vpp: int
   m: int
   ticks: int
-  delay: int              # 1f1b: ticks between a stage-0 forward item and the matching backward item
-  n_fbank: int            # forward-bank slots (stage 0)
-  n_gbank: int            # grad-bank slots (last stage)
-  n_stash: int            # stashed chunk inputs per stage (1f1b): what bounds activation memory
-  table: np.ndarray       # [len(COLUMNS), ticks, pp] int32
+  delay: int  # 1f1b: ticks between a stage-0 forward item and the matching backward item
+  n_fbank: int  # forward-bank slots (stage 0)
+  n_gbank: int  # grad-bank slots (last stage)
+  n_stash: int  # stashed chunk inputs per stage (1f1b): what bounds activation memory
+  table: np.ndarray  # [len(COLUMNS), ticks, pp] int32
 
   def col(self, name: str) -> np.ndarray:
     return self.table[COLUMNS.index(name)]
@@ -161,15 +163,18 @@ def make_schedule(kind: str, pp: int, vpp: int, m: int) -> Schedule:
       slots.end_tick()
   assert not fbank.of and not gbank.of and not any(st.of for st in stash), "schedule left items behind"
   table = np.stack([tab[c] for c in COLUMNS])
-  return Schedule(kind, pp, vpp, m, ticks, delay, max(fbank.n, 1), max(gbank.n, 1),
-                  max(max(st.n for st in stash), 1), table)
+  return Schedule(
+    kind, pp, vpp, m, ticks, delay, max(fbank.n, 1), max(gbank.n, 1), max(max(st.n for st in stash), 1), table
+  )
 
 
 def format_schedule(sched: Schedule) -> str:
   """One startup line, e.g. `pipeline 1f1b pp=2 vpp=2 m=8: 23 ticks, bubble ..., stash 6 inputs/stage`."""
   s = sched
-  line = (f"pipeline {s.kind} pp={s.pp} vpp={s.vpp} m={s.m}: {s.ticks} ticks, "
-          f"bubble {100 * s.bubble:.1f}% of forward slots (vpp=1 would be {100 * (s.pp - 1) / (s.m + s.pp - 1):.1f}%)")
+  line = (
+    f"pipeline {s.kind} pp={s.pp} vpp={s.vpp} m={s.m}: {s.ticks} ticks, "
+    f"bubble {100 * s.bubble:.1f}% of forward slots (vpp=1 would be {100 * (s.pp - 1) / (s.m + s.pp - 1):.1f}%)"
+  )
   if s.kind == "1f1b":
     line += f", {s.n_stash} stashed chunk inputs per stage (GPipe order keeps {s.m * s.vpp})"
   return line

@@ -1,12 +1,14 @@
 """Logical axis names -> physical mesh axes: the one rules table, and the helpers that apply it to
 parameters (the model's `logical` names), optimizer state, token batches and activations (the
 model's `constrain` hook). Training, serving and checkpoint loading all place arrays through here."""
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel.mesh import MeshPlan
 
@@ -57,8 +59,12 @@ def logical_spec(plan: MeshPlan, names, shape=None, rules=LOGICAL_RULES) -> P:
 def param_specs(mdef, plan: MeshPlan):
   """PartitionSpec of every parameter of `mdef` (a jaxllm.model.params.ModelDef) from its logical
   names (also the in_specs of code partitioned by hand, jaxllm.parallel.manual)."""
-  return jax.tree.map(lambda names, a: logical_spec(plan, names, a.shape, PARAM_RULES), mdef.logical,
-                      mdef.abstract_params(), is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda names, a: logical_spec(plan, names, a.shape, PARAM_RULES),
+    mdef.logical,
+    mdef.abstract_params(),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def param_shardings(mdef, mesh, plan: MeshPlan):
@@ -77,12 +83,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param
   counts, ...) is replicated."""
   replicated = NamedSharding(mesh, P())
   opt_abstract = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, params_sh,
-                               transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, params_sh, transform_non_params=lambda _: replicated)
 
 
 def activation_constrainer(mesh, plan: MeshPlan):
   """The model's `constrain` hook for this mesh (auto-sharded jit, outside shard_map)."""
+
   def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(plan, names, x.shape)))
+
   return constrain

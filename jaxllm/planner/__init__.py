@@ -41,6 +41,7 @@ The estimate is validated against XLA's compiled memory analysis of the real jit
 Modules: shapes.py (placements and state bytes), activations.py (traced residuals), this one (the
 estimate, device memory, suggestions, the table and the CLI; `python -m jaxllm.planner`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,26 +52,46 @@ from dataclasses import dataclass, field
 from jaxllm.planner.activations import _model_def, activation_bytes, microbatch_rows
 from jaxllm.planner.shapes import shard_shape, state_bytes
 
-__all__ = ["Estimate", "estimate", "device_memory_bytes", "suggestions", "combined_plan", "format_estimate",
-           "format_suggestions", "main", "shard_shape", "GiB"]
+__all__ = [
+  "Estimate",
+  "estimate",
+  "device_memory_bytes",
+  "suggestions",
+  "combined_plan",
+  "format_estimate",
+  "format_suggestions",
+  "main",
+  "shard_shape",
+  "GiB",
+]
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # Memory per device, GiB, by chip (matched against the mesh name); `--device-memory` overrides.
-DEVICE_MEMORY_GIB = {"tpu-v5e": 16.0, "tpu-v5litepod": 16.0, "tpu-v5p": 95.0, "tpu-v6e": 32.0, "tpu-v4": 32.0,
-                     "h100": 80.0, "h200": 141.0, "a100": 80.0, "b200": 192.0}
+DEVICE_MEMORY_GIB = {
+  "tpu-v5e": 16.0,
+  "tpu-v5litepod": 16.0,
+  "tpu-v5p": 95.0,
+  "tpu-v6e": 32.0,
+  "tpu-v4": 32.0,
+  "h100": 80.0,
+  "h200": 141.0,
+  "a100": 80.0,
+  "b200": 192.0,
+}
 
 
 @dataclass
 class Estimate:
   """Per-device bytes of one training configuration."""
-  cfg: object                      # jaxllm.config.Config
+
+  cfg: object  # jaxllm.config.Config
   params: int
   grads: int
   opt_state: int
   batch: int
-  activations: dict[str, int]      # saved / layer_backward / head / fsdp_gather / ... (components)
-  device_memory: float | None      # bytes per device, None when unknown
+  activations: dict[str, int]  # saved / layer_backward / head / fsdp_gather / ... (components)
+  device_memory: float | None  # bytes per device, None when unknown
   device_label: str = ""
   notes: list[str] = field(default_factory=list)
 
@@ -101,6 +122,7 @@ class Estimate:
 # ---------------------------------------------------------------------------------------------
 # The estimate
 
+
 def device_memory_bytes(mesh_cfg, override_gib: float | None = None) -> tuple[float | None, str]:
   """(bytes per device, label) from --device-memory, else the chip the mesh name names, else host RAM
   on CPU meshes; (None, 'n/a') when unknown."""
@@ -122,6 +144,7 @@ def device_memory_bytes(mesh_cfg, override_gib: float | None = None) -> tuple[fl
 def estimate(cfg, device_memory_gib: float | None = None) -> Estimate:
   """Per-device memory of training `cfg` (a jaxllm.config.Config); no devices needed."""
   import numpy as np
+
   from jaxllm.parallel.mesh import plan_mesh
   from jaxllm.train.optim import make_optimizer
 
@@ -140,6 +163,7 @@ def estimate(cfg, device_memory_gib: float | None = None) -> Estimate:
 def with_overrides(cfg, overrides: list[str]):
   """`cfg` with `section.key=value` overrides applied (validated like the command line)."""
   from jaxllm.config import load_config
+
   return load_config([], overrides, base=cfg)
 
 
@@ -161,23 +185,39 @@ def candidate_changes(cfg) -> list[tuple[str, list[str]]]:
     if mc.n_layers % (m.pp * m.vpp * 2) == 0:
       out.append((f"smaller pipeline chunks (mesh.vpp={m.vpp * 2})", [f"mesh.vpp={m.vpp * 2}"]))
   if getattr(m, "fsdp", m.dp) < m.dp:
-    out.append((f"shard params, grads and Adam state over all {m.dp} data-parallel ways (mesh.fsdp={m.dp})",
-                [f"mesh.fsdp={m.dp}"]))
+    out.append(
+      (
+        f"shard params, grads and Adam state over all {m.dp} data-parallel ways (mesh.fsdp={m.dp})",
+        [f"mesh.fsdp={m.dp}"],
+      )
+    )
   if m.dp % 2 == 0:
     fs = [f"mesh.fsdp={max(getattr(m, 'fsdp', 1) // 2, 1)}"] if getattr(m, "fsdp", 1) > 1 else []
-    out.append((f"trade dp for tp (mesh.dp={m.dp // 2} mesh.tp={m.tp * 2})", [f"mesh.dp={m.dp // 2}", f"mesh.tp={m.tp * 2}", *fs]))
+    out.append(
+      (
+        f"trade dp for tp (mesh.dp={m.dp // 2} mesh.tp={m.tp * 2})",
+        [f"mesh.dp={m.dp // 2}", f"mesh.tp={m.tp * 2}", *fs],
+      )
+    )
     if mc.n_layers % (2 * m.pp * m.vpp) == 0:
       mb = max(m.microbatches, 2 * m.pp)
-      out.append((f"trade dp for pipeline stages (mesh.dp={m.dp // 2} mesh.pp={m.pp * 2} mesh.microbatches={mb})",
-                   [f"mesh.dp={m.dp // 2}", f"mesh.pp={m.pp * 2}", f"mesh.microbatches={mb}", *fs]))
+      out.append(
+        (
+          f"trade dp for pipeline stages (mesh.dp={m.dp // 2} mesh.pp={m.pp * 2} mesh.microbatches={mb})",
+          [f"mesh.dp={m.dp // 2}", f"mesh.pp={m.pp * 2}", f"mesh.microbatches={mb}", *fs],
+        )
+      )
   if t.batch_size >= 2:
-    out.append((f"halve the global batch (train.batch_size={t.batch_size // 2})", [f"train.batch_size={t.batch_size // 2}"]))
+    out.append(
+      (f"halve the global batch (train.batch_size={t.batch_size // 2})", [f"train.batch_size={t.batch_size // 2}"])
+    )
   return out
 
 
 @dataclass
 class Option:
   """A suggested change, re-estimated."""
+
   description: str
   overrides: list[str]
   estimate: Estimate
@@ -188,6 +228,7 @@ def suggestions(cfg, device_memory_gib: float | None = None) -> list[Option]:
   (indivisible sizes, ...) are skipped."""
   from jaxllm.config import ConfigError
   from jaxllm.parallel.mesh import plan_mesh
+
   out = []
   for desc, ov in candidate_changes(cfg):
     try:
@@ -199,8 +240,9 @@ def suggestions(cfg, device_memory_gib: float | None = None) -> list[Option]:
   return sorted(out, key=lambda o: o.estimate.total)
 
 
-def combined_plan(cfg, options: list[Option], device_memory_gib: float | None = None,
-                  rounds: int = 4) -> tuple[list[str], Estimate] | None:
+def combined_plan(
+  cfg, options: list[Option], device_memory_gib: float | None = None, rounds: int = 4
+) -> tuple[list[str], Estimate] | None:
   """When no single change fits: apply the best change that keeps the global batch, re-estimate the
   candidates from there, and repeat (greedy, at most `rounds` changes).
   -> (the overrides, in order; a later one of the same key wins), the final Estimate) or None."""
@@ -238,18 +280,23 @@ def format_estimate(est: Estimate) -> str:
     f"model {mc.name}: {counts['total'] / 1e9:.2f}B params ({counts['active'] / 1e9:.2f}B active), "
     f"dtype {mc.dtype}, params {mc.param_dtype}, remat {mc.remat}",
     f"mesh {m.name} ({m.device}, {m.num_devices} devices): pp={m.pp} vpp={m.vpp} dp={m.dp} tp={m.tp} "
-    f"ep={m.ep} etp={m.etp}" + (f" fsdp={fsdp}" if fsdp is not None else "")
+    f"ep={m.ep} etp={m.etp}"
+    + (f" fsdp={fsdp}" if fsdp is not None else "")
     + (f" microbatches={m.microbatches} {m.schedule}" if m.pp > 1 else ""),
     f"train: batch_size={t.batch_size} seq_len={t.seq_len} grad_accum={t.grad_accum} -> "
     f"{microbatch_rows(c)} sequences per device per forward",
   ]
   lines += [f"  {n}" for n in est.notes]
   a = est.activations
-  rows = [("parameters (master)", est.params), ("gradients", est.grads), ("optimizer state (Adam mu, nu)", est.opt_state),
-          ("batch", est.batch),
-          ("activations, saved for backward", a["saved"] + a.get("banks", 0)),
-          ("activations, backward of a layer" + ("" if c.mesh.pp == 1 else " chunk"), a["layer_backward"]),
-          ("activations, logits + loss (fp32)", a["head"])]
+  rows = [
+    ("parameters (master)", est.params),
+    ("gradients", est.grads),
+    ("optimizer state (Adam mu, nu)", est.opt_state),
+    ("batch", est.batch),
+    ("activations, saved for backward", a["saved"] + a.get("banks", 0)),
+    ("activations, backward of a layer" + ("" if c.mesh.pp == 1 else " chunk"), a["layer_backward"]),
+    ("activations, logits + loss (fp32)", a["head"]),
+  ]
   if "fsdp_gather" in a:
     rows.append(("fsdp gathered weights", a["fsdp_gather"]))
   lines.append(f"{'per device':<40}{'GiB':>9}")
@@ -283,23 +330,34 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m jaxllm.planner",
     description="Per-device memory of a training run (parameters, gradients, optimizer state, activations), "
-                "estimated on abstract shapes: no devices needed.",
-    epilog="overrides: section.key=value, e.g. train.batch_size=64 train.seq_len=4096 model.remat=full mesh.tp=4")
+    "estimated on abstract shapes: no devices needed.",
+    epilog="overrides: section.key=value, e.g. train.batch_size=64 train.seq_len=4096 model.remat=full mesh.tp=4",
+  )
   parser.add_argument("--model", help="model preset (same as model=NAME)")
   parser.add_argument("--mesh", help="mesh preset TOML (meshes/*.toml)")
   parser.add_argument("--config", action="append", default=[], help="TOML config file(s)")
-  parser.add_argument("--device-memory", type=float, default=None, metavar="GiB",
-                      help="memory per device; default from the mesh's chip (TPU v5e 16, v5p 95, v6e 32, H100 80, H200 141)")
+  parser.add_argument(
+    "--device-memory",
+    type=float,
+    default=None,
+    metavar="GiB",
+    help="memory per device; default from the mesh's chip (TPU v5e 16, v5p 95, v6e 32, H100 80, H200 141)",
+  )
   parser.add_argument("--no-suggest", action="store_true", help="skip the re-estimated suggestions")
   parser.add_argument("overrides", nargs="*", help="section.key=value")
   args = parser.parse_args(argv)
 
   from jaxllm.config import ConfigError, load_config
-  overrides = ([f"model={args.model}"] if args.model else []) + ([f"mesh={args.mesh}"] if args.mesh else []) \
+
+  overrides = (
+    ([f"model={args.model}"] if args.model else [])
+    + ([f"mesh={args.mesh}"] if args.mesh else [])
     + list(args.overrides)
+  )
   try:
     cfg = load_config(args.config, overrides)
     from jaxllm.parallel.mesh import plan_mesh
+
     plan_mesh(cfg.mesh)
     est = estimate(cfg, args.device_memory)
   except ConfigError as e:

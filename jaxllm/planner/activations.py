@@ -1,6 +1,7 @@
 """Activation bytes of one training micro-step: the vjp residuals of the real decoder block traced on
 one device's shapes under the configured remat policy, plus the head, MoE dispatch, pipeline stash
 and FSDP gathers (see jaxllm/planner/__init__.py for what is modelled)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ def _local_layer_weights(cfg, plan, weights: dict) -> dict:
   """One layer's compute weights (no L dim). With kv heads replicated over tp > K, keep the one kv
   head this rank's query heads use (as jaxllm.parallel.manual.localize_layer_params does)."""
   import jax
+
   out = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in weights.items()}
   tp, K = plan.size("tp"), cfg.n_kv_heads
   if tp > 1 and K % tp and tp % K == 0:
@@ -35,16 +37,29 @@ def _dispatch_hook(plan):
   jaxllm.parallel.moe.device_experts (token ownership over tp, [ep, buf_rows, D] exchange buffers,
   grouped matmuls over the received rows); collectives are shape-preserving and left out."""
   import jax.numpy as jnp
+
   from jaxllm.parallel.moe import _dispatch
+
   n_tp, n_ep = plan.size("tp"), plan.size("ep")
 
   def experts(x, ids, weights, w_gate, w_up, w_down):
     B, T, D = x.shape
     n_own = max(B * T // n_tp, 1)
     xc = x.reshape(B * T, D)[:n_own]
-    y = _dispatch(xc, ids.reshape(B * T, -1)[:n_own], weights.reshape(B * T, -1)[:n_own], w_gate, w_up, w_down,
-                  ep=(), etp=(), n_ep=n_ep, capacity_factor=0.0)
-    return jnp.tile(y, (n_tp, 1)).reshape(B, T, D).astype(x.dtype)     # the all_gather over tp
+    y = _dispatch(
+      xc,
+      ids.reshape(B * T, -1)[:n_own],
+      weights.reshape(B * T, -1)[:n_own],
+      w_gate,
+      w_up,
+      w_down,
+      ep=(),
+      etp=(),
+      n_ep=n_ep,
+      capacity_factor=0.0,
+    )
+    return jnp.tile(y, (n_tp, 1)).reshape(B, T, D).astype(x.dtype)  # the all_gather over tp
+
   return experts
 
 
@@ -62,6 +77,7 @@ def residual_bytes(fn, *args, exclude=()) -> int:
         seen.add(id(leaf))
         out.append(leaf)
     return out
+
   return sum(nbytes(s.shape, s.dtype) for s in jax.eval_shape(residuals, *args))
 
 
@@ -73,6 +89,7 @@ def layer_residuals(cfg, plan, weights: dict, b: int, T: int, policy: str) -> tu
   what each further layer adds."""
   import jax
   import jax.numpy as jnp
+
   from jaxllm.model import hooks
   from jaxllm.model import layers as ops
   from jaxllm.model.transformer import block_forward, remat
@@ -88,12 +105,14 @@ def layer_residuals(cfg, plan, weights: dict, b: int, T: int, policy: str) -> tu
     def body(x, p):
       y, _, aux = block_forward(cfg, p, x, cos, sin, None, 0)
       return y, aux
+
     with hooks.using(**hook):
       return jax.lax.scan(remat(body, policy), x, p)
 
   def stacked(n):
     p = {k: jax.ShapeDtypeStruct((n, *v.shape), v.dtype) for k, v in one.items()}
     return residual_bytes(run, p, x, exclude=(0,))
+
   r1, r2 = stacked(1), stacked(2)
   return r2 - r1, 2 * r1 - r2
 
@@ -105,12 +124,13 @@ def head_residuals(cfg, plan, weights: dict, b: int, T: int) -> int:
   chunk's fp32 logits, their residuals and gradient; without, the whole [b, T, V/tp] logits and gradient."""
   import jax
   import jax.numpy as jnp
+
   from jaxllm.model import layers as ops
   from jaxllm.model import loss as L
 
   dt = jnp.dtype(cfg.dtype)
   w = weights["embed"] if cfg.tie_embeddings else weights["lm_head"]
-  w = jax.ShapeDtypeStruct(w.shape[::-1] if cfg.tie_embeddings else w.shape, w.dtype)   # [D, V/tp]
+  w = jax.ShapeDtypeStruct(w.shape[::-1] if cfg.tie_embeddings else w.shape, w.dtype)  # [D, V/tp]
   norm = weights["final_norm"]
   chunk = getattr(cfg, "loss_chunk", 0)
   # The pipeline's last stage takes the vocab-parallel loss over whole microbatch sequences.
@@ -121,6 +141,7 @@ def head_residuals(cfg, plan, weights: dict, b: int, T: int) -> int:
       hn = ops.rms_norm(h, norm, cfg.norm_eps)
       logits = jnp.einsum("btd,dv->btv", hn, w.astype(dt), preferred_element_type=jnp.float32)
       return L.cross_entropy_sums(logits, jnp.zeros((b, t), jnp.int32))[0]
+
     h = jax.ShapeDtypeStruct((b, t, cfg.d_model), dt)
     return residual_bytes(loss, h, w, norm, exclude=(1, 2)) + nbytes((b, t, w.shape[-1]), jnp.float32)
 
@@ -129,6 +150,7 @@ def head_residuals(cfg, plan, weights: dict, b: int, T: int) -> int:
 
   def loss(h, w, norm):
     return chunked(ops.rms_norm(h, norm, cfg.norm_eps), w, jnp.zeros((b, T), jnp.int32), None, chunk)[0]
+
   h = jax.ShapeDtypeStruct((b, T, cfg.d_model), dt)
   return residual_bytes(loss, h, w, norm, exclude=(1, 2)) + plain(chunk)
 
@@ -155,12 +177,14 @@ def traced_model_cfg(model_cfg, mesh_cfg):
 @functools.lru_cache(maxsize=64)
 def _model_def(model_cfg):
   from jaxllm.model.params import model_def
+
   return model_def(model_cfg)
 
 
 @functools.lru_cache(maxsize=256)
 def _layer_residuals_cached(model_cfg, mesh_cfg, b: int, T: int, policy: str) -> tuple[int, int]:
   from jaxllm.parallel.mesh import plan_mesh
+
   plan = plan_mesh(mesh_cfg)
   return layer_residuals(model_cfg, plan, compute_shapes(_model_def(model_cfg), plan)["layers"], b, T, policy)
 
@@ -168,6 +192,7 @@ def _layer_residuals_cached(model_cfg, mesh_cfg, b: int, T: int, policy: str) ->
 @functools.lru_cache(maxsize=256)
 def _head_residuals_cached(model_cfg, mesh_cfg, b: int, T: int) -> int:
   from jaxllm.parallel.mesh import plan_mesh
+
   plan = plan_mesh(mesh_cfg)
   return head_residuals(model_cfg, plan, compute_shapes(_model_def(model_cfg), plan), b, T)
 
@@ -182,6 +207,7 @@ def microbatch_rows(cfg) -> int:
 def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
   """Components of the activation peak (see the module docstring)."""
   import jax
+
   from jaxllm.parallel.schedule import make_schedule
 
   mesh = cfg.mesh
@@ -194,8 +220,11 @@ def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
   notes = []
   if getattr(cfg.model, "attention", None) is not None:
     chunked = getattr(mc, "loss_chunk", 0) and mesh.pp == 1 and cfg.train.seq_len > mc.loss_chunk
-    notes.append(f"attention {cfg.model.attention}" + (f" (traced as {mc.attention})" if mc.attention != cfg.model.attention else "")
-                 + (f", loss in chunks of {mc.loss_chunk} positions" if chunked else ", loss over whole sequences"))
+    notes.append(
+      f"attention {cfg.model.attention}"
+      + (f" (traced as {mc.attention})" if mc.attention != cfg.model.attention else "")
+      + (f", loss in chunks of {mc.loss_chunk} positions" if chunked else ", loss over whole sequences")
+    )
   if cfg.model.remat == "offload":
     notes.append("remat offload: the saved matmul outputs sit in host memory, not counted here")
   out = {}
@@ -211,7 +240,7 @@ def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
   else:
     sched = make_schedule(mesh.schedule, mesh.pp, mesh.vpp, mesh.microbatches)
     C = mc.n_layers // (mesh.pp * mesh.vpp)
-    pipe_remat = cfg.model.remat == "full"     # the Pipeline's chunk-level remat (jaxllm.train.loop.build_steps)
+    pipe_remat = cfg.model.remat == "full"  # the Pipeline's chunk-level remat (jaxllm.train.loop.build_steps)
     if pipe_remat:
       # Each stashed item is a chunk input; the backward recomputes the C layers of one chunk.
       chunk = x_bytes
@@ -224,13 +253,16 @@ def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
     kept = sched.n_stash if mesh.schedule == "1f1b" else sched.ticks
     out["saved"] = kept * chunk
     out["banks"] = (sched.n_fbank + sched.n_gbank + 4) * x_bytes
-    notes.append(f"pipeline {mesh.schedule} pp={mesh.pp} vpp={mesh.vpp} m={mesh.microbatches}: {kept} "
-                 f"{'stashed ' if mesh.schedule == '1f1b' else ''}chunk "
-                 f"{'inputs' if pipe_remat else 'residual sets'} of {C} layers per stage")
+    notes.append(
+      f"pipeline {mesh.schedule} pp={mesh.pp} vpp={mesh.vpp} m={mesh.microbatches}: {kept} "
+      f"{'stashed ' if mesh.schedule == '1f1b' else ''}chunk "
+      f"{'inputs' if pipe_remat else 'residual sets'} of {C} layers per stage"
+    )
   if getattr(mc, "attention", None) == "flash":
     # The blockwise backward recomputes each (query block, key block) tile: scores, probabilities and
     # their gradients, fp32 [b, N/tp, block_q, block_k] each, next to the layer's other gradients.
     from jaxllm.model import attention as A
+
     heads = weights["layers"]["wq"].shape[2]
     tile = nbytes((b, heads, A.flash_block(T, None, A.BLOCK_Q), A.flash_block(T, None, A.BLOCK_K)), "float32")
     out["layer_backward"] += FLASH_BWD_TILES * tile
@@ -240,6 +272,8 @@ def activation_bytes(cfg, mdef, plan) -> tuple[dict[str, int], list[str]]:
     one_layer = sum(nbytes(a.shape[1:], a.dtype) for a in jax.tree.leaves(weights["layers"]))
     rest = sum(nbytes(a.shape, a.dtype) for k, v in weights.items() if k != "layers" for a in jax.tree.leaves(v))
     out["fsdp_gather"] = 2 * one_layer + rest
-    notes.append(f"fsdp over mesh axes {sorted(gathered)} (x{math.prod(sizes[a] for a in gathered)}): "
-                 "one layer's gathered weights (forward and backward) and the gathered embedding/head")
+    notes.append(
+      f"fsdp over mesh axes {sorted(gathered)} (x{math.prod(sizes[a] for a in gathered)}): "
+      "one layer's gathered weights (forward and backward) and the gathered embedding/head"
+    )
   return out, notes

@@ -1,8 +1,10 @@
 """Per-device shapes and bytes of parameters and optimizer state from the trainer's own placement
 rules (jaxllm.parallel.sharding.param_specs), without devices."""
+
 from __future__ import annotations
 
 import math
+
 
 def axis_sizes(plan) -> dict[str, int]:
   return dict(zip(plan.axis_names, plan.axis_sizes))
@@ -22,11 +24,13 @@ def shard_shape(shape, spec, sizes: dict[str, int]) -> tuple[int, ...]:
 
 def nbytes(shape, dtype) -> int:
   import numpy as np
+
   return int(math.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _is_spec(x) -> bool:
   from jax.sharding import PartitionSpec
+
   return isinstance(x, PartitionSpec)
 
 
@@ -38,6 +42,7 @@ def state_bytes(mdef, tx, plan) -> tuple[int, int]:
   import jax
   import optax
   from jax.sharding import PartitionSpec as P
+
   from jaxllm.parallel.sharding import param_specs
 
   sizes = axis_sizes(plan)
@@ -46,8 +51,9 @@ def state_bytes(mdef, tx, plan) -> tuple[int, int]:
   per = lambda a, s: nbytes(shard_shape(a.shape, s, sizes), a.dtype)
   params = sum(jax.tree.leaves(jax.tree.map(per, abstract, specs, is_leaf=_is_spec)))
   opt_abstract = jax.eval_shape(tx.init, abstract)
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, specs,
-                                    transform_non_params=lambda _: P(), is_leaf=_is_spec)
+  opt_specs = optax.tree_map_params(
+    tx, lambda _, s: s, opt_abstract, specs, transform_non_params=lambda _: P(), is_leaf=_is_spec
+  )
   opt = sum(jax.tree.leaves(jax.tree.map(per, opt_abstract, opt_specs, is_leaf=_is_spec)))
   return params, opt
 
@@ -57,20 +63,30 @@ def compute_shapes(mdef, plan) -> dict:
   axes param_specs gives them (tp, ep, etp), gathered over any axes sharding the `embed` dim (fsdp)
   and without the stacked layer dim's pp split (one layer at a time)."""
   import jax
+
   from jaxllm.parallel.sharding import param_specs
+
   sizes = axis_sizes(plan)
 
   def one(names, a, spec):
     spec = tuple(spec) + (None,) * (len(a.shape) - len(tuple(spec)))
     keep = [None if n in ("embed", "layers") else e for n, e in zip(names, spec)]
     return jax.ShapeDtypeStruct(shard_shape(a.shape, keep, sizes), a.dtype)
-  return jax.tree.map(one, mdef.logical, mdef.abstract_params(), param_specs(mdef, plan),
-                      is_leaf=lambda x: isinstance(x, tuple) and not _is_spec(x))
+
+  return jax.tree.map(
+    one,
+    mdef.logical,
+    mdef.abstract_params(),
+    param_specs(mdef, plan),
+    is_leaf=lambda x: isinstance(x, tuple) and not _is_spec(x),
+  )
 
 
 def fsdp_axes(mdef, plan) -> set[str]:
   """Mesh axes that split some parameter's `embed` dim (ZeRO-3 style data-parallel sharding)."""
   import jax
+
   from jaxllm.parallel.manual import fsdp_gathers
+
   gathers = jax.tree.leaves(fsdp_gathers(mdef, plan), is_leaf=lambda x: isinstance(x, tuple))
   return {a for _, axes in gathers for a in _entry_axes(axes)}

@@ -9,6 +9,7 @@ policy) and, with a KL term, `logp_ref` (the frozen reference's), each one no-gr
 
 Shapes: the package legend in jaxllm/__init__.py (B samples, T tokens, V).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,10 +27,17 @@ from jaxllm.train.step import Objective
 
 
 def loss_config(rl: RLConfig) -> RLLossConfig:
-  return RLLossConfig(clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
-                      correction=rl.correction, is_cap=None if rl.is_cap < 0 else rl.is_cap,
-                      kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, kl_in=rl.kl_in,
-                      entropy_coef=rl.entropy_coef)
+  return RLLossConfig(
+    clip_low=rl.clip_low,
+    clip_high=rl.clip_high,
+    dual_clip=rl.dual_clip,
+    correction=rl.correction,
+    is_cap=None if rl.is_cap < 0 else rl.is_cap,
+    kl_coef=rl.kl_coef,
+    kl_estimator=rl.kl_estimator,
+    kl_in=rl.kl_in,
+    entropy_coef=rl.entropy_coef,
+  )
 
 
 def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
@@ -39,6 +47,7 @@ def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
   samples were drawn from and whose log-probs the sampler reports (logprobs_mode="processed"), so the
   importance ratios compare like with like (veRL divides the actor's logits the same way). The
   per-token entropy of that policy is always computed (logged; a bonus only with entropy_coef)."""
+
   def sums(mdef, params, batch):
     model = mdef.bind(params)
     h, aux, _ = model.hidden(batch["inputs"])
@@ -46,6 +55,7 @@ def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
     b = dict(batch, entropy=token_entropy(logits))
     loss_sum, _, metric_sums, _ = rl_loss(token_logprobs(logits, batch["targets"]), b, cfg)
     return loss_sum, aux_loss(mdef.cfg, aux), {"loss": loss_sum, **metric_sums}
+
   return Objective(count=lambda b: jnp.sum(b["mask"].astype(jnp.float32)), sums=sums)
 
 
@@ -73,13 +83,13 @@ def build_batch(samples, advantages, T: int) -> dict:
   inputs, targets = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
   mask, logp_behav = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
   for i, s in enumerate(samples):
-    seq = (list(s.prompt_ids) + list(s.completion_ids))[:T + 1]
+    seq = (list(s.prompt_ids) + list(s.completion_ids))[: T + 1]
     n = len(seq)
-    inputs[i, :n - 1], targets[i, :n - 1] = seq[:-1], seq[1:]
-    start = len(s.prompt_ids) - 1                 # target index of the first completion token
+    inputs[i, : n - 1], targets[i, : n - 1] = seq[:-1], seq[1:]
+    start = len(s.prompt_ids) - 1  # target index of the first completion token
     k = min(len(s.completion_ids), T - start)
-    mask[i, start:start + k] = 1.0
-    logp_behav[i, start:start + k] = s.logprobs[:k]
+    mask[i, start : start + k] = 1.0
+    logp_behav[i, start : start + k] = s.logprobs[:k]
   adv = np.repeat(np.asarray(advantages, np.float32)[:, None], T, axis=1)
   return {"inputs": inputs, "targets": targets, "mask": mask, "logp_behav": logp_behav, "advantages": adv}
 

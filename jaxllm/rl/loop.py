@@ -24,11 +24,13 @@ deterministic fp32 mode in which decoupled PPO is exactly on-policy PPO at eta =
 
 Checkpoints hold the policy and optimizer state (jaxllm.train.checkpoint) and, as data state, the step
 (= version counter = data position: the prompts and sampling seeds of rollout k are functions of
-(train.seed, k), from a fresh stream or, with rl.train_problems = N, from epochs of a fixed set) and the rollouts already generated for the next steps (at most eta of them, by
-versions the checkpoint no longer has). The reference is `rl.init_from`, or the seed's random
+(train.seed, k), from a fresh stream or, with rl.train_problems = N, from epochs of a fixed set) and
+the rollouts already generated for the next steps (at most eta of them, by versions the checkpoint no
+longer has). The reference is `rl.init_from`, or the seed's random
 initialisation, rebuilt on resume. So a resumed run consumes exactly the rollouts an uninterrupted one
 would: nothing skipped, nothing replayed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -98,6 +100,7 @@ def _snapshot(params):
 
 class RLTraining(Task):
   """The RL run as the runner's Task: the generation thread, the learner step and evaluation."""
+
   name = "rl"
   what = "RL loss or gradient"
   hint = "Lower train.lr or rl.is_cap"
@@ -108,17 +111,18 @@ class RLTraining(Task):
       raise ConfigError(f"rl.task={rl.task!r}: the tasks that ship are 'addition'")
     self.spec = RewardSpec.parse(rl.rewards)
     self.mesh, self.plan = build_mesh(cfg.mesh)
-    self.ref_params = None           # the reference policy: rl.init_from, else the seed's init (in init)
-    if rl.init_from:                 # a checkpoints dir or a Hugging Face dir: its model and tokenizer
+    self.ref_params = None  # the reference policy: rl.init_from, else the seed's init (in init)
+    if rl.init_from:  # a checkpoints dir or a Hugging Face dir: its model and tokenizer
       policy = load_model(rl.init_from, shardings=lambda m: param_shardings(m, self.mesh, self.plan))
       cfg = dataclasses.replace(cfg, model=policy.cfg, train=dataclasses.replace(t, tokenizer=policy.tokenizer_spec))
       self.ref_params = policy.params
     self.B = B = rl.prompts_per_step * rl.group_size
     if B % self.plan.cfg.dp:
       raise ConfigError(f"rl.prompts_per_step * rl.group_size = {B} must be divisible by mesh.dp={self.plan.cfg.dp}")
-    if not cfg.train.decay_steps:       # the lr horizon counts optimizer steps
-      cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, decay_steps=cfg.train.steps * rl.ppo_epochs * rl.minibatches))
+    if not cfg.train.decay_steps:  # the lr horizon counts optimizer steps
+      cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, decay_steps=cfg.train.steps * rl.ppo_epochs * rl.minibatches)
+      )
     self.cfg, self.rl, t = cfg, rl, cfg.train
     self.tok = checked_tokenizer(cfg)
     self.task = make_task(rl.task, digits_min=rl.digits_min, digits_max=rl.digits_max, seed=t.seed)
@@ -128,12 +132,18 @@ class RLTraining(Task):
     self.shardings = state_shardings(self.mdef, self.tx, self.mesh, self.plan)
     self.hk, self.b_sh = mesh_hooks(self.mesh, self.plan, cfg.model), batch_sharding(self.mesh, self.plan)
     self.loss_cfg = learner.loss_config(rl)
-    self.step_fn = make_train_step(self.mdef, self.tx, self.shardings, self.b_sh, hook_kwargs=self.hk,
-                                   objective=learner.rl_objective(self.loss_cfg, rl.temperature))
+    self.step_fn = make_train_step(
+      self.mdef,
+      self.tx,
+      self.shardings,
+      self.b_sh,
+      hook_kwargs=self.hk,
+      objective=learner.rl_objective(self.loss_cfg, rl.temperature),
+    )
     heldout = self.task.problems(rl.eval_problems, split="heldout")
     self.pool = self.task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
     self.eval_prompts, self.eval_refs = [self.task.prompt(p) for p in heldout], [self.task.answer(p) for p in heldout]
-    self.pending = collections.deque()     # rollouts generated ahead of the learner (restored on resume)
+    self.pending = collections.deque()  # rollouts generated ahead of the learner (restored on resume)
     self.rollouts: queue.Queue = queue.Queue()
     self.errors: list = []
     self.evals: list[tuple[int, float]] = []
@@ -141,44 +151,54 @@ class RLTraining(Task):
 
   def init(self, ckpt, start, log):
     mdef, t = self.mdef, self.cfg.train
-    if self.ref_params is None:      # the seed's initialisation, also on resume
+    if self.ref_params is None:  # the seed's initialisation, also on resume
       self.ref_params = init_state(mdef, self.tx, self.shardings, t.seed).params
     if start is None:
       state = init_state(mdef, self.tx, self.shardings, t.seed, params=self.ref_params)
     else:
       params, opt_state, meta = ckpt.restore(abstract_state(mdef, self.tx, self.shardings), start)
-      opt_step = meta["data"].get("opt_step", meta["step"])      # optimizer steps: rl steps * epochs * minibatches
+      opt_step = meta["data"].get("opt_step", meta["step"])  # optimizer steps: rl steps * epochs * minibatches
       state = TrainState(params, opt_state, jax.device_put(jnp.int32(opt_step), self.shardings.step))
       self.pending.extend(rollout.Rollout.from_json(r) for r in meta["data"].get("pending", []))
       if self.pending:
         log(f"{len(self.pending)} rollouts generated ahead of the learner come with the checkpoint")
-    self.first = start or 0              # learner steps done = the weight version
+    self.first = start or 0  # learner steps done = the weight version
     self.publisher = Publisher(_snapshot(state.params), self.first, keep=self.rl.eta)
     smesh, splan = serving_mesh(self.mesh, self.plan)
     serve_cfg = dataclasses.replace(self.cfg.serve, max_running=max(self.cfg.serve.max_running, self.B))
     params0 = self.publisher.get(self.first)
-    self.gen_engine = Engine(self.cfg.model, params0, serve_cfg, mesh=smesh, plan=splan, detokenize=self.tok.decode,
-                             weight_version=self.first)
-    self.eval_engine = Engine(self.cfg.model, params0, serve_cfg, mesh=smesh, plan=splan, detokenize=self.tok.decode,
-                              weight_version=("eval", None))
+    self.gen_engine = Engine(
+      self.cfg.model, params0, serve_cfg, mesh=smesh, plan=splan, detokenize=self.tok.decode, weight_version=self.first
+    )
+    self.eval_engine = Engine(
+      self.cfg.model,
+      params0,
+      serve_cfg,
+      mesh=smesh,
+      plan=splan,
+      detokenize=self.tok.decode,
+      weight_version=("eval", None),
+    )
     return state
 
   def begin(self, state, step, fresh, log):
     self.evals.append((step, self._accuracy(step)))
     log(f"held-out accuracy at step {step}: {100 * self.evals[-1][1]:.1f}% ({len(self.eval_prompts)} problems)")
     if self.rl.async_rollouts:
-      self.gen = threading.Thread(target=self._generate_loop, args=(step + len(self.pending),),
-                                  name="jaxllm-rollouts", daemon=True)
+      self.gen = threading.Thread(
+        target=self._generate_loop, args=(step + len(self.pending),), name="jaxllm-rollouts", daemon=True
+      )
       self.gen.start()
-    return state, {"heldout_acc": self.evals[-1][1]}       # the starting point of the plot
+    return state, {"heldout_acc": self.evals[-1][1]}  # the starting point of the plot
 
   # ---- the generation side ----
 
   def _accuracy(self, version):
     """Held-out greedy accuracy of the published weights of `version` (no copy: they are immutable)."""
     self.eval_engine.set_weights(self.publisher.get(version), ("eval", version))
-    return rollout.greedy_accuracy(self.eval_engine, self.tok, self.eval_prompts, self.eval_refs,
-                                   self.rl.max_new_tokens, self.task.extract_answer)
+    return rollout.greedy_accuracy(
+      self.eval_engine, self.tok, self.eval_prompts, self.eval_refs, self.rl.max_new_tokens, self.task.extract_answer
+    )
 
   def _learner_logps(self, params, samples, T):
     """The learner's log-probs [B, T] of the samples' tokens under `params` (its forward, its mesh)."""
@@ -196,17 +216,26 @@ class RLTraining(Task):
       return None
     if version != self.gen_engine.weight_version:
       self.gen_engine.set_weights(params, version)
-    if rl.train_problems:             # a finite set, epoch after shuffled epoch (position = k)
+    if rl.train_problems:  # a finite set, epoch after shuffled epoch (position = k)
       probs = [self.pool[i] for i in epoch_indices(len(self.pool), rl.prompts_per_step, k, t.seed)]
-    else:                             # a fresh stream: the problems of step k depend on (seed, k) alone
+    else:  # a fresh stream: the problems of step k depend on (seed, k) alone
       probs = task.problems(rl.prompts_per_step, split="train", seed=t.seed * 7919 + k)
-    ro = rollout.generate(self.gen_engine, self.tok, [task.prompt(p) for p in probs], [task.answer(p) for p in probs],
-                          rl.group_size, rl.max_new_tokens, rl.temperature, t.seed, k)
+    ro = rollout.generate(
+      self.gen_engine,
+      self.tok,
+      [task.prompt(p) for p in probs],
+      [task.answer(p) for p in probs],
+      rl.group_size,
+      rl.max_new_tokens,
+      rl.temperature,
+      t.seed,
+      k,
+    )
     T = learner.rollout_len(ro.samples, rl.max_new_tokens)
     lp = self._learner_logps(params, ro.samples, T)
     for i, s in enumerate(ro.samples):
       a = len(s.prompt_ids) - 1
-      s.learner_logprobs = [float(x) for x in lp[i, a:a + len(s.completion_ids)]]
+      s.learner_logprobs = [float(x) for x in lp[i, a : a + len(s.completion_ids)]]
     return ro
 
   def _generate_loop(self, start: int):
@@ -216,7 +245,7 @@ class RLTraining(Task):
         if ro is None:
           return
         self.rollouts.put(ro)
-    except Exception as e:             # surfaced by the learner
+    except Exception as e:  # surfaced by the learner
       self.errors.append(e)
       self.rollouts.put(None)
 
@@ -241,8 +270,9 @@ class RLTraining(Task):
       raise RuntimeError(f"a sample is {staleness.max()} versions stale > rl.eta={rl.eta} (a bug: please report)")
     if rl.behaviour_logprobs == "learner":
       samples = [dataclasses.replace(s, logprobs=s.learner_logprobs) for s in samples]
-    rewards, per = combine(self.spec, [s.prompt for s in samples], [s.completion for s in samples],
-                           [s.reference for s in samples])
+    rewards, per = combine(
+      self.spec, [s.prompt for s in samples], [s.completion for s in samples], [s.reference for s in samples]
+    )
     T = learner.rollout_len(samples, rl.max_new_tokens)
     arrays = learner.build_batch(samples, np.zeros(len(samples), np.float32), T)
     batch = jax.device_put({k: jnp.asarray(v) for k, v in arrays.items()}, self.b_sh)
@@ -251,42 +281,58 @@ class RLTraining(Task):
       batch["logp_prox"] = learner.token_logps(self.mdef, state.params, batch, self.hk, rl.temperature)
       batch["logp_ref"] = learner.token_logps(self.mdef, self.ref_params, batch, self.hk, rl.temperature)  # KL
       kl_pen = np.zeros(len(samples), np.float32)
-      if rl.kl_in == "reward" and rl.kl_coef:     # per-sample penalty, summed over its tokens (REINFORCE on k)
-        kl_pen = np.asarray(kl_reward_penalty(batch["logp_prox"], batch["logp_ref"], batch["mask"],
-                                              self.loss_cfg)).sum(1)
+      if rl.kl_in == "reward" and rl.kl_coef:  # per-sample penalty, summed over its tokens (REINFORCE on k)
+        kl_pen = np.asarray(kl_reward_penalty(batch["logp_prox"], batch["logp_ref"], batch["mask"], self.loss_cfg)).sum(
+          1
+        )
       adv = learner.advantages_of(rewards - kl_pen, rl.group_size, rl.normalize_std)
       batch["advantages"] = jax.device_put(jnp.asarray(np.repeat(adv[:, None], T, axis=1)), self.b_sh)
       # PPO: ppo_epochs passes over the rollout, each split into `minibatches` optimizer steps of whole
       # groups; logp_prox stays the weights before the first, so the clip bounds the total drift.
       n = len(samples) // rl.minibatches
-      parts = ([batch] if rl.minibatches == 1 else
-               [jax.device_put({k: v[i * n:(i + 1) * n] for k, v in batch.items()}, self.b_sh)
-                for i in range(rl.minibatches)])
+      parts = (
+        [batch]
+        if rl.minibatches == 1
+        else [
+          jax.device_put({k: v[i * n : (i + 1) * n] for k, v in batch.items()}, self.b_sh)
+          for i in range(rl.minibatches)
+        ]
+      )
       for _ in range(rl.ppo_epochs):
         for part in parts:
           state, metrics = self.step_fn(state, part)
-          if not bool(metrics["finite"]):    # the update was not applied; the runner stops the run
-            return state, {"finite": False, **{k: float(v) for k, v in jax.device_get(metrics).items()
-                                               if k in ("loss", "grad_norm")}}
-    metrics = jax.device_get(metrics)          # of the last optimizer step
+          if not bool(metrics["finite"]):  # the update was not applied; the runner stops the run
+            return state, {
+              "finite": False,
+              **{k: float(v) for k, v in jax.device_get(metrics).items() if k in ("loss", "grad_norm")},
+            }
+    metrics = jax.device_get(metrics)  # of the last optimizer step
     train_s = time.perf_counter() - t0
     self.publisher.publish(_snapshot(state.params), step + 1)
     on = arrays["mask"] > 0
     fresh = on & (staleness == 0)[:, None]
     gap = np.abs(np.concatenate([np.asarray(s.logprobs) - np.asarray(s.learner_logprobs) for s in ro.samples]))
     prompt_tokens = sum(len(s.prompt_ids) for s in samples)
-    rec = {"finite": True, "reward": float(np.mean(rewards)), **{f"reward/{k}": float(np.mean(v)) for k, v in per.items()},
-           **{k: float(v) for k, v in metrics.items() if k != "finite"},
-           "staleness_max": int(staleness.max()), "staleness_mean": float(staleness.mean()),
-           **{f"staleness/{v}": float(np.mean(staleness == v)) for v in range(rl.eta + 1)},
-           "logp_gap_mean": float(gap.mean()), "logp_gap_max": float(gap.max()),
-           "gen_tok_s": sum(len(s.completion_ids) for s in samples) / ro.seconds,
-           "train_tok_s": float(on.sum()) / train_s,
-           "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
-           "cache_hit_ideal": (rl.group_size - 1) / rl.group_size,
-           "lr": float(self.schedule(int(state.step) - 1))}
-    if fresh.any():                     # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
-      rec["logp_gap_fresh_max"] = float(np.abs(np.asarray(batch["logp_behav"]) - np.asarray(batch["logp_prox"]))[fresh].max())
+    rec = {
+      "finite": True,
+      "reward": float(np.mean(rewards)),
+      **{f"reward/{k}": float(np.mean(v)) for k, v in per.items()},
+      **{k: float(v) for k, v in metrics.items() if k != "finite"},
+      "staleness_max": int(staleness.max()),
+      "staleness_mean": float(staleness.mean()),
+      **{f"staleness/{v}": float(np.mean(staleness == v)) for v in range(rl.eta + 1)},
+      "logp_gap_mean": float(gap.mean()),
+      "logp_gap_max": float(gap.max()),
+      "gen_tok_s": sum(len(s.completion_ids) for s in samples) / ro.seconds,
+      "train_tok_s": float(on.sum()) / train_s,
+      "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
+      "cache_hit_ideal": (rl.group_size - 1) / rl.group_size,
+      "lr": float(self.schedule(int(state.step) - 1)),
+    }
+    if fresh.any():  # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
+      rec["logp_gap_fresh_max"] = float(
+        np.abs(np.asarray(batch["logp_behav"]) - np.asarray(batch["logp_prox"]))[fresh].max()
+      )
     if rl.kl_in == "reward" and rl.kl_coef:
       rec["kl_penalty"] = float(kl_pen.mean())
     return state, rec
@@ -309,9 +355,10 @@ class RLTraining(Task):
     return {"reward": f"{r['reward']:.2f}", "acc": f"{100 * self.evals[-1][1]:.0f}%", "stale": r["staleness_max"]}
 
   def log_line(self, step, r):
-    return (f"step {step:>6}  reward {r['reward']:.3f}  loss {r.get('loss', float('nan')):.4f}  "
-            f"stale {r['staleness_max']}"
-            + (f"  held-out acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else ""))
+    return (
+      f"step {step:>6}  reward {r['reward']:.3f}  loss {r.get('loss', float('nan')):.4f}  "
+      f"stale {r['staleness_max']}" + (f"  held-out acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else "")
+    )
 
   def close(self):
     if self.publisher is not None:
@@ -324,10 +371,19 @@ def rl_train(cfg: Config, progress: bool = True, log=print, stop_after: int | No
   """Run (or resume) RL to train.steps learner steps. Returns a summary dict. `stop_after`: return
   after that many steps of this call (a test's stand-in for a kill), without a final checkpoint."""
   if not is_main_process():
-    log = lambda *_: None   # noqa: E731
+    log = lambda *_: None  # noqa: E731
   task = RLTraining(cfg, log)
   res = run(task, progress=progress, log=log, stop_after=stop_after)
   t = task.cfg.train
-  plot = plot_rl(os.path.join(t.out_dir, "metrics.jsonl"), os.path.join(t.out_dir, "rl.png")) if is_main_process() else None
-  return {"steps": res.step, "history": res.history, "evals": task.evals, "first_acc": task.evals[0][1],
-          "last_acc": task.evals[-1][1], "checkpoint_dir": res.checkpoint_dir, "plot": plot}
+  plot = (
+    plot_rl(os.path.join(t.out_dir, "metrics.jsonl"), os.path.join(t.out_dir, "rl.png")) if is_main_process() else None
+  )
+  return {
+    "steps": res.step,
+    "history": res.history,
+    "evals": task.evals,
+    "first_acc": task.evals[0][1],
+    "last_acc": task.evals[-1][1],
+    "checkpoint_dir": res.checkpoint_dir,
+    "plot": plot,
+  }

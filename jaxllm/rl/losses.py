@@ -17,6 +17,7 @@ is 1 on the tokens that count (fractional values act as token weights). Jit-frie
 masks instead of gathers, `RLLossConfig` frozen and hashable. Shapes: the package legend in
 jaxllm/__init__.py (B, T, V); the rows of one GRPO group are adjacent, B = prompts * group_size.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,21 +38,23 @@ DEFAULT_IS_CAP = {"decoupled": 5.0, "tis": 2.0, "none": math.inf}
 @dataclass(frozen=True)
 class RLLossConfig:
   """The RL loss's knobs; static under jit (frozen, hashable)."""
-  clip_low: float = 0.2          # epsilon in PPO eq. 7 (Schulman et al. 2017): ratio clipped below at 1 - clip_low
-  clip_high: float = 0.2         # upper clip 1 + clip_high; DAPO's epsilon_high (Yu et al. 2025), e.g. 0.28
-  dual_clip: float = 0.0         # c of dual-clip PPO (Ye et al. 2020), e.g. 3: loss <= -c*A when A < 0; 0 = off
+
+  clip_low: float = 0.2  # epsilon in PPO eq. 7 (Schulman et al. 2017): ratio clipped below at 1 - clip_low
+  clip_high: float = 0.2  # upper clip 1 + clip_high; DAPO's epsilon_high (Yu et al. 2025), e.g. 0.28
+  dual_clip: float = 0.0  # c of dual-clip PPO (Ye et al. 2020), e.g. 3: loss <= -c*A when A < 0; 0 = off
   correction: str = "decoupled"  # "decoupled" (Hilton et al. 2022, AReaL), "tis" (Yao et al. 2025) or "none"
   # Cap on w = proximal/behaviour: decoupled drops tokens with w > cap (AReaL's behav_imp_weight_cap),
   # tis truncates w at it (C in Yao et al.). None = the correction's default (5.0 / 2.0); 0 = no cap.
   is_cap: float | None = None
-  kl_coef: float = 0.0           # beta of the KL to the frozen reference (GRPO eq. 3, Shao et al. 2024); 0 = off
-  kl_estimator: str = "k2"       # "k1" | "k2" | "k3" of Schulman's "Approximating KL divergence"
-  kl_in: str = "loss"            # "loss": + beta*k per token; "reward": caller subtracts kl_reward_penalty
-  entropy_coef: float = 0.0      # entropy bonus (c2 in PPO eq. 9): loss -= entropy_coef * H; 0 = off
+  kl_coef: float = 0.0  # beta of the KL to the frozen reference (GRPO eq. 3, Shao et al. 2024); 0 = off
+  kl_estimator: str = "k2"  # "k1" | "k2" | "k3" of Schulman's "Approximating KL divergence"
+  kl_in: str = "loss"  # "loss": + beta*k per token; "reward": caller subtracts kl_reward_penalty
+  entropy_coef: float = 0.0  # entropy bonus (c2 in PPO eq. 9): loss -= entropy_coef * H; 0 = off
 
   def __post_init__(self):
     def bad(name, allowed):
       raise ConfigError(f"RLLossConfig.{name}={getattr(self, name)!r}: allowed {allowed}")
+
     if not 0.0 <= self.clip_low < 1.0:
       bad("clip_low", "0 <= clip_low < 1")
     if not self.clip_high >= 0.0:
@@ -90,8 +93,7 @@ def grpo_advantages(rewards, group_size: int, normalize_std: bool = True, eps: f
   """
   (b,) = rewards.shape
   if group_size < 1 or b % group_size:
-    raise ValueError(f"grpo_advantages: group_size={group_size} must divide the {b} rewards "
-                     "(groups are adjacent rows)")
+    raise ValueError(f"grpo_advantages: group_size={group_size} must divide the {b} rewards (groups are adjacent rows)")
   r = rewards.astype(jnp.float32).reshape(b // group_size, group_size)
   centred = r - jnp.mean(r, axis=1, keepdims=True)
   if normalize_std:
@@ -132,7 +134,7 @@ def kl_estimate(logp, logp_ref, estimator: str = "k2"):
   if estimator == "k2":
     return 0.5 * d * d
   if estimator == "k3":
-    return jnp.expm1(-d) + d   # exp(logp_ref - logp) - (logp_ref - logp) - 1, without cancellation
+    return jnp.expm1(-d) + d  # exp(logp_ref - logp) - (logp_ref - logp) - 1, without cancellation
   raise ConfigError(f"kl_estimator={estimator!r}: allowed " + " | ".join(repr(k) for k in KL_ESTIMATORS))
 
 
@@ -188,8 +190,10 @@ def rl_loss(logp, batch: dict, cfg: RLLossConfig):
     logp_old = logp_behav
   else:
     if "logp_prox" not in batch:
-      raise KeyError(f"rl_loss: correction={cfg.correction!r} needs batch['logp_prox'] (the learner's log-probs "
-                     "under the pre-update weights); use correction='none' to treat the behaviour as old")
+      raise KeyError(
+        f"rl_loss: correction={cfg.correction!r} needs batch['logp_prox'] (the learner's log-probs "
+        "under the pre-update weights); use correction='none' to treat the behaviour as old"
+      )
     logp_old = batch["logp_prox"]
   logp_old = jax.lax.stop_gradient(logp_old)
 
@@ -207,7 +211,7 @@ def rl_loss(logp, batch: dict, cfg: RLLossConfig):
     capped = on & (w_raw > cfg.cap)
     if cfg.correction == "decoupled":
       w = jnp.where(capped, 0.0, w_raw)
-    else:   # tis
+    else:  # tis
       w = jnp.minimum(w_raw, cfg.cap)
   pg = pg * w
   tok = pg

@@ -5,6 +5,7 @@ METRICS.jsonl OUT.png` for a run in progress. Reward is shown per step and as a 
 step's reward is the mean over prompts_per_step * group_size samples, so it is noisy); held-out
 accuracy is greedy exact match on the task's held-out split at the steps it was measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ def read_metrics(path: str) -> list[dict]:
 def plot_rl(metrics_path: str, out_path: str, title: str | None = None, window: int = 10) -> str:
   """Write the PNG; -> out_path."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -38,8 +40,9 @@ def plot_rl(metrics_path: str, out_path: str, title: str | None = None, window: 
     y = np.array([r[key] for r in stepped])
     w = max(1, min(window, len(y)))
     ax.plot(steps, y, color=color, alpha=0.2, lw=1)
-    ax.plot(steps[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=color, lw=2,
-            label=f"{label} ({w}-step mean)")
+    ax.plot(
+      steps[w - 1 :], np.convolve(y, np.ones(w) / w, mode="valid"), color=color, lw=2, label=f"{label} ({w}-step mean)"
+    )
     top = max(top, float(y.max()))
   if evals:
     es, ea = zip(*evals)

@@ -46,6 +46,7 @@ jaxllm.train.runner's.
 
 Shapes: the package legend in jaxllm/__init__.py (B pairs, or sequences when flattened; T; D).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.buckets import pow2_bucket
 from jaxllm.config import Config, ConfigError, ModelConfig, RewardConfig
@@ -79,7 +81,7 @@ from jaxllm.train.runner import Task, checked_tokenizer, run
 from jaxllm.train.state import init_state
 from jaxllm.train.step import Objective, TrainState, make_train_step
 
-KIND = "reward_model"   # meta["data"]["kind"] of a reward-model checkpoint
+KIND = "reward_model"  # meta["data"]["kind"] of a reward-model checkpoint
 
 
 # ---- data ----
@@ -91,8 +93,10 @@ def read_preference_pairs(path: str) -> list[PreferencePair]:
   """The pairs of a jsonl file; a malformed line is a ValueError naming the file, the line and what
   is wrong with it. Blank lines are skipped."""
   if not os.path.isfile(path):
-    raise ValueError(f"preference data {path!r} does not exist; give a jsonl file of "
-                     '{"prompt", "chosen", "rejected"} lines (AdditionTask.write_preference_file writes one)')
+    raise ValueError(
+      f"preference data {path!r} does not exist; give a jsonl file of "
+      '{"prompt", "chosen", "rejected"} lines (AdditionTask.write_preference_file writes one)'
+    )
   pairs = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
@@ -102,16 +106,21 @@ def read_preference_pairs(path: str) -> list[PreferencePair]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object "
-                         '{"prompt": ..., "chosen": ..., "rejected": ...}') from None
+        raise ValueError(
+          f"{where}: not valid JSON ({e.msg}); each line must be one JSON object "
+          '{"prompt": ..., "chosen": ..., "rejected": ...}'
+        ) from None
       if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with string fields {', '.join(FIELDS)}, "
-                         f"found a {type(record).__name__}")
+        raise ValueError(
+          f"{where}: expected a JSON object with string fields {', '.join(FIELDS)}, found a {type(record).__name__}"
+        )
       missing = [k for k in FIELDS if k not in record]
       if missing:
-        raise ValueError(f"{where}: missing {', '.join(map(repr, missing))} (the line has "
-                         f"{', '.join(map(repr, sorted(record))) or 'no keys'}); each line needs "
-                         f"{', '.join(FIELDS)}")
+        raise ValueError(
+          f"{where}: missing {', '.join(map(repr, missing))} (the line has "
+          f"{', '.join(map(repr, sorted(record))) or 'no keys'}); each line needs "
+          f"{', '.join(FIELDS)}"
+        )
       for k in FIELDS:
         if not isinstance(record[k], str):
           raise ValueError(f"{where}: {k!r} must be a string, got {type(record[k]).__name__} ({record[k]!r:.40})")
@@ -133,17 +142,21 @@ def _heldout(prompt: str, fraction: float) -> bool:
 def load_pairs(rcfg: RewardConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
   """(train pairs, held-out pairs) of a RewardConfig."""
   if not rcfg.data:
-    raise ConfigError("no preference data: pass --data FILE.jsonl (or reward.data=FILE.jsonl), lines of "
-                      '{"prompt", "chosen", "rejected"}')
+    raise ConfigError(
+      "no preference data: pass --data FILE.jsonl (or reward.data=FILE.jsonl), lines of "
+      '{"prompt", "chosen", "rejected"}'
+    )
   pairs = read_preference_pairs(rcfg.data)
   if rcfg.eval_data:
     return pairs, read_preference_pairs(rcfg.eval_data)
   train = [p for p in pairs if not _heldout(p.prompt, rcfg.eval_fraction)]
   held = [p for p in pairs if _heldout(p.prompt, rcfg.eval_fraction)]
   if not train or not held:
-    raise ConfigError(f"{rcfg.data}: holding out reward.eval_fraction={rcfg.eval_fraction} of its "
-                      f"{len(pairs)} pairs by prompt leaves {len(train)} to train on and {len(held)} held out; "
-                      "give more pairs, another eval_fraction, or reward.eval_data=FILE")
+    raise ConfigError(
+      f"{rcfg.data}: holding out reward.eval_fraction={rcfg.eval_fraction} of its "
+      f"{len(pairs)} pairs by prompt leaves {len(train)} to train on and {len(held)} held out; "
+      "give more pairs, another eval_fraction, or reward.eval_data=FILE"
+    )
   return train, held
 
 
@@ -168,11 +181,12 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, seq_len: int) -> tu
   for i, pair in enumerate(seqs):
     for j, ids in enumerate(pair):
       ids = ids[-T:]
-      tokens[i, j, :len(ids)], lengths[i, j] = ids, len(ids)
+      tokens[i, j, : len(ids)], lengths[i, j] = ids, len(ids)
   return {"tokens": tokens, "lengths": lengths}, sum(max(map(len, pair)) > T for pair in seqs)
 
 
 # ---- the model: backbone + scalar head ----
+
 
 def rm_logical(mdef: ModelDef) -> dict:
   """Logical axis names of the reward model's params (for the optimizer's decay mask): the head's
@@ -182,8 +196,10 @@ def rm_logical(mdef: ModelDef) -> dict:
 
 def abstract_rm_params(mdef: ModelDef) -> dict:
   f32 = jnp.float32
-  return {"backbone": mdef.abstract_params(),
-          "head": {"w": jax.ShapeDtypeStruct((mdef.cfg.d_model,), f32), "b": jax.ShapeDtypeStruct((), f32)}}
+  return {
+    "backbone": mdef.abstract_params(),
+    "head": {"w": jax.ShapeDtypeStruct((mdef.cfg.d_model,), f32), "b": jax.ShapeDtypeStruct((), f32)},
+  }
 
 
 def init_head(cfg: ModelConfig, seed: int) -> dict:
@@ -196,7 +212,7 @@ def last_token_scores(mdef: ModelDef, params: dict, tokens, lengths):
   """tokens [B, T] int32 right-padded, lengths [B] int32 in 1..T -> (r [B] fp32, aux)."""
   h, aux, _ = mdef.bind(params["backbone"]).hidden(tokens)
   last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
-  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)   # [B, D]
+  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [B, D]
   head = params["head"]
   return h_last @ head["w"] + head["b"], aux
 
@@ -246,21 +262,26 @@ def abstract_rm_state(mdef: ModelDef, tx, shardings: TrainState) -> TrainState:
 
 def make_score_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, hook_kwargs: dict | None = None):
   """Jitted (params, pair batch) -> r [B, 2] (no gradient): held-out evaluation."""
+
   def scores(params, batch):
     with hooks.using(**(hook_kwargs or {})):
       return pair_scores(mdef, params, batch)[0]
+
   if params_shardings is None:
     return jax.jit(scores)
   # Replicated scores: every process of a multi-host run reads all of them.
-  return jax.jit(scores, in_shardings=(params_shardings, batch_sharding),
-                 out_shardings=NamedSharding(batch_sharding.mesh, P()))
+  return jax.jit(
+    scores, in_shardings=(params_shardings, batch_sharding), out_shardings=NamedSharding(batch_sharding.mesh, P())
+  )
 
 
 # ---- training (`train.py reward`) ----
 
+
 class RewardTraining(Task):
   """Bradley-Terry training on preference pairs: the runner's Task. Each evaluation re-sets the
   head's offset b (module docstring), so the state it returns carries the new b."""
+
   name = "reward"
   what = "reward-model loss or gradient"
   hint = "Lower train.lr or set train.grad_clip > 0"
@@ -269,9 +290,11 @@ class RewardTraining(Task):
     rcfg = cfg.reward
     self.mesh, self.plan = build_mesh(cfg.mesh)
     self.backbone = None
-    if rcfg.init_from:      # a checkpoints dir or a Hugging Face dir: the backbone's model and tokenizer
+    if rcfg.init_from:  # a checkpoints dir or a Hugging Face dir: the backbone's model and tokenizer
       base = load_model(rcfg.init_from, shardings=lambda m: param_shardings(m, self.mesh, self.plan))
-      cfg = dataclasses.replace(cfg, model=base.cfg, train=dataclasses.replace(cfg.train, tokenizer=base.tokenizer_spec))
+      cfg = dataclasses.replace(
+        cfg, model=base.cfg, train=dataclasses.replace(cfg.train, tokenizer=base.tokenizer_spec)
+      )
       self.backbone = base.params
     self.cfg, t = cfg, cfg.train
     self.tok = checked_tokenizer(cfg)
@@ -287,8 +310,9 @@ class RewardTraining(Task):
     self.shardings = rm_shardings(self.mdef, self.tx, self.mesh, self.plan)
     self.b_sh = batch_sharding(self.mesh, self.plan)
     hk = mesh_hooks(self.mesh, self.plan, cfg.model)
-    self.step_fn = make_train_step(self.mdef, self.tx, self.shardings, self.b_sh, t.grad_accum, hook_kwargs=hk,
-                                   objective=PREFERENCE)
+    self.step_fn = make_train_step(
+      self.mdef, self.tx, self.shardings, self.b_sh, t.grad_accum, hook_kwargs=hk, objective=PREFERENCE
+    )
     self.score_fn = make_score_step(self.mdef, self.shardings.params, self.b_sh, hk)
     self.evals: list[tuple[int, float]] = []
 
@@ -296,8 +320,9 @@ class RewardTraining(Task):
     mdef, t = self.mdef, self.cfg.train
     if start is not None:
       if ckpt.meta(start).get("data", {}).get("kind") != KIND:
-        raise CheckpointError(f"{ckpt.directory} holds checkpoints that are not a reward model's; use another "
-                              "train.out_dir")
+        raise CheckpointError(
+          f"{ckpt.directory} holds checkpoints that are not a reward model's; use another train.out_dir"
+        )
       params, opt_state, meta = ckpt.restore(abstract_rm_state(mdef, self.tx, self.shardings), start)
       return TrainState(params, opt_state, jax.device_put(jnp.int32(meta["step"]), self.shardings.step))
     backbone = self.backbone
@@ -305,12 +330,15 @@ class RewardTraining(Task):
       log(f"backbone initialised from {self.cfg.reward.init_from}")
     else:
       backbone = jax.jit(lambda: init_params(self.cfg.model, t.seed), out_shardings=self.shardings.params["backbone"])()
-    return init_state(mdef, self.tx, self.shardings, t.seed,
-                      params={"backbone": backbone, "head": init_head(self.cfg.model, t.seed)})
+    return init_state(
+      mdef, self.tx, self.shardings, t.seed, params={"backbone": backbone, "head": init_head(self.cfg.model, t.seed)}
+    )
 
   def begin(self, state, step, fresh, log):
-    log(f"reward model {self.cfg.model.name}: {count_params(abstract_rm_params(self.mdef)) / 1e6:.2f}M params, "
-        f"{len(self.train_pairs)} train pairs, {len(self.eval_pairs)} held-out pairs, {self.T} tokens per sequence")
+    log(
+      f"reward model {self.cfg.model.name}: {count_params(abstract_rm_params(self.mdef)) / 1e6:.2f}M params, "
+      f"{len(self.train_pairs)} train pairs, {len(self.eval_pairs)} held-out pairs, {self.T} tokens per sequence"
+    )
     state, ev = self.evaluate(state, step)
     log(f"held-out pair accuracy at step {step}: {100 * ev['heldout_acc']:.1f}% ({len(self.eval_pairs)} pairs)")
     return state, None
@@ -319,8 +347,14 @@ class RewardTraining(Task):
     rows = epoch_indices(len(self.train_pairs), self.cfg.train.batch_size, step, self.cfg.train.seed)
     state, metrics = self.step_fn(state, jax.device_put({k: v[rows] for k, v in self.train_data.items()}, self.b_sh))
     m = jax.device_get(metrics)
-    return state, {"finite": bool(m["finite"]), "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                   "margin": float(m["margin"]), "grad_norm": float(m["grad_norm"]), "lr": float(self.schedule(step))}
+    return state, {
+      "finite": bool(m["finite"]),
+      "loss": float(m["loss"]),
+      "accuracy": float(m["accuracy"]),
+      "margin": float(m["margin"]),
+      "grad_norm": float(m["grad_norm"]),
+      "lr": float(self.schedule(step)),
+    }
 
   def eval_due(self, step):
     return bool(self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 or step == self.cfg.train.steps)
@@ -328,9 +362,17 @@ class RewardTraining(Task):
   def evaluate(self, state, step):
     """Held-out pair accuracy; re-sets b so the held-out scores average 0 (see the module docstring)."""
     n, B = len(self.eval_pairs), self.cfg.train.batch_size
-    rows = np.resize(np.arange(n), -(-n // B) * B)           # padded to whole batches, then dropped
-    r = np.concatenate([np.asarray(self.score_fn(state.params, jax.device_put(
-      {k: v[rows[i:i + B]] for k, v in self.eval_data.items()}, self.b_sh))) for i in range(0, len(rows), B)])[:n]
+    rows = np.resize(np.arange(n), -(-n // B) * B)  # padded to whole batches, then dropped
+    r = np.concatenate(
+      [
+        np.asarray(
+          self.score_fn(
+            state.params, jax.device_put({k: v[rows[i : i + B]] for k, v in self.eval_data.items()}, self.b_sh)
+          )
+        )
+        for i in range(0, len(rows), B)
+      ]
+    )[:n]
     head = state.params["head"]
     b = jax.device_put(head["b"] - jnp.float32(r.mean()), self.shardings.params["head"]["b"])
     params = {"backbone": state.params["backbone"], "head": {"w": head["w"], "b": b}}
@@ -338,16 +380,22 @@ class RewardTraining(Task):
     return state._replace(params=params), {"heldout_acc": self.evals[-1][1]}
 
   def checkpoint(self, state, step):
-    return state, {"kind": KIND, "heldout_acc": self.evals[-1][1], "heldout_pairs": len(self.eval_pairs),
-                   "reward": dataclasses.asdict(self.cfg.reward)}
+    return state, {
+      "kind": KIND,
+      "heldout_acc": self.evals[-1][1],
+      "heldout_pairs": len(self.eval_pairs),
+      "reward": dataclasses.asdict(self.cfg.reward),
+    }
 
   def postfix(self, r):
     return {"loss": f"{r['loss']:.3f}", "acc": f"{100 * self.evals[-1][1]:.0f}%"}
 
   def log_line(self, step, r):
-    return (f"step {step:>6}  loss {r['loss']:.4f}  train pair acc {100 * r['accuracy']:.0f}%  "
-            f"grad_norm {r['grad_norm']:.3f}"
-            + (f"  held-out pair acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else ""))
+    return (
+      f"step {step:>6}  loss {r['loss']:.4f}  train pair acc {100 * r['accuracy']:.0f}%  "
+      f"grad_norm {r['grad_norm']:.3f}"
+      + (f"  held-out pair acc {100 * r['heldout_acc']:.1f}%" if "heldout_acc" in r else "")
+    )
 
 
 def train_reward_model(cfg: Config, progress: bool = True, log=print, stop_after: int | None = None) -> dict:
@@ -357,12 +405,21 @@ def train_reward_model(cfg: Config, progress: bool = True, log=print, stop_after
   task = RewardTraining(cfg, log)
   t0 = time.perf_counter()
   res = run(task, progress=progress, log=log, stop_after=stop_after)
-  return {"steps": res.step, "history": res.history, "evals": task.evals, "first_acc": task.evals[0][1],
-          "last_acc": task.evals[-1][1], "train_pairs": len(task.train_pairs), "heldout_pairs": len(task.eval_pairs),
-          "seconds": time.perf_counter() - t0, "checkpoint_dir": res.checkpoint_dir}
+  return {
+    "steps": res.step,
+    "history": res.history,
+    "evals": task.evals,
+    "first_acc": task.evals[0][1],
+    "last_acc": task.evals[-1][1],
+    "train_pairs": len(task.train_pairs),
+    "heldout_pairs": len(task.eval_pairs),
+    "seconds": time.perf_counter() - t0,
+    "checkpoint_dir": res.checkpoint_dir,
+  }
 
 
 # ---- scoring with a trained reward model (the reward "rm:DIR") ----
+
 
 @functools.partial(jax.jit, static_argnames=("mdef",))
 def _scores(mdef, params, tokens, lengths):
@@ -388,38 +445,44 @@ class RewardModel:
     meta = read_meta(directory, step)
     data = meta.get("data") or {}
     if data.get("kind") != KIND:
-      raise CheckpointError(f"{directory} (step {meta['step']}) is not a reward-model checkpoint (a language "
-                            "model's?); train one with `python train.py reward --data PAIRS.jsonl` and pass "
-                            "its train.out_dir/checkpoints")
+      raise CheckpointError(
+        f"{directory} (step {meta['step']}) is not a reward-model checkpoint (a language "
+        "model's?); train one with `python train.py reward --data PAIRS.jsonl` and pass "
+        "its train.out_dir/checkpoints"
+      )
     config = read_config(directory, meta["step"])
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                          abstract_rm_params(model_def(config.model)))
+    target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_rm_params(model_def(config.model))
+    )
     try:
       out = manager(directory, async_save=False).restore(
-        meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        meta["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+      )
     except Exception as e:  # orbax raises many types; say which checkpoint
-      raise CheckpointError(f"reward-model parameters of step {meta['step']} in {directory} could not be read "
-                            f"({type(e).__name__}: {e}); nothing was changed on disk") from e
+      raise CheckpointError(
+        f"reward-model parameters of step {meta['step']} in {directory} could not be read "
+        f"({type(e).__name__}: {e}); nothing was changed on disk"
+      ) from e
     return cls(config, out.params, load_tokenizer(config.train.tokenizer), config.train.seq_len)
 
   def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
     """r [B] float32 of prompt + completion pairs (sequences beyond seq_len lose their start)."""
     if len(prompts) != len(completions):
       raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    seqs = [encode(self.tokenizer, p, c)[-self.seq_len:] for p, c in zip(prompts, completions)]
+    seqs = [encode(self.tokenizer, p, c)[-self.seq_len :] for p, c in zip(prompts, completions)]
     for i, ids in enumerate(seqs):
       if not ids:
         raise ValueError(f"sample {i}: prompt and completion are both empty; nothing to score")
     out = np.zeros(len(seqs), np.float32)
     for lo in range(0, len(seqs), self.rows):
-      chunk = seqs[lo:lo + self.rows]
-      T = pow2_bucket(max(map(len, chunk)), 16)          # few shapes: a compile per (rows, T) bucket
+      chunk = seqs[lo : lo + self.rows]
+      T = pow2_bucket(max(map(len, chunk)), 16)  # few shapes: a compile per (rows, T) bucket
       tokens = np.full((self.rows, T), pad_id(self.tokenizer), np.int32)
       lengths = np.ones(self.rows, np.int32)
       for i, ids in enumerate(chunk):
-        tokens[i, :len(ids)], lengths[i] = ids, len(ids)
-      out[lo:lo + len(chunk)] = np.asarray(_scores(self.mdef, self.params, tokens, lengths))[:len(chunk)]
+        tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+      out[lo : lo + len(chunk)] = np.asarray(_scores(self.mdef, self.params, tokens, lengths))[: len(chunk)]
     return out
 
   def __call__(self, prompts: Sequence[str], completions: Sequence[str], references=None) -> np.ndarray:

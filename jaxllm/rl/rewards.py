@@ -39,6 +39,7 @@ A python: callable is treated as batched when it carries `batched_reward = True`
 @batched). Scores must be finite numbers; a non-finite or non-numeric one is an error naming the
 reward and the sample.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,27 +61,32 @@ ANSWER_FORMAT = re.compile(r"[0-9]+\n")
 class Reward:
   """A named scorer. batched=False: fn(prompt, completion, reference) -> float per sample;
   batched=True: fn(prompts, completions, references) -> sequence of B floats for the whole batch."""
+
   name: str
   fn: Callable
   batched: bool = False
 
-  def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-               references: Sequence[str]) -> np.ndarray:
+  def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """Scores [B] float32 of one batch (unweighted)."""
     B = len(prompts)
     if len(completions) != B or len(references) != B:
-      raise ValueError(f"reward {self.name!r}: {B} prompts, {len(completions)} completions, "
-                       f"{len(references)} references; give one completion and one reference per prompt")
+      raise ValueError(
+        f"reward {self.name!r}: {B} prompts, {len(completions)} completions, "
+        f"{len(references)} references; give one completion and one reference per prompt"
+      )
     if self.batched:
       raw = self.fn(list(prompts), list(completions), list(references))
       try:
         scores = np.asarray(raw, dtype=np.float64)
       except (TypeError, ValueError) as e:
-        raise ValueError(f"reward {self.name!r} (batched) returned {type(raw).__name__}, not a "
-                         f"sequence of {B} numbers: {e}") from None
+        raise ValueError(
+          f"reward {self.name!r} (batched) returned {type(raw).__name__}, not a sequence of {B} numbers: {e}"
+        ) from None
       if scores.shape != (B,):
-        raise ValueError(f"reward {self.name!r} (batched) returned shape {scores.shape} for a batch "
-                         f"of {B}; it must return one score per sample")
+        raise ValueError(
+          f"reward {self.name!r} (batched) returned shape {scores.shape} for a batch "
+          f"of {B}; it must return one score per sample"
+        )
     else:
       scores = np.empty(B, np.float64)
       for i, (p, c, r) in enumerate(zip(prompts, completions, references)):
@@ -92,13 +98,17 @@ class Reward:
         if isinstance(value, (bool, np.bool_)):
           value = float(value)
         if not isinstance(value, (int, float, np.integer, np.floating)):
-          raise ValueError(f"reward {self.name!r} returned {type(value).__name__} ({value!r:.60}) for "
-                           f"sample {i}; a reward returns a float")
+          raise ValueError(
+            f"reward {self.name!r} returned {type(value).__name__} ({value!r:.60}) for "
+            f"sample {i}; a reward returns a float"
+          )
         scores[i] = value
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
-      raise ValueError(f"reward {self.name!r} returned a non-finite score ({scores[bad[0]]}) for sample "
-                       f"{int(bad[0])}; rewards must be finite")
+      raise ValueError(
+        f"reward {self.name!r} returned a non-finite score ({scores[bad[0]]}) for sample "
+        f"{int(bad[0])}; rewards must be finite"
+      )
     return scores.astype(np.float32)
 
 
@@ -109,6 +119,7 @@ def batched(fn: Callable) -> Callable:
 
 
 # ---- the built-in rewards ----
+
 
 def exact_match(prompt: str, completion: str, reference: str) -> float:
   """1.0 if the completion's first line, stripped, equals the reference (stripped), else 0.0. A
@@ -147,17 +158,21 @@ def load_python_reward(path: str) -> Reward:
     raise ValueError(f"reward {full!r}: write python:MODULE:FUNCTION, e.g. python:mypkg.rewards:my_reward")
   try:
     obj = importlib.import_module(module_name)
-  except Exception as e:   # ImportError, or anything the module raises while it is imported
-    raise ValueError(f"reward {full!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                     "is it installed, or its directory on sys.path / PYTHONPATH?") from e
+  except Exception as e:  # ImportError, or anything the module raises while it is imported
+    raise ValueError(
+      f"reward {full!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+      "is it installed, or its directory on sys.path / PYTHONPATH?"
+    ) from e
   for part in attr.split("."):
     try:
       obj = getattr(obj, part)
     except AttributeError:
       raise ValueError(f"reward {full!r}: module {module_name!r} has no attribute {attr!r}") from None
   if not callable(obj):
-    raise ValueError(f"reward {full!r}: {module_name}:{attr} is a {type(obj).__name__}, not callable; it "
-                     "must be a function fn(prompt, completion, reference) -> float")
+    raise ValueError(
+      f"reward {full!r}: {module_name}:{attr} is a {type(obj).__name__}, not callable; it "
+      "must be a function fn(prompt, completion, reference) -> float"
+    )
   return Reward(full, obj, batched=bool(getattr(obj, "batched_reward", False)))
 
 
@@ -178,6 +193,7 @@ def load_rm_reward(path: str) -> Reward:
   imported here so that this module stays free of jax until a reward model is asked for)."""
   from jaxllm.io.checkpoint import CheckpointError
   from jaxllm.rl.reward_model import RewardModel
+
   try:
     model = RewardModel.load(path)
   except (CheckpointError, ValueError) as e:
@@ -209,11 +225,13 @@ def make_reward(name: str) -> Reward:
   """The Reward of one registry name ("exact_match") or prefix form ("python:mod:fn")."""
   for prefix in REWARDS:
     if prefix.endswith(":") and name.startswith(prefix):
-      return REWARDS[prefix](name[len(prefix):])
+      return REWARDS[prefix](name[len(prefix) :])
   if name in REWARDS:
     return REWARDS[name]()
-  raise ValueError(f"unknown reward {name!r}; known rewards: {known_rewards()} "
-                   "(e.g. \"exact_match:1.0,format:0.1\" or \"python:mypkg.rewards:my_reward:0.5\")")
+  raise ValueError(
+    f"unknown reward {name!r}; known rewards: {known_rewards()} "
+    '(e.g. "exact_match:1.0,format:0.1" or "python:mypkg.rewards:my_reward:0.5")'
+  )
 
 
 def _is_prefix_form(name: str) -> bool:
@@ -221,7 +239,7 @@ def _is_prefix_form(name: str) -> bool:
 
 
 def _parse_item(item: str) -> tuple[str, float]:
-  """"name:weight" -> (name, weight); "name" -> (name, 1.0). The weight is the text after the last
+  """ "name:weight" -> (name, weight); "name" -> (name, 1.0). The weight is the text after the last
   ':' when it is a number, so prefix forms with colons ("python:mod:fn:0.5") parse too."""
   head, sep, tail = item.rpartition(":")
   head, tail = head.strip(), tail.strip()
@@ -242,6 +260,7 @@ def _parse_item(item: str) -> tuple[str, float]:
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
   """Weighted rewards: ((Reward, weight), ...), in the order the config string gave them."""
+
   terms: tuple[tuple[Reward, float], ...]
 
   @classmethod
@@ -249,22 +268,25 @@ class RewardSpec:
     """From "name:weight,name:weight,..." (a missing weight is 1.0). Unknown names, bad weights,
     duplicates and python: paths that do not import are ValueErrors naming the entry."""
     if not isinstance(text, str):
-      raise ValueError(f"reward spec must be a string like \"exact_match:1.0,format:0.1\", got {type(text).__name__}")
+      raise ValueError(f'reward spec must be a string like "exact_match:1.0,format:0.1", got {type(text).__name__}')
     terms, seen = [], set()
     for item in (s.strip() for s in text.split(",")):
       if not item:
-        continue   # tolerate "a:1,,b:2" and a trailing comma
+        continue  # tolerate "a:1,,b:2" and a trailing comma
       name, weight = _parse_item(item)
       if name in seen:
         raise ValueError(f"reward {name!r} appears twice in {text!r}; give each reward once")
       if name not in REWARDS and not _is_prefix_form(name):
-        raise ValueError(f"unknown reward {name!r} in {text!r}; known rewards: {known_rewards()} "
-                         "(e.g. \"exact_match:1.0,format:0.1\" or \"python:mypkg.rewards:my_reward:0.5\")")
+        raise ValueError(
+          f"unknown reward {name!r} in {text!r}; known rewards: {known_rewards()} "
+          '(e.g. "exact_match:1.0,format:0.1" or "python:mypkg.rewards:my_reward:0.5")'
+        )
       seen.add(name)
       terms.append((make_reward(name), weight))
     if not terms:
-      raise ValueError(f"reward spec {text!r} names no reward; e.g. \"exact_match:1.0,format:0.1\" "
-                       f"(known rewards: {known_rewards()})")
+      raise ValueError(
+        f'reward spec {text!r} names no reward; e.g. "exact_match:1.0,format:0.1" (known rewards: {known_rewards()})'
+      )
     return cls(tuple(terms))
 
   @property
@@ -279,16 +301,19 @@ class RewardSpec:
     return ",".join(f"{r.name}:{w:g}" for r, w in self.terms)
 
 
-def combine(spec: RewardSpec | str, prompts: Sequence[str], completions: Sequence[str],
-            references: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def combine(
+  spec: RewardSpec | str, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """-> (total [B] float32 = sum over terms of weight * score, {name: unweighted score [B] float32}).
   `spec` may be a config string, parsed here."""
   if isinstance(spec, str):
     spec = RewardSpec.parse(spec)
   B = len(prompts)
   if len(completions) != B or len(references) != B:
-    raise ValueError(f"combine: {B} prompts, {len(completions)} completions, {len(references)} references; "
-                     "give one completion and one reference per prompt")
+    raise ValueError(
+      f"combine: {B} prompts, {len(completions)} completions, {len(references)} references; "
+      "give one completion and one reference per prompt"
+    )
   total = np.zeros(B, np.float64)
   per_reward = {}
   for reward, weight in spec.terms:

@@ -12,6 +12,7 @@ A rollout is plain data (ids, floats, strings): `to_json` / `from_json` write an
 
 Shapes: the package legend in jaxllm/__init__.py (B samples = prompts * G, T tokens).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,46 +28,67 @@ from jaxllm.serve import Engine, SamplingParams
 class Sample:
   prompt_ids: list
   completion_ids: list
-  logprobs: list                 # behaviour log-prob of each completion token
-  version: object                # weight version that generated it
+  logprobs: list  # behaviour log-prob of each completion token
+  version: object  # weight version that generated it
   prompt: str
   completion: str
-  reference: str                 # the task's answer, for verifiable rewards
-  cache_hit: int                 # prompt tokens reused from the radix cache
-  learner_logprobs: list | None = None   # the same tokens' log-probs by the learner's forward, same weights
+  reference: str  # the task's answer, for verifiable rewards
+  cache_hit: int  # prompt tokens reused from the radix cache
+  learner_logprobs: list | None = None  # the same tokens' log-probs by the learner's forward, same weights
 
 
 @dataclass
 class Rollout:
-  samples: list                  # prompts_per_step * G samples, each group adjacent
-  step: int                      # which learner step it is for
+  samples: list  # prompts_per_step * G samples, each group adjacent
+  step: int  # which learner step it is for
   seconds: float
-  version: object                # the oldest weight version among its samples
+  version: object  # the oldest weight version among its samples
 
   def to_json(self) -> dict:
-    return {"samples": [dataclasses.asdict(x) for x in self.samples], "step": self.step, "seconds": self.seconds,
-            "version": self.version}
+    return {
+      "samples": [dataclasses.asdict(x) for x in self.samples],
+      "step": self.step,
+      "seconds": self.seconds,
+      "version": self.version,
+    }
 
   @classmethod
   def from_json(cls, d: dict) -> "Rollout":
     return cls([Sample(**x) for x in d["samples"]], d["step"], d["seconds"], d["version"])
 
 
-def generate(engine: Engine, tokenizer, prompts: list[str], references: list[str], group_size: int,
-             max_new_tokens: int, temperature: float, seed: int, step: int, stop=("\n",)) -> Rollout:
+def generate(
+  engine: Engine,
+  tokenizer,
+  prompts: list[str],
+  references: list[str],
+  group_size: int,
+  max_new_tokens: int,
+  temperature: float,
+  seed: int,
+  step: int,
+  stop=("\n",),
+) -> Rollout:
   """G samples for every prompt; deterministic given (seed, step) and the engine's weights."""
   t0 = time.perf_counter()
   reqs = []
   for i, prompt in enumerate(prompts):
     ids = tokenizer.encode(prompt)
     for g in range(group_size):
-      sp = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=True,
-                          logprobs_mode="processed", stop=stop,
-                          seed=(seed * 1_000_003 + step * 65_537 + i * group_size + g) & 0x7FFFFFFF)
+      sp = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        logprobs=True,
+        logprobs_mode="processed",
+        stop=stop,
+        seed=(seed * 1_000_003 + step * 65_537 + i * group_size + g) & 0x7FFFFFFF,
+      )
       reqs.append((engine.add_request(ids, sp), prompt, references[i]))
   engine.run()
-  samples = [Sample(r.prompt, list(r.output), list(r.logprobs), r.extra_key, p, tokenizer.decode(r.output), ref,
-                    r.cache_hit) for r, p, ref in reqs]
+  samples = [
+    Sample(r.prompt, list(r.output), list(r.logprobs), r.extra_key, p, tokenizer.decode(r.output), ref, r.cache_hit)
+    for r, p, ref in reqs
+  ]
   return Rollout(samples, step, time.perf_counter() - t0, min((s.version for s in samples), default=None))
 
 

@@ -14,6 +14,7 @@ prefill cancels; the engine over its decode phase (engine_decode_tokens_per_s).
 
 Shapes: the package legend in jaxllm/__init__.py (B, n, M).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,8 @@ class Workload:
   system_len: int = 128
   question_len: int = 16
   output_len: int = 16
-  arrival: str = "all"          # "all" (all at once) or "poisson"
-  rate: float = 50.0            # requests per second for poisson
+  arrival: str = "all"  # "all" (all at once) or "poisson"
+  rate: float = 50.0  # requests per second for poisson
   seed: int = 0
 
 
@@ -48,8 +49,11 @@ def make_workload(w: Workload, vocab: int):
   """-> (prompts, arrival offsets in seconds), groups interleaved in a shuffled order."""
   rng = np.random.default_rng(w.seed)
   systems = [list(map(int, rng.integers(0, vocab, w.system_len))) for _ in range(w.groups)]
-  prompts = [systems[g] + list(map(int, rng.integers(0, vocab, w.question_len)))
-             for g in range(w.groups) for _ in range(w.per_group)]
+  prompts = [
+    systems[g] + list(map(int, rng.integers(0, vocab, w.question_len)))
+    for g in range(w.groups)
+    for _ in range(w.per_group)
+  ]
   prompts = [prompts[i] for i in rng.permutation(len(prompts))]
   if w.arrival == "poisson":
     offsets = np.cumsum(rng.exponential(1.0 / w.rate, len(prompts)))
@@ -94,16 +98,20 @@ def run_workload(engine: Engine, prompts, offsets, output_len: int) -> dict:
   # Time per output token after the first, per request: multi-step decode hands serve.decode_steps
   # tokens to the host at once, so gaps between single tokens (mostly 0 inside a chunk) would say
   # nothing; the per-request mean is what a streaming client sees on average.
-  tpot = np.array([(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1)
-                   for r in reqs if len(r.token_times) > 1])
+  tpot = np.array(
+    [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in reqs if len(r.token_times) > 1]
+  )
   pct = lambda a, q: float(np.percentile(a, q)) * 1e3 if len(a) else float("nan")
-  return {"hit": sum(r.cache_hit for r in reqs) / sum(len(r.prompt) for r in reqs),
-          "prefill": sum(r.computed for r in reqs),
-          "tok_s": sum(len(r.output) for r in reqs) / wall,
-          **{f"ttft_p{q}": pct(ttft, q) for q in (50, 90, 99)},
-          **{f"tpot_p{q}": pct(tpot, q) for q in (50, 90, 99)},
-          "radix": (engine.sched.tree.seconds - radix0) / wall,
-          "preempt": engine.sched.num_preemptions, "wall": wall}
+  return {
+    "hit": sum(r.cache_hit for r in reqs) / sum(len(r.prompt) for r in reqs),
+    "prefill": sum(r.computed for r in reqs),
+    "tok_s": sum(len(r.output) for r in reqs) / wall,
+    **{f"ttft_p{q}": pct(ttft, q) for q in (50, 90, 99)},
+    **{f"tpot_p{q}": pct(tpot, q) for q in (50, 90, 99)},
+    "radix": (engine.sched.tree.seconds - radix0) / wall,
+    "preempt": engine.sched.num_preemptions,
+    "wall": wall,
+  }
 
 
 def decode_prompts(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
@@ -113,7 +121,7 @@ def decode_prompts(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> np
 def _decode_rate(run, batch: int, steps: int, reps: int = 2) -> tuple[float, np.ndarray]:
   """run(n) -> [B, n] new tokens (B = batch). Decode tokens/s from the best of `reps` (time(1 + steps) -
   time(1)) pairs -- prefill and per-call setup cancel -- and the tokens of the long run."""
-  run(1), run(1 + steps)                                          # compile / warm caches
+  run(1), run(1 + steps)  # compile / warm caches
   best, out = float("inf"), None
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -138,7 +146,7 @@ def engine_decode_phase(engine: Engine, prompts, max_tokens: int, reps: int = 2)
   a warm-up run: {"tok_s", "wall", "waited" (host blocked on device results), "chained" (launches
   overlapped, serve.overlap), "outputs" [batch, max_tokens]}."""
   best = None
-  for rep in range(1 + reps):                                     # the first run warms up
+  for rep in range(1 + reps):  # the first run warms up
     engine.set_weights(engine.params, engine.weight_version + 1)  # fresh radix namespace: no reuse
     reqs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
     while not all(r.output for r in reqs):
@@ -146,9 +154,13 @@ def engine_decode_phase(engine: Engine, prompts, max_tokens: int, reps: int = 2)
     n0, w0, c0, t0 = sum(len(r.output) for r in reqs), engine.wait_seconds, engine.chained, time.perf_counter()
     engine.run()
     wall = time.perf_counter() - t0
-    got = {"tok_s": (sum(len(r.output) for r in reqs) - n0) / wall, "wall": wall,
-           "waited": engine.wait_seconds - w0, "chained": engine.chained - c0,
-           "outputs": np.array([r.output for r in reqs])}
+    got = {
+      "tok_s": (sum(len(r.output) for r in reqs) - n0) / wall,
+      "wall": wall,
+      "waited": engine.wait_seconds - w0,
+      "chained": engine.chained - c0,
+      "outputs": np.array([r.output for r in reqs]),
+    }
     if rep and (best is None or got["tok_s"] > best["tok_s"]):
       best = got
   return best
@@ -167,6 +179,7 @@ def hf_causal_lm(cfg, params):
   try:
     import torch
     from transformers import AutoModelForCausalLM
+
     from jaxllm.io import export_hf
   except ImportError:
     return None
@@ -180,6 +193,7 @@ def over_torch_threads(measure) -> list:
   torch's OpenMP threads can stall each other many times over (docs/benchmarks.md), so a fair
   baseline keeps the faster."""
   import torch
+
   default, out = torch.get_num_threads(), []
   try:
     for threads in sorted({default, 1}, reverse=True):
@@ -197,14 +211,17 @@ def hf_decode_tokens_per_s(cfg, params, batch: int, prompt_len: int, steps: int)
   if model is None:
     return None, None, None
   import torch
+
   ids = torch.from_numpy(decode_prompts(cfg.vocab_size, batch, prompt_len).astype(np.int64))
   mask = torch.ones_like(ids)
 
   def run(n):
     with torch.no_grad():
-      out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                           pad_token_id=0)
+      out = model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0
+      )
     return out[:, prompt_len:].numpy()
+
   threads, (rate, toks) = max(over_torch_threads(lambda: _decode_rate(run, batch, steps)), key=lambda r: r[1][0])
   return rate, toks, threads
 
@@ -217,25 +234,56 @@ def decode_comparison(cfg, params, engine: Engine, batch: int, prompt_len: int, 
   plain, t_plain = plain_decode_tokens_per_s(cfg, params, batch, prompt_len, steps)
   hf, t_hf, threads = hf_decode_tokens_per_s(cfg, params, batch, prompt_len, steps)
   same = lambda a, b: 100.0 * float(np.mean(a == b))
-  line = (f"decode throughput at batch {batch}, context {prompt_len}+{steps} (decode_steps={engine.decode_steps}): "
-          f"engine {ours:.0f} tok/s, plain jitted generate {plain:.0f} tok/s (x{ours / plain:.2f}), ")
-  line += ("HF transformers generate: skipped (pip install torch transformers)" if hf is None else
-           f"HF transformers generate {hf:.0f} tok/s at {threads} torch thread(s) (x{ours / hf:.2f})")
+  line = (
+    f"decode throughput at batch {batch}, context {prompt_len}+{steps} (decode_steps={engine.decode_steps}): "
+    f"engine {ours:.0f} tok/s, plain jitted generate {plain:.0f} tok/s (x{ours / plain:.2f}), "
+  )
+  line += (
+    "HF transformers generate: skipped (pip install torch transformers)"
+    if hf is None
+    else f"HF transformers generate {hf:.0f} tok/s at {threads} torch thread(s) (x{ours / hf:.2f})"
+  )
   log(line)
-  log(f"greedy tokens equal to the plain loop's: engine {same(t_ours, t_plain):.1f}%"
-      + ("" if hf is None else f", HF {same(t_hf, t_plain):.1f}%"))
+  log(
+    f"greedy tokens equal to the plain loop's: engine {same(t_ours, t_plain):.1f}%"
+    + ("" if hf is None else f", HF {same(t_hf, t_plain):.1f}%")
+  )
   return {"engine": ours, "plain": plain, "hf": hf}
 
 
-COLUMNS = [("setting", 22, "<22"), ("hit%", 6, ">6.1f"), ("ideal%", 6, ">6.1f"), ("prefill", 7, ">7d"),
-           ("tok/s", 7, ">7.0f"), ("ttft50ms", 8, ">8.0f"), ("ttft90ms", 8, ">8.0f"), ("ttft99ms", 8, ">8.0f"),
-           ("tpot50ms", 8, ">8.1f"), ("tpot90ms", 8, ">8.1f"), ("tpot99ms", 8, ">8.1f"), ("radix%", 6, ">6.2f"),
-           ("preempt", 7, ">7d")]
+COLUMNS = [
+  ("setting", 22, "<22"),
+  ("hit%", 6, ">6.1f"),
+  ("ideal%", 6, ">6.1f"),
+  ("prefill", 7, ">7d"),
+  ("tok/s", 7, ">7.0f"),
+  ("ttft50ms", 8, ">8.0f"),
+  ("ttft90ms", 8, ">8.0f"),
+  ("ttft99ms", 8, ">8.0f"),
+  ("tpot50ms", 8, ">8.1f"),
+  ("tpot90ms", 8, ">8.1f"),
+  ("tpot99ms", 8, ">8.1f"),
+  ("radix%", 6, ">6.2f"),
+  ("preempt", 7, ">7d"),
+]
 
 
 def format_row(name: str, m: dict, ideal: float) -> str:
-  vals = [name, 100 * m["hit"], 100 * ideal, m["prefill"], m["tok_s"], m["ttft_p50"], m["ttft_p90"],
-          m["ttft_p99"], m["tpot_p50"], m["tpot_p90"], m["tpot_p99"], 100 * m["radix"], m["preempt"]]
+  vals = [
+    name,
+    100 * m["hit"],
+    100 * ideal,
+    m["prefill"],
+    m["tok_s"],
+    m["ttft_p50"],
+    m["ttft_p90"],
+    m["ttft_p99"],
+    m["tpot_p50"],
+    m["tpot_p90"],
+    m["tpot_p99"],
+    100 * m["radix"],
+    m["preempt"],
+  ]
   return " ".join(format(v, spec) for (_, _, spec), v in zip(COLUMNS, vals))
 
 
@@ -243,8 +291,18 @@ def header() -> str:
   return " ".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w, _) in enumerate(COLUMNS))
 
 
-def run_bench(cfg, params, w: Workload, serve: ServeConfig = ServeConfig(), *, mem_pages: int | None = None,
-              decode_batch=16, mesh=None, plan=None, log=print):
+def run_bench(
+  cfg,
+  params,
+  w: Workload,
+  serve: ServeConfig = ServeConfig(),
+  *,
+  mem_pages: int | None = None,
+  decode_batch=16,
+  mesh=None,
+  plan=None,
+  log=print,
+):
   """Every setting on one workload in one process; returns {setting: metrics}. `serve` gives the
   engine settings (page size, max running, chunk size, decode steps, attention); the pool size and
   the buckets are sized here for the workload."""
@@ -252,20 +310,23 @@ def run_bench(cfg, params, w: Workload, serve: ServeConfig = ServeConfig(), *, m
   prompts, offsets = make_workload(w, cfg.vocab_size)
   ideal = ideal_hit_rate(prompts)
   per_req = -(-(w.system_len + w.question_len + w.output_len) // page_size)
-  num_pages = max_running * per_req + w.groups * (w.system_len // page_size) + 8   # every prefix fits
+  num_pages = max_running * per_req + w.groups * (w.system_len // page_size) + 8  # every prefix fits
   sys_pages = w.system_len // page_size
   # Room for the running requests' own pages and half the system prompts: forces eviction.
   mem_pages = mem_pages or max_running * (per_req - sys_pages) + max(1, w.groups // 2) * sys_pages
-  common = dict(serve=dataclasses.replace(serve, num_pages=num_pages, max_pages=0, min_seqs=max_running),
-                mesh=mesh, plan=plan)
+  common = dict(
+    serve=dataclasses.replace(serve, num_pages=num_pages, max_pages=0, min_seqs=max_running), mesh=mesh, plan=plan
+  )
   settings = [("cache off", dict(radix=False))]
   settings += [(f"cache on  {p}", dict(policy=p)) for p in ("fcfs", "lpm", "dfs-weight")]
   settings += [(f"mem {mem_pages}p {p}", dict(policy=p, max_pages=mem_pages)) for p in ("fcfs", "lpm", "dfs-weight")]
   warm = Engine(cfg, params, **common)
-  n_compiled = warm.warmup()            # every bucket before any timing (shared by all engines below)
-  log(f"workload: {w}; {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens; "
-      f"pool {num_pages} pages of {page_size}, memory-limited runs {mem_pages}"
-      + (f"; mesh dp={plan.cfg.dp} tp={plan.cfg.tp} ep={plan.cfg.ep}" if mesh is not None else ""))
+  n_compiled = warm.warmup()  # every bucket before any timing (shared by all engines below)
+  log(
+    f"workload: {w}; {len(prompts)} requests, {sum(map(len, prompts))} prompt tokens; "
+    f"pool {num_pages} pages of {page_size}, memory-limited runs {mem_pages}"
+    + (f"; mesh dp={plan.cfg.dp} tp={plan.cfg.tp} ep={plan.cfg.ep}" if mesh is not None else "")
+  )
   log(header())
   results = {}
   for name, kw in settings:
@@ -274,11 +335,12 @@ def run_bench(cfg, params, w: Workload, serve: ServeConfig = ServeConfig(), *, m
     log(format_row(name, m, ideal))
   assert warm.compiles == n_compiled, f"benchmark recompiled: {warm.compiles} compilations after warm-up's {n_compiled}"
   base = results["cache off"]
-  for p in ("lpm", "fcfs"):   # lpm is the engine's default (as in SGLang); fcfs isolates the cache alone
+  for p in ("lpm", "fcfs"):  # lpm is the engine's default (as in SGLang); fcfs isolates the cache alone
     on = results[f"cache on  {p}"]
-    log(f"cache on ({p}) vs off: throughput x{on['tok_s'] / base['tok_s']:.2f}, "
-        f"median TTFT x{base['ttft_p50'] / on['ttft_p50']:.2f} lower, hit rate {100 * on['hit'] / ideal:.1f}% of ideal")
-  exact = dict(common, serve=dataclasses.replace(common["serve"], min_seqs=1))   # R = the batch, no padding rows
-  results["decode"] = decode_comparison(cfg, params, Engine(cfg, params, **exact), decode_batch,
-                                         w.system_len, 32, log)
+    log(
+      f"cache on ({p}) vs off: throughput x{on['tok_s'] / base['tok_s']:.2f}, "
+      f"median TTFT x{base['ttft_p50'] / on['ttft_p50']:.2f} lower, hit rate {100 * on['hit'] / ideal:.1f}% of ideal"
+    )
+  exact = dict(common, serve=dataclasses.replace(common["serve"], min_seqs=1))  # R = the batch, no padding rows
+  results["decode"] = decode_comparison(cfg, params, Engine(cfg, params, **exact), decode_batch, w.system_len, 32, log)
   return results

@@ -24,6 +24,7 @@ Two stages, applied to each new token in turn:
 Invariant: with no stop strings, the concatenation of every delta (push + finish) equals
 decode(all generated ids) for byte-level UTF-8 decoders (ByteTokenizer, byte-level BPE).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -47,8 +48,9 @@ class TextStream:
   prompt_ids: the request's prompt; its last few tokens are decoding context only, never emitted.
   """
 
-  def __init__(self, decode: Callable[[list[int]], str], stops: Iterable[str] = (),
-               prompt_ids: Iterable[int] | None = None):
+  def __init__(
+    self, decode: Callable[[list[int]], str], stops: Iterable[str] = (), prompt_ids: Iterable[int] | None = None
+  ):
     self._decode = decode
     # An empty stop string would match before any text; OpenAI clients never mean that.
     self._stops = tuple(s for s in stops if s)
@@ -67,11 +69,11 @@ class TextStream:
     self._prefix = 0
     self._read = len(context)
     self._done = len(context_text)
-    self._generated = 0               # generated ids pushed (context excluded)
+    self._generated = 0  # generated ids pushed (context excluded)
 
     # Stage 2 state. Text out of stage 1 held back because it may be the start of a stop string.
     self._pending = ""
-    self._chunks: list[str] = []      # every delta handed out, in order
+    self._chunks: list[str] = []  # every delta handed out, in order
     self._stopped = False
     self._stop_token_index: int | None = None
     self._finished = False
@@ -118,7 +120,7 @@ class TextStream:
     if self._stopped:
       return ""
     # Whatever the window holds is final now, U+FFFD or not. It may still complete a stop string.
-    out = self._pass_on(self._decode(self._ids[self._prefix:])[self._done:])
+    out = self._pass_on(self._decode(self._ids[self._prefix :])[self._done :])
     if not self._stopped and self._pending:
       out += self._pending
       self._chunks.append(self._pending)
@@ -130,7 +132,7 @@ class TextStream:
   def _detokenize(self) -> str:
     """The new text that the last appended id makes final (may be "")."""
     ids = self._ids
-    text = self._decode(ids[self._prefix:])
+    text = self._decode(ids[self._prefix :])
     if text.endswith(REPLACEMENT):
       # Maybe the first bytes of a character whose rest is still to come: wait for it.
       if len(ids) - self._read <= HOLD_TOKENS:
@@ -140,12 +142,12 @@ class TextStream:
       # Nothing new (a special token that decodes to ""): keep the window, and with it the
       # context the next token needs.
       return ""
-    delta = text[self._done:]
+    delta = text[self._done :]
     # Slide: the tokens just passed on become the next window's context. Their decoding alone
     # can differ at its start from what was passed on (a stripped leading space, a character cut
     # at the window's start), which is why the offset is measured on the same window.
     self._prefix, self._read = self._read, len(ids)
-    self._done = len(self._decode(ids[self._prefix:self._read]))
+    self._done = len(self._decode(ids[self._prefix : self._read]))
     return delta
 
   def _split_held(self, text: str) -> str:
@@ -157,10 +159,10 @@ class TextStream:
     character (tokens straddling characters), keep holding."""
     ids = self._ids
     for k in range(len(ids) - 1, self._read, -1):
-      head = self._decode(ids[self._prefix:k])
+      head = self._decode(ids[self._prefix : k])
       rest = self._decode(ids[k:])
       if rest and head + rest == text and len(head) >= self._done:
-        delta = head[self._done:]
+        delta = head[self._done :]
         self._prefix = self._read = k
         self._done = 0
         return delta
@@ -180,13 +182,13 @@ class TextStream:
     starts = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
     if starts:
       # Earliest occurrence wins; the stop string and everything after it are dropped.
-      safe = buf[:min(starts)]
+      safe = buf[: min(starts)]
       self._pending = ""
       self._stopped = True
       self._stop_token_index = self._generated
     else:
       keep = self._stop_prefix_len(buf)
-      safe, self._pending = buf[:len(buf) - keep], buf[len(buf) - keep:]
+      safe, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
     if safe:
       self._chunks.append(safe)
     return safe

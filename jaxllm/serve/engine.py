@@ -28,6 +28,7 @@ the earlier one while the device computes.
 Shapes: the package legend in jaxllm/__init__.py (R, Q, M, Z, n, V); the model sees a step's Q tokens
 as B = `rows` rows of T = Q / rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.buckets import pow2_bucket
 from jaxllm.config import ModelConfig, ServeConfig
@@ -48,8 +50,14 @@ from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
 from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
-from jaxllm.serve.sampling import SamplingParams, advance, build_sampling_arrays, init_penalty_state, \
-  sample_rows, with_random_seed
+from jaxllm.serve.sampling import (
+  SamplingParams,
+  advance,
+  build_sampling_arrays,
+  init_penalty_state,
+  sample_rows,
+  with_random_seed,
+)
 from jaxllm.serve.scheduler import Req, Scheduler
 
 
@@ -60,14 +68,24 @@ class Result:
   output: list
   logprobs: list
   finish_reason: str
-  cache_hit: int          # prompt tokens reused from the radix cache at first admission
-  ttft: float             # seconds from arrival to the first generated token
-  token_times: list       # wall time of each generated token
+  cache_hit: int  # prompt tokens reused from the radix cache at first admission
+  ttft: float  # seconds from arrival to the first generated token
+  token_times: list  # wall time of each generated token
 
 
 class Engine:
-  def __init__(self, cfg: ModelConfig, params, serve: ServeConfig | None = None, *, mesh=None, plan=None,
-               weight_version=0, detokenize=None, **overrides):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    params,
+    serve: ServeConfig | None = None,
+    *,
+    mesh=None,
+    plan=None,
+    weight_version=0,
+    detokenize=None,
+    **overrides,
+  ):
     """Serve `cfg`'s model with `params` under ServeConfig `serve` (keywords override its fields,
     e.g. Engine(cfg, params, page_size=8)). weight_version namespaces the radix cache; detokenize
     (token ids -> text) is needed for stop strings."""
@@ -80,11 +98,18 @@ class Engine:
     self.min_seqs, self.min_tokens = sc.min_seqs, sc.min_tokens
     self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
     self.mdef = model_def(cfg)
-    self.sched = Scheduler(sc.max_pages or sc.num_pages, sc.page_size, max_running=sc.max_running,
-                           chunk_size=sc.chunk_size, policy=sc.policy, radix=sc.radix,
-                           decode_reserve=sc.decode_reserve, max_wait_s=sc.max_wait_s)
+    self.sched = Scheduler(
+      sc.max_pages or sc.num_pages,
+      sc.page_size,
+      max_running=sc.max_running,
+      chunk_size=sc.chunk_size,
+      policy=sc.policy,
+      radix=sc.radix,
+      decode_reserve=sc.decode_reserve,
+      max_wait_s=sc.max_wait_s,
+    )
     self.sched.version = weight_version
-    self.M = -(-cfg.max_seq_len // sc.page_size)     # page-table width: max_seq_len's pages, fixed
+    self.M = -(-cfg.max_seq_len // sc.page_size)  # page-table width: max_seq_len's pages, fixed
     self.mesh, self.plan = mesh, plan
     self.rows = 1
     if mesh is not None:
@@ -105,12 +130,15 @@ class Engine:
     self.params = params
     self.R_max = pow2_bucket(sc.max_running, self.min_seqs)
     self.overlap = sc.overlap
-    self._inflight: _Launch | None = None      # the launched step not yet committed (overlap)
-    self.wait_seconds = 0.0                    # time the host waited for device results
-    self.chained = 0                           # launches planned while the previous step ran (overlap)
-    self._fns = {mode: _step_fn(cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows,
-                                sc.decode_steps if mode == "multi" else 1)
-                 for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())}
+    self._inflight: _Launch | None = None  # the launched step not yet committed (overlap)
+    self.wait_seconds = 0.0  # time the host waited for device results
+    self.chained = 0  # launches planned while the previous step ran (overlap)
+    self._fns = {
+      mode: _step_fn(
+        cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows, sc.decode_steps if mode == "multi" else 1
+      )
+      for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())
+    }
     self._rids = itertools.count()
     self.finished: list[Req] = []
 
@@ -145,11 +173,15 @@ class Engine:
       raise ValueError(f"prompt token ids {bad[:5]} are outside the model vocab 0..{self.cfg.vocab_size - 1}")
     total = len(prompt) + sp.max_tokens
     if total > self.cfg.max_seq_len:
-      raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({sp.max_tokens}) = {total} exceeds "
-                       f"model.max_seq_len={self.cfg.max_seq_len}; shorten the prompt or lower max_tokens")
+      raise ValueError(
+        f"prompt ({len(prompt)}) + max_tokens ({sp.max_tokens}) = {total} exceeds "
+        f"model.max_seq_len={self.cfg.max_seq_len}; shorten the prompt or lower max_tokens"
+      )
     if -(-total // self.page_size) > self.sched.alloc.total:
-      raise ValueError(f"a {total}-token request needs {-(-total // self.page_size)} KV pages but the pool "
-                       f"has {self.sched.alloc.total}; raise serve.num_pages/serve.max_pages")
+      raise ValueError(
+        f"a {total}-token request needs {-(-total // self.page_size)} KV pages but the pool "
+        f"has {self.sched.alloc.total}; raise serve.num_pages/serve.max_pages"
+      )
     if sp.stop and self.detokenize is None:
       raise ValueError("stop strings need a detokenizer: pass detokenize= (token ids -> text) to the Engine")
     sp.check_vocab(self.cfg.vocab_size)
@@ -159,7 +191,7 @@ class Engine:
     """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
     run. The weight version (radix namespace) is bound when it is admitted, not here."""
     prompt = self.check_request(prompt, sp)
-    sp = with_random_seed(sp)                # no seed: a fresh random one, so users' samples differ
+    sp = with_random_seed(sp)  # no seed: a fresh random one, so users' samples differ
     req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
     if self.detokenize is not None:
       req.stream = TextStream(self.detokenize, sp.stop, prompt_ids=prompt)
@@ -182,7 +214,7 @@ class Engine:
     weights is served again)."""
     if version == self.sched.version:
       raise ValueError(f"weight version {version!r} is already in use; give each set_weights a new version")
-    self.finished += self.drain()            # the step in flight ran on the old weights: commit it first
+    self.finished += self.drain()  # the step in flight ran on the old weights: commit it first
     if self.mesh is not None:
       params = jax.device_put(params, param_shardings(self.mdef, self.mesh, self.plan))
     self.params = params
@@ -198,9 +230,13 @@ class Engine:
   def gauges(self) -> dict:
     """Live values: requests running and waiting, KV pages in use (held by requests or the cache)."""
     alloc = self.sched.alloc
-    return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
-            "pages_total": alloc.total, "pages_used": alloc.total - alloc.num_free,
-            "pages_evictable": self.sched.tree.evictable if self.sched.radix_on else 0}
+    return {
+      "running": len(self.sched.running),
+      "waiting": len(self.sched.waiting),
+      "pages_total": alloc.total,
+      "pages_used": alloc.total - alloc.num_free,
+      "pages_evictable": self.sched.tree.evictable if self.sched.radix_on else 0,
+    }
 
   @property
   def idle(self) -> bool:
@@ -253,14 +289,14 @@ class Engine:
       return None
     sched, batch = self.sched, prev.batch
     if len(batch) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_running):
-      return None                            # someone was aborted, or a request may be admitted
-    ahead = prev.ks or [1] * len(batch)      # tokens prev adds to each row (if none stops)
+      return None  # someone was aborted, or a request may be admitted
+    ahead = prev.ks or [1] * len(batch)  # tokens prev adds to each row (if none stops)
     for (r, _), a in zip(batch, ahead):
       if r.finish_reason or r.sp.uses_penalties or len(r.output) + a >= r.sp.max_tokens:
         return None
     ks = sched.grow_decode(batch, self.decode_steps, ahead)
     if min(ks) < 1:
-      return None                            # out of pages: the plain path preempts
+      return None  # out of pages: the plain path preempts
     self.chained += 1
     return self._launch_decode(batch, ks if self.decode_steps > 1 else None, ahead, prev)
 
@@ -275,9 +311,9 @@ class Engine:
     page_table = self._page_table(batch, R)
     start = np.asarray([r.num_computed + a for (r, _), a in zip(batch, ahead)], np.int32)  # fed token's position
     j = np.arange(n, dtype=np.int32)[:, None]
-    pos = start[None, :] + np.minimum(j, k[None, :] - 1)                  # [n, live] done rows stay put
+    pos = start[None, :] + np.minimum(j, k[None, :] - 1)  # [n, live] done rows stay put
     slots = page_table[np.arange(live), pos // Z] * Z + pos % Z
-    slots = np.where(j < k[None, :], slots, 0)                            # done rows write the null page
+    slots = np.where(j < k[None, :], slots, 0)  # done rows write the null page
     pad = lambda a: np.pad(a, ((0, 0), (0, R - live))).astype(np.int32)
     if prev is None:
       tokens = np.zeros(R, np.int32)
@@ -287,13 +323,20 @@ class Engine:
     # Sampling state as of the fed token: counters and min_tokens count prev's tokens too. Only their
     # number is known; a range stands in for them (rows with penalties, which would need the ids,
     # are never chained).
-    samp = build_sampling_arrays([r.sp for r, _ in batch],
-                                 [(r.prompt, range(len(r.output) + a) if a else r.output)
-                                  for (r, _), a in zip(batch, ahead)], R)
+    samp = build_sampling_arrays(
+      [r.sp for r, _ in batch],
+      [(r.prompt, range(len(r.output) + a) if a else r.output) for (r, _), a in zip(batch, ahead)],
+      R,
+    )
     if ks is None:
-      meta = {"slots": pad(slots)[0], "kv_lens": pad(pos + 1)[0], "page_table": page_table,
-              "cu_q_lens": np.arange(R + 1, dtype=np.int32), "num_seqs": np.int32(live),
-              "last_idx": np.arange(R, dtype=np.int32)}
+      meta = {
+        "slots": pad(slots)[0],
+        "kv_lens": pad(pos + 1)[0],
+        "page_table": page_table,
+        "cu_q_lens": np.arange(R + 1, dtype=np.int32),
+        "num_seqs": np.int32(live),
+        "last_idx": np.arange(R, dtype=np.int32),
+      }
       return self._launch("decode", batch, None, tokens, pad(pos)[0], meta, samp)
     meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
     return self._launch("multi", batch, list(ks), tokens, pad(pos), meta, samp)
@@ -304,35 +347,42 @@ class Engine:
     Z = self.page_size
     batch = [b for b in batch if b[1] > 1] + [b for b in batch if b[1] == 1]
     Q = pow2_bucket(sum(n for _, n in batch), self.min_tokens)
-    R = max(self.min_seqs, min(Q, self.R_max))   # tied to Q: a sequence has >= 1 token (fewer compiles)
+    R = max(self.min_seqs, min(Q, self.R_max))  # tied to Q: a sequence has >= 1 token (fewer compiles)
     tokens, positions = np.zeros(Q, np.int32), np.zeros(Q, np.int32)
-    slots = np.zeros(Q, np.int32)          # padding rows write into the null page 0
+    slots = np.zeros(Q, np.int32)  # padding rows write into the null page 0
     kv_lens, last_idx = np.zeros(R, np.int32), np.zeros(R, np.int32)
     page_table = self._page_table(batch, R)
     cu = np.zeros(R + 1, np.int32)
     t = 0
     for i, (r, n) in enumerate(batch):
       pos = np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
-      tokens[t:t + n] = r.token_slice(r.num_computed, r.num_computed + n)
-      positions[t:t + n] = pos
-      slots[t:t + n] = page_table[i, pos // Z] * Z + pos % Z
+      tokens[t : t + n] = r.token_slice(r.num_computed, r.num_computed + n)
+      positions[t : t + n] = pos
+      slots[t : t + n] = page_table[i, pos // Z] * Z + pos % Z
       kv_lens[i] = r.num_computed + n
       t += n
       cu[i + 1], last_idx[i] = t, t - 1
-    cu[len(batch) + 1:] = t
+    cu[len(batch) + 1 :] = t
     n_multi = sum(n > 1 for _, n in batch)
     dec_rows = np.full(R, Q, np.int32)
-    dec_rows[n_multi:len(batch)] = last_idx[n_multi:len(batch)]
-    meta = {"slots": slots, "kv_lens": kv_lens, "page_table": page_table, "cu_q_lens": cu,
-            "num_seqs": np.int32(len(batch)), "last_idx": last_idx, "num_multi": np.int32(n_multi),
-            "dec_rows": dec_rows}
+    dec_rows[n_multi : len(batch)] = last_idx[n_multi : len(batch)]
+    meta = {
+      "slots": slots,
+      "kv_lens": kv_lens,
+      "page_table": page_table,
+      "cu_q_lens": cu,
+      "num_seqs": np.int32(len(batch)),
+      "last_idx": last_idx,
+      "num_multi": np.int32(n_multi),
+      "dec_rows": dec_rows,
+    }
     return self._launch("ragged", batch, None, tokens, positions, meta, _sampling(batch, R))
 
   def _page_table(self, batch, R: int) -> np.ndarray:
     """[R, M] page ids, M fixed (the attention walks only live pages), padded with the null page."""
     table = np.zeros((R, self.M), np.int32)
     for i, (r, _) in enumerate(batch):
-      table[i, :len(r.pages)] = r.pages
+      table[i, : len(r.pages)] = r.pages
     return table
 
   def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
@@ -351,8 +401,9 @@ class Engine:
     batch = [launch.batch[i] for i in keep]
     if launch.mode == "multi":
       pick = lambda a: a[:, keep]
-      done = self.sched.commit_multi(batch, [launch.ks[i] for i in keep], pick(toks), pick(logps), now,
-                                     (pick(top_ids), pick(top_lps)))
+      done = self.sched.commit_multi(
+        batch, [launch.ks[i] for i in keep], pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps))
+      )
     else:
       pick = lambda a: a[keep]
       done = self.sched.commit(batch, pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps)))
@@ -384,15 +435,21 @@ class Engine:
     the page-table width is fixed). Runs on metadata that only writes the null page."""
     self.drain()
     before = self.compiles
-    Q_max = pow2_bucket(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)   # a step's tokens at most
+    Q_max = pow2_bucket(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)  # a step's tokens at most
     sizes = lambda lo, hi: [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
     z = lambda *s: np.zeros(s, np.int32)
     shapes = [("decode", R, R) for R in sizes(self.min_seqs, self.R_max)]
     shapes += [("multi", R, R) for R in sizes(self.min_seqs, self.R_max) if "multi" in self._fns]
     shapes += [("ragged", max(self.min_seqs, min(Q, self.R_max)), Q) for Q in sizes(self.min_tokens, Q_max)]
     for mode, R, Q in shapes:
-      meta = {"slots": z(Q), "kv_lens": z(R), "page_table": z(R, self.M), "cu_q_lens": z(R + 1),
-              "num_seqs": np.int32(0), "last_idx": z(R)}
+      meta = {
+        "slots": z(Q),
+        "kv_lens": z(R),
+        "page_table": z(R, self.M),
+        "cu_q_lens": z(R + 1),
+        "num_seqs": np.int32(0),
+        "last_idx": z(R),
+      }
       if mode == "ragged":
         meta |= {"num_multi": np.int32(0), "dec_rows": np.full(R, Q, np.int32)}
       tokens, positions = z(Q), z(Q)
@@ -408,10 +465,11 @@ class Engine:
 @dataclass
 class _Launch:
   """A dispatched step: what it computes and its (possibly not yet ready) device outputs."""
-  mode: str                # "ragged", "decode" or "multi"
-  batch: list              # [(Req, tokens computed)]
-  ks: list | None          # multi: tokens row i may keep
-  out: tuple               # device arrays: sampled tokens, logprobs, top-20 ids, top-20 logprobs
+
+  mode: str  # "ragged", "decode" or "multi"
+  batch: list  # [(Req, tokens computed)]
+  ks: list | None  # multi: tokens row i may keep
+  out: tuple  # device arrays: sampled tokens, logprobs, top-20 ids, top-20 logprobs
 
 
 @jax.jit
@@ -432,16 +490,27 @@ class _Step:
     self.traces = 0
 
     def step(params, k_pages, v_pages, tokens, positions, meta, samp):
-      self.traces += 1                     # Python side effect: runs only while tracing
+      self.traces += 1  # Python side effect: runs only while tracing
       model = mdef.bind(params)
-      cache = PagedCache(k_pages, v_pages, meta["slots"], meta["kv_lens"], meta["page_table"],
-                         meta["cu_q_lens"], meta["num_seqs"], meta.get("num_multi"), meta.get("dec_rows"),
-                         backend, decode)
+      cache = PagedCache(
+        k_pages,
+        v_pages,
+        meta["slots"],
+        meta["kv_lens"],
+        meta["page_table"],
+        meta["cu_q_lens"],
+        meta["num_seqs"],
+        meta.get("num_multi"),
+        meta.get("dec_rows"),
+        backend,
+        decode,
+      )
       Q = tokens.shape[0]
-      h, _, cache = model.hidden(tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows),
-                                 cache)                                   # [B, T, D], B = rows, T = Q / rows
+      h, _, cache = model.hidden(
+        tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows), cache
+      )  # [B, T, D], B = rows, T = Q / rows
       h = h.reshape(1, Q, h.shape[-1])
-      logits = model.logits(h[:, meta["last_idx"]])[0]                     # [R, V] last row of each
+      logits = model.logits(h[:, meta["last_idx"]])[0]  # [R, V] last row of each
       return (cache.k_pages, cache.v_pages) + tuple(sample_rows(logits, samp))
 
     def multi(params, k_pages, v_pages, tokens, positions, meta, samp):
@@ -449,15 +518,16 @@ class _Step:
       self.traces += 1
       model = mdef.bind(params)
       R = tokens.shape[0]
-      no_ragged = jnp.zeros(R + 1, jnp.int32)    # cu_q_lens / num_seqs: unused by decode attention
+      no_ragged = jnp.zeros(R + 1, jnp.int32)  # cu_q_lens / num_seqs: unused by decode attention
 
       def one(carry, xs):
         k_pages, v_pages, tok, samp = carry
         pos, slots, kv_lens = xs
-        cache = PagedCache(k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0),
-                           backend=backend, decode=True)
+        cache = PagedCache(
+          k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0), backend=backend, decode=True
+        )
         h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
-        logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]           # [R, V]
+        logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]  # [R, V]
         out = sample_rows(logits, samp)
         # advance: counters, penalty counts and min_tokens move on device between the steps
         return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
@@ -483,7 +553,7 @@ def _step_fn(cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int, ste
   key = (cfg, attention, mode, mesh, plan.cfg if plan is not None else None, pool_sh, rows, steps)
   if key not in _STEPS:
     if len(_STEPS) >= 32:
-      _STEPS.pop(next(iter(_STEPS)))         # oldest first
+      _STEPS.pop(next(iter(_STEPS)))  # oldest first
     _STEPS[key] = _Step(cfg, attention, mode, mesh, plan, pool_sh, rows, steps)
   return _STEPS[key]
 
@@ -501,15 +571,19 @@ def _mesh_rows(cfg: ModelConfig, mc) -> int:
   holds whenever the (power-of-two) buckets are multiples of dp*tp. Attention flattens the rows
   back (PagedCache.attend), so the split never changes which keys a query sees."""
   if mc.pp > 1:
-    raise ValueError(f"serving runs every layer on each device group; mesh.pp={mc.pp} is not supported "
-                     "here: use a mesh preset with pp = 1 (e.g. meshes/cpu-8.toml)")
+    raise ValueError(
+      f"serving runs every layer on each device group; mesh.pp={mc.pp} is not supported "
+      "here: use a mesh preset with pp = 1 (e.g. meshes/cpu-8.toml)"
+    )
   par = mc.dp * mc.tp
   if par & (par - 1):
     if cfg.is_moe:
-      raise ValueError(f"serving a MoE over mesh dp*tp={par}: the step buckets are powers of two, so "
-                       "dp*tp must be one too for the expert-parallel dispatch to split them; "
-                       "pick a mesh with power-of-two dp and tp")
-    return 1    # dense: each dp rank computes every token (replicated), still correct
+      raise ValueError(
+        f"serving a MoE over mesh dp*tp={par}: the step buckets are powers of two, so "
+        "dp*tp must be one too for the expert-parallel dispatch to split them; "
+        "pick a mesh with power-of-two dp and tp"
+      )
+    return 1  # dense: each dp rank computes every token (replicated), still correct
   return mc.dp
 
 
@@ -520,5 +594,6 @@ def _sampling(batch, R: int) -> dict:
 
 def result(r: Req) -> Result:
   ttft = r.token_times[0] - r.arrival if r.token_times else float("nan")
-  return Result(r.rid, r.prompt, list(r.output), list(r.logprobs), r.finish_reason, r.cache_hit, ttft,
-                list(r.token_times))
+  return Result(
+    r.rid, r.prompt, list(r.output), list(r.logprobs), r.finish_reason, r.cache_hit, ttft, list(r.token_times)
+  )

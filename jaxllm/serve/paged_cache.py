@@ -4,12 +4,14 @@ Shapes: the package legend in jaxllm/__init__.py (L, P, Z, K, H, N, Q, R, M, B, 
 
 Pool: K and V each `[K, L, P, Z, H]`, head-major (see jaxllm/kernels/reference.py for why); page 0
 is the null page. A step packs every scheduled sequence into one ragged sequence of Q tokens (prefill
-chunks and decode tokens back to back, vLLM/SGLang style). The model sees it folded into B rows of T = Q / B tokens (B = 1, or the mesh's dp so the
-token-parallel parts shard over dp; see engine.py), so `attend` receives q [B, T, N, H] and k, v
-[B, T, K, H] and flattens them back to [Q, ...]. It scatters the new K/V into this layer's pages at
+chunks and decode tokens back to back, vLLM/SGLang style). The model sees it folded into B rows of
+T = Q / B tokens (B = 1, or the mesh's dp so the token-parallel parts shard over dp; see engine.py),
+so `attend` receives q [B, T, N, H] and k, v [B, T, K, H] and flattens them back to [Q, ...]. It scatters the
+new K/V into this layer's pages at
 the host-computed `slots` and calls the attention backend. The pool rides the model's layer scan as
 part of the carry, so the update is in place, and the step functions donate it.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,26 +24,26 @@ from jaxllm.kernels import get_attention_backend
 
 @struct.dataclass
 class PagedCache:
-  k_pages: jax.Array      # [K, L, P, Z, H]
-  v_pages: jax.Array      # [K, L, P, Z, H]
-  slots: jax.Array        # [Q] int32: page * Z + offset where each new token's K/V goes
-  kv_lens: jax.Array      # [R] int32: tokens in each sequence's cache after this step
-  page_table: jax.Array   # [R, M] int32, padded with the null page 0
-  cu_q_lens: jax.Array    # [R + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
-  num_seqs: jax.Array     # [] int32: real sequences (the rest of R is padding)
+  k_pages: jax.Array  # [K, L, P, Z, H]
+  v_pages: jax.Array  # [K, L, P, Z, H]
+  slots: jax.Array  # [Q] int32: page * Z + offset where each new token's K/V goes
+  kv_lens: jax.Array  # [R] int32: tokens in each sequence's cache after this step
+  page_table: jax.Array  # [R, M] int32, padded with the null page 0
+  cu_q_lens: jax.Array  # [R + 1] int32: sequence s owns query rows cu_q_lens[s]:cu_q_lens[s+1]
+  num_seqs: jax.Array  # [] int32: real sequences (the rest of R is padding)
   # Split ragged step (optional): sequences [0, num_multi) have q_len > 1 and go through the ragged
   # attention; every later one has a single query at row dec_rows[s] (Q for none) and goes through
   # the decode attention. A decode-heavy mixed step then costs one decode call plus a ragged call over
   # the few prefill chunks, instead of a ragged call over every sequence.
-  num_multi: jax.Array | None = None     # [] int32
-  dec_rows: jax.Array | None = None      # [R] int32
+  num_multi: jax.Array | None = None  # [] int32
+  dec_rows: jax.Array | None = None  # [R] int32
   backend: object = struct.field(pytree_node=False, default=None)
   decode: bool = struct.field(pytree_node=False, default=False)  # every sequence has q_len 1
 
   def attend(self, layer, q, k, v):
     K, L, P, Z, H = self.k_pages.shape
 
-    B, T = q.shape[:2]                    # B * T = Q
+    B, T = q.shape[:2]  # B * T = Q
     q, k, v = q.reshape(B * T, *q.shape[2:]), k.reshape(B * T, K, H), v.reshape(B * T, K, H)
 
     # Index the carried pool in place: viewed as [K, L*P*Z, H] (a free reshape), this layer's slot s
@@ -55,7 +57,8 @@ class PagedCache:
       # keeps it a scatter.
       cols = jnp.concatenate([cols, jnp.full_like(cols, layer * (P * Z))])
       k, v = (jnp.concatenate([x, jnp.zeros_like(x)]) for x in (k, v))
-    def write(pool, new):                 # new [Q, K, H]
+
+    def write(pool, new):  # new [Q, K, H]
       flat = pool.reshape(K, L * P * Z, H).at[:, cols].set(new.astype(pool.dtype).transpose(1, 0, 2))
       return flat.reshape(K, L, P, Z, H)
 
@@ -65,20 +68,19 @@ class PagedCache:
     if self.decode:
       out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, page_table)
     elif self.dec_rows is None:
-      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
-                                                self.cu_q_lens, self.num_seqs)
+      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table, self.cu_q_lens, self.num_seqs)
     else:
       Q = q.shape[0]
-      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table,
-                                                self.cu_q_lens, self.num_multi)
-      is_dec = self.dec_rows < Q                                       # [R]
-      dec = self.backend.paged_decode_attention(q[jnp.minimum(self.dec_rows, Q - 1)], kl, vl,
-                                                jnp.where(is_dec, self.kv_lens, 0), page_table)
+      out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table, self.cu_q_lens, self.num_multi)
+      is_dec = self.dec_rows < Q  # [R]
+      dec = self.backend.paged_decode_attention(
+        q[jnp.minimum(self.dec_rows, Q - 1)], kl, vl, jnp.where(is_dec, self.kv_lens, 0), page_table
+      )
       out = out.at[self.dec_rows].set(dec.astype(out.dtype), mode="drop")
     return out.reshape(B, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
 
   def advance(self, T: int):
-    return self   # kv_lens already count this step's tokens (the host builds them)
+    return self  # kv_lens already count this step's tokens (the host builds them)
 
 
 def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
@@ -86,7 +88,7 @@ def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
   return (cfg.n_kv_heads, cfg.n_layers, num_pages + 1, page_size, cfg.resolved_head_dim)
 
 
-POOL_AXES = ("kv_heads", "layers", None, None, "head_dim")   # logical axes of pool_shape's dims
+POOL_AXES = ("kv_heads", "layers", None, None, "head_dim")  # logical axes of pool_shape's dims
 
 
 class Backend:
@@ -109,10 +111,12 @@ def attention_backend(name: str, mesh=None, plan=None, cfg=None) -> Backend:
   if mesh is None or b.name == "reference":
     return Backend(b.name, b.ragged_paged_attention, b.paged_decode_attention)
   from jaxllm.parallel.sharding import logical_spec
+
   heads = logical_spec(plan, ("kv_heads",), (cfg.n_kv_heads,))[0]
   if heads != logical_spec(plan, ("heads",), (cfg.n_heads,))[0]:
     heads = None
   q, pool, rep = PartitionSpec(None, heads, None), PartitionSpec(heads, None, None, None), PartitionSpec()
-  wrap = lambda fn, n_meta: jax.shard_map(fn, mesh=mesh, in_specs=(q, pool, pool) + (rep,) * n_meta,
-                                          out_specs=q, check_vma=False)   # Pallas needs check_vma off
+  wrap = lambda fn, n_meta: jax.shard_map(
+    fn, mesh=mesh, in_specs=(q, pool, pool) + (rep,) * n_meta, out_specs=q, check_vma=False
+  )  # Pallas needs check_vma off
   return Backend(b.name, wrap(b.ragged_paged_attention, 4), wrap(b.paged_decode_attention, 2))

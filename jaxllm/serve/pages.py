@@ -7,6 +7,7 @@ and running requests (their private tail pages).
 
 Shapes: the package legend in jaxllm/__init__.py (P: pages in the pool, the null page included).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ class PageAllocator:
     if num_pages < 1:
       raise ValueError(f"page pool needs at least 1 usable page, got {num_pages}; raise serve num_pages")
     self.total = num_pages
-    self.refcount = np.zeros(num_pages + 1, np.int32)   # [P], P = num_pages + 1
+    self.refcount = np.zeros(num_pages + 1, np.int32)  # [P], P = num_pages + 1
     # Pop from the end: low ids first keeps a small working set contiguous in the pool.
     self._free = list(range(num_pages, 0, -1))
 

@@ -14,6 +14,7 @@ Accounting: every page the tree holds is either `evictable` (its node's lock_ref
 
 Shapes: the package legend in jaxllm/__init__.py (Z); keys are token-id tuples, counted in pages of Z.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -23,18 +24,18 @@ from typing import Hashable, Sequence
 
 from jaxllm.serve.pages import PageAllocator
 
-_clock = itertools.count()   # logical time for LRU: strictly increasing, no ties, no wall-clock jitter
+_clock = itertools.count()  # logical time for LRU: strictly increasing, no ties, no wall-clock jitter
 
 
 class Node:
   __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access", "extra_key")
 
   def __init__(self, key: tuple, pages: list, parent: "Node | None", extra_key: Hashable = None):
-    self.key = key              # token ids on the edge into this node (len = page_size * len(pages))
-    self.pages = pages          # page ids holding their KV
-    self.children: dict = {}    # (extra_key, first page of child key) -> Node
+    self.key = key  # token ids on the edge into this node (len = page_size * len(pages))
+    self.pages = pages  # page ids holding their KV
+    self.children: dict = {}  # (extra_key, first page of child key) -> Node
     self.parent = parent
-    self.lock_ref = 0           # running requests whose cached prefix passes through this node
+    self.lock_ref = 0  # running requests whose cached prefix passes through this node
     self.last_access = next(_clock)
     self.extra_key = extra_key
 
@@ -47,20 +48,20 @@ class RadixCache:
     self.alloc = allocator
     self.page_size = page_size
     self.root = Node((), [], None)
-    self.root.lock_ref = 1      # the root is never evicted
-    self.evictable = 0          # pages in nodes with lock_ref == 0
-    self.protected = 0          # pages in locked nodes
-    self.seconds = 0.0          # host time spent in tree operations (bookkeeping share in the bench)
+    self.root.lock_ref = 1  # the root is never evicted
+    self.evictable = 0  # pages in nodes with lock_ref == 0
+    self.protected = 0  # pages in locked nodes
+    self.seconds = 0.0  # host time spent in tree operations (bookkeeping share in the bench)
 
   # ---- lookup -------------------------------------------------------------------------------
   def _child_key(self, extra_key, key, pos):
-    return (extra_key, tuple(key[pos:pos + self.page_size]))
+    return (extra_key, tuple(key[pos : pos + self.page_size]))
 
   def _common_pages(self, node_key: tuple, key: Sequence[int], pos: int) -> int:
     """Number of leading whole pages on which node_key equals key[pos:]."""
     Z, n = self.page_size, 0
     limit = min(len(node_key), len(key) - pos) // Z
-    while n < limit and tuple(key[pos + n * Z: pos + (n + 1) * Z]) == node_key[n * Z:(n + 1) * Z]:
+    while n < limit and tuple(key[pos + n * Z : pos + (n + 1) * Z]) == node_key[n * Z : (n + 1) * Z]:
       n += 1
     return n
 
@@ -72,7 +73,7 @@ class RadixCache:
     """
     t0 = time.perf_counter()
     Z = self.page_size
-    key = key[:len(key) // Z * Z]
+    key = key[: len(key) // Z * Z]
     node, pos, pages = self.root, 0, []
     now = next(_clock)
     while pos < len(key):
@@ -109,10 +110,10 @@ class RadixCache:
   def _split(self, child: Node, n: int) -> Node:
     """Cut child's edge after n pages; returns the new upper node (which keeps child's lock)."""
     Z = self.page_size
-    mid = Node(child.key[:n * Z], child.pages[:n], child.parent, child.extra_key)
+    mid = Node(child.key[: n * Z], child.pages[:n], child.parent, child.extra_key)
     mid.lock_ref, mid.last_access = child.lock_ref, child.last_access
     child.parent.children[(child.extra_key, child.key[:Z])] = mid
-    child.key, child.pages, child.parent = child.key[n * Z:], child.pages[n:], mid
+    child.key, child.pages, child.parent = child.key[n * Z :], child.pages[n:], mid
     mid.children[(child.extra_key, child.key[:Z])] = child
     return mid
 
@@ -125,13 +126,13 @@ class RadixCache:
     Z = self.page_size
     n_pages = len(key) // Z
     assert len(pages) >= n_pages, f"insert: {len(key)} tokens need {n_pages} pages, got {len(pages)}"
-    key = tuple(key[:n_pages * Z])
+    key = tuple(key[: n_pages * Z])
     node, pos = self.root, 0
     now = next(_clock)
     while pos < len(key):
       child = node.children.get(self._child_key(extra_key, key, pos))
       if child is None:
-        leaf = Node(key[pos:], list(pages[pos // Z:n_pages]), node, extra_key)
+        leaf = Node(key[pos:], list(pages[pos // Z : n_pages]), node, extra_key)
         node.children[self._child_key(extra_key, key, pos)] = leaf
         self.evictable += len(leaf.pages)
         break
@@ -187,7 +188,7 @@ class RadixCache:
       freed += len(node.pages)
       self.evictable -= len(node.pages)
       parent = node.parent
-      del parent.children[(node.extra_key, node.key[:self.page_size])]
+      del parent.children[(node.extra_key, node.key[: self.page_size])]
       if parent is not self.root and not parent.children and parent.lock_ref == 0:
         heapq.heappush(heap, (parent.last_access, id(parent), parent))
     self.seconds += time.perf_counter() - t0
@@ -213,16 +214,19 @@ class RadixCache:
     while stack:
       node = stack.pop()
       assert len(node.key) == len(node.pages) * self.page_size, f"edge/page mismatch at {node}"
-      assert node.lock_ref >= 0 and all(c.lock_ref <= node.lock_ref for c in node.children.values()), \
+      assert node.lock_ref >= 0 and all(c.lock_ref <= node.lock_ref for c in node.children.values()), (
         f"a child is locked more than its parent at {node}"
+      )
       if node.lock_ref:
         pr += len(node.pages)
       else:
         ev += len(node.pages)
       stack.extend(node.children.values())
-    assert (ev, pr) == (self.evictable, self.protected), \
+    assert (ev, pr) == (self.evictable, self.protected), (
       f"counters drifted: counted evictable={ev} protected={pr}, tracked {self.evictable}/{self.protected}"
+    )
     total = self.alloc.num_free + ev + pr + private_pages
-    assert total == self.alloc.total, \
-      f"page leak: free {self.alloc.num_free} + evictable {ev} + protected {pr} + private {private_pages} " \
+    assert total == self.alloc.total, (
+      f"page leak: free {self.alloc.num_free} + evictable {ev} + protected {pr} + private {private_pages} "
       f"= {total} != total {self.alloc.total}"
+    )

@@ -45,6 +45,7 @@ The legend's H, B, S mean head dim, batch and kv length, so the padded widths he
 lettered: `hist` (prompt + generated ids of a penalised row), `n_bias` (logit-bias entries), `n_stop`
 (stop ids banned by min_tokens); 20 is TOP_LOGPROBS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,10 +59,10 @@ import numpy as np
 
 from jaxllm.buckets import pow2_bucket
 
-TOP_LOGPROBS = 20        # alternatives computed for every row (OpenAI's top_logprobs maximum)
-LOGPROBS_MODES = ("raw", "processed")   # see step 1 of the module doc
-MAX_LOGIT_BIAS = 300     # OpenAI's limit on logit_bias entries
-BIAS_MAGNITUDE = 100.0   # OpenAI: bias values in [-100, 100]
+TOP_LOGPROBS = 20  # alternatives computed for every row (OpenAI's top_logprobs maximum)
+LOGPROBS_MODES = ("raw", "processed")  # see step 1 of the module doc
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+BIAS_MAGNITUDE = 100.0  # OpenAI: bias values in [-100, 100]
 PENALTY_MAGNITUDE = 2.0  # OpenAI: presence/frequency penalties in [-2, 2]
 
 
@@ -81,23 +82,23 @@ def _require(ok: bool, field: str, value, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-  max_tokens: int = 16              # generated tokens at most (stop tokens included)
-  temperature: float = 0.0          # 0 = greedy (argmax)
-  top_k: int = 0                    # keep the k most likely tokens; 0 = off
-  top_p: float = 1.0                # nucleus over the top-k survivors (Holtzman et al., 2020)
-  min_p: float = 0.0                # drop tokens with prob < min_p * max prob (Nguyen et al., 2024)
-  seed: int | None = None           # None: the engine draws one at submission (with_random_seed)
-  stop_token_ids: tuple = ()        # finish when one of these is generated (it is kept in the output)
-  stop: tuple = ()                  # finish when the detokenized output contains one of these strings
-  logprobs: bool = False            # return the model's log-prob of each generated token
-  top_logprobs: int = 0             # and this many most likely alternatives per token (0..20)
-  logprobs_mode: str = "raw"        # "raw": of the model's distribution; "processed": of the one sampled from
-  presence_penalty: float = 0.0     # OpenAI, [-2, 2]: - penalty once a token was generated
-  frequency_penalty: float = 0.0    # OpenAI, [-2, 2]: - penalty * times a token was generated
-  repetition_penalty: float = 1.0   # HF/vLLM, > 0 (1 = off): over prompt + generated tokens
-  logit_bias: tuple = ()            # ((token id, bias in [-100, 100]), ...); a dict is accepted
-  min_tokens: int = 0               # stop ids (and EOS) cannot be sampled before this many tokens
-  ignore_eos: bool = False          # host side: EOS is not a stop (nor banned by min_tokens)
+  max_tokens: int = 16  # generated tokens at most (stop tokens included)
+  temperature: float = 0.0  # 0 = greedy (argmax)
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # nucleus over the top-k survivors (Holtzman et al., 2020)
+  min_p: float = 0.0  # drop tokens with prob < min_p * max prob (Nguyen et al., 2024)
+  seed: int | None = None  # None: the engine draws one at submission (with_random_seed)
+  stop_token_ids: tuple = ()  # finish when one of these is generated (it is kept in the output)
+  stop: tuple = ()  # finish when the detokenized output contains one of these strings
+  logprobs: bool = False  # return the model's log-prob of each generated token
+  top_logprobs: int = 0  # and this many most likely alternatives per token (0..20)
+  logprobs_mode: str = "raw"  # "raw": of the model's distribution; "processed": of the one sampled from
+  presence_penalty: float = 0.0  # OpenAI, [-2, 2]: - penalty once a token was generated
+  frequency_penalty: float = 0.0  # OpenAI, [-2, 2]: - penalty * times a token was generated
+  repetition_penalty: float = 1.0  # HF/vLLM, > 0 (1 = off): over prompt + generated tokens
+  logit_bias: tuple = ()  # ((token id, bias in [-100, 100]), ...); a dict is accepted
+  min_tokens: int = 0  # stop ids (and EOS) cannot be sampled before this many tokens
+  ignore_eos: bool = False  # host side: EOS is not a stop (nor banned by min_tokens)
 
   def __post_init__(self):
     # Normalise containers to sorted/plain tuples so the frozen dataclass stays hashable; a dict
@@ -106,42 +107,63 @@ class SamplingParams:
     try:
       bias = tuple(sorted((int(t), float(b)) for t, b in bias))
     except (TypeError, ValueError):
-      raise ValueError(f"invalid logit_bias={self.logit_bias!r}: logit_bias must be a map of integer "
-                       f"token ids to biases in [-100, 100]") from None
+      raise ValueError(
+        f"invalid logit_bias={self.logit_bias!r}: logit_bias must be a map of integer "
+        f"token ids to biases in [-100, 100]"
+      ) from None
     object.__setattr__(self, "logit_bias", bias)
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
     object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
-    _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
-             "an integer >= 1")
-    _require(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-             "a finite number >= 0 (0 = greedy)")
+    _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+    _require(
+      _is_num(self.temperature) and self.temperature >= 0,
+      "temperature",
+      self.temperature,
+      "a finite number >= 0 (0 = greedy)",
+    )
     _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
     _require(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
     _require(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
     _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
-    _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
-             "token ids >= 0")
+    _require(
+      all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "token ids >= 0"
+    )
     _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
     _require(isinstance(self.logprobs, bool), "logprobs", self.logprobs, "true or false")
-    _require(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= TOP_LOGPROBS, "top_logprobs",
-             self.top_logprobs, f"an integer in [0, {TOP_LOGPROBS}]")
-    _require(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", self.logprobs_mode,
-             " or ".join(map(repr, LOGPROBS_MODES)))
-    _require(self.top_logprobs == 0 or self.logprobs, "top_logprobs", self.top_logprobs,
-             "0 unless logprobs is true")
+    _require(
+      _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= TOP_LOGPROBS,
+      "top_logprobs",
+      self.top_logprobs,
+      f"an integer in [0, {TOP_LOGPROBS}]",
+    )
+    _require(
+      self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", self.logprobs_mode, " or ".join(map(repr, LOGPROBS_MODES))
+    )
+    _require(self.top_logprobs == 0 or self.logprobs, "top_logprobs", self.top_logprobs, "0 unless logprobs is true")
     for field in ("presence_penalty", "frequency_penalty"):
       v = getattr(self, field)
       _require(_is_num(v) and -PENALTY_MAGNITUDE <= v <= PENALTY_MAGNITUDE, field, v, "in [-2, 2]")
-    _require(_is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-             self.repetition_penalty, "a finite number > 0 (1 = off)")
-    _require(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"<{len(bias)} entries>",
-             f"at most {MAX_LOGIT_BIAS} entries")
-    _require(all(t >= 0 and -BIAS_MAGNITUDE <= b <= BIAS_MAGNITUDE for t, b in bias), "logit_bias",
-             dict(bias), "token ids >= 0 mapped to biases in [-100, 100]")
+    _require(
+      _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+      "repetition_penalty",
+      self.repetition_penalty,
+      "a finite number > 0 (1 = off)",
+    )
+    _require(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"<{len(bias)} entries>", f"at most {MAX_LOGIT_BIAS} entries")
+    _require(
+      all(t >= 0 and -BIAS_MAGNITUDE <= b <= BIAS_MAGNITUDE for t, b in bias),
+      "logit_bias",
+      dict(bias),
+      "token ids >= 0 mapped to biases in [-100, 100]",
+    )
     _require(len({t for t, _ in bias}) == len(bias), "logit_bias", bias, "one bias per token id")
-    _require(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
-             self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
+    _require(
+      _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+      "min_tokens",
+      self.min_tokens,
+      f"an integer in [0, max_tokens={self.max_tokens}]",
+    )
     _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
 
   @property
@@ -151,10 +173,18 @@ class SamplingParams:
 
   def check_vocab(self, vocab_size: int) -> None:
     """Token ids must exist in the model's vocabulary: the engine calls this at submission (400)."""
-    _require(all(t < vocab_size for t, _ in self.logit_bias), "logit_bias", dict(self.logit_bias),
-             f"keyed by token ids < vocab size {vocab_size}")
-    _require(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
-             f"token ids < vocab size {vocab_size}")
+    _require(
+      all(t < vocab_size for t, _ in self.logit_bias),
+      "logit_bias",
+      dict(self.logit_bias),
+      f"keyed by token ids < vocab size {vocab_size}",
+    )
+    _require(
+      all(t < vocab_size for t in self.stop_token_ids),
+      "stop_token_ids",
+      self.stop_token_ids,
+      f"token ids < vocab size {vocab_size}",
+    )
 
 
 def with_random_seed(sp: SamplingParams) -> SamplingParams:
@@ -178,17 +208,24 @@ def _width_bucket(n: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Host side: one step's per-row arrays.
 
+
 def _seed32(sp: SamplingParams) -> int:
   if sp.seed is None:
     if sp.temperature > 0:
-      raise ValueError("a sampled request reached the sampler with seed=None: the engine must call "
-                       "with_random_seed(sp) at submission")
-    return 0                             # greedy: the key is never used
+      raise ValueError(
+        "a sampled request reached the sampler with seed=None: the engine must call with_random_seed(sp) at submission"
+      )
+    return 0  # greedy: the key is never used
   return sp.seed & 0xFFFFFFFF
 
 
-def build_sampling_arrays(reqs_params: list[SamplingParams], histories: list[tuple[list[int], list[int]]],
-                          R: int, hist_width: int | None = None, eos_ids=()) -> dict:
+def build_sampling_arrays(
+  reqs_params: list[SamplingParams],
+  histories: list[tuple[list[int], list[int]]],
+  R: int,
+  hist_width: int | None = None,
+  eos_ids=(),
+) -> dict:
   """Host numpy arrays of one step for rows 0..len(reqs_params)-1, padded to R rows (padding rows are
   greedy, unpenalised). histories[i] = (prompt_ids, generated_ids) of row i. hist_width: the padded
   history width (`history_bucket` of the longest penalised row's prompt + generated length); None
@@ -214,19 +251,34 @@ def build_sampling_arrays(reqs_params: list[SamplingParams], histories: list[tup
   """
   n = len(reqs_params)
   if len(histories) != n or n > R:
-    raise ValueError(f"{n} requests, {len(histories)} histories, {R} rows: need one history per "
-                     f"request and at most R requests")
+    raise ValueError(
+      f"{n} requests, {len(histories)} histories, {R} rows: need one history per request and at most R requests"
+    )
   f32 = lambda fill=0.0: np.full(R, fill, np.float32)
-  out = {"temperature": f32(), "top_k": np.zeros(R, np.int32), "top_p": f32(1.0), "min_p": f32(),
-         "seeds": np.zeros(R, np.uint32), "counters": np.zeros(R, np.uint32),
-         "presence_penalty": f32(), "frequency_penalty": f32(), "repetition_penalty": f32(1.0),
-         "prompt_lens": np.zeros(R, np.int32), "hist_lens": np.zeros(R, np.int32),
-         "min_tokens_left": np.zeros(R, np.int32), "top_logprobs": np.zeros(R, np.int32),
-         "processed_logprobs": np.zeros(R, bool)}
+  out = {
+    "temperature": f32(),
+    "top_k": np.zeros(R, np.int32),
+    "top_p": f32(1.0),
+    "min_p": f32(),
+    "seeds": np.zeros(R, np.uint32),
+    "counters": np.zeros(R, np.uint32),
+    "presence_penalty": f32(),
+    "frequency_penalty": f32(),
+    "repetition_penalty": f32(1.0),
+    "prompt_lens": np.zeros(R, np.int32),
+    "hist_lens": np.zeros(R, np.int32),
+    "min_tokens_left": np.zeros(R, np.int32),
+    "top_logprobs": np.zeros(R, np.int32),
+    "processed_logprobs": np.zeros(R, bool),
+  }
   stops = [()] * n
   for i, (sp, (prompt, gen)) in enumerate(zip(reqs_params, histories)):
     out["temperature"][i], out["top_k"][i], out["top_p"][i], out["min_p"][i] = (
-        sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+      sp.temperature,
+      sp.top_k,
+      sp.top_p,
+      sp.min_p,
+    )
     out["seeds"][i], out["counters"][i] = _seed32(sp), len(gen)
     out["presence_penalty"][i], out["frequency_penalty"][i] = sp.presence_penalty, sp.frequency_penalty
     out["repetition_penalty"][i], out["top_logprobs"][i] = sp.repetition_penalty, sp.top_logprobs
@@ -238,8 +290,9 @@ def build_sampling_arrays(reqs_params: list[SamplingParams], histories: list[tup
 
   # Token histories only for penalised rows: the rest need none, and a batch without penalties
   # sends a width-0 array (no [R, V] state on device).
-  need = max((len(histories[i][0]) + len(histories[i][1]) for i, sp in enumerate(reqs_params)
-              if sp.uses_penalties), default=0)
+  need = max(
+    (len(histories[i][0]) + len(histories[i][1]) for i, sp in enumerate(reqs_params) if sp.uses_penalties), default=0
+  )
   hist_width = history_bucket(need) if hist_width is None else hist_width
   if need > hist_width:
     raise ValueError(f"hist_width={hist_width} < {need} ids of the longest penalised history")
@@ -248,7 +301,7 @@ def build_sampling_arrays(reqs_params: list[SamplingParams], histories: list[tup
     if sp.uses_penalties:
       prompt, gen = histories[i]
       ids = list(prompt) + list(gen)
-      out["hist_ids"][i, :len(ids)] = ids
+      out["hist_ids"][i, : len(ids)] = ids
       out["prompt_lens"][i], out["hist_lens"][i] = len(prompt), len(ids)
 
   nb = _width_bucket(max((len(sp.logit_bias) for sp in reqs_params), default=0))
@@ -256,21 +309,21 @@ def build_sampling_arrays(reqs_params: list[SamplingParams], histories: list[tup
   for i, sp in enumerate(reqs_params):
     if sp.logit_bias:
       ids, vals = zip(*sp.logit_bias)
-      out["bias_ids"][i, :len(ids)], out["bias_values"][i, :len(ids)] = ids, vals
+      out["bias_ids"][i, : len(ids)], out["bias_values"][i, : len(ids)] = ids, vals
 
   out["stop_ids"] = np.full((R, _width_bucket(max(map(len, stops), default=0))), -1, np.int32)
   for i, s in enumerate(stops):
-    out["stop_ids"][i, :len(s)] = s
+    out["stop_ids"][i, : len(s)] = s
   return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Device side: jit-friendly, static shapes, per-row parameters.
 
+
 def _uses_penalties(samp):
   """Traced: whether any row penalises (then the [R, V] work runs; lax.cond skips it otherwise)."""
-  return jnp.any((samp["presence_penalty"] != 0) | (samp["frequency_penalty"] != 0)
-                 | (samp["repetition_penalty"] != 1))
+  return jnp.any((samp["presence_penalty"] != 0) | (samp["frequency_penalty"] != 0) | (samp["repetition_penalty"] != 1))
 
 
 def _scatter_ids(valid, ids, V):
@@ -315,15 +368,14 @@ def process_logits(logits, samp: dict):
   banned = (samp["min_tokens_left"] > 0)[:, None]
   x = x.at[rows, _scatter_ids(banned, samp["stop_ids"], V)].set(-jnp.inf, mode="drop")
   counts = samp["gen_counts"]
-  if counts.shape[1] == 0:                   # static: no row penalised this call
+  if counts.shape[1] == 0:  # static: no row penalised this call
     return x
 
   def penalise(x):
     rep = samp["repetition_penalty"][:, None]
     seen = samp["prompt_mask"] | (counts > 0)
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
-    return (x - samp["frequency_penalty"][:, None] * counts
-            - samp["presence_penalty"][:, None] * (counts > 0))
+    return x - samp["frequency_penalty"][:, None] * counts - samp["presence_penalty"][:, None] * (counts > 0)
 
   return jax.lax.cond(_uses_penalties(samp), penalise, lambda x: x, x)
 
@@ -334,15 +386,15 @@ def filter_logits(logits, top_k, top_p, min_p):
   top-p over the top-k survivors renormalised, then min-p. The argmax token always survives (top-p
   keeps at least one rank; min-p compares with the max itself). Ties at a threshold are all kept."""
   V = logits.shape[-1]
-  srt = jnp.sort(logits, axis=-1)[:, ::-1]                                 # [R, V] descending
+  srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [R, V] descending
   rank = jnp.arange(V)[None, :]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]              # [R, 1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]  # [R, 1]
   # top-p's mass is that of the distribution top-k left (renormalised), as HF and vLLM compute it.
   probs = jax.nn.softmax(jnp.where(rank < k, srt, -jnp.inf), axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs                              # mass strictly above each rank
-  n_p = jnp.sum((before < top_p[:, None]) & (rank < k), axis=-1)           # ranks needed to reach top_p
-  n = jnp.where(top_p >= 1.0, k[:, 0], jnp.minimum(n_p, k[:, 0]))         # fp cumsum may fall short of 1
-  thresh = jnp.take_along_axis(srt, (jnp.maximum(n, 1) - 1)[:, None], axis=-1)   # [R, 1]
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+  n_p = jnp.sum((before < top_p[:, None]) & (rank < k), axis=-1)  # ranks needed to reach top_p
+  n = jnp.where(top_p >= 1.0, k[:, 0], jnp.minimum(n_p, k[:, 0]))  # fp cumsum may fall short of 1
+  thresh = jnp.take_along_axis(srt, (jnp.maximum(n, 1) - 1)[:, None], axis=-1)  # [R, 1]
   keep = logits >= thresh
   # min-p compares each prob with the max prob; the ratio exp(x - max) does not change under the
   # renormalisation above, so it is computed on the logits directly.
@@ -374,8 +426,7 @@ def _top_alternatives(logits, lse, samp):
     pad = ((0, 0), (0, TOP_LOGPROBS - k))
     return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
-  none = lambda _: (jnp.zeros((R, TOP_LOGPROBS), jnp.int32),
-                    jnp.full((R, TOP_LOGPROBS), -jnp.inf, jnp.float32))
+  none = lambda _: (jnp.zeros((R, TOP_LOGPROBS), jnp.int32), jnp.full((R, TOP_LOGPROBS), -jnp.inf, jnp.float32))
   return jax.lax.cond(jnp.any(samp["top_logprobs"] > 0), top, none, None)
 
 
@@ -393,6 +444,7 @@ def sample_rows(logits, samp: dict):
   x = process_logits(logits, samp)
   greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
   sampled = samp["temperature"] > 0
+
   def draw(_):
     drawn, drawn_lp = _draw(x, samp)
     return jnp.where(sampled, drawn, greedy), drawn_lp
@@ -414,6 +466,6 @@ def advance(samp: dict, tokens) -> dict:
   out["counters"] = samp["counters"] + jnp.uint32(1)
   out["min_tokens_left"] = jnp.maximum(samp["min_tokens_left"] - 1, 0)
   counts = samp["gen_counts"]
-  if counts.shape[1]:                        # one scatter of R elements; harmless for unpenalised rows
+  if counts.shape[1]:  # one scatter of R elements; harmless for unpenalised rows
     out["gen_counts"] = counts.at[jnp.arange(counts.shape[0]), tokens].add(1, mode="drop")
   return out

@@ -42,6 +42,7 @@ the front of the queue with its prompt and generated tokens, and is recomputed l
 
 Shapes: the package legend in jaxllm/__init__.py (R, Z); host-side lists, counted in pages of Z tokens.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -60,12 +61,13 @@ _order = itertools.count()
 @dataclass
 class Stats:
   """Monotonic counters (exported as Prometheus counters by the server)."""
-  prompt_tokens: int = 0        # prompt tokens of admitted requests (first admission only)
-  cached_tokens: int = 0        # of those, reused from the radix cache
-  generated_tokens: int = 0     # tokens sampled and kept
-  computed_tokens: int = 0      # tokens run through the model in prefill chunks (recompute included)
+
+  prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
+  cached_tokens: int = 0  # of those, reused from the radix cache
+  generated_tokens: int = 0  # tokens sampled and kept
+  computed_tokens: int = 0  # tokens run through the model in prefill chunks (recompute included)
   preemptions: int = 0
-  finished: dict = field(default_factory=dict)   # finish reason ('stop', 'length', 'abort') -> requests
+  finished: dict = field(default_factory=dict)  # finish reason ('stop', 'length', 'abort') -> requests
 
 
 @dataclass(eq=False)
@@ -73,24 +75,24 @@ class Req:
   rid: int
   prompt: list
   sp: SamplingParams
-  extra_key: object = None         # radix namespace: the weight version, bound at admission
-  arrival: float = 0.0             # time.perf_counter() when queued
-  admitted: float | None = None    # first admission time (queue time = admitted - arrival)
-  queued: float = 0.0              # time.perf_counter() when the scheduler got it (for max_wait_s)
+  extra_key: object = None  # radix namespace: the weight version, bound at admission
+  arrival: float = 0.0  # time.perf_counter() when queued
+  admitted: float | None = None  # first admission time (queue time = admitted - arrival)
+  queued: float = 0.0  # time.perf_counter() when the scheduler got it (for max_wait_s)
   output: list = field(default_factory=list)
   logprobs: list = field(default_factory=list)
-  top_logprobs: list = field(default_factory=list)   # per token: [(id, logprob)] * sp.top_logprobs
-  pages: list = field(default_factory=list)   # page ids for tokens [0, num_computed + scheduled)
-  num_computed: int = 0            # tokens whose K/V are in `pages`
-  cached_len: int = 0              # leading tokens whose pages the tree owns (locked via `node`)
+  top_logprobs: list = field(default_factory=list)  # per token: [(id, logprob)] * sp.top_logprobs
+  pages: list = field(default_factory=list)  # page ids for tokens [0, num_computed + scheduled)
+  num_computed: int = 0  # tokens whose K/V are in `pages`
+  cached_len: int = 0  # leading tokens whose pages the tree owns (locked via `node`)
   node: Node | None = None
-  order: int = 0                   # admission counter (newest is preempted first)
-  cache_hit: int = 0               # prompt tokens reused from the tree (first admission)
-  computed: int = 0                # tokens computed in prefill, recompute included
+  order: int = 0  # admission counter (newest is preempted first)
+  cache_hit: int = 0  # prompt tokens reused from the tree (first admission)
+  computed: int = 0  # tokens computed in prefill, recompute included
   preemptions: int = 0
   finish_reason: str | None = None
   token_times: list = field(default_factory=list)
-  stream: object = None            # jaxllm.serve.detok.TextStream when the engine detokenizes
+  stream: object = None  # jaxllm.serve.detok.TextStream when the engine detokenizes
 
   @property
   def tokens(self) -> list:
@@ -102,8 +104,8 @@ class Req:
     if b <= P:
       return self.prompt[a:b]
     if a >= P:
-      return self.output[a - P:b - P]
-    return self.prompt[a:] + self.output[:b - P]
+      return self.output[a - P : b - P]
+    return self.prompt[a:] + self.output[: b - P]
 
   @property
   def remaining(self) -> int:
@@ -128,9 +130,19 @@ def _lcp(a, b) -> int:
 
 
 class Scheduler:
-  def __init__(self, num_pages: int, page_size: int, *, max_running: int = 32, chunk_size: int = 256,
-               policy: str = "lpm", radix: bool = True, policy_max_queue: int = 128,
-               decode_reserve: float = 1.0, max_wait_s: float = 30.0):
+  def __init__(
+    self,
+    num_pages: int,
+    page_size: int,
+    *,
+    max_running: int = 32,
+    chunk_size: int = 256,
+    policy: str = "lpm",
+    radix: bool = True,
+    policy_max_queue: int = 128,
+    decode_reserve: float = 1.0,
+    max_wait_s: float = 30.0,
+  ):
     if policy not in POLICIES:
       raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
     if chunk_size < 1 or max_running < 1:
@@ -145,7 +157,7 @@ class Scheduler:
     self.max_wait_s = max_wait_s
     self.waiting: list[Req] = []
     self.running: list[Req] = []
-    self.version = None              # weight version (radix namespace) of the requests admitted from now on
+    self.version = None  # weight version (radix namespace) of the requests admitted from now on
     self.stats = Stats()
 
   @property
@@ -188,8 +200,8 @@ class Scheduler:
     else:
       Z = self.page_size
       n_full = req.num_computed // Z
-      prev = self.tree.insert(req.tokens[:n_full * Z], req.pages[:n_full], req.extra_key)
-      self.alloc.free(req.pages[req.cached_len // Z:prev // Z])  # duplicates of cached pages
+      prev = self.tree.insert(req.tokens[: n_full * Z], req.pages[:n_full], req.extra_key)
+      self.alloc.free(req.pages[req.cached_len // Z : prev // Z])  # duplicates of cached pages
       self.alloc.free(req.pages[n_full:])
       self.tree.unlock(req.node)
     req.pages, req.node, req.cached_len, req.num_computed = [], None, 0, 0
@@ -201,11 +213,11 @@ class Scheduler:
     n_full = req.num_computed // Z
     if not self.radix_on or n_full * Z <= req.cached_len:
       return
-    key = req.tokens[:n_full * Z]
+    key = req.tokens[: n_full * Z]
     prev = self.tree.insert(key, req.pages[:n_full], req.extra_key)
     pages, node = self.tree.match_prefix(key, req.extra_key)
     assert len(pages) == n_full, "radix: a just-inserted prefix must match in full"
-    self.alloc.free(req.pages[req.cached_len // Z:prev // Z])
+    self.alloc.free(req.pages[req.cached_len // Z : prev // Z])
     req.pages[:n_full] = pages
     self.tree.lock(node)
     self.tree.unlock(req.node)
@@ -240,7 +252,7 @@ class Scheduler:
   def _ordered_waiting(self) -> list[Req]:
     now = time.perf_counter()
     overdue = [r for r in self.waiting if now - r.queued >= self.max_wait_s]
-    if overdue:                              # no starvation: the long-waiting go first, oldest first
+    if overdue:  # no starvation: the long-waiting go first, oldest first
       rest = [r for r in self._policy_order() if now - r.queued < self.max_wait_s]
       return sorted(overdue, key=lambda r: r.queued) + rest
     return self._policy_order()
@@ -270,7 +282,7 @@ class Scheduler:
         continue
       stack.append((node, True))
       kids = [c for c in node.children.values() if id(c) in weight]
-      stack += [(c, False) for c in sorted(kids, key=lambda c: weight[id(c)])]   # heaviest popped first
+      stack += [(c, False) for c in sorted(kids, key=lambda c: weight[id(c)])]  # heaviest popped first
     return out
 
   def _preempt(self, req: Req) -> None:
@@ -284,7 +296,7 @@ class Scheduler:
   def schedule(self) -> list[tuple[Req, int]]:
     batch, budget = [], self.chunk_size
     for req in sorted(self.running, key=lambda r: r.order):
-      if req not in self.running:            # preempted earlier in this loop
+      if req not in self.running:  # preempted earlier in this loop
         continue
       n = 1 if req.remaining == 1 else min(req.remaining, max(budget, 0))
       if n == 0:
@@ -295,7 +307,7 @@ class Scheduler:
           break
       else:
         batch.append((req, n))
-        budget -= n                          # decode rows too: chunk_size bounds the step's tokens
+        budget -= n  # decode rows too: chunk_size bounds the step's tokens
     if not self.waiting or budget <= 0:
       return batch
     prefilling = [r for r in self.running if r.prefilling]
@@ -304,7 +316,7 @@ class Scheduler:
       if budget <= 0 or len(self.running) >= self.max_running:
         break
       verdict = self._admit(req, budget, prefilling, reserved)
-      if verdict == "full":                    # out of pages: admit nobody else this step
+      if verdict == "full":  # out of pages: admit nobody else this step
         break
       if verdict == "wait":
         continue
@@ -325,13 +337,12 @@ class Scheduler:
       pages, node = self.tree.match_prefix(tokens[:-1], self.version)
       cached = len(pages) * Z
       for other in prefilling:
-        if other.extra_key == self.version and \
-           _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
-          return "wait"                      # `other` is computing our prefix right now
-      self.tree.lock(node)                   # before counting: our prefix is no longer evictable
+        if other.extra_key == self.version and _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
+          return "wait"  # `other` is computing our prefix right now
+      self.tree.lock(node)  # before counting: our prefix is no longer evictable
     n = min(len(tokens) - len(pages) * Z, budget)
     n_pages = -(-(len(pages) * Z + n) // Z) - len(pages)
-    req.pages = pages                        # so _future_pages counts the matched prefix as held
+    req.pages = pages  # so _future_pages counts the matched prefix as held
     need = max(n_pages, self._future_pages(req))
     avail = self.alloc.num_free + (self.tree.evictable if self.radix_on else 0) - reserved
     new = self._alloc(n_pages) if need <= avail else None
@@ -364,7 +375,7 @@ class Scheduler:
         r.computed += n
         self.stats.computed_tokens += n
         self.cache_prefix(r)
-      if r.remaining:                        # mid-prefill chunk: nothing sampled yet
+      if r.remaining:  # mid-prefill chunk: nothing sampled yet
         continue
       r.output.append(int(tokens[i]))
       self.stats.generated_tokens += 1
@@ -399,7 +410,7 @@ class Scheduler:
     done = []
     for i, (r, _) in enumerate(batch):
       for j in range(ks[i]):
-        r.num_computed += 1                  # the token fed at step j now has its K/V cached
+        r.num_computed += 1  # the token fed at step j now has its K/V cached
         r.output.append(int(tokens[j, i]))
         self.stats.generated_tokens += 1
         if r.sp.logprobs:
@@ -432,7 +443,7 @@ class Scheduler:
     self.running.remove(req)
     self._release(req)
     if req.stream is not None:
-      req.stream.finish()                    # emit text held back for a stop string that never came
+      req.stream.finish()  # emit text held back for a stop string that never came
     self._count(req, req.finish_reason)
 
   def _count(self, req: Req, reason: str) -> None:
@@ -444,5 +455,6 @@ class Scheduler:
       self.tree.check(self.private_pages())
     else:
       used = sum(len(r.pages) for r in self.running)
-      assert self.alloc.num_free + used == self.alloc.total, \
+      assert self.alloc.num_free + used == self.alloc.total, (
         f"page leak: free {self.alloc.num_free} + used {used} != total {self.alloc.total}"
+      )

@@ -7,6 +7,7 @@ request's TextStream: incremental, stop strings held back and removed), their lo
 last one the finish reason and usage. Abort, weight swaps and cache flushes take effect at the next
 step boundary. A failing step fails the requests in it with an 'error' event; the loop goes on.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,16 +31,16 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
   rid: int
-  token_ids: list                  # tokens generated since the previous event
-  text: str                        # their text (may be "" while a partial character or stop is held)
-  logprobs: list                   # logprob of each of those tokens (empty unless requested)
-  top_logprobs: list               # per token, [(id, logprob)] of the sp.top_logprobs likeliest (raw model)
+  token_ids: list  # tokens generated since the previous event
+  text: str  # their text (may be "" while a partial character or stop is held)
+  logprobs: list  # logprob of each of those tokens (empty unless requested)
+  top_logprobs: list  # per token, [(id, logprob)] of the sp.top_logprobs likeliest (raw model)
   finish_reason: str | None = None  # 'stop', 'length', 'abort' or 'error' on the last event
   prompt_tokens: int = 0
-  cached_tokens: int = 0           # prompt tokens reused from the radix cache
-  completion_tokens: int = 0       # tokens generated so far
-  weight_version: object = None    # the weights that produced these tokens
-  error: str = ""                  # what went wrong, with finish_reason 'error'
+  cached_tokens: int = 0  # prompt tokens reused from the radix cache
+  completion_tokens: int = 0  # tokens generated so far
+  weight_version: object = None  # the weights that produced these tokens
+  error: str = ""  # what went wrong, with finish_reason 'error'
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Tracked:
 @dataclass
 class Timings:
   """Per finished request, for latency histograms (seconds)."""
+
   queue: float
   ttft: float
   e2e: float
@@ -68,7 +70,7 @@ class EngineService:
     self._lock = threading.Condition()
     self._tracked: dict[int, _Tracked] = {}
     self._ids = itertools.count()
-    self._pending = 0                          # submitted, not yet in the engine's queue
+    self._pending = 0  # submitted, not yet in the engine's queue
     self._thread: threading.Thread | None = None
     self._closed = False
     self.steps = 0
@@ -149,7 +151,7 @@ class EngineService:
       try:
         eng.step()
         self.steps += 1
-      except Exception as e:           # keep serving: fail what was in flight, say why
+      except Exception as e:  # keep serving: fail what was in flight, say why
         log.exception("engine step failed")
         for t in list(self._tracked.values()):
           if t.req.finish_reason is None:
@@ -182,7 +184,7 @@ class EngineService:
         box.append(None)
       elif kind == "weights":
         eng.set_weights(cmd[1], cmd[2])
-        self._emit_progress()          # the step in flight committed tokens of the old weights: send them as such
+        self._emit_progress()  # the step in flight committed tokens of the old weights: send them as such
         box.append(None)
       elif kind == "flush":
         box.append(eng.flush_cache())
@@ -191,16 +193,25 @@ class EngineService:
     reply.set()
 
   def _emit(self, t: _Tracked, error: str = "") -> None:
-    req, eng = t.req, self.engine
-    new = req.output[t.sent_tokens:]
+    req = t.req
+    new = req.output[t.sent_tokens :]
     text = ""
     if req.stream is not None:
-      text = req.stream.text[t.sent_text:]
+      text = req.stream.text[t.sent_text :]
       t.sent_text += len(text)
-    ev = Event(t.rid, new, text,
-               req.logprobs[t.sent_tokens:] if req.sp.logprobs else [],
-               req.top_logprobs[t.sent_tokens:] if req.sp.top_logprobs else [], req.finish_reason,
-               len(req.prompt), req.cache_hit, len(req.output), req.extra_key, error)
+    ev = Event(
+      t.rid,
+      new,
+      text,
+      req.logprobs[t.sent_tokens :] if req.sp.logprobs else [],
+      req.top_logprobs[t.sent_tokens :] if req.sp.top_logprobs else [],
+      req.finish_reason,
+      len(req.prompt),
+      req.cache_hit,
+      len(req.output),
+      req.extra_key,
+      error,
+    )
     t.sent_tokens = len(req.output)
     if req.finish_reason:
       del self._tracked[ev.rid]
@@ -209,16 +220,22 @@ class EngineService:
           hook(req, timings(req))
     try:
       t.on_event(ev)
-    except Exception:                   # a broken consumer must not stop the engine
+    except Exception:  # a broken consumer must not stop the engine
       log.exception("event callback failed for request %s", ev.rid)
 
   def snapshot(self) -> dict:
     """Counters and gauges for /metrics (read from any thread; ints and a dict copy)."""
     st = self.engine.stats
-    return {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens,
-            "generated_tokens": st.generated_tokens, "computed_tokens": st.computed_tokens,
-            "preemptions": st.preemptions, "finished": dict(st.finished),
-            **self.engine.gauges(), "inbox": self._pending}
+    return {
+      "prompt_tokens": st.prompt_tokens,
+      "cached_tokens": st.cached_tokens,
+      "generated_tokens": st.generated_tokens,
+      "computed_tokens": st.computed_tokens,
+      "preemptions": st.preemptions,
+      "finished": dict(st.finished),
+      **self.engine.gauges(),
+      "inbox": self._pending,
+    }
 
 
 def timings(req: Req) -> Timings:

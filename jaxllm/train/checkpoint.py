@@ -2,6 +2,7 @@
 restore onto any mesh. The layout on disk (params / opt_state / meta per step) is defined in
 jaxllm.io.checkpoint, which also reads params for inference without the trainer.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,14 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, config: Config) -> None:
     meta = {"step": int(step), "data": data_state, "config": config.to_dict()}
-    self.mgr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      opt_state=ocp.args.StandardSave(state.opt_state),
-      meta=ocp.args.JsonSave(meta)))
+    self.mgr.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
 
   def restore(self, abstract_state, step: int | None = None):
     """-> (params, opt_state, meta). abstract_state: TrainState of ShapeDtypeStructs with shardings."""
@@ -37,10 +42,14 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     try:
-      out = self.mgr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.params),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-        meta=ocp.args.JsonRestore()))
+      out = self.mgr.restore(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
     except Exception as e:  # orbax raises many types; the user needs the step and the way out
       others = [s for s in self.mgr.all_steps() if s != step]
       raise CheckpointError(
@@ -48,7 +57,8 @@ class Checkpointer:
         f"Nothing was changed on disk. If it is corrupt, move {os.path.join(self.directory, str(step))} "
         f"aside to resume from {max(others) if others else 'scratch'}; if the model or optimizer config "
         f"changed since it was written, restore the original config (saved in its meta) or use another "
-        f"train.out_dir.") from e
+        f"train.out_dir."
+      ) from e
     return out.params, out.opt_state, out.meta
 
   def meta(self, step: int) -> dict:

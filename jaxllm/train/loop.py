@@ -6,6 +6,7 @@ The same loss serves the step and eval: the model's own forward, or the pipeline
 train state keeps the layers in the pipeline layout; checkpoints stay canonical, see train/state.py).
 The end-of-run sample comes from a `sampler` the caller passes (train.py passes the serving engine's
 `complete_text`), since the trainer does not import the serving layer."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,14 @@ import jax
 import numpy as np
 
 from jaxllm.config import Config
-from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, load_texts, split_train_eval, \
-  tokenize_documents
+from jaxllm.data import (
+  PackedBatches,
+  default_corpus_text,
+  eval_batches,
+  load_texts,
+  split_train_eval,
+  tokenize_documents,
+)
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
 from jaxllm.parallel.distributed import global_batch, is_main_process, local_rows
@@ -56,8 +63,11 @@ def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
   """The jitted train and eval steps for this mesh (through the pipeline when pp > 1)."""
   # model.remat="full" keeps only each chunk's input per microbatch and recomputes the chunk in the
   # backward; "none" / "dots" keep what the per-layer policy saves (Megatron's default: no recompute).
-  pipe = (Pipeline(mdef, mesh, plan, cfg.mesh.microbatches, cfg.mesh.schedule, remat=cfg.model.remat == "full")
-          if cfg.mesh.pp > 1 else None)
+  pipe = (
+    Pipeline(mdef, mesh, plan, cfg.mesh.microbatches, cfg.mesh.schedule, remat=cfg.model.remat == "full")
+    if cfg.mesh.pp > 1
+    else None
+  )
   hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
   step = make_train_step(mdef, tx, shardings, b_sh, cfg.train.grad_accum, hook_kwargs=hk, pipeline=pipe)
   return step, make_eval_step(mdef, shardings.params, b_sh, hook_kwargs=hk, pipeline=pipe)
@@ -65,6 +75,7 @@ def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
 
 class Pretraining(Task):
   """Next-token training on packed text (pretraining / SFT on raw text): the runner's Task."""
+
   name = "train"
 
   def __init__(self, cfg: Config, log=print):
@@ -81,8 +92,9 @@ class Pretraining(Task):
     # Document masks: segment ids, loss mask (and positions) from the eos separators, in train and eval.
     docs = dict(eos_id=self.tokenizer.eos_id if t.document_masks else None, reset_positions=t.reset_positions)
     self.batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs)
-    self.eval_set = (eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs)
-                     if t.eval_every else [])
+    self.eval_set = (
+      eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs) if t.eval_every else []
+    )
     self.train_tokens = len(train_tokens)
     self.mdef = model_def(cfg.model)
     self.layout = Layout.of(self.plan)
@@ -98,42 +110,57 @@ class Pretraining(Task):
     cfg, t, mdef = self.cfg, self.cfg.train, self.mdef
     self.tx = make_optimizer(t, mdef.logical)
     self.schedule = lr_schedule(t)
-    self.shardings = state_shardings(mdef, self.tx, self.mesh, self.plan)                 # in memory
-    self.disk = state_shardings(mdef, self.tx, self.mesh, self.plan, layout=Layout())     # canonical: checkpoints
+    self.shardings = state_shardings(mdef, self.tx, self.mesh, self.plan)  # in memory
+    self.disk = state_shardings(mdef, self.tx, self.mesh, self.plan, layout=Layout())  # canonical: checkpoints
     if start is not None:
       params, opt_state, meta = ckpt.restore(abstract_state(mdef, self.tx, self.disk), start)
-      state = relayout(self.tx, TrainState(params, opt_state, jax.device_put(np.int32(meta["step"]), self.disk.step)),
-                       self.layout, self.shardings, to_memory=True)
+      state = relayout(
+        self.tx,
+        TrainState(params, opt_state, jax.device_put(np.int32(meta["step"]), self.disk.step)),
+        self.layout,
+        self.shardings,
+        to_memory=True,
+      )
       self.batches.restore(meta["data"])
     elif t.init_from_hf:
       from jaxllm.io import load_hf
+
       _, params = load_hf(t.init_from_hf, shardings=self.disk.params, cfg=cfg.model)
       state = init_state(mdef, self.tx, self.shardings, t.seed, params=params, layout=self.layout)
       log(f"initialised from Hugging Face checkpoint {t.init_from_hf}")
     else:
       state = init_state(mdef, self.tx, self.shardings, t.seed, layout=self.layout)
     self.n_params = count_params(mdef.abstract_params())
-    log(f"model {cfg.model.name}: {self.n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
-        f"active), {self.train_tokens:,} train tokens, {self.batches.batches_per_epoch} batches/epoch")
+    log(
+      f"model {cfg.model.name}: {self.n_params / 1e6:.2f}M params ({cfg.model.param_counts()['active'] / 1e6:.2f}M "
+      f"active), {self.train_tokens:,} train tokens, {self.batches.batches_per_epoch} batches/epoch"
+    )
     self.step_fn, self.eval_fn = build_steps(cfg, mdef, self.tx, self.mesh, self.plan, self.shardings)
     # (measured on one of this process's own devices; the CPU matmul already uses every core)
     self.peak_flops = measure_matmul_peak(cfg.model.dtype, device=jax.local_devices()[0]) * (
-      jax.process_count() if jax.devices()[0].platform == "cpu" else len(jax.devices()))
+      jax.process_count() if jax.devices()[0].platform == "cpu" else len(jax.devices())
+    )
     return state
 
   def step(self, state, step):
     state, metrics = self.step_fn(state, global_batch(self.b_sh, next(self.batches), self.shape))
     m = jax.device_get(metrics)
-    return state, {"finite": bool(m["finite"]), "loss": float(m["loss"]), "aux_loss": float(m["aux_loss"]),
-                   "grad_norm": float(m["grad_norm"]),
-                   "lr": float(self.schedule(step))}   # the rate this update used (optimizer count = step)
+    return state, {
+      "finite": bool(m["finite"]),
+      "loss": float(m["loss"]),
+      "aux_loss": float(m["aux_loss"]),
+      "grad_norm": float(m["grad_norm"]),
+      "lr": float(self.schedule(step)),
+    }  # the rate this update used (optimizer count = step)
 
   def eval_due(self, step):
     return bool(self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and self.eval_set)
 
   def evaluate(self, state, step):
-    sums = np.sum([jax.device_get(self.eval_fn(state.params, global_batch(self.b_sh, b, self.shape)))
-                   for b in self.eval_set], axis=0)
+    sums = np.sum(
+      [jax.device_get(self.eval_fn(state.params, global_batch(self.b_sh, b, self.shape))) for b in self.eval_set],
+      axis=0,
+    )
     self.last_eval = float(sums[0] / max(sums[1], 1.0))
     return state, {"eval_loss": self.last_eval}
 
@@ -146,13 +173,16 @@ class Pretraining(Task):
     return {"loss": f"{r['loss']:.3f}", "tok_s": f"{r['tokens_per_s']:,.0f}", "mfu": f"{100 * r['mfu']:.1f}%"}
 
   def log_line(self, step, r):
-    return (f"step {step:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
-            + (f"  {r['tokens_per_s']:,.0f} tok/s  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
-            + (f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else ""))
+    return (
+      f"step {step:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
+      + (f"  {r['tokens_per_s']:,.0f} tok/s  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
+      + (f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else "")
+    )
 
 
-def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log=print,
-          sampler: Sampler | None = None) -> dict:
+def train(
+  cfg: Config, stop_after: int | None = None, progress: bool = True, log=print, sampler: Sampler | None = None
+) -> dict:
   """Run (or resume) training to cfg.train.steps. `stop_after` ends this process early after that
   many steps (used to emulate a kill in tests). `sampler` generates the end-of-run sample (none
   without it). Returns a summary dict.
@@ -161,15 +191,30 @@ def train(cfg: Config, stop_after: int | None = None, progress: bool = True, log
   config and runs the same steps; each loads only the batch rows its devices hold (jaxllm.train.runner
   keeps logs, progress and files to process 0)."""
   if not is_main_process():
-    log = lambda *_: None   # noqa: E731
+    log = lambda *_: None  # noqa: E731
   task = Pretraining(cfg, log)
   res = run(task, progress=progress, log=log, stop_after=stop_after)
   t = task.cfg.train
   sample = None
   if sampler is not None and t.sample_tokens and res.step >= t.steps:
-    sample = sampler(task.cfg.model, task.layout.params_out(res.state.params), task.tokenizer, t.sample_prompt,
-                     t.sample_tokens, mesh=task.mesh, plan=task.plan)
+    sample = sampler(
+      task.cfg.model,
+      task.layout.params_out(res.state.params),
+      task.tokenizer,
+      t.sample_prompt,
+      t.sample_tokens,
+      mesh=task.mesh,
+      plan=task.plan,
+    )
   losses = [h["loss"] for h in res.history]
-  return {"steps": res.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-          "eval_loss": task.last_eval, "compile_s": res.compile_s, "checkpoint_dir": res.checkpoint_dir,
-          "history": res.history, "sample": sample, "params": task.n_params}
+  return {
+    "steps": res.step,
+    "first_loss": losses[0] if losses else None,
+    "last_loss": losses[-1] if losses else None,
+    "eval_loss": task.last_eval,
+    "compile_s": res.compile_s,
+    "checkpoint_dir": res.checkpoint_dir,
+    "history": res.history,
+    "sample": sample,
+    "params": task.n_params,
+  }

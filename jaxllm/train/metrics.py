@@ -1,5 +1,6 @@
 """Throughput/MFU accounting, the measured matmul peak it is relative to, and metric sinks
 (JSONL always, TensorBoard when `tensorboardX` is installed)."""
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,7 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5,
     t0 = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 class MetricsWriter:
@@ -46,6 +47,7 @@ class MetricsWriter:
     self.tb = None
     try:
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
     except ImportError:
       pass

@@ -12,6 +12,7 @@ Schedule: warmup to `lr`, then cosine to `lr * min_lr_ratio` at `decay_steps`, f
 horizon is a key of its own (resolved to `steps` when a run starts and saved with it), so a run
 resumed with a larger `steps` continues from the learning rate it stopped at instead of jumping.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,16 +37,21 @@ def decay_mask(logical: dict) -> dict:
 
 def lr_schedule(cfg: TrainConfig):
   horizon = cfg.decay_steps or cfg.steps
-  if cfg.warmup_steps == 0:      # no warmup: the first step already uses the peak (warmup_cosine would give 0)
+  if cfg.warmup_steps == 0:  # no warmup: the first step already uses the peak (warmup_cosine would give 0)
     return optax.cosine_decay_schedule(cfg.lr, decay_steps=max(horizon, 1), alpha=cfg.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
-    init_value=0.0, peak_value=cfg.lr, warmup_steps=max(cfg.warmup_steps, 1),
-    decay_steps=max(horizon, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=max(cfg.warmup_steps, 1),
+    decay_steps=max(horizon, cfg.warmup_steps + 1),
+    end_value=cfg.lr * cfg.min_lr_ratio,
+  )
 
 
 def make_optimizer(cfg: TrainConfig, logical: dict) -> optax.GradientTransformation:
   """`logical`: the model's logical axis names per parameter (jaxllm.model.params.ModelDef.logical)."""
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                           mask=decay_mask(logical)))
+  parts.append(
+    optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask(logical))
+  )
   return optax.chain(*parts)

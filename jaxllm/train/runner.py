@@ -11,6 +11,7 @@ evaluation, and what a checkpoint carries besides the state. The task is built b
 called, so a bad config, mesh, tokenizer or data set fails before any thread starts or any file is
 touched.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,10 @@ def checked_tokenizer(cfg: Config):
   """The run's tokenizer, checked against model.vocab_size."""
   tokenizer = load_tokenizer(cfg.train.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"tokenizer {cfg.train.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
-                      f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+    raise ConfigError(
+      f"tokenizer {cfg.train.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+      f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}"
+    )
   return tokenizer
 
 
@@ -42,12 +45,13 @@ class TrainingDiverged(RuntimeError):
 class Task:
   """What a trainer supplies to `run`. `cfg` is the run's resolved config (saved to config.json and
   with every checkpoint); the methods below are called in the order listed."""
+
   cfg: Config
-  name = "train"              # progress-bar label
-  what = "loss or gradient"   # what became NaN/inf, in the divergence message
-  hint = "Lower train.lr, raise train.warmup_steps or set train.grad_clip > 0"   # how to avoid divergence
-  tokens_per_step = 0         # > 0: tokens_per_s is logged at train.log_every
-  flops_per_token = 0.0       # with peak_flops > 0: MFU is logged beside tokens_per_s
+  name = "train"  # progress-bar label
+  what = "loss or gradient"  # what became NaN/inf, in the divergence message
+  hint = "Lower train.lr, raise train.warmup_steps or set train.grad_clip > 0"  # how to avoid divergence
+  tokens_per_step = 0  # > 0: tokens_per_s is logged at train.log_every
+  flops_per_token = 0.0  # with peak_flops > 0: MFU is logged beside tokens_per_s
   peak_flops = 0.0
 
   def init(self, ckpt: Checkpointer, start: int | None, log):
@@ -90,11 +94,11 @@ class Task:
 @dataclasses.dataclass
 class RunResult:
   state: object
-  first: int                    # the step this process started from
-  step: int                     # the step it stopped at
-  history: list[dict]           # {"step", **record} of each step run here
+  first: int  # the step this process started from
+  step: int  # the step it stopped at
+  history: list[dict]  # {"step", **record} of each step run here
   checkpoint_dir: str
-  compile_s: float | None       # the first step's wall time (compile included)
+  compile_s: float | None  # the first step's wall time (compile included)
   resumed: bool
 
 
@@ -141,21 +145,23 @@ def run(task: Task, progress: bool = True, log=print, stop_after: int | None = N
         last = ckpt.latest_step()
         details = ", ".join(f"{k}={record[k]}" for k in ("loss", "grad_norm") if k in record)
         raise TrainingDiverged(
-          f"{task.what} became NaN/inf at step {step + 1}" + (f" ({details})" if details else "")
+          f"{task.what} became NaN/inf at step {step + 1}"
+          + (f" ({details})" if details else "")
           + f"; the update was not applied and the last checkpoint in {ckpt.directory} "
           + (f"(step {last}) is kept" if last is not None else "(none yet) is untouched")
-          + f". {task.hint}, then run again (it resumes from that checkpoint).")
+          + f". {task.hint}, then run again (it resumes from that checkpoint)."
+        )
       step += 1
       if compile_s is None:
         compile_s = time.perf_counter() - t0
-        t_window = time.perf_counter()          # throughput leaves the compiling step out
+        t_window = time.perf_counter()  # throughput leaves the compiling step out
       else:
         tok_window += task.tokens_per_step
       if task.eval_due(step):
         t_eval = time.perf_counter()
         state, evaluation = task.evaluate(state, step)
         record.update(evaluation)
-        t_window += time.perf_counter() - t_eval   # throughput and elapsed_s count training time only
+        t_window += time.perf_counter() - t_eval  # throughput and elapsed_s count training time only
         paused += time.perf_counter() - t_eval
       record["elapsed_s"] = time.perf_counter() - t_run - paused
       logged = step % t.log_every == 0 or step == t.steps

@@ -2,9 +2,10 @@
 
 One loss and one gradient-accumulation path serve every mesh. With pipeline stages (pp > 1) the
 language-model loss and its gradients come from `jaxllm.parallel.pipeline.Pipeline` (head and loss
-on the last stage, GPipe or 1F1B schedule); otherwise from the model's own forward. The masked cross-entropy is normalised once per step by
-the step's token count: each accumulation chunk contributes its token-loss *sum* divided by that
-global count, so uneven masks give the same loss and gradients accumulated or not (Megatron and
+on the last stage, GPipe or 1F1B schedule); otherwise from the model's own forward. The masked
+cross-entropy is normalised once per step by the step's token count: each accumulation chunk
+contributes its token-loss *sum* divided by that global count, so uneven masks give the same loss and
+gradients accumulated or not (Megatron and
 MaxText do the same). MoE aux losses are per chunk and averaged over chunks (as Megatron does for
 microbatches).
 
@@ -17,6 +18,7 @@ The step is jitted with the state donated and its output shardings pinned to the
 
 Shapes: the package legend in jaxllm/__init__.py (B, T, D).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +35,11 @@ from jaxllm.model.params import ModelDef
 from jaxllm.model.transformer import aux_loss
 from jaxllm.parallel.pipeline import Pipeline
 
+
 class TrainState(NamedTuple):
   params: Any
   opt_state: Any
-  step: jax.Array   # int32 scalar, optimizer steps taken
+  step: jax.Array  # int32 scalar, optimizer steps taken
 
 
 def loss_sums(mdef: ModelDef, params, batch, pipeline: Pipeline | None = None):
@@ -58,6 +61,7 @@ class Objective:
   """What a train step minimises. count(batch) -> the step's counted tokens (the one denominator);
   sums(mdef, params, batch) -> (loss sum over counted tokens, aux loss (a per-chunk mean),
   {metric name: sum over counted tokens}); the step reports each metric sum / count."""
+
   count: Callable
   sums: Callable
 
@@ -70,15 +74,18 @@ def _lm_sums(mdef, params, batch):
 LM = Objective(count=lambda b: token_count(b["targets"], b.get("mask")), sums=_lm_sums)
 
 
-def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, pipeline: Pipeline | None = None,
-                      objective: Objective = LM):
+def grads_and_metrics(
+  mdef: ModelDef, params, batch, grad_accum: int = 1, pipeline: Pipeline | None = None, objective: Objective = LM
+):
   """Gradients of (objective sum / the batch's counted tokens + aux loss), accumulated over
   `grad_accum` chunks. -> (grads, {each objective metric (per token), 'aux_loss', 'tokens'}); for the
   LM objective 'loss' is the CE mean. With a `pipeline` (pp > 1) params have "layers" in its layout."""
   denom = jnp.maximum(objective.count(batch), 1.0)
   if pipeline is not None and objective is not LM:
-    raise ConfigError("pipeline parallelism (mesh.pp > 1) trains the language-model objective only; "
-                      "use mesh.pp=1 for RL and reward-model training")
+    raise ConfigError(
+      "pipeline parallelism (mesh.pp > 1) trains the language-model objective only; "
+      "use mesh.pp=1 for RL and reward-model training"
+    )
 
   def chunk_loss(p, b):
     total, aux, sums = objective.sums(mdef, p, b)
@@ -90,28 +97,40 @@ def grads_and_metrics(mdef: ModelDef, params, batch, grad_accum: int = 1, pipeli
       return g, sums
     g, nll, aux = pipeline.value_and_grad(p, b, 1.0 / denom, 1.0 / grad_accum)
     return g, {"loss": nll, "aux_loss": aux_loss(mdef.cfg, aux) / grad_accum}
+
   if grad_accum == 1:
     grads, sums = grad_fn(params, batch)
   else:
     # Strided chunks (row i -> chunk i % grad_accum) keep each dp shard's rows local; a contiguous
     # split would move rows between dp ranks.
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]),
-                                                0, 1), batch)
+    micro = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1), batch
+    )
 
     def body(acc, mb):
       return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+
+    zeros = jax.tree.map(
+      lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    )
     (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   metrics = {k: v / denom for k, v in sums.items() if k != "aux_loss"}
   return grads, {**metrics, "aux_loss": sums["aux_loss"], "tokens": denom}
 
 
-def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shardings=None,
-                    batch_sharding=None, grad_accum: int = 1, hook_kwargs: dict | None = None,
-                    pipeline: Pipeline | None = None, objective: Objective = LM):
+def make_train_step(
+  mdef: ModelDef,
+  tx: optax.GradientTransformation,
+  state_shardings=None,
+  batch_sharding=None,
+  grad_accum: int = 1,
+  hook_kwargs: dict | None = None,
+  pipeline: Pipeline | None = None,
+  objective: Objective = LM,
+):
   """Jitted (state, batch) -> (state, metrics). `hook_kwargs` installs mesh hooks while tracing;
   `pipeline` computes the loss and gradients through pipeline stages; `objective` the loss."""
+
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):
       grads, metrics = grads_and_metrics(mdef, state.params, batch, grad_accum, pipeline, objective)
@@ -128,17 +147,25 @@ def make_train_step(mdef: ModelDef, tx: optax.GradientTransformation, state_shar
 
   if state_shardings is None:
     return jax.jit(step, donate_argnums=0)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return jax.jit(
+    step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0
+  )
 
 
-def make_eval_step(mdef: ModelDef, params_shardings=None, batch_sharding=None, hook_kwargs: dict | None = None,
-                   pipeline: Pipeline | None = None):
+def make_eval_step(
+  mdef: ModelDef,
+  params_shardings=None,
+  batch_sharding=None,
+  hook_kwargs: dict | None = None,
+  pipeline: Pipeline | None = None,
+):
   """Jitted (params, batch) -> (sum of token NLLs, counted tokens): add over eval batches, divide once."""
+
   def ev(params, batch):
     with hooks.using(**(hook_kwargs or {})):
       nll, count, _ = loss_sums(mdef, params, batch, pipeline)
     return nll, count
+
   if params_shardings is None:
     return jax.jit(ev)
   return jax.jit(ev, in_shardings=(params_shardings, batch_sharding))

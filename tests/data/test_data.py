@@ -1,18 +1,30 @@
 """jaxllm.data: tokenizers, corpora, packing and resumable iteration. Pure numpy, no jax."""
+
 import json
 import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jaxllm.data import (ByteTokenizer, HFTokenizer, PackedBatches, default_corpus_text, eval_batches,
-                         load_texts, load_tokenizer, split_train_eval, tokenize_documents)
+from jaxllm.data import (
+  ByteTokenizer,
+  HFTokenizer,
+  PackedBatches,
+  default_corpus_text,
+  eval_batches,
+  load_texts,
+  load_tokenizer,
+  split_train_eval,
+  tokenize_documents,
+)
 
 TEXTS = ["héllo wörld — ünïcode ✓ 日本語 🙂", "def f(x):\n    return x + 1\n", ""]
 
 
 # --- tokenizers --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_byte_tokenizer_round_trip(text):
@@ -34,11 +46,13 @@ def test_byte_tokenizer_decodes_a_cut_character():
 
 def _train_hf_tokenizer(path, special_tokens=("<|endoftext|>",)):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(special_tokens),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=300, special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
   tok.train_from_iterator(TEXTS * 10 + ["the quick brown fox jumps over the lazy dog"] * 10, trainer)
   tok.save(str(path))
   return tok
@@ -62,8 +76,9 @@ def test_hf_tokenizer_round_trip(tmp_path):
 
 def test_hf_tokenizer_config_names_special_tokens(tmp_path):
   raw = _train_hf_tokenizer(tmp_path / "tokenizer.json", ("<s>", "</s>", "<|im_end|>", "<unk>"))
-  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-    {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "<|im_end|>", "pad_token": "<unk>"}))
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "<|im_end|>", "pad_token": "<unk>"})
+  )
   tok = load_tokenizer(str(tmp_path))
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(raw.token_to_id(t) for t in ("<s>", "<|im_end|>", "<unk>"))
   assert tok.encode("fox", add_bos=True)[0] == tok.bos_id
@@ -80,6 +95,7 @@ def test_missing_tokenizer_error(tmp_path):
 
 
 # --- corpora -----------------------------------------------------------------------------------
+
 
 def test_default_corpus_deterministic_python_source():
   a, b = default_corpus_text(), default_corpus_text()
@@ -134,6 +150,7 @@ def test_tokenize_documents_and_split():
 
 # --- packing and resumption --------------------------------------------------------------------
 
+
 def _stream(n, seed=0):
   return np.random.default_rng(seed).integers(0, 259, size=n).astype(np.int32)
 
@@ -147,8 +164,8 @@ def test_packing_targets_shift_and_windows_come_from_stream():
     for inp, tgt in zip(batch["inputs"], batch["targets"]):
       start = int(inp[0]) // 3
       assert start % seq_len == 0  # windows start at multiples of seq_len
-      np.testing.assert_array_equal(inp, tokens[start:start + seq_len])
-      np.testing.assert_array_equal(tgt, tokens[start + 1:start + seq_len + 1])
+      np.testing.assert_array_equal(inp, tokens[start : start + seq_len])
+      np.testing.assert_array_equal(tgt, tokens[start + 1 : start + seq_len + 1])
 
 
 def _window_ids(batch, seq_len):
@@ -176,17 +193,25 @@ def test_uneven_epochs_straddle_without_dropping():
   it = PackedBatches(tokens, seq_len, batch_size, seed=1)
   order = sum((_window_ids(next(it), seq_len) for _ in range(10)), [])  # 30 windows = 3 epochs
   for e in range(3):
-    assert sorted(order[10 * e:10 * (e + 1)]) == list(range(10))
+    assert sorted(order[10 * e : 10 * (e + 1)]) == list(range(10))
 
 
 def _equal_batches(a, b):
-  return all(np.array_equal(x["inputs"], y["inputs"]) and np.array_equal(x["targets"], y["targets"])
-             for x, y in zip(a, b, strict=True))
+  return all(
+    np.array_equal(x["inputs"], y["inputs"]) and np.array_equal(x["targets"], y["targets"])
+    for x, y in zip(a, b, strict=True)
+  )
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_tokens=st.integers(50, 2000), seq_len=st.integers(1, 16), batch_size=st.integers(1, 5),
-       seed=st.integers(0, 2**32 - 1), k=st.integers(0, 60), shuffle=st.booleans())
+@given(
+  n_tokens=st.integers(50, 2000),
+  seq_len=st.integers(1, 16),
+  batch_size=st.integers(1, 5),
+  seed=st.integers(0, 2**32 - 1),
+  k=st.integers(0, 60),
+  shuffle=st.booleans(),
+)
 def test_resume_continues_exactly(n_tokens, seq_len, batch_size, seed, k, shuffle):
   tokens = _stream(n_tokens, seed % 1000)
   if (n_tokens - 1) // seq_len < batch_size:
@@ -243,10 +268,11 @@ def test_eval_batches_deterministic_in_order():
 
 def test_epoch_indices_cover_each_epoch_once_and_resume_from_the_step():
   from jaxllm.data.loader import epoch_indices
+
   n, b = 6, 4
-  stream = np.concatenate([epoch_indices(n, b, s, seed=3) for s in range(6)])     # 24 = 4 epochs
+  stream = np.concatenate([epoch_indices(n, b, s, seed=3) for s in range(6)])  # 24 = 4 epochs
   for e in range(4):
-    assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n))
-  assert not all((stream[:n] == stream[n:2 * n]))                                  # reshuffled per epoch
-  np.testing.assert_array_equal(epoch_indices(n, b, 4, seed=3), stream[16:20])    # from the step alone
+    assert sorted(stream[e * n : (e + 1) * n].tolist()) == list(range(n))
+  assert not all((stream[:n] == stream[n : 2 * n]))  # reshuffled per epoch
+  np.testing.assert_array_equal(epoch_indices(n, b, 4, seed=3), stream[16:20])  # from the step alone
   assert not np.array_equal(epoch_indices(n, b, 0, seed=4), stream[:4])

@@ -1,5 +1,6 @@
 """jaxllm.data.tasks: deterministic addition problems, a held-out split disjoint from training,
 correct answers, answer extraction and the SFT text format."""
+
 import re
 
 import pytest
@@ -11,8 +12,8 @@ from jaxllm.data.tasks import TASKS, Addition, AdditionTask, answer_line, extrac
 def test_problems_are_deterministic_and_seeded():
   t = AdditionTask(seed=3)
   assert t.problems(200) == AdditionTask(seed=3).problems(200)
-  assert t.problems(200, seed=3) == t.problems(200)              # None = the task's seed
-  assert t.problems(50) == t.problems(200)[:50]                  # a prefix of a longer draw
+  assert t.problems(200, seed=3) == t.problems(200)  # None = the task's seed
+  assert t.problems(50) == t.problems(200)[:50]  # a prefix of a longer draw
   assert t.problems(200, seed=4) != t.problems(200)
   assert t.problems(200, "heldout") == AdditionTask(seed=3).problems(200, "heldout")
   assert t.problems(0) == [] and t.problems(0, "heldout") == []
@@ -69,20 +70,23 @@ def test_bad_arguments():
   assert isinstance(make_task("addition", digits_max=2), AdditionTask) and "addition" in TASKS
 
 
-@pytest.mark.parametrize("completion, expected", [
-  ("357\n", "357"),
-  ("357\n12+1=13\n", "357"),        # only the first line counts
-  (" 357 \n", "357"),               # stripped
-  ("0\n", "0"),
-  ("357", None),                    # no end marker: unfinished
-  ("", None),
-  ("\n", None),                     # empty answer
-  ("3 5\n", None),
-  ("-3\n", None),
-  ("35a\n", None),
-  ("٣٥\n", None),                   # non-ASCII digits are not an answer
-  ("1e3\n", None),
-])
+@pytest.mark.parametrize(
+  "completion, expected",
+  [
+    ("357\n", "357"),
+    ("357\n12+1=13\n", "357"),  # only the first line counts
+    (" 357 \n", "357"),  # stripped
+    ("0\n", "0"),
+    ("357", None),  # no end marker: unfinished
+    ("", None),
+    ("\n", None),  # empty answer
+    ("3 5\n", None),
+    ("-3\n", None),
+    ("35a\n", None),
+    ("٣٥\n", None),  # non-ASCII digits are not an answer
+    ("1e3\n", None),
+  ],
+)
 def test_extract_answer(completion, expected):
   assert extract_answer(completion) == expected
   assert AdditionTask.extract_answer(completion) == expected
@@ -112,4 +116,4 @@ def test_sft_text_and_file(tmp_path):
   path = t.write_sft_file(str(tmp_path / "add.txt"), 300)
   with open(path, encoding="utf-8", newline="") as f:
     assert f.read() == text
-  assert load_texts([path]) == [text]    # what train.py train.data=PATH reads
+  assert load_texts([path]) == [text]  # what train.py train.data=PATH reads

@@ -1,6 +1,7 @@
 """jaxllm.io.load_model: a training checkpoints folder and a Hugging Face directory (built by
 `transformers`) load into config, params, tokenizer and every end-of-sequence id; bad paths fail with
 one line that names the path and the fix."""
+
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_serve import DENSE
 
 from jaxllm.config import Config, MeshConfig, TrainConfig
 from jaxllm.data import ByteTokenizer, HFTokenizer
@@ -18,10 +20,9 @@ from jaxllm.parallel import build_mesh, param_shardings
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.state import init_state
-from test_serve import DENSE
 
-CFG = dataclasses.replace(DENSE, vocab_size=384)     # holds the byte tokenizer's eos (257)
-VOCAB = ["a", "b", "</s>", "<|im_end|>", "c", "d", "e", "f"]   # "</s>" = 2
+CFG = dataclasses.replace(DENSE, vocab_size=384)  # holds the byte tokenizer's eos (257)
+VOCAB = ["a", "b", "</s>", "<|im_end|>", "c", "d", "e", "f"]  # "</s>" = 2
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
@@ -34,8 +35,10 @@ def _tokenizer_files(directory):
   """A WordLevel tokenizer.json with "</s>" named as eos, a chat template, and a generation_config.json
   listing two EOS ids (and one the 256-id models cannot produce)."""
   os.makedirs(directory, exist_ok=True)
-  _write_json(os.path.join(directory, "tokenizer.json"), {
-    "version": "1.0", "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(VOCAB)}, "unk_token": "a"}})
+  _write_json(
+    os.path.join(directory, "tokenizer.json"),
+    {"version": "1.0", "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(VOCAB)}, "unk_token": "a"}},
+  )
   _write_json(os.path.join(directory, "tokenizer_config.json"), {"eos_token": "</s>", "chat_template": TEMPLATE})
   _write_json(os.path.join(directory, "generation_config.json"), {"eos_token_id": [5, 7, 300]})
   return str(directory)
@@ -43,13 +46,14 @@ def _tokenizer_files(directory):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  from test_hf import _hf_model          # transformers builds and saves the model
+  from test_hf import _hf_model  # transformers builds and saves the model
+
   path = str(tmp_path_factory.mktemp("qwen3"))
   _hf_model("qwen3", path)
   _tokenizer_files(path)
   with open(os.path.join(path, "config.json")) as f:
     hf = json.load(f)
-  _write_json(os.path.join(path, "config.json"), dict(hf, eos_token_id=7))   # a repeat of generation_config's
+  _write_json(os.path.join(path, "config.json"), dict(hf, eos_token_id=7))  # a repeat of generation_config's
   return path
 
 
@@ -85,7 +89,7 @@ def test_checkpoint_of_a_run_started_from_hf_keeps_its_eos_ids(tmp_path):
   tok_dir = _tokenizer_files(tmp_path / "tok")
   _save_checkpoint(str(tmp_path / "ckpt"), Config(model=CFG, train=TrainConfig(tokenizer=f"{tok_dir}/tokenizer.json")))
   m = load_model(str(tmp_path / "ckpt"))
-  assert isinstance(m.tokenizer, HFTokenizer) and m.eos_ids == (5, 7, 300, 2)    # 300 < vocab_size=384
+  assert isinstance(m.tokenizer, HFTokenizer) and m.eos_ids == (5, 7, 300, 2)  # 300 < vocab_size=384
   assert load_model(str(tmp_path / "ckpt"), tokenizer="byte").eos_ids == (257,)
 
 
@@ -125,4 +129,4 @@ def test_bad_paths_fail_with_one_line(hf_dir, tmp_path):
     assert "\n" not in str(e.value)
     if "d_model" not in kw:
       assert str(path) in str(e.value)
-  assert load_model(str(no_tok), tokenizer="byte").eos_ids == (5, 7)   # an explicit tokenizer instead
+  assert load_model(str(no_tok), tokenizer="byte").eos_ids == (5, 7)  # an explicit tokenizer instead

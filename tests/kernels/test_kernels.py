@@ -11,6 +11,7 @@ needs.
 Shapes: the package legend in jaxllm/__init__.py (R, Q, N, K, G, H, P, Z, M; B, T, S for the dense
 attention the reference is checked against, S = M * Z).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,8 @@ from jaxllm.model.layers import attention
 
 TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 KERNELS = {
-    "tpu": (tpu, dict(interpret=pltpu.InterpretParams())),
-    "gpu": (gpu, dict(interpret=True)),
+  "tpu": (tpu, dict(interpret=pltpu.InterpretParams())),
+  "gpu": (gpu, dict(interpret=True)),
 }
 
 
@@ -58,8 +59,7 @@ def make_cache(rng, kv_lens, Z, K, H, M, dtype, spare_pages=3):
 def decode_case(seed, Z, G, dtype, K=2, H=16, M=4):
   """Lengths cover 1, a partial tail, an exact page multiple, the full table, and a padding row (0)."""
   rng = np.random.default_rng(seed)
-  kv_lens = np.array([1, Z + 3 if Z > 3 else Z + 1, 2 * Z, M * Z, 0,
-                      rng.integers(1, M * Z + 1)], np.int32)
+  kv_lens = np.array([1, Z + 3 if Z > 3 else Z + 1, 2 * Z, M * Z, 0, rng.integers(1, M * Z + 1)], np.int32)
   k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, dtype)
   q = jnp.asarray(rng.normal(size=(len(kv_lens), K * G, H)), dtype)
   return (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table), dense
@@ -69,10 +69,11 @@ def ragged_case(seed, Z, G, dtype, K=2, H=16, M=3):
   """A decode row (q_len 1), a full prefill, a live sequence with no rows this step, chunked prefills
   with a cached prefix, a padding sequence (R > num_seqs) and padding rows after the last live one."""
   rng = np.random.default_rng(seed)
-  cap = M * Z                       # keys a sequence can hold
+  cap = M * Z  # keys a sequence can hold
   kv_lens = np.array([rng.integers(1, cap + 1), min(Z + 1, cap), 3, cap, rng.integers(2, cap + 1), 0], np.int32)
-  q_lens = np.array([1, kv_lens[1], 0, rng.integers(1, min(kv_lens[3], 9) + 1),
-                     rng.integers(1, min(kv_lens[4], 6) + 1), 0], np.int32)
+  q_lens = np.array(
+    [1, kv_lens[1], 0, rng.integers(1, min(kv_lens[3], 9) + 1), rng.integers(1, min(kv_lens[4], 6) + 1), 0], np.int32
+  )
   num_seqs = 5
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, dtype)
@@ -82,10 +83,10 @@ def ragged_case(seed, Z, G, dtype, K=2, H=16, M=3):
 
 
 CASES = [  # (page size Z, GQA ratio G = N // K, dtype)
-    (4, 1, jnp.float32),
-    (8, 2, jnp.float32),
-    (16, 4, jnp.float32),
-    (8, 4, jnp.bfloat16),
+  (4, 1, jnp.float32),
+  (8, 2, jnp.float32),
+  (16, 4, jnp.float32),
+  (8, 4, jnp.bfloat16),
 ]
 case_ids = [f"Z{Z}-g{g}-{jnp.dtype(d).name}" for Z, g, d in CASES]
 
@@ -151,8 +152,8 @@ def poison_table(page_table, kv_lens, Z, no_rows=()):
   and all of those of sequences in `no_rows` (no query rows this step) -- set to an out-of-range page id:
   TPU interpret mode raises on a DMA from it."""
   pt, kv_lens = np.array(page_table), np.asarray(kv_lens)
-  pt[np.arange(pt.shape[1])[None, :] >= -(-kv_lens[:, None] // Z)] = 10 ** 6
-  pt[list(no_rows)] = 10 ** 6
+  pt[np.arange(pt.shape[1])[None, :] >= -(-kv_lens[:, None] // Z)] = 10**6
+  pt[list(no_rows)] = 10**6
   return jnp.asarray(pt)
 
 
@@ -168,8 +169,7 @@ def test_tpu_decode_multi_page_blocks(Z, G, dtype):
   args, _ = decode_case(Z + G, Z, G, dtype, M=7)
   q, k_pages, v_pages, kv_lens, page_table = args
   bad = poison_table(page_table, kv_lens, Z)
-  out = tpu.paged_decode_attention(q, k_pages, v_pages, kv_lens, bad, pages_per_block=3,
-                                   **KERNELS["tpu"][1])
+  out = tpu.paged_decode_attention(q, k_pages, v_pages, kv_lens, bad, pages_per_block=3, **KERNELS["tpu"][1])
   check(out, reference.paged_decode_attention(*args), dtype)
   np.testing.assert_array_equal(np.asarray(out[4], np.float32), 0.0)  # kv_len 0: padding row -> 0
 
@@ -191,14 +191,14 @@ def test_tpu_ragged_multi_page_blocks(Z, G, dtype):
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 3, 2 * G, 16)), dtype)
   args = (q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(num_seqs))
   bad = poison_table(page_table, kv_lens, Z, no_rows=[2, 5])
-  out = tpu.ragged_paged_attention(*args[:4], bad, *args[5:], block_q=8, pages_per_block=2,
-                                   **KERNELS["tpu"][1])
+  out = tpu.ragged_paged_attention(*args[:4], bad, *args[5:], block_q=8, pages_per_block=2, **KERNELS["tpu"][1])
   check(out, reference.ragged_paged_attention(*args), dtype)
-  np.testing.assert_array_equal(np.asarray(out[cu[-1]:], np.float32), 0.0)  # padding rows -> 0
+  np.testing.assert_array_equal(np.asarray(out[cu[-1] :], np.float32), 0.0)  # padding rows -> 0
 
 
-@pytest.mark.parametrize("splits,Z,G,dtype", [(2, 4, 1, jnp.float32), (5, 8, 4, jnp.bfloat16)],
-                         ids=["s2-Z4-g1-float32", "s5-Z8-g4-bfloat16"])
+@pytest.mark.parametrize(
+  "splits,Z,G,dtype", [(2, 4, 1, jnp.float32), (5, 8, 4, jnp.bfloat16)], ids=["s2-Z4-g1-float32", "s5-Z8-g4-bfloat16"]
+)
 def test_gpu_decode_split_k(splits, Z, G, dtype):
   """Flash-decoding splits over an 8-page table, one page per KV block: the 1-key sequence leaves every
   split but the first empty (m at the mask value, l = 0: weight 0 in the merge), others end mid-split,
@@ -211,10 +211,10 @@ def test_gpu_decode_split_k(splits, Z, G, dtype):
 
 def test_gpu_decode_num_splits_heuristic():
   """Split only when R * K programs leave the GPU idle, and only as far as the context has KV blocks."""
-  assert gpu.decode_num_splits(R=64, K=8, M=256, pages_per_block=4) == 1        # 512 programs already
-  assert gpu.decode_num_splits(R=1, K=8, M=256, pages_per_block=4) == 16        # 8 programs x 16 splits
-  assert gpu.decode_num_splits(R=2, K=2, M=32, pages_per_block=4) == 2          # 8 blocks: 4 per split
-  assert gpu.decode_num_splits(R=2, K=2, M=8, pages_per_block=4) == 1           # too short to split
+  assert gpu.decode_num_splits(R=64, K=8, M=256, pages_per_block=4) == 1  # 512 programs already
+  assert gpu.decode_num_splits(R=1, K=8, M=256, pages_per_block=4) == 16  # 8 programs x 16 splits
+  assert gpu.decode_num_splits(R=2, K=2, M=32, pages_per_block=4) == 2  # 8 blocks: 4 per split
+  assert gpu.decode_num_splits(R=2, K=2, M=8, pages_per_block=4) == 1  # too short to split
 
 
 @pytest.mark.parametrize("Z,G", [(4, 2), (8, 1)])
@@ -222,11 +222,11 @@ def test_reference_equals_dense_attention(Z, G):
   """The reference against jaxllm.model.layers.attention on contiguous (never paged) K/V."""
   (q, k_pages, v_pages, kv_lens, page_table), dense = decode_case(Z + G, Z, G, jnp.float32)
   out = reference.paged_decode_attention(q, k_pages, v_pages, kv_lens, page_table)
-  S = page_table.shape[1] * Z                                            # M * Z
+  S = page_table.shape[1] * Z  # M * Z
   k, v = pad_dense(dense, S)
-  mask = (jnp.arange(S)[None, :] < kv_lens[:, None])[:, None, :]          # [B, 1, S]
+  mask = (jnp.arange(S)[None, :] < kv_lens[:, None])[:, None, :]  # [B, 1, S]
   want = jax.jit(attention)(q[:, None], k, v, mask)[:, 0]
-  live = np.asarray(kv_lens) > 0                                         # dense gives padding rows a mean
+  live = np.asarray(kv_lens) > 0  # dense gives padding rows a mean
   np.testing.assert_allclose(out[live], want[live], atol=1e-5, rtol=1e-5)
 
   args, dense = ragged_case(Z + G, Z, G, jnp.float32)
@@ -234,17 +234,17 @@ def test_reference_equals_dense_attention(Z, G):
   out = reference.ragged_paged_attention(*args)
   T, S = int(np.diff(cu).max()), int(kv_lens.max())
   k, v = pad_dense(dense[:num_seqs], S)
-  rows = np.zeros((num_seqs, T), np.int32)                               # [B, T] padded with row 0, ignored
+  rows = np.zeros((num_seqs, T), np.int32)  # [B, T] padded with row 0, ignored
   mask = np.zeros((num_seqs, T, S), bool)
   for s in range(num_seqs):
     n = cu[s + 1] - cu[s]
     rows[s, :n] = np.arange(cu[s], cu[s + 1])
-    qpos = kv_lens[s] - n + np.arange(n)                                 # queries are the last n positions
+    qpos = kv_lens[s] - n + np.arange(n)  # queries are the last n positions
     mask[s, :n] = np.arange(S)[None, :] <= qpos[:, None]
   want = jax.jit(attention)(q[rows], k, v, jnp.asarray(mask))
   for s in range(num_seqs):
     n = cu[s + 1] - cu[s]
-    np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want[s, :n], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[cu[s] : cu[s + 1]], want[s, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_reference_ragged_blocks_equal_dense_attention():
@@ -253,24 +253,27 @@ def test_reference_ragged_blocks_equal_dense_attention():
   rng = np.random.default_rng(5)
   Z, K, G, H = 16, 2, 2, 8
   q_lens = np.array([150, 1, 64, 0, 65, 7], np.int32)
-  kv_lens = q_lens + np.array([0, 40, 16, 9, 100, 3], np.int32)           # cached prefixes before the rows
+  kv_lens = q_lens + np.array([0, 40, 16, 9, 100, 3], np.int32)  # cached prefixes before the rows
   M = int(-(-kv_lens.max() // Z))
   k_pages, v_pages, page_table, dense = make_cache(rng, kv_lens, Z, K, H, M, jnp.float32)
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   q = jnp.asarray(rng.normal(size=(int(cu[-1]) + 5, K * G, H)), jnp.float32)
-  out = np.asarray(reference.ragged_paged_attention(q, k_pages, v_pages, jnp.asarray(kv_lens), page_table,
-                                                    jnp.asarray(cu), jnp.int32(len(q_lens))))
+  out = np.asarray(
+    reference.ragged_paged_attention(
+      q, k_pages, v_pages, jnp.asarray(kv_lens), page_table, jnp.asarray(cu), jnp.int32(len(q_lens))
+    )
+  )
   assert reference.query_block_size(q.shape[0]) == 64 and np.isfinite(out).all()
   for s in range(len(q_lens)):
     k, v = dense[s]
-    qs = np.asarray(q[cu[s]:cu[s + 1]]).reshape(-1, K, G, H)
+    qs = np.asarray(q[cu[s] : cu[s + 1]]).reshape(-1, K, G, H)
     qpos = kv_lens[s] - q_lens[s] + np.arange(q_lens[s])
     sc = np.einsum("qkgh,ckh->qkgc", qs, k) / np.sqrt(H)
     sc = np.where((np.arange(kv_lens[s])[None, :] <= qpos[:, None])[:, None, None, :], sc, -np.inf)
     p = np.exp(sc - sc.max(-1, keepdims=True))
     want = np.einsum("qkgc,ckh->qkgh", p / p.sum(-1, keepdims=True), v).reshape(-1, K * G, H)
-    np.testing.assert_allclose(out[cu[s]:cu[s + 1]], want, atol=1e-5, rtol=1e-5)
-  assert (out[cu[-1]:] == 0).all()                                         # padding rows
+    np.testing.assert_allclose(out[cu[s] : cu[s + 1]], want, atol=1e-5, rtol=1e-5)
+  assert (out[cu[-1] :] == 0).all()  # padding rows
 
 
 def test_backend_switch():
@@ -284,8 +287,7 @@ def test_backend_switch():
     get_attention_backend("flash")
 
 
-@pytest.mark.parametrize("platform,mod,marker", [("tpu", tpu, "tpu_custom_call"),
-                                                 ("cuda", gpu, "xla.gpu.triton")])
+@pytest.mark.parametrize("platform,mod,marker", [("tpu", tpu, "tpu_custom_call"), ("cuda", gpu, "xla.gpu.triton")])
 def test_kernels_lower_for_their_hardware(platform, mod, marker):
   """Runs each kernel's real lowering (Mosaic for TPU, Triton for GPU) on CPU at a serving-like bf16
   shape, which rejects what interpret mode lets through (unsupported ops, non-power-of-two Triton tiles,
@@ -296,10 +298,13 @@ def test_kernels_lower_for_their_hardware(platform, mod, marker):
   table, lens = sds((R, M), jnp.int32), sds((R,), jnp.int32)
   # Beyond the defaults: a partial last KV block (TPU, 3 pages of 8) and split-K decode (GPU).
   knobs = dict(pages_per_block=3) if mod is tpu else dict(num_splits=2)
-  decode = [mod.paged_decode_attention.trace(sds((R, K * G, H), jnp.bfloat16), pages, pages, lens, table,
-                                             **kw) for kw in ({}, knobs)]
-  ragged = mod.ragged_paged_attention.trace(sds((Q, K * G, H), jnp.bfloat16), pages, pages, lens, table,
-                                            sds((R + 1,), jnp.int32), sds((), jnp.int32))
+  decode = [
+    mod.paged_decode_attention.trace(sds((R, K * G, H), jnp.bfloat16), pages, pages, lens, table, **kw)
+    for kw in ({}, knobs)
+  ]
+  ragged = mod.ragged_paged_attention.trace(
+    sds((Q, K * G, H), jnp.bfloat16), pages, pages, lens, table, sds((R + 1,), jnp.int32), sds((), jnp.int32)
+  )
   for traced in (*decode, ragged):
     assert marker in traced.lower(lowering_platforms=(platform,)).as_text()  # the serialized kernel
 

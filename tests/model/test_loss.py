@@ -1,18 +1,19 @@
 """The LM loss without full logits (model.loss_chunk) and the per-layer remat policies (model.remat):
 chunked == plain in values and gradients (single device and on a dp x tp mesh), its compiled temp
 memory does not grow with B*T*V, and every remat policy gives the gradients of no remat."""
+
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import sharded_grads
 
 from jaxllm.config import REMAT_POLICIES, ConfigError, MeshConfig, ModelConfig
 from jaxllm.model.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from jaxllm.model.params import init_params, model_def
 from jaxllm.train.step import grads_and_metrics
-from test_train import sharded_grads
 
 TINY = ModelConfig(name="t", vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
 
@@ -26,13 +27,14 @@ def _loss_and_grads(fn, h, w, t, m):
   def f(h, w):
     total, count = fn(h, w, t, m)
     return total / count, (total, count)
+
   (_, (total, count)), (gh, gw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(h, w)
   return total, count, gh, gw
 
 
 @pytest.mark.parametrize("chunk,masked", [(5, True), (4, False), (32, True)])
 def test_chunked_loss_and_grads_equal_plain(chunk, masked):
-  B, T, D, V = 3, 13, 16, 37          # T % 5 != 0 (padded chunk); 32 >= T: the plain path
+  B, T, D, V = 3, 13, 16, 37  # T % 5 != 0 (padded chunk); 32 >= T: the plain path
   ks = jax.random.split(jax.random.key(0), 4)
   h = jax.random.normal(ks[0], (B, T, D))
   w = jax.random.normal(ks[1], (D, V)) * 0.3
@@ -80,17 +82,21 @@ def _temp_bytes(B, T, V, chunk, D=64):
   def f(h, w, t):
     total, count = chunked_cross_entropy_sums(h, w, t, None, chunk)
     return total / count
-  args = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
-          jax.ShapeDtypeStruct((B, T), jnp.int32))
+
+  args = (
+    jax.ShapeDtypeStruct((B, T, D), jnp.float32),
+    jax.ShapeDtypeStruct((D, V), jnp.float32),
+    jax.ShapeDtypeStruct((B, T), jnp.int32),
+  )
   return jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_loss_memory_does_not_grow_with_tokens_times_vocab():
   B, T, V, C = 1, 2048, 32768, 128
-  full_logits = B * T * V * 4                      # 256 MiB of fp32 logits
+  full_logits = B * T * V * 4  # 256 MiB of fp32 logits
   plain = _temp_bytes(B, T, V, 0)
   chunked = _temp_bytes(B, T, V, C)
-  assert plain >= full_logits                      # the plain loss holds [B, T, V] (and its gradient)
+  assert plain >= full_logits  # the plain loss holds [B, T, V] (and its gradient)
   assert chunked < plain / 8, (chunked, plain)
   # Four times the tokens: the chunked temp grows by the per-token D-sized buffers only, not by T*V.
   assert _temp_bytes(B, 4 * T, V, C) < chunked + 4 * T * V * 4 // 16
@@ -103,8 +109,10 @@ def no_remat():
 
 
 # dots and dots_with_no_batch_dims are one jax policy under two names: one of them runs by default.
-@pytest.mark.parametrize("policy", [pytest.param(p, marks=pytest.mark.slow) if p in ("dots", "full") else p
-                                    for p in REMAT_POLICIES if p != "none"])
+@pytest.mark.parametrize(
+  "policy",
+  [pytest.param(p, marks=pytest.mark.slow) if p in ("dots", "full") else p for p in REMAT_POLICIES if p != "none"],
+)
 def test_remat_policies_give_the_grads_of_no_remat(policy, no_remat):
   batch, (ref_g, ref_m) = no_remat
   g, m = _grads(dataclasses.replace(TINY, remat=policy, scan_unroll=2), batch)
@@ -114,12 +122,13 @@ def test_remat_policies_give_the_grads_of_no_remat(policy, no_remat):
 
 def test_scan_unroll_auto_unrolls_training_on_cpu_and_gives_the_scanned_grads(no_remat):
   from jaxllm.model.transformer import scan_unroll
+
   stacked = {"w": jnp.zeros((TINY.n_layers, 3))}
-  assert TINY.scan_unroll == 0 and scan_unroll(TINY, stacked) == TINY.n_layers   # the CPU test platform
-  assert scan_unroll(TINY, stacked, cache=object()) == 1                          # serving: one per step
+  assert TINY.scan_unroll == 0 and scan_unroll(TINY, stacked) == TINY.n_layers  # the CPU test platform
+  assert scan_unroll(TINY, stacked, cache=object()) == 1  # serving: one per step
   assert scan_unroll(dataclasses.replace(TINY, scan_unroll=1), stacked) == 1
-  batch, (ref_g, ref_m) = no_remat                                                # auto: unrolled
-  g, m = _grads(dataclasses.replace(TINY, scan_unroll=1), batch)                  # a scan of one layer per step
+  batch, (ref_g, ref_m) = no_remat  # auto: unrolled
+  g, m = _grads(dataclasses.replace(TINY, scan_unroll=1), batch)  # a scan of one layer per step
   np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, ref_g)
 

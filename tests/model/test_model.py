@@ -1,4 +1,5 @@
 """The shared model: cached decode == full forward, MoE == per-token expert loop, param count."""
+
 import dataclasses
 
 import jax
@@ -18,11 +19,26 @@ BASE = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=
 def variants():
   yield "dense-gqa", BASE
   yield "dense-mha", dataclasses.replace(BASE, n_kv_heads=4)
-  yield "dense-qwen", dataclasses.replace(BASE, qkv_bias=True, qk_norm=True, tie_embeddings=True,
-                                          rope_scaling="llama3", rope_original_max_pos=16)
+  yield (
+    "dense-qwen",
+    dataclasses.replace(
+      BASE, qkv_bias=True, qk_norm=True, tie_embeddings=True, rope_scaling="llama3", rope_original_max_pos=16
+    ),
+  )
   yield "moe-gqa", dataclasses.replace(BASE, n_experts=4, n_experts_per_tok=2, moe_d_ff=32)
-  yield "moe-mha-shared", dataclasses.replace(BASE, n_kv_heads=4, n_experts=4, n_experts_per_tok=2, moe_d_ff=32,
-                                              shared_expert_d_ff=48, shared_expert_gate=True, moe_renormalize=False)
+  yield (
+    "moe-mha-shared",
+    dataclasses.replace(
+      BASE,
+      n_kv_heads=4,
+      n_experts=4,
+      n_experts_per_tok=2,
+      moe_d_ff=32,
+      shared_expert_d_ff=48,
+      shared_expert_gate=True,
+      moe_renormalize=False,
+    ),
+  )
 
 
 @pytest.mark.parametrize("name,cfg", list(variants()), ids=[n for n, _ in variants()])
@@ -35,13 +51,13 @@ def test_cached_decode_matches_full_forward(name, cfg):
   full = model(tokens).logits
   cache = KVCache.init(cfg, 3, 20)
   pieces = []
-  for lo, hi in [(0, 7), (7, 8), (8, 9), (9, 13)]:   # prefill, two single-token steps, a chunk
+  for lo, hi in [(0, 7), (7, 8), (8, 9), (9, 13)]:  # prefill, two single-token steps, a chunk
     out = model(tokens[:, lo:hi], cache=cache)
     cache = out.cache
     pieces.append(out.logits)
   np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
   assert np.asarray(cache.lengths).tolist() == [13, 13, 13]
-  assert float(jnp.std(full)) > 0.1   # logits are not trivially small
+  assert float(jnp.std(full)) > 0.1  # logits are not trivially small
 
 
 def test_moe_matches_per_token_loop():
@@ -83,10 +99,19 @@ def _np_route(x, w_router, k, renormalize):
   counts = np.zeros(E)
   for e in ids.reshape(-1):
     counts[e] += 1
-  f = counts / ids.size                        # fraction of the B*T*k routed slots that chose e
-  P = probs.reshape(-1, E).mean(0)             # mean router prob of e over all tokens
-  return dict(ids=ids, weights=weights, probs=probs, logits=logits, f=f, P=P, counts=counts,
-              load_balance=E * np.sum(f * P), router_z=np.mean(lse ** 2))
+  f = counts / ids.size  # fraction of the B*T*k routed slots that chose e
+  P = probs.reshape(-1, E).mean(0)  # mean router prob of e over all tokens
+  return dict(
+    ids=ids,
+    weights=weights,
+    probs=probs,
+    logits=logits,
+    f=f,
+    P=P,
+    counts=counts,
+    load_balance=E * np.sum(f * P),
+    router_z=np.mean(lse**2),
+  )
 
 
 @pytest.mark.parametrize("E,k,renorm", [(8, 2, True), (8, 2, False), (8, 3, True), (8, 3, False), (6, 3, True)])
@@ -102,7 +127,7 @@ def test_route_matches_numpy_reference(E, k, renorm):
   w = (rng.normal(size=(D, E)) * 0.5 + 0.3 * rng.normal(size=(1, E))).astype(np.float32)  # skewed
   ref = _np_route(x, w, k, renorm)
   srt = np.sort(ref["probs"], -1)[..., ::-1]
-  assert np.min(srt[..., :k] - srt[..., 1:k + 1]) > 1e-5    # no near-ties: the ids are well defined
+  assert np.min(srt[..., :k] - srt[..., 1 : k + 1]) > 1e-5  # no near-ties: the ids are well defined
   assert np.std(ref["P"]) > 0.02 and np.std(ref["counts"]) > 1  # router really is non-uniform
 
   ids, weights, aux = route(jnp.asarray(x), jnp.asarray(w), k, renorm)
@@ -123,8 +148,12 @@ def test_route_matches_numpy_reference(E, k, renorm):
     "k and E swapped": k * np.sum(ref["counts"] / (N * E) * P),
     "missing 1/k": E * np.sum(ref["counts"] / N * P),
     # P_e as the mean of the (un-renormalised) top-k weights instead of the full softmax probs
-    "P from top-k probs": E * np.sum(f * np.bincount(ref["ids"].reshape(-1), np.take_along_axis(
-        ref["probs"], ref["ids"], -1).reshape(-1), minlength=E) / N),
+    "P from top-k probs": E
+    * np.sum(
+      f
+      * np.bincount(ref["ids"].reshape(-1), np.take_along_axis(ref["probs"], ref["ids"], -1).reshape(-1), minlength=E)
+      / N
+    ),
   }
   for name, v in wrong.items():
     assert abs(v - lb) > 0.05 * lb, name
@@ -143,9 +172,9 @@ def test_route_aux_closed_form():
   a = np.exp(c) / (2 * np.exp(c) + 2)
   np.testing.assert_allclose(weights, np.full((2, 5, 2), a), rtol=1e-6)
   np.testing.assert_allclose(float(aux["load_balance"]), 4 * a, rtol=1e-6)
-  assert min(abs(4 * a - wrong) for wrong in (a, 8 * a, 2.0)) > 0.2   # 4a = 1.76 here
+  assert min(abs(4 * a - wrong) for wrong in (a, 8 * a, 2.0)) > 0.2  # 4a = 1.76 here
   np.testing.assert_allclose(float(aux["router_z"]), np.log(2 * np.exp(c) + 2) ** 2, rtol=1e-6)
-  _, w_renorm, aux_renorm = route(x, w, 2, True)   # renormalisation changes weights, not aux
+  _, w_renorm, aux_renorm = route(x, w, 2, True)  # renormalisation changes weights, not aux
   np.testing.assert_allclose(w_renorm, 0.5, rtol=1e-6)
   np.testing.assert_allclose(float(aux_renorm["load_balance"]), 4 * a, rtol=1e-6)
 
@@ -156,14 +185,13 @@ def test_aux_loss_gradient_wrt_router():
   and d router_z / d logits[t, j] = (2/N) lse_t p_tj; both coefficients are applied. Also checked
   against float32 central differences on a few coordinates (top-k unchanged by the step)."""
   E, k, B, T, D = 8, 2, 2, 16, 12
-  cfg = dataclasses.replace(BASE, n_experts=E, n_experts_per_tok=k, moe_d_ff=16,
-                            aux_loss_coef=0.3, z_loss_coef=0.05)
+  cfg = dataclasses.replace(BASE, n_experts=E, n_experts_per_tok=k, moe_d_ff=16, aux_loss_coef=0.3, z_loss_coef=0.05)
   rng = np.random.default_rng(10)
   x = rng.normal(size=(B, T, D)).astype(np.float32)
   w = (rng.normal(size=(D, E)) * 0.5 + rng.normal(size=(1, E))).astype(np.float32)
-  eps = 3e-3   # finite-difference step below: moves any logit gap by at most 2 * eps * max|x|
+  eps = 3e-3  # finite-difference step below: moves any logit gap by at most 2 * eps * max|x|
   srt = np.sort(np.einsum("btd,de->bte", x.astype(np.float64), w), -1)[..., ::-1]
-  assert np.min(srt[..., :k] - srt[..., 1:k + 1]) > 4 * eps * np.abs(x).max()   # top-k stays put
+  assert np.min(srt[..., :k] - srt[..., 1 : k + 1]) > 4 * eps * np.abs(x).max()  # top-k stays put
 
   def loss(w_router, coef_lb=cfg.aux_loss_coef, coef_z=cfg.z_loss_coef):
     c = dataclasses.replace(cfg, aux_loss_coef=coef_lb, z_loss_coef=coef_z)
@@ -184,18 +212,19 @@ def test_aux_loss_gradient_wrt_router():
 
   # Each term alone has a non-zero gradient (the load-balance one flows through P_e only).
   g_lb = np.asarray(grad(jnp.asarray(w), 1.0, 0.0))
-  np.testing.assert_allclose(g_lb, np.einsum("btd,bte->de", x.astype(np.float64), d_lb),
-                             rtol=1e-4, atol=1e-6 * np.abs(d_lb).max())
+  np.testing.assert_allclose(
+    g_lb, np.einsum("btd,bte->de", x.astype(np.float64), d_lb), rtol=1e-4, atol=1e-6 * np.abs(d_lb).max()
+  )
   assert np.abs(g_lb).max() > 1e-3
   assert np.abs(np.asarray(grad(jnp.asarray(w), 0.0, 1.0))).max() > 1e-3
 
   # Finite differences in float32 on a few coordinates (step small enough to keep the top-k).
   coords, stepped = [(0, 0), (3, 5), (7, 2), (11, 7), (5, 1)], []
-  for (d, e) in coords:
+  for d, e in coords:
     for sign in (1, -1):
       ws = w.copy()
       ws[d, e] += sign * eps
-      assert np.array_equal(_np_route(x, ws, k, True)["ids"], ref["ids"])   # f_e unchanged by the step
+      assert np.array_equal(_np_route(x, ws, k, True)["ids"], ref["ids"])  # f_e unchanged by the step
       stepped.append(ws)
   vals = np.asarray(jax.jit(jax.vmap(loss))(jnp.asarray(np.stack(stepped))), np.float64)
   fd = (vals[0::2] - vals[1::2]) / (2 * eps)
@@ -209,8 +238,9 @@ def test_model_aux_is_layer_mean_of_route_aux(monkeypatch):
   from jaxllm.model import layers as ops
   from jaxllm.model import transformer as tr
 
-  cfg = dataclasses.replace(BASE, n_layers=3, n_experts=8, n_experts_per_tok=2, moe_d_ff=16,
-                            aux_loss_coef=0.3, z_loss_coef=0.05)
+  cfg = dataclasses.replace(
+    BASE, n_layers=3, n_experts=8, n_experts_per_tok=2, moe_d_ff=16, aux_loss_coef=0.3, z_loss_coef=0.05
+  )
   params = init_params(cfg, 0)
   model = model_def(cfg).bind(params)
   tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
@@ -241,16 +271,16 @@ def test_model_aux_is_layer_mean_of_route_aux(monkeypatch):
     per_layer.append({n: float(v) for n, v in aux_l.items()})
     seen.append((np.asarray(h), np.asarray(p["router"])))
   by_hand = model.logits(ops.rms_norm(x, model.final_norm[...], cfg.norm_eps))
-  np.testing.assert_allclose(by_hand, out.logits, atol=1e-4, rtol=1e-4)   # same computation
+  np.testing.assert_allclose(by_hand, out.logits, atol=1e-4, rtol=1e-4)  # same computation
 
   ref = [_np_route(h, r, cfg.n_experts_per_tok, cfg.moe_renormalize) for h, r in seen]
   for name in ("load_balance", "router_z"):
     vals = np.array([r[name] for r in ref])
     np.testing.assert_allclose([a[name] for a in per_layer], vals, rtol=1e-4)
-    assert np.ptp(vals) > 0.02 * np.abs(vals).max()   # layers differ: mean != first/last layer
+    assert np.ptp(vals) > 0.02 * np.abs(vals).max()  # layers differ: mean != first/last layer
     np.testing.assert_allclose(float(out.aux[name]), vals.mean(), rtol=1e-4)
   lb, z = float(out.aux["load_balance"]), float(out.aux["router_z"])
-  assert lb > 1.0 + 1e-3   # a random router is not perfectly balanced
+  assert lb > 1.0 + 1e-3  # a random router is not perfectly balanced
   np.testing.assert_allclose(float(aux_loss(cfg, out.aux)), 0.3 * lb + 0.05 * z, rtol=1e-6)
   assert float(aux_loss(BASE, {})) == 0.0
 

@@ -2,6 +2,7 @@
 and every gradient of a small tiny-moe equal the single-device run; parameters live where the rank
 table says; the compiled step has all-to-all exactly when ep > 1; the capacity mode drops exactly
 the slots past capacity. fp32 with jax_default_matmul_precision=highest (conftest)."""
+
 import math
 
 import jax
@@ -21,27 +22,40 @@ from jaxllm.train.step import grads_and_metrics
 # Loss: relative 1e-6. Gradients: |g - g_ref| <= ATOL + RTOL * |g_ref| elementwise, where ATOL is
 # 1e-6 times the largest |g_ref| of that parameter (sums over devices reassociate fp32 adds).
 RTOL, ATOL_REL = 1e-5, 1e-6
-FAST = {"xla_backend_optimization_level": 0}   # these tests check numerics, not speed: compile fast
+FAST = {"xla_backend_optimization_level": 0}  # these tests check numerics, not speed: compile fast
 
-CFG = ModelConfig(name="tiny-moe-test", vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
-                  d_ff=128, n_experts=8, n_experts_per_tok=2, moe_d_ff=32, shared_expert_d_ff=32,
-                  shared_expert_gate=True)
+CFG = ModelConfig(
+  name="tiny-moe-test",
+  vocab_size=256,
+  d_model=64,
+  n_layers=2,
+  n_heads=8,
+  n_kv_heads=2,
+  d_ff=128,
+  n_experts=8,
+  n_experts_per_tok=2,
+  moe_d_ff=32,
+  shared_expert_d_ff=32,
+  shared_expert_gate=True,
+)
 B, T = 8, 16
 
 #            dp tp  ep etp      (edp = dp*tp / (ep*etp))
-FOLDINGS = [(4, 2, 8, 1),     # EP spans all of dp and tp
-            (2, 4, 4, 2),     # ETP inside TP, EP over the rest
-            (4, 2, 4, 1),     # edp=2: experts replicated twice, gradients summed over edp
-            (8, 1, 2, 1),     # classic EP inside DP, edp=4
-            (1, 8, 8, 1),     # pure TP for attention, pure EP for experts
-            (2, 4, 2, 2),     # ep, etp and edp all 2
-            (4, 2, 1, 1)]     # no EP: per-device dispatch only, no all-to-all
+FOLDINGS = [
+  (4, 2, 8, 1),  # EP spans all of dp and tp
+  (2, 4, 4, 2),  # ETP inside TP, EP over the rest
+  (4, 2, 4, 1),  # edp=2: experts replicated twice, gradients summed over edp
+  (8, 1, 2, 1),  # classic EP inside DP, edp=4
+  (1, 8, 8, 1),  # pure TP for attention, pure EP for experts
+  (2, 4, 2, 2),  # ep, etp and edp all 2
+  (4, 2, 1, 1),
+]  # no EP: per-device dispatch only, no all-to-all
 
 
 @pytest.fixture(scope="module")
 def setup():
   mdef = model_def(CFG)
-  params = jax.jit(init_params, static_argnums=(0, 1))(CFG, 0)   # eager NNX init is slow on CPU
+  params = jax.jit(init_params, static_argnums=(0, 1))(CFG, 0)  # eager NNX init is slow on CPU
   tok = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
   batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
   f = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b))
@@ -58,6 +72,7 @@ def _compiled_step(mdef, params, batch, mc: MeshConfig):
   def f(p, b):
     with hooks.using(**hk):
       return grads_and_metrics(mdef, p, b)
+
   return mesh, plan, p, b, jax.jit(f).lower(p, b).compile(compiler_options=FAST)
 
 
@@ -73,15 +88,15 @@ def test_folding_matches_single_device(setup, dp, tp, ep, etp):
   # Parameters sit where the rank table says: experts over ep, expert hidden over etp, heads over tp.
   ranks = dict(rank_table(mesh, plan))
   El, Fl, Nl = CFG.n_experts // ep, CFG.resolved_moe_d_ff // etp, CFG.n_heads // tp
-  for shard in p["layers"]["w_gate"].addressable_shards:          # [L, E, D, Fm]
+  for shard in p["layers"]["w_gate"].addressable_shards:  # [L, E, D, Fm]
     r = ranks[shard.device.id]
     assert _range(shard.index[1], CFG.n_experts) == (r["ep"] * El, (r["ep"] + 1) * El)
     assert _range(shard.index[3], CFG.resolved_moe_d_ff) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
-  for shard in p["layers"]["w_down"].addressable_shards:          # [L, E, Fm, D]
+  for shard in p["layers"]["w_down"].addressable_shards:  # [L, E, Fm, D]
     r = ranks[shard.device.id]
     assert _range(shard.index[1], CFG.n_experts) == (r["ep"] * El, (r["ep"] + 1) * El)
     assert _range(shard.index[2], CFG.resolved_moe_d_ff) == (r["etp"] * Fl, (r["etp"] + 1) * Fl)
-  for shard in p["layers"]["wq"].addressable_shards:              # [L, D, N, H]
+  for shard in p["layers"]["wq"].addressable_shards:  # [L, D, N, H]
     r = ranks[shard.device.id]
     assert _range(shard.index[2], CFG.n_heads) == (r["tp"] * Nl, (r["tp"] + 1) * Nl)
 
@@ -91,8 +106,13 @@ def test_folding_matches_single_device(setup, dp, tp, ep, etp):
   flat_g, flat_r = jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_g)
   for (path, g), r in zip(flat_g, flat_r):
     r = np.asarray(r)
-    np.testing.assert_allclose(np.asarray(g), r, rtol=RTOL, atol=ATOL_REL * np.abs(r).max(),
-                               err_msg=f"gradient {jax.tree_util.keystr(path)} differs under {plan.cfg}")
+    np.testing.assert_allclose(
+      np.asarray(g),
+      r,
+      rtol=RTOL,
+      atol=ATOL_REL * np.abs(r).max(),
+      err_msg=f"gradient {jax.tree_util.keystr(path)} differs under {plan.cfg}",
+    )
 
 
 def _range(sl: slice, size: int) -> tuple[int, int]:
@@ -104,7 +124,7 @@ def _capacity_reference(x, ids, weights, w_gate, w_up, w_down, n_chunks, cf):
   (one per device), per expert, slots beyond cap = ceil(cf * slots / E) in token order are dropped."""
   Bx, Tx, _ = x.shape
   k, E = ids.shape[-1], w_gate.shape[0]
-  ids_np = np.asarray(ids).reshape(n_chunks, -1)             # chunk c = global tokens c*m .. c*m+m-1
+  ids_np = np.asarray(ids).reshape(n_chunks, -1)  # chunk c = global tokens c*m .. c*m+m-1
   cap = max(1, math.ceil(cf * ids_np.shape[1] / E))
   keep = np.zeros_like(ids_np, dtype=bool)
   for c in range(n_chunks):
@@ -129,7 +149,7 @@ def test_capacity_factor_drops_exactly_the_overflow(cf):
   want, kept = _capacity_reference(x, ids, weights, *w, n_chunks=8, cf=cf)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert (kept < 1.0) == (cf < 1.0)
-  if cf >= 100:   # capacity never binds: identical to the dropless path
+  if cf >= 100:  # capacity never binds: identical to the dropless path
     np.testing.assert_allclose(np.asarray(got), np.asarray(local_experts(x, ids, weights, *w)), rtol=1e-5, atol=1e-6)
 
 
@@ -150,7 +170,7 @@ def test_dropless_under_worst_case_routing(dp, tp, ep, etp):
 
 def test_tokens_not_divisible_by_tp_rejected_before_compile():
   mesh, plan = build_mesh(MeshConfig(dp=2, tp=4, ep=4, etp=2))
-  x = jnp.zeros((2, 3, 16))          # 1 batch row x 3 tokens per dp rank cannot split over tp=4
+  x = jnp.zeros((2, 3, 16))  # 1 batch row x 3 tokens per dp rank cannot split over tp=4
   ids = jnp.zeros((2, 3, 2), jnp.int32)
   w = jnp.zeros((8, 16, 8))
   with pytest.raises(ConfigError, match="divisible by tp=4"):

@@ -3,6 +3,7 @@ vocab-parallel loss inside one shard_map manual over every mesh axis give the lo
 and every gradient (taken outside the shard_map) of the plain single-device model: GQA with kv heads
 split or sliced, biases + qk-norm + tied embeddings, a vocab tp does not divide, MoE with folding.
 fp32 with jax_default_matmul_precision=highest (conftest)."""
+
 import dataclasses
 import functools
 
@@ -13,37 +14,45 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ConfigError, MeshConfig, ModelConfig
-from jaxllm.model import hooks, layers as ops
+from jaxllm.model import hooks
+from jaxllm.model import layers as ops
 from jaxllm.model.loss import cross_entropy_sums
 from jaxllm.model.params import init_params, model_def
 from jaxllm.model.transformer import aux_loss, block_forward
 from jaxllm.model.varying import vary, varying_axes
 from jaxllm.parallel import mesh_hooks
-from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, vocab_parallel_embed, \
-  vocab_parallel_nll
+from jaxllm.parallel.manual import check_manual, localize_layer_params, manual, vocab_parallel_embed, vocab_parallel_nll
 from jaxllm.parallel.mesh import build_mesh, live_axes
 from jaxllm.parallel.sharding import param_specs
 
 # Loss: relative 1e-6. Gradients: per leaf max |g - g_ref| <= 1e-5 * max |g_ref| (psums over
 # devices reassociate fp32 adds).
 GRAD_TOL = 1e-5
-FAST = {"xla_backend_optimization_level": 0}   # numerics, not speed: compile fast
+FAST = {"xla_backend_optimization_level": 0}  # numerics, not speed: compile fast
 B, T = 8, 16
 
-DENSE = ModelConfig(name="manual-dense", vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
-                    d_ff=128)
+DENSE = ModelConfig(name="manual-dense", vocab_size=128, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=128)
 BIAS_TIED = dataclasses.replace(DENSE, name="manual-bias", qkv_bias=True, qk_norm=True, tie_embeddings=True)
 ODD_VOCAB = dataclasses.replace(DENSE, name="manual-odd-vocab", vocab_size=126)
-MOE = dataclasses.replace(DENSE, name="manual-moe", n_experts=8, n_experts_per_tok=2, moe_d_ff=32,
-                          shared_expert_d_ff=32, shared_expert_gate=True)
+MOE = dataclasses.replace(
+  DENSE,
+  name="manual-moe",
+  n_experts=8,
+  n_experts_per_tok=2,
+  moe_d_ff=32,
+  shared_expert_d_ff=32,
+  shared_expert_gate=True,
+)
 
 #        config     dp tp ep etp
-CASES = [(DENSE,     4, 2, 1, 1),   # GQA, kv heads split with the query heads
-         (DENSE,     2, 4, 1, 1),   # tp > K: kv heads replicated, each rank keeps its one
-         (BIAS_TIED, 2, 4, 1, 1),   # q/k/v biases (bk/bv sliced too), qk-norm, vocab-parallel tied head
-         (ODD_VOCAB, 1, 8, 1, 1),   # 126 % 8: head and embedding replicated; one query head per rank
-         (MOE,       4, 2, 4, 1),   # EP folded over dp and tp: all-to-all
-         (MOE,       2, 2, 2, 2)]   # experts split over ep and their hidden dim over etp, on 4 devices
+CASES = [
+  (DENSE, 4, 2, 1, 1),  # GQA, kv heads split with the query heads
+  (DENSE, 2, 4, 1, 1),  # tp > K: kv heads replicated, each rank keeps its one
+  (BIAS_TIED, 2, 4, 1, 1),  # q/k/v biases (bk/bv sliced too), qk-norm, vocab-parallel tied head
+  (ODD_VOCAB, 1, 8, 1, 1),  # 126 % 8: head and embedding replicated; one query head per rank
+  (MOE, 4, 2, 4, 1),  # EP folded over dp and tp: all-to-all
+  (MOE, 2, 2, 2, 2),
+]  # experts split over ep and their hidden dim over etp, on 4 devices
 
 
 def _perturbed_params(cfg):
@@ -64,6 +73,7 @@ def _reference_loss(mdef):
     h, aux, _ = model.hidden(tokens)
     nll, count = cross_entropy_sums(model.logits(h), targets)
     return nll / count + aux_loss(mdef.cfg, aux), aux
+
   return loss
 
 
@@ -83,19 +93,27 @@ def _manual_loss(mdef, mesh, plan):
       def layer(x, p):
         x, _, aux = block_forward(cfg, p, x, cos, sin, None, jnp.int32(0))
         return x, aux
+
       x, aux = jax.lax.scan(layer, x, localize_layer_params(params["layers"], plan, cfg))
       h = ops.rms_norm(x, params["final_norm"], cfg.norm_eps)
       w_head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
       nll = jnp.sum(vocab_parallel_nll(h, w_head, targets, plan, cfg.vocab_size))
       return (jax.lax.psum(nll, dp) if dp else nll), {k: jnp.mean(v) for k, v in aux.items()}
 
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(param_specs(mdef, plan), tok_spec, tok_spec),
-                     out_specs=P(), axis_names=set(mesh.axis_names), check_vma=True)
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(param_specs(mdef, plan), tok_spec, tok_spec),
+    out_specs=P(),
+    axis_names=set(mesh.axis_names),
+    check_vma=True,
+  )
 
   def loss(params, tokens, targets):
-    with hooks.using(**mesh_hooks(mesh, plan, cfg)):   # as a train step would: must not leak inside
+    with hooks.using(**mesh_hooks(mesh, plan, cfg)):  # as a train step would: must not leak inside
       nll, aux = fn(params, tokens, targets)
     return nll / targets.size + aux_loss(cfg, aux), aux
+
   return loss
 
 
@@ -116,7 +134,7 @@ def _grads(loss_fn, params, tokens, targets):
 @pytest.mark.parametrize("cfg,dp,tp,ep,etp", CASES, ids=[f"{c.name}-dp{d}tp{t}ep{e}etp{x}" for c, d, t, e, x in CASES])
 def test_manual_matches_single_device(cfg, dp, tp, ep, etp):
   mc = MeshConfig(dp=dp, tp=tp, ep=ep, etp=etp)
-  mesh, plan = build_mesh(mc, jax.devices()[:mc.num_devices])
+  mesh, plan = build_mesh(mc, jax.devices()[: mc.num_devices])
   check_manual(cfg, plan)
   params, tokens, targets, ref_loss, ref_aux, ref_g = _reference(cfg)
   loss, aux, grads, compiled = _grads(_manual_loss(model_def(cfg), mesh, plan), params, tokens, targets)
@@ -129,8 +147,9 @@ def test_manual_matches_single_device(cfg, dp, tp, ep, etp):
   for (path, g), r in zip(flat_g, flat_r):
     g, r = np.asarray(g), np.asarray(r)
     err, scale = np.abs(g - r).max(), np.abs(r).max()
-    assert scale > 0 and err <= GRAD_TOL * scale, \
+    assert scale > 0 and err <= GRAD_TOL * scale, (
       f"gradient {jax.tree_util.keystr(path)}: max |diff| {err:.3g} vs max |ref| {scale:.3g} under {mc}"
+    )
   # Experts split over ep exchange tokens with all-to-all inside the same shard_map.
   assert ("all-to-all" in compiled.as_text()) == (cfg.is_moe and ep > 1)
 
@@ -155,6 +174,7 @@ def test_vary_marks_only_the_missing_axes():
     y = vary({"a": x, "b": jnp.float32(1.0)}, dp + tp)
     assert all(set(varying_axes(v)) == set(dp + tp) for v in y.values())
     return jax.lax.psum(y["a"] * y["b"], dp + tp)
+
   fn = jax.shard_map(body, mesh=mesh, in_specs=P(dp), out_specs=P(), axis_names=set(mesh.axis_names))
   out = jax.jit(fn)(jnp.ones(4))
-  np.testing.assert_allclose(np.asarray(out), [8.0])   # a 1 on each of 4 dp x 2 tp devices
+  np.testing.assert_allclose(np.asarray(out), [8.0])  # a 1 on each of 4 dp x 2 tp devices

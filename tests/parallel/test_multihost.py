@@ -2,6 +2,7 @@
 devices form the cpu-8 mesh (dp=4 tp=2). Each process loads only its half of every batch, yet the
 losses equal the single-process 8-device run's, and checkpoints resume across process counts
 (2x4 -> 1x8 and 1x8 -> 2x4)."""
+
 import json
 import os
 import socket
@@ -21,10 +22,23 @@ from jaxllm.train.loop import train
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESH = os.path.join(ROOT, "meshes", "cpu-8.toml")
 # Tiny and short; decay_steps fixed so a 3-step run and its resumption follow one LR schedule.
-ARGS = ["model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=32",
-        "train.batch_size=8", "train.max_corpus_bytes=60000", "train.warmup_steps=2", "train.lr=3e-3",
-        "train.decay_steps=6", "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0",
-        "train.log_every=1", "train.save_every=3"]
+ARGS = [
+  "model=tiny",
+  "model.n_layers=2",
+  "model.d_model=64",
+  "model.d_ff=128",
+  "train.seq_len=32",
+  "train.batch_size=8",
+  "train.max_corpus_bytes=60000",
+  "train.warmup_steps=2",
+  "train.lr=3e-3",
+  "train.decay_steps=6",
+  "train.eval_every=3",
+  "train.eval_batches=1",
+  "train.sample_tokens=0",
+  "train.log_every=1",
+  "train.save_every=3",
+]
 TIMEOUT = 240
 
 
@@ -48,15 +62,23 @@ def _run_two_processes(out, steps, use_env=False, extra=(), argv=None):
   `argv`: the command's arguments instead of the pretraining run's ARGS, steps and out."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLLM_")}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "xla_force_host_platform_device_count" not in f)
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-             JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=ROOT)
+  env["XLA_FLAGS"] = " ".join(
+    f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+  )
+  env.update(
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+    JAX_DEFAULT_MATMUL_PRECISION="highest",
+    PYTHONPATH=ROOT,
+  )
   procs, logs = [], [tempfile.TemporaryFile("w+") for _ in range(2)]
   try:
     for i in range(2):
-      cmd = [sys.executable, os.path.join(ROOT, "train.py"), *(argv or ["--no-progress", "--mesh", MESH, *ARGS,
-             f"train.steps={steps}", f"train.out_dir={out}", *extra])]
+      cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *(argv or ["--no-progress", "--mesh", MESH, *ARGS, f"train.steps={steps}", f"train.out_dir={out}", *extra]),
+      ]
       penv = dict(env)
       if use_env:
         penv.update(JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2", JAXLLM_PROCESS_ID=str(i))
@@ -79,7 +101,9 @@ def _run_two_processes(out, steps, use_env=False, extra=(), argv=None):
     outs.append(f.read())
     f.close()
   for i, (p, o) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i} exited {p.returncode} (-9: killed, its peer failed or timeout):\n{o[-4000:]}"
+    assert p.returncode == 0, (
+      f"process {i} exited {p.returncode} (-9: killed, its peer failed or timeout):\n{o[-4000:]}"
+    )
   return outs
 
 
@@ -120,6 +144,7 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, reference):
   variables this time): steps 4-6 equal the uninterrupted run; the end-of-run sample through the
   serving engine, on the mesh spanning both processes, equals the one a single process draws."""
   from jaxllm.serve import complete_text
+
   out = tmp_path / "one"
   train(_cfg(out, 3), progress=False, log=lambda *_: None)
   p0, p1 = _run_two_processes(out, 6, use_env=True, extra=["train.sample_tokens=8"])
@@ -128,8 +153,12 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, reference):
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
   _assert_same(got, reference, [1, 2, 3, 4, 5, 6])
   # Step 6 is done: this single-process call only loads the checkpoint and samples.
-  one = train(load_config([], [f"mesh={MESH}", *ARGS, "train.steps=6", f"train.out_dir={out}", "train.sample_tokens=8"]),
-              progress=False, log=lambda *_: None, sampler=complete_text)
+  one = train(
+    load_config([], [f"mesh={MESH}", *ARGS, "train.steps=6", f"train.out_dir={out}", "train.sample_tokens=8"]),
+    progress=False,
+    log=lambda *_: None,
+    sampler=complete_text,
+  )
   assert one["sample"] and f"sample:\n{'-' * 60}\n{one['sample']}\n{'-' * 60}" in p0
 
 
@@ -138,14 +167,32 @@ def test_two_process_reward_model_equals_one_and_writes_from_process_0_only(tmp_
   holds each step once and process 1 prints nothing (the runner keeps files and logs to process 0)."""
   from jaxllm.data.tasks import AdditionTask
   from jaxllm.rl.reward_model import train_reward_model
-  data = AdditionTask(digits_min=1, digits_max=2).write_preference_file(str(tmp_path / "pairs.jsonl"), 400, "train",
-                                                                        mistakes=("typo",))
-  args = ["model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=32",
-          "train.batch_size=16", "train.steps=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1"]
-  one = train_reward_model(load_config([], [f"mesh={MESH}", *args, f"reward.data={data}",
-                                            f"train.out_dir={tmp_path / 'one'}"]), progress=False, log=lambda *_: None)
-  p0, p1 = _run_two_processes(None, None, argv=["reward", "--data", data, "--no-progress", "--mesh", MESH, *args,
-                                                f"train.out_dir={tmp_path / 'two'}"])
+
+  data = AdditionTask(digits_min=1, digits_max=2).write_preference_file(
+    str(tmp_path / "pairs.jsonl"), 400, "train", mistakes=("typo",)
+  )
+  args = [
+    "model=tiny",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.d_ff=128",
+    "train.seq_len=32",
+    "train.batch_size=16",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.save_every=2",
+    "train.log_every=1",
+  ]
+  one = train_reward_model(
+    load_config([], [f"mesh={MESH}", *args, f"reward.data={data}", f"train.out_dir={tmp_path / 'one'}"]),
+    progress=False,
+    log=lambda *_: None,
+  )
+  p0, p1 = _run_two_processes(
+    None,
+    None,
+    argv=["reward", "--data", data, "--no-progress", "--mesh", MESH, *args, f"train.out_dir={tmp_path / 'two'}"],
+  )
   got = _losses(tmp_path / "two")
   assert sorted(got) == [1, 2, 3, 4] and len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 4
   for h in one["history"]:
@@ -161,13 +208,14 @@ def test_process_rows_rebuild_the_global_batch():
   tokens = np.arange(5000) % 251
   full = PackedBatches(tokens, 16, 8, seed=3)
   parts = [PackedBatches(tokens, 16, 8, seed=3, rows=r) for r in (np.arange(0, 4), np.arange(4, 8))]
-  for _ in range(50):   # crosses epoch boundaries (38 windows per epoch)
+  for _ in range(50):  # crosses epoch boundaries (38 windows per epoch)
     want, got = next(full), [next(p) for p in parts]
     for k in want:
       np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
   assert all(p.state() == full.state() for p in parts)
-  np.testing.assert_array_equal(eval_batches(tokens, 16, 8, 2, rows=[5, 6, 7])[1]["inputs"],
-                                eval_batches(tokens, 16, 8, 2)[1]["inputs"][5:])
+  np.testing.assert_array_equal(
+    eval_batches(tokens, 16, 8, 2, rows=[5, 6, 7])[1]["inputs"], eval_batches(tokens, 16, 8, 2)[1]["inputs"][5:]
+  )
   with pytest.raises(ValueError, match="subset of"):
     PackedBatches(tokens, 16, 8, rows=[8])
 
@@ -175,16 +223,19 @@ def test_process_rows_rebuild_the_global_batch():
 def test_local_rows_single_process_is_the_whole_batch():
   from jaxllm.config import MeshConfig
   from jaxllm.parallel import batch_sharding, build_mesh
+
   mesh, plan = build_mesh(MeshConfig(dp=4, tp=2))
   np.testing.assert_array_equal(local_rows(batch_sharding(mesh, plan), (8, 32)), np.arange(8))
 
 
 def test_distributed_settings_are_checked(monkeypatch):
   import jaxllm.parallel.distributed as D
-  monkeypatch.setattr(D, "detected_cluster", lambda: None)            # even when the tests run under SLURM
-  assert resolve(environ={}) is None                                   # single process: nothing to do
-  c = resolve(environ={"JAXLLM_COORDINATOR": "h:1", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": "1"},
-              mesh_devices=8)
+
+  monkeypatch.setattr(D, "detected_cluster", lambda: None)  # even when the tests run under SLURM
+  assert resolve(environ={}) is None  # single process: nothing to do
+  c = resolve(
+    environ={"JAXLLM_COORDINATOR": "h:1", "JAXLLM_NUM_PROCESSES": "2", "JAXLLM_PROCESS_ID": "1"}, mesh_devices=8
+  )
   assert (c.num_processes, c.process_id, c.coordinator, c.source) == (2, 1, "h:1", "env")
   assert resolve("h:1", 2, 0, environ={}).source == "flags"
   with pytest.raises(DistributedError, match="2 processes x 3 local devices = 6"):

@@ -6,13 +6,15 @@ Tolerances (fp32, matmul precision 'highest'): loss rtol 1e-5; each layer's slic
 gradient (and every other leaf) max|diff| <= 5e-5 * max|reference| (observed ~1e-6: only the
 summation order differs).
 """
+
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import Config, ConfigError, MeshConfig, ModelConfig, TrainConfig, check_pipeline
 from jaxllm.model.loss import cross_entropy
@@ -34,9 +36,11 @@ def tiny(n_layers, **kw):
 
 def make_batch(B, vocab, seed=0, mask=True):
   rng = np.random.default_rng(seed)
-  batch = {"inputs": jnp.asarray(rng.integers(0, vocab, (B, SEQ)), jnp.int32),
-           "targets": jnp.asarray(rng.integers(0, vocab, (B, SEQ)), jnp.int32)}
-  if mask:   # uneven counted tokens per row, microbatch and accumulation chunk
+  batch = {
+    "inputs": jnp.asarray(rng.integers(0, vocab, (B, SEQ)), jnp.int32),
+    "targets": jnp.asarray(rng.integers(0, vocab, (B, SEQ)), jnp.int32),
+  }
+  if mask:  # uneven counted tokens per row, microbatch and accumulation chunk
     keep = np.array([0.05, 0.2, 0.5, 0.8, 1.0, 0.1, 0.9, 0.3])[np.arange(B) % 8]
     batch["mask"] = jnp.asarray(rng.random((B, SEQ)) < keep[:, None], jnp.int32)
   return batch
@@ -64,8 +68,11 @@ def run_pipeline(mdef, mesh, plan, m, schedule, params, batch, grad_accum=1, rem
   b_sh = NamedSharding(mesh, P(plan.dims["dp"] or None))
   staged = pl.staged_params(params, plan.cfg.pp, plan.cfg.vpp)
   with jax.set_mesh(mesh):
-    fn = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, grad_accum, pipeline=pipe),
-                 in_shardings=(sh, b_sh), out_shardings=(sh, None))
+    fn = jax.jit(
+      lambda p, b: grads_and_metrics(mdef, p, b, grad_accum, pipeline=pipe),
+      in_shardings=(sh, b_sh),
+      out_shardings=(sh, None),
+    )
     compiled = fn.lower(staged, batch).compile()
     grads, metrics = compiled(jax.device_put(staged, sh), jax.device_put(batch, b_sh))
   return pl.canonical_params(grads), metrics, compiled
@@ -82,22 +89,32 @@ def microbatch_reference(mdef, params, batch, m):
     def one(mb):
       out = model(mb["inputs"])
       return cross_entropy(out.logits, mb["targets"], mb["mask"]) * jnp.sum(mb["mask"]), aux_loss(cfg, out.aux)
+
     nll, aux = jax.lax.map(one, jax.tree.map(lambda x: pl.split_microbatches(x, m), b))
     ce, aux = jnp.sum(nll) / jnp.sum(b["mask"]), jnp.mean(aux)
     return ce + aux, {"loss": ce, "aux_loss": aux}
+
   (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
   return grads, metrics
 
 
 # (schedule, pp, vpp, m, dp, tp, grad_accum, remat). One 24-layer model serves every pp*vpp.
-DENSE = [("1f1b", 2, 2, 5, 2, 2, 1, True),     # m % pp != 0, dp and tp inside the stages
-         ("gpipe", 4, 1, 4, 2, 1, 2, True),    # accumulation over two pipelined chunks
-         ("1f1b", 2, 3, 4, 1, 4, 1, True),     # vpp = 3; tp = 4 > 2 kv heads (replicated, sliced per rank)
-         ("gpipe", 2, 2, 3, 2, 2, 1, False),   # no tick remat: the model's own per-layer policy
-         ("1f1b", 4, 1, 6, 2, 1, 1, False)]    # 1F1B stashing vjp residuals instead of recomputing
-DENSE_SLOW = [("1f1b", 8, 1, 8, 1, 1, 1, True), ("1f1b", 4, 2, 8, 2, 1, 1, True), ("gpipe", 2, 4, 4, 1, 4, 1, True),
-              ("1f1b", 2, 1, 3, 4, 1, 2, True), ("gpipe", 4, 3, 5, 2, 1, 1, True), ("1f1b", 4, 3, 10, 1, 2, 1, True),
-              ("1f1b", 2, 2, 8, 2, 2, 1, True)]
+DENSE = [
+  ("1f1b", 2, 2, 5, 2, 2, 1, True),  # m % pp != 0, dp and tp inside the stages
+  ("gpipe", 4, 1, 4, 2, 1, 2, True),  # accumulation over two pipelined chunks
+  ("1f1b", 2, 3, 4, 1, 4, 1, True),  # vpp = 3; tp = 4 > 2 kv heads (replicated, sliced per rank)
+  ("gpipe", 2, 2, 3, 2, 2, 1, False),  # no tick remat: the model's own per-layer policy
+  ("1f1b", 4, 1, 6, 2, 1, 1, False),
+]  # 1F1B stashing vjp residuals instead of recomputing
+DENSE_SLOW = [
+  ("1f1b", 8, 1, 8, 1, 1, 1, True),
+  ("1f1b", 4, 2, 8, 2, 1, 1, True),
+  ("gpipe", 2, 4, 4, 1, 4, 1, True),
+  ("1f1b", 2, 1, 3, 4, 1, 2, True),
+  ("gpipe", 4, 3, 5, 2, 1, 1, True),
+  ("1f1b", 4, 3, 10, 1, 2, 1, True),
+  ("1f1b", 2, 2, 8, 2, 2, 1, True),
+]
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +145,26 @@ def test_dense_pipeline_grid(dense_model, schedule, pp, vpp, m, dp, tp, grad_acc
 
 
 # (schedule, pp, vpp, m, dp, tp, ep, etp): MoE with the all-to-all dispatch inside the stages.
-MOE = [("1f1b", 2, 2, 4, 2, 2, 4, 1),    # ep = 4 folded over dp = 2 x tp = 2
-       ("gpipe", 2, 1, 3, 2, 2, 2, 2)]   # ep = 2 x etp = 2, m % pp != 0
+MOE = [
+  ("1f1b", 2, 2, 4, 2, 2, 4, 1),  # ep = 4 folded over dp = 2 x tp = 2
+  ("gpipe", 2, 1, 3, 2, 2, 2, 2),
+]  # ep = 2 x etp = 2, m % pp != 0
 MOE_SLOW = [("gpipe", 2, 2, 4, 2, 2, 4, 1), ("1f1b", 2, 1, 3, 2, 2, 2, 2), ("1f1b", 4, 1, 4, 2, 1, 2, 1)]
 
 
 def _moe_case(schedule, pp, vpp, m, dp, tp, ep, etp):
   # d_model 48 keeps activation shapes apart from weight shapes in the HLO checks.
-  cfg = tiny(pp * vpp, d_model=48, n_experts=8, n_experts_per_tok=2, moe_d_ff=32, shared_expert_d_ff=24,
-             shared_expert_gate=True, aux_loss_coef=0.1, z_loss_coef=0.01)
+  cfg = tiny(
+    pp * vpp,
+    d_model=48,
+    n_experts=8,
+    n_experts_per_tok=2,
+    moe_d_ff=32,
+    shared_expert_d_ff=24,
+    shared_expert_gate=True,
+    aux_loss_coef=0.1,
+    z_loss_coef=0.01,
+  )
   mdef, params = model_def(cfg), init_params(cfg, 2)
   batch = make_batch(2 * m * dp, cfg.vocab_size, seed=5)
   ref = microbatch_reference(mdef, params, batch, m)
@@ -193,11 +221,13 @@ def check_hlo(hlo: str, mesh, mdef, plan):
   coord = {int(d.id): c for c, d in np.ndenumerate(mesh.devices)}
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   weight_shapes = set()
-  for leaf, spec in zip(jax.tree.leaves(mdef.abstract_params()["layers"]),
-                        jax.tree.leaves(pl.staged_specs(mdef, plan)["layers"], is_leaf=lambda x: isinstance(x, P))):
+  for leaf, spec in zip(
+    jax.tree.leaves(mdef.abstract_params()["layers"]),
+    jax.tree.leaves(pl.staged_specs(mdef, plan)["layers"], is_leaf=lambda x: isinstance(x, P)),
+  ):
     local = list(leaf.shape[1:])
     for i, d in enumerate(tuple(spec)[3:]):
-      for a in ((d,) if isinstance(d, str) else (d or ())):
+      for a in (d,) if isinstance(d, str) else (d or ()):
         local[i] //= sizes[a]
     weight_shapes |= {tuple(leaf.shape[1:]), tuple(local)}
   permutes = 0
@@ -216,7 +246,9 @@ def check_hlo(hlo: str, mesh, mdef, plan):
       groups = _groups(line)
       if groups and any(len({stage[d] for d in g}) > 1 for g in groups):
         vpp = plan.cfg.vpp
-        assert not any(len(s) > 3 and s[:2] == (vpp, 1) for s in _shapes(line)), f"layer grads across stages: {line[:200]}"
+        assert not any(len(s) > 3 and s[:2] == (vpp, 1) for s in _shapes(line)), (
+          f"layer grads across stages: {line[:200]}"
+        )
   assert permutes >= 1, "no collective-permute from the pipeline rings"
 
 
@@ -229,6 +261,7 @@ def test_head_runs_once_per_microbatch(monkeypatch):
   def counted(self, head, y, targets, mask):
     jax.debug.callback(lambda: calls.append(1))
     return original(self, head, y, targets, mask)
+
   monkeypatch.setattr(pl.Pipeline, "_head_nll", counted)
   cfg = tiny(4)
   mdef, params = model_def(cfg), init_params(cfg, 1)
@@ -237,7 +270,7 @@ def test_head_runs_once_per_microbatch(monkeypatch):
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=dp, tp=tp, microbatches=m))
   run_pipeline(mdef, mesh, plan, m, "1f1b", params, batch)
   jax.effects_barrier()
-  assert len(calls) == m * dp * tp, len(calls)     # 4 microbatches x the 4 devices of the last stage
+  assert len(calls) == m * dp * tp, len(calls)  # 4 microbatches x the 4 devices of the last stage
 
 
 def test_1f1b_memory_flat_in_m_gpipe_grows():
@@ -254,10 +287,12 @@ def test_1f1b_memory_flat_in_m_gpipe_grows():
     pipe = pl.Pipeline(mdef, mesh, plan, m, schedule, remat=remat)
     tokens = jax.ShapeDtypeStruct((m * 4, SEQ * 4), jnp.int32)
     with jax.set_mesh(mesh):
-      fn = jax.jit(lambda p, b: grads_and_metrics(mdef, p, b, pipeline=pipe), in_shardings=(sh, None),
-                   out_shardings=(sh, None))
+      fn = jax.jit(
+        lambda p, b: grads_and_metrics(mdef, p, b, pipeline=pipe), in_shardings=(sh, None), out_shardings=(sh, None)
+      )
       return compiled_temp_bytes(fn, abstract, {"inputs": tokens, "targets": tokens})
-  ms = (4, 32)   # 1F1B's stash reaches its size (2*pp*vpp - 1 = 3 here) from m = 4 on
+
+  ms = (4, 32)  # 1F1B's stash reaches its size (2*pp*vpp - 1 = 3 here) from m = 4 on
   one_f = [temp(m, "1f1b") for m in ms]
   residuals = [temp(m, "1f1b", remat=False) for m in ms]
   gpipe = [temp(m, "gpipe") for m in ms]
@@ -266,8 +301,10 @@ def test_1f1b_memory_flat_in_m_gpipe_grows():
   assert gpipe[1] - gpipe[0] > 4 * max(one_f[1] - one_f[0], residuals[1] - residuals[0], 1), (gpipe, one_f, residuals)
 
 
-@pytest.mark.parametrize("kind,pp,vpp,m", [("gpipe", 2, 2, 4), ("1f1b", 2, 2, 5), ("1f1b", 4, 3, 10),
-                                           ("1f1b", 2, 1, 8), ("1f1b", 4, 2, 8), ("gpipe", 4, 1, 6)])
+@pytest.mark.parametrize(
+  "kind,pp,vpp,m",
+  [("gpipe", 2, 2, 4), ("1f1b", 2, 2, 5), ("1f1b", 4, 3, 10), ("1f1b", 2, 1, 8), ("1f1b", 4, 2, 8), ("gpipe", 4, 1, 6)],
+)
 def test_schedule_tables(kind, pp, vpp, m):
   """Replay the tables: every (chunk repeat, stage, microbatch) runs forward once, in chain order,
   each input arriving no later than it is needed; with 1f1b every backward once, after its forward,
@@ -276,7 +313,7 @@ def test_schedule_tables(kind, pp, vpp, m):
   f_r, f_j, b_r, b_j = s.col("f_r"), s.col("f_j"), s.col("b_r"), s.col("b_j")
   fwd = {(int(f_r[t, st]), st, int(f_j[t, st])): t for t in range(s.ticks) for st in range(pp) if f_r[t, st] >= 0}
   assert sorted(fwd) == sorted((r, st, j) for r in range(vpp) for st in range(pp) for j in range(m))
-  for (r, st, j), t in fwd.items():   # the chain predecessor ran at an earlier tick
+  for (r, st, j), t in fwd.items():  # the chain predecessor ran at an earlier tick
     if (r, st) != (0, 0):
       prev = (r, st - 1, j) if st else (r - 1, pp - 1, j)
       assert fwd[prev] < t
@@ -289,7 +326,7 @@ def test_schedule_tables(kind, pp, vpp, m):
         nxt = (r, st + 1, j) if st < pp - 1 else (r + 1, 0, j)
         assert bwd[nxt] < t
     assert s.n_stash <= 2 * pp * vpp + (vpp - 1) * (m % pp) + pp, s.n_stash
-    assert make_schedule(kind, pp, vpp, 4 * m).n_stash <= s.n_stash + (vpp - 1) * pp   # flat in m
+    assert make_schedule(kind, pp, vpp, 4 * m).n_stash <= s.n_stash + (vpp - 1) * pp  # flat in m
   else:
     assert s.ticks == m * vpp + pp - 1
     assert s.bubble == pytest.approx((pp - 1) / (m * vpp + pp - 1))
@@ -306,7 +343,7 @@ def test_layout_round_trip_and_placement():
     jax.tree.map(np.testing.assert_array_equal, back, params)
     for layer in range(8):
       r, s, c = pl.stage_of_layer(layer, 8, pp, vpp)
-      assert s == (layer // C) % pp and r == layer // (C * pp)   # Megatron placement
+      assert s == (layer // C) % pp and r == layer // (C * pp)  # Megatron placement
       np.testing.assert_array_equal(staged["wq"][r, s, c], params["wq"][layer])
 
 
@@ -338,16 +375,19 @@ def test_train_state_layout_and_checkpoint_round_trip(tmp_path):
   the single-device step; saved through `relayout` the checkpoint is canonical and restores on one
   device, and a canonical checkpoint restores into the pipeline layout."""
   import optax
+
   from jaxllm.parallel import mesh_hooks
   from jaxllm.train.checkpoint import Checkpointer
   from jaxllm.train.state import Layout, abstract_state, init_state, relayout, state_shardings
   from jaxllm.train.step import TrainState, make_train_step
+
   cfg = tiny(4)
   mdef, params = model_def(cfg), init_params(cfg, 6)
-  tx = optax.adam(1e-2, eps=1e-3)   # eps well above the grads' rounding noise: updates comparable
+  tx = optax.adam(1e-2, eps=1e-3)  # eps well above the grads' rounding noise: updates comparable
   batch = make_batch(8, cfg.vocab_size, seed=7)
   ref_state, ref_metrics = make_train_step(mdef, tx)(  # donates its input: give it a copy
-    jax.tree.map(jnp.copy, TrainState(params, tx.init(params), jnp.int32(0))), batch)
+    jax.tree.map(jnp.copy, TrainState(params, tx.init(params), jnp.int32(0))), batch
+  )
   mesh, plan = build_mesh(MeshConfig(pp=2, vpp=2, dp=4, microbatches=2))
   layout = Layout.of(plan)
   sh, disk = state_shardings(mdef, tx, mesh, plan), state_shardings(mdef, tx, mesh, plan, layout=Layout())
@@ -355,8 +395,9 @@ def test_train_state_layout_and_checkpoint_round_trip(tmp_path):
   with jax.set_mesh(mesh):
     state = init_state(mdef, tx, sh, 0, params=params, layout=layout)
     assert state.params["layers"]["wq"].shape[:3] == (2, 2, 1) and state.params["layers"]["wq"].sharding.spec[1] == "pp"
-    step = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, cfg),
-                           pipeline=pl.Pipeline(mdef, mesh, plan, 2))
+    step = make_train_step(
+      mdef, tx, sh, b_sh, hook_kwargs=mesh_hooks(mesh, plan, cfg), pipeline=pl.Pipeline(mdef, mesh, plan, 2)
+    )
     new, metrics = step(state, jax.device_put(batch, b_sh))
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     saved = relayout(tx, new, layout, disk, to_memory=False)

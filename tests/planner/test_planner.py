@@ -15,15 +15,16 @@ bytes equal `argument_size` exactly).
 The models run in float32: XLA:CPU computes bfloat16 in float32 (a bf16 step's temp_size equals the
 fp32 one's), so a bf16 prediction cannot be checked on this backend.
 """
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxllm import planner
 from jaxllm.config import load_config
 from jaxllm.model.params import model_def
 from jaxllm.parallel import build_mesh
 from jaxllm.parallel.sharding import batch_sharding
-from jaxllm import planner
 from jaxllm.train.loop import build_steps
 from jaxllm.train.optim import make_optimizer
 from jaxllm.train.state import Layout, state_shardings
@@ -34,13 +35,14 @@ TOLERANCE = 0.15
 
 def compiled_memory(cfg):
   """Memory analysis of the real train step of `cfg`, compiled on abstract (sharded) inputs."""
-  mesh, plan = build_mesh(cfg.mesh, jax.devices()[:cfg.mesh.num_devices])
+  mesh, plan = build_mesh(cfg.mesh, jax.devices()[: cfg.mesh.num_devices])
   mdef = model_def(cfg.model)
   tx = make_optimizer(cfg.train, mdef.logical)
   shardings = state_shardings(mdef, tx, mesh, plan)
   layout = Layout.of(plan)
-  shapes = jax.eval_shape(lambda a: (lambda p: TrainState(p, tx.init(p), jnp.int32(0)))(layout.params_in(a)),
-                          mdef.abstract_params())
+  shapes = jax.eval_shape(
+    lambda a: (lambda p: TrainState(p, tx.init(p), jnp.int32(0)))(layout.params_in(a)), mdef.abstract_params()
+  )
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
   b_sh = batch_sharding(mesh, plan)
   B, T = cfg.train.batch_size, cfg.train.seq_len
@@ -58,20 +60,38 @@ def peak(m) -> int:
 # "flash" on CPU) or say which.
 CONFIGS = {
   "dense dp4xtp2 remat=none": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=512",
-  "moe folded ep4 remat=dots": "model=tiny-moe mesh=meshes/cpu-8-fold.toml train.batch_size=16 train.seq_len=256 model.remat=dots",
-  "pipeline pp2 vpp2 1f1b remat=none": "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 model.attention=xla",
+  "moe folded ep4 remat=dots": (
+    "model=tiny-moe mesh=meshes/cpu-8-fold.toml train.batch_size=16 train.seq_len=256 model.remat=dots"
+  ),
+  "pipeline pp2 vpp2 1f1b remat=none": (
+    "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 model.attention=xla"
+  ),
 }
 SLOW_CONFIGS = {
-  "dense xla-attention remat=none": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=512 model.attention=xla",
-  "dense remat=full T=2048": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=2048 model.remat=full",
+  "dense xla-attention remat=none": (
+    "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=512 model.attention=xla"
+  ),
+  "dense remat=full T=2048": (
+    "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=2048 model.remat=full"
+  ),
   "dense remat=dots T=2048": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=8 train.seq_len=2048 model.remat=dots",
-  "dense chunked loss T=4096": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=8 train.seq_len=4096 model.remat=full model.vocab_size=8192",
+  "dense chunked loss T=4096": (
+    "model=tiny mesh=meshes/cpu-8.toml train.batch_size=8 train.seq_len=4096 model.remat=full model.vocab_size=8192"
+  ),
   "dense grad_accum=2": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=32 train.seq_len=256 train.grad_accum=2",
   "moe folded remat=none": "model=tiny-moe mesh=meshes/cpu-8-fold.toml train.batch_size=16 train.seq_len=256",
-  "moe pipeline remat=full": "model=tiny-moe mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 model.remat=full model.attention=xla",
-  "pipeline remat=full": "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 model.remat=full model.attention=xla",
+  "moe pipeline remat=full": (
+    "model=tiny-moe mesh=meshes/cpu-8-pp.toml train.batch_size=16 "
+    "train.seq_len=256 model.remat=full model.attention=xla"
+  ),
+  "pipeline remat=full": (
+    "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 model.remat=full model.attention=xla"
+  ),
   "dense fsdp=4": "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=512 mesh.fsdp=4",
-  "pipeline fsdp=2 remat=full": "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 train.seq_len=256 mesh.fsdp=2 model.remat=full model.attention=xla",
+  "pipeline fsdp=2 remat=full": (
+    "model=tiny mesh=meshes/cpu-8-pp.toml train.batch_size=16 "
+    "train.seq_len=256 mesh.fsdp=2 model.remat=full model.attention=xla"
+  ),
 }
 
 
@@ -84,9 +104,11 @@ def check(overrides: str):
   # Activations are a large share here, so the total checks the activation model, not just the state.
   assert est.temporaries > 2 * est.arguments
   ratio = est.total / peak(m)
-  assert abs(ratio - 1) <= TOLERANCE, (f"{overrides}: predicted {est.total / 2**20:.1f} MiB, compiled "
-                                       f"{peak(m) / 2**20:.1f} MiB (temp {m.temp_size_in_bytes / 2**20:.1f}, "
-                                       f"planner temporaries {est.temporaries / 2**20:.1f}), ratio {ratio:.3f}")
+  assert abs(ratio - 1) <= TOLERANCE, (
+    f"{overrides}: predicted {est.total / 2**20:.1f} MiB, compiled "
+    f"{peak(m) / 2**20:.1f} MiB (temp {m.temp_size_in_bytes / 2**20:.1f}, "
+    f"planner temporaries {est.temporaries / 2**20:.1f}), ratio {ratio:.3f}"
+  )
 
 
 @pytest.mark.parametrize("overrides", list(CONFIGS.values()), ids=list(CONFIGS))
@@ -108,8 +130,10 @@ def test_shard_shape_ceil_divides_each_sharded_dim():
 
 def test_remat_orders_the_activation_estimate():
   base = "model=tiny mesh=meshes/cpu-8.toml train.batch_size=16 train.seq_len=256"
-  saved = {r: planner.estimate(load_config([], f"{base} model.remat={r}".split())).activations["saved"]
-           for r in ("none", "dots", "full")}
+  saved = {
+    r: planner.estimate(load_config([], f"{base} model.remat={r}".split())).activations["saved"]
+    for r in ("none", "dots", "full")
+  }
   assert saved["full"] < saved["dots"] < saved["none"]
 
 
@@ -127,8 +151,18 @@ def test_params_follow_param_specs_including_fsdp():
 
 def test_cli_prints_the_table_and_computed_suggestions(capsys):
   # ~0.11 GiB needed; recomputing each layer brings it under 0.06 GiB.
-  rc = planner.main(["--model", "tiny", "--mesh", "meshes/cpu-8.toml", "--device-memory", "0.06",
-                     "train.batch_size=16", "train.seq_len=512"])
+  rc = planner.main(
+    [
+      "--model",
+      "tiny",
+      "--mesh",
+      "meshes/cpu-8.toml",
+      "--device-memory",
+      "0.06",
+      "train.batch_size=16",
+      "train.seq_len=512",
+    ]
+  )
   out = capsys.readouterr().out
   assert rc == 0
   assert "parameters (master)" in out and "DOES NOT FIT" in out

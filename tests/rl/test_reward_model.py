@@ -5,6 +5,7 @@ pairs, malformed jsonl lines), and end to end: `train.py reward` trains a tiny r
 on addition preference pairs to a held-out pair accuracy well above chance and writes a checkpoint,
 which the reward "rm:DIR" loads through RewardSpec.parse / combine and uses to rank correct answers
 above wrong ones."""
+
 import contextlib
 import importlib.util
 import io
@@ -27,12 +28,18 @@ from jaxllm.train.step import grads_and_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-train_cli = importlib.util.module_from_spec(_spec)   # the command line, train.py
+train_cli = importlib.util.module_from_spec(_spec)  # the command line, train.py
 _spec.loader.exec_module(train_cli)
 
 MESH = os.path.join(ROOT, "meshes", "cpu-8.toml")
-TINY = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.vocab_size=259"]
+TINY = [
+  "model.n_layers=2",
+  "model.d_model=64",
+  "model.d_ff=128",
+  "model.n_heads=4",
+  "model.n_kv_heads=2",
+  "model.vocab_size=259",
+]
 
 
 def _tiny(seed=0):
@@ -43,18 +50,19 @@ def _tiny(seed=0):
 
 # ---- the loss ----
 
+
 def test_bradley_terry_loss_and_gradient_match_numpy():
   rc = np.array([1.5, -0.3, 0.0, 2.0, -4.0], np.float32)
   rr = np.array([0.5, 0.7, 0.0, -1.0, 3.0], np.float32)
   m = rc.astype(np.float64) - rr
-  want = np.mean(np.log1p(np.exp(-m)))                       # -log sigmoid(m), averaged
+  want = np.mean(np.log1p(np.exp(-m)))  # -log sigmoid(m), averaged
   got, (g_c, g_r) = jax.value_and_grad(R.bradley_terry_loss, argnums=(0, 1))(jnp.asarray(rc), jnp.asarray(rr))
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
-  d = -(1.0 - 1.0 / (1.0 + np.exp(-m))) / len(m)             # d/dm of -log sigmoid(m), over the mean
+  d = -(1.0 - 1.0 / (1.0 + np.exp(-m))) / len(m)  # d/dm of -log sigmoid(m), over the mean
   np.testing.assert_allclose(np.asarray(g_c), d, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(g_r), -d, rtol=1e-5, atol=1e-7)
   s, right, margin = R.bradley_terry_sums(jnp.asarray(rc), jnp.asarray(rr))
-  assert float(right) == 2 and abs(float(margin) - m.sum()) < 1e-5   # the tie (0, 0) is not ranked right
+  assert float(right) == 2 and abs(float(margin) - m.sum()) < 1e-5  # the tie (0, 0) is not ranked right
   # Stable far out: no overflow for large margins either way.
   big = R.bradley_terry_loss(jnp.array([100.0, -100.0]), jnp.array([-100.0, 100.0]))
   np.testing.assert_allclose(float(big), 100.0, rtol=1e-6)
@@ -69,13 +77,12 @@ def test_objective_in_the_train_step_counts_pairs_and_never_splits_one():
   pairs = AdditionTask(seed=5).preference_pairs(8)
   batch = {k: jnp.asarray(v) for k, v in _pair_batch(pairs).items()}
   r = np.asarray(jax.jit(lambda p, b: R.pair_scores(mdef, p, b)[0])(params, batch))
-  step = jax.jit(lambda p, b, accum: grads_and_metrics(mdef, p, b, accum, objective=R.PREFERENCE),
-                 static_argnums=2)
+  step = jax.jit(lambda p, b, accum: grads_and_metrics(mdef, p, b, accum, objective=R.PREFERENCE), static_argnums=2)
   g1, m1 = step(params, batch, 1)
   m = r[:, 0].astype(np.float64) - r[:, 1]
   np.testing.assert_allclose(float(m1["loss"]), np.mean(np.log1p(np.exp(-m))), rtol=1e-5)
   np.testing.assert_allclose(float(m1["accuracy"]), np.mean(m > 0))
-  assert float(m1["tokens"]) == 8                            # the one denominator: pairs
+  assert float(m1["tokens"]) == 8  # the one denominator: pairs
   g2, m2 = step(params, batch, 2)
   np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -87,6 +94,7 @@ def test_objective_in_the_train_step_counts_pairs_and_never_splits_one():
 
 # ---- the head reads the last real token ----
 
+
 def test_head_reads_the_last_real_token_and_padding_changes_nothing():
   mdef, params = _tiny()
   tok = ByteTokenizer()
@@ -96,12 +104,12 @@ def test_head_reads_the_last_real_token_and_padding_changes_nothing():
   def scores(T, fill, lengths=[len(s) for s in seqs]):
     tokens = np.full((len(seqs), T), fill, np.int32)
     for i, s in enumerate(seqs):
-      tokens[i, :len(s)] = s
+      tokens[i, : len(s)] = s
     return np.asarray(score_fn(params, tokens, np.asarray(lengths, np.int32)))
 
   base = scores(16, tok.pad_id)
-  np.testing.assert_allclose(scores(32, tok.pad_id), base, rtol=1e-5, atol=1e-6)   # more padding
-  np.testing.assert_allclose(scores(16, ord("7")), base, rtol=1e-5, atol=1e-6)     # other pad tokens
+  np.testing.assert_allclose(scores(32, tok.pad_id), base, rtol=1e-5, atol=1e-6)  # more padding
+  np.testing.assert_allclose(scores(16, ord("7")), base, rtol=1e-5, atol=1e-6)  # other pad tokens
   # The score is w . h + b at the last real token of the unpadded sequence, nothing else.
   h, _, _ = jax.jit(lambda p, x: mdef.bind(p).hidden(x))(params["backbone"], jnp.asarray([seqs[0]], jnp.int32))
   np.testing.assert_allclose(base[0], float(h[0, -1] @ params["head"]["w"] + params["head"]["b"]), rtol=1e-5)
@@ -110,6 +118,7 @@ def test_head_reads_the_last_real_token_and_padding_changes_nothing():
 
 
 # ---- data ----
+
 
 def test_addition_preference_pairs_are_checkable_and_deterministic(tmp_path):
   task = AdditionTask(digits_min=1, digits_max=3, seed=2)
@@ -129,6 +138,7 @@ def test_addition_preference_pairs_are_checkable_and_deterministic(tmp_path):
   # A dropped carry: 57+68=125 -> 115 or 25.
   rng = np.random.default_rng(0)
   from jaxllm.data.tasks import Addition
+
   assert {task.wrong_answer(Addition(57, 68), rng, ("carry",)) for _ in range(50)} == {"115", "25"}
   with pytest.raises(ValueError, match="unknown.*'nope'"):
     task.preference_pairs(3, mistakes=("nope",))
@@ -136,14 +146,17 @@ def test_addition_preference_pairs_are_checkable_and_deterministic(tmp_path):
   assert R.read_preference_pairs(path) == task.preference_pairs(20, "heldout", mistakes=("typo",))
 
 
-@pytest.mark.parametrize("line, match", [
-  ('{"prompt": "a", "chosen": "b"', r"p.jsonl:3: not valid JSON"),
-  ('["a", "b", "c"]', r"p.jsonl:3: expected a JSON object .* found a list"),
-  ('{"prompt": "a", "chosen": "b"}', r"p.jsonl:3: missing 'rejected' \(the line has 'chosen', 'prompt'\)"),
-  ('{"chosen": "b"}', r"p.jsonl:3: missing 'prompt', 'rejected'"),
-  ('{"prompt": "a", "chosen": 3, "rejected": "c"}', r"p.jsonl:3: 'chosen' must be a string, got int"),
-  ('{"prompt": "a", "chosen": "b", "rejected": "b"}', r"p.jsonl:3: 'chosen' and 'rejected' are the same"),
-])
+@pytest.mark.parametrize(
+  "line, match",
+  [
+    ('{"prompt": "a", "chosen": "b"', r"p.jsonl:3: not valid JSON"),
+    ('["a", "b", "c"]', r"p.jsonl:3: expected a JSON object .* found a list"),
+    ('{"prompt": "a", "chosen": "b"}', r"p.jsonl:3: missing 'rejected' \(the line has 'chosen', 'prompt'\)"),
+    ('{"chosen": "b"}', r"p.jsonl:3: missing 'prompt', 'rejected'"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', r"p.jsonl:3: 'chosen' must be a string, got int"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "b"}', r"p.jsonl:3: 'chosen' and 'rejected' are the same"),
+  ],
+)
 def test_malformed_jsonl_lines_name_the_line_and_the_problem(tmp_path, line, match):
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "\\n1+1=", "chosen": "2\\n", "rejected": "3\\n", "id": 7}\n\n' + line + "\n")
@@ -162,15 +175,16 @@ def test_data_and_config_errors(tmp_path):
     R.read_preference_pairs(str(tmp_path / "nope.jsonl"))
   with pytest.raises(ConfigError, match="no preference data: pass --data"):
     R.load_pairs(RewardConfig())
-  with pytest.raises(ConfigError, match="leaves 1 to train on and 0 held out"):   # one prompt: one split
+  with pytest.raises(ConfigError, match="leaves 1 to train on and 0 held out"):  # one prompt: one split
     R.load_pairs(RewardConfig(data=str(path)))
-  assert load_config([], ["reward.eval_fraction=0.25", "reward.data=x.jsonl"]).reward == \
-    RewardConfig(data="x.jsonl", eval_fraction=0.25)
+  assert load_config([], ["reward.eval_fraction=0.25", "reward.data=x.jsonl"]).reward == RewardConfig(
+    data="x.jsonl", eval_fraction=0.25
+  )
   with pytest.raises(ConfigError, match="unknown config key reward.evaldata; did you mean reward.eval_data"):
     load_config([], ["reward.evaldata=x"])
   with pytest.raises(ConfigError, match="reward.eval_fraction expects float"):
     load_config([], ["reward.eval_fraction=lots"])
-  toml = tmp_path / "rm.toml"     # a [reward] table works like reward.key=value
+  toml = tmp_path / "rm.toml"  # a [reward] table works like reward.key=value
   toml.write_text('[reward]\ndata = "pairs.jsonl"\neval_fraction = 0.2\n[train]\nsteps = 3\n')
   cfg = load_config([str(toml)], ["reward.eval_fraction=0.3"])
   assert cfg.reward == RewardConfig(data="pairs.jsonl", eval_fraction=0.3) and cfg.train.steps == 3
@@ -196,10 +210,27 @@ def trained(tmp_path_factory):
   held_file = task.write_preference_file(str(d / "heldout.jsonl"), 256, "heldout", mistakes=("typo",))
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    rc = train_cli.main(["reward", "--data", train_file, f"reward.eval_data={held_file}", "--no-progress",
-                         f"--mesh={MESH}", "mesh.dp=8", "mesh.tp=1", *TINY, "model.d_model=128", "model.d_ff=256",
-                         f"train.steps={STEPS}", "train.batch_size=64", "train.warmup_steps=20", "train.eval_every=30",
-                         "train.save_every=0", f"train.out_dir={d / 'run'}"])
+    rc = train_cli.main(
+      [
+        "reward",
+        "--data",
+        train_file,
+        f"reward.eval_data={held_file}",
+        "--no-progress",
+        f"--mesh={MESH}",
+        "mesh.dp=8",
+        "mesh.tp=1",
+        *TINY,
+        "model.d_model=128",
+        "model.d_ff=256",
+        f"train.steps={STEPS}",
+        "train.batch_size=64",
+        "train.warmup_steps=20",
+        "train.eval_every=30",
+        "train.save_every=0",
+        f"train.out_dir={d / 'run'}",
+      ]
+    )
   assert rc == 0
   return str(d / "run" / "checkpoints"), d / "run", out.getvalue()
 
@@ -220,7 +251,7 @@ def test_tiny_reward_model_learns_the_preference(trained):
   ckpt, run, _ = trained
   lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
   acc = read_meta(ckpt)["data"]["heldout_acc"]
-  assert acc == lines[-1]["heldout_acc"] >= 0.7, f"held-out pair accuracy {acc}"   # measured: 0.996
+  assert acc == lines[-1]["heldout_acc"] >= 0.7, f"held-out pair accuracy {acc}"  # measured: 0.996
   assert np.mean([l["loss"] for l in lines[-10:]]) < np.mean([l["loss"] for l in lines[:10]]) - 0.2
 
 
@@ -236,15 +267,16 @@ def test_rm_reward_through_spec_and_combine_prefers_correct_answers(trained):
   wrong_total, wrong = combine(spec, prompts, [p.rejected for p in pairs], refs)
   assert np.all((right[name] > 0) & (right[name] < 1)) and np.all((wrong[name] > 0) & (wrong[name] < 1))
   assert right[name].mean() > wrong[name].mean() + 0.3, (right[name].mean(), wrong[name].mean())
-  assert right[name].mean() > 0.5 > wrong[name].mean()        # the offset centres held-out scores at 0
+  assert right[name].mean() > 0.5 > wrong[name].mean()  # the offset centres held-out scores at 0
   np.testing.assert_allclose(right_total, 1.0 + 0.5 * right[name], rtol=1e-6)
   np.testing.assert_allclose(wrong_total, 0.5 * wrong[name], rtol=1e-6)
   # Scores do not depend on how the batch is cut: one sample alone scores the same.
   model = spec.terms[1][0].fn
   alone = model([prompts[3]], [pairs[3].chosen])
   np.testing.assert_allclose(alone, right[name][3:4], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(R.sigmoid(model.raw_scores(prompts[:5], [p.chosen for p in pairs[:5]])),
-                             right[name][:5], rtol=1e-5)
+  np.testing.assert_allclose(
+    R.sigmoid(model.raw_scores(prompts[:5], [p.chosen for p in pairs[:5]])), right[name][:5], rtol=1e-5
+  )
 
 
 def test_rm_reward_errors_name_the_reward(tmp_path):
@@ -257,11 +289,29 @@ def test_rl_run_mixes_the_reward_model_with_the_verifiable_reward(trained, tmp_p
   per step and the reward the learner used is their weighted sum."""
   ckpt, _, _ = trained
   name = f"rm:{ckpt}"
-  rc = train_cli.main(["rl", "--no-progress", f"--mesh={MESH}", "mesh.dp=8", "mesh.tp=1", *TINY,
-                       "model.max_seq_len=64", "train.steps=2", "train.lr=1e-3", "train.warmup_steps=0",
-                       "rl.group_size=4", "rl.prompts_per_step=4", "rl.max_new_tokens=4", "rl.eval_problems=16",
-                       "rl.eval_every=0", "serve.page_size=4", "serve.num_pages=256",
-                       f"rl.rewards=exact_match:1.0,{name}:0.5", f"train.out_dir={tmp_path}"])
+  rc = train_cli.main(
+    [
+      "rl",
+      "--no-progress",
+      f"--mesh={MESH}",
+      "mesh.dp=8",
+      "mesh.tp=1",
+      *TINY,
+      "model.max_seq_len=64",
+      "train.steps=2",
+      "train.lr=1e-3",
+      "train.warmup_steps=0",
+      "rl.group_size=4",
+      "rl.prompts_per_step=4",
+      "rl.max_new_tokens=4",
+      "rl.eval_problems=16",
+      "rl.eval_every=0",
+      "serve.page_size=4",
+      "serve.num_pages=256",
+      f"rl.rewards=exact_match:1.0,{name}:0.5",
+      f"train.out_dir={tmp_path}",
+    ]
+  )
   assert rc == 0
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "reward" in json.loads(l)]
   assert [l["step"] for l in lines] == [1, 2]
@@ -273,11 +323,27 @@ def test_rl_run_mixes_the_reward_model_with_the_verifiable_reward(trained, tmp_p
 def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
   """A NaN/inf stops reward-model training as it stops pretraining and RL (jaxllm.train.runner)."""
   from jaxllm.train.runner import TrainingDiverged
+
   data = AdditionTask(digits_min=1, digits_max=2).write_preference_file(str(tmp_path / "p.jsonl"), 200, "train")
-  cfg = load_config([], [f"mesh={MESH}", "mesh.dp=8", "mesh.tp=1", *TINY, "train.seq_len=32", "train.batch_size=16",
-                         "train.steps=10", "train.save_every=1", "train.lr=1e38", "train.warmup_steps=0",
-                         "train.grad_clip=0", "train.weight_decay=0", f"reward.data={data}",
-                         f"train.out_dir={tmp_path / 'run'}"])
+  cfg = load_config(
+    [],
+    [
+      f"mesh={MESH}",
+      "mesh.dp=8",
+      "mesh.tp=1",
+      *TINY,
+      "train.seq_len=32",
+      "train.batch_size=16",
+      "train.steps=10",
+      "train.save_every=1",
+      "train.lr=1e38",
+      "train.warmup_steps=0",
+      "train.grad_clip=0",
+      "train.weight_decay=0",
+      f"reward.data={data}",
+      f"train.out_dir={tmp_path / 'run'}",
+    ],
+  )
   with pytest.raises(TrainingDiverged, match="reward-model loss or gradient became NaN/inf at step") as e:
     R.train_reward_model(cfg, progress=False, log=lambda *_: None)
   meta = read_meta(str(tmp_path / "run" / "checkpoints"))

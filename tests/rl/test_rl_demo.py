@@ -3,6 +3,7 @@
 `train.py rl` from it, both as a user runs them (fresh processes, the default cpu-8 mesh); held-out
 accuracy after 100 RL steps is clearly above the SFT model's (measured: 29.5% -> 45.5% on 200 held-out
 problems; the full demo's numbers and run times are in docs/rl.md)."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def cli(*args, cwd):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--no-progress"], cwd=cwd,
-                     capture_output=True, text=True, env=env, timeout=1800)
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "train.py"), *args, "--no-progress"],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=1800,
+  )
   assert r.returncode == 0, r.stderr[-4000:]
   return r.stdout
 
@@ -24,14 +31,29 @@ def cli(*args, cwd):
 @pytest.mark.slow
 def test_sft_then_rl_raises_heldout_accuracy(tmp_path):
   from jaxllm.data.tasks import AdditionTask
+
   AdditionTask().write_sft_file(str(tmp_path / "add.txt"), 200000)
-  cli("train.data=add.txt", "train.steps=500", "train.decay_steps=1000", "train.out_dir=runs/sft",
-      "train.sample_tokens=0", cwd=tmp_path)
-  cli("rl", "rl.init_from=runs/sft/checkpoints", "train.steps=100", "rl.group_size=16",
-      "rl.rewards=exact_match:1.0,digits:1.0", "serve.page_size=4", "rl.eval_every=50", "train.out_dir=runs/rl",
-      cwd=tmp_path)
+  cli(
+    "train.data=add.txt",
+    "train.steps=500",
+    "train.decay_steps=1000",
+    "train.out_dir=runs/sft",
+    "train.sample_tokens=0",
+    cwd=tmp_path,
+  )
+  cli(
+    "rl",
+    "rl.init_from=runs/sft/checkpoints",
+    "train.steps=100",
+    "rl.group_size=16",
+    "rl.rewards=exact_match:1.0,digits:1.0",
+    "serve.page_size=4",
+    "rl.eval_every=50",
+    "train.out_dir=runs/rl",
+    cwd=tmp_path,
+  )
   lines = [json.loads(l) for l in open(tmp_path / "runs" / "rl" / "metrics.jsonl")]
   evals = [(l["step"], l["heldout_acc"]) for l in lines if "heldout_acc" in l]
-  assert evals[0][0] == 0 and 0.2 <= evals[0][1] <= 0.6, evals          # SFT lands in the band GRPO can move
+  assert evals[0][0] == 0 and 0.2 <= evals[0][1] <= 0.6, evals  # SFT lands in the band GRPO can move
   assert evals[-1][1] >= evals[0][1] + 0.10, evals
   assert (tmp_path / "runs" / "rl" / "rl.png").stat().st_size > 1000

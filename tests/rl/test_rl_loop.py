@@ -8,6 +8,7 @@
   run (the same rollouts, rewards, KL to the same reference, updates);
 - the KL penalty in the reward, the plot, the checkpoint and the CLI.
 """
+
 import json
 import os
 
@@ -20,9 +21,23 @@ from jaxllm.rl.loop import Publisher, rl_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = ("gen_tok_s", "train_tok_s", "elapsed_s")
-TINY = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.vocab_size=259", "model.max_seq_len=64",
-        "mesh.dp=8", "train.lr=1e-3", "train.warmup_steps=0", "rl.group_size=4", "rl.prompts_per_step=4",
-        "rl.max_new_tokens=4", "rl.eval_problems=16", "rl.eval_every=0", "serve.page_size=4", "serve.num_pages=256"]
+TINY = [
+  "model.n_layers=2",
+  "model.d_model=64",
+  "model.d_ff=128",
+  "model.vocab_size=259",
+  "model.max_seq_len=64",
+  "mesh.dp=8",
+  "train.lr=1e-3",
+  "train.warmup_steps=0",
+  "rl.group_size=4",
+  "rl.prompts_per_step=4",
+  "rl.max_new_tokens=4",
+  "rl.eval_problems=16",
+  "rl.eval_every=0",
+  "serve.page_size=4",
+  "serve.num_pages=256",
+]
 
 
 def run(out, *extra, stop_after=None):
@@ -50,12 +65,12 @@ def test_eta0_async_equals_sync_and_learner_logprobs_are_exact(tmp_path):
   # The sampler's log-probs vs the learner's forward on the same tokens and weights: reported, small,
   # and not exactly equal (a paged decode is not the training forward's arithmetic).
   assert all(0 <= l["logp_gap_max"] < 1e-4 and np.isfinite(l["logp_gap_mean"]) for l in lines)
-  assert all(l["entropy"] > 0 and l["kl"] >= 0 for l in lines)          # logged with both coefficients 0
+  assert all(l["entropy"] > 0 and l["kl"] >= 0 for l in lines)  # logged with both coefficients 0
 
   _, exact = run(tmp_path / "exact", "train.steps=3", "rl.eta=0", "rl.behaviour_logprobs=learner")
   lines = steps_of(exact)
   assert all(l["logp_gap_fresh_max"] == 0.0 and l["is_weight"] == 1.0 for l in lines)
-  assert all(l["logp_gap_max"] > 0 for l in lines)      # the sampler's own gap is still measured
+  assert all(l["logp_gap_max"] > 0 for l in lines)  # the sampler's own gap is still measured
 
 
 def test_kill_and_resume_give_the_uninterrupted_metrics_with_eta1(tmp_path):
@@ -69,7 +84,7 @@ def test_kill_and_resume_give_the_uninterrupted_metrics_with_eta1(tmp_path):
   # Killed in step 3 (its metrics written, the checkpoint of step 4 never reached), then resumed.
   run(tmp_path / "mid", *common, "train.save_every=2", stop_after=3)
   meta = read_meta(str(tmp_path / "mid" / "checkpoints"), 2)
-  assert [r["step"] for r in meta["data"]["pending"]] == [2]      # rollout 2 came from version 1
+  assert [r["step"] for r in meta["data"]["pending"]] == [2]  # rollout 2 came from version 1
   _, mid = run(tmp_path / "mid", *common, "train.save_every=2")
   same(steps_of(mid), ref)
 
@@ -79,22 +94,33 @@ def test_kill_and_resume_give_the_uninterrupted_metrics_with_eta1(tmp_path):
   same(steps_of(edge), ref)
 
   # A finished run resumed to more steps keeps the bound (its first new rollout uses version 5).
-  _, more = run(tmp_path / "whole", "train.steps=7", "train.save_every=2", "rl.eta=1", "rl.eval_every=2",
-                "rl.train_problems=6")
+  _, more = run(
+    tmp_path / "whole", "train.steps=7", "train.save_every=2", "rl.eta=1", "rl.eval_every=2", "rl.train_problems=6"
+  )
   more = steps_of(more)
   assert [l["step"] for l in more] == list(range(1, 8)) and more[5]["staleness_max"] == 0
   assert all(l["staleness_max"] <= 1 for l in more)
 
 
 def test_kl_in_reward_ppo_epochs_minibatches_and_checkpoint(tmp_path):
-  _, lines = run(tmp_path / "klr", "train.steps=2", "rl.eta=0", "rl.kl_coef=0.5", "rl.kl_in=reward",
-                 "rl.kl_estimator=k1", "train.lr=3e-2", "rl.ppo_epochs=2", "rl.minibatches=2")
+  _, lines = run(
+    tmp_path / "klr",
+    "train.steps=2",
+    "rl.eta=0",
+    "rl.kl_coef=0.5",
+    "rl.kl_in=reward",
+    "rl.kl_estimator=k1",
+    "train.lr=3e-2",
+    "rl.ppo_epochs=2",
+    "rl.minibatches=2",
+  )
   lines = steps_of(lines)
-  assert lines[0]["kl_penalty"] == pytest.approx(0.0, abs=1e-5)        # the policy starts at the reference
+  assert lines[0]["kl_penalty"] == pytest.approx(0.0, abs=1e-5)  # the policy starts at the reference
   assert lines[1]["kl_penalty"] != 0.0 and lines[1]["kl"] != 0.0
-  assert lines[0]["ratio"] != 1.0                   # the last of 4 updates sees weights moved since proximal
+  assert lines[0]["ratio"] != 1.0  # the last of 4 updates sees weights moved since proximal
   assert read_meta(str(tmp_path / "klr" / "checkpoints"), 2)["data"]["opt_step"] == 2 * 2 * 2
   from jaxllm.io.checkpoint import load_params
+
   config, params = load_params(str(tmp_path / "klr" / "checkpoints"))
   assert config.rl.kl_in == "reward" and params["layers"]["wq"].shape[0] == 2
 
@@ -125,6 +151,7 @@ def test_one_learner_step_moves_the_policy_towards_the_advantage():
   gain log-prob relative to those with A < 0 (what the policy gradient promises, to first order)."""
   import jax
   import jax.numpy as jnp
+
   from jaxllm.data import load_tokenizer
   from jaxllm.data.tasks import make_task
   from jaxllm.model.params import model_def
@@ -143,11 +170,13 @@ def test_one_learner_step_moves_the_policy_towards_the_advantage():
   sh = state_shardings(mdef, tx, mesh, plan)
   state = init_state(mdef, tx, sh, 0)
   hk, b_sh = mesh_hooks(mesh, plan, cfg.model), batch_sharding(mesh, plan)
-  step_fn = make_train_step(mdef, tx, sh, b_sh, hook_kwargs=hk,
-                            objective=learner.rl_objective(learner.loss_config(cfg.rl), 1.0))
+  step_fn = make_train_step(
+    mdef, tx, sh, b_sh, hook_kwargs=hk, objective=learner.rl_objective(learner.loss_config(cfg.rl), 1.0)
+  )
   smesh, splan = serving_mesh(mesh, plan)
-  eng = Engine(cfg.model, jax.tree.map(jnp.copy, state.params), cfg.serve, mesh=smesh, plan=splan,
-               detokenize=tok.decode)
+  eng = Engine(
+    cfg.model, jax.tree.map(jnp.copy, state.params), cfg.serve, mesh=smesh, plan=splan, detokenize=tok.decode
+  )
   task = make_task("addition", digits_min=1, digits_max=2, seed=0)
   probs = task.problems(4, "train")
   ro = rollout.generate(eng, tok, [task.prompt(p) for p in probs], ["0"] * 4, 4, 4, 1.0, 0, 0)
@@ -172,11 +201,21 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
   """A NaN stops RL as it stops pretraining and the reward model (jaxllm.train.runner): TrainingDiverged
   naming the step and the last good checkpoint, which stays loadable and finite."""
   import jax
+
   from jaxllm.io.checkpoint import load_params
   from jaxllm.train.runner import TrainingDiverged
+
   with pytest.raises(TrainingDiverged, match="RL loss or gradient became NaN/inf at step") as e:
-    run(tmp_path, "train.steps=8", "train.save_every=1", "train.lr=1e38", "train.grad_clip=0", "train.weight_decay=0",
-        "rl.eta=0", "rl.entropy_coef=0.1")   # the entropy bonus: a gradient although every reward is 0
+    run(
+      tmp_path,
+      "train.steps=8",
+      "train.save_every=1",
+      "train.lr=1e38",
+      "train.grad_clip=0",
+      "train.weight_decay=0",
+      "rl.eta=0",
+      "rl.entropy_coef=0.1",
+    )  # the entropy bonus: a gradient although every reward is 0
   last = read_meta(str(tmp_path / "checkpoints"))["step"]
   assert f"(step {last}) is kept" in str(e.value) and "rl.is_cap" in str(e.value)
   _, params = load_params(str(tmp_path / "checkpoints"))

@@ -5,6 +5,7 @@ Covers GRPO / Dr. GRPO advantages, the PPO clipped surrogate with DAPO clip-high
 (decoupled, TIS, none), the KL estimators' values and their expected gradients on an exact
 categorical, global-denominator aggregation over uneven chunks, and the entropy helper.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,17 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from jaxllm.config import ConfigError
-from jaxllm.rl.losses import (RLLossConfig, grpo_advantages, kl_estimate, kl_reward_penalty, metric_means,
-                              ppo_surrogate, rl_loss, token_entropy, token_logprobs)
+from jaxllm.rl.losses import (
+  RLLossConfig,
+  grpo_advantages,
+  kl_estimate,
+  kl_reward_penalty,
+  metric_means,
+  ppo_surrogate,
+  rl_loss,
+  token_entropy,
+  token_logprobs,
+)
 
 F64 = np.float64
 
@@ -26,21 +36,27 @@ def _loss_and_grad(logp, batch, cfg):
 def loss_and_grad(logp, batch, cfg):
   """Jitted (eager dispatch of every small op is the slow part on CPU) -> python floats, numpy grad."""
   (loss, (count, sums, maxes)), g = _loss_and_grad(logp, batch, cfg)
-  return float(loss), float(count), {k: float(v) for k, v in sums.items()}, \
-      {k: float(v) for k, v in maxes.items()}, np.asarray(g)
+  return (
+    float(loss),
+    float(count),
+    {k: float(v) for k, v in sums.items()},
+    {k: float(v) for k, v in maxes.items()},
+    np.asarray(g),
+  )
 
 
 # ---------------------------------------------------------------- GRPO advantages
 
+
 def test_grpo_advantages_match_numpy():
-  r = np.array([1, 0, 0, 1,   1, 1, 1, 1,   .5, .2, .9, 0.], np.float32)   # 3 prompts x 4 samples
+  r = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0.5, 0.2, 0.9, 0.0], np.float32)  # 3 prompts x 4 samples
   g = r.reshape(3, 4).astype(F64)
   centred = g - g.mean(1, keepdims=True)
   want_std = centred / (g.std(1, keepdims=True) + 1e-6)
   got = np.asarray(grpo_advantages(jnp.asarray(r), 4))
   assert_allclose(got, want_std.reshape(-1), rtol=1e-5, atol=1e-6)
-  assert_array_equal(got[4:8], 0.0)                      # equal rewards: no signal, no NaN
-  assert_allclose(got[:4], [1, -1, -1, 1], rtol=1e-5)    # +-1 for a 50/50 group
+  assert_array_equal(got[4:8], 0.0)  # equal rewards: no signal, no NaN
+  assert_allclose(got[:4], [1, -1, -1, 1], rtol=1e-5)  # +-1 for a 50/50 group
   dr = np.asarray(grpo_advantages(jnp.asarray(r), 4, normalize_std=False))
   assert_allclose(dr, centred.reshape(-1), rtol=1e-6, atol=1e-7)
   jitted = jax.jit(grpo_advantages, static_argnums=(1, 2))(jnp.asarray(r), 4, True)
@@ -54,8 +70,7 @@ def test_grpo_advantages_match_numpy():
 # Row 0: A = +1, ratios across the upper boundaries 1.2 (PPO) and 1.28 (DAPO); lower clip inactive for A > 0.
 # Row 1: A = -2, ratios across the lower boundary 0.8 and the dual-clip bound c = 3.
 # Column 8 is masked out and holds garbage (log-ratio 60: exp overflows fp32 if not guarded).
-RATIOS = np.array([[0.5, 0.79, 1.0, 1.1, 1.19, 1.21, 1.25, 1.3, 1.0],
-                   [0.5, 0.79, 0.81, 1.0, 1.5, 2.9, 3.1, 9.0, 1.0]])
+RATIOS = np.array([[0.5, 0.79, 1.0, 1.1, 1.19, 1.21, 1.25, 1.3, 1.0], [0.5, 0.79, 0.81, 1.0, 1.5, 2.9, 3.1, 9.0, 1.0]])
 ADV = np.array([1.0, -2.0], np.float32)
 
 
@@ -84,11 +99,14 @@ def np_ppo(logp, logp_old, adv, mask, lo, hi, c):
   return (loss * mask).sum(), grad, (clipped * mask).sum(), (dual * mask).sum()
 
 
-@pytest.mark.parametrize("lo,hi,c,n_clipped,n_dual", [
-  (0.2, 0.2, 0.0, 3 + 2, 0),    # row 0: 1.21, 1.25, 1.3 above 1.2; row 1: 0.5, 0.79 below 0.8
-  (0.2, 0.28, 0.0, 1 + 2, 0),   # DAPO clip-higher: only 1.3 above 1.28
-  (0.2, 0.28, 3.0, 1 + 2, 2),   # dual clip: 3.1 and 9.0 exceed c = 3 for A < 0, 2.9 does not
-])
+@pytest.mark.parametrize(
+  "lo,hi,c,n_clipped,n_dual",
+  [
+    (0.2, 0.2, 0.0, 3 + 2, 0),  # row 0: 1.21, 1.25, 1.3 above 1.2; row 1: 0.5, 0.79 below 0.8
+    (0.2, 0.28, 0.0, 1 + 2, 0),  # DAPO clip-higher: only 1.3 above 1.28
+    (0.2, 0.28, 3.0, 1 + 2, 2),  # dual clip: 3.1 and 9.0 exceed c = 3 for A < 0, 2.9 does not
+  ],
+)
 def test_ppo_clipping_matches_numpy(lo, hi, c, n_clipped, n_dual):
   logp, batch = ppo_batch()
   cfg = RLLossConfig(clip_low=lo, clip_high=hi, dual_clip=c, correction="none")
@@ -97,11 +115,11 @@ def test_ppo_clipping_matches_numpy(lo, hi, c, n_clipped, n_dual):
   assert count == 16
   assert_allclose(loss, want_loss, rtol=1e-5)
   assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
-  assert (want_clipped, want_dual) == (n_clipped, n_dual)   # the example straddles each boundary
+  assert (want_clipped, want_dual) == (n_clipped, n_dual)  # the example straddles each boundary
   assert (sums["clipped"], sums["dual_clipped"]) == (n_clipped, n_dual)
   assert np.all(np.isfinite(grad)) and grad[0, 8] == grad[1, 8] == 0.0
   assert_allclose(sums["ratio"], RATIOS[:, :8].sum(), rtol=1e-5)
-  assert_allclose(maxes["ratio"], 9.0, rtol=1e-5)   # the masked garbage column does not count
+  assert_allclose(maxes["ratio"], 9.0, rtol=1e-5)  # the masked garbage column does not count
   assert_allclose(sums["pg_loss"], loss, rtol=1e-6)
   # A dual-clip token has no gradient; a row-1 token just above the lower clip does.
   if c:
@@ -120,6 +138,7 @@ def test_ppo_surrogate_standalone():
 
 # ---------------------------------------------------------------- behaviour-policy correction
 
+
 def random_batch(seed, b=3, t=6, prox_equals_behav=False):
   rng = np.random.default_rng(seed)
   logp = rng.uniform(-3, -0.05, (b, t)).astype(np.float32)
@@ -127,9 +146,14 @@ def random_batch(seed, b=3, t=6, prox_equals_behav=False):
   prox = behav.copy() if prox_equals_behav else (behav + rng.normal(0, 0.3, (b, t))).astype(np.float32)
   mask = (rng.uniform(size=(b, t)) < 0.75).astype(np.float32)
   mask[0, 0] = 1
-  return logp, dict(mask=mask, advantages=rng.normal(size=b).astype(np.float32), logp_behav=behav,
-                    logp_prox=prox, logp_ref=(logp + rng.normal(0, 0.5, (b, t))).astype(np.float32),
-                    entropy=rng.uniform(0, 2, (b, t)).astype(np.float32))
+  return logp, dict(
+    mask=mask,
+    advantages=rng.normal(size=b).astype(np.float32),
+    logp_behav=behav,
+    logp_prox=prox,
+    logp_ref=(logp + rng.normal(0, 0.5, (b, t))).astype(np.float32),
+    entropy=rng.uniform(0, 2, (b, t)).astype(np.float32),
+  )
 
 
 @pytest.mark.parametrize("correction", ["decoupled", "tis"])
@@ -137,15 +161,20 @@ def test_correction_is_plain_ppo_when_behaviour_is_proximal(correction):
   logp, batch = random_batch(1, prox_equals_behav=True)
   kw = dict(clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
   got = loss_and_grad(jnp.asarray(logp), batch, RLLossConfig(correction=correction, **kw))
-  plain = loss_and_grad(jnp.asarray(logp), {k: v for k, v in batch.items() if k != "logp_prox"},
-                        RLLossConfig(correction="none", **kw))
-  assert got[0] == plain[0] and got[1] == plain[1]            # exactly, not approximately
+  plain = loss_and_grad(
+    jnp.asarray(logp), {k: v for k, v in batch.items() if k != "logp_prox"}, RLLossConfig(correction="none", **kw)
+  )
+  assert got[0] == plain[0] and got[1] == plain[1]  # exactly, not approximately
   assert_array_equal(got[4], plain[4])
   assert got[2]["is_capped"] == 0 and got[2]["is_weight"] == got[1]
 
 
-LOG_W = np.array([[-0.7, 0.0, 0.4, 0.69, 1.2, 1.7],      # w = 0.50 1 1.49 1.99 3.32 5.47
-                  [2.5, -1.5, 0.9, 1.0, 1.65, 0.1]])     # w = 12.2 0.22 2.46 2.72 5.21 1.11
+LOG_W = np.array(
+  [
+    [-0.7, 0.0, 0.4, 0.69, 1.2, 1.7],  # w = 0.50 1 1.49 1.99 3.32 5.47
+    [2.5, -1.5, 0.9, 1.0, 1.65, 0.1],
+  ]
+)  # w = 12.2 0.22 2.46 2.72 5.21 1.11
 
 
 @pytest.mark.parametrize("correction,cap", [("decoupled", 5.0), ("tis", 2.0), ("decoupled", 3.0)])
@@ -158,7 +187,7 @@ def test_correction_with_stale_behaviour_matches_numpy(correction, cap):
   mask[1, 5] = 0
   adv = np.array([0.8, -1.3], np.float32)
   batch = dict(mask=mask, advantages=adv, logp_behav=behav, logp_prox=prox)
-  is_cap = None if cap in (5.0, 2.0) else cap        # None: the correction's default cap
+  is_cap = None if cap in (5.0, 2.0) else cap  # None: the correction's default cap
   cfg = RLLossConfig(correction=correction, is_cap=is_cap)
   assert cfg.cap == cap
   loss, count, sums, maxes, grad = loss_and_grad(jnp.asarray(logp), batch, cfg)
@@ -166,7 +195,7 @@ def test_correction_with_stale_behaviour_matches_numpy(correction, cap):
   w = np.exp(prox.astype(F64) - behav.astype(F64))
   over = (w > cap) & (mask > 0)
   w_used = np.where(over, 0.0, w) if correction == "decoupled" else np.minimum(w, cap)
-  _, pg_grad, _, _ = np_ppo(logp, prox, adv, mask, 0.2, 0.2, 0.0)   # ratio current / proximal
+  _, pg_grad, _, _ = np_ppo(logp, prox, adv, mask, 0.2, 0.2, 0.0)  # ratio current / proximal
   r = np.exp(logp.astype(F64) - prox.astype(F64))
   a = adv.astype(F64)[:, None]
   per_tok = np.maximum(-a * r, -a * np.clip(r, 0.8, 1.2))
@@ -176,11 +205,11 @@ def test_correction_with_stale_behaviour_matches_numpy(correction, cap):
   assert_allclose(sums["is_weight"], (w * mask).sum(), rtol=1e-5)
   assert_allclose(maxes["is_weight"], np.exp(2.5), rtol=1e-5)
   m = metric_means(sums, maxes, count)
-  assert_allclose(m["is_capped"], over.sum() / 11, rtol=1e-6)    # the masked (capped) fraction
+  assert_allclose(m["is_capped"], over.sum() / 11, rtol=1e-6)  # the masked (capped) fraction
   if correction == "tis":
-    assert w_used.max() == 2.0 and np.all(grad[over] != 0)        # truncated, not dropped
+    assert w_used.max() == 2.0 and np.all(grad[over] != 0)  # truncated, not dropped
   else:
-    assert np.all(grad[over] == 0)                                 # dropped from the policy gradient
+    assert np.all(grad[over] == 0)  # dropped from the policy gradient
 
 
 def test_missing_inputs_are_named():
@@ -189,18 +218,22 @@ def test_missing_inputs_are_named():
   with pytest.raises(KeyError, match="logp_prox"):
     rl_loss(jnp.asarray(logp), batch, RLLossConfig(correction="tis"))
   with pytest.raises(KeyError, match="logp_ref"):
-    rl_loss(jnp.asarray(logp), {k: v for k, v in batch.items() if k != "logp_ref"},
-            RLLossConfig(correction="none", kl_coef=0.1))
+    rl_loss(
+      jnp.asarray(logp),
+      {k: v for k, v in batch.items() if k != "logp_ref"},
+      RLLossConfig(correction="none", kl_coef=0.1),
+    )
 
 
 # ---------------------------------------------------------------- KL estimators
+
 
 def test_kl_estimator_values_and_placement():
   logp, batch = random_batch(4)
   mask, ref = batch["mask"], batch["logp_ref"]
   d = logp.astype(F64) - ref.astype(F64)
   want = {"k1": d, "k2": 0.5 * d * d, "k3": np.exp(-d) - (-d) - 1}
-  plain = loss_and_grad(jnp.asarray(logp), batch, RLLossConfig(correction="none"))   # kl_coef 0
+  plain = loss_and_grad(jnp.asarray(logp), batch, RLLossConfig(correction="none"))  # kl_coef 0
   for est, w in want.items():
     assert_allclose(np.asarray(kl_estimate(jnp.asarray(logp), jnp.asarray(ref), est)), w, rtol=1e-5, atol=1e-6)
     in_loss = loss_and_grad(jnp.asarray(logp), batch, RLLossConfig(correction="none", kl_estimator=est, kl_coef=0.1))
@@ -208,15 +241,20 @@ def test_kl_estimator_values_and_placement():
     assert_allclose(in_loss[2]["kl"], (w * mask).sum(), rtol=1e-5)
     cfg = RLLossConfig(kl_coef=0.1, kl_estimator=est, kl_in="reward")
     _, pen_grad = jax.value_and_grad(
-      lambda lp: jnp.sum(kl_reward_penalty(lp, jnp.asarray(ref), jnp.asarray(mask), cfg)))(jnp.asarray(logp))
-    assert_allclose(np.asarray(kl_reward_penalty(jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), cfg)),
-                    0.1 * w * mask, rtol=1e-5, atol=1e-7)
-    assert not np.any(np.asarray(pen_grad))                        # a reward: no gradient
+      lambda lp: jnp.sum(kl_reward_penalty(lp, jnp.asarray(ref), jnp.asarray(mask), cfg))
+    )(jnp.asarray(logp))
+    assert_allclose(
+      np.asarray(kl_reward_penalty(jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), cfg)),
+      0.1 * w * mask,
+      rtol=1e-5,
+      atol=1e-7,
+    )
+    assert not np.any(np.asarray(pen_grad))  # a reward: no gradient
   # kl_in="reward": reported, not in the loss.
   in_reward = loss_and_grad(jnp.asarray(logp), batch, RLLossConfig(correction="none", kl_coef=0.1, kl_in="reward"))
   assert in_reward[0] == plain[0]
   assert_array_equal(in_reward[4], plain[4])
-  assert_allclose(in_reward[2]["kl"], (want["k2"] * mask).sum(), rtol=1e-5)   # the default estimator, k2
+  assert_allclose(in_reward[2]["kl"], (want["k2"] * mask).sum(), rtol=1e-5)  # the default estimator, k2
 
 
 def test_kl_gradients_on_a_categorical():
@@ -232,15 +270,18 @@ def test_kl_gradients_on_a_categorical():
 
   def log_softmax(z):
     return z - np.log(np.exp(z - z.max()).sum()) - z.max()
+
   pi, ref = np.exp(log_softmax(theta)), np.exp(log_softmax(ref_logits))
   dl = np.log(pi) - np.log(ref)
   reverse = (pi * dl).sum()
-  rev_grad = pi * (dl - (pi * dl).sum())          # d/dtheta sum_x pi (log pi - log ref)
-  fwd_grad = pi - ref                             # d/dtheta sum_x ref (log ref - log pi)
+  rev_grad = pi * (dl - (pi * dl).sum())  # d/dtheta sum_x pi (log pi - log ref)
+  fwd_grad = pi - ref  # d/dtheta sum_x ref (log ref - log pi)
   # The analytic formulas against central differences of the KLs themselves (float64).
   eps = 1e-6
-  for formula, kl in ((rev_grad, lambda z: (np.exp(log_softmax(z)) * (log_softmax(z) - np.log(ref))).sum()),
-                      (fwd_grad, lambda z: (ref * (np.log(ref) - log_softmax(z))).sum())):
+  for formula, kl in (
+    (rev_grad, lambda z: (np.exp(log_softmax(z)) * (log_softmax(z) - np.log(ref))).sum()),
+    (fwd_grad, lambda z: (ref * (np.log(ref) - log_softmax(z))).sum()),
+  ):
     fd = np.array([(kl(theta + eps * e) - kl(theta - eps * e)) / (2 * eps) for e in np.eye(5)])
     assert_allclose(formula, fd, atol=1e-8)
 
@@ -249,15 +290,17 @@ def test_kl_gradients_on_a_categorical():
   def expected(est, kl_in):
     """E_{x~pi}[the loss on token x] as a function of the logits; every outcome is one token of a
     [1, V] row, weighted by pi through the mask with no gradient (what sampling gives)."""
+
     def f(th):
       logp = jax.nn.log_softmax(th)[None]
       p = jax.lax.stop_gradient(jnp.exp(logp))
       cfg = RLLossConfig(correction="none", kl_coef=1.0, kl_estimator=est, kl_in=kl_in)
       batch = dict(mask=p, logp_behav=jax.lax.stop_gradient(logp), logp_ref=logref, advantages=jnp.zeros((1, 5)))
-      if kl_in == "reward":   # on-policy: the penalty uses the sampling policy's log-probs
+      if kl_in == "reward":  # on-policy: the penalty uses the sampling policy's log-probs
         batch["advantages"] = -kl_reward_penalty(jax.lax.stop_gradient(logp), logref, p, cfg)
       loss_sum, count, _, _ = rl_loss(logp, batch, cfg)
       return loss_sum / count
+
     return jax.value_and_grad(f)(jnp.asarray(theta, jnp.float32))
 
   got = {(est, kl_in): expected(est, kl_in) for est in ("k1", "k2", "k3") for kl_in in ("loss", "reward")}
@@ -265,7 +308,8 @@ def test_kl_gradients_on_a_categorical():
 
   def matches(x, y):
     return np.allclose(x, y, atol=2e-6)
-  assert np.abs(rev_grad).max() > 0.05 and np.abs(rev_grad - fwd_grad).max() > 0.05   # a telling example
+
+  assert np.abs(rev_grad).max() > 0.05 and np.abs(rev_grad - fwd_grad).max() > 0.05  # a telling example
   assert matches(g["k1", "loss"], 0.0) and not matches(g["k1", "loss"], rev_grad)
   assert matches(g["k2", "loss"], rev_grad)
   assert matches(g["k3", "loss"], fwd_grad) and not matches(g["k3", "loss"], rev_grad)
@@ -279,13 +323,13 @@ def test_kl_gradients_on_a_categorical():
 
 # ---------------------------------------------------------------- global denominators
 
+
 def test_uneven_chunks_sum_to_the_unsplit_loss():
   logp, batch = random_batch(5, b=5, t=7)
-  batch["mask"][2] = 0                           # a row with no counted tokens
+  batch["mask"][2] = 0  # a row with no counted tokens
   batch["mask"][3, :] = 1
-  batch["advantages"] = np.random.default_rng(6).normal(size=(5, 7)).astype(np.float32)   # per-token form
-  cfg = RLLossConfig(correction="decoupled", clip_high=0.28, dual_clip=3.0, is_cap=1.2, kl_coef=0.05,
-                     entropy_coef=0.01)
+  batch["advantages"] = np.random.default_rng(6).normal(size=(5, 7)).astype(np.float32)  # per-token form
+  cfg = RLLossConfig(correction="decoupled", clip_high=0.28, dual_clip=3.0, is_cap=1.2, kl_coef=0.05, entropy_coef=0.01)
   full_loss, full_count, full_sums, full_maxes, full_grad = loss_and_grad(jnp.asarray(logp), batch, cfg)
   assert full_sums["is_capped"] > 0 and full_sums["clipped"] > 0
 
@@ -295,6 +339,7 @@ def test_uneven_chunks_sum_to_the_unsplit_loss():
   def split_loss(lp):
     outs = [rl_loss(lp[c], {k: v[c] for k, v in batch.items()}, cfg) for c in chunks]
     return sum(o[0] for o in outs) / total, outs
+
   (loss, outs), grad = jax.jit(jax.value_and_grad(split_loss, has_aux=True))(jnp.asarray(logp))
   assert total == full_count == sum(float(o[1]) for o in outs)
   assert_allclose(float(loss), full_loss / full_count, rtol=1e-6)
@@ -313,11 +358,12 @@ def test_uneven_chunks_sum_to_the_unsplit_loss():
 
 # ---------------------------------------------------------------- entropy, log-probs, config
 
+
 def test_token_entropy_and_logprobs_match_numpy():
   rng = np.random.default_rng(7)
   logits = rng.normal(0, 2, (2, 3, 6)).astype(np.float32)
-  logits[0, 1] = [30, 0, 0, 0, 0, 0]             # nearly one-hot
-  logits[1, 2, 4] = -np.inf                      # a banned token
+  logits[0, 1] = [30, 0, 0, 0, 0, 0]  # nearly one-hot
+  logits[1, 2, 4] = -np.inf  # a banned token
   z = logits.astype(F64)
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -336,11 +382,21 @@ def test_token_entropy_and_logprobs_match_numpy():
   assert_allclose(bonus[2]["entropy"], (batch["entropy"] * batch["mask"]).sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("field,value", [
-  ("clip_low", 1.0), ("clip_low", -0.1), ("clip_high", -0.2), ("dual_clip", 0.5), ("correction", "ppo"),
-  ("is_cap", 0.5), ("kl_coef", -1.0), ("kl_estimator", "k4"), ("kl_in", "advantage"),
-  ("entropy_coef", float("nan")),
-])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("clip_low", 1.0),
+    ("clip_low", -0.1),
+    ("clip_high", -0.2),
+    ("dual_clip", 0.5),
+    ("correction", "ppo"),
+    ("is_cap", 0.5),
+    ("kl_coef", -1.0),
+    ("kl_estimator", "k4"),
+    ("kl_in", "advantage"),
+    ("entropy_coef", float("nan")),
+  ],
+)
 def test_config_errors_name_the_field(field, value):
   with pytest.raises(ConfigError, match=f"RLLossConfig.{field}=.*allowed"):
     RLLossConfig(**{field: value})

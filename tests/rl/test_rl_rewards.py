@@ -1,5 +1,6 @@
 """jaxllm.rl.rewards: the built-in rewards on hand-written completions, the reward-spec parser and
 its errors, the python: loader, batched rewards and combine()'s arithmetic."""
+
 import sys
 import textwrap
 
@@ -28,23 +29,27 @@ NOT_CALLABLE = 3
 def here(monkeypatch):
   """This module importable as `test_rl_rewards` for python: paths."""
   import os
+
   monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
   return "test_rl_rewards"
 
 
-@pytest.mark.parametrize("completion, reference, em, fmt", [
-  ("357\n", "357", 1.0, 1.0),
-  ("357\n12+1=13\n", "357", 1.0, 1.0),   # only the first line is the answer
-  ("358\n", "357", 0.0, 1.0),             # well formed, wrong
-  ("357", "357", 0.0, 0.0),               # no end marker: unfinished
-  (" 357\n", "357", 1.0, 0.0),            # exact_match strips; format wants digits first
-  ("357 \n", "357", 1.0, 0.0),
-  ("0357\n", "357", 0.0, 1.0),            # string match, not numeric
-  ("\n", "357", 0.0, 0.0),
-  ("", "357", 0.0, 0.0),
-  ("abc\n", "357", 0.0, 0.0),
-  ("1000\n", "1000\n", 1.0, 1.0),         # the reference is stripped too
-])
+@pytest.mark.parametrize(
+  "completion, reference, em, fmt",
+  [
+    ("357\n", "357", 1.0, 1.0),
+    ("357\n12+1=13\n", "357", 1.0, 1.0),  # only the first line is the answer
+    ("358\n", "357", 0.0, 1.0),  # well formed, wrong
+    ("357", "357", 0.0, 0.0),  # no end marker: unfinished
+    (" 357\n", "357", 1.0, 0.0),  # exact_match strips; format wants digits first
+    ("357 \n", "357", 1.0, 0.0),
+    ("0357\n", "357", 0.0, 1.0),  # string match, not numeric
+    ("\n", "357", 0.0, 0.0),
+    ("", "357", 0.0, 0.0),
+    ("abc\n", "357", 0.0, 0.0),
+    ("1000\n", "1000\n", 1.0, 1.0),  # the reference is stripped too
+  ],
+)
 def test_builtin_rewards(completion, reference, em, fmt):
   assert R.exact_match("12+345=", completion, reference) == em
   assert R.format_ok("12+345=", completion, reference) == fmt
@@ -53,10 +58,19 @@ def test_builtin_rewards(completion, reference, em, fmt):
   assert make_reward("format")(["p"], [completion], [reference])[0] == fmt
 
 
-@pytest.mark.parametrize("completion, reference, score", [
-  ("357\n", "357", 1.0), ("358\n", "357", 2 / 3), ("57\n", "357", 2 / 3), ("1357\n", "357", 3 / 4),
-  ("999\n", "357", 0.0), ("357", "357", 0.0), ("\n", "357", 0.0), ("x57\n", "357", 2 / 3),
-])
+@pytest.mark.parametrize(
+  "completion, reference, score",
+  [
+    ("357\n", "357", 1.0),
+    ("358\n", "357", 2 / 3),
+    ("57\n", "357", 2 / 3),
+    ("1357\n", "357", 3 / 4),
+    ("999\n", "357", 0.0),
+    ("357", "357", 0.0),
+    ("\n", "357", 0.0),
+    ("x57\n", "357", 2 / 3),
+  ],
+)
 def test_digits_partial_credit(completion, reference, score):
   assert R.digit_match("", completion, reference) == pytest.approx(score)
   assert make_reward("digits")([""], [completion], [reference])[0] == pytest.approx(score)
@@ -70,23 +84,26 @@ def test_spec_parsing_weights_and_defaults():
   spec = RewardSpec.parse("exact_match:1.0, format:0.1")
   assert spec.names == ("exact_match", "format") and spec.weights == {"exact_match": 1.0, "format": 0.1}
   assert str(spec) == "exact_match:1,format:0.1" and RewardSpec.parse(str(spec)).weights == spec.weights
-  assert RewardSpec.parse("format").weights == {"format": 1.0}                  # weight defaults to 1
-  assert RewardSpec.parse("format:-0.5,").weights == {"format": -0.5}           # penalties, trailing comma
+  assert RewardSpec.parse("format").weights == {"format": 1.0}  # weight defaults to 1
+  assert RewardSpec.parse("format:-0.5,").weights == {"format": -0.5}  # penalties, trailing comma
   assert RewardSpec.parse("exact_match:2e-1").weights == {"exact_match": 0.2}
   assert set(REWARDS) >= {"exact_match", "format", "python:"}
 
 
-@pytest.mark.parametrize("text, match", [
-  ("exact_mach:1.0", r"unknown reward 'exact_mach'.*exact_match, format, python:MODULE:FUNCTION"),
-  ("exact_match:1.0,nope", r"unknown reward 'nope'.*python:MODULE:FUNCTION"),
-  ("exact_match:abc", r"'exact_match': weight 'abc' is not a number"),
-  ("format:", r"'format': weight '' is not a number"),
-  ("format:nan", r"'format': weight 'nan' must be a finite number"),
-  ("format:inf", r"finite"),
-  ("format:1,format:2", r"'format' appears twice"),
-  ("", r"names no reward.*exact_match"),
-  (" , ", r"names no reward"),
-])
+@pytest.mark.parametrize(
+  "text, match",
+  [
+    ("exact_mach:1.0", r"unknown reward 'exact_mach'.*exact_match, format, python:MODULE:FUNCTION"),
+    ("exact_match:1.0,nope", r"unknown reward 'nope'.*python:MODULE:FUNCTION"),
+    ("exact_match:abc", r"'exact_match': weight 'abc' is not a number"),
+    ("format:", r"'format': weight '' is not a number"),
+    ("format:nan", r"'format': weight 'nan' must be a finite number"),
+    ("format:inf", r"finite"),
+    ("format:1,format:2", r"'format' appears twice"),
+    ("", r"names no reward.*exact_match"),
+    (" , ", r"names no reward"),
+  ],
+)
 def test_spec_errors_name_the_problem(text, match):
   with pytest.raises(ValueError, match=match):
     RewardSpec.parse(text)
@@ -105,7 +122,8 @@ def test_python_reward_from_this_module(here):
 
 
 def test_python_reward_from_a_module_in_tmp_path(tmp_path, monkeypatch):
-  (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+  (tmp_path / "my_rewards.py").write_text(
+    textwrap.dedent("""
     def has_seven(prompt, completion, reference):
       return 1.0 if "7" in completion else 0.0
 
@@ -113,22 +131,30 @@ def test_python_reward_from_a_module_in_tmp_path(tmp_path, monkeypatch):
       @staticmethod
       def length(prompt, completion, reference):
         return len(completion)
-  """))
+  """)
+  )
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
-  total, per = combine("python:my_rewards:has_seven:2,python:my_rewards:Scorer.length:0.25",
-                       ["p"] * 3, ["7\n", "8\n", "77"], ["7", "7", "7"])
+  total, per = combine(
+    "python:my_rewards:has_seven:2,python:my_rewards:Scorer.length:0.25",
+    ["p"] * 3,
+    ["7\n", "8\n", "77"],
+    ["7", "7", "7"],
+  )
   np.testing.assert_allclose(per["python:my_rewards:has_seven"], [1, 0, 1])
   np.testing.assert_allclose(per["python:my_rewards:Scorer.length"], [2, 2, 2])
   np.testing.assert_allclose(total, [2.5, 0.5, 2.5])
 
 
-@pytest.mark.parametrize("path, match", [
-  ("no_such_module_xyz:fn", r"'python:no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'"),
-  ("{here}:missing", r"'python:{here}:missing': module '{here}' has no attribute 'missing'"),
-  ("{here}:NOT_CALLABLE", r"'python:{here}:NOT_CALLABLE':.*is a int, not callable"),
-  ("fn_without_module", r"write python:MODULE:FUNCTION"),
-])
+@pytest.mark.parametrize(
+  "path, match",
+  [
+    ("no_such_module_xyz:fn", r"'python:no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'"),
+    ("{here}:missing", r"'python:{here}:missing': module '{here}' has no attribute 'missing'"),
+    ("{here}:NOT_CALLABLE", r"'python:{here}:NOT_CALLABLE':.*is a int, not callable"),
+    ("fn_without_module", r"write python:MODULE:FUNCTION"),
+  ],
+)
 def test_python_reward_errors_name_the_path(here, path, match):
   with pytest.raises(ValueError, match=match.format(here=here)):
     RewardSpec.parse(f"python:{path.format(here=here)}:1.0")
@@ -183,9 +209,10 @@ def test_batched_rewards_are_called_once_per_batch(here, monkeypatch):
 
 
 def test_register_reward_prefix_forms_and_duplicates(monkeypatch):
-  monkeypatch.setattr(R, "REWARDS", dict(REWARDS))   # keep the module registry clean
-  register_reward("fake_rm:", lambda path: Reward(f"fake_rm:{path}", lambda ps, cs, rs: [len(path)] * len(ps),
-                                                  batched=True))
+  monkeypatch.setattr(R, "REWARDS", dict(REWARDS))  # keep the module registry clean
+  register_reward(
+    "fake_rm:", lambda path: Reward(f"fake_rm:{path}", lambda ps, cs, rs: [len(path)] * len(ps), batched=True)
+  )
   spec = RewardSpec.parse("fake_rm:/ckpt/dir:0.5,exact_match")
   assert spec.weights == {"fake_rm:/ckpt/dir": 0.5, "exact_match": 1.0}
   total, _ = combine(spec, ["p"], ["1\n"], ["1"])
@@ -207,6 +234,7 @@ def test_bad_scores_name_the_reward_and_sample(monkeypatch):
 
   def crash(p, c, r):
     raise KeyError("oops")
+
   monkeypatch.setitem(REWARDS, "crash_r", lambda: Reward("crash_r", crash))
   with pytest.raises(KeyError) as info:
     combine("crash_r", ["a"], ["b"], ["c"])

@@ -1,5 +1,6 @@
 """jaxllm/serve/detok.py: streamed text equals a full decode, stop strings never leak, and the work
 per token stays bounded. Pure Python (tokenizers built here, nothing downloaded); no jax needed."""
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,31 @@ from jaxllm.serve.detok import TextStream
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BYTE = ByteTokenizer()
 UNICODE_TEXT = "héllo wörld — 中文字符 😀👍 ñ ok; ascii tail\n"
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "wörld", "naïve",
-         "café", "中文", "字符", "日本語", "😀", "👍🏽", "ñandú", "—", "Ωmega", "straße", "ok", "END"]
+WORDS = [
+  "the",
+  "quick",
+  "brown",
+  "fox",
+  "jumps",
+  "over",
+  "lazy",
+  "dog",
+  "héllo",
+  "wörld",
+  "naïve",
+  "café",
+  "中文",
+  "字符",
+  "日本語",
+  "😀",
+  "👍🏽",
+  "ñandú",
+  "—",
+  "Ωmega",
+  "straße",
+  "ok",
+  "END",
+]
 
 
 def stream_all(decode, ids, stops=(), prompt_ids=None, chunks=None, rng=None):
@@ -24,7 +48,7 @@ def stream_all(decode, ids, stops=(), prompt_ids=None, chunks=None, rng=None):
   deltas, i = [], 0
   while i < len(ids):
     n = rng.randint(1, 5) if rng else 1
-    deltas.append(s.push(ids[i:i + n]))
+    deltas.append(s.push(ids[i : i + n]))
     i += n
   deltas.append(s.finish())
   return s, deltas
@@ -35,6 +59,7 @@ def random_text(rng, n_words):
 
 
 # -- the invariant: deltas concatenate to decode(all ids) --------------------------------------------
+
 
 def test_byte_tokenizer_valid_text_matches_full_decode_without_replacement_chars():
   rng = random.Random(0)
@@ -65,8 +90,10 @@ def test_byte_tokenizer_random_ids_match_full_decode():
   # out whole.
   rng = random.Random(1)
   for trial in range(400):
-    ids = [rng.choice([rng.randrange(259), rng.randrange(0x80, 0x100), rng.randrange(0x80, 0xC0)])
-           for _ in range(rng.randint(0, 80))]
+    ids = [
+      rng.choice([rng.randrange(259), rng.randrange(0x80, 0x100), rng.randrange(0x80, 0xC0)])
+      for _ in range(rng.randint(0, 80))
+    ]
     s, deltas = stream_all(BYTE.decode, ids, rng=rng if trial % 2 else None)
     assert "".join(deltas) == BYTE.decode(ids) == s.text
 
@@ -85,7 +112,7 @@ def test_prompt_context_does_not_change_byte_level_output():
   rng = random.Random(2)
   for _ in range(100):
     prompt = BYTE.encode(random_text(rng, 3))
-    prompt = prompt[:rng.randint(0, len(prompt))]          # may end inside a character
+    prompt = prompt[: rng.randint(0, len(prompt))]  # may end inside a character
     gen = [rng.randrange(256) for _ in range(rng.randint(0, 20))] + BYTE.encode(random_text(rng, 2))
     _, deltas = stream_all(BYTE.decode, gen, prompt_ids=prompt)
     assert "".join(deltas) == BYTE.decode(gen)
@@ -96,13 +123,18 @@ def bpe(tmp_path_factory):
   """A byte-level BPE (GPT-2 style) trained here on generated text, loaded through HFTokenizer.
   Merges inside CJK and emoji make tokens that end or start in the middle of a character."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   rng = random.Random(3)
   lines = [random_text(rng, rng.randint(3, 12)) for _ in range(400)]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(lines, trainers.BpeTrainer(
-    vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    lines,
+    trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    ),
+  )
   path = str(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
   tok.save(path)
   return HFTokenizer(path)
@@ -130,11 +162,13 @@ def test_sentencepiece_style_leading_space_decodes_in_prompt_context(tmp_path):
   # A Metaspace tokenizer drops the leading space of the first token it decodes: alone, " world"
   # decodes to "world"; streamed after the prompt it must keep its space.
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Metaspace()
   tok.decoder = decoders.Metaspace()
-  tok.train_from_iterator(["hello world the quick brown fox"] * 20,
-                          trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+  tok.train_from_iterator(
+    ["hello world the quick brown fox"] * 20, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+  )
   path = str(tmp_path / "tokenizer.json")
   tok.save(path)
   sp = HFTokenizer(path)
@@ -142,7 +176,7 @@ def test_sentencepiece_style_leading_space_decodes_in_prompt_context(tmp_path):
   assert sp.decode(gen) == "world the fox"
   _, deltas = stream_all(sp.decode, gen, prompt_ids=prompt)
   assert "".join(deltas) == " world the fox"
-  _, deltas = stream_all(sp.decode, gen)                   # no prompt: as decode(gen) shows it
+  _, deltas = stream_all(sp.decode, gen)  # no prompt: as decode(gen) shows it
   assert "".join(deltas) == "world the fox"
   # A special token (no text) between prompt and output must not cost the output its context.
   unk = tok.token_to_id("<unk>")
@@ -179,7 +213,7 @@ def test_stop_at_the_very_first_token():
 def test_stop_beginning_inside_a_token():
   # "hel" + "lo wo" + "rld": the stop "lo w" starts inside the second token.
   s = TextStream(words_decode, stops=("lo w",))
-  assert s.push([0]) == "he"                   # "l" may be the start of "lo w": held back
+  assert s.push([0]) == "he"  # "l" may be the start of "lo w": held back
   assert s.push([1, 2]) == "l"
   assert s.stopped and s.text == "hel" and s.stop_token_index == 2
   # ... and one ending inside a token: the token's text after the stop is dropped too.
@@ -203,7 +237,7 @@ def test_overlapping_stop_candidates():
   assert deltas == ["", "", "a", ""] and s.text == "a" and s.stopped
   # Earliest occurrence wins when several stops complete in the same token.
   s = TextStream(words_decode, stops=("b", "aab"))
-  assert s.push([11]) == "" and s.stopped          # "aab": "aab" starts at 0, before "b" at 2
+  assert s.push([11]) == "" and s.stopped  # "aab": "aab" starts at 0, before "b" at 2
   s = TextStream(words_decode, stops=("world", "lo"))
   assert s.push([0, 1, 2]) == "hel"
 
@@ -226,7 +260,7 @@ def test_stop_that_never_completes_is_flushed_at_finish():
 
 def test_stop_completed_by_the_final_flush():
   # The last character is held (incomplete UTF-8) until finish, and completes a stop there.
-  ids = BYTE.encode("ok \xe9")[:-1]        # "ok " + the first byte of "é": flushed as U+FFFD
+  ids = BYTE.encode("ok \xe9")[:-1]  # "ok " + the first byte of "é": flushed as U+FFFD
   s = TextStream(BYTE.decode, stops=(" \ufffd",))
   assert s.push(ids) == "ok"
   assert s.finish() == "" and s.stopped and s.text == "ok"
@@ -249,7 +283,7 @@ def _expected_stream(decode, ids, stops):
     text = decode(ids[:n])
     starts = [text.find(s) for s in stops if s in text]
     if starts:
-      return text[:min(starts)], n
+      return text[: min(starts)], n
   return decode(ids), None
 
 
@@ -260,12 +294,11 @@ def test_random_stops_match_reference_and_no_partial_stop_leaks():
   rng = random.Random(6)
   for _ in range(400):
     ids = [rng.choice(b"abc ") for _ in range(rng.randint(0, 40))]
-    stops = tuple("".join(rng.choice("abc ") for _ in range(rng.randint(1, 4)))
-                  for _ in range(rng.randint(1, 3)))
+    stops = tuple("".join(rng.choice("abc ") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3)))
     expected, index = _expected_stream(BYTE.decode, ids, stops)
     s = TextStream(BYTE.decode, stops)
     for n in range(1, len(ids) + 1):
-      delta = s.push(ids[n - 1:n])
+      delta = s.push(ids[n - 1 : n])
       emitted = s.text
       assert expected.startswith(emitted) and emitted.endswith(delta)
       if s.stopped:
@@ -280,6 +313,7 @@ def test_random_stops_match_reference_and_no_partial_stop_leaks():
 
 
 # -- cost and boundary -------------------------------------------------------------------------------
+
 
 class CountingDecode:
   def __init__(self, decode):
@@ -314,17 +348,19 @@ def test_work_per_token_is_bounded_over_a_long_stream(name, bpe):
   assert counter.longest <= 16
   assert max(per_token) <= 64
   assert counter.calls <= 3 * len(ids) + 10
-  assert max(per_token[-200:]) <= max(per_token[:200]) + 16    # no growth along the stream
-  assert len(s._pending) < len("the quick brown cat")          # held stop text stays bounded
+  assert max(per_token[-200:]) <= max(per_token[:200]) + 16  # no growth along the stream
+  assert len(s._pending) < len("the quick brown cat")  # held stop text stays bounded
 
 
 def test_window_stays_bounded_on_endless_invalid_utf8():
   # Every prefix of these streams ends in U+FFFD (a lead byte the next byte does not continue),
   # so "hold until the character completes" alone would decode an ever longer window.
   rng = random.Random(8)
-  streams = [[0xE4] * 2000,
-             [rng.choice([0xE4, 0xF0, 0xC3, 0x80, 0xB8]) for _ in range(2000)],
-             (BYTE.encode("中") + [0xE4]) * 500]
+  streams = [
+    [0xE4] * 2000,
+    [rng.choice([0xE4, 0xF0, 0xC3, 0x80, 0xB8]) for _ in range(2000)],
+    (BYTE.encode("中") + [0xE4]) * 500,
+  ]
   for ids in streams:
     counter = CountingDecode(BYTE.decode)
     s, deltas = stream_all(counter, ids)

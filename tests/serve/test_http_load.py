@@ -1,8 +1,8 @@
 """The server under load, bounded to a default-suite test: 64 concurrent streaming clients (asyncio +
 httpx) send 480 greedy completions whose prompts share a few system prompts; ~20% hang up right
-after the headers or after a chunk or two. The KV pool is held to 40 pages (serve.max_pages: the allocator's limit, so the step
-functions keep the compiled pool shape of test_http) with serve.decode_reserve=0, so admission
-over-commits and the run has to evict cached prefixes and preempt running requests.
+after the headers or after a chunk or two. The KV pool is held to 40 pages (serve.max_pages: the
+allocator's limit, so the step functions keep the compiled pool shape of test_http) with
+serve.decode_reserve=0, so admission over-commits and the run has to evict cached prefixes and preempt running requests.
 
 Checked: every request that was not cancelled streams exactly the offline engine's greedy tokens
 and text (prefix cache off), with usage to match; eviction and preemption both happened; at idle the
@@ -10,6 +10,7 @@ page invariant holds and /flush_cache frees the whole pool; /metrics agrees with
 saw (exactly for totals the clients can know, within bounds where a cancelled stream hides how far
 the engine got before the abort landed).
 """
+
 import asyncio
 import dataclasses
 import json
@@ -18,10 +19,10 @@ import string
 import time
 
 import httpx
+from test_http import CFG, EOS, MODEL, SERVE, TOK, params_of, scrape, snapshot_idle, start_server
 
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
-from test_http import CFG, EOS, MODEL, SERVE, TOK, params_of, scrape, snapshot_idle, start_server
 
 REQUESTS = 480
 CLIENTS = 64
@@ -35,8 +36,8 @@ LOAD = dataclasses.replace(SERVE, max_pages=40, decode_reserve=0.0, api_key="", 
 class Job:
   prompt: str
   max_tokens: int
-  cancel_after: int | None      # hang up after this many data chunks, 0 = right after the headers
-                                # (None: read to the end)
+  cancel_after: int | None  # hang up after this many data chunks, 0 = right after the headers
+  # (None: read to the end)
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ def workload(n: int, seed: int = 0) -> list[Job]:
   jobs = []
   for i in range(n):
     prompt = systems[i % 6] + text(0, 10)
-    if rng.random() < CANCEL_FRACTION:      # long enough to be still running when the hang-up lands
+    if rng.random() < CANCEL_FRACTION:  # long enough to be still running when the hang-up lands
       jobs.append(Job(prompt, CANCELLED_MAX_TOKENS, rng.randint(0, 2)))
     else:
       jobs.append(Job(prompt, rng.randint(4, MAX_TOKENS), None))
@@ -67,10 +68,17 @@ def workload(n: int, seed: int = 0) -> list[Job]:
 
 
 async def stream_one(h: httpx.AsyncClient, job: Job) -> Outcome:
-  body = {"model": MODEL, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0, "stream": True,
-          "stream_options": {"include_usage": True}, "return_token_ids": True}
+  body = {
+    "model": MODEL,
+    "prompt": job.prompt,
+    "max_tokens": job.max_tokens,
+    "temperature": 0,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "return_token_ids": True,
+  }
   if job.cancel_after is not None:
-    body["ignore_eos"] = True          # runs its full length unless the hang-up stops it
+    body["ignore_eos"] = True  # runs its full length unless the hang-up stops it
   out = Outcome(job, cancelled=False)
   chunks = []
   async with h.stream("POST", "/v1/completions", json=body) as r:
@@ -94,7 +102,7 @@ async def stream_one(h: httpx.AsyncClient, job: Job) -> Outcome:
         out.usage = obj["usage"]
       if job.cancel_after and len(chunks) >= job.cancel_after and out.finish_reason is None:
         out.cancelled = True
-        break                          # leaving the block closes the connection mid-stream
+        break  # leaving the block closes the connection mid-stream
   out.text = "".join(chunks)
   return out
 
@@ -119,14 +127,23 @@ def test_load_shared_prefixes_cancellations_eviction_preemption():
   # Reference: each distinct prompt once at MAX_TOKENS (greedy: a shorter max_tokens is a prefix).
   prompts = sorted({j.prompt for j in jobs})
   offline = Engine(CFG, params_of(CFG), dataclasses.replace(SERVE, radix=False), detokenize=TOK.decode)
-  ref = dict(zip(prompts, (r.output for r in offline.generate(
-      [TOK.encode(p) for p in prompts], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=EOS)))))
+  ref = dict(
+    zip(
+      prompts,
+      (
+        r.output
+        for r in offline.generate(
+          [TOK.encode(p) for p in prompts], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=EOS)
+        )
+      ),
+    )
+  )
 
   with start_server(serve_cfg=LOAD) as srv:
     evicted = []
     tree = srv.engine.sched.tree
     evict = tree.evict
-    tree.evict = lambda n: evicted.append(evict(n)) or evicted[-1]      # count pages evicted
+    tree.evict = lambda n: evicted.append(evict(n)) or evicted[-1]  # count pages evicted
     with httpx.Client(base_url=srv.url) as h:
       before = scrape(h)
       t0 = time.perf_counter()
@@ -138,14 +155,16 @@ def test_load_shared_prefixes_cancellations_eviction_preemption():
 
       done = [r for r in results if not r.cancelled]
       cancelled = [r for r in results if r.cancelled]
-      print(f"\n{len(results)} requests ({len(cancelled)} cancelled, {snap['finished'].get('abort', 0)} aborted) by "
-            f"{CLIENTS} clients in {elapsed:.1f}s; preemptions {snap['preemptions']}, pages evicted {sum(evicted)}, "
-            f"engine steps {srv.service.steps}")
+      print(
+        f"\n{len(results)} requests ({len(cancelled)} cancelled, {snap['finished'].get('abort', 0)} aborted) by "
+        f"{CLIENTS} clients in {elapsed:.1f}s; preemptions {snap['preemptions']}, pages evicted {sum(evicted)}, "
+        f"engine steps {srv.service.steps}"
+      )
       assert len(results) == REQUESTS and 0.1 * REQUESTS < len(cancelled) < 0.3 * REQUESTS
       for r in done:
-        want = ref[r.job.prompt][:r.job.max_tokens]
+        want = ref[r.job.prompt][: r.job.max_tokens]
         if TOK.eos_id in want:
-          want = want[:want.index(TOK.eos_id) + 1]
+          want = want[: want.index(TOK.eos_id) + 1]
         assert r.token_ids == want, r.job
         assert r.text == TOK.decode(want)
         assert r.finish_reason == ("stop" if want[-1] == TOK.eos_id else "length")
@@ -173,8 +192,11 @@ def test_load_shared_prefixes_cancellations_eviction_preemption():
   assert prompt_done <= delta("jaxllm:prompt_tokens_total") <= prompt_done + prompt_cancelled
   gen_done = sums(done, lambda r: r.usage["completion_tokens"])
   gen_cancelled_seen = sums(cancelled, lambda r: len(r.token_ids))
-  assert gen_done + gen_cancelled_seen <= delta("jaxllm:generation_tokens_total") \
-      <= gen_done + sums(cancelled, lambda r: r.job.max_tokens)
+  assert (
+    gen_done + gen_cancelled_seen
+    <= delta("jaxllm:generation_tokens_total")
+    <= gen_done + sums(cancelled, lambda r: r.job.max_tokens)
+  )
   cached_done = sums(done, lambda r: r.usage["prompt_tokens_details"]["cached_tokens"])
   assert cached_done <= delta("jaxllm:cached_prompt_tokens_total") <= cached_done + prompt_cancelled
   assert cached_done > 0

@@ -1,11 +1,13 @@
 """Radix prefix cache and page allocator: unit tests, a hypothesis property test of the page
 accounting invariant, and 10,000 random requests through the scheduler (model replaced by random
 tokens; tests/serve/test_serve.py runs the real engine)."""
+
 import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxllm.serve.pages import PageAllocator
 from jaxllm.serve.radix import RadixCache
@@ -24,7 +26,7 @@ def put(alloc, tree, key, extra=None):
   """Insert key with fresh pages the way a finished request does; returns its pages."""
   pages = alloc.alloc(len(key) // PS)
   prev = tree.insert(key, pages, extra)
-  alloc.free(pages[:prev // PS])
+  alloc.free(pages[: prev // PS])
   return pages
 
 
@@ -74,11 +76,11 @@ def test_extra_key_namespaces():
 def test_lock_accounting():
   alloc, tree = make()
   put(alloc, tree, [1, 2, 3, 4, 5, 6])
-  _, node = tree.match_prefix([1, 2, 3, 4])           # splits into [1..4] + [5, 6]
+  _, node = tree.match_prefix([1, 2, 3, 4])  # splits into [1..4] + [5, 6]
   tree.lock(node)
   assert (tree.protected, tree.evictable) == (2, 1)
   tree.check()
-  assert tree.evict(10) == 1                             # only the unlocked leaf goes
+  assert tree.evict(10) == 1  # only the unlocked leaf goes
   assert tree.match_prefix([1, 2, 3, 4, 5, 6])[0] != [] and tree.total_pages() == 2
   tree.unlock(node)
   assert (tree.protected, tree.evictable) == (0, 2)
@@ -92,19 +94,24 @@ def test_eviction_order_is_lru_and_cascades():
   put(alloc, tree, [1, 1, 2, 2])
   put(alloc, tree, [1, 1, 3, 3])
   put(alloc, tree, [4, 4])
-  tree.match_prefix([1, 1, 2, 2])                        # touch: [3, 3] branch is now oldest
+  tree.match_prefix([1, 1, 2, 2])  # touch: [3, 3] branch is now oldest
   assert tree.evict(1) == 1
   assert len(tree.match_prefix([1, 1, 3, 3])[0]) == 1 and len(tree.match_prefix([1, 1, 2, 2])[0]) == 2
-  assert tree.evict(1) == 1                              # [4, 4] is next oldest
+  assert tree.evict(1) == 1  # [4, 4] is next oldest
   assert tree.match_prefix([4, 4])[0] == []
-  assert tree.evict(2) == 2                              # leaf [2, 2], then its parent [1, 1]
+  assert tree.evict(2) == 2  # leaf [2, 2], then its parent [1, 1]
   assert tree.total_pages() == 0 and alloc.num_free == alloc.total
   tree.check()
 
 
-ops = st.lists(st.tuples(st.sampled_from(["insert", "match_lock", "unlock", "evict"]),
-                         st.lists(st.integers(0, 2), min_size=0, max_size=8), st.integers(0, 6)),
-               max_size=60)
+ops = st.lists(
+  st.tuples(
+    st.sampled_from(["insert", "match_lock", "unlock", "evict"]),
+    st.lists(st.integers(0, 2), min_size=0, max_size=8),
+    st.integers(0, 6),
+  ),
+  max_size=60,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -121,7 +128,7 @@ def test_invariant_under_random_operations(seq):
         pages = alloc.alloc(len(key) // PS)
       if pages is not None:
         prev = tree.insert(key, pages, extra)
-        alloc.free(pages[:prev // PS])
+        alloc.free(pages[: prev // PS])
     elif op == "match_lock":
       pages, node = tree.match_prefix(key, extra)
       assert len(pages) * PS <= len(key)
@@ -165,7 +172,7 @@ def test_no_page_leaked_after_10k_random_requests(policy):
     steps += 1
     if steps % 50 == 0:
       sched.check()
-    if steps % 97 == 0:        # a weight swap: running requests are preempted, a new namespace starts
+    if steps % 97 == 0:  # a weight swap: running requests are preempted, a new namespace starts
       sched.set_version(steps // 97 % 2)
   assert not sched.running and not sched.waiting
   assert all(len(r.output) == r.sp.max_tokens and r.finish_reason == "length" for r in reqs)
@@ -212,9 +219,14 @@ def test_dfs_weight_puts_uncached_requests_last():
   sched.tree.insert(a, sched.alloc.alloc(2))
   sched.tree.insert(b, sched.alloc.alloc(2))
   # Request 4 matches only a's first page: a match ending inside an edge belongs to that subtree.
-  reqs = [Req(0, [9] * 9, SamplingParams()), Req(1, a + [5], SamplingParams()),
-          Req(2, b + [5], SamplingParams()), Req(3, b + [6], SamplingParams()),
-          Req(4, a[:4] + [7] * 5, SamplingParams()), Req(5, b + [7], SamplingParams())]
+  reqs = [
+    Req(0, [9] * 9, SamplingParams()),
+    Req(1, a + [5], SamplingParams()),
+    Req(2, b + [5], SamplingParams()),
+    Req(3, b + [6], SamplingParams()),
+    Req(4, a[:4] + [7] * 5, SamplingParams()),
+    Req(5, b + [7], SamplingParams()),
+  ]
   for r in reqs:
     sched.add(r)
   assert [r.rid for r in sched._ordered_waiting()] == [2, 3, 5, 1, 4, 0]

@@ -4,6 +4,7 @@ penalties on generated tokens, HF repetition penalty on prompt + generated token
 min_tokens, raw top-20 logprobs, per-request seeds, multi-step (lax.scan + advance) == single steps
 rebuilt on the host, neutral and padding rows untouched, validation errors that name the field.
 Small shapes: a handful of compiles, seconds on CPU."""
+
 from __future__ import annotations
 
 import jax
@@ -11,9 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.serve.sampling import (TOP_LOGPROBS, SamplingParams, advance, build_sampling_arrays,
-                                   filter_logits, history_bucket, init_penalty_state, process_logits,
-                                   sample_rows, with_random_seed)
+from jaxllm.serve.sampling import (
+  TOP_LOGPROBS,
+  SamplingParams,
+  advance,
+  build_sampling_arrays,
+  filter_logits,
+  history_bucket,
+  init_penalty_state,
+  process_logits,
+  sample_rows,
+  with_random_seed,
+)
 
 V = 64
 jit_sample = jax.jit(sample_rows)
@@ -28,6 +38,7 @@ def logits_of(R, seed=0, scale=2.0, V=V):
 # ---------------------------------------------------------------------------------------------------
 # numpy references
 
+
 def softmax(x):
   x = np.asarray(x, np.float64)
   e = np.exp(x - x.max())
@@ -40,7 +51,7 @@ def ref_keep(x, top_k, top_p, min_p):
   order = np.argsort(-x, kind="stable")
   k = n if top_k == 0 else min(top_k, n)
   top = order[:k]
-  probs = softmax(x[top])                               # renormalised over the top-k survivors
+  probs = softmax(x[top])  # renormalised over the top-k survivors
   before = np.cumsum(probs) - probs
   m = k if top_p >= 1 else max(1, int(np.sum(before < top_p)))
   kept = top[:m]
@@ -73,17 +84,32 @@ def log_softmax(x):
 # ---------------------------------------------------------------------------------------------------
 # parameters
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
-    (dict(min_p=1.5), "min_p"), (dict(seed=1.5), "seed"), (dict(presence_penalty=2.5), "presence_penalty"),
-    (dict(frequency_penalty=-2.01), "frequency_penalty"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(logit_bias={5: 101}), "logit_bias"), (dict(logit_bias={-1: 1}), "logit_bias"),
-    (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={i: 1 for i in range(301)}), "logit_bias"),
-    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=17, max_tokens=16), "min_tokens"),
-    (dict(top_logprobs=21, logprobs=True), "top_logprobs"), (dict(top_logprobs=3), "top_logprobs"),
-    (dict(ignore_eos=1), "ignore_eos"), (dict(stop_token_ids=(-3,)), "stop_token_ids"),
-])
+
+@pytest.mark.parametrize(
+  "kwargs, field",
+  [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(seed=1.5), "seed"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(logit_bias={5: 101}), "logit_bias"),
+    (dict(logit_bias={-1: 1}), "logit_bias"),
+    (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={i: 1 for i in range(301)}), "logit_bias"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=17, max_tokens=16), "min_tokens"),
+    (dict(top_logprobs=21, logprobs=True), "top_logprobs"),
+    (dict(top_logprobs=3), "top_logprobs"),
+    (dict(ignore_eos=1), "ignore_eos"),
+    (dict(stop_token_ids=(-3,)), "stop_token_ids"),
+  ],
+)
 def test_validation_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field) as e:
     SamplingParams(**kwargs)
@@ -91,8 +117,16 @@ def test_validation_errors_name_the_field(kwargs, field):
 
 
 def test_params_are_frozen_hashable_and_normalised():
-  sp = SamplingParams(logit_bias={"7": 5, 2: -100}, stop_token_ids=[3], top_logprobs=20, logprobs=True,
-                      presence_penalty=-2, frequency_penalty=2, repetition_penalty=1.2, min_tokens=16)
+  sp = SamplingParams(
+    logit_bias={"7": 5, 2: -100},
+    stop_token_ids=[3],
+    top_logprobs=20,
+    logprobs=True,
+    presence_penalty=-2,
+    frequency_penalty=2,
+    repetition_penalty=1.2,
+    min_tokens=16,
+  )
   assert sp.logit_bias == ((2, -100.0), (7, 5.0)) and sp.stop_token_ids == (3,)
   assert hash(sp) == hash(SamplingParams(**{**sp.__dict__, "logit_bias": {2: -100, 7: 5}}))
   assert sp.uses_penalties and not SamplingParams().uses_penalties
@@ -107,6 +141,7 @@ def test_params_are_frozen_hashable_and_normalised():
 # ---------------------------------------------------------------------------------------------------
 # filtering and sampling
 
+
 def test_filter_order_matches_hf_reference():
   # top-p over the renormalised top-2 ([0.57, 0.43]): 0.5 is reached by the top token alone; over the
   # whole distribution it would take two.
@@ -114,16 +149,27 @@ def test_filter_order_matches_hf_reference():
   keep = np.isfinite(np.asarray(jit_filter(logp, jnp.array([2]), jnp.array([0.5]), jnp.array([0.0]))))
   assert keep.tolist() == [[True, False, False, False]]
   rng = np.random.default_rng(1)
-  settings = [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.7, 0.0), (8, 0.6, 0.0), (0, 1.0, 0.3), (12, 0.9, 0.05),
-              (3, 0.3, 0.5), (1, 0.5, 0.9), (100, 0.95, 0.01), (20, 1.0, 1.0), (6, 0.99, 0.2), (0, 0.2, 0.0)]
+  settings = [
+    (0, 1.0, 0.0),
+    (5, 1.0, 0.0),
+    (0, 0.7, 0.0),
+    (8, 0.6, 0.0),
+    (0, 1.0, 0.3),
+    (12, 0.9, 0.05),
+    (3, 0.3, 0.5),
+    (1, 0.5, 0.9),
+    (100, 0.95, 0.01),
+    (20, 1.0, 1.0),
+    (6, 0.99, 0.2),
+    (0, 0.2, 0.0),
+  ]
   x = np.asarray(rng.normal(size=(len(settings), V)) * 2, np.float32)
   k, p, m = (np.asarray(c) for c in zip(*settings))
-  out = np.asarray(jit_filter(x, jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32),
-                              jnp.asarray(m, jnp.float32)))
+  out = np.asarray(jit_filter(x, jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32), jnp.asarray(m, jnp.float32)))
   for i, (kk, pp, mm) in enumerate(settings):
     want = ref_keep(x[i], kk, pp, mm)
     np.testing.assert_array_equal(np.isfinite(out[i]), want, err_msg=f"row {i}: {settings[i]}")
-    assert want[np.argmax(x[i])]                        # the argmax always survives
+    assert want[np.argmax(x[i])]  # the argmax always survives
   np.testing.assert_array_equal(out[np.isfinite(out)], x[np.isfinite(out)])
 
 
@@ -131,7 +177,7 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
   R, Vs = 4096, 16
   x = logits_of(1, seed=2, scale=1.0, V=Vs)[0]
   sp = SamplingParams(temperature=0.7, top_k=8, top_p=0.8, min_p=0.05, seed=11)
-  samp = build_sampling_arrays([sp] * R, [((), [0] * c) for c in range(R)], R)   # counters 0..R-1
+  samp = build_sampling_arrays([sp] * R, [((), [0] * c) for c in range(R)], R)  # counters 0..R-1
   toks = np.asarray(jit_sample(np.tile(x, (R, 1)), samp)[0])
   keep = ref_keep(x / 0.7, 8, 0.8, 0.05)
   assert keep[toks].all(), "a filtered-out token was sampled"
@@ -144,18 +190,25 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
 # ---------------------------------------------------------------------------------------------------
 # penalties, logit_bias, min_tokens
 
+
 def test_penalties_bias_and_min_tokens_match_reference():
   rng = np.random.default_rng(3)
-  sps = [SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.7),
-         SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5),
-         SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.8, frequency_penalty=2),
-         SamplingParams(logit_bias={3: 100, 4: -100, 5: 2.5}),
-         SamplingParams(min_tokens=5, stop_token_ids=(1, 2), max_tokens=20),
-         SamplingParams(min_tokens=5, stop_token_ids=(1,), ignore_eos=True, max_tokens=20),
-         SamplingParams(min_tokens=2, stop_token_ids=(1,)),                     # reached: nothing banned
-         SamplingParams()]
-  hist = [(list(rng.integers(0, 16, size=int(rng.integers(1, 12)))),
-           list(rng.integers(8, 24, size=int(rng.integers(0, 10))))) for _ in sps]
+  sps = [
+    SamplingParams(presence_penalty=1.5),
+    SamplingParams(frequency_penalty=0.7),
+    SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5),
+    SamplingParams(repetition_penalty=1.3),
+    SamplingParams(repetition_penalty=0.8, frequency_penalty=2),
+    SamplingParams(logit_bias={3: 100, 4: -100, 5: 2.5}),
+    SamplingParams(min_tokens=5, stop_token_ids=(1, 2), max_tokens=20),
+    SamplingParams(min_tokens=5, stop_token_ids=(1,), ignore_eos=True, max_tokens=20),
+    SamplingParams(min_tokens=2, stop_token_ids=(1,)),  # reached: nothing banned
+    SamplingParams(),
+  ]
+  hist = [
+    (list(rng.integers(0, 16, size=int(rng.integers(1, 12)))), list(rng.integers(8, 24, size=int(rng.integers(0, 10)))))
+    for _ in sps
+  ]
   hist[6] = hist[7] = (hist[6][0], [9, 9, 10])
   hist[8] = (hist[8][0], [9, 9, 10])
   R = 16
@@ -167,7 +220,7 @@ def test_penalties_bias_and_min_tokens_match_reference():
     np.testing.assert_array_equal(np.isinf(got[i]), np.isinf(want), err_msg=f"row {i}")
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[i][fin], want[fin], rtol=1e-6, atol=1e-5, err_msg=f"row {i}")
-  np.testing.assert_array_equal(got[len(sps):], x[len(sps):])       # padding rows untouched
+  np.testing.assert_array_equal(got[len(sps) :], x[len(sps) :])  # padding rows untouched
   np.testing.assert_array_equal(got[len(sps) - 1], x[len(sps) - 1])
   # Presence/frequency only see generated tokens; repetition also the prompt, by sign.
   p_only = [t for t in set(hist[0][0]) if t not in hist[0][1]]
@@ -186,13 +239,13 @@ def test_bias_forces_and_bans_tokens_when_sampling():
   assert (toks[:4] == 17).all()
   assert (toks[4:] != top[4:]).all()
   np.testing.assert_array_equal(toks[4:], np.argmax(np.where(np.eye(V)[top] > 0, -np.inf, x), -1)[4:])
-  np.testing.assert_allclose(logps, log_softmax(x)[np.arange(R), toks], rtol=1e-5, atol=1e-6)   # raw
+  np.testing.assert_allclose(logps, log_softmax(x)[np.arange(R), toks], rtol=1e-5, atol=1e-6)  # raw
 
 
 def test_min_tokens_bans_stop_ids_until_reached():
   R = 4
   x = np.zeros((R, V), np.float32)
-  x[:, 5] = 20.0                                         # the stop token dominates
+  x[:, 5] = 20.0  # the stop token dominates
   sp = SamplingParams(temperature=1.0, seed=3, min_tokens=3, stop_token_ids=(5,), max_tokens=8)
   for gen in ([], [1], [1, 2], [1, 2, 3]):
     samp = build_sampling_arrays([sp, dataclass_greedy(sp)], [((0,), gen)] * 2, R)
@@ -208,11 +261,14 @@ def dataclass_greedy(sp):
 # ---------------------------------------------------------------------------------------------------
 # logprobs
 
+
 def test_top_logprobs_are_the_raw_top_20():
   R = 4
   x = logits_of(R, seed=6)
-  sps = [SamplingParams(logprobs=True, top_logprobs=20, temperature=0.5, seed=1, presence_penalty=2,
-                        logit_bias={0: 50}), SamplingParams(logprobs=True, top_logprobs=3)]
+  sps = [
+    SamplingParams(logprobs=True, top_logprobs=20, temperature=0.5, seed=1, presence_penalty=2, logit_bias={0: 50}),
+    SamplingParams(logprobs=True, top_logprobs=3),
+  ]
   samp = build_sampling_arrays(sps, [((1, 2), [3])] * 2, R)
   toks, lp, ids, tlp = (np.asarray(a) for a in jit_sample(x, samp))
   ref = log_softmax(x)
@@ -221,7 +277,7 @@ def test_top_logprobs_are_the_raw_top_20():
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_allclose(tlp, np.take_along_axis(ref, want_ids, -1), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lp, ref[np.arange(R), toks], rtol=1e-5, atol=1e-6)
-  assert toks[0] == 0                                   # biased +50: sampled, but its logprob stays raw
+  assert toks[0] == 0  # biased +50: sampled, but its logprob stays raw
   # A vocab under 20: the tail is padded with id 0 / -inf. No row asking: skipped (all -inf).
   small = logits_of(2, seed=7, V=8)
   s = build_sampling_arrays([sps[1]], [((), [])], 2)
@@ -237,22 +293,32 @@ def test_processed_logprobs_are_of_the_distribution_sampled_from():
   the filters, renormalised (what an RL learner divides by); greedy rows and "raw" rows unchanged."""
   R = 5
   x = logits_of(R, seed=11)
-  x[3] = x[0]                                           # row 3: row 0 in raw mode
-  sps = [SamplingParams(logprobs=True, logprobs_mode="processed", temperature=0.7, seed=1),
-         SamplingParams(logprobs=True, logprobs_mode="processed", temperature=1.3, seed=2, top_k=5, top_p=0.9,
-                        presence_penalty=1.0, logit_bias={3: 2.0}),
-         SamplingParams(logprobs=True, logprobs_mode="processed"),             # greedy: raw
-         SamplingParams(logprobs=True, temperature=0.7, seed=1)]               # raw mode
+  x[3] = x[0]  # row 3: row 0 in raw mode
+  sps = [
+    SamplingParams(logprobs=True, logprobs_mode="processed", temperature=0.7, seed=1),
+    SamplingParams(
+      logprobs=True,
+      logprobs_mode="processed",
+      temperature=1.3,
+      seed=2,
+      top_k=5,
+      top_p=0.9,
+      presence_penalty=1.0,
+      logit_bias={3: 2.0},
+    ),
+    SamplingParams(logprobs=True, logprobs_mode="processed"),  # greedy: raw
+    SamplingParams(logprobs=True, temperature=0.7, seed=1),
+  ]  # raw mode
   hist = [((1, 2), [3])] * 4
   samp = build_sampling_arrays(sps, hist, R)
   toks, lp = (np.asarray(a) for a in jit_sample(x, samp)[:2])
-  proc = np.asarray(jit_process(x, samp))                 # bias and penalties applied
+  proc = np.asarray(jit_process(x, samp))  # bias and penalties applied
   raw = log_softmax(x)
   want0 = log_softmax(proc[0] / 0.7)[toks[0]]
   keep = ref_keep(proc[1] / 1.3, 5, 0.9, 0.0)
   want1 = log_softmax(np.where(keep, proc[1] / 1.3, -np.inf))[toks[1]]
   np.testing.assert_allclose(lp[:4], [want0, want1, raw[2, toks[2]], raw[3, toks[3]]], rtol=1e-5, atol=1e-6)
-  assert toks[0] == toks[3] and lp[0] != lp[3]             # same seed, same draw; different log-prob reported
+  assert toks[0] == toks[3] and lp[0] != lp[3]  # same seed, same draw; different log-prob reported
   with pytest.raises(ValueError, match="logprobs_mode"):
     SamplingParams(logprobs_mode="tempered")
 
@@ -260,9 +326,10 @@ def test_processed_logprobs_are_of_the_distribution_sampled_from():
 # ---------------------------------------------------------------------------------------------------
 # seeds, neutral rows, padding
 
+
 def test_seeds():
   R = 8
-  x = logits_of(R, seed=8, scale=0.3)                   # flat: different keys pick different tokens
+  x = logits_of(R, seed=8, scale=0.3)  # flat: different keys pick different tokens
   sp = lambda seed: SamplingParams(temperature=1.0, seed=seed, top_p=0.95)
   for counter in range(3):
     gen = [0] * counter
@@ -270,24 +337,26 @@ def test_seeds():
     b = build_sampling_arrays([sp(1), SamplingParams(presence_penalty=1), sp(7)], [((), gen)] * 3, R)
     xb = x.copy()
     xb[2] = x[0]
-    assert int(jit_sample(x, a)[0][0]) == int(jit_sample(xb, b)[0][2])   # same seed, same token
+    assert int(jit_sample(x, a)[0][0]) == int(jit_sample(xb, b)[0][2])  # same seed, same token
   many = build_sampling_arrays([sp(s) for s in range(R)], [((), [])] * R, R)
   assert len(set(np.asarray(jit_sample(np.tile(x[:1], (R, 1)), many)[0]).tolist())) > 1
   seeds = {with_random_seed(SamplingParams(temperature=1.0)).seed for _ in range(8)}
-  assert len(seeds) == 8 and all(0 <= s < 2 ** 32 for s in seeds)
+  assert len(seeds) == 8 and all(0 <= s < 2**32 for s in seeds)
   assert with_random_seed(sp(5)).seed == 5
   with pytest.raises(ValueError, match="with_random_seed"):
     build_sampling_arrays([SamplingParams(temperature=1.0)], [((), [])], 2)
-  build_sampling_arrays([SamplingParams()], [((), [])], 2)            # greedy needs no seed
+  build_sampling_arrays([SamplingParams()], [((), [])], 2)  # greedy needs no seed
 
 
 def test_greedy_and_padding_rows_are_unaffected():
   R = 8
   x = logits_of(R, seed=9)
   greedy = SamplingParams(logprobs=True)
-  others = [SamplingParams(temperature=1.3, seed=2, top_k=3, presence_penalty=2, repetition_penalty=1.5),
-            SamplingParams(logit_bias={int(np.argmax(x[1])): -100}, min_tokens=4, stop_token_ids=(1, 2, 3)),
-            SamplingParams(temperature=0.5, seed=4, frequency_penalty=-2, top_logprobs=20, logprobs=True)]
+  others = [
+    SamplingParams(temperature=1.3, seed=2, top_k=3, presence_penalty=2, repetition_penalty=1.5),
+    SamplingParams(logit_bias={int(np.argmax(x[1])): -100}, min_tokens=4, stop_token_ids=(1, 2, 3)),
+    SamplingParams(temperature=0.5, seed=4, frequency_penalty=-2, top_logprobs=20, logprobs=True),
+  ]
   hist = [((1, 2, 3), [4, 5])] * 4
   mixed = [np.asarray(a) for a in jit_sample(x, build_sampling_arrays([greedy] + others, hist, R))]
   alone = [np.asarray(a) for a in jit_sample(x, build_sampling_arrays([greedy], hist[:1], R))]
@@ -303,6 +372,7 @@ def test_greedy_and_padding_rows_are_unaffected():
 # ---------------------------------------------------------------------------------------------------
 # multi-step decode
 
+
 def toy_table(seed=10):
   """A next-token 'model': logits of the next token = table[previous token]; a strong self-loop makes
   plain greedy repeat itself, so only exact penalty counts in the scan move a penalised row off it."""
@@ -314,14 +384,24 @@ def test_multi_step_scan_equals_single_steps_rebuilt_on_the_host():
   table = toy_table()
   rng = np.random.default_rng(11)
   prompts = [list(rng.integers(0, V, size=int(rng.integers(3, 10)))) for _ in range(5)]
-  stop = int(prompts[2][-1])        # biased above the self-loop: the first token once min_tokens allows
-  sps = [SamplingParams(presence_penalty=2, frequency_penalty=2, max_tokens=k),
-         SamplingParams(temperature=1.0, seed=1, repetition_penalty=1.3, top_k=10, max_tokens=k),
-         SamplingParams(temperature=0.8, seed=2, top_p=0.9, min_tokens=4, stop_token_ids=(stop,),
-                        logit_bias={stop: 20, 3: 1.5}, max_tokens=k),
-         SamplingParams(max_tokens=k),
-         SamplingParams(temperature=1.0, seed=5, frequency_penalty=2, min_p=0.1, logprobs=True, top_logprobs=5,
-                        max_tokens=k)]
+  stop = int(prompts[2][-1])  # biased above the self-loop: the first token once min_tokens allows
+  sps = [
+    SamplingParams(presence_penalty=2, frequency_penalty=2, max_tokens=k),
+    SamplingParams(temperature=1.0, seed=1, repetition_penalty=1.3, top_k=10, max_tokens=k),
+    SamplingParams(
+      temperature=0.8,
+      seed=2,
+      top_p=0.9,
+      min_tokens=4,
+      stop_token_ids=(stop,),
+      logit_bias={stop: 20, 3: 1.5},
+      max_tokens=k,
+    ),
+    SamplingParams(max_tokens=k),
+    SamplingParams(
+      temperature=1.0, seed=5, frequency_penalty=2, min_p=0.1, logprobs=True, top_logprobs=5, max_tokens=k
+    ),
+  ]
   tok0 = np.zeros(R, np.int32)
   tok0[:5] = [p[-1] for p in prompts]
 
@@ -340,7 +420,7 @@ def test_multi_step_scan_equals_single_steps_rebuilt_on_the_host():
 
   gens, tok, want = [[] for _ in prompts], tok0, []
   for _ in range(k):
-    samp = build_sampling_arrays(sps, list(zip(prompts, gens)), R, W)     # the host's rebuild
+    samp = build_sampling_arrays(sps, list(zip(prompts, gens)), R, W)  # the host's rebuild
     out = [np.asarray(a) for a in jit_sample(table[tok], samp)]
     for i, g in enumerate(gens):
       g.append(int(out[0][i]))
@@ -372,7 +452,7 @@ def test_advance_keeps_the_state_exact():
 def test_width_zero_history():
   R = 4
   samp = build_sampling_arrays([SamplingParams(temperature=1.0, seed=3)], [((1, 2), [3])], R)
-  assert samp["hist_ids"].shape == (R, 0)                # no penalised row: no [R, V] state
+  assert samp["hist_ids"].shape == (R, 0)  # no penalised row: no [R, V] state
   st = init_penalty_state({k: jnp.asarray(v) for k, v in samp.items()}, V)
   assert st["gen_counts"].shape == (R, 0)
   assert int(advance(st, jnp.zeros(R, jnp.int32))["counters"][0]) == 2

@@ -1,6 +1,7 @@
 """Serving engine end to end on the tiny model: greedy output equals full-forward argmax decoding
 (cache on/off, chunked/unchunked prefill, every policy, preemption, batch 1..32, dense and MoE),
 sampling, stop conditions, no recompiles after warm-up, no leaked pages."""
+
 import functools
 
 import jax
@@ -13,11 +14,24 @@ from jaxllm.model.params import init_params, model_def
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams, filter_logits
 
-DENSE = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                    max_seq_len=64, init_std=0.1)   # larger init: peaked logits, no argmax near-ties
-MOE = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=128, n_experts=4,
-                  n_experts_per_tok=2, moe_d_ff=64, shared_expert_d_ff=64, shared_expert_gate=True,
-                  max_seq_len=64, init_std=0.1)
+DENSE = ModelConfig(
+  vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64, init_std=0.1
+)  # larger init: peaked logits, no argmax near-ties
+MOE = ModelConfig(
+  vocab_size=128,
+  d_model=64,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=1,
+  d_ff=128,
+  n_experts=4,
+  n_experts_per_tok=2,
+  moe_d_ff=64,
+  shared_expert_d_ff=64,
+  shared_expert_gate=True,
+  max_seq_len=64,
+  init_std=0.1,
+)
 GEN = 6
 # One bucket per dimension (32 sequences, 64 tokens, 8 pages): each model compiles 2 steps in all.
 PINNED = dict(page_size=8, num_pages=160, max_running=32, min_seqs=32, min_tokens=64)
@@ -41,11 +55,11 @@ def full_forward_greedy(cfg, prompts, n, params=None):
   for _ in range(n):
     arr = np.zeros((32, cfg.max_seq_len), np.int32)
     for i, s in enumerate(seqs):
-      arr[i, :len(s)] = s
+      arr[i, : len(s)] = s
     nxt = np.asarray(forward_fn(cfg)(params_of(cfg) if params is None else params, arr))
     for i, s in enumerate(seqs):
       s.append(int(nxt[i, len(s) - 1]))
-  return [s[len(p):] for s, p in zip(seqs, prompts)]
+  return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
 def shared_prefix_prompts(n, seed=0):
@@ -60,14 +74,14 @@ def shared_prefix_prompts(n, seed=0):
 
 
 SETTINGS = {
-    "no-cache": dict(radix=False, policy="fcfs", chunk_size=32),
-    "fcfs": dict(policy="fcfs", chunk_size=32),
-    "lpm-chunked": dict(policy="lpm", chunk_size=8),
-    "dfs-weight-chunked": dict(policy="dfs-weight", chunk_size=8),
-    # A tight pool: admission reserving every request's decode pages evicts but never preempts;
-    # reserving none (SGLang's optimistic new_token_ratio at its floor) forces preemptions.
-    "mem-limit": dict(policy="dfs-weight", chunk_size=16, max_pages=14),
-    "preempt": dict(policy="lpm", chunk_size=16, max_pages=14, decode_reserve=0.0),
+  "no-cache": dict(radix=False, policy="fcfs", chunk_size=32),
+  "fcfs": dict(policy="fcfs", chunk_size=32),
+  "lpm-chunked": dict(policy="lpm", chunk_size=8),
+  "dfs-weight-chunked": dict(policy="dfs-weight", chunk_size=8),
+  # A tight pool: admission reserving every request's decode pages evicts but never preempts;
+  # reserving none (SGLang's optimistic new_token_ratio at its floor) forces preemptions.
+  "mem-limit": dict(policy="dfs-weight", chunk_size=16, max_pages=14),
+  "preempt": dict(policy="lpm", chunk_size=16, max_pages=14, decode_reserve=0.0),
 }
 
 
@@ -89,7 +103,7 @@ def test_greedy_equals_full_forward(cfg):
         assert eng.sched.num_preemptions == 0
       if batch > 1 and kw.get("radix", True):
         assert sum(r.cache_hit for r in got) > 0, name
-  assert all(f.traces <= 1 for f in eng._fns.values())   # one shape per step function
+  assert all(f.traces <= 1 for f in eng._fns.values())  # one shape per step function
 
 
 def test_logprobs_and_weight_version():
@@ -101,7 +115,7 @@ def test_logprobs_and_weight_version():
   want = jax.nn.log_softmax(logits, -1)[np.arange(len(prompt) - 1, len(prompt) + 2), r.output]
   np.testing.assert_allclose(r.logprobs, want, rtol=1e-4, atol=1e-5)
   assert eng.generate([prompt], SamplingParams(max_tokens=1))[0].cache_hit > 0
-  eng.set_weights(params_of(cfg), version=1)     # new namespace: old KV is not reused
+  eng.set_weights(params_of(cfg), version=1)  # new namespace: old KV is not reused
   assert eng.generate([prompt], SamplingParams(max_tokens=1))[0].cache_hit == 0
   eng.sched.check()
 
@@ -120,13 +134,18 @@ def test_seeded_sampling_is_reproducible_across_batches():
 
 def test_filter_masks():
   logp = np.log(np.array([[0.5, 0.25, 0.15, 0.1]] * 4, np.float32))
-  out = np.asarray(filter_logits(jnp.asarray(logp), jnp.array([2, 0, 0, 0]), jnp.array([1.0, 0.7, 1.0, 0.5]),
-                                 jnp.array([0.0, 0.0, 0.4, 0.0])))
+  out = np.asarray(
+    filter_logits(
+      jnp.asarray(logp), jnp.array([2, 0, 0, 0]), jnp.array([1.0, 0.7, 1.0, 0.5]), jnp.array([0.0, 0.0, 0.4, 0.0])
+    )
+  )
   keep = np.isfinite(out)
-  assert keep.tolist() == [[True, True, False, False],     # top-k 2
-                           [True, True, False, False],     # top-p 0.7: 0.5 + 0.25 reach it
-                           [True, True, False, False],     # min-p 0.4: p >= 0.2
-                           [True, False, False, False]]    # top-p 0.5: the top token alone
+  assert keep.tolist() == [
+    [True, True, False, False],  # top-k 2
+    [True, True, False, False],  # top-p 0.7: 0.5 + 0.25 reach it
+    [True, True, False, False],  # min-p 0.4: p >= 0.2
+    [True, False, False, False],
+  ]  # top-p 0.5: the top token alone
 
 
 def test_stop_tokens_and_strings():
@@ -137,9 +156,14 @@ def test_stop_tokens_and_strings():
   prompt = shared_prefix_prompts(1)[0]
   greedy = full_forward_greedy(cfg, [prompt], GEN)[0]
   eng = Engine(cfg, params_of(cfg), **PINNED, detokenize=detok)
-  r = eng.generate([prompt, prompt], [SamplingParams(max_tokens=GEN, stop_token_ids=(greedy[2],)),
-                                      SamplingParams(max_tokens=GEN, stop=(detok(greedy[1:3]),))])
-  assert r[0].output == greedy[:greedy.index(greedy[2]) + 1] and r[0].finish_reason == "stop"
+  r = eng.generate(
+    [prompt, prompt],
+    [
+      SamplingParams(max_tokens=GEN, stop_token_ids=(greedy[2],)),
+      SamplingParams(max_tokens=GEN, stop=(detok(greedy[1:3]),)),
+    ],
+  )
+  assert r[0].output == greedy[: greedy.index(greedy[2]) + 1] and r[0].finish_reason == "stop"
   assert r[1].output == greedy[:3] and r[1].finish_reason == "stop"
   texts = sorted(q.stream.text for q in eng.finished[-2:])
   assert detok(greedy[:1]) in texts and not any(detok(greedy[1:3]) in t for t in texts)
@@ -172,6 +196,7 @@ def test_pallas_engine_equals_reference_engine(dtype):
   tokens as the reference attention, through chunked prefills with cached prefixes, mixed ragged
   steps and decode steps at several bucket sizes. bf16 (slow): pools and activations in bf16."""
   import dataclasses
+
   cfg = dataclasses.replace(DENSE, dtype=dtype)
   prompts = shared_prefix_prompts(4, seed=3)
   kw = dict(page_size=8, num_pages=64, max_running=8, chunk_size=16, decode_steps=1, min_seqs=1, min_tokens=8)
@@ -179,6 +204,6 @@ def test_pallas_engine_equals_reference_engine(dtype):
   eng = Engine(cfg, params_of(cfg), attention="pallas", **kw)
   got = eng.generate(prompts, SamplingParams(max_tokens=4))
   assert [r.output for r in got] == [r.output for r in want]
-  assert eng.compiles >= 3                     # ragged and decode steps, more than one bucket
+  assert eng.compiles >= 3  # ragged and decode steps, more than one bucket
   if dtype == "float32":
     assert [r.output for r in got] == full_forward_greedy(cfg, prompts, 4)

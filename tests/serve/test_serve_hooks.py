@@ -1,15 +1,16 @@
 """The engine hooks a server needs: abort, weight swaps bound at admission, no starvation, counters.
 
 Reference for every output: full-forward greedy decoding without any cache (test_serve.py)."""
+
 import time
 
 import numpy as np
+from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
 from jaxllm.model.params import init_params
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
 from jaxllm.serve.scheduler import Req, Scheduler
-from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
 
 def test_abort_waiting_and_running_releases_pages_and_keeps_prefix():
@@ -23,7 +24,7 @@ def test_abort_waiting_and_running_releases_pages_and_keeps_prefix():
   assert eng.abort(running) and eng.abort(waiting) and not eng.abort(running)
   assert running.finish_reason == waiting.finish_reason == "abort"
   assert running not in eng.sched.running and waiting not in eng.sched.waiting
-  eng.sched.check()                           # no page leaked
+  eng.sched.check()  # no page leaked
   eng.run()
   assert all(r.finish_reason == "length" for r in reqs[1:3])
   # The aborted request's computed prefix stays cached: the same prompt now hits.
@@ -42,14 +43,14 @@ def test_weight_swap_with_requests_waiting_running_and_preempted():
   A, B = params_of(DENSE), init_params(DENSE, 1)
   eng = Engine(DENSE, A, **{**PINNED, "max_running": 3, "decode_steps": 1})
   prompts = shared_prefix_prompts(6, seed=9)
-  warm = eng.generate(prompts[:3], SamplingParams(max_tokens=2))       # cache the shared prefixes under A
+  warm = eng.generate(prompts[:3], SamplingParams(max_tokens=2))  # cache the shared prefixes under A
   assert sum(r.cache_hit for r in warm) >= 0
   reqs = [eng.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
   for _ in range(3):
     eng.step()
   states = {"running": sum(r in eng.sched.running for r in reqs), "waiting": sum(r in eng.sched.waiting for r in reqs)}
   assert states["running"] > 0 and states["waiting"] > 0
-  eng.set_weights(B, version=1)        # commits the step still in flight (overlap) under A first
+  eng.set_weights(B, version=1)  # commits the step still in flight (overlap) under A first
   before = {r.rid: list(r.output) for r in reqs}
   assert any(before.values())
   assert not eng.sched.running and all(r.preemptions == 1 for r in reqs if before[r.rid])
@@ -73,8 +74,8 @@ def test_long_waiting_request_is_not_starved():
   warm = [Req(i, hit + [i], SamplingParams()) for i in range(1, 4)]
   for r in [cold] + warm:
     sched.add(r)
-  assert [r.rid for r in sched._ordered_waiting()][-1] == 0       # behind every hit
-  cold.queued = time.perf_counter() - 6.0                          # it has now waited 6 s
+  assert [r.rid for r in sched._ordered_waiting()][-1] == 0  # behind every hit
+  cold.queued = time.perf_counter() - 6.0  # it has now waited 6 s
   assert [r.rid for r in sched._ordered_waiting()][0] == 0
 
 
@@ -97,7 +98,7 @@ def test_n_samples_share_one_prefill():
   sample's last partial page; seeded samples still differ."""
   Z = PINNED["page_size"]
   eng = Engine(DENSE, params_of(DENSE), **{**PINNED, "chunk_size": 16})
-  prompt = shared_prefix_prompts(1, seed=4)[0] + list(range(30))           # 2 chunks of prefill
+  prompt = shared_prefix_prompts(1, seed=4)[0] + list(range(30))  # 2 chunks of prefill
   n = 4
   out = eng.generate([prompt] * n, [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(n)])
   partial = len(prompt) - (len(prompt) - 1) // Z * Z
@@ -111,7 +112,9 @@ def test_weight_swap_under_load_through_the_service():
   event says which weights produced its tokens: every token from B equals B's greedy continuation
   of prompt + the tokens before it computed from scratch, so no KV computed by A was used."""
   import threading
+
   from jaxllm.serve.service import EngineService
+
   A, B = params_of(DENSE), init_params(DENSE, 1)
   eng = Engine(DENSE, A, **{**PINNED, "max_running": 8, "decode_steps": 2}, weight_version="A")
   svc = EngineService(eng).start()
@@ -123,6 +126,7 @@ def test_weight_swap_under_load_through_the_service():
       events.setdefault(ev.rid, []).append(ev)
     if ev.finish_reason:
       done.release()
+
   rids = [svc.submit(p, SamplingParams(max_tokens=10), on_event) for p in prompts]
   while sum(len(e.token_ids) for evs in list(events.values()) for e in evs) < 40:
     time.sleep(0.005)
@@ -140,4 +144,4 @@ def test_weight_swap_under_load_through_the_service():
     assert len(old) + len(new) == 10
     assert new == full_forward_greedy(DENSE, [p + old], len(new), params=B)[0], rid
     swapped += bool(old and new)
-  assert swapped > 0                            # some requests really were in flight at the swap
+  assert swapped > 0  # some requests really were in flight at the swap

@@ -2,13 +2,14 @@
 the host afterwards. Greedy output must equal full-forward argmax decoding token for token whatever
 n, with max_tokens not a multiple of n, stop tokens and strings hit inside a chunk (the rest of the
 chunk discarded, no page leaked), and requests arriving while others are mid-decode."""
+
 import pytest
+from test_serve import DENSE, MOE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
-from test_serve import DENSE, MOE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
-MAX_TOKENS = (20, 7, 13, 1, 9)        # none a multiple of 8, one finishing at prefill
+MAX_TOKENS = (20, 7, 13, 1, 9)  # none a multiple of 8, one finishing at prefill
 
 
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
@@ -23,7 +24,7 @@ def test_multistep_greedy_equals_full_forward(cfg):
     eng.sched.check()
     assert eng.idle and eng.sched.tree.protected == 0
     assert set(eng._fns) == ({"ragged", "decode"} | ({"multi"} if steps > 1 else set()))
-    compiles = eng.compiles                # the same workload again: every shape is compiled
+    compiles = eng.compiles  # the same workload again: every shape is compiled
     eng.set_weights(eng.params, 1)
     eng.generate(prompts, [SamplingParams(max_tokens=m) for m in MAX_TOKENS])
     assert eng.compiles == compiles
@@ -34,16 +35,18 @@ def test_stop_mid_chunk_truncates():
   cfg = DENSE
   prompts = shared_prefix_prompts(4, seed=2)
   want = full_forward_greedy(cfg, prompts, 16)
-  sps = [SamplingParams(max_tokens=16, stop_token_ids=(want[0][3],)),        # stop token inside chunk 1
-         SamplingParams(max_tokens=16, stop=(detok(want[1][9:11]),)),        # stop string inside chunk 2
-         SamplingParams(max_tokens=16, stop_token_ids=(want[2][0],)),        # stop at the prefill token
-         SamplingParams(max_tokens=16, logprobs=True)]
+  sps = [
+    SamplingParams(max_tokens=16, stop_token_ids=(want[0][3],)),  # stop token inside chunk 1
+    SamplingParams(max_tokens=16, stop=(detok(want[1][9:11]),)),  # stop string inside chunk 2
+    SamplingParams(max_tokens=16, stop_token_ids=(want[2][0],)),  # stop at the prefill token
+    SamplingParams(max_tokens=16, logprobs=True),
+  ]
   eng = Engine(cfg, params_of(cfg), **PINNED, decode_steps=8, detokenize=detok)
   got = eng.generate(prompts, sps)
-  first = lambda seq, tok: seq[:seq.index(tok) + 1]
+  first = lambda seq, tok: seq[: seq.index(tok) + 1]
   assert got[0].output == first(want[0], want[0][3]) and got[0].finish_reason == "stop"
   text = detok(want[1])
-  end = text.index(detok(want[1][9:11])) + 2           # the first token whose text completes the stop
+  end = text.index(detok(want[1][9:11])) + 2  # the first token whose text completes the stop
   assert got[1].output == want[1][:end] and got[1].finish_reason == "stop"
   assert got[2].output == want[2][:1] and got[2].finish_reason == "stop"
   assert got[3].output == want[3] and len(got[3].logprobs) == 16 and got[3].finish_reason == "length"
@@ -67,7 +70,7 @@ def test_arrivals_while_decoding():
   multi_with_new = False
   while not eng.idle or len(reqs) < len(prompts):
     if len(reqs) < len(prompts) and any(len(r.output) >= 2 for r in reqs):
-      reqs.append(eng.add_request(next(arrivals), SamplingParams(max_tokens=17)))   # mid-decode arrival
+      reqs.append(eng.add_request(next(arrivals), SamplingParams(max_tokens=17)))  # mid-decode arrival
     before = [len(r.output) for r in reqs]
     eng.step()
     grew = [len(r.output) - b for r, b in zip(reqs, before)]
@@ -82,8 +85,9 @@ def test_seeded_sampling_independent_of_decode_steps():
   cfg = DENSE
   prompts = shared_prefix_prompts(3, seed=8)
   sps = [SamplingParams(max_tokens=11, temperature=1.0, top_k=30, top_p=0.95, seed=s) for s in range(3)]
-  outs = [[r.output for r in Engine(cfg, params_of(cfg), **PINNED, decode_steps=n).generate(prompts, sps)]
-          for n in (1, 4)]
+  outs = [
+    [r.output for r in Engine(cfg, params_of(cfg), **PINNED, decode_steps=n).generate(prompts, sps)] for n in (1, 4)
+  ]
   assert outs[0] == outs[1]
 
 

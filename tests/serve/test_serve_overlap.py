@@ -3,11 +3,12 @@ its sampled tokens on the device, and stops are seen one step late. Nothing a us
 greedy output equals full-forward decoding, seeded samples equal the non-overlapped engine's token for
 token, stops inside a chained step truncate as before, aborts and weight swaps mid-flight leak no
 page. Each test also checks that chaining really happened (Engine.chained), so none passes vacuously."""
+
 import pytest
+from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
-from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
 MAX_TOKENS = (20, 7, 13, 1, 9, 16)
 
@@ -17,10 +18,10 @@ def test_overlap_greedy_equals_full_forward_and_stops_one_step_late(steps):
   prompts = shared_prefix_prompts(6, seed=21)
   want = full_forward_greedy(DENSE, prompts, max(MAX_TOKENS))
   sps = [SamplingParams(max_tokens=m) for m in MAX_TOKENS]
-  sps[5] = SamplingParams(max_tokens=16, stop_token_ids=(want[5][10],))     # a stop inside a chained step
+  sps[5] = SamplingParams(max_tokens=16, stop_token_ids=(want[5][10],))  # a stop inside a chained step
   eng = Engine(DENSE, params_of(DENSE), **PINNED, decode_steps=steps, overlap=True)
   got = eng.generate(prompts, sps)
-  first = want[5][:want[5].index(want[5][10]) + 1]
+  first = want[5][: want[5].index(want[5][10]) + 1]
   assert [r.output for r in got[:5]] == [w[:m] for w, m in zip(want[:5], MAX_TOKENS)]
   assert got[5].output == first and got[5].finish_reason == "stop"
   assert eng.chained > 0, "no decode step was launched behind another"
@@ -35,8 +36,12 @@ def test_overlap_greedy_equals_full_forward_and_stops_one_step_late(steps):
 def test_overlap_seeded_sampling_equals_plain_loop():
   """Counters and min_tokens of a chained step count the tokens still in flight."""
   prompts = shared_prefix_prompts(4, seed=3)
-  sps = [SamplingParams(max_tokens=14, temperature=1.0, top_p=0.9, seed=s, min_tokens=6 if s == 1 else 0,
-                        stop_token_ids=(5, 7, 11)) for s in range(4)]
+  sps = [
+    SamplingParams(
+      max_tokens=14, temperature=1.0, top_p=0.9, seed=s, min_tokens=6 if s == 1 else 0, stop_token_ids=(5, 7, 11)
+    )
+    for s in range(4)
+  ]
   outs = {}
   for overlap in (False, True):
     eng = Engine(DENSE, params_of(DENSE), **PINNED, decode_steps=3, overlap=overlap)
@@ -52,11 +57,11 @@ def test_abort_and_weight_swap_while_a_step_is_in_flight():
   while eng.chained == 0:
     eng.step()
   assert eng._inflight is not None and eng.abort(reqs[0])
-  eng.step()                                   # collects the launch that still held reqs[0]
+  eng.step()  # collects the launch that still held reqs[0]
   assert reqs[0].finish_reason == "abort"
   eng.sched.check()
   n = len(reqs[1].output)
-  eng.set_weights(params_of(DENSE), 1)         # same weights, new version: the in-flight step is committed
+  eng.set_weights(params_of(DENSE), 1)  # same weights, new version: the in-flight step is committed
   assert eng._inflight is None and len(reqs[1].output) >= n and not eng.sched.running
   eng.run()
   want = full_forward_greedy(DENSE, prompts[1:], 24)

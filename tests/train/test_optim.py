@@ -1,5 +1,6 @@
 """The optimizer: which parameters get weight decay (by what they are, for every preset), and a
 learning-rate schedule whose horizon does not move when a finished run is continued."""
+
 import dataclasses
 
 import jax
@@ -13,19 +14,48 @@ from jaxllm.train.optim import decay_mask, lr_schedule, make_optimizer
 
 # Every parameter name the model can have, and whether AdamW decays it. A new parameter must be
 # added to one of the two sets, so its decay is a decision, not an accident of its shape.
-DECAYED = {"embed", "lm_head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "router",
-           "shared_gate", "shared_up", "shared_down"}
+DECAYED = {
+  "embed",
+  "lm_head",
+  "wq",
+  "wk",
+  "wv",
+  "wo",
+  "w_gate",
+  "w_up",
+  "w_down",
+  "router",
+  "shared_gate",
+  "shared_up",
+  "shared_down",
+}
 NOT_DECAYED = {"attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "shared_expert_gate"}
 
 # Every preset, plus one model with every optional parameter (biases, q/k norm, tied head, shared
 # expert with gate) and one whose d_model is large (the old shape rule flipped lm_head at 1024).
-EVERYTHING = ModelConfig(name="everything", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                         n_experts=4, moe_d_ff=16, shared_expert_d_ff=16, shared_expert_gate=True, qkv_bias=True,
-                         qk_norm=True)
-CONFIGS = {**MODEL_PRESETS, "everything": EVERYTHING,
-           "everything-tied": dataclasses.replace(EVERYTHING, tie_embeddings=True),
-           "wide-dense": ModelConfig(name="wide", vocab_size=64, d_model=2048, n_layers=1, n_heads=16, n_kv_heads=4,
-                                     d_ff=64, qkv_bias=True)}
+EVERYTHING = ModelConfig(
+  name="everything",
+  vocab_size=64,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  d_ff=64,
+  n_experts=4,
+  moe_d_ff=16,
+  shared_expert_d_ff=16,
+  shared_expert_gate=True,
+  qkv_bias=True,
+  qk_norm=True,
+)
+CONFIGS = {
+  **MODEL_PRESETS,
+  "everything": EVERYTHING,
+  "everything-tied": dataclasses.replace(EVERYTHING, tie_embeddings=True),
+  "wide-dense": ModelConfig(
+    name="wide", vocab_size=64, d_model=2048, n_layers=1, n_heads=16, n_kv_heads=4, d_ff=64, qkv_bias=True
+  ),
+}
 
 
 def flat(tree):
@@ -47,7 +77,7 @@ def test_optimizer_applies_the_mask():
   cfg = EVERYTHING
   tcfg = TrainConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0, steps=10)
   mdef, params = model_def(cfg), init_params(cfg, 0)
-  params = jax.tree.map(lambda p: p + 1.0, params)   # norms are 1, biases 0: make every leaf non-zero
+  params = jax.tree.map(lambda p: p + 1.0, params)  # norms are 1, biases 0: make every leaf non-zero
   tx = make_optimizer(tcfg, mdef.logical)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -67,7 +97,7 @@ def test_schedule_horizon_is_its_own_key():
   for s in range(0, 101, 5):
     assert float(a(s)) == pytest.approx(float(b(s)))
   assert float(b(100)) == pytest.approx(1e-3) and float(b(150)) == pytest.approx(1e-3)
-  stretched = lr_schedule(dataclasses.replace(longer, decay_steps=0))   # horizon = steps: the old jump
+  stretched = lr_schedule(dataclasses.replace(longer, decay_steps=0))  # horizon = steps: the old jump
   assert float(stretched(100)) > 3 * float(a(100))
 
 

@@ -1,6 +1,7 @@
 """The one run loop (jaxllm.train.runner) on a counting task with no model: checkpoint cadence, resume
 after a kill, the divergence guard, metrics lines, and files written by process 0 only. The three real
 trainers on it are tested end to end in test_train.py, test_rl_loop.py and test_reward_model.py."""
+
 import json
 import os
 
@@ -17,12 +18,14 @@ from jaxllm.train.step import TrainState
 
 class Counting(Task):
   """state.params["w"] counts the steps; step `nan_at` reports a non-finite update."""
+
   name = "count"
 
   def __init__(self, out, steps=5, nan_at=None, **train):
     extra = [f"train.{k}={v}" for k, v in train.items()]
-    self.cfg = load_config([], [f"train.out_dir={out}", f"train.steps={steps}", "train.save_every=2",
-                                "train.log_every=1", *extra])
+    self.cfg = load_config(
+      [], [f"train.out_dir={out}", f"train.steps={steps}", "train.save_every=2", "train.log_every=1", *extra]
+    )
     self.nan_at, self.closed, self.data = nan_at, False, []
 
   def init(self, ckpt, start, log):
@@ -60,7 +63,7 @@ def test_cadence_metrics_and_resume_after_a_kill(tmp_path):
   first = Counting(tmp_path)
   res = run(first, progress=False, log=logs.append, stop_after=3)
   assert (res.first, res.step, first.closed) == (0, 3, True)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]         # no final save after a kill
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # no final save after a kill
   assert any(line.startswith("step      3") for line in logs)
   again = Counting(tmp_path)
   res = run(again, progress=False, log=logs.append)
@@ -68,10 +71,10 @@ def test_cadence_metrics_and_resume_after_a_kill(tmp_path):
   assert [h["step"] for h in res.history] == [3, 4, 5] and res.history[-1]["loss"] == 5.0
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "5"]
   got = lines(tmp_path)
-  assert [line["step"] for line in got] == [1, 2, 3, 4, 5]             # the killed run's step 3 written once
+  assert [line["step"] for line in got] == [1, 2, 3, 4, 5]  # the killed run's step 3 written once
   assert [line["step"] for line in got if "eval_loss" in line] == [2, 4]
   assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 5
-  done = run(Counting(tmp_path), progress=False, log=logs.append)       # nothing left to do
+  done = run(Counting(tmp_path), progress=False, log=logs.append)  # nothing left to do
   assert (done.step, done.history) == (5, [])
 
 
@@ -89,6 +92,6 @@ def test_only_process_0_writes_files_and_logs(tmp_path, monkeypatch):
   logs = []
   res = run(Counting(tmp_path), progress=False, log=logs.append)
   assert res.step == 5 and logs == []
-  assert sorted(os.listdir(tmp_path)) == ["checkpoints"]              # checkpoints: written by all processes
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # checkpoints: written by all processes
   state = res.state
   np.testing.assert_array_equal(np.asarray(state.params["w"]), [5, 5])

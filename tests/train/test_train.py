@@ -1,5 +1,6 @@
 """Training: sharded == single device, grad accumulation, learning, kill-and-resume, NaN stop,
 checkpoints across meshes, and clear errors for broken checkpoint directories."""
+
 import dataclasses
 import json
 import os
@@ -10,15 +11,15 @@ import numpy as np
 import pytest
 
 from jaxllm.config import Config, MeshConfig, ModelConfig, TrainConfig, load_config
+from jaxllm.io.checkpoint import load_params
 from jaxllm.model import hooks
 from jaxllm.model.params import init_params, model_def
 from jaxllm.parallel import build_mesh, mesh_hooks
-from jaxllm.io.checkpoint import load_params
 from jaxllm.parallel.sharding import batch_sharding, param_shardings
-from jaxllm.train.checkpoint import CheckpointError, Checkpointer
+from jaxllm.train.checkpoint import Checkpointer, CheckpointError
 from jaxllm.train.loop import train
-from jaxllm.train.runner import TrainingDiverged
 from jaxllm.train.optim import make_optimizer
+from jaxllm.train.runner import TrainingDiverged
 from jaxllm.train.state import abstract_state, init_state, state_shardings
 from jaxllm.train.step import grads_and_metrics, make_train_step
 
@@ -40,6 +41,7 @@ def sharded_grads(cfg, mesh_cfg, params, batch):
   def f(p, b):
     with hooks.using(**mesh_hooks(mesh, plan, cfg)):
       return grads_and_metrics(mdef, p, b)
+
   return jax.jit(f)(p, b)
 
 
@@ -73,8 +75,9 @@ def test_grad_accumulation_equals_full_batch_with_uneven_masks():
   assert float(m4["tokens"]) == float(batch["mask"].sum())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g4)
   # The mean of the four chunk means (what averaging per-chunk losses gives) is a different number.
-  chunk_means = [float(grads_and_metrics(mdef, params, jax.tree.map(lambda x: x[c::4], batch))[1]["loss"])
-                 for c in range(4)]
+  chunk_means = [
+    float(grads_and_metrics(mdef, params, jax.tree.map(lambda x: x[c::4], batch))[1]["loss"]) for c in range(4)
+  ]
   assert abs(np.mean(chunk_means) - float(m1["loss"])) > 1e-3
 
 
@@ -86,7 +89,8 @@ def test_nonfinite_step_is_not_applied():
   sh = state_shardings(mdef, tx, mesh, plan)
   state = init_state(mdef, tx, sh, 0)
   bad = jax.tree.map(lambda x: x, state)._replace(
-    params={**state.params, "final_norm": state.params["final_norm"] * jnp.nan})
+    params={**state.params, "final_norm": state.params["final_norm"] * jnp.nan}
+  )
   before = jax.tree.map(np.asarray, bad.params)
   step = make_train_step(mdef, tx, sh, batch_sharding(mesh, plan))
   new, metrics = step(bad, _batch())
@@ -95,11 +99,26 @@ def test_nonfinite_step_is_not_applied():
 
 
 def _cfg(tmp_path, *extra):
-  return load_config([], [
-    f"mesh={os.path.join(os.path.dirname(__file__), '..', '..', 'meshes', 'cpu-8.toml')}",
-    "model=tiny", "model.n_layers=2", "model.d_model=64", "model.d_ff=128", "train.seq_len=64",
-    "train.batch_size=8", "train.max_corpus_bytes=300000", "train.warmup_steps=5", "train.lr=3e-3",
-    "train.eval_every=0", "train.sample_tokens=0", "train.log_every=5", f"train.out_dir={tmp_path}", *extra])
+  return load_config(
+    [],
+    [
+      f"mesh={os.path.join(os.path.dirname(__file__), '..', '..', 'meshes', 'cpu-8.toml')}",
+      "model=tiny",
+      "model.n_layers=2",
+      "model.d_model=64",
+      "model.d_ff=128",
+      "train.seq_len=64",
+      "train.batch_size=8",
+      "train.max_corpus_bytes=300000",
+      "train.warmup_steps=5",
+      "train.lr=3e-3",
+      "train.eval_every=0",
+      "train.sample_tokens=0",
+      "train.log_every=5",
+      f"train.out_dir={tmp_path}",
+      *extra,
+    ],
+  )
 
 
 def test_training_lowers_loss_and_resume_matches(tmp_path):
@@ -121,8 +140,15 @@ def test_training_lowers_loss_and_resume_matches(tmp_path):
 
 
 def test_divergence_stops_and_keeps_last_checkpoint(tmp_path):
-  cfg = _cfg(tmp_path, "train.steps=30", "train.save_every=1", "train.lr=1e30", "train.warmup_steps=0",
-             "train.grad_clip=0", "train.weight_decay=0")
+  cfg = _cfg(
+    tmp_path,
+    "train.steps=30",
+    "train.save_every=1",
+    "train.lr=1e30",
+    "train.warmup_steps=0",
+    "train.grad_clip=0",
+    "train.weight_decay=0",
+  )
   with pytest.raises(TrainingDiverged, match="NaN/inf at step") as e:
     train(cfg, progress=False, log=lambda *_: None)
   ck = Checkpointer(tmp_path / "checkpoints")
@@ -183,6 +209,7 @@ def test_continuing_a_finished_run_keeps_the_lr_schedule(tmp_path):
   lrs = _lrs(tmp_path / "metrics.jsonl")
   assert sorted(lrs) == list(range(1, 11))
   from jaxllm.train.optim import lr_schedule
+
   sched = lr_schedule(TrainConfig(steps=6, decay_steps=6, warmup_steps=2, lr=1e-2, min_lr_ratio=0.1))
   for s in range(1, 7):
     assert lrs[s] == pytest.approx(float(sched(s - 1)))
@@ -196,20 +223,27 @@ def test_pipelined_run_end_to_end(tmp_path):
   resume, and the sample from the serving engine; the loss curve and eval loss equal those of the
   non-pipelined cpu-8 mesh (dp=4 x tp=2) on the same batches."""
   from jaxllm.serve import complete_text
+
   pp_mesh = os.path.join(os.path.dirname(__file__), "..", "..", "meshes", "cpu-8-pp.toml")
-  common = ("model.n_layers=4", "train.steps=4", "train.save_every=2", "train.eval_every=2", "train.eval_batches=2",
-            "train.sample_tokens=6")
+  common = (
+    "model.n_layers=4",
+    "train.steps=4",
+    "train.save_every=2",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "train.sample_tokens=6",
+  )
   ref = train(_cfg(tmp_path / "ref", *common), progress=False, log=lambda *_: None)
   cfg = _cfg(tmp_path / "pp", *common, f"mesh={pp_mesh}")
   lines = []
   first = train(cfg, stop_after=3, progress=False, log=lines.append)
   assert first["steps"] == 3 and any("pipeline 1f1b pp=2 vpp=2 m=4" in l for l in lines)
   second = train(cfg, progress=False, log=lines.append, sampler=complete_text)
-  assert second["history"][0]["step"] == 3          # resumed from the step-2 checkpoint
+  assert second["history"][0]["step"] == 3  # resumed from the step-2 checkpoint
   want = {h["step"]: h["loss"] for h in ref["history"]}
   for h in first["history"] + second["history"]:
     assert h["loss"] == pytest.approx(want[h["step"]], rel=2e-5), h
   assert second["eval_loss"] == pytest.approx(ref["eval_loss"], rel=2e-5)
   assert second["sample"].startswith(cfg.train.sample_prompt) and len(second["sample"]) > len(cfg.train.sample_prompt)
-  config, params = load_params(str(tmp_path / "pp" / "checkpoints"))   # canonical: loads on one device
+  config, params = load_params(str(tmp_path / "pp" / "checkpoints"))  # canonical: loads on one device
   assert config.mesh.pp == 2 and params["layers"]["wq"].shape[0] == 4

@@ -14,6 +14,7 @@ of an EngineService (jaxllm.serve.service), which owns the engine thread.
   app.py        create_app: the routes
   server.py     load a model, build engine + service + app, run uvicorn (what serve.py calls)
 """
+
 from jaxllm.serve.http.app import create_app
 
 __all__ = ["create_app"]

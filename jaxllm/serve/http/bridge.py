@@ -9,6 +9,7 @@ is `http.disconnect`) and aborts every unfinished request the moment it comes. T
 effect at the engine's next step boundary. Leaving the handler any other way (an exception, a
 cancelled streaming response) aborts them too (`close`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ import functools
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.service import Event, QueueFull
 
-RETRY_AFTER_S = 1        # Retry-After of a 503 (queue full): the queue drains in steps of seconds
+RETRY_AFTER_S = 1  # Retry-After of a 503 (queue full): the queue drains in steps of seconds
 
 
 class EngineCall:
@@ -27,7 +28,7 @@ class EngineCall:
     self.loop = asyncio.get_running_loop()
     self.queue: asyncio.Queue = asyncio.Queue()
     self.rids: list[int] = []
-    self.unfinished: set[int] = set()       # choice indices without a final event yet
+    self.unfinished: set[int] = set()  # choice indices without a final event yet
     self.aborted: set[int] = set()
     self.disconnected = False
     self._watcher: asyncio.Task | None = None
@@ -40,9 +41,10 @@ class EngineCall:
         self.unfinished.add(i)
     except QueueFull as e:
       self.abort()
-      raise APIError(503, f"the server is busy ({e}); retry later", None, "queue_full",
-                     {"Retry-After": str(RETRY_AFTER_S)}) from None
-    except ValueError as e:               # the engine's check_request: a request that can never run
+      raise APIError(
+        503, f"the server is busy ({e}); retry later", None, "queue_full", {"Retry-After": str(RETRY_AFTER_S)}
+      ) from None
+    except ValueError as e:  # the engine's check_request: a request that can never run
       self.abort()
       raise bad_request(str(e), None, "invalid_request") from None
     except BaseException:
@@ -62,10 +64,10 @@ class EngineCall:
         break
     self.disconnected = True
     self.abort()
-    self.queue.put_nowait(None)           # wake `events`: nobody is left to read the rest
+    self.queue.put_nowait(None)  # wake `events`: nobody is left to read the rest
 
   def abort(self) -> None:
-    for i in self.unfinished - self.aborted:    # once each: the watcher and close may both get here
+    for i in self.unfinished - self.aborted:  # once each: the watcher and close may both get here
       self.service.abort(self.rids[i])
       self.aborted.add(i)
 

@@ -16,6 +16,7 @@ plain transcript any model can continue:
 Rendering errors (a template's raise_exception, e.g. "roles must alternate") are the client's
 400s; a template that does not compile fails at startup.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,7 +41,7 @@ def _raise_exception(message):
 def _token_text(tokenizer, token_id) -> str:
   """The text of a special token for templates that write it ({{ bos_token }}): a Hugging Face
   tokenizer knows it; the byte tokenizer's specials have none, so ""."""
-  inner = getattr(tokenizer, "tokenizer", None)      # HFTokenizer wraps a `tokenizers.Tokenizer`
+  inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer wraps a `tokenizers.Tokenizer`
   if inner is None or token_id is None:
     return ""
   return inner.id_to_token(token_id) or ""
@@ -58,8 +59,10 @@ class ChatTemplate:
       self.template = env.from_string(self.source)
     except jinja2.TemplateSyntaxError as e:
       raise ValueError(f"the model's chat template does not compile: {e} (line {e.lineno})") from e
-    self.specials = {"bos_token": _token_text(tokenizer, getattr(tokenizer, "bos_id", None)),
-                     "eos_token": _token_text(tokenizer, getattr(tokenizer, "eos_id", None))}
+    self.specials = {
+      "bos_token": _token_text(tokenizer, getattr(tokenizer, "bos_id", None)),
+      "eos_token": _token_text(tokenizer, getattr(tokenizer, "eos_id", None)),
+    }
 
   def render(self, messages: list[dict]) -> str:
     try:

@@ -4,6 +4,7 @@ Every failure the server reports -- a bad field, an unknown model, a full queue,
 handler -- goes through `APIError` or the handlers below, so clients (the `openai` package among
 them) can always parse it, and a bad request never takes the server down.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,16 +16,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("jaxllm.serve.http")
 
 # OpenAI's error types by status (their API reference, "Error codes").
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-          500: "server_error", 503: "server_error"}
+_TYPES = {
+  400: "invalid_request_error",
+  401: "authentication_error",
+  404: "invalid_request_error",
+  405: "invalid_request_error",
+  409: "invalid_request_error",
+  413: "invalid_request_error",
+  500: "server_error",
+  503: "server_error",
+}
 
 
 class APIError(Exception):
   """An error response. `param` names the offending request field (None if none)."""
 
-  def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-               headers: dict | None = None):
+  def __init__(
+    self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+  ):
     super().__init__(message)
     self.status, self.message, self.param, self.code = status, message, param, code
     self.headers = headers or {}
@@ -37,8 +46,9 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-  return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                    "param": param, "code": code}}
+  return {
+    "error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+  }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -54,10 +64,13 @@ def install_handlers(app: FastAPI) -> None:
 
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(request: Request, e: StarletteHTTPException):
-    message = {404: f"no route {request.method} {request.url.path}",
-               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-    return JSONResponse(error_body(e.status_code, message), status_code=e.status_code,
-                        headers=getattr(e, "headers", None))
+    message = {
+      404: f"no route {request.method} {request.url.path}",
+      405: f"method {request.method} is not allowed on {request.url.path}",
+    }.get(e.status_code, str(e.detail))
+    return JSONResponse(
+      error_body(e.status_code, message), status_code=e.status_code, headers=getattr(e, "headers", None)
+    )
 
   @app.exception_handler(Exception)
   async def _crash(request: Request, e: Exception):

@@ -6,6 +6,7 @@ time by a custom collector: the engine's own monotonic counters, exact and never
 (nothing here increments them). Latency histograms are fed per finished request from the
 service's `on_finish` hook (engine thread; prometheus_client metrics are thread-safe).
 """
+
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -13,12 +14,74 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # vLLM's buckets (seconds).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0)
-REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                   240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+  0.001,
+  0.005,
+  0.01,
+  0.02,
+  0.04,
+  0.06,
+  0.08,
+  0.1,
+  0.25,
+  0.5,
+  0.75,
+  1.0,
+  2.5,
+  5.0,
+  7.5,
+  10.0,
+  20.0,
+  40.0,
+  80.0,
+  160.0,
+  640.0,
+  2560.0,
+)
+ITL_BUCKETS = (
+  0.01,
+  0.025,
+  0.05,
+  0.075,
+  0.1,
+  0.15,
+  0.2,
+  0.3,
+  0.4,
+  0.5,
+  0.75,
+  1.0,
+  2.5,
+  5.0,
+  7.5,
+  10.0,
+  20.0,
+  40.0,
+  80.0,
+)
+REQUEST_BUCKETS = (
+  0.3,
+  0.5,
+  0.8,
+  1.0,
+  1.5,
+  2.0,
+  2.5,
+  5.0,
+  10.0,
+  15.0,
+  20.0,
+  30.0,
+  40.0,
+  50.0,
+  60.0,
+  120.0,
+  240.0,
+  480.0,
+  960.0,
+  1920.0,
+  7680.0,
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -35,14 +98,18 @@ class _EngineCollector(Collector):
       ("jaxllm:prompt_tokens", "Prompt tokens of admitted requests (each of n samples counts).", "prompt_tokens"),
       ("jaxllm:generation_tokens", "Generated tokens.", "generated_tokens"),
       ("jaxllm:cached_prompt_tokens", "Prompt tokens reused from the prefix cache.", "cached_tokens"),
-      ("jaxllm:prefill_computed_tokens", "Tokens run through the model in prefill (recompute included).",
-       "computed_tokens"),
+      (
+        "jaxllm:prefill_computed_tokens",
+        "Tokens run through the model in prefill (recompute included).",
+        "computed_tokens",
+      ),
       ("jaxllm:num_preemptions", "Requests preempted (recomputed later) for lack of KV pages.", "preemptions"),
     )
     for name, doc, key in counters:
       yield CounterMetricFamily(name, doc, value=s[key])
-    finished = CounterMetricFamily("jaxllm:request_success", "Finished requests by finish reason.",
-                                   labels=["finished_reason"])
+    finished = CounterMetricFamily(
+      "jaxllm:request_success", "Finished requests by finish reason.", labels=["finished_reason"]
+    )
     for reason, n in sorted(s["finished"].items()):
       finished.add_metric([reason], n)
     yield finished
@@ -63,8 +130,11 @@ class Metrics:
     self.registry.register(_EngineCollector(service))
     hist = lambda name, doc, buckets: Histogram(name, doc, buckets=buckets, registry=self.registry)
     self.ttft = hist("jaxllm:time_to_first_token_seconds", "Arrival to first generated token.", TTFT_BUCKETS)
-    self.itl = hist("jaxllm:inter_token_latency_seconds", "Between consecutive generated tokens (tokens of "
-                    "one multi-step decode call share a time).", ITL_BUCKETS)
+    self.itl = hist(
+      "jaxllm:inter_token_latency_seconds",
+      "Between consecutive generated tokens (tokens of one multi-step decode call share a time).",
+      ITL_BUCKETS,
+    )
     self.e2e = hist("jaxllm:e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
     self.queue = hist("jaxllm:request_queue_time_seconds", "Arrival to first admission.", REQUEST_BUCKETS)
 
@@ -72,7 +142,7 @@ class Metrics:
     """EngineService's on_finish hook (engine thread): one finished request's latencies."""
     self.e2e.observe(timings.e2e)
     self.queue.observe(timings.queue)
-    if req.token_times:              # an aborted request may have none: no first token to time
+    if req.token_times:  # an aborted request may have none: no first token to time
       self.ttft.observe(timings.ttft)
     for dt in timings.itl:
       self.itl.observe(dt)

@@ -10,6 +10,7 @@ With sampling_params.n > 1 the response is a list of those, one per sample. Stre
 streaming: text and output_ids grow, a chunk never needs the previous ones) plus "index" = the
 sample, then `data: [DONE]`.
 """
+
 from __future__ import annotations
 
 from jaxllm.serve.http.responses import SSE_DONE, Output, error_chunk, json_safe, new_id, sse
@@ -21,10 +22,14 @@ class Generate:
     self.ids = [new_id("gen") for _ in range(parsed.n)]
 
   def one(self, i: int, o: Output) -> dict:
-    meta = {"id": self.ids[i], "prompt_tokens": o.prompt_tokens, "completion_tokens": len(o.token_ids),
-            "cached_tokens": o.cached_tokens,
-            "finish_reason": {"type": o.finish_reason} if o.finish_reason else None,
-            "weight_version": json_safe(o.weight_version)}
+    meta = {
+      "id": self.ids[i],
+      "prompt_tokens": o.prompt_tokens,
+      "completion_tokens": len(o.token_ids),
+      "cached_tokens": o.cached_tokens,
+      "finish_reason": {"type": o.finish_reason} if o.finish_reason else None,
+      "weight_version": json_safe(o.weight_version),
+    }
     if self.parsed.logprobs:
       meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(o.logprobs, o.token_ids)]
     return {"text": o.text, "output_ids": list(o.token_ids), "meta_info": meta}

@@ -10,6 +10,7 @@ counts as absent (OpenAI clients send it for "not given").
 The result, `Parsed`, holds token ids and one SamplingParams per choice (n > 1 = n engine requests;
 with a seed s they get seeds s, s+1, ...; without one, each gets a random seed so they differ).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,44 +20,79 @@ from dataclasses import dataclass
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.sampling import TOP_LOGPROBS, SamplingParams, with_random_seed
 
-MAX_STOP = 4                    # OpenAI: up to 4 stop sequences
-MAX_COMPLETION_LOGPROBS = 5     # OpenAI completions: logprobs in 0..5
-COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI completions default
+MAX_STOP = 4  # OpenAI: up to 4 stop sequences
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI completions: logprobs in 0..5
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI completions default
 GENERATE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang default
 
 # Fields of both OpenAI endpoints; vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens,
 # ignore_eos, return_token_ids) included.
-_OPENAI_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                  "logit_bias", "presence_penalty", "frequency_penalty", "user", "top_k", "min_p",
-                  "repetition_penalty", "min_tokens", "ignore_eos", "return_token_ids", "logprobs"}
+_OPENAI_COMMON = {
+  "model",
+  "max_tokens",
+  "temperature",
+  "top_p",
+  "n",
+  "stream",
+  "stream_options",
+  "stop",
+  "seed",
+  "logit_bias",
+  "presence_penalty",
+  "frequency_penalty",
+  "user",
+  "top_k",
+  "min_p",
+  "repetition_penalty",
+  "min_tokens",
+  "ignore_eos",
+  "return_token_ids",
+  "logprobs",
+}
 COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt"}
 CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob"}
-GENERATE_SAMPLING_FIELDS = {"max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
-                            "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
-                            "repetition_penalty", "logit_bias", "n", "sampling_seed"}
+GENERATE_SAMPLING_FIELDS = {
+  "max_new_tokens",
+  "min_new_tokens",
+  "temperature",
+  "top_p",
+  "top_k",
+  "min_p",
+  "stop",
+  "stop_token_ids",
+  "ignore_eos",
+  "presence_penalty",
+  "frequency_penalty",
+  "repetition_penalty",
+  "logit_bias",
+  "n",
+  "sampling_seed",
+}
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
   """What validation needs to know about the served model."""
-  name: str                 # the model id of the API
-  vocab_size: int           # token ids 0..vocab_size-1
-  context: int              # prompt + completion tokens at most (max_seq_len, capped by the KV pool)
-  eos_ids: tuple            # the model's end-of-sequence ids (jaxllm.io.eos_ids): stop tokens unless ignore_eos
-  max_n: int                # serve.max_n
+
+  name: str  # the model id of the API
+  vocab_size: int  # token ids 0..vocab_size-1
+  context: int  # prompt + completion tokens at most (max_seq_len, capped by the KV pool)
+  eos_ids: tuple  # the model's end-of-sequence ids (jaxllm.io.eos_ids): stop tokens unless ignore_eos
+  max_n: int  # serve.max_n
 
 
 @dataclass
 class Parsed:
   """A validated request, whichever API it came through."""
+
   prompt_ids: list
-  sampling: list                  # SamplingParams per choice
+  sampling: list  # SamplingParams per choice
   stream: bool = False
-  include_usage: bool = False     # stream_options.include_usage
-  logprobs: bool = False          # the sampled tokens' logprobs
-  top_logprobs: int = 0           # and this many alternatives per token
+  include_usage: bool = False  # stream_options.include_usage
+  logprobs: bool = False  # the sampled tokens' logprobs
+  top_logprobs: int = 0  # and this many alternatives per token
   return_token_ids: bool = False  # vLLM's extension: prompt_token_ids / token_ids in the response
 
   @property
@@ -66,11 +102,13 @@ class Parsed:
 
 # ---- reading typed fields ---------------------------------------------------------------------
 
+
 def json_type(v) -> str:
   if isinstance(v, bool):
     return "boolean"
-  return {int: "integer", float: "number", str: "string", list: "array", dict: "object",
-          type(None): "null"}.get(type(v), type(v).__name__)
+  return {int: "integer", float: "number", str: "string", list: "array", dict: "object", type(None): "null"}.get(
+    type(v), type(v).__name__
+  )
 
 
 _KINDS = {
@@ -93,8 +131,12 @@ class Fields:
     self.obj, self.where = obj, where
     for key in obj:
       if key not in allowed:
-        raise bad_request(f"unsupported field '{self.name(key)}': this server does not implement it "
-                          f"(supported: {', '.join(sorted(allowed))})", self.name(key), "unsupported_field")
+        raise bad_request(
+          f"unsupported field '{self.name(key)}': this server does not implement it "
+          f"(supported: {', '.join(sorted(allowed))})",
+          self.name(key),
+          "unsupported_field",
+        )
 
   def name(self, key: str) -> str:
     return f"{self.where}.{key}" if self.where else key
@@ -108,14 +150,16 @@ class Fields:
       return default
     if not _KINDS[kind](v):
       article = "an" if kind[0] in "aeiou" else "a"
-      raise bad_request(f"'{self.name(key)}' must be {article} {kind}, got {json_type(v)} {_short(v)}",
-                        self.name(key), "invalid_type")
+      raise bad_request(
+        f"'{self.name(key)}' must be {article} {kind}, got {json_type(v)} {_short(v)}", self.name(key), "invalid_type"
+      )
     return v
 
   def check(self, ok: bool, key: str, value, must: str) -> None:
     if not ok:
-      raise bad_request(f"invalid value for '{self.name(key)}': {_short(value)}; it must be {must}",
-                        self.name(key), "invalid_value")
+      raise bad_request(
+        f"invalid value for '{self.name(key)}': {_short(value)}; it must be {must}", self.name(key), "invalid_value"
+      )
 
 
 def _short(v) -> str:
@@ -125,12 +169,14 @@ def _short(v) -> str:
 
 # ---- prompts ----------------------------------------------------------------------------------
 
+
 def check_model(f: Fields, info: ModelInfo) -> None:
   """`model` is optional; when given it must be the served one (404, OpenAI's model_not_found)."""
   model = f.get("model", "string")
   if model is not None and model != info.name:
-    raise APIError(404, f"the model '{model}' does not exist; this server serves '{info.name}'", "model",
-                   "model_not_found")
+    raise APIError(
+      404, f"the model '{model}' does not exist; this server serves '{info.name}'", "model", "model_not_found"
+    )
 
 
 def token_ids(v, name: str, info: ModelInfo) -> list:
@@ -141,8 +187,11 @@ def token_ids(v, name: str, info: ModelInfo) -> list:
     raise bad_request(f"'{name}' is empty: a request needs at least one prompt token", name, "empty_prompt")
   bad = [t for t in v if not 0 <= t < info.vocab_size]
   if bad:
-    raise bad_request(f"'{name}' holds token ids {bad[:5]} outside the model's vocabulary "
-                      f"0..{info.vocab_size - 1}", name, "invalid_token_ids")
+    raise bad_request(
+      f"'{name}' holds token ids {bad[:5]} outside the model's vocabulary 0..{info.vocab_size - 1}",
+      name,
+      "invalid_token_ids",
+    )
   return list(v)
 
 
@@ -164,14 +213,21 @@ def completion_prompt(v, info: ModelInfo, tokenizer) -> list:
     return text_ids(v, "prompt", tokenizer)
   if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
     if len(v) > 1:
-      raise bad_request(f"batched prompts are not supported: 'prompt' is an array of {len(v)} "
-                        f"{'strings' if isinstance(v[0], str) else 'token-id arrays'}; send one prompt per "
-                        f"request", "prompt", "unsupported_batch")
+      raise bad_request(
+        f"batched prompts are not supported: 'prompt' is an array of {len(v)} "
+        f"{'strings' if isinstance(v[0], str) else 'token-id arrays'}; send one prompt per "
+        f"request",
+        "prompt",
+        "unsupported_batch",
+      )
     return completion_prompt(v[0], info, tokenizer) if isinstance(v[0], str) else token_ids(v[0], "prompt", info)
   if isinstance(v, list):
     return token_ids(v, "prompt", info)
-  raise bad_request(f"'prompt' must be a string, an array of token ids, or an array holding one of those; "
-                    f"got {json_type(v)}", "prompt", "invalid_type")
+  raise bad_request(
+    f"'prompt' must be a string, an array of token ids, or an array holding one of those; got {json_type(v)}",
+    "prompt",
+    "invalid_type",
+  )
 
 
 def chat_messages(v) -> list[dict]:
@@ -192,19 +248,26 @@ def chat_messages(v) -> list[dict]:
       for j, part in enumerate(content):
         where = f"messages[{i}].content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":             # before the field check: say what is wrong, not which key
-          raise bad_request(f"'{where}' is a {kind!r} part; this server serves text models and takes only "
-                            f"'text' parts", f"{where}.type", "unsupported_content")
+        if kind != "text":  # before the field check: say what is wrong, not which key
+          raise bad_request(
+            f"'{where}' is a {kind!r} part; this server serves text models and takes only 'text' parts",
+            f"{where}.type",
+            "unsupported_content",
+          )
         texts.append(Fields(part, {"type", "text"}, where).get("text", "string", ""))
       content = "\n".join(texts)
     elif content is None:
       if role != "assistant":
-        raise bad_request(f"'messages[{i}].content' is required for a {role} message", f"messages[{i}].content",
-                          "missing_field")
+        raise bad_request(
+          f"'messages[{i}].content' is required for a {role} message", f"messages[{i}].content", "missing_field"
+        )
       content = ""
     elif not isinstance(content, str):
-      raise bad_request(f"'messages[{i}].content' must be a string or an array of text parts, got "
-                        f"{json_type(content)}", f"messages[{i}].content", "invalid_type")
+      raise bad_request(
+        f"'messages[{i}].content' must be a string or an array of text parts, got {json_type(content)}",
+        f"messages[{i}].content",
+        "invalid_type",
+      )
     msg = {"role": role, "content": content}
     if f.given("name"):
       msg["name"] = f.get("name", "string")
@@ -214,14 +277,16 @@ def chat_messages(v) -> list[dict]:
 
 # ---- sampling ---------------------------------------------------------------------------------
 
+
 def _stop(f: Fields, key: str = "stop") -> tuple:
   v = f.obj.get(key)
   if v is None:
     return ()
   stops = [v] if isinstance(v, str) else v
   if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-    raise bad_request(f"'{f.name(key)}' must be a string or an array of strings, got {json_type(v)}",
-                      f.name(key), "invalid_type")
+    raise bad_request(
+      f"'{f.name(key)}' must be a string or an array of strings, got {json_type(v)}", f.name(key), "invalid_type"
+    )
   f.check(len(stops) <= MAX_STOP, key, v, f"at most {MAX_STOP} strings")
   f.check(all(stops), key, v, "non-empty strings")
   return tuple(stops)
@@ -232,22 +297,28 @@ def _logit_bias(f: Fields, info: ModelInfo) -> tuple:
   bias = f.get("logit_bias", "object", {})
   out = []
   for key, value in bias.items():
-    f.check(re.fullmatch(r"\d+", key) is not None and int(key) < info.vocab_size, "logit_bias", {key: value},
-            f"keyed by token ids 0..{info.vocab_size - 1} (as strings)")
+    f.check(
+      re.fullmatch(r"\d+", key) is not None and int(key) < info.vocab_size,
+      "logit_bias",
+      {key: value},
+      f"keyed by token ids 0..{info.vocab_size - 1} (as strings)",
+    )
     f.check(_KINDS["number"](value) and -100 <= value <= 100, "logit_bias", {key: value}, "biases in [-100, 100]")
     out.append((int(key), float(value)))
   return tuple(out)
 
 
-def _max_tokens(f: Fields, keys: tuple, prompt_key: str, prompt_len: int, info: ModelInfo,
-                default: int | None) -> int:
+def _max_tokens(f: Fields, keys: tuple, prompt_key: str, prompt_len: int, info: ModelInfo, default: int | None) -> int:
   """The completion length: the first of `keys` given, else `default` (None: the rest of the context)
   capped by the context. A given value that does not fit is a 400, a default is shortened."""
   room = info.context - prompt_len
   if room < 1:
-    raise bad_request(f"the prompt is {prompt_len} tokens but the context is {info.context} "
-                      f"(model.max_seq_len, capped by the KV pool): no room for a completion; shorten the prompt",
-                      prompt_key, "context_length_exceeded")
+    raise bad_request(
+      f"the prompt is {prompt_len} tokens but the context is {info.context} "
+      f"(model.max_seq_len, capped by the KV pool): no room for a completion; shorten the prompt",
+      prompt_key,
+      "context_length_exceeded",
+    )
   given = [k for k in keys if f.given(k)]
   if len(given) > 1 and len({f.get(k, "integer") for k in given}) > 1:
     raise bad_request(f"'{given[0]}' and '{given[1]}' disagree; give one of them", given[1], "invalid_value")
@@ -257,23 +328,39 @@ def _max_tokens(f: Fields, keys: tuple, prompt_key: str, prompt_len: int, info: 
   n = f.get(key, "integer")
   f.check(n >= 1, key, n, "an integer >= 1")
   if prompt_len + n > info.context:
-    raise bad_request(f"this request needs {prompt_len} prompt + {n} completion tokens = {prompt_len + n}, "
-                      f"more than the context of {info.context} tokens (model.max_seq_len, capped by the KV "
-                      f"pool); shorten the prompt or lower '{key}'", key, "context_length_exceeded")
+    raise bad_request(
+      f"this request needs {prompt_len} prompt + {n} completion tokens = {prompt_len + n}, "
+      f"more than the context of {info.context} tokens (model.max_seq_len, capped by the KV "
+      f"pool); shorten the prompt or lower '{key}'",
+      key,
+      "context_length_exceeded",
+    )
   return n
 
 
-def _sampling(f: Fields, info: ModelInfo, max_tokens: int, *, seed_key="seed", min_tokens_key="min_tokens",
-              temperature_max: float | None = 2.0, logprobs=False, top_logprobs=0, stop_token_ids=()) -> list:
+def _sampling(
+  f: Fields,
+  info: ModelInfo,
+  max_tokens: int,
+  *,
+  seed_key="seed",
+  min_tokens_key="min_tokens",
+  temperature_max: float | None = 2.0,
+  logprobs=False,
+  top_logprobs=0,
+  stop_token_ids=(),
+) -> list:
   """One SamplingParams per choice from the sampling fields shared by every API (OpenAI's ranges;
   temperature_max None: SGLang's, no upper bound)."""
   n = f.get("n", "integer", 1)
   f.check(1 <= n <= info.max_n, "n", n, f"in 1..{info.max_n} (serve.max_n)")
-  temperature = f.get("temperature", "number", 1.0)          # OpenAI's and SGLang's default
+  temperature = f.get("temperature", "number", 1.0)  # OpenAI's and SGLang's default
   if temperature_max is None:
     f.check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
   else:
-    f.check(0 <= temperature <= temperature_max, "temperature", temperature, f"in [0, {temperature_max:g}] (0 = greedy)")
+    f.check(
+      0 <= temperature <= temperature_max, "temperature", temperature, f"in [0, {temperature_max:g}] (0 = greedy)"
+    )
   top_p = f.get("top_p", "number", 1.0)
   f.check(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
   top_k = f.get("top_k", "integer", 0)
@@ -291,15 +378,27 @@ def _sampling(f: Fields, info: ModelInfo, max_tokens: int, *, seed_key="seed", m
   ignore_eos = f.get("ignore_eos", "boolean", False)
   seed = f.get(seed_key, "integer")
   stops = tuple(stop_token_ids) + (() if ignore_eos else info.eos_ids)
-  kw = dict(max_tokens=max_tokens, temperature=float(temperature), top_k=max(top_k, 0), top_p=float(top_p),
-            min_p=float(min_p), stop=_stop(f), stop_token_ids=tuple(dict.fromkeys(stops)), logprobs=logprobs,
-            top_logprobs=top_logprobs, presence_penalty=float(penalties["presence_penalty"]),
-            frequency_penalty=float(penalties["frequency_penalty"]), repetition_penalty=float(repetition),
-            logit_bias=_logit_bias(f, info), min_tokens=min_tokens, ignore_eos=ignore_eos)
+  kw = dict(
+    max_tokens=max_tokens,
+    temperature=float(temperature),
+    top_k=max(top_k, 0),
+    top_p=float(top_p),
+    min_p=float(min_p),
+    stop=_stop(f),
+    stop_token_ids=tuple(dict.fromkeys(stops)),
+    logprobs=logprobs,
+    top_logprobs=top_logprobs,
+    presence_penalty=float(penalties["presence_penalty"]),
+    frequency_penalty=float(penalties["frequency_penalty"]),
+    repetition_penalty=float(repetition),
+    logit_bias=_logit_bias(f, info),
+    min_tokens=min_tokens,
+    ignore_eos=ignore_eos,
+  )
   try:
     # Seeded choices get seed, seed+1, ...: reproducible, and still distinct from each other.
     return [with_random_seed(SamplingParams(**kw, seed=None if seed is None else seed + i)) for i in range(n)]
-  except ValueError as e:          # SamplingParams' own checks: the message names the field
+  except ValueError as e:  # SamplingParams' own checks: the message names the field
     m = re.match(r"invalid (\w+)=", str(e))
     raise bad_request(str(e), m.group(1) if m else None, "invalid_value") from None
 
@@ -318,6 +417,7 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 
 # ---- the three APIs ---------------------------------------------------------------------------
 
+
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
   f = Fields(body, COMPLETION_FIELDS)
   check_model(f, info)
@@ -325,11 +425,18 @@ def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
   logprobs = f.get("logprobs", "integer")
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
-  top = logprobs or 0              # logprobs=k: the sampled token's and the k likeliest alternatives
+  top = logprobs or 0  # logprobs=k: the sampled token's and the k likeliest alternatives
   max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
   stream, include_usage = _stream(f)
-  return Parsed(prompt, _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top),
-                stream, include_usage, logprobs is not None, top, f.get("return_token_ids", "boolean", False))
+  return Parsed(
+    prompt,
+    _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top),
+    stream,
+    include_usage,
+    logprobs is not None,
+    top,
+    f.get("return_token_ids", "boolean", False),
+  )
 
 
 def parse_chat(body, info: ModelInfo, template) -> Parsed:
@@ -344,8 +451,15 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   # Chat has no default length: the completion may fill the context (OpenAI, vLLM).
   max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, None)
   stream, include_usage = _stream(f)
-  return Parsed(prompt, _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top), stream,
-                include_usage, logprobs, top, f.get("return_token_ids", "boolean", False))
+  return Parsed(
+    prompt,
+    _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top),
+    stream,
+    include_usage,
+    logprobs,
+    top,
+    f.get("return_token_ids", "boolean", False),
+  )
 
 
 def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
@@ -357,14 +471,29 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   if f.given("text") and f.given("input_ids"):
     raise bad_request("give one of 'text' and 'input_ids', not both", "text", "invalid_value")
   prompt_key = "text" if f.given("text") else "input_ids"
-  prompt = (text_ids(f.get("text", "string"), "text", tokenizer) if prompt_key == "text"
-            else token_ids(body["input_ids"], "input_ids", info))
+  prompt = (
+    text_ids(f.get("text", "string"), "text", tokenizer)
+    if prompt_key == "text"
+    else token_ids(body["input_ids"], "input_ids", info)
+  )
   s = Fields(f.get("sampling_params", "object", {}), GENERATE_SAMPLING_FIELDS, "sampling_params")
   stop_ids = s.get("stop_token_ids", "array", [])
-  s.check(all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids), "stop_token_ids", stop_ids,
-          f"token ids in 0..{info.vocab_size - 1}")
+  s.check(
+    all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids),
+    "stop_token_ids",
+    stop_ids,
+    f"token ids in 0..{info.vocab_size - 1}",
+  )
   max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
   logprobs = f.get("return_logprob", "boolean", False)
-  sampling = _sampling(s, info, max_tokens, seed_key="sampling_seed", min_tokens_key="min_new_tokens",
-                       temperature_max=None, logprobs=logprobs, stop_token_ids=stop_ids)
+  sampling = _sampling(
+    s,
+    info,
+    max_tokens,
+    seed_key="sampling_seed",
+    min_tokens_key="min_new_tokens",
+    temperature_max=None,
+    logprobs=logprobs,
+    stop_token_ids=stop_ids,
+  )
   return Parsed(prompt, sampling, f.get("stream", "boolean", False), False, logprobs, 0, True)

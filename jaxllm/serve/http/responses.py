@@ -15,6 +15,7 @@ Extensions for RL clients (vLLM's names), only when `return_token_ids`: `prompt_
 `token_ids` and `weight_version` (the weights that produced the tokens) on each choice -- in
 streaming, token_ids are the chunk's new tokens and prompt_token_ids come in a choice's first chunk.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ from jaxllm.serve.service import Event
 @dataclass
 class Output:
   """What one choice (one engine request) has produced so far."""
+
   text: str = ""
   token_ids: list = field(default_factory=list)
   logprobs: list = field(default_factory=list)
@@ -52,8 +54,12 @@ class Output:
 def usage(outputs: list[Output]) -> dict:
   prompt = outputs[0].prompt_tokens
   completion = sum(len(o.token_ids) for o in outputs)
-  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-          "prompt_tokens_details": {"cached_tokens": min(o.cached_tokens for o in outputs)}}
+  return {
+    "prompt_tokens": prompt,
+    "completion_tokens": completion,
+    "total_tokens": prompt + completion,
+    "prompt_tokens_details": {"cached_tokens": min(o.cached_tokens for o in outputs)},
+  }
 
 
 def new_id(prefix: str) -> str:
@@ -85,6 +91,7 @@ def first_error(outputs: list[Output]) -> str | None:
 
 
 # ---- logprobs ---------------------------------------------------------------------------------
+
 
 class TokenText:
   """Token id -> its text on its own (a byte-level token inside a multi-byte character shows as
@@ -131,6 +138,7 @@ def chat_logprobs(token_ids, logprobs, tops, text_of: TokenText) -> dict:
 
 # ---- completions ------------------------------------------------------------------------------
 
+
 class Completions:
   """Response objects of one /v1/completions request."""
 
@@ -149,7 +157,9 @@ class Completions:
   def response(self, outputs: list[Output]) -> dict:
     choices = []
     for i, o in enumerate(outputs):
-      lp = completion_logprobs(o.token_ids, o.logprobs, o.top_logprobs, self.text_of, 0) if self.parsed.logprobs else None
+      lp = (
+        completion_logprobs(o.token_ids, o.logprobs, o.top_logprobs, self.text_of, 0) if self.parsed.logprobs else None
+      )
       choice = {"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}
       choices.append(self._extras(choice, o.token_ids, o.weight_version, True))
     return self._head() | {"choices": choices, "usage": usage(outputs)}
@@ -177,6 +187,7 @@ class Completions:
 
 # ---- chat -------------------------------------------------------------------------------------
 
+
 class ChatCompletions:
   """Response objects of one /v1/chat/completions request."""
 
@@ -194,8 +205,12 @@ class ChatCompletions:
     choices = []
     for i, o in enumerate(outputs):
       lp = chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs, self.text_of) if self.parsed.logprobs else None
-      choice = {"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                "finish_reason": o.finish_reason}
+      choice = {
+        "index": i,
+        "message": {"role": "assistant", "content": o.text},
+        "logprobs": lp,
+        "finish_reason": o.finish_reason,
+      }
       choices.append(self._extras(choice, o.token_ids, o.weight_version))
     out = self._head("chat.completion") | {"choices": choices, "usage": usage(outputs)}
     if self.parsed.return_token_ids:

@@ -5,6 +5,7 @@ The model is a training checkpoint (`--checkpoint DIR`: its tokenizer is the run
 or a Hugging Face directory (`--hf DIR`: its tokenizer.json and chat template). Without either, the
 newest checkpoint of `python train.py`'s default run (runs/default/checkpoints) is served.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,23 +26,28 @@ def load_model(checkpoint: str | None = None, hf: str | None = None, mesh=None, 
   """The model `python serve.py` serves (--checkpoint DIR, --hf DIR, or the default run's newest
   checkpoint), loaded by jaxllm.io.load_model and placed on `mesh` when given."""
   from jaxllm.io import load_model as load
+
   if checkpoint and hf:
     raise NoModel("give either --checkpoint or --hf, not both")
   shardings = None
   if mesh is not None:
     from jaxllm.parallel import param_shardings
+
     shardings = lambda mdef: param_shardings(mdef, mesh, plan)
   return load(hf or checkpoint or _default_checkpoint(), shardings=shardings)
 
 
 def _default_checkpoint() -> str:
   from jaxllm.io.checkpoint import CheckpointError, read_meta
+
   try:
     read_meta(DEFAULT_CHECKPOINTS)
   except CheckpointError:
-    raise NoModel(f"no model to serve: there is no checkpoint in {DEFAULT_CHECKPOINTS}. Train one with "
-                  f"`python train.py` (serve.py then finds it there), or pass --checkpoint DIR (a training run's "
-                  f"checkpoints folder) or --hf DIR (a Hugging Face model directory)") from None
+    raise NoModel(
+      f"no model to serve: there is no checkpoint in {DEFAULT_CHECKPOINTS}. Train one with "
+      f"`python train.py` (serve.py then finds it there), or pass --checkpoint DIR (a training run's "
+      f"checkpoints folder) or --hf DIR (a Hugging Face model directory)"
+    ) from None
   return DEFAULT_CHECKPOINTS
 
 
@@ -50,28 +56,35 @@ def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
   from jaxllm.serve.engine import Engine
   from jaxllm.serve.http.app import create_app
   from jaxllm.serve.service import EngineService
+
   engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, detokenize=model.tokenizer.decode)
   service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
-  app = create_app(service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template,
-                   eos_ids=model.eos_ids)
+  app = create_app(
+    service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template, eos_ids=model.eos_ids
+  )
   return app, service
 
 
 def example_curl(serve_cfg: ServeConfig, model_name: str) -> str:
   host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
   body = json.dumps({"model": model_name, "prompt": "Once upon a time", "max_tokens": 32})
-  auth = ' -H "Authorization: Bearer $JAXLLM_API_KEY"' if serve_cfg.api_key else ""   # the shell fills it in
-  return (f"curl http://{host}:{serve_cfg.port}/v1/completions -H 'Content-Type: application/json'{auth} "
-          f"-d {shlex.quote(body)}")
+  auth = ' -H "Authorization: Bearer $JAXLLM_API_KEY"' if serve_cfg.api_key else ""  # the shell fills it in
+  return (
+    f"curl http://{host}:{serve_cfg.port}/v1/completions -H 'Content-Type: application/json'{auth} "
+    f"-d {shlex.quote(body)}"
+  )
 
 
 def serve(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None) -> None:
   """Build and serve until interrupted (Ctrl-C)."""
   import uvicorn
+
   app, service = build(model, serve_cfg, mesh, plan)
   name = app.state.info.name
-  print(f"serving {model.source} as model '{name}' on http://{serve_cfg.host}:{serve_cfg.port}  "
-        f"(OpenAI API under /v1, native /generate, /metrics, /health)")
+  print(
+    f"serving {model.source} as model '{name}' on http://{serve_cfg.host}:{serve_cfg.port}  "
+    f"(OpenAI API under /v1, native /generate, /metrics, /health)"
+  )
   key_note = "  (export JAXLLM_API_KEY=<serve.api_key> first)" if serve_cfg.api_key else ""
   print(f"try:{key_note}\n  {example_curl(serve_cfg, name)}", flush=True)
   try:
