@@ -22,6 +22,7 @@ QUICK = {
   "test_config.py",
   "test_docs.py",
   "test_layering.py",
+  "test_style.py",
   "test_notebook.py",
   "data/test_data.py",
   "data/test_tasks.py",
