@@ -221,7 +221,7 @@ class TrainConfig:
   b2: float = 0.95  # AdamW beta2
   grad_clip: float = 1.0  # global-norm clipping; 0 disables
   seed: int = 0  # init and data order seed
-  data: tuple[str, ...] = ()  # text/jsonl files or dirs; empty means the embedded stdlib corpus
+  data: tuple[str, ...] = ()  # .txt/.jsonl files, dirs, globs (text, prompt+completion, messages); () = stdlib
   tokenizer: str = "byte"  # "byte" or a path to a HF tokenizer.json (or its directory)
   max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
   log_every: int = 10  # steps between log lines / metrics records
@@ -236,6 +236,7 @@ class TrainConfig:
   init_from_hf: str = ""  # start from a Hugging Face model directory instead of random init
   document_masks: bool = False  # attend only within each packed (eos-separated) document; no loss on its first token
   reset_positions: bool = False  # with document_masks: RoPE positions restart at 0 at each document start
+  long_rows: str = "truncate"  # SFT rows over seq_len tokens: "truncate" (keep the start) or "drop"; counted in the log
 
   def __post_init__(self):
     _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "keep_checkpoints")
@@ -250,6 +251,8 @@ class TrainConfig:
         "train.reset_positions=true needs train.document_masks=true (positions restart where "
         "the document masks start a new document)"
       )
+    if self.long_rows not in ("truncate", "drop"):
+      raise ConfigError(f"train.long_rows={self.long_rows!r}: use truncate (keep each row's start) or drop")
 
 
 SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
@@ -268,9 +271,7 @@ class ServeConfig:
   decode_steps: int = 8  # decode steps per device call when the batch is pure decode (1 = one)
   policy: str = "lpm"  # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
   radix: bool = True  # share KV of common prefixes through the radix cache
-  attention: str = (
-    "auto"  # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA) or "auto" (pallas on TPU/GPU)
-  )
+  attention: str = "auto"  # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA), "auto" (pallas off CPU)
   decode_reserve: float = 1.0  # fraction of max_tokens whose pages admission reserves (1 = never preempt)
   max_wait_s: float = 30.0  # a request waiting this long is admitted next, whatever the policy (no starvation)
   min_seqs: int = 1  # smallest sequences bucket of a step (raise to compile fewer shapes)
@@ -316,8 +317,11 @@ class RLConfig:
   """Off-policy RL (`train.py rl`): rollouts from the serving engine, rewards, the PPO-family loss.
   The optimiser, steps, output directory and seed are train.*; the engine's settings serve.*."""
 
-  init_from: str = ""  # checkpoints dir of the policy to start from (e.g. an SFT run); "" = random init
-  task: str = "addition"  # prompts and references (jaxllm.data.tasks)
+  init_from: str = ""  # the starting policy: a checkpoints dir (e.g. an SFT run) or a Hugging Face dir; "" = random
+  data: str = ""  # jsonl rows {"prompt"|"messages", ...fields} (files, dirs, globs; jaxllm.rl.data); "" = rl.task
+  eval_data: str = ""  # held-out rows in the same form; "" = rl.eval_problems of rl.task's held-out split
+  stop: tuple[str, ...] = ()  # stop strings besides the model's EOS ids, comma-separated; \n and \t escapes work
+  task: str = "addition"  # built-in rows when rl.data is "" (jaxllm.data.tasks)
   digits_min: int = 1  # addition task: fewest digits of an operand
   digits_max: int = 2  # addition task: most digits of an operand
   rewards: str = "exact_match:1.0"  # name:weight,... (jaxllm.rl.rewards; python:MODULE:FN for your own)
@@ -335,16 +339,15 @@ class RLConfig:
   correction: str = "decoupled"  # behaviour-policy correction: "decoupled" (AReaL), "tis" or "none"
   is_cap: float = -1.0  # importance-weight cap; -1 = the correction's default (5 / 2), 0 = none
   kl_coef: float = 0.0  # beta of the KL to the frozen reference; 0 = off
-  kl_estimator: str = "k2"  # "k1", "k2" or "k3" (k2 in the loss / k1 in the reward: unbiased gradient)
-  kl_in: str = "loss"  # "loss" or "reward"
+  kl_estimator: str = "k2"  # "k1", "k2" or "k3"; which placement gives which gradient: docs/rl.md (KL)
+  kl_in: str = "loss"  # "loss" (per-token term) or "reward" (penalty after GRPO normalisation; needs k1)
   entropy_coef: float = 0.0  # entropy bonus coefficient
-  behaviour_logprobs: str = (
-    "sampler"  # loss's behaviour log-probs: "sampler" (engine's) or "learner" (recomputed: exact)
-  )
+  behaviour_logprobs: str = "sampler"  # the loss's behaviour log-probs: "sampler" or "learner" (recomputed: exact)
   ppo_epochs: int = 1  # passes over each rollout (PPO's K epochs; the clip bounds the drift)
   minibatches: int = 1  # optimizer steps per pass: the rollout's groups split this many ways
   eval_every: int = 10  # learner steps between held-out accuracy measurements; 0 = only at the end
   eval_problems: int = 200  # held-out problems per measurement (greedy)
+  eval_k: int = 0  # pass@k on the held-out rows at each evaluation (k samples at rl.temperature); 0 = off
 
   def __post_init__(self):
     _positive(self, "group_size", "prompts_per_step", "max_new_tokens", "eval_problems", "ppo_epochs", "minibatches")
@@ -367,6 +370,12 @@ class RLConfig:
       raise ConfigError(
         f"rl.behaviour_logprobs={self.behaviour_logprobs!r}: choose 'sampler' (the engine's "
         f"log-probs) or 'learner' (recomputed by the learner's forward; deterministic)"
+      )
+    if self.kl_in == "reward" and self.kl_coef > 0 and self.kl_estimator == "k2":
+      raise ConfigError(
+        "rl.kl_in=reward with rl.kl_estimator=k2: REINFORCE on the k2 penalty is a biased KL gradient "
+        "(docs/rl.md, 'KL to the reference'); set rl.kl_estimator=k1 (the exact reverse-KL gradient "
+        "as a reward), or keep k2 with rl.kl_in=loss"
       )
 
 

@@ -69,3 +69,18 @@ def test_help_documents_every_key():
     for name in cls.__dataclass_fields__:
       assert f"{section}.{name}=" in out, name
   assert "train.out_dir=" in out and "train.init_from_hf=" in out
+
+
+def test_help_lists_every_field_of_every_section():
+  """A field documented on more than one line (as a formatter may wrap it) drops out of --help: every
+  field of every section keeps `name: type = default  # comment` on one line."""
+  import dataclasses
+
+  from jaxllm import cli
+  from jaxllm.config import SECTIONS
+
+  text = cli.config_help(tuple(SECTIONS))
+  missing = [
+    f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f"  {s}.{f.name}=" not in text
+  ]
+  assert not missing, f"fields missing from --help (keep each on one line with its comment): {missing}"

@@ -219,6 +219,17 @@ class AdditionTask:
         f.write(json.dumps(pair._asdict()) + "\n")
     return path
 
+  def rows(self, n: int, split: str = "train", seed: int | None = None) -> list[dict]:
+    """n problems of `split` as RL rows {"prompt", "answer"} (jaxllm.rl.data)."""
+    return [{"prompt": self.prompt(p), "answer": self.answer(p)} for p in self.problems(n, split, seed)]
+
+  def write_rows(self, path: str, n: int, split: str = "train", seed: int | None = None) -> str:
+    """Write rows(n, split, seed) as jsonl (for rl.data=PATH / rl.eval_data=PATH); returns path."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+      for row in self.rows(n, split, seed):
+        f.write(json.dumps(row) + "\n")
+    return path
+
   @staticmethod
   def extract_answer(completion: str) -> str | None:
     return extract_answer(completion)
@@ -233,3 +244,42 @@ def make_task(name: str, **kwargs):
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
   return TASKS[name](**kwargs)
+
+
+def main(argv=None) -> int:
+  """`python -m jaxllm.data.tasks addition OUT_DIR`: a task's data files for the post-training path:
+  sft.txt (train.data), train.jsonl and eval.jsonl (rl.data, rl.eval_data: rows {"prompt", "answer"}
+  of disjoint splits) and pairs.jsonl (train.py reward --data)."""
+  import argparse
+  import os
+
+  p = argparse.ArgumentParser(prog="python -m jaxllm.data.tasks", description=" ".join(main.__doc__.split()))
+  p.add_argument("task", choices=sorted(TASKS))
+  p.add_argument("out_dir")
+  p.add_argument("--digits-min", type=int, default=1)
+  p.add_argument("--digits-max", type=int, default=2)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--sft", type=int, default=200_000, help="SFT lines (sft.txt)")
+  p.add_argument("--train", type=int, default=20_000, help="RL training rows (train.jsonl)")
+  p.add_argument("--eval", type=int, default=500, help="held-out RL rows (eval.jsonl)")
+  p.add_argument("--pairs", type=int, default=4000, help="preference pairs (pairs.jsonl)")
+  args = p.parse_args(argv)
+  try:
+    task = make_task(args.task, digits_min=args.digits_min, digits_max=args.digits_max, seed=args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    files = [
+      task.write_sft_file(out("sft.txt"), args.sft),
+      task.write_rows(out("train.jsonl"), args.train, "train", seed=args.seed + 1),
+      task.write_rows(out("eval.jsonl"), args.eval, "heldout"),
+      task.write_preference_file(out("pairs.jsonl"), args.pairs),
+    ]
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=__import__("sys").stderr)
+    return 2
+  print("\n".join(files))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

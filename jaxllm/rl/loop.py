@@ -46,13 +46,16 @@ import numpy as np
 
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.loader import epoch_indices
-from jaxllm.data.tasks import make_task
 from jaxllm.io import load_model
+from jaxllm.io.load import eos_ids
 from jaxllm.model.params import model_def
 from jaxllm.parallel import build_mesh, mesh_hooks, param_shardings
 from jaxllm.parallel.distributed import is_main_process
 from jaxllm.parallel.sharding import batch_sharding
+from jaxllm.rl import data as rl_data
 from jaxllm.rl import learner, rollout
+from jaxllm.rl.data import load_rows, task_rows
+from jaxllm.rl.eval import evaluate, unescape
 from jaxllm.rl.losses import kl_reward_penalty
 from jaxllm.rl.plot import plot_rl
 from jaxllm.rl.rewards import RewardSpec, combine
@@ -107,15 +110,20 @@ class RLTraining(Task):
 
   def __init__(self, cfg: Config, log=print):
     rl, t = cfg.rl, cfg.train
-    if rl.task != "addition":
-      raise ConfigError(f"rl.task={rl.task!r}: the tasks that ship are 'addition'")
+    if not rl.data and rl.task != "addition":
+      raise ConfigError(f"rl.task={rl.task!r}: the built-in task is 'addition'; for your own prompts set rl.data")
     self.spec = RewardSpec.parse(rl.rewards)
+    # Rows (jaxllm.rl.data): rl.data's files in shuffled epochs, or the built-in task's problems.
+    self.pool = load_rows(rl.data) if rl.data else []
+    if not rl.data and rl.train_problems:
+      self.pool = task_rows(rl, t.seed, "train", rl.train_problems, stream_seed=t.seed)
+    self.eval_rows = load_rows(rl.eval_data) if rl.eval_data else task_rows(rl, t.seed, "heldout", rl.eval_problems)
     self.mesh, self.plan = build_mesh(cfg.mesh)
-    self.ref_params = None  # the reference policy: rl.init_from, else the seed's init (in init)
-    if rl.init_from:  # a checkpoints dir or a Hugging Face dir: its model and tokenizer
+    self.ref_params, chat_source = None, None  # the reference policy: rl.init_from, else the seed's init (in init)
+    if rl.init_from:  # a checkpoints dir or a Hugging Face dir: its model, tokenizer, chat template, EOS ids
       policy = load_model(rl.init_from, shardings=lambda m: param_shardings(m, self.mesh, self.plan))
       cfg = dataclasses.replace(cfg, model=policy.cfg, train=dataclasses.replace(t, tokenizer=policy.tokenizer_spec))
-      self.ref_params = policy.params
+      self.ref_params, chat_source = policy.params, policy.chat_template
     self.B = B = rl.prompts_per_step * rl.group_size
     if B % self.plan.cfg.dp:
       raise ConfigError(f"rl.prompts_per_step * rl.group_size = {B} must be divisible by mesh.dp={self.plan.cfg.dp}")
@@ -125,7 +133,10 @@ class RLTraining(Task):
       )
     self.cfg, self.rl, t = cfg, rl, cfg.train
     self.tok = checked_tokenizer(cfg)
-    self.task = make_task(rl.task, digits_min=rl.digits_min, digits_max=rl.digits_max, seed=t.seed)
+    self.stop = tuple(unescape(x) for x in rl.stop)
+    self.eos_ids = eos_ids(cfg.model.vocab_size, self.tok, rl.init_from if chat_source is not None else None)
+    chats = any("messages" in r for r in self.pool + self.eval_rows)
+    self.chat = rl_data.chat_renderer(chat_source, self.tok) if chats else None
     self.mdef = model_def(cfg.model)
     self.tx = make_optimizer(t, self.mdef.logical)
     self.schedule = lr_schedule(t)
@@ -140,9 +151,6 @@ class RLTraining(Task):
       hook_kwargs=self.hk,
       objective=learner.rl_objective(self.loss_cfg, rl.temperature),
     )
-    heldout = self.task.problems(rl.eval_problems, split="heldout")
-    self.pool = self.task.problems(rl.train_problems, split="train", seed=t.seed) if rl.train_problems else []
-    self.eval_prompts, self.eval_refs = [self.task.prompt(p) for p in heldout], [self.task.answer(p) for p in heldout]
     self.pending = collections.deque()  # rollouts generated ahead of the learner (restored on resume)
     self.rollouts: queue.Queue = queue.Queue()
     self.errors: list = []
@@ -182,23 +190,40 @@ class RLTraining(Task):
     return state
 
   def begin(self, state, step, fresh, log):
-    self.evals.append((step, self._accuracy(step)))
-    log(f"held-out accuracy at step {step}: {100 * self.evals[-1][1]:.1f}% ({len(self.eval_prompts)} problems)")
+    record = self._evaluate(step)
+    self.evals.append((step, record["heldout_acc"]))
+    log(f"held-out accuracy at step {step}: {100 * self.evals[-1][1]:.1f}% ({len(self.eval_rows)} prompts)")
     if self.rl.async_rollouts:
       self.gen = threading.Thread(
         target=self._generate_loop, args=(step + len(self.pending),), name="jaxllm-rollouts", daemon=True
       )
       self.gen.start()
-    return state, {"heldout_acc": self.evals[-1][1]}  # the starting point of the plot
+    return state, record  # the starting point of the plot
 
   # ---- the generation side ----
 
-  def _accuracy(self, version):
-    """Held-out greedy accuracy of the published weights of `version` (no copy: they are immutable)."""
+  def _evaluate(self, version) -> dict:
+    """Held-out greedy accuracy (and pass@rl.eval_k) of the published weights of `version` (no copy:
+    they are immutable)."""
+    rl = self.rl
     self.eval_engine.set_weights(self.publisher.get(version), ("eval", version))
-    return rollout.greedy_accuracy(
-      self.eval_engine, self.tok, self.eval_prompts, self.eval_refs, self.rl.max_new_tokens, self.task.extract_answer
+    res = evaluate(
+      self.eval_engine,
+      self.tok,
+      self.eval_rows,
+      self.spec,
+      rl.max_new_tokens,
+      self.stop,
+      self.eos_ids,
+      rl.eval_k,
+      rl.temperature,
+      self.cfg.train.seed,
+      self.chat,
     )
+    out = {"heldout_acc": res["accuracy"], "heldout_len": res["mean_len"], "heldout_truncated": res["truncated"]}
+    if rl.eval_k:
+      out.update({f"heldout_pass@{rl.eval_k}": res["pass_at_k"], f"heldout_pass@{rl.eval_k}_se": res["pass_at_k_se"]})
+    return out
 
   def _learner_logps(self, params, samples, T):
     """The learner's log-probs [B, T] of the samples' tokens under `params` (its forward, its mesh)."""
@@ -209,27 +234,29 @@ class RLTraining(Task):
 
   def _make_rollout(self, k: int):
     """Rollout k, generated by version max(k - eta, first) (None: closed)."""
-    rl, t, task = self.rl, self.cfg.train, self.task
+    rl, t = self.rl, self.cfg.train
     version = max(k - rl.eta, self.first)
     params = self.publisher.get(version)
     if params is None:
       return None
     if version != self.gen_engine.weight_version:
       self.gen_engine.set_weights(params, version)
-    if rl.train_problems:  # a finite set, epoch after shuffled epoch (position = k)
-      probs = [self.pool[i] for i in epoch_indices(len(self.pool), rl.prompts_per_step, k, t.seed)]
-    else:  # a fresh stream: the problems of step k depend on (seed, k) alone
-      probs = task.problems(rl.prompts_per_step, split="train", seed=t.seed * 7919 + k)
+    if self.pool:  # a finite set of rows, epoch after shuffled epoch (position = k)
+      rows = [self.pool[i] for i in epoch_indices(len(self.pool), rl.prompts_per_step, k, t.seed)]
+    else:  # the built-in task's fresh stream: the problems of step k depend on (seed, k) alone
+      rows = task_rows(rl, t.seed, "train", rl.prompts_per_step, stream_seed=t.seed * 7919 + k)
     ro = rollout.generate(
       self.gen_engine,
       self.tok,
-      [task.prompt(p) for p in probs],
-      [task.answer(p) for p in probs],
+      rows,
       rl.group_size,
       rl.max_new_tokens,
       rl.temperature,
       t.seed,
       k,
+      stop=self.stop,
+      stop_token_ids=self.eos_ids,
+      chat_template=self.chat,
     )
     T = learner.rollout_len(ro.samples, rl.max_new_tokens)
     lp = self._learner_logps(params, ro.samples, T)
@@ -271,7 +298,7 @@ class RLTraining(Task):
     if rl.behaviour_logprobs == "learner":
       samples = [dataclasses.replace(s, logprobs=s.learner_logprobs) for s in samples]
     rewards, per = combine(
-      self.spec, [s.prompt for s in samples], [s.completion for s in samples], [s.reference for s in samples]
+      self.spec, [s.prompt for s in samples], [s.completion for s in samples], [s.row for s in samples]
     )
     T = learner.rollout_len(samples, rl.max_new_tokens)
     arrays = learner.build_batch(samples, np.zeros(len(samples), np.float32), T)
@@ -327,6 +354,8 @@ class RLTraining(Task):
       "train_tok_s": float(on.sum()) / train_s,
       "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
       "cache_hit_ideal": (rl.group_size - 1) / rl.group_size,
+      "completion_len": float(np.mean([len(s.completion_ids) for s in samples])),
+      "truncated": float(np.mean([s.truncated for s in samples])),  # cut by rl.max_new_tokens
       "lr": float(self.schedule(int(state.step) - 1)),
     }
     if fresh.any():  # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
@@ -341,8 +370,9 @@ class RLTraining(Task):
     return bool(self.rl.eval_every and step % self.rl.eval_every == 0 or step == self.cfg.train.steps)
 
   def evaluate(self, state, step):
-    self.evals.append((step, self._accuracy(step)))
-    return state, {"heldout_acc": self.evals[-1][1]}
+    record = self._evaluate(step)
+    self.evals.append((step, record["heldout_acc"]))
+    return state, record
 
   def checkpoint(self, state, step):
     # The rollouts for steps step..step+eta-1 come from versions this checkpoint does not hold: they

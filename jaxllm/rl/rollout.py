@@ -19,8 +19,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
+from jaxllm.rl import data as rl_data
 from jaxllm.serve import Engine, SamplingParams
 
 
@@ -30,11 +29,12 @@ class Sample:
   completion_ids: list
   logprobs: list  # behaviour log-prob of each completion token
   version: object  # weight version that generated it
-  prompt: str
+  prompt: str  # the prompt as text (a chat row: its last user message), for rewards and logs
   completion: str
-  reference: str  # the task's answer, for verifiable rewards
+  row: dict  # the data row (prompt or messages, answer, any other fields): what the rewards receive
   cache_hit: int  # prompt tokens reused from the radix cache
   learner_logprobs: list | None = None  # the same tokens' log-probs by the learner's forward, same weights
+  truncated: bool = False  # cut by rl.max_new_tokens before a stop
 
 
 @dataclass
@@ -54,47 +54,59 @@ class Rollout:
 
   @classmethod
   def from_json(cls, d: dict) -> "Rollout":
-    return cls([Sample(**x) for x in d["samples"]], d["step"], d["seconds"], d["version"])
+    def sample(x):
+      if "reference" in x:  # written before rows: the task's answer
+        x = {
+          **{k: v for k, v in x.items() if k != "reference"},
+          "row": {"prompt": x["prompt"], "answer": x["reference"]},
+        }
+      return Sample(**x)
+
+    return cls([sample(x) for x in d["samples"]], d["step"], d["seconds"], d["version"])
 
 
 def generate(
   engine: Engine,
   tokenizer,
-  prompts: list[str],
-  references: list[str],
+  rows: list[dict],
   group_size: int,
   max_new_tokens: int,
   temperature: float,
   seed: int,
   step: int,
-  stop=("\n",),
+  stop=(),
+  stop_token_ids=(),
+  chat_template=None,
 ) -> Rollout:
-  """G samples for every prompt; deterministic given (seed, step) and the engine's weights."""
+  """G samples for every row's prompt; deterministic given (seed, step) and the engine's weights."""
   t0 = time.perf_counter()
   reqs = []
-  for i, prompt in enumerate(prompts):
-    ids = tokenizer.encode(prompt)
+  for i, row in enumerate(rows):
+    ids = rl_data.prompt_ids(row, tokenizer, chat_template)
     for g in range(group_size):
       sp = SamplingParams(
         max_tokens=max_new_tokens,
         temperature=temperature,
         logprobs=True,
         logprobs_mode="processed",
-        stop=stop,
+        stop=tuple(stop),
+        stop_token_ids=tuple(stop_token_ids),
         seed=(seed * 1_000_003 + step * 65_537 + i * group_size + g) & 0x7FFFFFFF,
       )
-      reqs.append((engine.add_request(ids, sp), prompt, references[i]))
+      reqs.append((engine.add_request(ids, sp), row))
   engine.run()
   samples = [
-    Sample(r.prompt, list(r.output), list(r.logprobs), r.extra_key, p, tokenizer.decode(r.output), ref, r.cache_hit)
-    for r, p, ref in reqs
+    Sample(
+      r.prompt,
+      list(r.output),
+      list(r.logprobs),
+      r.extra_key,
+      rl_data.prompt_text(row),
+      tokenizer.decode(r.output),
+      row,
+      r.cache_hit,
+      truncated=r.finish_reason == "length",
+    )
+    for r, row in reqs
   ]
   return Rollout(samples, step, time.perf_counter() - t0, min((s.version for s in samples), default=None))
-
-
-def greedy_accuracy(engine: Engine, tokenizer, prompts, references, max_new_tokens: int, extract) -> float:
-  """Exact-match accuracy of greedy completions (held-out evaluation)."""
-  sp = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
-  outs = engine.generate([tokenizer.encode(p) for p in prompts], sp)
-  got = [extract(tokenizer.decode(o.output)) for o in outs]
-  return float(np.mean([g is not None and g == ref for g, ref in zip(got, references)]))

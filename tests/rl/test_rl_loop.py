@@ -179,7 +179,8 @@ def test_one_learner_step_moves_the_policy_towards_the_advantage():
   )
   task = make_task("addition", digits_min=1, digits_max=2, seed=0)
   probs = task.problems(4, "train")
-  ro = rollout.generate(eng, tok, [task.prompt(p) for p in probs], ["0"] * 4, 4, 4, 1.0, 0, 0)
+  rows = [{"prompt": task.prompt(p), "answer": "0"} for p in probs]
+  ro = rollout.generate(eng, tok, rows, 4, 4, 1.0, 0, 0, stop=("\n",))
   # A stand-in reward with spread inside every group: the completion's first token id, centred.
   first = np.array([s.completion_ids[0] for s in ro.samples], np.float32)
   adv = learner.advantages_of(first, 4, True)

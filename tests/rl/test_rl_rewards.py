@@ -1,5 +1,7 @@
 """jaxllm.rl.rewards: the built-in rewards on hand-written completions, the reward-spec parser and
-its errors, the python: loader, batched rewards and combine()'s arithmetic."""
+its errors, the python: loader, batched rewards, combine()'s arithmetic, and how each sample's
+dataset row reaches a reward (TRL's **fields convention, the older reference form, errors naming the
+row). The math reward has its own file, test_math_reward.py."""
 
 import sys
 import textwrap
@@ -20,6 +22,36 @@ def brevity(prompt, completion, reference):
 @R.batched
 def batch_len(prompts, completions, references):
   return [len(c) for c in completions]
+
+
+def passes_tests(prompt, completion, **fields):
+  """A TRL-style per-sample reward, python:test_rl_rewards:passes_tests: every row field arrives as a
+  keyword (the row's "prompt" does not: the prompt text stands for it)."""
+  assert "prompt" not in fields and "completion" not in fields
+  return float(completion.strip() in fields["tests"]) + (0.5 if completion.strip() == fields.get("answer") else 0.0)
+
+
+@R.batched
+def batch_columns(prompts, completions, **columns):
+  """A TRL-style batched reward: each row field as a list over the batch (None where a row lacks it)."""
+  assert all(len(v) == len(prompts) for v in columns.values())
+  return [float(c.strip() == a) + (w or 0) for c, a, w in zip(completions, columns["answer"], columns["bonus"])]
+
+
+def old_form(prompt, completion, reference):
+  """The older per-sample form: the third positional parameter is the row's answer (None if absent)."""
+  return -1.0 if reference is None else float(completion.strip() == reference)
+
+
+def wants_level(prompt, completion, *, level):
+  """Keyword-only parameters: only the fields named so are passed."""
+  return float(level)
+
+
+def crashes_on_b(prompt, completion, **fields):
+  if completion == "b":
+    raise RuntimeError("cannot\nscore b")
+  return 0.0
 
 
 NOT_CALLABLE = 3
@@ -93,7 +125,7 @@ def test_spec_parsing_weights_and_defaults():
 @pytest.mark.parametrize(
   "text, match",
   [
-    ("exact_mach:1.0", r"unknown reward 'exact_mach'.*exact_match, format, python:MODULE:FUNCTION"),
+    ("exact_mach:1.0", r"unknown reward 'exact_mach'.*exact_match, format, math, python:MODULE:FUNCTION"),
     ("exact_match:1.0,nope", r"unknown reward 'nope'.*python:MODULE:FUNCTION"),
     ("exact_match:abc", r"'exact_match': weight 'abc' is not a number"),
     ("format:", r"'format': weight '' is not a number"),
@@ -236,9 +268,94 @@ def test_bad_scores_name_the_reward_and_sample(monkeypatch):
     raise KeyError("oops")
 
   monkeypatch.setitem(REWARDS, "crash_r", lambda: Reward("crash_r", crash))
-  with pytest.raises(KeyError) as info:
+  with pytest.raises(ValueError, match=r"reward 'crash_r' raised KeyError: 'oops' on row 0 of the batch") as info:
     combine("crash_r", ["a"], ["b"], ["c"])
-  assert "in reward 'crash_r', sample 0" in info.value.__notes__
+  assert isinstance(info.value.__cause__, KeyError)  # the original error stays chained
   # bools count as 0/1.
   monkeypatch.setitem(REWARDS, "bool_r", lambda: Reward("bool_r", lambda p, c, r: c == "y"))
   np.testing.assert_array_equal(combine("bool_r", ["a", "b"], ["y", "n"], ["", ""])[0], [1, 0])
+
+
+def test_per_sample_python_reward_gets_every_row_field(here):
+  rows = [
+    {"prompt": "p0", "answer": "7", "tests": ["7", "07"], "id": 0},
+    {"prompt": "p1", "answer": "8", "tests": ["9"], "id": 1},
+    {"prompt": "p2", "answer": "1", "tests": ["01"], "id": 2},
+  ]
+  reward = make_reward(f"python:{here}:passes_tests")
+  assert reward.form == "fields" and not reward.batched
+  _, per = combine(f"python:{here}:passes_tests", ["a", "b", "c"], ["7\n", "9", "01"], rows)
+  np.testing.assert_allclose(per[f"python:{here}:passes_tests"], [1.5, 1.0, 1.0])
+
+
+def test_batched_python_reward_gets_columns_as_lists(here):
+  rows = [{"prompt": "a", "answer": "1", "bonus": 0.25}, {"messages": [], "answer": "2"}, "3"]
+  reward = make_reward(f"python:{here}:batch_columns")
+  assert reward.batched and reward.form == "fields"
+  np.testing.assert_allclose(reward(["a", "b", "c"], ["1", "2", "4"], rows), [1.25, 1.0, 0.0])
+
+
+def test_old_three_argument_form_gets_the_answer(here):
+  reward = make_reward(f"python:{here}:old_form")
+  assert reward.form == "reference"
+  rows = [{"prompt": "a", "answer": "5"}, {"prompt": "b"}, "6", None]
+  np.testing.assert_allclose(reward(["a", "b", "c", "d"], ["5", "5", "6", "6"], rows), [1.0, -1.0, 1.0, -1.0])
+  # Lambdas and batched callables of three positional parameters take the same form.
+  assert Reward("l", lambda p, c, r: 0.0).form == "reference"
+  assert Reward("b", lambda ps, cs, rs: [0.0] * len(ps), batched=True).form == "reference"
+
+
+def test_keyword_only_parameters_select_fields(here):
+  reward = make_reward(f"python:{here}:wants_level")
+  assert reward.form == "fields" and reward.keywords == {"level"}
+  np.testing.assert_allclose(reward(["a"], ["x"], [{"prompt": "a", "level": 3, "answer": "x"}]), [3.0])
+  with pytest.raises(ValueError, match=r"'python:.*wants_level' raised TypeError:.*'level'.* on row 0 of the batch"):
+    reward(["a"], ["x"], [{"answer": "x"}])
+
+
+def test_reward_model_like_callable_gets_texts_only():
+  """The rm: reward's form: (prompts, completions) and no row field, its third parameter left at its default."""
+  seen = []
+
+  def score(prompts, completions, references=None):
+    seen.append(references)
+    return [0.5] * len(prompts)
+
+  reward = Reward("rm:x", score, batched=True, form="fields")
+  np.testing.assert_allclose(reward(["a", "b"], ["1", "2"], [{"answer": "1", "references": "no"}, "2"]), [0.5, 0.5])
+  assert seen == [None]
+
+
+def test_a_reward_that_raises_names_the_row_and_the_reward(here):
+  long_row = {"prompt": "b", "answer": "x" * 200}
+  with pytest.raises(ValueError) as info:
+    combine(f"format,python:{here}:crashes_on_b", ["a", "b"], ["a", "b"], [{"prompt": "a"}, long_row])
+  msg = str(info.value)
+  assert f"reward 'python:{here}:crashes_on_b' raised RuntimeError: cannot score b on row 1 of the batch: " in msg
+  assert "{'prompt': 'b', 'answer': 'xxx" in msg and msg.endswith("...") and "\n" not in msg
+  assert len(msg.rpartition("batch: ")[2]) == R.ROW_REPR_CHARS
+  assert isinstance(info.value.__cause__, RuntimeError)
+  # Batched rewards: the reward and the batch are named.
+  with pytest.raises(ValueError, match=r"'boom' \(batched\) raised ZeroDivisionError: .* batch of 2 rows, the first"):
+    Reward("boom", lambda ps, cs, **cols: 1 / 0, batched=True)(["a", "b"], ["1", "2"], [{"answer": "1"}, {}])
+
+
+def test_builtins_need_the_answer_field_and_name_the_row():
+  rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "tests": "..."}]
+  for name in ("exact_match", "digits"):
+    with pytest.raises(
+      ValueError, match=rf"reward '{name}' .*'answer' field, which row 1 of the batch lacks: \{{'prompt': '2\+2='"
+    ):
+      combine(name, ["1+1=", "2+2="], ["2\n", "4\n"], rows)
+  # format does not read the answer; a number as the answer reads as its text.
+  np.testing.assert_array_equal(combine("format", ["a", "b"], ["2\n", "x"], rows)[0], [1, 0])
+  np.testing.assert_array_equal(
+    combine("exact_match", ["a", "b"], ["2\n", "4\n"], [{"answer": 2}, {"answer": 5}])[0], [1, 0]
+  )
+
+
+def test_rows_must_be_dicts_or_answers():
+  with pytest.raises(ValueError, match=r"row 1 of the batch is a int"):
+    combine("format", ["a", "b"], ["1\n", "2\n"], ["1", 2])
+  with pytest.raises(ValueError, match=r"'nope': form 'rows' is not one of"):
+    Reward("nope", lambda p, c: 0.0, form="rows")
