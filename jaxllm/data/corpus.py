@@ -1,15 +1,18 @@
 """Corpora: the embedded default (Python's own standard library source, present on every machine
-that runs jaxllm, so a first run needs no download), user .txt/.jsonl files, and the step from
-documents to one flat token stream with a train/eval split."""
+that runs jaxllm, so a first run needs no download), user .txt/.jsonl files (named as files,
+directories or globs), and the step from documents to one flat token stream with a train/eval split.
+jsonl rows beyond {"text"} (SFT: prompt/completion, messages) are jaxllm.data.sft's."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sysconfig
 
 import numpy as np
 
+from jaxllm.data.loader import TokenStream
 from jaxllm.data.tokenizer import ByteTokenizer
 
 # Directory names never taken into the default corpus: test suites are large, repetitive and full
@@ -53,7 +56,8 @@ def default_corpus_text(max_bytes: int = 8_000_000) -> str:
   return "".join(pieces)
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+  """A whole UTF-8 file; a ValueError naming the file when it is not UTF-8."""
   try:
     with open(path, encoding="utf-8") as f:
       return f.read()
@@ -93,12 +97,12 @@ def _corpus_files(directory: str) -> list[str]:
   return sorted(files)
 
 
-def load_texts(paths: list[str], text_field: str = "text") -> list[str]:
-  """Documents from .txt files (a whole file is one document), .jsonl files (one JSON object per
-  line; the text is record[text_field]) and directories (all *.txt / *.jsonl below, sorted)."""
+def data_files(paths: list[str]) -> list[str]:
+  """The .txt/.jsonl files named by `paths`, in order: files as given, directories as all *.txt /
+  *.jsonl below them (sorted), and anything else as a glob (its matches sorted)."""
   if isinstance(paths, str):
     paths = [paths]  # a lone path is an easy mistake; a str would be iterated per character
-  texts = []
+  out = []
   for path in paths:
     if os.path.isdir(path):
       files = _corpus_files(path)
@@ -107,18 +111,41 @@ def load_texts(paths: list[str], text_field: str = "text") -> list[str]:
     elif os.path.isfile(path):
       files = [path]
     else:
-      raise ValueError(
-        f"data path {path!r} does not exist; give .txt/.jsonl files or directories of "
-        "them, or no data paths at all to use the embedded standard-library corpus"
-      )
+      files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+      if not files:
+        raise ValueError(
+          f"data path {path!r} does not exist (and matches no files as a glob); give .txt/.jsonl "
+          "files, directories or globs of them, or no data paths at all to use the embedded "
+          "standard-library corpus"
+        )
     for file in files:
-      if file.endswith(".jsonl"):
-        texts += _read_jsonl(file, text_field)
-      elif file.endswith(".txt"):
-        texts.append(_read_text(file))
-      else:
+      if not file.endswith((".txt", ".jsonl")):
         raise ValueError(f"data file {file} is neither .txt nor .jsonl; rename or convert it")
+    out += files
+  return out
+
+
+def load_texts(paths: list[str], text_field: str = "text") -> list[str]:
+  """Documents from .txt files (a whole file is one document), .jsonl files (one JSON object per
+  line; the text is record[text_field]), directories (all *.txt / *.jsonl below, sorted) and globs."""
+  texts = []
+  for file in data_files(paths):
+    if file.endswith(".jsonl"):
+      texts += _read_jsonl(file, text_field)
+    else:
+      texts.append(read_text(file))
   return texts
+
+
+def encode_texts(texts, tokenizer) -> list[np.ndarray]:
+  """Each text's ids, int32 (the byte tokenizer without Python ints; a Hugging Face one in a batch,
+  which its Rust side encodes in parallel)."""
+  texts = list(texts)
+  if isinstance(tokenizer, ByteTokenizer):
+    return [tokenizer.encode_np(t) for t in texts]
+  if hasattr(tokenizer, "encode_batch"):
+    return [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts)] if texts else []
+  return [np.asarray(tokenizer.encode(t), dtype=np.int32) for t in texts]
 
 
 def tokenize_documents(texts, tokenizer) -> np.ndarray:
@@ -130,27 +157,25 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
       f"{tokenizer!r} has no end-of-sequence token to separate documents; name one as "
       "eos_token in the tokenizer_config.json beside tokenizer.json"
     )
-  texts = list(texts)
-  if isinstance(tokenizer, ByteTokenizer):
-    docs = [tokenizer.encode_np(t) for t in texts]
-  elif hasattr(tokenizer, "encode_batch"):
-    docs = [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts)]
-  else:
-    docs = [np.asarray(tokenizer.encode(t), dtype=np.int32) for t in texts]
+  docs = encode_texts(texts, tokenizer)
   eos_arr = np.array([eos], dtype=np.int32)
   parts = [p for doc in docs for p in (doc, eos_arr)]
   return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
-def split_train_eval(
-  tokens: np.ndarray, eval_fraction: float = 0.01, min_eval_tokens: int = 8192
-) -> tuple[np.ndarray, np.ndarray]:
+def split_train_eval(tokens, eval_fraction: float = 0.01, min_eval_tokens: int = 8192, align: int = 1):
   """(train, eval): eval is the last max(eval_fraction of the stream, min_eval_tokens) tokens, but
   the minimum never takes more than a tenth of a small stream. The end of the stream is held out so
-  the split does not depend on any seed."""
+  the split does not depend on any seed. align: the split point is moved down to a multiple of it
+  (SFT streams lay rows out in seq_len windows from the start; the eval part keeps that layout).
+  tokens: an array or a TokenStream (its per-token streams are split with it)."""
   if not 0 <= eval_fraction < 1:
     raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
-  tokens = np.asarray(tokens)
+  if align < 1:
+    raise ValueError(f"align={align} must be >= 1")
+  if not isinstance(tokens, TokenStream):
+    tokens = np.asarray(tokens)
   n = len(tokens)
   n_eval = max(int(np.ceil(n * eval_fraction)), min(min_eval_tokens, n // 10))
-  return tokens[: n - n_eval], tokens[n - n_eval :]
+  cut = (n - n_eval) // align * align
+  return tokens[:cut], tokens[cut:]

@@ -13,14 +13,43 @@ the model's attention never crosses a document boundary, and "mask" [B, T] int32
 is the first token of a new document (its input, the previous document's eos, may not see it). With
 reset_positions also "positions" [B, T] int32, restarting at 0 at each document start (and at the
 row start). Train and eval batches carry the same keys.
+
+Two optional per-token streams beside the tokens (jaxllm.data.sft builds them for SFT rows):
+loss_mask [N] (1 = the token counts as a target; the prompt and template tokens of SFT rows are 0) makes
+"mask" 0 wherever its target's flag is 0, with or without document masks; doc_ends [N] (1 = the token
+closes its document) replaces `tokens == eos_id` as the document boundaries, for streams whose eos
+also ends chat turns inside a document. Both travel with their tokens through the same windows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 # The fields of a checkpointed state that must equal this run's, or the position means nothing.
 _SHAPE_KEYS = ("seq_len", "batch_size", "num_tokens")
+
+
+@dataclass(frozen=True)
+class TokenStream:
+  """Tokens [N] int32 with their optional per-token streams (loss_mask, doc_ends: bool [N], None = every
+  token counts / the eos tokens end the documents). Slicing slices all three together."""
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray | None = None
+  doc_ends: np.ndarray | None = None
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def __getitem__(self, part: slice) -> TokenStream:
+    cut = lambda a: None if a is None else a[part]  # noqa: E731
+    return TokenStream(self.tokens[part], cut(self.loss_mask), cut(self.doc_ends))
+
+  def streams(self) -> dict:
+    """{"loss_mask", "doc_ends"}: the keyword arguments of PackedBatches / eval_batches."""
+    return {"loss_mask": self.loss_mask, "doc_ends": self.doc_ends}
 
 
 def _as_stream(tokens) -> np.ndarray:
@@ -31,23 +60,38 @@ def _as_stream(tokens) -> np.ndarray:
 
 
 def _gather(
-  tokens: np.ndarray, windows: np.ndarray, seq_len: int, eos_id: int | None = None, reset_positions: bool = False
+  tokens: np.ndarray,
+  windows: np.ndarray,
+  seq_len: int,
+  eos_id: int | None = None,
+  reset_positions: bool = False,
+  loss_mask: np.ndarray | None = None,
+  doc_ends: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
   """{"inputs", "targets"} int32 [B, T] (B = len(windows), T = seq_len) for the given window numbers;
-  with eos_id the document fields too (see document_fields)."""
-  rows = tokens[windows[:, None] * seq_len + np.arange(seq_len + 1)]  # [B, T+1]
+  with eos_id the document fields too (see document_fields); with loss_mask a "mask" that is 0 where
+  the target's flag is 0 (combined with the document mask)."""
+  index = windows[:, None] * seq_len + np.arange(seq_len + 1)  # [B, T+1]
+  rows = tokens[index]
   batch = {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
   if eos_id is not None:
-    batch.update(document_fields(batch["inputs"], eos_id, reset_positions))
+    ends = None if doc_ends is None else doc_ends[index[:, :-1]]
+    batch.update(document_fields(batch["inputs"], eos_id, reset_positions, ends))
+  if loss_mask is not None:
+    counts = loss_mask[index[:, 1:]].astype(np.int32)
+    batch["mask"] = batch["mask"] * counts if "mask" in batch else counts
   return batch
 
 
-def document_fields(inputs: np.ndarray, eos_id: int, reset_positions: bool = False) -> dict[str, np.ndarray]:
+def document_fields(
+  inputs: np.ndarray, eos_id: int, reset_positions: bool = False, ends: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
   """inputs [B, T] of documents packed with eos separators -> {"segment_ids", "mask"[, "positions"]},
   each int32 [B, T]: segment_ids counts the eos before each position (an eos ends its document), mask
   is 0 where the input is an eos (its target opens the next document), positions restart at 0 after
-  each eos and at the row start."""
-  is_eos = inputs == eos_id
+  each eos and at the row start. ends [B, T] bool (an input closes its document), when given, marks
+  the boundaries instead of `inputs == eos_id`."""
+  is_eos = inputs == eos_id if ends is None else np.asarray(ends, bool)
   seg = np.cumsum(is_eos, axis=1, dtype=np.int32) - is_eos
   out = {"segment_ids": seg.astype(np.int32), "mask": (~is_eos).astype(np.int32)}
   if reset_positions:
@@ -56,6 +100,16 @@ def document_fields(inputs: np.ndarray, eos_id: int, reset_positions: bool = Fal
     start = np.concatenate([np.ones_like(is_eos[:, :1]), is_eos[:, :-1]], axis=1)  # a document starts here
     out["positions"] = (t - np.maximum.accumulate(np.where(start, t, 0), axis=1)).astype(np.int32)
   return out
+
+
+def _as_flags(flags, tokens: np.ndarray, name: str) -> np.ndarray | None:
+  """A per-token 0/1 stream as bool [N] (N = len(tokens)), or None."""
+  if flags is None:
+    return None
+  flags = np.asarray(flags)
+  if flags.shape != tokens.shape:
+    raise ValueError(f"{name} has shape {flags.shape}; it must be one flag per token, shape {tokens.shape}")
+  return flags.astype(bool, copy=False)
 
 
 def _check_documents(eos_id, reset_positions: bool):
@@ -92,7 +146,8 @@ class PackedBatches:
   in every process and independent of rows, so a checkpoint resumes on any process count.
 
   eos_id (document masks): also "segment_ids" and "mask" [B, T], and with reset_positions
-  "positions" (see document_fields).
+  "positions" (see document_fields). loss_mask, doc_ends: per-token streams beside `tokens` (see the
+  module docstring); loss_mask adds or narrows "mask".
   """
 
   def __init__(
@@ -105,10 +160,14 @@ class PackedBatches:
     rows=None,
     eos_id: int | None = None,
     reset_positions: bool = False,
+    loss_mask=None,
+    doc_ends=None,
   ):
     if seq_len < 1 or batch_size < 1:
       raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1")
     self.tokens = _as_stream(tokens)
+    self.loss_mask = _as_flags(loss_mask, self.tokens, "loss_mask")
+    self.doc_ends = _as_flags(doc_ends, self.tokens, "doc_ends")
     self.seq_len, self.batch_size = int(seq_len), int(batch_size)
     self.seed, self.shuffle = int(seed), shuffle
     self.rows = _check_rows(rows, self.batch_size)
@@ -156,7 +215,13 @@ class PackedBatches:
         self.epoch, self.index = self.epoch + 1, 0
     windows = np.concatenate(windows)
     return _gather(
-      self.tokens, windows if self.rows is None else windows[self.rows], self.seq_len, self.eos_id, self.reset_positions
+      self.tokens,
+      windows if self.rows is None else windows[self.rows],
+      self.seq_len,
+      self.eos_id,
+      self.reset_positions,
+      self.loss_mask,
+      self.doc_ends,
     )
 
   def state(self) -> dict:
@@ -211,12 +276,15 @@ def eval_batches(
   rows=None,
   eos_id: int | None = None,
   reset_positions: bool = False,
+  loss_mask=None,
+  doc_ends=None,
 ) -> list[dict]:
   """Up to max_batches batches from the start of the stream, in order: the same set every call, so
   eval losses are comparable across steps and runs. rows: only these rows of each; eos_id,
-  reset_positions: the document fields (see PackedBatches)."""
+  reset_positions, loss_mask, doc_ends: the document fields and loss mask (see PackedBatches)."""
   eos_id, reset_positions = _check_documents(eos_id, reset_positions)
   tokens = _as_stream(tokens)
+  loss_mask, doc_ends = _as_flags(loss_mask, tokens, "loss_mask"), _as_flags(doc_ends, tokens, "doc_ends")
   num_windows = max(len(tokens) - 1, 0) // seq_len
   n = min(max_batches, num_windows // batch_size)
   if max_batches > 0 and n == 0:
@@ -233,6 +301,8 @@ def eval_batches(
       seq_len,
       eos_id,
       reset_positions,
+      loss_mask,
+      doc_ends,
     )
     for i in range(n)
   ]

@@ -3,6 +3,7 @@
 
   encode(text, add_bos=False) -> list[int]     decode(ids) -> str
   encode_np(text) -> int32 array                vocab_size, bos_id, eos_id, pad_id
+  chat_template: the Jinja chat template shipped with the tokenizer, or None (jaxllm.data.chat)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class ByteTokenizer:
   bos_id = 256
   eos_id = 257
   pad_id = 258
+  chat_template = None  # conversations use jaxllm.data.chat.DEFAULT_TEMPLATE
 
   @property
   def vocab_size(self) -> int:
@@ -58,7 +60,9 @@ class HFTokenizer:
 
   bos_id / eos_id / pad_id are None when the vocabulary has no such token. eos falls back to bos
   (either one separates documents), and pad falls back to eos (as GPT-2 and Llama fine-tunes do).
-  `encode(add_bos=True)` adds nothing when there is no bos token (Qwen models have none)."""
+  `encode(add_bos=True)` adds nothing when there is no bos token (Qwen models have none).
+  chat_template: from chat_template.jinja, chat_template.json or tokenizer_config.json beside the
+  tokenizer.json (the first that has one, as transformers looks), else None."""
 
   def __init__(self, path: str):
     from tokenizers import Tokenizer  # imported here so the byte tokenizer never needs the package
@@ -72,6 +76,7 @@ class HFTokenizer:
         "as written by `tokenizers` / `transformers` (save_pretrained)"
       ) from e
     named = _named_special_tokens(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+    self.chat_template = find_chat_template(os.path.dirname(path))
     self.bos_id = self._find(named.get("bos_token"), _BOS_CANDIDATES)
     self.eos_id = self._find(named.get("eos_token"), _EOS_CANDIDATES)
     if self.eos_id is None:
@@ -139,6 +144,31 @@ def _named_special_tokens(config_path: str) -> dict[str, str]:
     if isinstance(value, str) and value:
       out[key] = value
   return out
+
+
+def find_chat_template(directory: str) -> str | None:
+  """The chat template (Jinja source) saved beside a tokenizer.json: chat_template.jinja, then the
+  "chat_template" of chat_template.json, then of tokenizer_config.json (a list of named templates
+  gives its "default")."""
+  path = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  for name in ("chat_template.json", "tokenizer_config.json"):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+      template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if isinstance(template, str) and template:
+      return template
+  return None
 
 
 def load_tokenizer(spec: str):

@@ -1,6 +1,7 @@
 """Model files: Hugging Face import/export (config.json, safetensors single or sharded, tokenizer files),
 training checkpoints read for inference, and `load_model`, the one loader of either for serving."""
 
+from jaxllm.io.export import export_run
 from jaxllm.io.hf import export_hf, hf_chat_template, hf_tokenizer_path, load_hf
 from jaxllm.io.hf_config import FAMILIES, hf_to_model_config, load_hf_config, model_config_to_hf
 from jaxllm.io.load import LoadedModel, ModelLoadError, eos_ids, load_model
@@ -11,6 +12,7 @@ __all__ = [
   "ModelLoadError",
   "eos_ids",
   "export_hf",
+  "export_run",
   "hf_chat_template",
   "hf_to_model_config",
   "hf_tokenizer_path",

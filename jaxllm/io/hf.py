@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.data.tokenizer import find_chat_template
 from jaxllm.io.hf_config import FAMILIES, family_of, load_hf_config, model_config_to_hf, read_json
 from jaxllm.io.hf_weights import SafetensorsDir, check_names, read_block, weight_table, write_units
 
@@ -128,20 +129,9 @@ def hf_tokenizer_path(model_dir: str) -> str | None:
 
 
 def hf_chat_template(model_dir: str) -> str | None:
-  """The chat template (Jinja source): chat_template.jinja, chat_template.json or tokenizer_config.json."""
-  path = os.path.join(model_dir, "chat_template.jinja")
-  if os.path.exists(path):
-    with open(path) as f:
-      return f.read()
-  for name in ("chat_template.json", "tokenizer_config.json"):
-    path = os.path.join(model_dir, name)
-    if os.path.exists(path):
-      template = read_json(path).get("chat_template")
-      if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = {t.get("name"): t.get("template") for t in template}.get("default")
-      if template:
-        return template
-  return None
+  """The chat template (Jinja source) of a model directory: chat_template.jinja, chat_template.json or
+  tokenizer_config.json (jaxllm.data.tokenizer.find_chat_template)."""
+  return find_chat_template(model_dir)
 
 
 def export_hf(

@@ -45,7 +45,7 @@ class LoadedModel:
   tokenizer_spec: str  # what load_tokenizer was given: "byte" or a tokenizer.json path
   eos_ids: tuple[int, ...]  # every end-of-sequence id the model can produce (see eos_ids)
   name: str  # the directory's name (the run's, for a checkpoints folder)
-  chat_template: str | None  # Jinja source of a Hugging Face directory; None for checkpoints
+  chat_template: str | None  # Jinja source shipped with the model's tokenizer; None: the default template
   source: str  # where it came from, for messages
   run_config: Config | None  # a checkpoint's saved run config; None for a Hugging Face directory
 
@@ -177,7 +177,7 @@ def _load_checkpoint(
     spec,
     eos_ids(cfg.vocab_size, tok),
     os.path.basename(run),
-    None,
+    getattr(tok, "chat_template", None),  # the run's tokenizer's own template, if it has one
     f"checkpoint {directory} (tokenizer {spec})",
     config,
   )

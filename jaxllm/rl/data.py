@@ -18,6 +18,7 @@ import glob
 import json
 import os
 
+from jaxllm.data.chat import ChatFormat
 from jaxllm.data.tasks import make_task
 
 
@@ -91,12 +92,12 @@ def task_rows(rl, seed: int, split: str, n: int, stream_seed: int | None = None)
 
 def prompt_ids(row: dict, tokenizer, chat_template=None) -> list[int]:
   """The token ids a row's prompt feeds the model: "prompt" encoded as it is, "messages" rendered by
-  `chat_template` (an object with `render(messages) -> str`, the generation prompt included)."""
+  `chat_template` (a jaxllm.data.chat.ChatFormat; the generation prompt included)."""
   if "prompt" in row:
     return list(tokenizer.encode(row["prompt"]))
   if chat_template is None:
     raise ValueError("a 'messages' row needs the model's chat template (none was loaded)")
-  return list(tokenizer.encode(chat_template.render(row["messages"])))
+  return list(chat_template.encode(row["messages"]))
 
 
 def prompt_text(row: dict) -> str:
@@ -108,8 +109,6 @@ def prompt_text(row: dict) -> str:
 
 
 def chat_renderer(source: str | None, tokenizer):
-  """The renderer of "messages" rows: the model's chat template (`source`, Jinja), or the plain
-  default transcript for a model without one; `render(messages)` ends with the generation prompt."""
-  from jaxllm.serve.http.chat import ChatTemplate
-
-  return ChatTemplate(source, tokenizer)
+  """The renderer of "messages" rows: the model's chat template (`source`, Jinja), or the default
+  template the SFT data and the server use for a model without one (jaxllm.data.chat)."""
+  return ChatFormat(source, tokenizer)

@@ -136,6 +136,7 @@ class RLTraining(Task):
     self.stop = tuple(unescape(x) for x in rl.stop)
     self.eos_ids = eos_ids(cfg.model.vocab_size, self.tok, rl.init_from if chat_source is not None else None)
     chats = any("messages" in r for r in self.pool + self.eval_rows)
+    chat_source = chat_source or getattr(self.tok, "chat_template", None)
     self.chat = rl_data.chat_renderer(chat_source, self.tok) if chats else None
     self.mdef = model_def(cfg.model)
     self.tx = make_optimizer(t, self.mdef.logical)

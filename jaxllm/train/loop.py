@@ -16,14 +16,8 @@ import jax
 import numpy as np
 
 from jaxllm.config import Config
-from jaxllm.data import (
-  PackedBatches,
-  default_corpus_text,
-  eval_batches,
-  load_texts,
-  split_train_eval,
-  tokenize_documents,
-)
+from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, split_train_eval
+from jaxllm.data.sft import Row, build_stream, load_rows
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
 from jaxllm.parallel.distributed import global_batch, is_main_process, local_rows
@@ -40,13 +34,17 @@ from jaxllm.train.step import TrainState, make_eval_step, make_train_step
 Sampler = Callable[..., str]
 
 
-def load_corpus(cfg: Config, tokenizer):
-  if cfg.train.data:
-    texts = load_texts(list(cfg.train.data))
-  else:
-    texts = [default_corpus_text(cfg.train.max_corpus_bytes)]
-  tokens = tokenize_documents(texts, tokenizer)
-  return split_train_eval(tokens)
+def load_corpus(cfg: Config, tokenizer, log=print):
+  """(train, eval) TokenStreams of train.data's rows (text, prompt/completion, messages; see
+  jaxllm.data.sft) or of the embedded corpus. With SFT rows it logs their counts (rows truncated or
+  dropped for train.long_rows, padding) and splits at a multiple of seq_len, where the rows' layout
+  in sequences starts."""
+  t = cfg.train
+  rows = load_rows(list(t.data)) if t.data else [Row("text", default_corpus_text(t.max_corpus_bytes), "stdlib")]
+  stream, stats = build_stream(rows, tokenizer, t.seq_len, t.long_rows)
+  if stats.sft_rows:
+    log(stats.describe(t.seq_len))
+  return split_train_eval(stream, align=t.seq_len if stats.sft_rows else 1)
 
 
 def resolve_continuation(cfg: Config, saved: dict | None) -> Config:
@@ -74,7 +72,8 @@ def build_steps(cfg: Config, mdef, tx, mesh, plan, shardings):
 
 
 class Pretraining(Task):
-  """Next-token training on packed text (pretraining / SFT on raw text): the runner's Task."""
+  """Next-token training on packed rows (pretraining text, and SFT rows whose loss covers only their
+  completions / assistant turns; jaxllm.data.sft): the runner's Task."""
 
   name = "train"
 
@@ -83,17 +82,24 @@ class Pretraining(Task):
     t = cfg.train
     self.mesh, self.plan = build_mesh(cfg.mesh)
     self.tokenizer = checked_tokenizer(cfg)
-    train_tokens, eval_tokens = load_corpus(cfg, self.tokenizer)
+    train_tokens, eval_tokens = load_corpus(cfg, self.tokenizer, log)
     # This process loads only the rows of each global batch its devices hold (all of them single-process);
     # the window order and the checkpointed position are global, so any process count resumes them.
     self.b_sh, self.shape = batch_sharding(self.mesh, self.plan), (t.batch_size, t.seq_len)
     rows = local_rows(self.b_sh, self.shape)
     rows = None if len(rows) == t.batch_size else rows
-    # Document masks: segment ids, loss mask (and positions) from the eos separators, in train and eval.
+    # Document masks: segment ids, loss mask (and positions) from the rows' closing eos, in train and eval;
+    # SFT rows also mask their prompt / template tokens out of the loss (the streams' loss_mask).
     docs = dict(eos_id=self.tokenizer.eos_id if t.document_masks else None, reset_positions=t.reset_positions)
-    self.batches = PackedBatches(train_tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs)
+    self.batches = PackedBatches(
+      train_tokens.tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs, **train_tokens.streams()
+    )
     self.eval_set = (
-      eval_batches(eval_tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs) if t.eval_every else []
+      eval_batches(
+        eval_tokens.tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs, **eval_tokens.streams()
+      )
+      if t.eval_every
+      else []
     )
     self.train_tokens = len(train_tokens)
     self.mdef = model_def(cfg.model)
