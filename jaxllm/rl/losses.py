@@ -9,8 +9,13 @@ old, another numeric stack), `logp_prox` the learner's no-grad log-probs just be
 `logp` the current ones, with gradient. correction="decoupled" PPO-clips pi/proximal and weights each
 token by proximal/behaviour (tokens above is_cap drop out); "tis" truncates that weight instead;
 "none" clips pi/behaviour. Nothing here divides: a caller adds the sums over its chunks and divides
-once by the step's token count. Why k2-in-loss / k1-in-reward is the right KL gradient, and the rest
-of the derivation: docs/rl.md.
+once by the step's token count. Which KL placement has which gradient (k1 as a reward: the exact
+gradient of the sequences' KL; k2 in the loss: each token's, without the effect on later tokens), and
+the rest of the derivation: docs/rl.md.
+
+`chunked_rl_sums` and `chunked_token_logprobs` compute the loss (with the entropy) and the log-probs
+from the final hidden states and the head chunk by chunk of positions, never holding the [B, T, V]
+fp32 logits (the learner's path; `token_logprobs` and `token_entropy` take full logits).
 
 A sample's row of the [B, T] arrays holds per-token values of the tokens it generated; `mask [B, T]`
 is 1 on the tokens that count (fractional values act as token weights). Jit-friendly: static shapes,
@@ -20,6 +25,7 @@ jaxllm/__init__.py (B, T, V); the rows of one GRPO group are adjacent, B = promp
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ConfigError
-from jaxllm.model.loss import token_nll
+from jaxllm.model.hooks import constrain
+from jaxllm.model.loss import _chunk_logits, _rows, _split, token_nll
 
 CORRECTIONS = ("decoupled", "tis", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -141,8 +148,9 @@ def kl_estimate(logp, logp_ref, estimator: str = "k2"):
 def kl_reward_penalty(logp, logp_ref, mask, cfg: RLLossConfig):
   """The KL as a reward penalty (kl_in="reward"): kl_coef * k [B, T], zero off the mask, no gradient.
   logp: the sampled tokens' log-probs under the policy that drew them (logp_behav, or logp_prox).
-  The caller subtracts it from the reward before computing advantages (summed over a sequence, or as
-  reward-to-go per token); with k1 this is REINFORCE on the KL, the unbiased reverse-KL gradient."""
+  The caller subtracts it from the advantages after the GRPO normalisation (learner.advantages_of:
+  summed over a sequence, or as reward-to-go per token); with k1 this is REINFORCE on the KL, the
+  exact gradient of the sequences' reverse KL (k2 and k3 here are biased: docs/rl.md)."""
   k = kl_estimate(logp, logp_ref, cfg.kl_estimator)
   return jax.lax.stop_gradient(cfg.kl_coef * jnp.where(mask > 0, k, 0.0))
 
@@ -254,3 +262,158 @@ def metric_means(sums: dict, maxes: dict, count) -> dict:
   out = {k: v / denom for k, v in sums.items()}
   out.update({f"{k}_max": v for k, v in maxes.items()})
   return out
+
+
+# ---- the policy's log-probs and the loss chunk by chunk of positions (no [B, T, V] fp32 logits) ----
+
+# The [B, T] inputs of rl_loss that a chunked loss slices along T (besides the targets).
+_TOKEN_KEYS = ("mask", "advantages", "logp_behav", "logp_prox", "logp_ref")
+
+
+def _policy_logits(hc, w, temperature):
+  """One chunk's logits of the policy softmax(h @ w / temperature), fp32 [B, C, V]."""
+  return _chunk_logits(constrain(hc, ("batch", "seq", "embed")), w) / temperature
+
+
+def _n_chunks(T: int, chunk: int) -> tuple[int, int]:
+  n = -(-T // chunk)
+  return n, n * chunk - T
+
+
+def _pad_t(x, pad: int):
+  return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+
+
+def _chunk_stats(logits, targets):
+  """Policy logits [B, C, V] fp32, targets [B, C] -> (log q [B, C, V], q, log q(target) [B, C], entropy
+  [B, C]): token_logprobs and token_entropy up to fp32 rounding, from one max and two sums over the
+  logits (one pass, which XLA fuses without a [B, C, V] log-softmax buffer). The learner's log-probs,
+  with gradient or without, all come from here, so the proximal pass and the loss agree."""
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  zm = logits - m
+  e = jnp.exp(zm)
+  s = jnp.sum(e, axis=-1)
+  log_s = jnp.log(s)
+  logp = jnp.take_along_axis(zm, targets[..., None], axis=-1)[..., 0] - log_s
+  ent = log_s - jnp.sum(jnp.where(e > 0, e * zm, 0.0), axis=-1) / s
+  logq = zm - log_s[..., None]
+  return logq, jnp.exp(logq), logp, ent
+
+
+def chunked_token_logprobs(h, w_head, targets, temperature: float = 1.0, chunk: int = 1024):
+  """token_logprobs(h @ w_head / temperature, targets) [B, T] fp32 (to fp32 rounding) without the
+  [B, T, V] fp32 logits: a lax.map over chunks of `chunk` positions (every row at once), each holding
+  [B, chunk, V]. For the learner's no-grad passes (proximal, reference, re-scoring); the same
+  per-token arithmetic as chunked_rl_sums.
+  h [B, T, D], w_head [D, V], targets [B, T] int; chunk <= 0 or >= T: the plain computation."""
+  B, T, _ = h.shape
+  if chunk <= 0 or T <= chunk:
+    return _chunk_stats(_policy_logits(h, w_head, temperature), targets)[2]
+  n, pad = _n_chunks(T, chunk)
+
+  def one(xs):
+    hc, tc = xs
+    return _chunk_stats(_policy_logits(hc, w_head, temperature), tc)[2]
+
+  out = jax.lax.map(one, (_split(_pad_t(h, pad), n), _split(_pad_t(targets, pad), n)))  # [n, B, chunk]
+  return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def _rl_sums(logp, entropy, xc: dict, cfg: RLLossConfig):
+  loss_sum, _, sums, _ = rl_loss(logp, dict(xc, entropy=entropy), cfg)
+  return loss_sum, sums
+
+
+def _chunk_rl_sums(logits, xc: dict, cfg: RLLossConfig):
+  """rl_loss of one chunk from its policy logits [B, C, V] (the entropy is computed here) -> (loss_sum, sums)."""
+  _, _, logp, ent = _chunk_stats(logits, xc["targets"])
+  return _rl_sums(logp, ent, xc, cfg)
+
+
+def _chunk_rl_grad(logits, xc: dict, cfg: RLLossConfig):
+  """One chunk: ((loss_sum, sums), d loss_sum / d logits [B, C, V] fp32). rl_loss depends on the logits
+  only through each token's log-prob and entropy, so its gradient is two per-token scalars [B, C] (from
+  autodiff of rl_loss) times the closed forms d logp / dz = onehot - q and d H / dz = -q (log q + H):
+  one elementwise pass over the chunk's logits."""
+  logq, q, logp, ent = _chunk_stats(logits, xc["targets"])
+  out, (g_logp, g_ent) = jax.value_and_grad(_rl_sums, argnums=(0, 1), has_aux=True)(logp, ent, xc, cfg)
+  onehot = jnp.arange(logits.shape[-1], dtype=xc["targets"].dtype) == xc["targets"][..., None]
+  dlogits = g_logp[..., None] * (onehot - q)
+  if cfg.entropy_coef:  # otherwise the entropy is a metric only (no gradient)
+    dlogits = dlogits - g_ent[..., None] * jnp.where(q > 0, q * (logq + ent[..., None]), 0.0)
+  return out, dlogits
+
+
+def _chunks(h, xs, n):
+  """h [B, n*C, D] and a pytree of [B, n*C] arrays -> the same split into n chunks along a leading axis."""
+  return _split(h, n), jax.tree.map(lambda a: _split(a, n), xs)
+
+
+def _sum_chunks(outs):
+  loss, sums = outs
+  return jnp.sum(loss), {k: jnp.sum(v) for k, v in sums.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_rl(h, w, xs, cfg, temperature, n):
+  """(loss_sum, sums) of padded h [B, n*C, D] and xs ([B, n*C] arrays) over n chunks; forward only."""
+  outs = jax.lax.map(lambda x: _chunk_rl_sums(_policy_logits(x[0], w, temperature), x[1], cfg), _chunks(h, xs, n))
+  return _sum_chunks(outs)
+
+
+def _chunked_rl_fwd(h, w, xs, cfg, temperature, n):
+  # Differentiated: rl_loss is a sum of per-token terms, so each chunk's gradient is computed right
+  # after its loss, while its logits exist (as jaxllm.model.loss does for the NLL): nothing of [B, T, V]
+  # is kept or recomputed, and the residuals are dh (h's size) and dw (w's size). The metric sums have
+  # no gradient (rl_loss stops it), so their cotangents are ignored.
+  def body(dw, x):
+    hc, xc = x
+    hc = constrain(hc, ("batch", "seq", "embed"))
+    logits = _chunk_logits(hc, w) / temperature
+    out, dlogits = _chunk_rl_grad(logits, xc, cfg)
+    # d/d(h @ w) = d/dlogits / temperature, in the compute dtype for the two matmuls (see _chunk_grads).
+    dl = constrain(dlogits / temperature, ("batch", "seq", "vocab")).astype(hc.dtype)
+    dh = jnp.dot(_rows(dl), w.astype(hc.dtype).T, preferred_element_type=jnp.float32).reshape(hc.shape)
+    dw_c = jnp.dot(_rows(hc).T, _rows(dl), preferred_element_type=jnp.float32)
+    return dw + dw_c, (out, dh.astype(hc.dtype))
+
+  dw, (outs, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), _chunks(h, xs, n))
+  return _sum_chunks(outs), (jnp.moveaxis(dh, 0, 1).reshape(h.shape), dw.astype(w.dtype))
+
+
+def _chunked_rl_bwd(cfg, temperature, n, res, g):
+  dh, dw = res
+  g_loss = g[0]
+  return (dh * g_loss).astype(dh.dtype), (dw * g_loss).astype(dw.dtype), None
+
+
+_chunked_rl.defvjp(_chunked_rl_fwd, _chunked_rl_bwd)
+
+
+def chunked_rl_sums(h, w_head, batch: dict, cfg: RLLossConfig, temperature: float = 1.0, chunk: int = 1024):
+  """rl_loss of the policy softmax(h @ w_head / temperature), with its per-token entropy, as
+  (loss_sum, sums) -- without the [B, T, V] fp32 logits or their gradient.
+
+  rl_loss is a sum of per-token terms, so it splits along the sequence like the LM loss
+  (jaxllm.model.loss.chunked_cross_entropy_sums): a scan over chunks of `chunk` positions (every row
+  at once) computes a chunk's logits [B, chunk, V], its log-probs of the targets, entropy and loss
+  terms, and, when differentiated (a custom_vjp), that chunk's gradients wrt h and w_head at once, so
+  the backward keeps no logits and recomputes none (the same 3 head matmuls per token as the plain
+  loss; peak a few [B, chunk, V] fp32 buffers). Equal to the plain computation to fp32 rounding.
+
+  h [B, T, D], w_head [D, V]; batch: targets [B, T] int and the per-token inputs of rl_loss (mask,
+  advantages [B] or [B, T], logp_behav, logp_prox, logp_ref; others are ignored). chunk <= 0 or >= T:
+  the plain computation (autodiff through full logits). T not a multiple of `chunk` is padded with
+  uncounted positions. -> (loss_sum, sums) as rl_loss's; its maxes are not kept.
+  """
+  B, T, _ = h.shape
+  if chunk <= 0 or T <= chunk:
+    return _chunk_rl_sums(_policy_logits(h, w_head, temperature), batch, cfg)
+  xs = {"targets": batch["targets"]}
+  for k in _TOKEN_KEYS:
+    if k in batch:
+      v = jnp.asarray(batch[k])
+      xs[k] = jnp.broadcast_to(v[:, None], (B, T)) if k == "advantages" and v.ndim == 1 else v
+  n, pad = _n_chunks(T, chunk)
+  xs = jax.tree.map(lambda a: _pad_t(a, pad), xs)  # padded positions: mask 0, so they do not count
+  return _chunked_rl(_pad_t(h, pad), w_head, xs, cfg, float(temperature), n)

@@ -35,6 +35,8 @@ class Sample:
   cache_hit: int  # prompt tokens reused from the radix cache
   learner_logprobs: list | None = None  # the same tokens' log-probs by the learner's forward, same weights
   truncated: bool = False  # cut by rl.max_new_tokens before a stop
+  reward: float | None = None  # the combined reward, when scored at generation (rl.filter_groups)
+  reward_terms: dict | None = None  # {reward name: unweighted score}, with `reward`
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Rollout:
   step: int  # which learner step it is for
   seconds: float
   version: object  # the oldest weight version among its samples
+  filtered: int = 0  # groups dropped by rl.filter_groups (all rewards equal)
+  tries: int = 1  # generation rounds it took
 
   def to_json(self) -> dict:
     return {
@@ -50,6 +54,8 @@ class Rollout:
       "step": self.step,
       "seconds": self.seconds,
       "version": self.version,
+      "filtered": self.filtered,
+      "tries": self.tries,
     }
 
   @classmethod
@@ -62,7 +68,9 @@ class Rollout:
         }
       return Sample(**x)
 
-    return cls([sample(x) for x in d["samples"]], d["step"], d["seconds"], d["version"])
+    return cls(
+      [sample(x) for x in d["samples"]], d["step"], d["seconds"], d["version"], d.get("filtered", 0), d.get("tries", 1)
+    )
 
 
 def generate(

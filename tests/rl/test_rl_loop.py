@@ -221,3 +221,29 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
   assert f"(step {last}) is kept" in str(e.value) and "rl.is_cap" in str(e.value)
   _, params = load_params(str(tmp_path / "checkpoints"))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_dynamic_sampling_resumes_exactly_and_overlong_penalty(tmp_path, monkeypatch):
+  """rl.filter_groups (DAPO dynamic sampling) drops groups whose rewards are all equal and samples more:
+  a run killed mid-way and resumed equals the uninterrupted one metric for metric. rl.overlong=penalty:
+  DAPO's soft penalty, -1 for a completion cut at max_new_tokens."""
+  (tmp_path / "coin.py").write_text("def score(prompt, completion, **row):\n  return float(completion[:1] < 'P')\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  common = [
+    "train.steps=4",
+    "rl.eta=1",
+    "rl.filter_groups=true",
+    "rl.filter_max_tries=3",
+    "rl.rewards=python:coin:score",
+    "rl.overlong=penalty",
+    "rl.overlong_buffer=2",
+  ]
+  _, ref = run(tmp_path / "whole", *common, "train.save_every=2")
+  ref = steps_of(ref)
+  assert [l["step"] for l in ref] == [1, 2, 3, 4]
+  assert any(l["filtered_groups"] > 0 for l in ref) and all(1 <= l["sampling_tries"] <= 3 for l in ref)
+  for l in ref:  # -1 at max_new_tokens, 0 up to max_new_tokens - buffer, a ramp between
+    assert -1.0 <= l["reward/overlong"] <= 0.0 and (l["truncated"] < 1.0 or l["reward/overlong"] == -1.0), l
+  run(tmp_path / "mid", *common, "train.save_every=2", stop_after=3)
+  _, mid = run(tmp_path / "mid", *common, "train.save_every=2")
+  same(steps_of(mid), ref)

@@ -3,7 +3,8 @@
 Covers GRPO / Dr. GRPO advantages, the PPO clipped surrogate with DAPO clip-higher and dual clip
 (tokens on both sides of every boundary, masks, gradients), the behaviour-policy corrections
 (decoupled, TIS, none), the KL estimators' values and their expected gradients on an exact
-categorical, global-denominator aggregation over uneven chunks, and the entropy helper.
+categorical and on exactly enumerated 2-token sequences, global-denominator aggregation over uneven
+chunks, and the entropy helper.
 """
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from jaxllm.config import ConfigError
+from jaxllm.rl import learner
 from jaxllm.rl.losses import (
   RLLossConfig,
   grpo_advantages,
@@ -259,7 +261,8 @@ def test_kl_estimator_values_and_placement():
 
 def test_kl_gradients_on_a_categorical():
   """Exact expectations over x ~ pi of the gradients the sampled-token losses produce, compared with
-  the analytic gradient of the reverse KL(pi||ref) w.r.t. the logits.
+  the analytic gradient of the reverse KL(pi||ref) w.r.t. the logits, for one token (sequences:
+  test_kl_placements_on_two_token_sequences, where k2 in the loss is no longer exact).
 
   Found (asserted below): k2 in the loss and k1 in the reward give grad KL(pi||ref); k1 in the loss
   gives 0; k3 in the loss gives grad KL(ref||pi) (forward KL), not the reverse one; k2 and k3 in the
@@ -319,6 +322,97 @@ def test_kl_gradients_on_a_categorical():
   assert_allclose(float(got["k1", "loss"][0]), reverse, rtol=1e-5)
   assert_allclose(float(got["k3", "loss"][0]), reverse, rtol=1e-5)
   assert abs(float(got["k2", "loss"][0]) - reverse) > 1e-2
+
+
+V2 = 3  # the two-token example: vocabulary of 3, so 9 sequences
+X1, X2 = np.repeat(np.arange(V2), V2), np.tile(np.arange(V2), V2)  # row i is the sequence (X1[i], X2[i])
+
+
+def two_token_logps(th1, th2):
+  """Logits th1 [V] of the first token and th2 [V, V] of the second given the first -> the log-probs
+  [9, 2] of each sequence's two tokens (row = sequence, as the learner's [B, T] arrays)."""
+  return jnp.stack([jax.nn.log_softmax(th1)[X1], jax.nn.log_softmax(th2, axis=-1)[X1, X2]], 1)
+
+
+def two_token_gradients():
+  """Exact gradients (by enumeration, no sampling) for a 2-step categorical policy with free logits:
+  the sequence-level reverse KL(pi||ref) and the expectation under pi of each KL placement's gradient.
+  -> ({name: flat gradient}, the reference gradients {name: flat gradient})."""
+  rng = np.random.default_rng(11)
+  theta = (jnp.asarray(rng.normal(0, 1.0, V2), jnp.float32), jnp.asarray(rng.normal(0, 1.0, (V2, V2)), jnp.float32))
+  ref = (rng.normal(0, 1.0, V2), rng.normal(0, 1.0, (V2, V2)))
+  logref = two_token_logps(*(jnp.asarray(r, jnp.float32) for r in ref))
+  logp0 = two_token_logps(*theta)
+  prob = jnp.exp(logp0.sum(1))  # pi(x) of each sequence: the expectation's weights, no gradient
+  mask = jnp.repeat(prob[:, None], 2, axis=1)
+
+  def flat(g):
+    return np.concatenate([np.asarray(x, F64).ravel() for x in g])
+
+  def sequence_kl(th):  # KL(pi||ref) over whole sequences, exact
+    lp = two_token_logps(*th)
+    return jnp.sum(jnp.exp(lp.sum(1)) * (lp - logref).sum(1))
+
+  def per_token_kl(th, forward):  # sum_t E_{x<t ~ pi}[KL(pi_t||ref_t)] with the prefix distribution held fixed
+    lq = (jax.nn.log_softmax(th[0]), jax.nn.log_softmax(th[1], axis=-1))
+    lr = tuple(jax.nn.log_softmax(jnp.asarray(r, jnp.float32), axis=-1) for r in ref)
+    a, b = (lr, lq) if forward else (lq, lr)
+    kl = [jnp.sum(jnp.exp(a[t]) * (a[t] - b[t]), -1) for t in range(2)]
+    return kl[0] + jnp.sum(jax.lax.stop_gradient(jnp.exp(lq[0])) * kl[1])
+
+  refs = {
+    "sequence reverse KL": flat(jax.grad(sequence_kl)(theta)),
+    "per-token reverse KL": flat(jax.grad(per_token_kl)(theta, False)),
+    "per-token forward KL": flat(jax.grad(per_token_kl)(theta, True)),
+  }
+
+  def expected_grad(est, kl_in, penalty="sequence"):
+    """E_{x~pi}[gradient of rl_loss on x]: each sequence a row, weighted by pi(x) through the mask."""
+    cfg = RLLossConfig(correction="none", kl_coef=1.0, kl_estimator=est, kl_in=kl_in)
+    adv = np.zeros(9, np.float32)
+    if kl_in == "reward":  # task rewards all 0, so the advantages are the KL's alone
+      pen = np.asarray(kl_reward_penalty(logp0, logref, jnp.ones((9, 2)), cfg))  # [9, 2], no gradient
+      if penalty == "normalised with it":  # the order learner.advantages_of replaces
+        adv = learner.advantages_of(adv - pen.sum(1), 9, True)
+      else:
+        adv = learner.advantages_of(adv, 9, True, kl_penalty=pen if penalty == "to-go" else pen.sum(1))
+    batch = dict(mask=mask, advantages=adv, logp_behav=logp0, logp_ref=logref)
+    return flat(jax.grad(lambda th: rl_loss(two_token_logps(*th), batch, cfg)[0])(theta))
+
+  got = {f"{est} in the loss": expected_grad(est, "loss") for est in ("k1", "k2", "k3")}
+  got.update({f"{est} in the reward": expected_grad(est, "reward") for est in ("k1", "k2", "k3")})
+  got["k1 in the reward, reward-to-go"] = expected_grad("k1", "reward", "to-go")
+  got["k1 in the reward, normalised with the task reward"] = expected_grad("k1", "reward", "normalised with it")
+  return got, refs
+
+
+def test_kl_placements_on_two_token_sequences():
+  """Which KL placement gives the gradient of the sequence-level KL(pi||ref), exactly: a 2-token
+  categorical policy (vocabulary 3, the second token's logits depend on the first), every sequence
+  enumerated. k1 as a reward with REINFORCE (summed over the sequence or as reward-to-go, subtracted
+  after the GRPO normalisation) is exact. k2 in the loss is not: it is the per-token KL's gradient
+  with the prefix distribution held fixed, which misses how the first token moves the second's KL
+  (its gradient is exact for the last token's logits only). k3 in the loss gives the per-token
+  forward KL's gradient; k1 in the loss gives 0; k2 and k3 as rewards give none of these; the KL
+  normalised together with the task reward gives the right direction at the wrong (1/std) scale."""
+  got, refs = two_token_gradients()
+  true = refs["sequence reverse KL"]
+  n1 = V2  # the first V2 entries are the first token's logits, the rest the second's
+
+  def same(a, b):
+    return np.allclose(a, b, atol=2e-6)
+
+  assert np.abs(true - refs["per-token reverse KL"]).max() > 0.05  # a telling example
+  for name in ("k1 in the reward", "k1 in the reward, reward-to-go"):
+    assert same(got[name], true), name
+  assert not same(got["k2 in the loss"], true) and same(got["k2 in the loss"], refs["per-token reverse KL"])
+  assert same(got["k2 in the loss"][n1:], true[n1:]) and not same(got["k2 in the loss"][:n1], true[:n1])
+  assert same(got["k3 in the loss"], refs["per-token forward KL"]) and not same(got["k3 in the loss"], true)
+  assert same(got["k1 in the loss"], 0.0)
+  for name in ("k2 in the reward", "k3 in the reward"):
+    assert not any(same(got[name], r) for r in refs.values()), name
+  scaled = got["k1 in the reward, normalised with the task reward"]
+  assert not same(scaled, true) and same(scaled / (scaled @ true) * (true @ true), true)  # parallel, not equal
 
 
 # ---------------------------------------------------------------- global denominators
