@@ -72,7 +72,7 @@ class ModelConfig:
   remat: str = "none"  # kept for backward: "none", "full", "dots", "dots_saveable", "offload" (docs/training.md)
   attention: str = "auto"  # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
   scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
-  loss_chunk: int = 1024  # LM loss: positions per chunk of fp32 [B, chunk, V] logits held at once; 0 = whole sequence
+  loss_chunk: int = 1024  # LM and RL losses: positions per chunk of fp32 [B, chunk, V] logits at once; 0 = all
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")

@@ -2,8 +2,8 @@
 
 tests/ mirrors the package (tests/model/, tests/serve/, ...; project-wide checks at the top). Every
 folder is on sys.path, so a test module imports another's helpers by name (`from test_serve import
-DENSE`), and test module names are unique across folders. QUICK names the contributor tier, `python -m pytest -m quick`: one or more fast modules of
-each layer, about 2 minutes on 2 cores.
+DENSE`), and test module names are unique across folders. QUICK names the contributor tier,
+`python -m pytest -m quick`: one or more fast modules of each layer, about 2 minutes on 2 cores.
 """
 
 import os

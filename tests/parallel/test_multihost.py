@@ -198,7 +198,8 @@ def test_two_process_reward_model_equals_one_and_writes_from_process_0_only(tmp_
   for h in one["history"]:
     assert got[h["step"]]["loss"] == pytest.approx(h["loss"], rel=1e-5), (h, got[h["step"]])
   assert "reward model to step 4" in p0 and "step      4" in p0
-  assert not [line for line in p1.splitlines() if line.strip() and "Gloo" not in line], p1
+  # (the collective library's own "connected to N peer ranks" lines may interleave; nothing of ours)
+  assert not [line for line in p1.splitlines() if line.strip() and "peer ranks" not in line], p1
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
 
 
