@@ -83,6 +83,7 @@ def main():
   p.add_argument("--work", help="working directory (default: a temporary one)")
   a = p.parse_args()
   work = a.work or tempfile.mkdtemp(prefix="jaxllm-rl-demo-")
+  os.makedirs(work, exist_ok=True)
   run(["-m", "jaxllm.data.tasks", "addition", "data"], work)
   rows = []
   for seed in (int(s) for s in a.seeds.split(",")):
