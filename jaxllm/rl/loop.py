@@ -10,9 +10,9 @@ same rollouts, rewards and updates on every run and across a kill and resume. Ro
 while the learner updates on rollout k as soon as eta >= 1 (on shared CPU cores both compete for the
 same cores; with separate devices they overlap).
 
-Each learner step: rewards (jaxllm.rl.rewards; minus the KL penalty with rl.kl_in="reward") -> GRPO
-advantages -> [B, T] batch -> proximal and reference log-probs (no-grad forward passes) ->
-jaxllm.train's step with the RL objective -> publish.
+Each learner step: rewards of the samples' rows (jaxllm.rl.rewards) -> GRPO advantages (minus the KL
+penalty after the normalisation with rl.kl_in="reward") -> [B, T] batch -> proximal and reference
+log-probs (no-grad forward passes) -> jaxllm.train's step with the RL objective -> publish.
 
 Behaviour log-probs (rl.behaviour_logprobs). The generation thread scores every rollout twice: the
 sampler's log-probs as it drew the tokens, and the learner's own forward on the same tokens under the
@@ -24,10 +24,10 @@ deterministic fp32 mode in which decoupled PPO is exactly on-policy PPO at eta =
 
 Checkpoints hold the policy and optimizer state (jaxllm.train.checkpoint) and, as data state, the step
 (= version counter = data position: the prompts and sampling seeds of rollout k are functions of
-(train.seed, k), from a fresh stream or, with rl.train_problems = N, from epochs of a fixed set) and
-the rollouts already generated for the next steps (at most eta of them, by versions the checkpoint no
-longer has). The reference is `rl.init_from`, or the seed's random
-initialisation, rebuilt on resume. So a resumed run consumes exactly the rollouts an uninterrupted one
+(train.seed, k): rl.data's rows in shuffled epochs, or the built-in task's fresh stream or fixed set;
+with rl.filter_groups, of (train.seed, k, round)) and the rollouts already generated for the next steps
+(at most eta of them, by versions the checkpoint no longer has). The reference is `rl.init_from`, or
+the seed's random initialisation, rebuilt on resume. So a resumed run consumes exactly the rollouts an uninterrupted one
 would: nothing skipped, nothing replayed.
 """
 
