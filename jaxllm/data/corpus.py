@@ -65,27 +65,31 @@ def read_text(path: str) -> str:
     raise ValueError(f"{path} is not valid UTF-8 ({e}); convert it to UTF-8 (e.g. with iconv)") from e
 
 
-def _read_jsonl(path: str, text_field: str) -> list[str]:
-  texts = []
+def jsonl_records(path: str, expected: str = "one JSON object"):
+  """-> (where, record) for each non-blank line of a jsonl file, where = "path:line". A line that is
+  not JSON is a ValueError naming it and what each line must be (`expected`)."""
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
+      where = f"{path}:{lineno}"
       try:
-        record = json.loads(line)
+        yield where, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(
-          f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON "
-          f"object with a string field {text_field!r}"
-        ) from e
-      text = record.get(text_field) if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
-          f"{path}:{lineno}: expected a JSON object with a string field {text_field!r}, "
-          f"found {found}; fix the line or choose the field with text_field="
-        )
-      texts.append(text)
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be {expected}") from None
+
+
+def _read_jsonl(path: str, text_field: str) -> list[str]:
+  texts = []
+  for where, record in jsonl_records(path, f"one JSON object with a string field {text_field!r}"):
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+      found = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise ValueError(
+        f"{where}: expected a JSON object with a string field {text_field!r}, "
+        f"found {found}; fix the line or choose the field with text_field="
+      )
+    texts.append(text)
   return texts
 
 

@@ -35,7 +35,6 @@ tokens as boundaries), so pretraining runs are unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,7 +42,7 @@ import jinja2
 import numpy as np
 
 from jaxllm.data.chat import ChatFormat
-from jaxllm.data.corpus import data_files, encode_texts, read_text, tokenize_documents
+from jaxllm.data.corpus import data_files, encode_texts, jsonl_records, read_text, tokenize_documents
 from jaxllm.data.loader import TokenStream
 
 LONG_ROWS = ("truncate", "drop")
@@ -93,18 +92,7 @@ def parse_row(record, where: str) -> Row:
 
 
 def _read_rows(path: str) -> list[Row]:
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-      rows.append(parse_row(record, where))
-  return rows
+  return [parse_row(record, where) for where, record in jsonl_records(path)]
 
 
 def load_rows(paths: list[str]) -> list[Row]:

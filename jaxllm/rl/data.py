@@ -15,10 +15,10 @@ Without `rl.data`, the built-in addition task supplies rows of the same form, {"
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from jaxllm.data.chat import ChatFormat
+from jaxllm.data.corpus import jsonl_records
 from jaxllm.data.tasks import make_task
 
 
@@ -66,18 +66,7 @@ def check_row(row, where: str) -> dict:
 
 def load_rows(spec: str) -> list[dict]:
   """The rows of every jsonl file of `spec`, in order; blank lines are skipped."""
-  rows = []
-  for path in _files(spec):
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        rows.append(check_row(row, where))
+  rows = [check_row(row, where) for path in _files(spec) for where, row in jsonl_records(path)]
   if not rows:
     raise ValueError(f"RL data {spec!r} holds no rows")
   return rows

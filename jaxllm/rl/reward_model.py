@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from typing import Sequence
@@ -67,6 +66,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.buckets import pow2_bucket
 from jaxllm.config import Config, ConfigError, ModelConfig, RewardConfig
 from jaxllm.data import load_tokenizer
+from jaxllm.data.corpus import jsonl_records
 from jaxllm.data.loader import epoch_indices
 from jaxllm.data.tasks import PreferencePair
 from jaxllm.io import load_model
@@ -98,37 +98,26 @@ def read_preference_pairs(path: str) -> list[PreferencePair]:
       '{"prompt", "chosen", "rejected"} lines (AdditionTask.write_preference_file writes one)'
     )
   pairs = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(
-          f"{where}: not valid JSON ({e.msg}); each line must be one JSON object "
-          '{"prompt": ..., "chosen": ..., "rejected": ...}'
-        ) from None
-      if not isinstance(record, dict):
-        raise ValueError(
-          f"{where}: expected a JSON object with string fields {', '.join(FIELDS)}, found a {type(record).__name__}"
-        )
-      missing = [k for k in FIELDS if k not in record]
-      if missing:
-        raise ValueError(
-          f"{where}: missing {', '.join(map(repr, missing))} (the line has "
-          f"{', '.join(map(repr, sorted(record))) or 'no keys'}); each line needs "
-          f"{', '.join(FIELDS)}"
-        )
-      for k in FIELDS:
-        if not isinstance(record[k], str):
-          raise ValueError(f"{where}: {k!r} must be a string, got {type(record[k]).__name__} ({record[k]!r:.40})")
-      if record["chosen"] == record["rejected"]:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
-      if not record["prompt"] and not (record["chosen"] and record["rejected"]):
-        raise ValueError(f"{where}: empty prompt and an empty completion leave nothing to score")
-      pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
+  for where, record in jsonl_records(path, 'one JSON object {"prompt": ..., "chosen": ..., "rejected": ...}'):
+    if not isinstance(record, dict):
+      raise ValueError(
+        f"{where}: expected a JSON object with string fields {', '.join(FIELDS)}, found a {type(record).__name__}"
+      )
+    missing = [k for k in FIELDS if k not in record]
+    if missing:
+      raise ValueError(
+        f"{where}: missing {', '.join(map(repr, missing))} (the line has "
+        f"{', '.join(map(repr, sorted(record))) or 'no keys'}); each line needs "
+        f"{', '.join(FIELDS)}"
+      )
+    for k in FIELDS:
+      if not isinstance(record[k], str):
+        raise ValueError(f"{where}: {k!r} must be a string, got {type(record[k]).__name__} ({record[k]!r:.40})")
+    if record["chosen"] == record["rejected"]:
+      raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
+    if not record["prompt"] and not (record["chosen"] and record["rejected"]):
+      raise ValueError(f"{where}: empty prompt and an empty completion leave nothing to score")
+    pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
   if not pairs:
     raise ValueError(f"{path} holds no preference pairs")
   return pairs
