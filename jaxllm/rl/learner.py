@@ -82,10 +82,11 @@ def token_logps(mdef, params, batch, hook_kwargs: dict | None = None, temperatur
     return _token_logps(mdef, params, batch["inputs"], batch["targets"], float(temperature))
 
 
-def rollout_len(samples, max_new_tokens: int) -> int:
-  """T of a rollout's batch: a power of two (few compiled shapes), the same in the generation
-  thread and the learner so their forward passes are the same computation."""
-  return pow2_bucket(max(len(s.prompt_ids) + max_new_tokens for s in samples), 16)
+def rollout_len(samples) -> int:
+  """T of a rollout's batch: its longest prompt + completion, rounded up to a power of two (few
+  compiled shapes). A function of the samples alone, so the generation thread and the learner build
+  the same batch, and short completions under a long rl.max_new_tokens do not pay for the limit."""
+  return pow2_bucket(max(len(s.prompt_ids) + len(s.completion_ids) for s in samples), 16)
 
 
 def build_batch(samples, advantages, T: int) -> dict:

@@ -246,7 +246,7 @@ class RLTraining(Task):
     ro = self._generate(self._rows(k, 0), k, 0)
     if rl.filter_groups:
       ro = self._dynamic_sampling(ro, k)
-    T = learner.rollout_len(ro.samples, rl.max_new_tokens)
+    T = learner.rollout_len(ro.samples)
     lp = self._learner_logps(params, ro.samples, T)
     for i, s in enumerate(ro.samples):
       a = len(s.prompt_ids) - 1
@@ -357,7 +357,7 @@ class RLTraining(Task):
       lengths = np.asarray([len(s.completion_ids) for s in samples], np.float32)
       per["overlong"] = np.minimum(0.0, (start - lengths) / rl.overlong_buffer).astype(np.float32)
       rewards = rewards + per["overlong"]
-    T = learner.rollout_len(samples, rl.max_new_tokens)
+    T = learner.rollout_len(samples)
     arrays = learner.build_batch(samples, np.zeros(len(samples), np.float32), T)
     cut = np.asarray([s.truncated for s in samples])
     if rl.overlong == "mask" and cut.any() and not cut.all():  # truncated samples out of the loss (all: keep)

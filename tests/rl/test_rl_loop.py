@@ -185,7 +185,7 @@ def test_one_learner_step_moves_the_policy_towards_the_advantage():
   first = np.array([s.completion_ids[0] for s in ro.samples], np.float32)
   adv = learner.advantages_of(first, 4, True)
   assert np.abs(adv).sum() > 0
-  T = learner.rollout_len(ro.samples, 4)
+  T = learner.rollout_len(ro.samples)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in learner.build_batch(ro.samples, adv, T).items()}, b_sh)
   with jax.set_mesh(mesh):
     batch["logp_prox"] = learner.token_logps(mdef, state.params, batch, hk)
@@ -247,3 +247,32 @@ def test_dynamic_sampling_resumes_exactly_and_overlong_penalty(tmp_path, monkeyp
   run(tmp_path / "mid", *common, "train.save_every=2", stop_after=3)
   _, mid = run(tmp_path / "mid", *common, "train.save_every=2")
   same(steps_of(mid), ref)
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores: four waves of 2048 decode steps
+def test_thousands_of_new_tokens_through_a_small_page_pool(tmp_path):
+  """rl.max_new_tokens=2048 on a model whose vocabulary (3072) makes the EOS rare: about half the
+  samples reach the limit and are marked truncated, the rest stop on EOS after hundreds of tokens. The
+  KV pool holds two such sequences at a time, so admission queues the rest; the learner's batch is
+  sized by the longest sample, not by the limit."""
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps({"prompt": f"\n{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(4)))
+  extra = [
+    "model.vocab_size=3072",
+    "model.max_seq_len=2080",
+    "rl.prompts_per_step=2",
+    "rl.group_size=4",
+    "rl.max_new_tokens=2048",
+    f"rl.data={rows}",
+    f"rl.eval_data={rows}",
+    "rl.eval_problems=2",
+    "rl.rewards=digits",
+    "serve.page_size=16",
+    "serve.num_pages=300",  # 4800 tokens: two sequences of 2048+ at a time
+    "train.steps=1",
+    "rl.eta=0",
+  ]
+  _, lines = run(tmp_path / "long", *extra)
+  (step,) = steps_of(lines)
+  assert 0 < step["truncated"] < 1, step["truncated"]
+  assert 300 < step["completion_len"] < 2048 and np.isfinite(step["loss"])
