@@ -257,6 +257,7 @@ class TrainConfig:
 
 SCHEDULING_POLICIES = ("fcfs", "lpm", "dfs-weight")
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+TOOL_PARSERS = ("auto", "hermes", "llama3_json")  # tool-call formats of chat replies (jaxllm.serve.http.tools)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ class ServeConfig:
   max_waiting: int = 256  # queued requests at most; beyond it requests get 503 + Retry-After
   max_n: int = 16  # largest `n` (samples per request)
   max_body_bytes: int = 1_000_000  # largest request body (413 above)
+  tool_parser: str = "auto"  # tool-call format of chat replies (TOOL_PARSERS); "auto" = the chat template's
 
   def __post_init__(self):
     _positive(
@@ -304,6 +306,8 @@ class ServeConfig:
       raise ConfigError(f"serve.policy={self.policy!r}: use one of {', '.join(SCHEDULING_POLICIES)}")
     if self.attention not in ATTENTION_BACKENDS:
       raise ConfigError(f"serve.attention={self.attention!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if self.tool_parser not in TOOL_PARSERS:
+      raise ConfigError(f"serve.tool_parser={self.tool_parser!r}: use one of {', '.join(TOOL_PARSERS)}")
     if not 0 <= self.max_pages <= self.num_pages:
       raise ConfigError(f"serve.max_pages={self.max_pages} must be in 0..serve.num_pages={self.num_pages}")
     if not 0 <= self.decode_reserve <= 1:

@@ -18,7 +18,9 @@ the same for training and serving:
   assistant:                  (the generation prompt)
 
 each turn "role: content" and a newline, an assistant turn's content followed by the eos token, so a
-model trained on it stops after its answer.
+model trained on it stops after its answer. With tools (function calling), a first line lists them
+(`tools: [{"type": "function", "function": {...}}]`) and an assistant turn's calls follow its content
+as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (the hermes format the server parses).
 
 Special tokens: a template's {{ bos_token }} / {{ eos_token }} become the token's id when encoded. A
 Hugging Face tokenizer has their text ("</s>"), which encodes to the id; the byte tokenizer's specials
@@ -49,8 +51,12 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TEMPLATE = (
+  "{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
   "{% for message in messages %}"
   "{{ message['role'] }}: {{ message['content'] }}"
+  "{% for call in message['tool_calls'] or [] %}"
+  "<tool_call>{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>"
+  "{% endfor %}"
   "{{ eos_token if message['role'] == 'assistant' else '' }}\n"
   "{% endfor %}"
   "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -127,12 +133,17 @@ class ChatFormat:
         self._marked[name] = _MARKERS[name]
         self._ids[_MARKERS[name]] = int(token_id)
 
-  def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The text of the conversation (specials without text shown as "")."""
-    return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._display)
+  def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """The text of the conversation (specials without text shown as ""). variables: more template
+    variables (e.g. `tools`, as apply_chat_template passes them)."""
+    return self.template.render(
+      messages=messages, add_generation_prompt=add_generation_prompt, **variables, **self._display
+    )
 
-  def _render(self, messages, add_generation_prompt: bool) -> str:
-    return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._marked)
+  def _render(self, messages, add_generation_prompt: bool, **variables) -> str:
+    return self.template.render(
+      messages=messages, add_generation_prompt=add_generation_prompt, **variables, **self._marked
+    )
 
   def pieces(self, text: str) -> list[str | int]:
     """Rendered text as pieces to encode (str) and special-token ids (int, where a marker stood)."""
@@ -151,9 +162,9 @@ class ChatFormat:
         ids += self.tokenizer.encode(piece)
     return ids
 
-  def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+  def encode(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> list[int]:
     """Token ids of the rendered conversation (with the generation prompt by default: a prompt)."""
-    return self.encode_text(self._render(messages, add_generation_prompt))
+    return self.encode_text(self._render(messages, add_generation_prompt, **variables))
 
   def sft_segments(self, messages: list[dict]) -> tuple[list[tuple[str, bool]], int]:
     """-> ([(text, trained)], turns not located): the rendered conversation (no generation prompt)

@@ -426,10 +426,10 @@ BAD = [
   (
     "unknown chat field",
     "/v1/chat/completions",
-    {"messages": [{"role": "user", "content": "a"}], "tools": []},
+    {"messages": [{"role": "user", "content": "a"}], "modalities": ["audio"]},
     {},
     400,
-    "tools",
+    "modalities",
   ),
   ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, {}, 400, "messages[0].role"),
   (

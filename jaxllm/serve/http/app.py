@@ -60,7 +60,7 @@ def create_app(
     eos_ids=tuple(eos_ids),
     max_n=serve_cfg.max_n,
   )
-  template = ChatTemplate(chat_template, tokenizer)
+  template = ChatTemplate(chat_template, tokenizer, serve_cfg.tool_parser)
   text_of = TokenText(tokenizer)
   metrics = Metrics(service)
   service.add_finish_hook(metrics.on_finish)

@@ -13,10 +13,12 @@ with a seed s they get seeds s, s+1, ...; without one, each gets a random seed s
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 
+from jaxllm.serve.http import tools as tool_calls
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.sampling import TOP_LOGPROBS, SamplingParams, with_random_seed
 
@@ -50,7 +52,7 @@ _OPENAI_COMMON = {
   "logprobs",
 }
 COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt"}
-CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | tool_calls.REQUEST_FIELDS
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob"}
 GENERATE_SAMPLING_FIELDS = {
   "max_new_tokens",
@@ -94,6 +96,7 @@ class Parsed:
   logprobs: bool = False  # the sampled tokens' logprobs
   top_logprobs: int = 0  # and this many alternatives per token
   return_token_ids: bool = False  # vLLM's extension: prompt_token_ids / token_ids in the response
+  tools: object = None  # chat: a tools.ToolRequest when the request has tools
 
   @property
   def n(self) -> int:
@@ -275,6 +278,112 @@ def chat_messages(v) -> list[dict]:
   return out
 
 
+# ---- tools (function calling; jaxllm.serve.http.tools) ---------------------------------------------
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+def chat_tools(f: Fields, fmt: str) -> tool_calls.ToolRequest | None:
+  """`tools`, `tool_choice` and `parallel_tool_calls` -> a ToolRequest; None without tools (an empty
+  list counts as none, as in vLLM). A choice other than "none" needs tools; a named one, one of them.
+  fmt: the model's call format (ChatTemplate.tool_format)."""
+  raw = f.get("tools", "array", [])
+  tools, names = [], set()
+  for i, t in enumerate(raw):
+    where = f"tools[{i}]"
+    tf = Fields(t, {"type", "function"}, where)
+    kind = tf.get("type", "string")
+    tf.check(kind == "function", "type", kind, '"function" (the only tool type served)')
+    if not tf.given("function"):
+      raise bad_request(f"missing required field '{where}.function'", f"{where}.function", "missing_field")
+    fn = Fields(tf.get("function", "object"), {"name", "description", "parameters", "strict"}, f"{where}.function")
+    if not fn.given("name"):
+      raise bad_request(f"missing required field '{where}.function.name'", f"{where}.function.name", "missing_field")
+    name = fn.get("name", "string")
+    fn.check(_TOOL_NAME.fullmatch(name) is not None, "name", name, "1-64 letters, digits, '_' or '-'")
+    fn.check(name not in names, "name", name, "unique among the tools")
+    names.add(name)
+    fn.get("description", "string")
+    fn.get("strict", "boolean")
+    params = fn.get("parameters", "object")
+    if params is not None:
+      fn.check(params.get("type", "object") == "object", "parameters", params, 'a JSON schema of "type": "object"')
+    function = {k: v for k, v in fn.obj.items() if v is not None}
+    tools.append({"type": "function", "function": function})
+  choice = f.obj.get("tool_choice")
+  function = None
+  if isinstance(choice, dict):
+    cf = Fields(choice, {"type", "function"}, "tool_choice")
+    cf.check(cf.get("type", "string") == "function", "type", choice.get("type"), '"function"')
+    function = Fields(cf.get("function", "object", {}), {"name"}, "tool_choice.function").get("name", "string")
+    if function is None:
+      raise bad_request("missing 'tool_choice.function.name'", "tool_choice.function.name", "missing_field")
+    f.check(
+      function in names, "tool_choice", choice, f"a function of 'tools' ({', '.join(sorted(names)) or 'none given'})"
+    )
+    choice = "function"
+  elif choice is not None:
+    f.check(
+      choice in tool_calls.CHOICES,
+      "tool_choice",
+      choice,
+      f"one of {', '.join(tool_calls.CHOICES)} or {{'type': 'function', 'function': {{'name': ...}}}}",
+    )
+    f.check(choice == "none" or tools, "tool_choice", choice, "'none' when no 'tools' are given")
+  parallel = f.get("parallel_tool_calls", "boolean", True)
+  if not tools:
+    return None
+  return tool_calls.ToolRequest(tuple(tools), choice or "auto", function, parallel, fmt)
+
+
+def _history_tool_calls(v, i: int) -> list[dict]:
+  """An assistant message's `tool_calls` as the chat template gets them: arguments as an object when
+  they are a JSON object's text (Hugging Face templates write `arguments | tojson`; vLLM does the same)."""
+  where = f"messages[{i}].tool_calls"
+  if not isinstance(v, list):
+    raise bad_request(f"'{where}' must be an array of tool calls, got {json_type(v)}", where, "invalid_type")
+  out = []
+  for j, call in enumerate(v):
+    cf = Fields(call, {"id", "type", "function"}, f"{where}[{j}]")
+    cf.check(cf.get("type", "string", "function") == "function", "type", call.get("type"), '"function"')
+    fn = Fields(cf.get("function", "object", {}), {"name", "arguments"}, f"{where}[{j}].function")
+    name, args = fn.get("name", "string"), fn.get("arguments", "string", "{}")
+    if name is None:
+      raise bad_request(f"missing '{where}[{j}].function.name'", f"{where}[{j}].function.name", "missing_field")
+    try:
+      parsed = json.loads(args)
+    except ValueError:
+      parsed = None
+    item = {"type": "function", "function": {"name": name, "arguments": parsed if isinstance(parsed, dict) else args}}
+    if cf.given("id"):
+      item["id"] = cf.get("id", "string")
+    out.append(item)
+  return out
+
+
+def chat_history(v) -> list[dict]:
+  """chat_messages, keeping the tool fields of a conversation for the template: an assistant's
+  `tool_calls` and a tool message's `tool_call_id` (null ones are dropped)."""
+  if not isinstance(v, list):
+    return chat_messages(v)
+  plain, extras = [], []
+  for i, m in enumerate(v):
+    extra = {}
+    if isinstance(m, dict):
+      if m.get("tool_calls") is not None:
+        if m.get("role") != "assistant":
+          raise bad_request(f"'messages[{i}].tool_calls' is only for assistant messages", f"messages[{i}].tool_calls")
+        extra["tool_calls"] = _history_tool_calls(m["tool_calls"], i)
+      if m.get("tool_call_id") is not None:
+        if m.get("role") != "tool":
+          raise bad_request(f"'messages[{i}].tool_call_id' is only for tool messages", f"messages[{i}].tool_call_id")
+        extra["tool_call_id"] = Fields(m, set(m), f"messages[{i}]").get("tool_call_id", "string")
+      m = {k: x for k, x in m.items() if k not in ("tool_calls", "tool_call_id")}
+    plain.append(m)
+    extras.append(extra)
+  return [msg | extra for msg, extra in zip(chat_messages(plain), extras)]
+
+
 # ---- sampling ---------------------------------------------------------------------------------
 
 
@@ -443,7 +552,8 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   """`template`: a jaxllm.serve.http.chat.ChatTemplate (messages -> prompt token ids)."""
   f = Fields(body, CHAT_FIELDS)
   check_model(f, info)
-  prompt = template.encode(chat_messages(body.get("messages")))
+  tools = chat_tools(f, template.tool_format)
+  prompt = template.encode(chat_history(body.get("messages")), tools=list(tools.tools) if tools else None)
   logprobs = f.get("logprobs", "boolean", False)
   top = f.get("top_logprobs", "integer", 0)
   f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs", top, f"in 0..{TOP_LOGPROBS}")
@@ -451,14 +561,9 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   # Chat has no default length: the completion may fill the context (OpenAI, vLLM).
   max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, None)
   stream, include_usage = _stream(f)
+  sampling = _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top)
   return Parsed(
-    prompt,
-    _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top),
-    stream,
-    include_usage,
-    logprobs,
-    top,
-    f.get("return_token_ids", "boolean", False),
+    prompt, sampling, stream, include_usage, logprobs, top, f.get("return_token_ids", "boolean", False), tools
   )
 
 

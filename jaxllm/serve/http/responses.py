@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from jaxllm.serve.http import tools as tool_calls
 from jaxllm.serve.http.errors import error_body
 from jaxllm.serve.service import Event
 
@@ -205,12 +206,14 @@ class ChatCompletions:
     choices = []
     for i, o in enumerate(outputs):
       lp = chat_logprobs(o.token_ids, o.logprobs, o.top_logprobs, self.text_of) if self.parsed.logprobs else None
-      choice = {
-        "index": i,
-        "message": {"role": "assistant", "content": o.text},
-        "logprobs": lp,
-        "finish_reason": o.finish_reason,
-      }
+      message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+      parser = self.parsed.tools.parser() if self.parsed.tools else None
+      if parser is not None:
+        message["content"], calls = tool_calls.parse(o.text, parser)
+        if calls:
+          message["tool_calls"] = [c.message() for c in calls]
+        finish = tool_calls.finish_reason(finish, len(calls))
+      choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
       choices.append(self._extras(choice, o.token_ids, o.weight_version))
     out = self._head("chat.completion") | {"choices": choices, "usage": usage(outputs)}
     if self.parsed.return_token_ids:
@@ -227,22 +230,49 @@ class ChatCompletions:
         first["prompt_token_ids"] = self.parsed.prompt_ids
       yield sse(first)
     outputs = [Output() for _ in range(self.parsed.n)]
+    parsers = [self.parsed.tools.parser() if self.parsed.tools else None for _ in outputs]
+    calls = [0] * self.parsed.n  # tool calls streamed per choice
     async for i, ev in events:
       outputs[i].add(ev)
       if ev.finish_reason == "error":
         yield sse(error_chunk(ev))
         continue
-      if not (ev.text or ev.finish_reason or (ev.token_ids and (self.parsed.logprobs or self.parsed.return_token_ids))):
+      deltas, finish = self._deltas(parsers[i], ev, calls, i)
+      if not (deltas or finish or (ev.token_ids and (self.parsed.logprobs or self.parsed.return_token_ids))):
         continue
       lp = None
       if self.parsed.logprobs:
         lp = chat_logprobs(ev.token_ids, ev.logprobs, ev.top_logprobs, self.text_of)
-      delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}
-      choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
-      yield sse(head() | {"choices": [self._extras(choice, ev.token_ids, ev.weight_version)]})
+      deltas = deltas or [{} if finish else {"content": ""}]
+      for k, delta in enumerate(deltas):  # the event's logprobs and ids with the first, the finish with the last
+        last = k == len(deltas) - 1
+        choice = {
+          "index": i,
+          "delta": delta,
+          "logprobs": lp if k == 0 else None,
+          "finish_reason": finish if last else None,
+        }
+        if k == 0:
+          choice = self._extras(choice, ev.token_ids, ev.weight_version)
+        yield sse(head() | {"choices": [choice]})
     if self.parsed.include_usage:
       yield sse(head() | {"choices": [], "usage": usage(outputs)})
     yield SSE_DONE
+
+  @staticmethod
+  def _deltas(parser, ev: Event, calls: list, i: int) -> tuple[list, str | None]:
+    """(deltas, finish_reason) of one event of choice i: its text as content, or through the tool
+    parser as content and tool-call deltas (calls[i] counts the choice's calls)."""
+    if parser is None:
+      return ([{"content": ev.text}] if ev.text else []), ev.finish_reason
+    deltas = []
+    for item in parser.feed(ev.text) + (parser.finish() if ev.finish_reason else []):
+      if isinstance(item, str):
+        deltas.append({"content": item})
+      else:
+        deltas += item.deltas(calls[i])
+        calls[i] += 1
+    return deltas, tool_calls.finish_reason(ev.finish_reason, calls[i])
 
 
 def error_chunk(ev: Event) -> dict:
