@@ -49,6 +49,7 @@ from jaxllm.model.params import model_def
 from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
+from jaxllm.serve.grammar import GrammarCompiler
 from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
 from jaxllm.serve.sampling import (
   SamplingParams,
@@ -56,6 +57,7 @@ from jaxllm.serve.sampling import (
   build_sampling_arrays,
   init_penalty_state,
   sample_rows,
+  unconstrained_mask,
   with_random_seed,
 )
 from jaxllm.serve.scheduler import Req, Scheduler
@@ -84,11 +86,13 @@ class Engine:
     plan=None,
     weight_version=0,
     detokenize=None,
+    tokenizer=None,
     **overrides,
   ):
     """Serve `cfg`'s model with `params` under ServeConfig `serve` (keywords override its fields,
     e.g. Engine(cfg, params, page_size=8)). weight_version namespaces the radix cache; detokenize
-    (token ids -> text) is needed for stop strings."""
+    (token ids -> text) is needed for stop strings; tokenizer (jaxllm.data) for structured output
+    (SamplingParams.grammar), and its decode is the default detokenize."""
     try:
       serve = dataclasses.replace(serve or ServeConfig(), **overrides)
     except TypeError as e:
@@ -97,6 +101,10 @@ class Engine:
     self.decode_steps = sc.decode_steps
     self.min_seqs, self.min_tokens = sc.min_seqs, sc.min_tokens
     self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
+    if detokenize is None and tokenizer is not None:
+      self.detokenize = tokenizer.decode
+    self.tokenizer, self._grammars = tokenizer, None  # grammar.GrammarCompiler, built at first use
+    self._matchers: dict = {}  # Req -> grammar.Matcher of each unfinished structured-output request
     self.mdef = model_def(cfg)
     self.sched = Scheduler(
       sc.max_pages or sc.num_pages,
@@ -185,7 +193,18 @@ class Engine:
     if sp.stop and self.detokenize is None:
       raise ValueError("stop strings need a detokenizer: pass detokenize= (token ids -> text) to the Engine")
     sp.check_vocab(self.cfg.vocab_size)
+    if sp.grammar is not None:
+      self.grammars.compile(sp.grammar)  # compiled (and cached) here, on the submitting thread
     return prompt
+
+  @property
+  def grammars(self) -> GrammarCompiler:
+    """The structured-output grammars of this engine's tokenizer (built on first use)."""
+    if self._grammars is None:
+      if self.tokenizer is None:
+        raise ValueError("structured output (a grammar) needs the tokenizer: pass tokenizer= to the Engine")
+      self._grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
+    return self._grammars
 
   def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
     """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
@@ -195,6 +214,8 @@ class Engine:
     req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
     if self.detokenize is not None:
       req.stream = TextStream(self.detokenize, sp.stop, prompt_ids=prompt)
+    if sp.grammar is not None:
+      self._matchers[req] = self.grammars.matcher(sp.grammar, sp.stop_token_ids)
     self.sched.add(req)
     return req
 
@@ -204,6 +225,7 @@ class Engine:
     if req.finish_reason is not None:
       return False
     req.finish_reason = "abort"
+    self._matchers.pop(req, None)
     self.sched.abort(req)
     return True
 
@@ -274,7 +296,8 @@ class Engine:
         raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
       return None
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
-    if decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
+    multi = not self._structured(batch)  # a grammar's mask needs the host between tokens
+    if multi and decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
       ks = self.sched.grow_decode(batch, self.decode_steps)
       if max(ks) > 1:
         return self._launch_decode(batch, ks, [0] * len(batch), None)
@@ -288,6 +311,8 @@ class Engine:
     if not self.overlap or prev.mode == "ragged":
       return None
     sched, batch = self.sched, prev.batch
+    if self._structured(batch):
+      return None  # the next mask needs prev's tokens on the host
     if len(batch) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_running):
       return None  # someone was aborted, or a request may be admitted
     ahead = prev.ks or [1] * len(batch)  # tokens prev adds to each row (if none stops)
@@ -387,6 +412,7 @@ class Engine:
 
   def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
     """Dispatch a step function (asynchronous: returns before the device finishes)."""
+    samp = samp | {"grammar_mask": self._grammar_masks(batch, len(samp["temperature"]))}
     self.k_pages, self.v_pages, *out = self._run(mode, tokens, positions, meta, samp)
     return _Launch(mode, batch, ks, tuple(out))
 
@@ -407,8 +433,49 @@ class Engine:
     else:
       pick = lambda a: a[keep]
       done = self.sched.commit(batch, pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps)))
+    if self._matchers:
+      done += self._advance_grammars(batch, done)
     self.finished += done
     return done
+
+  # ---- structured output (jaxllm.serve.grammar) ----------------------------------------------
+  def _structured(self, batch) -> bool:
+    return bool(self._matchers) and any(r in self._matchers for r, _ in batch)
+
+  def _grammar_masks(self, batch, R: int) -> np.ndarray:
+    """The step's `grammar_mask` [R, ceil(V/32)]: each grammar row's next-token bitmask (computed
+    after its last commit, see _advance_grammars), all ones for the rest."""
+    masks = unconstrained_mask(R, self.cfg.vocab_size)
+    if self._structured(batch):
+      rows = [(i, self._matchers[r]) for i, (r, _) in enumerate(batch) if r in self._matchers]
+      self.grammars.fill([m for _, m in rows if m.mask is None])  # new requests: their first mask
+      for i, m in rows:
+        masks[i] = m.mask
+    return masks
+
+  def _advance_grammars(self, batch, done: list) -> list[Req]:
+    """Feed each grammar row's new tokens to its matcher (a stop token ends the output instead);
+    finish ("stop") the requests whose grammar is complete, and fill the next masks of the rest now,
+    so the next launch has them. Returns the requests finished here (`done`: those commit finished)."""
+    finished, live = [], []
+    for r, _ in batch:
+      m = self._matchers.get(r)
+      if m is None:
+        continue
+      new = r.output[m.consumed :]
+      if new and r in done and new[-1] in r.sp.stop_token_ids:
+        new = new[:-1]  # the stop token closes the output; it is not part of the grammar's text
+      ok = m.consume(new) if new else True
+      if r.finish_reason is None and (not ok or m.done):
+        r.finish_reason = "stop" if ok else "error"  # "error": a token the mask ruled out (a bug)
+        self.sched.finish(r)
+        finished.append(r)
+      if r.finish_reason is None:
+        live.append(m)
+      else:
+        del self._matchers[r]
+    self.grammars.fill([m for m in live if m.mask is None])
+    return finished
 
   def drain(self) -> list[Req]:
     """Wait for and commit the step still in flight (overlap); returns the requests it finished."""
