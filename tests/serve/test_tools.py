@@ -328,3 +328,173 @@ def test_bad_tool_history_is_400():
     with pytest.raises(APIError) as e:
       protocol.parse_chat({"messages": messages}, INFO, ChatTemplate(None, TOK))
     assert e.value.status == 400 and (param is None or e.value.param == param)
+
+
+def test_required_and_named_choices_get_a_grammar(qwen_tok):
+  qwen = ChatTemplate(qwen_tok.chat_template, qwen_tok)
+  parse_qwen = lambda **f: protocol.parse_chat({"messages": MESSAGES, "max_tokens": 8} | f, INFO, qwen)
+  assert all(sp.grammar is None for sp in parse_qwen(tools=[ADD]).sampling)  # auto: free text
+  kind, spec = parse_qwen(tools=[WEATHER, ADD], tool_choice="required", n=2).sampling[1].grammar
+  # Qwen's <tool_call> is one token: the grammar names it as such; the byte tokenizer spells it.
+  assert kind == "lark" and "<tool_call>" in spec and '"<tool_call>"' not in spec and "anyOf" in spec
+  assert '"<tool_call>"' in chat(tools=[ADD], tool_choice="required").sampling[0].grammar[1]
+  named = chat(tools=[WEATHER, ADD], tool_choice={"type": "function", "function": {"name": "add"}})
+  assert '"const": "add"' in named.sampling[0].grammar[1] and "get_weather" not in named.sampling[0].grammar[1]
+  # A parameters schema the grammar engine rejects is a 400 naming `tools`.
+  bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$ref": "#/nowhere"}}}
+  with pytest.raises(APIError) as e:
+    chat(tools=[bad], tool_choice="required")
+  assert e.value.status == 400 and e.value.param == "tools"
+
+
+# ---- end to end: the openai client, a random-weight model ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_srv(qwen_tok):
+  """The HTTP server on a random-weight model with the Qwen-style tokenizer and template."""
+  import dataclasses
+
+  from test_http import KEY, Server, serving
+  from test_serve import DENSE, params_of
+
+  from jaxllm.config import ServeConfig
+  from jaxllm.serve.engine import Engine
+  from jaxllm.serve.http import create_app
+  from jaxllm.serve.service import EngineService
+
+  cfg = dataclasses.replace(DENSE, vocab_size=384, max_seq_len=1024)
+  sc = ServeConfig(
+    page_size=16, num_pages=260, max_running=4, chunk_size=256, min_seqs=4, min_tokens=256, api_key=KEY, max_n=4
+  )
+  engine = Engine(cfg, params_of(cfg), sc, tokenizer=qwen_tok)
+  service = EngineService(engine, max_waiting=sc.max_waiting).start()
+  try:
+    with serving(create_app(service, qwen_tok, "qwen-tiny", sc, qwen_tok.chat_template)) as url:
+      yield Server(url, service, engine)
+  finally:
+    service.close()
+
+
+ASK = [{"role": "user", "content": "Weather in Rome, and 2+3?"}]
+TOOLS = {t["function"]["name"]: t for t in (WEATHER, ADD)}
+
+
+def check_calls(calls):
+  """Every call names a tool of the request and its arguments validate against its parameters."""
+  import jsonschema
+
+  assert calls
+  for c in calls:
+    assert c["id"].startswith("call_") and c["type"] == "function"
+    jsonschema.validate(json.loads(c["function"]["arguments"]), TOOLS[c["function"]["name"]]["function"]["parameters"])
+
+
+def streamed(chunks) -> tuple[list, str | None, str]:
+  """(tool calls rebuilt from the deltas as OpenAI's client-side accumulation does, finish, content)."""
+  calls, finish, content = {}, None, ""
+  for ch in chunks:
+    for c in ch.choices:
+      content += c.delta.content or ""
+      finish = c.finish_reason or finish
+      for d in c.delta.tool_calls or []:
+        if d.index not in calls:  # the first delta of a call: id, type and name
+          assert d.id.startswith("call_") and d.type == "function" and d.function.name
+          calls[d.index] = {"id": d.id, "type": d.type, "function": {"name": d.function.name, "arguments": ""}}
+        calls[d.index]["function"]["arguments"] += d.function.arguments or ""
+  return [calls[k] for k in sorted(calls)], finish, content
+
+
+def test_required_returns_valid_calls_streamed_and_not(qwen_srv):
+  client = qwen_srv.client()
+  for seed in range(3):
+    kw = dict(model="qwen-tiny", messages=ASK, tools=[WEATHER, ADD], tool_choice="required", max_tokens=200, seed=seed)
+    one = client.chat.completions.create(**kw, parallel_tool_calls=False, temperature=1.0)
+    m = one.choices[0].message
+    assert one.choices[0].finish_reason == "tool_calls" and m.content is None and len(m.tool_calls) == 1
+    check_calls([c.model_dump() for c in m.tool_calls])
+    # Streamed with the same seed: the same calls, as deltas.
+    calls, finish, content = streamed(
+      client.chat.completions.create(**kw, parallel_tool_calls=False, temperature=1.0, stream=True)
+    )
+    assert finish == "tool_calls" and content == "" and len(calls) == 1
+    assert calls[0]["function"] == m.tool_calls[0].function.model_dump()
+    check_calls(calls)
+    # Parallel calls allowed: one or more, each valid (a last one max_tokens cut off stays content).
+    many = client.chat.completions.create(**kw, temperature=1.0)
+    check_calls([c.model_dump() for c in many.choices[0].message.tool_calls])
+
+
+def test_named_tool_choice_returns_that_tool(qwen_srv):
+  client = qwen_srv.client()
+  for name in ("add", "get_weather"):
+    r = client.chat.completions.create(
+      model="qwen-tiny",
+      messages=ASK,
+      tools=[WEATHER, ADD],
+      tool_choice={"type": "function", "function": {"name": name}},
+      max_tokens=200,
+      temperature=1.0,
+      n=2,
+    )
+    for choice in r.choices:
+      (call,) = choice.message.tool_calls
+      assert call.function.name == name and choice.finish_reason == "tool_calls"
+      check_calls([call.model_dump()])
+
+
+def test_auto_parses_what_the_model_wrote_and_history_renders(qwen_srv, qwen_tok):
+  client = qwen_srv.client()
+  history = HISTORY + [{"role": "user", "content": "And 2+3?"}]
+  kw = dict(model="qwen-tiny", messages=history, tools=[WEATHER, ADD], max_tokens=40, temperature=1.0, seed=7)
+  raw = client.chat.completions.create(**kw, tool_choice="none")
+  auto = client.chat.completions.create(**kw)
+  # The tool-role history rendered through the model's template, tools included.
+  prompt = ChatTemplate(qwen_tok.chat_template, qwen_tok).encode(protocol.chat_history(history), tools=[WEATHER, ADD])
+  assert raw.usage.prompt_tokens == auto.usage.prompt_tokens == len(prompt)
+  # Same seed, same text; "auto" returns it parsed (random weights: plain content, calls if any).
+  content, calls = parse(raw.choices[0].message.content, ToolParser("hermes", NAMES))
+  assert auto.choices[0].message.content == content
+  assert [(c.function.name, c.function.arguments) for c in auto.choices[0].message.tool_calls or []] == [
+    (c.name, c.arguments) for c in calls
+  ]
+
+
+# (format, tokenizer, tool_choice, parallel): the grammar's random walks all parse as valid calls
+WALKS = [
+  ("hermes", "qwen", "required", True),
+  ("hermes", "byte", "required", False),
+  ("hermes", "byte", "add", True),
+  ("llama3_json", "byte", "required", True),
+  ("llama3_json", "qwen", "get_weather", True),
+]
+
+
+@pytest.mark.parametrize("fmt,tok_name,choice,parallel", WALKS)
+def test_grammar_walks_parse_as_valid_calls(fmt, tok_name, choice, parallel, qwen_tok):
+  """Whatever the weights: tokens drawn uniformly among those the grammar allows (the stop token
+  when it is allowed too) always read back as valid calls, in either format and tokenizer."""
+  import numpy as np
+
+  from jaxllm.serve.grammar import GrammarCompiler
+
+  tok = qwen_tok if tok_name == "qwen" else TOK
+  template = ChatTemplate(qwen_tok.chat_template if tok_name == "qwen" else None, tok, fmt)
+  named = choice not in ("required",)
+  req = ToolRequest((WEATHER, ADD), "function" if named else choice, choice if named else None, parallel, fmt)
+  compiler, rng = GrammarCompiler(tok, 384), np.random.default_rng(0)
+  for _ in range(10):
+    m, out = compiler.matcher(template.tool_grammar(req), (tok.eos_id,)), []
+    for _ in range(400):
+      allowed = np.flatnonzero(np.unpackbits(m.next_mask().view(np.uint8), bitorder="little"))
+      t = int(rng.choice(allowed))
+      if t == tok.eos_id:
+        break
+      assert m.consume([t])
+      out.append(t)
+      if m.done:
+        break
+    content, calls = parse(tok.decode(out), ToolParser(fmt, NAMES, parallel))
+    assert content is None and calls and (parallel or len(calls) == 1)
+    check_calls([c.message() for c in calls])
+    assert not named or {c.name for c in calls} == {choice}

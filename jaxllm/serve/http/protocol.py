@@ -13,11 +13,13 @@ with a seed s they get seeds s, s+1, ...; without one, each gets a random seed s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass
 
+from jaxllm.serve.grammar import grammar_text
 from jaxllm.serve.http import tools as tool_calls
 from jaxllm.serve.http.errors import APIError, bad_request
 from jaxllm.serve.sampling import TOP_LOGPROBS, SamplingParams, with_random_seed
@@ -336,6 +338,26 @@ def chat_tools(f: Fields, fmt: str) -> tool_calls.ToolRequest | None:
   return tool_calls.ToolRequest(tuple(tools), choice or "auto", function, parallel, fmt)
 
 
+def _with_tool_grammar(sampling: list, tools, template) -> list:
+  """A required or named tool_choice constrains every choice to calls (tools.grammar), checked here
+  so a `parameters` schema the grammar engine cannot take is the client's 400."""
+  g = template.tool_grammar(tools) if tools else None
+  if g is None:
+    return sampling
+  if any(sp.grammar is not None for sp in sampling):
+    raise bad_request(
+      f"tool_choice {tools.choice!r} already constrains the output to tool calls; drop the other "
+      "structured-output field (response_format or a guided_* grammar)",
+      "tool_choice",
+      "invalid_value",
+    )
+  try:
+    grammar_text(*g)
+  except ValueError as e:
+    raise bad_request(f"the tools' 'parameters' schemas cannot be enforced: {e}", "tools", "invalid_value") from None
+  return [dataclasses.replace(sp, grammar=g) for sp in sampling]
+
+
 def _history_tool_calls(v, i: int) -> list[dict]:
   """An assistant message's `tool_calls` as the chat template gets them: arguments as an object when
   they are a JSON object's text (Hugging Face templates write `arguments | tojson`; vLLM does the same)."""
@@ -561,7 +583,7 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   # Chat has no default length: the completion may fill the context (OpenAI, vLLM).
   max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, None)
   stream, include_usage = _stream(f)
-  sampling = _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top)
+  sampling = _with_tool_grammar(_sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top), tools, template)
   return Parsed(
     prompt, sampling, stream, include_usage, logprobs, top, f.get("return_token_ids", "boolean", False), tools
   )
