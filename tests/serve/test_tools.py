@@ -19,7 +19,7 @@ import pytest
 from test_http import TOK
 
 from jaxllm.serve.http import protocol
-from jaxllm.serve.http.chat import ChatTemplate
+from jaxllm.serve.http.chat import DEFAULT_TEMPLATE, ChatTemplate
 from jaxllm.serve.http.errors import APIError
 from jaxllm.serve.http.tools import ToolCall, ToolParser, ToolRequest, parse, template_format
 
@@ -241,6 +241,23 @@ def test_qwen_template_renders_tools_and_tool_history(qwen_tok):
   # Encoded with the tokenizer's own ids for the chat tokens.
   ids = t.encode(protocol.chat_history(HISTORY), tools=[WEATHER])
   assert qwen_tok.tokenizer.token_to_id("<tool_call>") in ids and qwen_tok.tokenizer.token_to_id("<|im_end|>") in ids
+
+
+def test_rendering_equals_transformers_apply_chat_template(qwen_tok):
+  """Both templates render tools and tool history as transformers does (the default one is what
+  jaxllm.io.export writes into an exported tokenizer_config.json)."""
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_file=qwen_tok.path, eos_token="<|im_end|>")
+  messages = protocol.chat_history(HISTORY)
+  for template in (QWEN_TEMPLATE, None):
+    want = hf.apply_chat_template(
+      messages,
+      tools=[WEATHER, ADD],
+      chat_template=template or DEFAULT_TEMPLATE,
+      add_generation_prompt=True,
+      tokenize=False,
+    )
+    assert ChatTemplate(template, qwen_tok).render(messages, tools=[WEATHER, ADD]) == want
 
 
 def test_default_template_renders_tools_and_tool_history():
