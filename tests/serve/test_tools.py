@@ -340,6 +340,7 @@ def test_bad_tool_history_is_400():
     (MESSAGES + bad_calls, "messages[1].tool_calls"),
     ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
     ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0].tool_call_id"),
+    ([{"role": "tool", "content": "x", "tool_call_id": 3}], "messages[0].tool_call_id"),
     ([{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {}}]}], None),
   ]:
     with pytest.raises(APIError) as e:
@@ -437,6 +438,15 @@ def test_required_returns_valid_calls_streamed_and_not(qwen_srv):
     assert finish == "tool_calls" and content == "" and len(calls) == 1
     assert calls[0]["function"] == m.tool_calls[0].function.model_dump()
     check_calls(calls)
+    # Every token's logprob is streamed exactly once, though the call's text is held back.
+    chunks = list(
+      client.chat.completions.create(
+        **kw, temperature=1.0, stream=True, logprobs=True, stream_options={"include_usage": True}
+      )
+    )
+    lps = [lp for ch in chunks for c in ch.choices if c.logprobs for lp in c.logprobs.content]
+    assert len(lps) == chunks[-1].usage.completion_tokens
+    check_calls(streamed(chunks)[0])
     # Parallel calls allowed: one or more, each valid (a last one max_tokens cut off stays content).
     many = client.chat.completions.create(**kw, temperature=1.0)
     check_calls([c.model_dump() for c in many.choices[0].message.tool_calls])

@@ -399,7 +399,10 @@ def chat_history(v) -> list[dict]:
       if m.get("tool_call_id") is not None:
         if m.get("role") != "tool":
           raise bad_request(f"'messages[{i}].tool_call_id' is only for tool messages", f"messages[{i}].tool_call_id")
-        extra["tool_call_id"] = Fields(m, set(m), f"messages[{i}]").get("tool_call_id", "string")
+        if not isinstance(m["tool_call_id"], str):
+          where = f"messages[{i}].tool_call_id"
+          raise bad_request(f"'{where}' must be a string, got {json_type(m['tool_call_id'])}", where, "invalid_type")
+        extra["tool_call_id"] = m["tool_call_id"]
       m = {k: x for k, x in m.items() if k not in ("tool_calls", "tool_call_id")}
     plain.append(m)
     extras.append(extra)
