@@ -13,14 +13,17 @@ import jax
 import jax.numpy as jnp
 import jsonschema
 import numpy as np
+import openai
 import pytest
-from test_http import CFG, EOS, SERVE, TOK
+from test_http import CFG, EOS, MODEL, SERVE, TOK, Server, serving
 from test_serve import params_of
 
 from jaxllm.data import load_tokenizer
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.grammar import GrammarCompiler, grammar_text, mask_words
+from jaxllm.serve.http import create_app
 from jaxllm.serve.sampling import SamplingParams, apply_token_mask, build_sampling_arrays, process_logits
+from jaxllm.serve.service import EngineService
 
 ENGINE = dataclasses.replace(SERVE, api_key="")
 
@@ -230,3 +233,110 @@ def test_hf_tokenizer(hf_tok):
     jsonschema.validate(json.loads(hf_tok.decode(r.output)), SCHEMAS[i % 2])
   assert re.fullmatch(REGEXES[0], hf_tok.decode(results[8].output))
   assert any(len(hf_tok.tokenizer.id_to_token(t)) > 1 for r in results for t in r.output)  # multi-byte tokens used
+
+
+# ---- over HTTP ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def srv():
+  engine = Engine(CFG, params_of(CFG), SERVE, tokenizer=TOK)
+  service = EngineService(engine, max_waiting=SERVE.max_waiting).start()
+  try:
+    with serving(create_app(service, TOK, MODEL, SERVE, None)) as url:
+      yield Server(url, service, engine)
+  finally:
+    service.close()
+
+
+def test_openai_response_format(srv):
+  """The official client's response_format: json_schema (each schema, n=4, streamed once) and json_object."""
+  client = srv.client()
+  messages = [{"role": "user", "content": "Give me JSON."}]
+  for i, schema in enumerate(SCHEMAS):
+    fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(
+      model=MODEL, messages=messages, max_tokens=90, temperature=1.0, n=4, seed=i, response_format=fmt
+    )
+    for c in r.choices:
+      assert c.finish_reason == "stop"
+      jsonschema.validate(json.loads(c.message.content), schema)
+  fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[3]}}
+  chunks = client.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=90, temperature=1.0, seed=3, response_format=fmt, stream=True
+  )
+  jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), SCHEMAS[3])
+  r = client.chat.completions.create(
+    model=MODEL,
+    messages=messages,
+    max_tokens=20,
+    temperature=0,
+    response_format={"type": "json_object"},
+    logit_bias={str(ord("}")): 100},
+  )
+  assert r.choices[0].message.content == "{}"
+  # {"type": "text"} constrains nothing: the same output as without it.
+  plain = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+  text = client.chat.completions.create(**plain, response_format={"type": "text"}).choices[0].message.content
+  assert text == client.chat.completions.create(**plain).choices[0].message.content
+
+
+def test_vllm_and_sglang_fields(srv):
+  client = srv.client()
+  ask = lambda body: client.completions.create(
+    model=MODEL, prompt="Answer:", max_tokens=40, temperature=1.0, seed=1, extra_body=body
+  )
+  assert re.fullmatch(REGEXES[0], ask({"guided_regex": REGEXES[0]}).choices[0].text)
+  assert ask({"guided_choice": ["left", "right"]}).choices[0].text in ("left", "right")
+  assert re.fullmatch(GBNF_RE, ask({"guided_grammar": GBNF}).choices[0].text)
+  jsonschema.validate(json.loads(ask({"guided_json": SCHEMAS[1]}).choices[0].text), SCHEMAS[1])
+  assert re.fullmatch(REGEXES[2], ask({"structured_outputs": {"regex": REGEXES[2]}}).choices[0].text)
+  assert ask({"structured_outputs": {"choice": ["up", "down"]}}).choices[0].text in ("up", "down")
+  with srv.http() as http:
+    for params, pattern in [
+      ({"json_schema": json.dumps(SCHEMAS[2])}, None),
+      ({"regex": REGEXES[1]}, REGEXES[1]),
+      ({"ebnf": GBNF}, GBNF_RE),
+    ]:
+      body = {"text": "Answer:", "sampling_params": {"max_new_tokens": 60, "temperature": 1.0, **params}}
+      out = http.post("/generate", json=body).json()
+      assert out["meta_info"]["finish_reason"]["type"] == "stop"
+      if pattern is None:
+        jsonschema.validate(json.loads(out["text"]), SCHEMAS[2])
+      else:
+        assert re.fullmatch(pattern, out["text"])
+
+
+@pytest.mark.parametrize(
+  "body, field",
+  [
+    (
+      {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+      "response_format.json_schema.schema",
+    ),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_grammar": "root ::= nothing_defined"}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_json": {"type": "object"}}, "guided_regex"),
+    ({"structured_outputs": {"regex": "[", "json": None}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"whitespace": 1}}, "structured_outputs.whitespace"),
+  ],
+)
+def test_invalid_constraints_are_400(srv, body, field):
+  with srv.http() as http:
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, **body})
+  assert r.status_code == 400, r.text
+  assert r.json()["error"]["param"] == field
+  # The official client raises on it too (the server stays up for the next request).
+  with pytest.raises(openai.BadRequestError):
+    srv.client().completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body=body)
+  assert srv.service.stopped is False
+
+
+def test_invalid_sglang_constraint_is_400(srv):
+  with srv.http() as http:
+    body = {"text": "x", "sampling_params": {"json_schema": "{not json", "max_new_tokens": 5}}
+    r = http.post("/generate", json=body)
+  assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.json_schema"

@@ -57,7 +57,7 @@ def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
   from jaxllm.serve.http.app import create_app
   from jaxllm.serve.service import EngineService
 
-  engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, detokenize=model.tokenizer.decode)
+  engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, tokenizer=model.tokenizer)
   service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
   app = create_app(
     service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template, eos_ids=model.eos_ids
