@@ -525,3 +525,26 @@ def test_grammar_walks_parse_as_valid_calls(fmt, tok_name, choice, parallel, qwe
     assert content is None and calls and (parallel or len(calls) == 1)
     check_calls([c.message() for c in calls])
     assert not named or {c.name for c in calls} == {choice}
+
+
+def test_auto_returns_a_forced_call_streamed_and_not(qwen_srv):
+  """ "auto" on a reply forced (vLLM's guided_grammar, Lark) to be content and then a call: the call
+  comes back as tool_calls and the text before it as content, streamed (content first) and not.
+  <tool_call> is Qwen's added token, which llguidance's Lark names as a token."""
+  client = qwen_srv.client()
+  lark = r"""start: "Sure. " <tool_call> "\n" CALL "\n" </tool_call>
+CALL: "{\"name\": \"add\", \"arguments\": {\"a\": " /[1-9]/ ", \"b\": " ("true" | "false") "}}"
+"""
+  kw = dict(model="qwen-tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=120, temperature=1.0, seed=3)
+  r = client.chat.completions.create(**kw, extra_body={"guided_grammar": lark})
+  m = r.choices[0].message
+  assert m.content == "Sure." and r.choices[0].finish_reason == "tool_calls"
+  (call,) = m.tool_calls
+  assert call.function.name == "add"
+  check_calls([call.model_dump()])
+  chunks = list(client.chat.completions.create(**kw, extra_body={"guided_grammar": lark}, stream=True))
+  calls, finish, content = streamed(chunks)
+  assert content == "Sure." and finish == "tool_calls" and calls[0]["function"] == call.function.model_dump()
+  deltas = [c.delta for ch in chunks for c in ch.choices if c.delta.content or c.delta.tool_calls]
+  kinds = ["content" if d.content else "call" for d in deltas]  # the text as it came, then header and arguments
+  assert kinds == ["content"] * (len(kinds) - 2) + ["call", "call"] and len(kinds) > 2
