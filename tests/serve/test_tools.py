@@ -18,6 +18,7 @@ import json
 import pytest
 from test_http import TOK
 
+from jaxllm.config import ConfigError, ServeConfig
 from jaxllm.serve.http import protocol
 from jaxllm.serve.http.chat import DEFAULT_TEMPLATE, ChatTemplate
 from jaxllm.serve.http.errors import APIError
@@ -278,6 +279,8 @@ def test_format_follows_template_or_config():
   assert template_format(LLAMA_TEMPLATE) == "llama3_json"
   assert template_format(QWEN_TEMPLATE, "llama3_json") == "llama3_json"
   assert ChatTemplate(LLAMA_TEMPLATE, TOK).tool_format == "llama3_json"
+  with pytest.raises(ConfigError, match="serve.tool_parser"):
+    ServeConfig(tool_parser="mistral")
 
 
 # ---- validation ----------------------------------------------------------------------------------
