@@ -294,7 +294,7 @@ def chat(**fields):
 
 
 def test_tool_fields_parsed():
-  assert chat().tools is None and chat(tools=[]).tools is None
+  assert chat().tools is None and chat(tools=[]).tools is None and chat(tools=None, tool_choice="auto").tools is None
   req = chat(tools=[WEATHER, ADD])
   assert req.tools == ToolRequest((WEATHER, ADD), "auto", None, True, "hermes")
   assert chat(tools=[WEATHER, ADD], tool_choice="none").tools.parser() is None
@@ -326,6 +326,7 @@ BAD = [
   ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", "add"),
   ({"tools": [ADD], "tool_choice": {"type": "function"}}, "tool_choice.function.name", "missing"),
   ({"tool_choice": "required"}, "tool_choice", "no 'tools'"),
+  ({"tools": [], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice", "none given"),
   ({"tools": [ADD], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
 ]
 

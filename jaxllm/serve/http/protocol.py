@@ -301,7 +301,8 @@ _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function na
 
 def chat_tools(f: Fields, fmt: str) -> tool_calls.ToolRequest | None:
   """`tools`, `tool_choice` and `parallel_tool_calls` -> a ToolRequest; None without tools (an empty
-  list counts as none, as in vLLM). A choice other than "none" needs tools; a named one, one of them.
+  list counts as none, as in vLLM). "required" needs tools ("auto" without any is "none"); a named
+  choice, one of them.
   fmt: the model's call format (ChatTemplate.tool_format)."""
   raw = f.get("tools", "array", [])
   tools, names = [], set()
@@ -345,7 +346,7 @@ def chat_tools(f: Fields, fmt: str) -> tool_calls.ToolRequest | None:
       choice,
       f"one of {', '.join(tool_calls.CHOICES)} or {{'type': 'function', 'function': {{'name': ...}}}}",
     )
-    f.check(choice == "none" or tools, "tool_choice", choice, "'none' when no 'tools' are given")
+    f.check(choice != "required" or tools, "tool_choice", choice, "'none' or 'auto' when no 'tools' are given")
   parallel = f.get("parallel_tool_calls", "boolean", True)
   if not tools:
     return None
