@@ -19,10 +19,10 @@ a Llama-3 header template llama3_json, anything else hermes), unless serve.tool_
 A call counts when its JSON parses, names one of the request's tools and carries an object of
 arguments (a JSON object, or a string holding one); anything else (a broken or unknown call, a call
 cut off by max_tokens) stays in content as the model wrote it. Its `arguments` are the object as
-compact JSON text, as vLLM returns them. With parallel_tool_calls false only the first call counts.
-Whitespace between content and a call is dropped; content that is only whitespace is null.
+json.dumps writes it (vLLM's form). With parallel_tool_calls false only the first call counts.
+Whitespace between content and a call is dropped; with calls and no other text, content is null.
 
-tool_choice (OpenAI's; the default is "auto" with tools, "none" without):
+tool_choice (OpenAI's; the default is "auto" with tools, "none" without, and "auto" without tools is "none"):
   none      the tools are rendered (as vLLM does by default); the output is plain content
   auto      the output is parsed as above
   required  a grammar (llguidance Lark, the JSON schema of each allowed call inside the format's
