@@ -472,6 +472,23 @@ def test_named_tool_choice_returns_that_tool(qwen_srv):
       (call,) = choice.message.tool_calls
       assert call.function.name == name and choice.finish_reason == "tool_calls"
       check_calls([call.model_dump()])
+  # Streamed with n=2: each choice's deltas rebuild one call of that tool.
+  chunks = list(
+    client.chat.completions.create(
+      model="qwen-tiny",
+      messages=ASK,
+      tools=[WEATHER, ADD],
+      tool_choice={"type": "function", "function": {"name": "add"}},
+      max_tokens=200,
+      temperature=1.0,
+      n=2,
+      stream=True,
+    )
+  )
+  for i in range(2):
+    calls, finish, content = streamed([ch for ch in chunks if ch.choices and ch.choices[0].index == i])
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "add" and finish == "tool_calls" and content == ""
+    check_calls(calls)
 
 
 def test_auto_parses_what_the_model_wrote_and_history_renders(qwen_srv, qwen_tok):
