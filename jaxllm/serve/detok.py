@@ -235,7 +235,10 @@ class TextStream:
     the text this emits ("" when it is no stop)."""
     if not self._stops or not self._skip or self._generated <= self._min_tokens:
       return ""
-    text = self._raw_decode([token], skip_special_tokens=False)
+    try:
+      text = self._raw_decode([token], skip_special_tokens=False)
+    except TypeError:  # a decode without the keyword knows no special tokens
+      return ""
     if text not in self._stops:
       return ""
     # The text before it is final: what the window still holds, then what stage 2 held back.
