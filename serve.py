@@ -94,7 +94,7 @@ def generate(a):
     raise SystemExit("give either --checkpoint or --hf, not both")
   if a.hf or a.checkpoint:
     m = _load(a.hf or a.checkpoint, mesh, plan, tokenizer=a.tokenizer)
-    cfg, params, tok, stops, defaults = m.cfg, m.params, m.tokenizer, m.eos_ids, m.generation_defaults
+    cfg, params, tok, stops, defaults = m.cfg, m.params, m.tokenizer, m.eos_ids, m.request_defaults
   else:
     from jaxllm.config import MODEL_PRESETS
     from jaxllm.data import load_tokenizer
@@ -108,7 +108,9 @@ def generate(a):
     stops, defaults = eos_ids(cfg.vocab_size, tok), {}
   # A flag left out takes the model's generation_config.json default, else the CLI's (greedy).
   given = lambda name, default: getattr(a, name) if getattr(a, name) is not None else defaults.get(name, default)
-  prompts = [tok.encode(p) for p in a.prompt]
+  # As /v1/completions encodes a prompt: with the tokenizer's own BOS unless the model says otherwise.
+  add_special = defaults.get("add_special_tokens", True)
+  prompts = [tok.encode_prompt(p) if add_special else tok.encode(p) for p in a.prompt]
   eng = Engine(cfg, params, _serve_cfg(a), mesh=mesh, plan=plan, detokenize=tok.decode)
   sp = SamplingParams(
     max_tokens=given("max_tokens", 64),

@@ -52,7 +52,10 @@ class LoadedModel:
   chat_template: str | None  # Jinja source shipped with the model's tokenizer; None: the default template
   source: str  # where it came from, for messages
   run_config: Config | None  # a checkpoint's saved run config; None for a Hugging Face directory
-  generation_defaults: dict = dataclasses.field(default_factory=dict)  # see generation_defaults
+  # Values for request fields a request leaves out: a Hugging Face directory's generation_config.json
+  # sampling defaults (generation_defaults); for a checkpoint add_special_tokens=False, as its run
+  # trained on text encoded without the tokenizer's BOS.
+  request_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -216,4 +219,5 @@ def _load_checkpoint(
     getattr(tok, "chat_template", None),  # the run's tokenizer's own template, if it has one
     f"checkpoint {directory} (tokenizer {spec})",
     config,
+    {"add_special_tokens": False},
   )

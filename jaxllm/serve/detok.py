@@ -161,6 +161,9 @@ class TextStream:
     ids.append(token)
     text = self._decode(ids[self._prefix :])
     if text.endswith(REPLACEMENT):
+      if not self._decode([token]):  # no text of its own: it cannot complete the character either
+        ids.pop()
+        return None
       # Maybe the first bytes of a character whose rest is still to come: wait for it.
       if len(ids) - self._read <= HOLD_TOKENS:
         return ""

@@ -389,6 +389,12 @@ def test_tokens_without_text_keep_the_work_per_token_bounded():
   s, deltas = stream_all(counter, ids, prompt_ids=BYTE.encode("prompt"))
   assert "".join(deltas) == BYTE.decode(ids) == "héllo wörld!"
   assert counter.longest <= 16 and counter.ids <= 8 * len(ids)
+  # ... also inside a character whose bytes are still coming
+  ids = BYTE.encode("中")
+  ids = ids[:1] + [BYTE.eos_id] * 3000 + ids[1:] + [BYTE.eos_id] * 3000
+  counter = CountingDecode(BYTE.decode)
+  s, deltas = stream_all(counter, ids)
+  assert "".join(deltas) == "中" and counter.longest <= 16 and counter.ids <= 8 * len(ids)
 
 
 def test_special_token_keeps_the_context_of_the_text_after_it(bpe):

@@ -88,8 +88,8 @@ class ModelInfo:
   context: int  # prompt + completion tokens at most (max_seq_len, capped by the KV pool)
   eos_ids: tuple  # the model's end-of-sequence ids (jaxllm.io.eos_ids): stop tokens unless ignore_eos
   max_n: int  # serve.max_n
-  # The model's generation_config.json sampling defaults (jaxllm.io.generation_defaults): a request
-  # that omits one of these fields gets the model's value (vLLM's --generation-config auto).
+  # Values for fields a request omits (LoadedModel.request_defaults): generation_config.json's sampling
+  # defaults (vLLM's --generation-config auto), add_special_tokens for /v1/completions.
   defaults: dict = field(default_factory=dict)
 
 
@@ -483,8 +483,9 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
   f = Fields(body, COMPLETION_FIELDS)
   check_model(f, info)
-  # vLLM's default: the tokenizer's own special tokens (BOS), as the model saw text in training.
-  prompt = completion_prompt(body.get("prompt"), info, tokenizer, f.get("add_special_tokens", "boolean", True))
+  # vLLM's default: the tokenizer's own special tokens (BOS), as a Hugging Face model saw text in training.
+  add_special = f.get("add_special_tokens", "boolean", info.defaults.get("add_special_tokens", True))
+  prompt = completion_prompt(body.get("prompt"), info, tokenizer, add_special)
   logprobs = f.get("logprobs", "integer")
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")

@@ -66,7 +66,7 @@ def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
     serve_cfg,
     model.chat_template,
     eos_ids=model.eos_ids,
-    generation_defaults=model.generation_defaults,
+    request_defaults=model.request_defaults,
   )
   return app, service
 
