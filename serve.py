@@ -94,7 +94,7 @@ def generate(a):
     raise SystemExit("give either --checkpoint or --hf, not both")
   if a.hf or a.checkpoint:
     m = _load(a.hf or a.checkpoint, mesh, plan, tokenizer=a.tokenizer)
-    cfg, params, tok, stops = m.cfg, m.params, m.tokenizer, m.eos_ids
+    cfg, params, tok, stops, defaults = m.cfg, m.params, m.tokenizer, m.eos_ids, m.request_defaults
   else:
     from jaxllm.config import MODEL_PRESETS
     from jaxllm.data import load_tokenizer
@@ -105,15 +105,20 @@ def generate(a):
     cfg = MODEL_PRESETS[a.model]
     params = init_params(cfg, 0)
     tok = load_tokenizer(a.tokenizer or "byte")
-    stops = eos_ids(cfg.vocab_size, tok)
-  prompts = [tok.encode(p) for p in a.prompt]
+    stops, defaults = eos_ids(cfg.vocab_size, tok), {}
+  # A flag left out takes the model's generation_config.json default, else the CLI's (greedy).
+  given = lambda name, default: getattr(a, name) if getattr(a, name) is not None else defaults.get(name, default)
+  # As /v1/completions encodes a prompt: with the tokenizer's own BOS unless the model says otherwise.
+  add_special = defaults.get("add_special_tokens", True)
+  prompts = [tok.encode_prompt(p) if add_special else tok.encode(p) for p in a.prompt]
   eng = Engine(cfg, params, _serve_cfg(a), mesh=mesh, plan=plan, detokenize=tok.decode)
   sp = SamplingParams(
-    max_tokens=a.max_tokens,
-    temperature=a.temperature,
-    top_k=a.top_k,
-    top_p=a.top_p,
-    min_p=a.min_p,
+    max_tokens=given("max_tokens", 64),
+    temperature=given("temperature", 0.0),
+    top_k=given("top_k", 0),
+    top_p=given("top_p", 1.0),
+    min_p=given("min_p", 0.0),
+    repetition_penalty=defaults.get("repetition_penalty", 1.0),
     seed=a.seed,
     stop_token_ids=stops,
     stop=tuple(a.stop),
@@ -207,11 +212,12 @@ def main(argv=None):
     "model's own: the checkpoint's train.tokenizer or the --hf directory's tokenizer.json; byte for "
     "random weights)",
   )
-  g.add_argument("--max-tokens", type=int, default=64)
-  g.add_argument("--temperature", type=float, default=0.0)
-  g.add_argument("--top-k", type=int, default=0)
-  g.add_argument("--top-p", type=float, default=1.0)
-  g.add_argument("--min-p", type=float, default=0.0)
+  model_default = "(default: the model's generation_config.json value, else %s)"
+  g.add_argument("--max-tokens", type=int, default=None, help=model_default % 64)
+  g.add_argument("--temperature", type=float, default=None, help=model_default % "0: greedy")
+  g.add_argument("--top-k", type=int, default=None, help=model_default % "0: off")
+  g.add_argument("--top-p", type=float, default=None, help=model_default % 1.0)
+  g.add_argument("--min-p", type=float, default=None, help=model_default % 0.0)
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   _engine_args(g)

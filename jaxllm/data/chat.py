@@ -145,6 +145,13 @@ class ChatFormat:
       messages=messages, add_generation_prompt=add_generation_prompt, **variables, **self._marked
     )
 
+  def render_for_encoding(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """The text `encode_text` turns into prompt ids (specials without text as markers), rendered with
+    extra template variables (a server request's chat_template_kwargs, e.g. enable_thinking)."""
+    return self.template.render(
+      messages=messages, add_generation_prompt=add_generation_prompt, **{**variables, **self._marked}
+    )
+
   def pieces(self, text: str) -> list[str | int]:
     """Rendered text as pieces to encode (str) and special-token ids (int, where a marker stood)."""
     if not self._ids:

@@ -1,8 +1,9 @@
 """Tokenizers: a byte-level one that needs no files (the default) and a wrapper for a Hugging Face
 `tokenizer.json`. Both expose the same small interface, which is all the rest of jaxllm relies on:
 
-  encode(text, add_bos=False) -> list[int]     decode(ids) -> str
+  encode(text, add_bos=False) -> list[int]     decode(ids, skip_special_tokens=True) -> str
   encode_np(text) -> int32 array                vocab_size, bos_id, eos_id, pad_id
+  encode_prompt(text) -> list[int]: with the special tokens the tokenizer itself adds to an input
   chat_template: the Jinja chat template shipped with the tokenizer, or None (jaxllm.data.chat)
 """
 
@@ -31,13 +32,18 @@ class ByteTokenizer:
     ids = list(text.encode("utf-8"))
     return [self.bos_id] + ids if add_bos else ids
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """As a model input: no BOS, as jaxllm trains on byte-tokenized documents."""
+    return self.encode(text)
+
   def encode_np(self, text: str) -> np.ndarray:
     # Fast path for whole corpora: no per-byte Python objects.
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
-  def decode(self, ids) -> str:
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    # Specials, and any ids a model with a padded vocab may sample above them, carry no text.
+    # Specials, and any ids a model with a padded vocab may sample above them, carry no text
+    # (skipped or not).
     raw = ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
     # A generation can stop inside a multi-byte character; show U+FFFD rather than fail.
     return raw.decode("utf-8", errors="replace")
@@ -84,6 +90,7 @@ class HFTokenizer:
     self.pad_id = self._find(named.get("pad_token"), _PAD_CANDIDATES)
     if self.pad_id is None:
       self.pad_id = self.eos_id
+    self.add_bos_token = named.get("add_bos_token")  # tokenizer_config.json's flag; None: not set
 
   def _find(self, named: str | None, candidates: tuple[str, ...]) -> int | None:
     # A token named in tokenizer_config.json but absent from the vocabulary is ignored (a stale
@@ -103,6 +110,23 @@ class HFTokenizer:
     ids = self.tokenizer.encode(text, add_special_tokens=False).ids
     return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """text as a model input, with the special tokens the tokenizer adds itself (transformers'
+    add_special_tokens=True): those of tokenizer.json's post-processor (Llama-3's adds
+    <|begin_of_text|>, Qwen2's nothing), with BOS added or removed where tokenizer_config.json sets
+    add_bos_token (as Llama's and Gemma's transformers tokenizers rebuild their post-processor)."""
+    ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+    has_bos = bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+    if self.add_bos_token is True and self.bos_id is not None and not has_bos:
+      ids = [self.bos_id] + ids
+    elif (
+      self.add_bos_token is False
+      and has_bos
+      and self.tokenizer.encode(text, add_special_tokens=False).ids[:1] != ids[:1]
+    ):
+      ids = ids[1:]
+    return ids
+
   def encode_np(self, text: str) -> np.ndarray:
     return np.asarray(self.encode(text), dtype=np.int32)
 
@@ -110,11 +134,11 @@ class HFTokenizer:
     """Many documents at once; the Rust side encodes them in parallel."""
     return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-  def decode(self, ids) -> str:
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     # Ids a model with a padded vocab may sample past the tokenizer's carry no text.
     ids = ids[(ids >= 0) & (ids < self.vocab_size)].tolist()
-    return self.tokenizer.decode(ids, skip_special_tokens=True)
+    return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
   def __repr__(self) -> str:
     return (
@@ -123,9 +147,9 @@ class HFTokenizer:
     )
 
 
-def _named_special_tokens(config_path: str) -> dict[str, str]:
-  """bos/eos/pad token strings from a transformers tokenizer_config.json, if there is one. Entries
-  are plain strings or AddedToken dicts {"content": ...}."""
+def _named_special_tokens(config_path: str) -> dict:
+  """bos/eos/pad token strings from a transformers tokenizer_config.json, if there is one (entries
+  are plain strings or AddedToken dicts {"content": ...}), and its add_bos_token flag."""
   if not os.path.isfile(config_path):
     return {}
   try:
@@ -143,6 +167,8 @@ def _named_special_tokens(config_path: str) -> dict[str, str]:
       value = value.get("content")
     if isinstance(value, str) and value:
       out[key] = value
+  if isinstance(config, dict) and isinstance(config.get("add_bos_token"), bool):
+    out["add_bos_token"] = config["add_bos_token"]
   return out
 
 

@@ -4,7 +4,7 @@ training checkpoints read for inference, and `load_model`, the one loader of eit
 from jaxllm.io.export import export_run
 from jaxllm.io.hf import export_hf, hf_chat_template, hf_tokenizer_path, load_hf
 from jaxllm.io.hf_config import FAMILIES, hf_to_model_config, load_hf_config, model_config_to_hf
-from jaxllm.io.load import LoadedModel, ModelLoadError, eos_ids, load_model
+from jaxllm.io.load import LoadedModel, ModelLoadError, eos_ids, generation_defaults, load_model
 
 __all__ = [
   "FAMILIES",
@@ -13,6 +13,7 @@ __all__ = [
   "eos_ids",
   "export_hf",
   "export_run",
+  "generation_defaults",
   "hf_chat_template",
   "hf_to_model_config",
   "hf_tokenizer_path",

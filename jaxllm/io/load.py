@@ -9,6 +9,10 @@ saved config); a Hugging Face directory's is its tokenizer.json.
 End-of-sequence ids (`eos_ids`) are the one rule every generating caller uses: a model may end a turn
 with several tokens (Llama-3 and Qwen instruct models list them in generation_config.json), so all of
 them stop generation, not just the tokenizer's one.
+
+Sampling defaults (`generation_defaults`): a Hugging Face directory's generation_config.json may set
+how the model is meant to be sampled (Llama-3-Instruct: temperature 0.6, top_p 0.9); the server uses
+them for requests that leave a field out, as vLLM's `--generation-config auto` does.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class LoadedModel:
   chat_template: str | None  # Jinja source shipped with the model's tokenizer; None: the default template
   source: str  # where it came from, for messages
   run_config: Config | None  # a checkpoint's saved run config; None for a Hugging Face directory
+  # Values for request fields a request leaves out: a Hugging Face directory's generation_config.json
+  # sampling defaults (generation_defaults); for a checkpoint add_special_tokens=False, as its run
+  # trained on text encoded without the tokenizer's BOS.
+  request_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -90,6 +98,36 @@ def eos_ids(vocab_size: int, tokenizer=None, model_dir: str | None = None) -> tu
   if eos is not None:
     ids.append(eos)
   return tuple(i for i in dict.fromkeys(ids) if 0 <= i < vocab_size)
+
+
+# generation_config.json field -> (sampling field, check, what it must be). vLLM reads these same ones.
+_GENERATION_FIELDS = {
+  "temperature": ("temperature", lambda v: v >= 0, "a number >= 0"),
+  "top_p": ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+  "top_k": ("top_k", lambda v: v >= -1 and float(v).is_integer(), "an integer >= 0 (0 or -1: off)"),
+  "min_p": ("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+  "repetition_penalty": ("repetition_penalty", lambda v: v > 0, "a number > 0"),
+  "max_new_tokens": ("max_tokens", lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+}
+
+
+def generation_defaults(model_dir: str) -> dict:
+  """The sampling defaults of a model directory's generation_config.json, as sampling field names:
+  temperature, top_p, top_k, min_p, repetition_penalty and max_tokens (from max_new_tokens); {} without
+  the file. Other fields (do_sample included, as in vLLM) are not read; a value out of range fails."""
+  path = os.path.join(model_dir, "generation_config.json")
+  data = read_json(path) if os.path.isfile(path) else None
+  out = {}
+  for key, (name, ok, must) in _GENERATION_FIELDS.items():
+    v = data.get(key) if isinstance(data, dict) else None
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+      raise ModelLoadError(f"{path}: {key}={v!r} must be {must}; fix or remove the entry")
+    out[name] = int(v) if name in ("top_k", "max_tokens") else float(v)
+  if out.get("top_k") == -1:
+    out["top_k"] = 0
+  return out
 
 
 def _tokenizer(spec: str, path: str):
@@ -156,6 +194,7 @@ def _load_hf(path: str, shardings, tokenizer: str | None, overrides: dict) -> Lo
     hf_chat_template(path),
     f"Hugging Face model {path} (tokenizer {spec})",
     None,
+    generation_defaults(path),
   )
 
 
@@ -180,4 +219,5 @@ def _load_checkpoint(
     getattr(tok, "chat_template", None),  # the run's tokenizer's own template, if it has one
     f"checkpoint {directory} (tokenizer {spec})",
     config,
+    {"add_special_tokens": False},
   )

@@ -14,12 +14,18 @@ Two stages, applied to each new token in turn:
    `done` characters were passed on already and the rest is new. While the window's text ends in
    U+FFFD the last character may still be incomplete, so nothing is passed on until a later token
    completes it (or the request ends). Then the window slides: the tokens just passed on become
-   the context of the next window.
+   the context of the next window. A token with no text of its own (a special token that decoding
+   skips) is left out of the window: it cannot change any text, and keeping it would make the
+   window, and the work per token, grow with every such token.
 
 2. Stop strings. Text from stage 1 goes through a small buffer: as soon as a stop string appears,
    the text before it is passed on and the stream stops. Otherwise the longest tail of the buffer
    that could still grow into a stop string is held back, so a delta never carries the beginning
-   of a stop string; `finish()` releases it when the request ends another way.
+   of a stop string; `finish()` releases it when the request ends another way. As vLLM does,
+   stop strings count only once more than `min_tokens` tokens were generated, and with
+   `include_stop_str_in_output` the stop string itself is emitted (what follows it is not).
+   A stop string that is the text of a special token (Llama-3's "<|eot_id|>") also matches when
+   decoding skips special tokens: such a token is recognised by its id's own text.
 
 Invariant: with no stop strings, the concatenation of every delta (push + finish) equals
 decode(all generated ids) for byte-level UTF-8 decoders (ByteTokenizer, byte-level BPE).
@@ -46,15 +52,32 @@ class TextStream:
   decode: a tokenizer's decode (token ids -> str), e.g. ByteTokenizer().decode or HFTokenizer.decode.
   stops: OpenAI `stop` strings ("" entries are ignored).
   prompt_ids: the request's prompt; its last few tokens are decoding context only, never emitted.
+  skip_special_tokens: False decodes special tokens as their text (vLLM's field); decode must then
+    take a `skip_special_tokens` keyword, as it must when a stop string may be a special token's text.
+  include_stop_str_in_output: emit the stop string that ended the stream (vLLM's field).
+  min_tokens: stop strings are not looked for until more tokens than this were pushed.
   """
 
   def __init__(
-    self, decode: Callable[[list[int]], str], stops: Iterable[str] = (), prompt_ids: Iterable[int] | None = None
+    self,
+    decode: Callable[[list[int]], str],
+    stops: Iterable[str] = (),
+    prompt_ids: Iterable[int] | None = None,
+    *,
+    skip_special_tokens: bool = True,
+    include_stop_str_in_output: bool = False,
+    min_tokens: int = 0,
   ):
+    self._raw_decode = decode
+    self._skip = skip_special_tokens
+    if not skip_special_tokens:
+      decode = lambda ids: self._raw_decode(ids, skip_special_tokens=False)
     self._decode = decode
     # An empty stop string would match before any text; OpenAI clients never mean that.
     self._stops = tuple(s for s in stops if s)
     self._max_stop = max((len(s) for s in self._stops), default=0)
+    self._include_stop = include_stop_str_in_output
+    self._min_tokens = min_tokens
 
     context = [int(t) for t in prompt_ids][-PROMPT_CONTEXT:] if prompt_ids is not None else []
     context_text = decode(context) if context else ""
@@ -70,6 +93,7 @@ class TextStream:
     self._read = len(context)
     self._done = len(context_text)
     self._generated = 0  # generated ids pushed (context excluded)
+    self._held_tried = 0  # _split_held: boundaries below this were tried and cut a character
 
     # Stage 2 state. Text out of stage 1 held back because it may be the start of a stop string.
     self._pending = ""
@@ -85,7 +109,8 @@ class TextStream:
 
   @property
   def text(self) -> str:
-    """Everything emitted so far. Never contains a stop string, nor anything after one."""
+    """Everything emitted so far. Never contains a stop string (unless include_stop_str_in_output),
+    nor anything after one."""
     return "".join(self._chunks)
 
   @property
@@ -105,9 +130,9 @@ class TextStream:
     for t in token_ids:
       if self._stopped:
         break
-      self._ids.append(int(t))
       self._generated += 1
-      out.append(self._pass_on(self._detokenize()))
+      delta = self._detokenize(int(t))
+      out.append(self._special_stop(int(t)) if delta is None else self._pass_on(delta))
     return "".join(out)
 
   def finish(self) -> str:
@@ -129,18 +154,26 @@ class TextStream:
 
   # -- stage 1: token ids -> text ---------------------------------------------------------------
 
-  def _detokenize(self) -> str:
-    """The new text that the last appended id makes final (may be "")."""
+  def _detokenize(self, token: int) -> str | None:
+    """Append `token`; return the new text that it makes final (may be ""), or None for a token
+    with no text of its own."""
     ids = self._ids
+    ids.append(token)
     text = self._decode(ids[self._prefix :])
     if text.endswith(REPLACEMENT):
+      if not self._decode([token]):  # no text of its own: it cannot complete the character either
+        ids.pop()
+        return None
       # Maybe the first bytes of a character whose rest is still to come: wait for it.
       if len(ids) - self._read <= HOLD_TOKENS:
         return ""
       return self._split_held(text)
     if len(text) <= self._done:
-      # Nothing new (a special token that decodes to ""): keep the window, and with it the
-      # context the next token needs.
+      # Nothing new. A token without text of its own (a skipped special token) leaves the window:
+      # the window keeps the context the next token needs and stays as short as it was.
+      if not self._decode([token]):
+        ids.pop()
+        return None
       return ""
     delta = text[self._done :]
     # Slide: the tokens just passed on become the next window's context. Their decoding alone
@@ -158,14 +191,18 @@ class TextStream:
     next, so the window restarts at k without context. None found: every boundary cuts a
     character (tokens straddling characters), keep holding."""
     ids = self._ids
-    for k in range(len(ids) - 1, self._read, -1):
+    # A boundary that cut a character still cuts it whatever comes after, so each is tried once
+    # (the one before the previous last token again: its rest may have decoded to nothing).
+    for k in range(len(ids) - 1, max(self._read, self._held_tried - 2), -1):
       head = self._decode(ids[self._prefix : k])
       rest = self._decode(ids[k:])
       if rest and head + rest == text and len(head) >= self._done:
         delta = head[self._done :]
         self._prefix = self._read = k
         self._done = 0
+        self._held_tried = 0
         return delta
+    self._held_tried = len(ids)
     return ""
 
   # -- stage 2: stop strings --------------------------------------------------------------------
@@ -179,10 +216,12 @@ class TextStream:
         self._chunks.append(delta)
       return delta
     buf = self._pending + delta
-    starts = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-    if starts:
-      # Earliest occurrence wins; the stop string and everything after it are dropped.
-      safe = buf[: min(starts)]
+    found = [(i, -len(s)) for i, s in ((buf.find(s), s) for s in self._stops) if i >= 0]
+    if found and self._generated > self._min_tokens:
+      # Earliest occurrence wins (the longest of those starting there); what follows it is dropped,
+      # and the stop string too unless include_stop_str_in_output.
+      i, minus_len = min(found)
+      safe = buf[: i - minus_len if self._include_stop else i]
       self._pending = ""
       self._stopped = True
       self._stop_token_index = self._generated
@@ -192,6 +231,30 @@ class TextStream:
     if safe:
       self._chunks.append(safe)
     return safe
+
+  def _special_stop(self, token: int) -> str:
+    """A token that decodes to nothing may be a special token whose text is a stop string: the
+    stream stops there, as it would if the text were shown (skip_special_tokens=False). Returns
+    the text this emits ("" when it is no stop)."""
+    if not self._stops or not self._skip or self._generated <= self._min_tokens:
+      return ""
+    try:
+      text = self._raw_decode([token], skip_special_tokens=False)
+    except TypeError:  # a decode without the keyword knows no special tokens
+      return ""
+    if text not in self._stops:
+      return ""
+    # The text before it is final: what the window still holds, then what stage 2 held back.
+    held = self._decode(self._ids[self._prefix :])[self._done :]
+    self._prefix = self._read = len(self._ids)
+    self._done = 0
+    out = self._pending + held + (text if self._include_stop else "")
+    if out:
+      self._chunks.append(out)
+    self._pending = ""
+    self._stopped = True
+    self._stop_token_index = self._generated
+    return out
 
   def _stop_prefix_len(self, buf: str) -> int:
     """Length of the longest tail of buf that is a proper prefix of some stop string."""

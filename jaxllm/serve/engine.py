@@ -213,7 +213,14 @@ class Engine:
     sp = with_random_seed(sp)  # no seed: a fresh random one, so users' samples differ
     req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
     if self.detokenize is not None:
-      req.stream = TextStream(self.detokenize, sp.stop, prompt_ids=prompt)
+      req.stream = TextStream(
+        self.detokenize,
+        sp.stop,
+        prompt_ids=prompt,
+        skip_special_tokens=sp.skip_special_tokens,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        min_tokens=sp.min_tokens,
+      )
     if sp.grammar is not None:
       self._matchers[req] = self.grammars.matcher(sp.grammar, sp.stop_token_ids)
     self.sched.add(req)

@@ -102,6 +102,8 @@ class SamplingParams:
   logit_bias: tuple = ()  # ((token id, bias in [-100, 100]), ...); a dict is accepted
   min_tokens: int = 0  # stop ids (and EOS) cannot be sampled before this many tokens
   ignore_eos: bool = False  # host side: EOS is not a stop (nor banned by min_tokens)
+  skip_special_tokens: bool = True  # vLLM: the output text leaves out special tokens (False: shows them)
+  include_stop_str_in_output: bool = False  # vLLM: the stop string (or stop token's text) ends the text
   grammar: tuple | None = None  # (kind, spec): structured output, see jaxllm/serve/grammar.py
 
   def __post_init__(self):
@@ -170,6 +172,8 @@ class SamplingParams:
       f"an integer in [0, max_tokens={self.max_tokens}]",
     )
     _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+    for field in ("skip_special_tokens", "include_stop_str_in_output"):
+      _require(isinstance(getattr(self, field), bool), field, getattr(self, field), "true or false")
 
   @property
   def uses_penalties(self) -> bool:

@@ -432,6 +432,8 @@ class Scheduler:
     a stop token's own text is not part of the output (OpenAI)."""
     tok, sp = r.output[-1], r.sp
     if tok in sp.stop_token_ids and len(r.output) > getattr(sp, "min_tokens", 0):
+      if r.stream is not None and getattr(sp, "include_stop_str_in_output", False):
+        r.stream.push([tok])  # vLLM: the stop token's text too (none for a skipped special token)
       return "stop"
     if r.stream is not None:
       r.stream.push([tok])

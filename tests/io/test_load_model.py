@@ -90,6 +90,7 @@ def test_checkpoint_of_a_run_started_from_hf_keeps_its_eos_ids(tmp_path):
   _save_checkpoint(str(tmp_path / "ckpt"), Config(model=CFG, train=TrainConfig(tokenizer=f"{tok_dir}/tokenizer.json")))
   m = load_model(str(tmp_path / "ckpt"))
   assert isinstance(m.tokenizer, HFTokenizer) and m.eos_ids == (5, 7, 300, 2)  # 300 < vocab_size=384
+  assert m.request_defaults == {"add_special_tokens": False}  # the run trained without the tokenizer's BOS
   assert load_model(str(tmp_path / "ckpt"), tokenizer="byte").eos_ids == (257,)
 
 
@@ -101,6 +102,7 @@ def test_hf_dir(hf_dir):
   assert m.tokenizer_spec == os.path.join(hf_dir, "tokenizer.json") and m.chat_template == TEMPLATE
   # generation_config's [5, 7, 300], config.json's 7, the tokenizer's 2: 300 is past vocab_size=256
   assert m.eos_ids == (5, 7, 2) and m.name == os.path.basename(hf_dir)
+  assert m.request_defaults == {}  # its generation_config.json has no sampling defaults
   assert eos_ids(256, m.tokenizer) == (5, 7, 2) and eos_ids(256, ByteTokenizer(), hf_dir) == (5, 7)
 
 

@@ -379,3 +379,59 @@ def test_module_imports_nothing_but_the_standard_library():
     elif isinstance(node, ast.ImportFrom):
       imported.add((node.module or ".").split(".")[0] if not node.level else ".")
   assert imported <= {"__future__", "typing", "collections"}, imported
+
+
+def test_tokens_without_text_keep_the_work_per_token_bounded():
+  # Runs of tokens that decode to "" (skipped special tokens) used to stay in the window, so each
+  # one decoded a longer window: quadratic in the run's length.
+  ids = BYTE.encode("héllo ") + [BYTE.eos_id] * 3000 + BYTE.encode("wörld") + [BYTE.pad_id] * 3000 + BYTE.encode("!")
+  counter = CountingDecode(BYTE.decode)
+  s, deltas = stream_all(counter, ids, prompt_ids=BYTE.encode("prompt"))
+  assert "".join(deltas) == BYTE.decode(ids) == "héllo wörld!"
+  assert counter.longest <= 16 and counter.ids <= 8 * len(ids)
+  # ... also inside a character whose bytes are still coming
+  ids = BYTE.encode("中")
+  ids = ids[:1] + [BYTE.eos_id] * 3000 + ids[1:] + [BYTE.eos_id] * 3000
+  counter = CountingDecode(BYTE.decode)
+  s, deltas = stream_all(counter, ids)
+  assert "".join(deltas) == "中" and counter.longest <= 16 and counter.ids <= 8 * len(ids)
+
+
+def test_special_token_keeps_the_context_of_the_text_after_it(bpe):
+  # Byte-level BPE: a run of special tokens (left out of the window) between two pieces of text.
+  ids = bpe.encode("ok ") + [bpe.eos_id] * 50 + bpe.encode("héllo")
+  _, deltas = stream_all(bpe.decode, ids)
+  assert "".join(deltas) == bpe.decode(ids)
+
+
+class SpecialDecode:
+  """words_decode plus one special token (id 99, text "<|eot|>") that decoding skips by default."""
+
+  def __call__(self, ids, skip_special_tokens=True):
+    return "".join(("" if skip_special_tokens else "<|eot|>") if i == 99 else VOCAB[i] for i in ids)
+
+
+def test_stop_string_of_a_special_token_matches_while_specials_are_skipped():
+  s = TextStream(SpecialDecode(), stops=("<|eot|>",))
+  assert s.push([0, 1]) == "hello wo" and s.push([99]) == "" and s.stopped and s.stop_token_index == 3
+  assert s.push([2]) == "" and s.text == "hello wo"
+  # held stop-prefix text before it is released; include_stop_str_in_output shows the stop
+  s = TextStream(SpecialDecode(), stops=("<|eot|>", "rld!"), include_stop_str_in_output=True)
+  assert s.push([0, 2]) == "hel" and s.push([99]) == "rld<|eot|>" and s.stopped
+  # skip_special_tokens=False: the text shows the special token, and the stop matches as text
+  s = TextStream(SpecialDecode(), stops=("ot|>",), skip_special_tokens=False)
+  assert s.push([0, 99, 2]) == "hel<|e" and s.stopped
+  s = TextStream(SpecialDecode(), skip_special_tokens=False)
+  assert s.push([0, 99, 2]) == "hel<|eot|>rld"
+
+
+def test_include_stop_str_in_output_and_min_tokens():
+  s = TextStream(BYTE.decode, stops=("END",), include_stop_str_in_output=True)
+  assert s.push(BYTE.encode("abENDcd")) == "abEND" and s.text == "abEND" and s.stop_token_index == 5
+  # min_tokens: a stop string counts only once more than min_tokens tokens were pushed (vLLM)
+  s = TextStream(BYTE.decode, stops=("a",), min_tokens=3)
+  assert s.push(BYTE.encode("aaaab")) == "aaa" and s.stopped and s.stop_token_index == 4
+  s = TextStream(BYTE.decode, stops=("ab",), min_tokens=2)
+  assert s.push(BYTE.encode("abab")) == "ab" and s.stop_token_index == 4
+  s = TextStream(SpecialDecode(), stops=("<|eot|>",), min_tokens=1)
+  assert s.push([99, 0, 99]) == "hel" and s.stop_token_index == 3

@@ -44,11 +44,13 @@ def create_app(
   serve_cfg: ServeConfig,
   chat_template: str | None = None,
   eos_ids: tuple | None = None,
+  request_defaults: dict | None = None,
 ) -> FastAPI:
   """An app serving `service` (started and closed by the caller). chat_template: the model's Jinja
   chat template, None for chat.DEFAULT_TEMPLATE. eos_ids: every end-of-sequence id (a loaded model's
-  LoadedModel.eos_ids); None: the tokenizer's. Adds the latency histograms as one of the service's
-  finish hooks (call before service.start())."""
+  LoadedModel.eos_ids); None: the tokenizer's. request_defaults: values for fields a request omits
+  (LoadedModel.request_defaults: generation_config.json's sampling defaults). Adds the latency
+  histograms as one of the service's finish hooks (call before service.start())."""
   engine = service.engine
   pool_tokens = service.snapshot()["pages_total"] * engine.page_size
   if eos_ids is None:
@@ -59,6 +61,7 @@ def create_app(
     context=min(engine.cfg.max_seq_len, pool_tokens),
     eos_ids=tuple(eos_ids),
     max_n=serve_cfg.max_n,
+    defaults=dict(request_defaults or {}),
   )
   template = ChatTemplate(chat_template, tokenizer, serve_cfg.tool_parser)
   text_of = TokenText(tokenizer)

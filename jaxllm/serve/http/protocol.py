@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxllm.serve import grammar
 from jaxllm.serve.http import tools as tool_calls
@@ -53,8 +53,13 @@ _OPENAI_COMMON = {
   "return_token_ids",
   "logprobs",
 }
+# vLLM's fields for real chat models (stops, special tokens, BOS): see "Chat models" in docs/serving.md.
+_OPENAI_COMMON |= {"stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "add_special_tokens"}
 COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt"}
 CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | tool_calls.REQUEST_FIELDS
+CHAT_FIELDS |= {"chat_template_kwargs", "continue_final_message", "add_generation_prompt"}
+# Template variables the server sets itself: chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob"}
 GENERATE_SAMPLING_FIELDS = {
   "max_new_tokens",
@@ -72,6 +77,8 @@ GENERATE_SAMPLING_FIELDS = {
   "logit_bias",
   "n",
   "sampling_seed",
+  "skip_special_tokens",  # SGLang's, as vLLM's
+  "no_stop_trim",  # SGLang's name of include_stop_str_in_output
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Structured output (jaxllm.serve.grammar): OpenAI's response_format, vLLM's guided_* fields and their
@@ -99,6 +106,9 @@ class ModelInfo:
   context: int  # prompt + completion tokens at most (max_seq_len, capped by the KV pool)
   eos_ids: tuple  # the model's end-of-sequence ids (jaxllm.io.eos_ids): stop tokens unless ignore_eos
   max_n: int  # serve.max_n
+  # Values for fields a request omits (LoadedModel.request_defaults): generation_config.json's sampling
+  # defaults (vLLM's --generation-config auto), add_special_tokens for /v1/completions.
+  defaults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -214,22 +224,25 @@ def token_ids(v, name: str, info: ModelInfo) -> list:
   return list(v)
 
 
-def text_ids(text: str, name: str, tokenizer) -> list:
+def text_ids(text: str, name: str, tokenizer, add_special_tokens: bool = False) -> list:
+  """add_special_tokens: with the special tokens (BOS) the tokenizer adds to an input itself."""
   if not text:
     raise bad_request(f"'{name}' is empty: a request needs at least one prompt token", name, "empty_prompt")
-  ids = tokenizer.encode(text)
+  encode_prompt = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+  ids = encode_prompt(text) if add_special_tokens else tokenizer.encode(text)
   if not ids:
     raise bad_request(f"'{name}' encodes to no tokens", name, "empty_prompt")
   return ids
 
 
-def completion_prompt(v, info: ModelInfo, tokenizer) -> list:
+def completion_prompt(v, info: ModelInfo, tokenizer, add_special_tokens: bool = False) -> list:
   """OpenAI's prompt forms: a string, an array of token ids, or an array of one of those. Batches
-  (several prompts in one request) are not supported: a client sends one request per prompt."""
+  (several prompts in one request) are not supported: a client sends one request per prompt. A text
+  prompt gets the tokenizer's own special tokens when add_special_tokens; token ids are as given."""
   if v is None:
     raise bad_request("missing required field 'prompt'", "prompt", "missing_field")
   if isinstance(v, str):
-    return text_ids(v, "prompt", tokenizer)
+    return text_ids(v, "prompt", tokenizer, add_special_tokens)
   if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
     if len(v) > 1:
       raise bad_request(
@@ -239,7 +252,9 @@ def completion_prompt(v, info: ModelInfo, tokenizer) -> list:
         "prompt",
         "unsupported_batch",
       )
-    return completion_prompt(v[0], info, tokenizer) if isinstance(v[0], str) else token_ids(v[0], "prompt", info)
+    if isinstance(v[0], str):
+      return completion_prompt(v[0], info, tokenizer, add_special_tokens)
+    return token_ids(v[0], "prompt", info)
   if isinstance(v, list):
     return token_ids(v, "prompt", info)
   raise bad_request(
@@ -498,29 +513,32 @@ def _sampling(
   logprobs=False,
   top_logprobs=0,
   stop_token_ids=(),
+  include_stop_key="include_stop_str_in_output",
 ) -> list:
   """One SamplingParams per choice from the sampling fields shared by every API (OpenAI's ranges;
-  temperature_max None: SGLang's, no upper bound)."""
+  temperature_max None: SGLang's, no upper bound). A field the request omits takes the model's
+  generation_config.json value when it has one (info.defaults), else the API's default."""
+  d = info.defaults
   n = f.get("n", "integer", 1)
   f.check(1 <= n <= info.max_n, "n", n, f"in 1..{info.max_n} (serve.max_n)")
-  temperature = f.get("temperature", "number", 1.0)  # OpenAI's and SGLang's default
+  temperature = f.get("temperature", "number", d.get("temperature", 1.0))  # OpenAI's and SGLang's default
   if temperature_max is None:
     f.check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
   else:
     f.check(
       0 <= temperature <= temperature_max, "temperature", temperature, f"in [0, {temperature_max:g}] (0 = greedy)"
     )
-  top_p = f.get("top_p", "number", 1.0)
+  top_p = f.get("top_p", "number", d.get("top_p", 1.0))
   f.check(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
-  top_k = f.get("top_k", "integer", 0)
+  top_k = f.get("top_k", "integer", d.get("top_k", 0))
   f.check(top_k >= -1, "top_k", top_k, "an integer >= 1, or 0 / -1 for no top-k")
-  min_p = f.get("min_p", "number", 0.0)
+  min_p = f.get("min_p", "number", d.get("min_p", 0.0))
   f.check(0 <= min_p <= 1, "min_p", min_p, "in [0, 1]")
   penalties = {}
   for key in ("presence_penalty", "frequency_penalty"):
     penalties[key] = f.get(key, "number", 0.0)
     f.check(-2 <= penalties[key] <= 2, key, penalties[key], "in [-2, 2]")
-  repetition = f.get("repetition_penalty", "number", 1.0)
+  repetition = f.get("repetition_penalty", "number", d.get("repetition_penalty", 1.0))
   f.check(repetition > 0, "repetition_penalty", repetition, "> 0 (1 = off)")
   min_tokens = f.get(min_tokens_key, "integer", 0)
   f.check(0 <= min_tokens <= max_tokens, min_tokens_key, min_tokens, f"in 0..{max_tokens} (the max tokens)")
@@ -544,6 +562,8 @@ def _sampling(
     min_tokens=min_tokens,
     ignore_eos=ignore_eos,
     grammar=structured_output(f),
+    skip_special_tokens=f.get("skip_special_tokens", "boolean", True),
+    include_stop_str_in_output=f.get(include_stop_key, "boolean", False),
   )
   try:
     # Seeded choices get seed, seed+1, ...: reproducible, and still distinct from each other.
@@ -640,6 +660,48 @@ def grammar_text_checked(g) -> tuple:
   return g
 
 
+def _stop_token_ids(f: Fields, info: ModelInfo) -> tuple:
+  """vLLM's stop_token_ids: more ids that end a completion (besides the model's EOS ids)."""
+  ids = f.get("stop_token_ids", "array", [])
+  f.check(
+    all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in ids),
+    "stop_token_ids",
+    ids,
+    f"an array of token ids in 0..{info.vocab_size - 1}",
+  )
+  return tuple(ids)
+
+
+def _chat_options(f: Fields) -> dict:
+  """ChatTemplate.encode's options from vLLM's chat fields: add_generation_prompt (default true),
+  continue_final_message (continue the last message; it drops the generation prompt, and asking for
+  both is a 400 as in vLLM), chat_template_kwargs (template variables), add_special_tokens (default
+  false: templates write their own BOS)."""
+  add_generation_prompt = f.get("add_generation_prompt", "boolean", True)
+  continue_final = f.get("continue_final_message", "boolean", False)
+  if continue_final and f.get("add_generation_prompt", "boolean", False):
+    raise bad_request(
+      "cannot set both 'continue_final_message' and 'add_generation_prompt' to true: continue the final "
+      "message, or start a new assistant message after it",
+      "continue_final_message",
+      "invalid_value",
+    )
+  variables = f.get("chat_template_kwargs", "object", {})
+  reserved = [k for k in variables if k in RESERVED_TEMPLATE_VARIABLES]
+  f.check(
+    not reserved,
+    "chat_template_kwargs",
+    variables,
+    f"an object of extra template variables, without {', '.join(RESERVED_TEMPLATE_VARIABLES)} (the server sets them)",
+  )
+  return {
+    "add_generation_prompt": add_generation_prompt,
+    "continue_final_message": continue_final,
+    "variables": variables,
+    "add_special_tokens": f.get("add_special_tokens", "boolean", False),
+  }
+
+
 def _stream(f: Fields) -> tuple[bool, bool]:
   """(stream, stream_options.include_usage)."""
   stream = f.get("stream", "boolean", False)
@@ -658,16 +720,21 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
   f = Fields(body, COMPLETION_FIELDS)
   check_model(f, info)
-  prompt = completion_prompt(body.get("prompt"), info, tokenizer)
+  # vLLM's default: the tokenizer's own special tokens (BOS), as a Hugging Face model saw text in training.
+  add_special = f.get("add_special_tokens", "boolean", info.defaults.get("add_special_tokens", True))
+  prompt = completion_prompt(body.get("prompt"), info, tokenizer, add_special)
   logprobs = f.get("logprobs", "integer")
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
   top = logprobs or 0  # logprobs=k: the sampled token's and the k likeliest alternatives
-  max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
+  default_max = info.defaults.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
+  max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, default_max)
   stream, include_usage = _stream(f)
   return Parsed(
     prompt,
-    _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top),
+    _sampling(
+      f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top, stop_token_ids=_stop_token_ids(f, info)
+    ),
     stream,
     include_usage,
     logprobs is not None,
@@ -681,15 +748,23 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   f = Fields(body, CHAT_FIELDS)
   check_model(f, info)
   tools = chat_tools(f, template.tool_format)
-  prompt = template.encode(chat_history(body.get("messages")), tools=list(tools.tools) if tools else None)
+  prompt = template.encode(
+    chat_history(body.get("messages")), tools=list(tools.tools) if tools else None, **_chat_options(f)
+  )
   logprobs = f.get("logprobs", "boolean", False)
   top = f.get("top_logprobs", "integer", 0)
   f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs", top, f"in 0..{TOP_LOGPROBS}")
   f.check(top == 0 or logprobs, "top_logprobs", top, "0 unless 'logprobs' is true")
   # Chat has no default length: the completion may fill the context (OpenAI, vLLM).
-  max_tokens = _max_tokens(f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, None)
+  max_tokens = _max_tokens(
+    f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, info.defaults.get("max_tokens")
+  )
   stream, include_usage = _stream(f)
-  sampling = _with_tool_grammar(_sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top), tools, template)
+  sampling = _with_tool_grammar(
+    _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top, stop_token_ids=_stop_token_ids(f, info)),
+    tools,
+    template,
+  )
   return Parsed(
     prompt, sampling, stream, include_usage, logprobs, top, f.get("return_token_ids", "boolean", False), tools
   )
@@ -717,7 +792,8 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     stop_ids,
     f"token ids in 0..{info.vocab_size - 1}",
   )
-  max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
+  default_max = info.defaults.get("max_tokens", GENERATE_DEFAULT_MAX_NEW_TOKENS)
+  max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, default_max)
   logprobs = f.get("return_logprob", "boolean", False)
   sampling = _sampling(
     s,
@@ -728,5 +804,6 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     temperature_max=None,
     logprobs=logprobs,
     stop_token_ids=stop_ids,
+    include_stop_key="no_stop_trim",
   )
   return Parsed(prompt, sampling, f.get("stream", "boolean", False), False, logprobs, 0, True)

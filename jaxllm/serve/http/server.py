@@ -60,7 +60,13 @@ def build(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None):
   engine = Engine(model.cfg, model.params, serve_cfg, mesh=mesh, plan=plan, tokenizer=model.tokenizer)
   service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
   app = create_app(
-    service, model.tokenizer, serve_cfg.model_name or model.name, serve_cfg, model.chat_template, eos_ids=model.eos_ids
+    service,
+    model.tokenizer,
+    serve_cfg.model_name or model.name,
+    serve_cfg,
+    model.chat_template,
+    eos_ids=model.eos_ids,
+    request_defaults=model.request_defaults,
   )
   return app, service
 
