@@ -96,6 +96,7 @@ def start_server(cfg=CFG, serve_cfg=SERVE, model=MODEL):
     service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
     try:
       with serving(create_app(service, TOK, model, serve_cfg, None)) as url:
+        wait_for(lambda: service.warmed_up, timeout=300)  # ready: /health is 200 from here on
         yield Server(url, service, engine)
     finally:
       service.close()
@@ -426,10 +427,10 @@ BAD = [
   (
     "unknown chat field",
     "/v1/chat/completions",
-    {"messages": [{"role": "user", "content": "a"}], "tools": []},
+    {"messages": [{"role": "user", "content": "a"}], "audio": {"voice": "alloy"}},
     {},
     400,
-    "tools",
+    "audio",
   ),
   ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, {}, 400, "messages[0].role"),
   (
@@ -504,7 +505,7 @@ def test_queue_full_503_and_hang_up_while_queued():
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "queue_full"
     assert aborted == [0, 1]  # all or nothing: its first sample is withdrawn
-    assert h.get("/health").status_code == 200
+    assert h.get("/health/live").status_code == 200  # alive; not ready (never warmed up)
 
 
 # ---- metrics and disconnects -------------------------------------------------------------------
