@@ -85,6 +85,7 @@ class EngineService:
     self.engine, self.max_waiting = engine, max_waiting
     self._finish_hooks = [on_finish] if on_finish is not None else []
     self._inbox: list[tuple] = []
+    self._batch: list[tuple] = []  # commands the engine thread took from the inbox, not yet applied
     self._lock = threading.Condition()
     self._tracked: dict[int, _Tracked] = {}
     self._ids = itertools.count()
@@ -188,9 +189,10 @@ class EngineService:
             self._lock.wait()
           if self._closed:
             return
-          inbox, self._inbox = self._inbox, []
-        for cmd in inbox:
-          self._apply(cmd)
+          self._batch, self._inbox = self._inbox, []
+        while self._batch:  # each command leaves the batch once applied (a crash leaves it for _shutdown)
+          self._apply(self._batch[0])
+          self._batch.pop(0)
         if eng.idle:
           continue
         self._step()
@@ -282,7 +284,7 @@ class EngineService:
     """The loop has ended: every request and command still waiting gets its answer."""
     with self._lock:
       self.dead = reason
-      inbox, self._inbox = self._inbox, []
+      inbox, self._batch, self._inbox = self._batch + self._inbox, [], []
     for cmd in inbox:
       if cmd[0] == "submit":
         _, rid, prompt, _, on_event, _ = cmd

@@ -54,12 +54,14 @@ EOS = (TOK.eos_id,)
 
 
 @contextlib.contextmanager
-def serving(app):
-  """Run `app` with uvicorn on a free loopback port in a background thread; yields its base URL."""
+def serving(app, server=None):
+  """Run `app` (or the uvicorn.Server `server` of it) on a free loopback port in a background thread;
+  yields its base URL."""
   sock = socket.socket()
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+  if server is None:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.time() + 30

@@ -148,7 +148,7 @@ def check_json(v, where: str = "", depth: int = 0) -> None:
   """A parsed body holds only text the tokenizer can take (Python's json accepts a lone UTF-16
   surrogate such as "\\ud800", which no UTF-8 text holds) and nests at most MAX_JSON_DEPTH deep."""
   if depth > MAX_JSON_DEPTH:
-    raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", where or None, "invalid_json")
+    raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
   if isinstance(v, str):
     try:
       v.encode("utf-8")
