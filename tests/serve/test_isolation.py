@@ -23,7 +23,7 @@ from jaxllm.serve.http import create_app
 from jaxllm.serve.http.metrics import Metrics
 from jaxllm.serve.http.server import GRACE_S, draining_server
 from jaxllm.serve.sampling import SamplingParams
-from jaxllm.serve.service import EngineDead, EngineService
+from jaxllm.serve.service import MAX_FAILED_STEPS, EngineDead, EngineService
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"
@@ -296,6 +296,26 @@ def test_add_request_and_finish_hook_failures_fail_only_their_request(solo):
     assert not service.stopped
   finally:
     service.close()
+
+
+def test_a_step_that_always_fails_is_the_engines_fault():
+  """Every step raises whoever runs in it (a broken device): after MAX_FAILED_STEPS in a row the engine
+  stops, every request gets an error, and nothing new is taken."""
+  engine = Engine(CFG, params_of(CFG), SERVE, detokenize=TOK.decode)
+
+  def broken():
+    raise RuntimeError("device lost")
+
+  engine.step = broken
+  service = EngineService(engine).start()
+  prompts = [TOK.encode(f"doomed {i}") for i in range(6)]  # isolating them takes 1 + 2 * 6 - 2 > 8 steps
+  out = run_requests(service, prompts, [SamplingParams(max_tokens=4) for _ in prompts])
+  assert all(finish == "error" and "device lost" in error for _, finish, error in out)
+  wait_for(lambda: service.stopped)
+  assert f"{MAX_FAILED_STEPS} steps in a row failed" in service.dead
+  assert service.step_failures == MAX_FAILED_STEPS
+  with pytest.raises(EngineDead):
+    service.submit(prompts[0], SamplingParams(max_tokens=4), print)
 
 
 # ---- a dead engine thread ------------------------------------------------------------------------
