@@ -9,7 +9,7 @@
 
 Readiness before warm-up: create_app queues Engine.warmup() on the engine thread, ahead of any
 request, so the first requests never wait on compiles a probe did not see. Draining (SIGTERM, see
-server.DrainingServer): readiness goes 503 so load balancers stop sending, new generation requests
+server.draining_server): readiness goes 503 so load balancers stop sending, new generation requests
 get 503, and running ones finish.
 """
 
