@@ -2,8 +2,8 @@
 
   python serve.py [--checkpoint DIR | --hf DIR] [--config F.toml] [--mesh M.toml] [serve.key=value ...]
       the HTTP server (OpenAI /v1/completions, /v1/chat/completions, /v1/models; native /generate;
-      /metrics, /health, /flush_cache) on serve.host:serve.port. Without --checkpoint/--hf it serves the
-      newest checkpoint of `python train.py` (runs/default/checkpoints).
+      /metrics, /health, /health/live, /flush_cache) on serve.host:serve.port; SIGTERM drains. Without
+      --checkpoint/--hf it serves the newest checkpoint of `python train.py` (runs/default/checkpoints).
   python serve.py generate (--checkpoint DIR | --hf DIR) --prompt "Once upon" [--prompt ...]
                           [--max-tokens 32 --mesh meshes/cpu-8.toml serve.attention=pallas ...]
   python serve.py bench [--groups 8 --per-group 8 --system-len 128 --question-len 16 --output-len 16

@@ -286,6 +286,7 @@ class ServeConfig:
   max_n: int = 16  # largest `n` (samples per request)
   max_body_bytes: int = 1_000_000  # largest request body (413 above)
   tool_parser: str = "auto"  # tool-call format of chat replies (TOOL_PARSERS); "auto" = the chat template's
+  drain_timeout_s: float = 30.0  # on SIGTERM: /health 503, running requests finish for at most this long, then exit
 
   def __post_init__(self):
     _positive(
@@ -314,6 +315,8 @@ class ServeConfig:
       raise ConfigError(f"serve.decode_reserve={self.decode_reserve} must be in [0, 1]")
     if self.max_wait_s <= 0:
       raise ConfigError(f"serve.max_wait_s={self.max_wait_s} must be > 0 seconds")
+    if not self.drain_timeout_s >= 0:
+      raise ConfigError(f"serve.drain_timeout_s={self.drain_timeout_s} must be >= 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,11 @@ LOGPROBS_MODES = ("raw", "processed")  # see step 1 of the module doc
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 BIAS_MAGNITUDE = 100.0  # OpenAI: bias values in [-100, 100]
 PENALTY_MAGNITUDE = 2.0  # OpenAI: presence/frequency penalties in [-2, 2]
+# Bounds that keep every value inside the sampler's int32 / float32 arrays (build_sampling_arrays):
+INT32_MAX = 2**31 - 1  # max_tokens, top_k, token ids
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # temperature, repetition_penalty
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed (OpenAI, vLLM); the sampler keys on its low 32 bits
+MAX_STOP_TOKEN_IDS = 256  # stop token ids per request (EOS ids included)
 
 
 def _is_int(x) -> bool:
@@ -122,19 +127,38 @@ class SamplingParams:
     object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
     object.__setattr__(self, "grammar", grammar_mod.normalize(self.grammar))  # ValueError names `grammar`
 
-    _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
     _require(
-      _is_num(self.temperature) and self.temperature >= 0,
+      _is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX,
+      "max_tokens",
+      self.max_tokens,
+      f"an integer in [1, {INT32_MAX}]",
+    )
+    _require(
+      _is_num(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX,
       "temperature",
       self.temperature,
-      "a finite number >= 0 (0 = greedy)",
+      f"a number in [0, {FLOAT32_MAX:g}] (0 = greedy)",
     )
-    _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+    _require(
+      _is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX,
+      "top_k",
+      self.top_k,
+      f"an integer in [0, {INT32_MAX}] (0 = off)",
+    )
     _require(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
     _require(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-    _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
     _require(
-      all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "token ids >= 0"
+      self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+      "seed",
+      self.seed,
+      f"an integer in [{SEED_MIN}, {SEED_MAX}] or None",
+    )
+    _require(
+      len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+      and all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+      "stop_token_ids",
+      self.stop_token_ids,
+      f"at most {MAX_STOP_TOKEN_IDS} token ids in [0, {INT32_MAX}]",
     )
     _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
     _require(isinstance(self.logprobs, bool), "logprobs", self.logprobs, "true or false")
@@ -152,17 +176,19 @@ class SamplingParams:
       v = getattr(self, field)
       _require(_is_num(v) and -PENALTY_MAGNITUDE <= v <= PENALTY_MAGNITUDE, field, v, "in [-2, 2]")
     _require(
-      _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+      _is_num(self.repetition_penalty)
+      and 0 < self.repetition_penalty <= FLOAT32_MAX
+      and np.float32(self.repetition_penalty) > 0,  # not 0 in float32 either
       "repetition_penalty",
       self.repetition_penalty,
-      "a finite number > 0 (1 = off)",
+      f"a number in (0, {FLOAT32_MAX:g}] (1 = off)",
     )
     _require(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"<{len(bias)} entries>", f"at most {MAX_LOGIT_BIAS} entries")
     _require(
-      all(t >= 0 and -BIAS_MAGNITUDE <= b <= BIAS_MAGNITUDE for t, b in bias),
+      all(0 <= t <= INT32_MAX and -BIAS_MAGNITUDE <= b <= BIAS_MAGNITUDE for t, b in bias),
       "logit_bias",
       dict(bias),
-      "token ids >= 0 mapped to biases in [-100, 100]",
+      f"token ids in [0, {INT32_MAX}] mapped to biases in [-100, 100]",
     )
     _require(len({t for t, _ in bias}) == len(bias), "logit_bias", bias, "one bias per token id")
     _require(

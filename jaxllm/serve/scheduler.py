@@ -228,14 +228,15 @@ class Scheduler:
     req.queued = time.perf_counter()
     self.waiting.append(req)
 
-  def abort(self, req: Req) -> None:
-    """Take a request out wherever it is; a running one's computed prefix goes to the tree."""
+  def abort(self, req: Req, reason: str = "abort") -> None:
+    """Take a request out wherever it is; a running one's computed prefix goes to the tree. Counted
+    under `reason` ('error' when the service fails it)."""
     if req in self.waiting:
       self.waiting.remove(req)
     elif req in self.running:
       self.running.remove(req)
       self._release(req)
-    self._count(req, "abort")
+    self._count(req, reason)
 
   def set_version(self, version) -> None:
     """New weights: later admissions use `version`; running requests are preempted (requeued at

@@ -54,12 +54,14 @@ EOS = (TOK.eos_id,)
 
 
 @contextlib.contextmanager
-def serving(app):
-  """Run `app` with uvicorn on a free loopback port in a background thread; yields its base URL."""
+def serving(app, server=None):
+  """Run `app` (or the uvicorn.Server `server` of it) on a free loopback port in a background thread;
+  yields its base URL."""
   sock = socket.socket()
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+  if server is None:
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.time() + 30
@@ -96,6 +98,7 @@ def start_server(cfg=CFG, serve_cfg=SERVE, model=MODEL):
     service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
     try:
       with serving(create_app(service, TOK, model, serve_cfg, None)) as url:
+        wait_for(lambda: service.warmed_up, timeout=300)  # ready: /health is 200 from here on
         yield Server(url, service, engine)
     finally:
       service.close()
@@ -431,6 +434,14 @@ BAD = [
     400,
     "modalities",
   ),
+  (
+    "unknown chat field with a value",
+    "/v1/chat/completions",
+    {"messages": [{"role": "user", "content": "a"}], "audio": {"voice": "alloy"}},
+    {},
+    400,
+    "audio",
+  ),
   ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, {}, 400, "messages[0].role"),
   (
     "stream_options without stream",
@@ -504,7 +515,7 @@ def test_queue_full_503_and_hang_up_while_queued():
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "queue_full"
     assert aborted == [0, 1]  # all or nothing: its first sample is withdrawn
-    assert h.get("/health").status_code == 200
+    assert h.get("/health/live").status_code == 200  # alive; not ready (never warmed up)
 
 
 # ---- metrics and disconnects -------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The FastAPI app: routes, API-key check, body limits; the work is in the modules it calls.
 
-  GET  /health                liveness (200 while the engine thread runs)
+  GET  /health                readiness: 200 once warmed up, engine alive, not draining (health.py)
+  GET  /health/live           liveness: 200 while the engine thread runs (/health/ready = /health)
   GET  /metrics               Prometheus text (metrics.py)
   GET  /v1/models             the served model
   POST /v1/completions        OpenAI completions (protocol.parse_completion, responses.Completions)
@@ -31,10 +32,13 @@ from jaxllm.serve.http import protocol
 from jaxllm.serve.http.bridge import EngineCall
 from jaxllm.serve.http.chat import ChatTemplate
 from jaxllm.serve.http.errors import APIError, bad_request, install_handlers
+from jaxllm.serve.http.health import Health
 from jaxllm.serve.http.metrics import CONTENT_TYPE, Metrics
 from jaxllm.serve.http.native import Generate
 from jaxllm.serve.http.responses import ChatCompletions, Completions, Output, TokenText, first_error
-from jaxllm.serve.service import EngineService
+from jaxllm.serve.service import EngineDead, EngineService
+
+FLUSH_TIMEOUT_S = 60.0  # /flush_cache waits this long for the engine thread's next step boundary
 
 
 def create_app(
@@ -45,12 +49,14 @@ def create_app(
   chat_template: str | None = None,
   eos_ids: tuple | None = None,
   request_defaults: dict | None = None,
+  warmup: bool = True,
 ) -> FastAPI:
   """An app serving `service` (started and closed by the caller). chat_template: the model's Jinja
   chat template, None for chat.DEFAULT_TEMPLATE. eos_ids: every end-of-sequence id (a loaded model's
   LoadedModel.eos_ids); None: the tokenizer's. request_defaults: values for fields a request omits
   (LoadedModel.request_defaults: generation_config.json's sampling defaults). Adds the latency
-  histograms as one of the service's finish hooks (call before service.start())."""
+  histograms as one of the service's finish hooks (call before service.start()). warmup: queue
+  Engine.warmup() on the engine thread now; /health is 503 until it is done."""
   engine = service.engine
   pool_tokens = service.snapshot()["pages_total"] * engine.page_size
   if eos_ids is None:
@@ -70,7 +76,10 @@ def create_app(
   started = int(time.time())
 
   app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None)
-  app.state.service, app.state.metrics, app.state.info = service, metrics, info
+  health = Health(service, warmup)
+  if warmup:
+    service.warmup()
+  app.state.service, app.state.metrics, app.state.info, app.state.health = service, metrics, info, health
   install_handlers(app)
 
   def authorize(request: Request) -> None:
@@ -107,12 +116,19 @@ def create_app(
     except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing was submitted
       raise APIError(400, "the client disconnected while sending the body", None, "client_disconnected") from None
     try:
-      return json.loads(b"".join(body), parse_constant=_no_constants)
+      parsed = json.loads(b"".join(body), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
       raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:
+      raise bad_request(
+        f"the request body nests deeper than {protocol.MAX_JSON_DEPTH} levels", None, "invalid_json"
+      ) from None
+    protocol.check_json(parsed)
+    return parsed
 
   async def run(request: Request, parsed: protocol.Parsed, fmt):
     """Submit the parsed request and answer with fmt's streamed chunks or its one object."""
+    health.check_accepting()
     call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling)
     if parsed.stream:
 
@@ -137,9 +153,16 @@ def create_app(
     return JSONResponse(fmt.response(outputs))
 
   @app.get("/health")
-  async def health():
-    if service.stopped:
-      raise APIError(503, "the engine thread has stopped", None, "engine_stopped")
+  @app.get("/health/ready")
+  async def ready():
+    if (e := health.ready_error()) is not None:
+      raise e
+    return {"status": "ok"}
+
+  @app.get("/health/live")
+  async def live():
+    if (e := health.live_error()) is not None:
+      raise e
     return {"status": "ok"}
 
   @app.get("/metrics")
@@ -174,7 +197,11 @@ def create_app(
   @app.post("/flush_cache")
   async def flush_cache(request: Request):
     authorize(request)
-    if not await asyncio.to_thread(service.flush_cache):  # waits for the engine thread's next boundary
+    try:  # waits for the engine thread's next step boundary
+      flushed = await asyncio.to_thread(service.flush_cache, FLUSH_TIMEOUT_S)
+    except (EngineDead, TimeoutError) as e:
+      raise APIError(503, f"the cache could not be flushed: {e}", None, "engine_unavailable") from None
+    if not flushed:
       raise APIError(
         409, "requests are in flight; the cache is flushed only when the engine is idle", None, "requests_in_flight"
       )

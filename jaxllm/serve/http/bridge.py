@@ -16,7 +16,7 @@ import asyncio
 import functools
 
 from jaxllm.serve.http.errors import APIError, bad_request
-from jaxllm.serve.service import Event, QueueFull
+from jaxllm.serve.service import EngineDead, Event, QueueFull
 
 RETRY_AFTER_S = 1  # Retry-After of a 503 (queue full): the queue drains in steps of seconds
 
@@ -44,6 +44,9 @@ class EngineCall:
       raise APIError(
         503, f"the server is busy ({e}); retry later", None, "queue_full", {"Retry-After": str(RETRY_AFTER_S)}
       ) from None
+    except EngineDead as e:
+      self.abort()
+      raise APIError(503, f"the engine is not running: {e}", None, "engine_dead") from None
     except ValueError as e:  # the engine's check_request: a request that can never run
       self.abort()
       raise bad_request(str(e), None, "invalid_request") from None

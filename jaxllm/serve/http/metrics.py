@@ -104,11 +104,18 @@ class _EngineCollector(Collector):
         "computed_tokens",
       ),
       ("jaxllm:num_preemptions", "Requests preempted (recomputed later) for lack of KV pages.", "preemptions"),
+      (
+        "jaxllm:engine_step_failures",
+        "Engine steps that raised (isolation retries included); failed requests count as finished_reason=error.",
+        "step_failures",
+      ),
     )
     for name, doc, key in counters:
       yield CounterMetricFamily(name, doc, value=s[key])
     finished = CounterMetricFamily(
-      "jaxllm:request_success", "Finished requests by finish reason.", labels=["finished_reason"]
+      "jaxllm:request_success",
+      "Finished requests by finish reason (stop, length, abort = cancelled by the client, error = failed).",
+      labels=["finished_reason"],
     )
     for reason, n in sorted(s["finished"].items()):
       finished.add_metric([reason], n)

@@ -2,10 +2,15 @@
 OpenAI completions, OpenAI chat completions and SGLang's native /generate.
 
 Every field a client sends is read here with its type and range, and every problem is an APIError
-(400, or 404 for an unknown model) whose message names the field and what it must be. A field this
-server does not implement is rejected by name ("unsupported field 'echo'"), never silently ignored:
-a client relying on it would otherwise get a different behaviour than it asked for. JSON null
-counts as absent (OpenAI clients send it for "not given").
+(400, or 404 for an unknown model) whose message names the field and what it must be. Every number
+is bounded here, so nothing a client sends can overflow the sampler's int32/float32 arrays. A field
+this server does not implement is rejected by name ("unsupported field 'echo'"), never silently
+ignored: a client relying on it would otherwise get a different behaviour than it asked for. Two
+leniencies, as vLLM's accept-and-warn: JSON null counts as absent for any field (OpenAI clients send
+it for "not given"), and a field in NOOP_VALUES is accepted with the value that changes nothing
+(`echo: false`, `tools: []`, `response_format: {"type": "text"}`, ...), the value clients send by
+default. Which fields are supported is decided in one place: the *_FIELDS sets (implemented) and
+NOOP_VALUES (accepted only as no-ops); a field moves from the second to the first when it is built.
 
 The result, `Parsed`, holds token ids and one SamplingParams per choice (n > 1 = n engine requests;
 with a seed s they get seeds s, s+1, ...; without one, each gets a random seed so they differ).
@@ -22,12 +27,22 @@ from dataclasses import dataclass, field
 from jaxllm.serve import grammar
 from jaxllm.serve.http import tools as tool_calls
 from jaxllm.serve.http.errors import APIError, bad_request
-from jaxllm.serve.sampling import TOP_LOGPROBS, SamplingParams, with_random_seed
+from jaxllm.serve.sampling import (
+  FLOAT32_MAX,
+  INT32_MAX,
+  MAX_STOP_TOKEN_IDS,
+  SEED_MAX,
+  SEED_MIN,
+  TOP_LOGPROBS,
+  SamplingParams,
+  with_random_seed,
+)
 
 MAX_STOP = 4  # OpenAI: up to 4 stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI completions: logprobs in 0..5
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI completions default
 GENERATE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang default
+MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema included) at most
 
 # Fields of both OpenAI endpoints; vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens,
 # ignore_eos, return_token_ids) included.
@@ -95,6 +110,32 @@ STRUCTURED_GENERATE_FIELDS = {"json_schema", "regex", "ebnf"}
 COMPLETION_FIELDS |= STRUCTURED_OPENAI_FIELDS
 CHAT_FIELDS |= STRUCTURED_OPENAI_FIELDS
 GENERATE_SAMPLING_FIELDS |= STRUCTURED_GENERATE_FIELDS
+# A chat message's fields; assistant history may carry tool calls, tool results name their call
+# (passed to the chat template as they are).
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+
+
+def _is_n(v, body) -> bool:
+  return v == (body.get("n") if body.get("n") is not None else 1)
+
+
+def _no_tools(v, body) -> bool:
+  return v in ("none", "auto") and not body.get("tools")
+
+
+# Fields accepted only with a value that asks for nothing (vLLM accepts them; clients send these
+# defaults): name -> (is the value a no-op, given the body; what is accepted, for the 400).
+NOOP_VALUES = {
+  "echo": (lambda v, body: v is False, "false"),
+  "best_of": (_is_n, "equal to n"),
+  "suffix": (lambda v, body: v == "", '""'),
+  "tools": (lambda v, body: v == [], "[]"),
+  "tool_choice": (_no_tools, '"none" or "auto" while no tools are given'),
+  "parallel_tool_calls": (lambda v, body: isinstance(v, bool) and not body.get("tools"), "a boolean, without tools"),
+  "response_format": (lambda v, body: v == {"type": "text"}, '{"type": "text"}'),
+  "store": (lambda v, body: v is False, "false"),
+  "modalities": (lambda v, body: v == ["text"], '["text"]'),
+}
 
 
 @dataclass(frozen=True)
@@ -132,6 +173,30 @@ class Parsed:
 # ---- reading typed fields ---------------------------------------------------------------------
 
 
+def check_json(v, where: str = "", depth: int = 0) -> None:
+  """A parsed body holds only text the tokenizer can take (Python's json accepts a lone UTF-16
+  surrogate such as "\\ud800", which no UTF-8 text holds) and nests at most MAX_JSON_DEPTH deep."""
+  if depth > MAX_JSON_DEPTH:
+    raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+  if isinstance(v, str):
+    try:
+      v.encode("utf-8")
+    except UnicodeEncodeError:
+      raise bad_request(
+        f"'{where or 'the request body'}' holds a lone UTF-16 surrogate, which is not text",
+        where or None,
+        "invalid_json",
+      ) from None
+  elif isinstance(v, dict):
+    for key, value in v.items():
+      name = f"{where}.{key}" if where else str(key)
+      check_json(key, where, depth + 1)
+      check_json(value, name, depth + 1)
+  elif isinstance(v, list):
+    for i, value in enumerate(v):
+      check_json(value, f"{where}[{i}]", depth + 1)
+
+
 def json_type(v) -> str:
   if isinstance(v, bool):
     return "boolean"
@@ -152,20 +217,31 @@ _KINDS = {
 
 class Fields:
   """The fields of one JSON object, read one at a time with their type; unknown ones are rejected
-  up front. `where` prefixes names in messages ("sampling_params.top_k")."""
+  up front unless null or a no-op of `noop` (NOOP_VALUES). `where` prefixes names in messages
+  ("sampling_params.top_k")."""
 
-  def __init__(self, obj, allowed: set, where: str = ""):
+  def __init__(self, obj, allowed: set, where: str = "", noop: dict | None = None):
     if not isinstance(obj, dict):
       raise bad_request(f"{where or 'the request body'} must be a JSON object, got {json_type(obj)}", where or None)
     self.obj, self.where = obj, where
-    for key in obj:
-      if key not in allowed:
+    for key, value in obj.items():
+      if key in allowed or value is None:
+        continue
+      if noop and key in noop:
+        is_noop, accepted = noop[key]
+        if is_noop(value, obj):
+          continue
         raise bad_request(
-          f"unsupported field '{self.name(key)}': this server does not implement it "
-          f"(supported: {', '.join(sorted(allowed))})",
+          f"unsupported value for '{self.name(key)}': {_short(value)}; this server accepts it only as {accepted}",
           self.name(key),
-          "unsupported_field",
+          "unsupported_value",
         )
+      raise bad_request(
+        f"unsupported field '{self.name(key)}': this server does not implement it "
+        f"(supported: {', '.join(sorted(allowed))})",
+        self.name(key),
+        "unsupported_field",
+      )
 
   def name(self, key: str) -> str:
     return f"{self.where}.{key}" if self.where else key
@@ -273,7 +349,7 @@ def chat_messages(v) -> list[dict]:
     raise bad_request("'messages' must be a non-empty array of messages", "messages", "invalid_type")
   out = []
   for i, m in enumerate(v):
-    f = Fields(m, {"role", "content", "name"}, f"messages[{i}]")
+    f = Fields(m, MESSAGE_FIELDS, f"messages[{i}]")
     role = f.get("role", "string")
     f.check(role in CHAT_ROLES, "role", role, f"one of {', '.join(CHAT_ROLES)}")
     content = m.get("content")
@@ -305,6 +381,13 @@ def chat_messages(v) -> list[dict]:
     msg = {"role": role, "content": content}
     if f.given("name"):
       msg["name"] = f.get("name", "string")
+    if f.given("tool_calls"):  # history: the calls an assistant turn made (OpenAI's shape, as sent)
+      calls = f.get("tool_calls", "array")
+      f.check(all(isinstance(c, dict) for c in calls), "tool_calls", calls, "an array of tool-call objects")
+      if calls:
+        msg["tool_calls"] = calls
+    if f.given("tool_call_id"):
+      msg["tool_call_id"] = f.get("tool_call_id", "string")
     out.append(msg)
   return out
 
@@ -462,7 +545,7 @@ def _logit_bias(f: Fields, info: ModelInfo) -> tuple:
   out = []
   for key, value in bias.items():
     f.check(
-      re.fullmatch(r"\d+", key) is not None and int(key) < info.vocab_size,
+      re.fullmatch(r"[0-9]{1,10}", key) is not None and int(key) < info.vocab_size,
       "logit_bias",
       {key: value},
       f"keyed by token ids 0..{info.vocab_size - 1} (as strings)",
@@ -523,7 +606,7 @@ def _sampling(
   f.check(1 <= n <= info.max_n, "n", n, f"in 1..{info.max_n} (serve.max_n)")
   temperature = f.get("temperature", "number", d.get("temperature", 1.0))  # OpenAI's and SGLang's default
   if temperature_max is None:
-    f.check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
+    f.check(0 <= temperature <= FLOAT32_MAX, "temperature", temperature, f">= 0 and <= {FLOAT32_MAX:g} (0 = greedy)")
   else:
     f.check(
       0 <= temperature <= temperature_max, "temperature", temperature, f"in [0, {temperature_max:g}] (0 = greedy)"
@@ -531,7 +614,7 @@ def _sampling(
   top_p = f.get("top_p", "number", d.get("top_p", 1.0))
   f.check(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
   top_k = f.get("top_k", "integer", d.get("top_k", 0))
-  f.check(top_k >= -1, "top_k", top_k, "an integer >= 1, or 0 / -1 for no top-k")
+  f.check(-1 <= top_k <= INT32_MAX, "top_k", top_k, f"an integer in 1..{INT32_MAX}, or 0 / -1 for no top-k")
   min_p = f.get("min_p", "number", d.get("min_p", 0.0))
   f.check(0 <= min_p <= 1, "min_p", min_p, "in [0, 1]")
   penalties = {}
@@ -539,11 +622,13 @@ def _sampling(
     penalties[key] = f.get(key, "number", 0.0)
     f.check(-2 <= penalties[key] <= 2, key, penalties[key], "in [-2, 2]")
   repetition = f.get("repetition_penalty", "number", d.get("repetition_penalty", 1.0))
-  f.check(repetition > 0, "repetition_penalty", repetition, "> 0 (1 = off)")
+  f.check(0 < repetition <= FLOAT32_MAX, "repetition_penalty", repetition, f"> 0 and <= {FLOAT32_MAX:g} (1 = off)")
   min_tokens = f.get(min_tokens_key, "integer", 0)
   f.check(0 <= min_tokens <= max_tokens, min_tokens_key, min_tokens, f"in 0..{max_tokens} (the max tokens)")
   ignore_eos = f.get("ignore_eos", "boolean", False)
   seed = f.get(seed_key, "integer")
+  if seed is not None:
+    f.check(SEED_MIN <= seed <= SEED_MAX, seed_key, seed, f"in {SEED_MIN}..{SEED_MAX} (a 64-bit integer)")
   stops = tuple(stop_token_ids) + (() if ignore_eos else info.eos_ids)
   kw = dict(
     max_tokens=max_tokens,
@@ -567,7 +652,8 @@ def _sampling(
   )
   try:
     # Seeded choices get seed, seed+1, ...: reproducible, and still distinct from each other.
-    return [with_random_seed(SamplingParams(**kw, seed=None if seed is None else seed + i)) for i in range(n)]
+    seeds = [None if seed is None else (seed + i - SEED_MIN) % 2**64 + SEED_MIN for i in range(n)]  # wraps
+    return [with_random_seed(SamplingParams(**kw, seed=s)) for s in seeds]
   except ValueError as e:  # SamplingParams' own checks: the message names the field
     m = re.match(r"invalid (\w+)=", str(e))
     raise bad_request(str(e), m.group(1) if m else None, "invalid_value") from None
@@ -718,12 +804,12 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 
 
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
-  f = Fields(body, COMPLETION_FIELDS)
+  f = Fields(body, COMPLETION_FIELDS, noop=NOOP_VALUES)
   check_model(f, info)
   # vLLM's default: the tokenizer's own special tokens (BOS), as a Hugging Face model saw text in training.
   add_special = f.get("add_special_tokens", "boolean", info.defaults.get("add_special_tokens", True))
   prompt = completion_prompt(body.get("prompt"), info, tokenizer, add_special)
-  logprobs = f.get("logprobs", "integer")
+  logprobs = None if body.get("logprobs") is False else f.get("logprobs", "integer")  # false: none (vLLM)
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
   top = logprobs or 0  # logprobs=k: the sampled token's and the k likeliest alternatives
@@ -745,7 +831,7 @@ def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
 
 def parse_chat(body, info: ModelInfo, template) -> Parsed:
   """`template`: a jaxllm.serve.http.chat.ChatTemplate (messages -> prompt token ids)."""
-  f = Fields(body, CHAT_FIELDS)
+  f = Fields(body, CHAT_FIELDS, noop=NOOP_VALUES)
   check_model(f, info)
   tools = chat_tools(f, template.tool_format)
   prompt = template.encode(
@@ -786,6 +872,7 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   )
   s = Fields(f.get("sampling_params", "object", {}), GENERATE_SAMPLING_FIELDS, "sampling_params")
   stop_ids = s.get("stop_token_ids", "array", [])
+  s.check(len(stop_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", stop_ids, f"at most {MAX_STOP_TOKEN_IDS} ids")
   s.check(
     all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids),
     "stop_token_ids",

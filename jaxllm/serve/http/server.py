@@ -4,6 +4,10 @@ tokenizer, build engine + service + app, bind uvicorn on serve.host:serve.port.
 The model is a training checkpoint (`--checkpoint DIR`: its tokenizer is the run's train.tokenizer)
 or a Hugging Face directory (`--hf DIR`: its tokenizer.json and chat template). Without either, the
 newest checkpoint of `python train.py`'s default run (runs/default/checkpoints) is served.
+
+Shutdown (SIGTERM, or Ctrl-C): DrainingServer first drains -- /health turns 503, new requests get 503,
+running ones finish -- for at most serve.drain_timeout_s, then uvicorn closes the connections. A
+second signal stops at once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import threading
+import time
 
 from jaxllm.config import ServeConfig, TrainConfig
 from jaxllm.io import LoadedModel
@@ -81,19 +87,45 @@ def example_curl(serve_cfg: ServeConfig, model_name: str) -> str:
   )
 
 
-def serve(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None) -> None:
-  """Build and serve until interrupted (Ctrl-C)."""
+GRACE_S = 2.0  # after the drain, uvicorn's wait for responses still being written
+
+
+def draining_server(app, service, drain_timeout_s: float, **uvicorn_kw):
+  """A uvicorn.Server for `app` that drains `service` on SIGTERM/SIGINT (see the module doc)."""
   import uvicorn
 
+  class DrainingServer(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+      health = app.state.health
+      if health.draining:  # a second signal: stop now
+        self.force_exit = True
+        return super().handle_exit(sig, frame)
+      health.draining = True
+      threading.Thread(target=self._drain, args=(sig, frame), name="jaxllm-drain", daemon=True).start()
+
+    def _drain(self, sig, frame):
+      deadline = time.monotonic() + drain_timeout_s
+      while service.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+      super().handle_exit(sig, frame)  # uvicorn's shutdown: close the listeners and connections
+
+  return DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=GRACE_S, **uvicorn_kw))
+
+
+def serve(model: LoadedModel, serve_cfg: ServeConfig, mesh=None, plan=None) -> None:
+  """Build and serve until interrupted (Ctrl-C, SIGTERM: drained first)."""
   app, service = build(model, serve_cfg, mesh, plan)
   name = app.state.info.name
   print(
     f"serving {model.source} as model '{name}' on http://{serve_cfg.host}:{serve_cfg.port}  "
-    f"(OpenAI API under /v1, native /generate, /metrics, /health)"
+    f"(OpenAI API under /v1, native /generate, /metrics, /health; ready once warmed up)"
   )
   key_note = "  (export JAXLLM_API_KEY=<serve.api_key> first)" if serve_cfg.api_key else ""
   print(f"try:{key_note}\n  {example_curl(serve_cfg, name)}", flush=True)
   try:
-    uvicorn.run(app, host=serve_cfg.host, port=serve_cfg.port, log_level="info")
+    server = draining_server(
+      app, service, serve_cfg.drain_timeout_s, host=serve_cfg.host, port=serve_cfg.port, log_level="info"
+    )
+    server.run()
   finally:
     service.close()
