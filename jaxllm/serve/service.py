@@ -20,6 +20,7 @@ from typing import Callable
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
 from jaxllm.serve.scheduler import Req
+from jaxllm.serve.score import Scorer
 
 log = logging.getLogger("jaxllm.serve")
 
@@ -74,6 +75,7 @@ class EngineService:
     self._thread: threading.Thread | None = None
     self._closed = False
     self.steps = 0
+    self.scorer = Scorer(engine)
 
   # ---- any thread ---------------------------------------------------------------------------
   def add_finish_hook(self, hook: Callable[[Req, Timings], None]) -> None:
@@ -122,6 +124,18 @@ class EngineService:
   def flush_cache(self) -> bool:
     """Drop the radix cache when idle; False if requests are in flight."""
     return self._command("flush", wait=True)
+
+  def score(self, prompts, top: int = 0, batch: int = 8) -> list:
+    """Prompt log-probs of each prompt (jaxllm.serve.score.PromptScore), `top` alternatives per
+    position, under the current weights. Each group of `batch` prompts is one forward on the engine
+    thread between two steps (streams go on in between); a new shape compiles here first, on the
+    caller's thread. Blocks: call from any thread but the engine's."""
+    out = []
+    for i in range(0, len(prompts), batch):
+      group = [list(p) for p in prompts[i : i + batch]]
+      self.scorer.prepare(group, top)
+      out += self._command("score", group, top, wait=True)
+    return out
 
   def _command(self, *cmd, wait: bool = False):
     done, box = threading.Event(), []
@@ -188,6 +202,8 @@ class EngineService:
         box.append(None)
       elif kind == "flush":
         box.append(eng.flush_cache())
+      elif kind == "score":
+        box.append(self.scorer.score(cmd[1], cmd[2]))
     except Exception as e:
       box.append(e)
     reply.set()

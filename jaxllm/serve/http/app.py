@@ -7,8 +7,9 @@
   POST /v1/chat/completions   OpenAI chat (chat.ChatTemplate, responses.ChatCompletions)
   POST /generate              SGLang's native API, token ids in and out (native.Generate)
   POST /flush_cache           drop the prefix cache (SGLang); 409 while requests run
+  POST /tokenize, /detokenize vLLM's: text or messages <-> token ids (tokenize.py)
 
-When serve.api_key is set, /v1/*, /generate and /flush_cache need `Authorization: Bearer KEY`;
+When serve.api_key is set, /v1/*, /generate, /flush_cache, /tokenize and /detokenize need `Authorization: Bearer KEY`;
 /health and /metrics stay open for probes and scrapers (as in vLLM). Bodies are JSON, at most
 serve.max_body_bytes (checked on Content-Length before reading, and on the bytes actually read,
 so a chunked upload cannot get around it).
@@ -28,12 +29,13 @@ from starlette.requests import ClientDisconnect
 from jaxllm.config import ServeConfig
 from jaxllm.io.load import eos_ids as model_eos_ids
 from jaxllm.serve.http import protocol
-from jaxllm.serve.http.bridge import EngineCall
+from jaxllm.serve.http.bridge import EngineCall, PromptOnly
 from jaxllm.serve.http.chat import ChatTemplate
 from jaxllm.serve.http.errors import APIError, bad_request, install_handlers
 from jaxllm.serve.http.metrics import CONTENT_TYPE, Metrics
 from jaxllm.serve.http.native import Generate
 from jaxllm.serve.http.responses import ChatCompletions, Completions, Output, TokenText, first_error
+from jaxllm.serve.http.tokenize import detokenize, tokenize
 from jaxllm.serve.service import EngineService
 
 
@@ -110,7 +112,10 @@ def create_app(
 
   async def run(request: Request, parsed: protocol.Parsed, fmt):
     """Submit the parsed request and answer with fmt's streamed chunks or its one object."""
-    call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling)
+    if parsed.generate:
+      call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling, parsed.choice_prompts)
+    else:
+      call = PromptOnly(parsed.choice_prompts)
     if parsed.stream:
 
       async def chunks():
@@ -132,6 +137,14 @@ def create_app(
     if (err := first_error(outputs)) is not None:
       raise APIError(500, f"generation failed: {err}", None, "engine_error")
     return JSONResponse(fmt.response(outputs))
+
+  async def score(parsed: protocol.Parsed) -> list:
+    """The prompts' log-probs (echo with logprobs, return_prompt_logprob): computed on the engine
+    thread between steps (EngineService.score), waited for off the event loop."""
+    try:
+      return await asyncio.to_thread(service.score, parsed.all_prompts, parsed.prompt_logprobs)
+    except Exception as e:
+      raise APIError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", None, "engine_error") from None
 
   @app.get("/health")
   async def health():
@@ -156,7 +169,10 @@ def create_app(
   @app.post("/v1/completions")
   async def completions(request: Request):
     parsed = protocol.parse_completion(await read_json(request), info, tokenizer)
-    return await run(request, parsed, Completions(parsed, info.name, text_of))
+    fmt = Completions(parsed, info.name, text_of)
+    if parsed.prompt_logprobs >= 0:
+      fmt.scores = await score(parsed)
+    return await run(request, parsed, fmt)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
@@ -166,7 +182,18 @@ def create_app(
   @app.post("/generate")
   async def generate(request: Request):
     parsed = protocol.parse_generate(await read_json(request), info, tokenizer)
-    return await run(request, parsed, Generate(parsed))
+    fmt = Generate(parsed)
+    if parsed.prompt_logprobs >= 0:
+      fmt.score = (await score(parsed))[0]
+    return await run(request, parsed, fmt)
+
+  @app.post("/tokenize")
+  async def tokenize_route(request: Request):
+    return tokenize(await read_json(request), info, tokenizer, template, text_of)
+
+  @app.post("/detokenize")
+  async def detokenize_route(request: Request):
+    return detokenize(await read_json(request), info, tokenizer)
 
   @app.post("/flush_cache")
   async def flush_cache(request: Request):

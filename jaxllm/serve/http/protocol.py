@@ -3,7 +3,7 @@ OpenAI completions, OpenAI chat completions and SGLang's native /generate.
 
 Every field a client sends is read here with its type and range, and every problem is an APIError
 (400, or 404 for an unknown model) whose message names the field and what it must be. A field this
-server does not implement is rejected by name ("unsupported field 'echo'"), never silently ignored:
+server does not implement is rejected by name ("unsupported field 'suffix'"), never silently ignored:
 a client relying on it would otherwise get a different behaviour than it asked for. JSON null
 counts as absent (OpenAI clients send it for "not given").
 
@@ -49,9 +49,17 @@ _OPENAI_COMMON = {
   "return_token_ids",
   "logprobs",
 }
-COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt"}
+COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt", "echo"}
 CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
-GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob"}
+GENERATE_FIELDS = {
+  "text",
+  "input_ids",
+  "sampling_params",
+  "stream",
+  "return_logprob",
+  "return_prompt_logprob",
+  "top_logprobs_num",
+}
 GENERATE_SAMPLING_FIELDS = {
   "max_new_tokens",
   "min_new_tokens",
@@ -94,10 +102,29 @@ class Parsed:
   logprobs: bool = False  # the sampled tokens' logprobs
   top_logprobs: int = 0  # and this many alternatives per token
   return_token_ids: bool = False  # vLLM's extension: prompt_token_ids / token_ids in the response
+  prompts: list | None = None  # a batch (/v1/completions): every prompt's ids, choices prompt-major
+  prompt_texts: list | None = None  # each prompt's text, for echo
+  echo: bool = False  # /v1/completions: the prompt (and its logprobs) before the completion
+  prompt_logprobs: int = -1  # the prompt's log-probs with this many alternatives per position; -1: none
+  generate: bool = True  # False: max_tokens 0, the prompt is only echoed / scored
 
   @property
   def n(self) -> int:
     return len(self.sampling)
+
+  @property
+  def all_prompts(self) -> list:
+    return self.prompts if self.prompts is not None else [self.prompt_ids]
+
+  @property
+  def per_prompt(self) -> int:
+    """Choices of each prompt (the request's n)."""
+    return self.n // len(self.all_prompts)
+
+  @property
+  def choice_prompts(self) -> list:
+    """The prompt of each choice: choice i is the (i % n)-th of prompt i // n (OpenAI's order)."""
+    return [self.all_prompts[i // self.per_prompt] for i in range(self.n)]
 
 
 # ---- reading typed fields ---------------------------------------------------------------------
@@ -204,30 +231,51 @@ def text_ids(text: str, name: str, tokenizer) -> list:
   return ids
 
 
-def completion_prompt(v, info: ModelInfo, tokenizer) -> list:
-  """OpenAI's prompt forms: a string, an array of token ids, or an array of one of those. Batches
-  (several prompts in one request) are not supported: a client sends one request per prompt."""
+def completion_prompts(v, info: ModelInfo, tokenizer) -> tuple[list, list]:
+  """OpenAI's prompt forms -> (each prompt's token ids, its text): a string, an array of token ids,
+  or a batch, an array of strings or of token-id arrays (one completion per prompt). A prompt given
+  as token ids has the text they decode to."""
   if v is None:
     raise bad_request("missing required field 'prompt'", "prompt", "missing_field")
   if isinstance(v, str):
-    return text_ids(v, "prompt", tokenizer)
-  if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-    if len(v) > 1:
-      raise bad_request(
-        f"batched prompts are not supported: 'prompt' is an array of {len(v)} "
-        f"{'strings' if isinstance(v[0], str) else 'token-id arrays'}; send one prompt per "
-        f"request",
-        "prompt",
-        "unsupported_batch",
-      )
-    return completion_prompt(v[0], info, tokenizer) if isinstance(v[0], str) else token_ids(v[0], "prompt", info)
+    return [text_ids(v, "prompt", tokenizer)], [v]
+  if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+    return [text_ids(p, f"prompt[{i}]", tokenizer) for i, p in enumerate(v)], list(v)
+  if isinstance(v, list) and v and all(isinstance(p, list) for p in v):
+    ids = [token_ids(p, f"prompt[{i}]", info) for i, p in enumerate(v)]
+    return ids, [tokenizer.decode(p) for p in ids]
+  if isinstance(v, list) and any(isinstance(p, (str, list)) for p in v):
+    raise bad_request(
+      "'prompt' mixes kinds: a batch is an array of strings or an array of token-id arrays, not both",
+      "prompt",
+      "invalid_type",
+    )
   if isinstance(v, list):
-    return token_ids(v, "prompt", info)
+    ids = token_ids(v, "prompt", info)
+    return [ids], [tokenizer.decode(ids)]
   raise bad_request(
-    f"'prompt' must be a string, an array of token ids, or an array holding one of those; got {json_type(v)}",
+    f"'prompt' must be a string, an array of token ids, or an array of strings or of token-id arrays "
+    f"(a batch); got {json_type(v)}",
     "prompt",
     "invalid_type",
   )
+
+
+def _zero_max_tokens(f: Fields, key: str, allowed: bool, why: str) -> bool:
+  """Whether `key` is 0 (nothing generated: the prompt only); a 400 unless `allowed`."""
+  zero = f.given(key) and f.get(key, "integer") == 0
+  if zero:
+    f.check(allowed, key, 0, f"an integer >= 1 (0 only {why})")
+  return zero
+
+
+def _fits_context(prompt_len: int, key: str, info: ModelInfo) -> None:
+  if prompt_len > info.context:
+    raise bad_request(
+      f"the prompt is {prompt_len} tokens, more than the context of {info.context} tokens; shorten it",
+      key,
+      "context_length_exceeded",
+    )
 
 
 def chat_messages(v) -> list[dict]:
@@ -419,23 +467,42 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 
 
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
+  """A batch (prompt: an array of strings or of token-id arrays) gets n choices per prompt, prompt
+  after prompt (choice index = prompt index * n + sample). echo: each choice's text (and logprobs)
+  starts with its prompt's; echo with logprobs and max_tokens 0 scores the prompt only (lm-eval's
+  loglikelihood requests): its tokens' log-probs, the first one null (OpenAI, vLLM)."""
   f = Fields(body, COMPLETION_FIELDS)
   check_model(f, info)
-  prompt = completion_prompt(body.get("prompt"), info, tokenizer)
+  prompts, texts = completion_prompts(body.get("prompt"), info, tokenizer)
+  echo = f.get("echo", "boolean", False)
   logprobs = f.get("logprobs", "integer")
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
   top = logprobs or 0  # logprobs=k: the sampled token's and the k likeliest alternatives
-  max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
+  zero = _zero_max_tokens(f, "max_tokens", echo, "with 'echo': the prompt alone")
   stream, include_usage = _stream(f)
+  sampling = []
+  for i, prompt in enumerate(prompts):
+    key = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+    if zero:
+      _fits_context(len(prompt), key, info)
+      max_tokens = 1  # nothing is generated; the sampling fields are still checked
+    else:
+      max_tokens = _max_tokens(f, ("max_tokens",), key, len(prompt), info, COMPLETION_DEFAULT_MAX_TOKENS)
+    sampling += _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top)
   return Parsed(
-    prompt,
-    _sampling(f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top),
+    prompts[0],
+    sampling,
     stream,
     include_usage,
     logprobs is not None,
     top,
     f.get("return_token_ids", "boolean", False),
+    prompts=prompts,
+    prompt_texts=texts,
+    echo=echo,
+    prompt_logprobs=top if echo and logprobs is not None else -1,
+    generate=not zero,
   )
 
 
@@ -484,7 +551,15 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     stop_ids,
     f"token ids in 0..{info.vocab_size - 1}",
   )
-  max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
+  prompt_logprob = f.get("return_prompt_logprob", "boolean", False)
+  top = f.get("top_logprobs_num", "integer", 0)
+  f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs_num", top, f"in 0..{TOP_LOGPROBS}")
+  zero = _zero_max_tokens(s, "max_new_tokens", prompt_logprob, "with 'return_prompt_logprob': the prompt alone")
+  if zero:
+    _fits_context(len(prompt), prompt_key, info)
+  max_tokens = (
+    1 if zero else _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
+  )
   logprobs = f.get("return_logprob", "boolean", False)
   sampling = _sampling(
     s,
@@ -494,6 +569,17 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     min_tokens_key="min_new_tokens",
     temperature_max=None,
     logprobs=logprobs,
+    top_logprobs=top if logprobs else 0,
     stop_token_ids=stop_ids,
   )
-  return Parsed(prompt, sampling, f.get("stream", "boolean", False), False, logprobs, 0, True)
+  return Parsed(
+    prompt,
+    sampling,
+    f.get("stream", "boolean", False),
+    False,
+    logprobs,
+    top if logprobs else 0,
+    True,
+    prompt_logprobs=top if prompt_logprob else -1,
+    generate=not zero,
+  )

@@ -1,0 +1,207 @@
+"""Prompt log-probs (echo + logprobs on /v1/completions, return_prompt_logprob on /generate), batched
+prompts and /tokenize + /detokenize, end to end over HTTP with the official `openai` client.
+
+Reference for every prompt log-prob: a plain full forward of the same params (model_def(cfg).bind(params)
+over the prompt alone, log_softmax of its logits), position by position."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from test_http import CFG, MODEL, TOK, start_server
+from test_serve import params_of
+
+from jaxllm.model.params import model_def
+from jaxllm.serve.http.chat import ChatTemplate
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away", "héllo wörld: ∑"]
+
+
+@pytest.fixture(scope="module")
+def srv():
+  with start_server() as s:
+    yield s
+
+
+@functools.lru_cache(maxsize=None)
+def _log_softmax():
+  mdef = model_def(CFG)
+  return jax.jit(lambda p, t: jax.nn.log_softmax(mdef.bind(p)(t).logits, -1))
+
+
+def reference(ids) -> np.ndarray:
+  """[len(ids), V] log-probs of the next token at each position, from one full forward of this prompt."""
+  return np.asarray(_log_softmax()(params_of(CFG), np.asarray([ids], np.int32)))[0]
+
+
+def ref_token_logprobs(ids) -> list:
+  lp = reference(ids)
+  return [lp[t, ids[t + 1]] for t in range(len(ids) - 1)]
+
+
+def test_echo_logprobs_max_tokens_zero_equal_full_forward(srv):
+  """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens=0 -> the prompt's log-probs."""
+  client = srv.client()
+  for prompt in PROMPTS + [TOK.encode(PROMPTS[1])]:
+    ids = prompt if isinstance(prompt, list) else TOK.encode(prompt)
+    r = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    c = r.choices[0]
+    assert c.text == TOK.decode(ids) and c.finish_reason == "length"
+    lp = c.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    np.testing.assert_allclose(lp.token_logprobs[1:], ref_token_logprobs(ids), rtol=1e-5, atol=1e-5)
+    assert lp.tokens == [TOK.decode([t]) for t in ids]
+    assert lp.text_offset == list(np.cumsum([0] + [len(s) for s in lp.tokens[:-1]]))
+    ref = reference(ids)
+    for t in range(1, len(ids)):  # the one alternative is the likeliest next token
+      ((text, value),) = lp.top_logprobs[t].items()
+      assert text == TOK.decode([int(np.argmax(ref[t - 1]))])
+      np.testing.assert_allclose(value, ref[t - 1].max(), rtol=1e-5, atol=1e-5)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+  # logprobs=3: three alternatives per position, keyed by their text (ids sharing one keep the likeliest).
+  ids = TOK.encode(PROMPTS[0])
+  r = client.completions.create(model=MODEL, prompt=PROMPTS[0], echo=True, logprobs=3, max_tokens=0)
+  ref = reference(ids)
+  for t in range(1, len(ids)):
+    want = {}
+    for i in np.argsort(-ref[t - 1], kind="stable")[:3]:
+      want.setdefault(TOK.decode([int(i)]), ref[t - 1, i])
+    got = r.choices[0].logprobs.top_logprobs[t]
+    assert list(got) == list(want)
+    np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_echo_with_generation(srv):
+  """max_tokens=1 (lm-eval's form) and more: the prompt's text and log-probs, then the generated ones."""
+  client = srv.client()
+  ids = TOK.encode(PROMPTS[1])
+  ref = reference(ids)
+  plain = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2)
+  r = client.completions.create(
+    model=MODEL,
+    prompt=PROMPTS[1],
+    max_tokens=6,
+    temperature=0,
+    logprobs=2,
+    echo=True,
+    extra_body={"return_token_ids": True},
+  )
+  c, p = r.choices[0], plain.choices[0]
+  assert c.text == PROMPTS[1] + p.text
+  np.testing.assert_allclose(c.logprobs.token_logprobs[1 : len(ids)], ref_token_logprobs(ids), rtol=1e-5, atol=1e-5)
+  assert c.logprobs.token_logprobs[len(ids) :] == p.logprobs.token_logprobs  # the engine's own, after the prompt's
+  assert c.logprobs.tokens[len(ids) :] == p.logprobs.tokens
+  assert c.logprobs.text_offset[len(ids) :] == [len(PROMPTS[1]) + o for o in p.logprobs.text_offset]
+  # The first generated token is the reference's argmax after the prompt, with the reference's log-prob.
+  assert c.token_ids[0] == int(np.argmax(ref[-1]))
+  np.testing.assert_allclose(c.logprobs.token_logprobs[len(ids)], ref[-1].max(), rtol=1e-5, atol=1e-5)
+  assert c.prompt_weight_version == c.weight_version == 0 and c.prompt_token_ids == ids
+  # echo without logprobs, and streamed: the prompt comes first, in a chunk of its own.
+  r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, echo=True)
+  assert r.choices[0].text == PROMPTS[1] + p.text and r.choices[0].logprobs is None
+  chunks = list(
+    client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, echo=True, stream=True)
+  )
+  assert chunks[0].choices[0].text == PROMPTS[1]
+  assert "".join(x.choices[0].text for x in chunks) == PROMPTS[1] + p.text
+  chunks = list(
+    client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=0, stream=True)
+  )
+  assert [x.choices[0].finish_reason for x in chunks] == [None, "length"]
+  np.testing.assert_allclose(chunks[0].choices[0].logprobs.token_logprobs[1:], ref_token_logprobs(ids), 1e-5, 1e-5)
+
+
+def test_batched_prompts_in_openai_order(srv):
+  """A batch of n=2: choice index = prompt * 2 + sample, each as its own request would give it."""
+  client = srv.client()
+  kw = dict(model=MODEL, max_tokens=5, temperature=1.0, seed=11, n=2)
+  single = [client.completions.create(prompt=p, **kw) for p in PROMPTS]
+  want = [c.text for r in single for c in sorted(r.choices, key=lambda c: c.index)]
+  assert want[0] != want[1]  # the two samples of a prompt differ (seeds 11, 12)
+  for form in (PROMPTS, [TOK.encode(p) for p in PROMPTS]):
+    r = client.completions.create(prompt=form, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == want
+    assert r.usage.prompt_tokens == sum(len(TOK.encode(p)) for p in PROMPTS)
+    assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in single)
+  # Streamed, the chunks name the same indexes.
+  texts = [""] * 6
+  for chunk in client.completions.create(prompt=PROMPTS, stream=True, **kw):
+    for c in chunk.choices:
+      texts[c.index] += c.text
+  assert texts == want
+  # A scored batch: every choice carries its own prompt's log-probs.
+  r = client.completions.create(model=MODEL, prompt=PROMPTS, n=2, echo=True, logprobs=0, max_tokens=0)
+  for c in r.choices:
+    ids = TOK.encode(PROMPTS[c.index // 2])
+    assert c.text == PROMPTS[c.index // 2] and c.logprobs.top_logprobs is None
+    np.testing.assert_allclose(c.logprobs.token_logprobs[1:], ref_token_logprobs(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_return_prompt_logprob(srv):
+  ids = TOK.encode(PROMPTS[2])
+  ref = reference(ids)
+  with srv.http() as h:
+    body = {"input_ids": ids, "return_prompt_logprob": True, "top_logprobs_num": 2}
+    r = h.post("/generate", json=body | {"sampling_params": {"max_new_tokens": 0}}).json()
+    meta = r["meta_info"]
+    assert r["output_ids"] == [] and meta["finish_reason"] == {"type": "length"}
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == ids
+    assert meta["input_token_logprobs"][0][0] is None and meta["input_top_logprobs"][0] is None
+    np.testing.assert_allclose(
+      [lp for lp, _, _ in meta["input_token_logprobs"][1:]], ref_token_logprobs(ids), rtol=1e-5, atol=1e-5
+    )
+    for t in range(1, len(ids)):
+      assert [i for _, i, _ in meta["input_top_logprobs"][t]] == list(np.argsort(-ref[t - 1], kind="stable")[:2])
+    assert meta["prompt_weight_version"] == meta["weight_version"] == 0
+    # With generation and return_logprob: the same prompt log-probs, then the output's with top-2.
+    r2 = h.post(
+      "/generate",
+      json=body | {"return_logprob": True, "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
+    ).json()["meta_info"]
+    assert r2["input_token_logprobs"] == meta["input_token_logprobs"]
+    assert len(r2["output_token_logprobs"]) == 4 and all(len(a) == 2 for a in r2["output_top_logprobs"])
+
+
+def test_tokenize_detokenize_round_trip(srv):
+  with srv.http() as h:
+    text = PROMPTS[2]
+    r = h.post("/tokenize", json={"model": MODEL, "prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == TOK.encode(text) and r["count"] == len(r["tokens"]) and r["token_strs"] is None
+    assert r["max_model_len"] == CFG.max_seq_len
+    assert h.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    r = h.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()  # vLLM: BOS by default
+    assert r["tokens"] == [TOK.bos_id] + TOK.encode(text) and r["token_strs"][1] == "h"
+    assert h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = h.post("/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == ChatTemplate(None, TOK).encode(messages)  # what /v1/chat/completions would run
+    prompt = h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"]
+    assert prompt == "system: Be brief.\nuser: Hi\nassistant:"
+    r = h.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert TOK.decode(r["tokens"]) == "system: Be brief.\nuser: Hi\n"
+
+
+BAD = [
+  ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
+  ("/v1/completions", {"prompt": ["a", [97]], "echo": True}, "prompt"),
+  ("/v1/completions", {"prompt": "a", "echo": 1}, "echo"),
+  ("/v1/completions", {"prompt": "a" * 129, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
+  ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+  ("/generate", {"text": "a", "return_prompt_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
+  ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
+  ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),
+  ("/tokenize", {"prompt": "a", "tools": []}, "tools"),
+  ("/detokenize", {"tokens": [1, 999]}, "tokens"),
+  ("/detokenize", {}, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD, ids=[f"{p}-{k}" for p, _, k in BAD])
+def test_bad_requests_name_the_field(srv, path, body, param):
+  with srv.http() as h:
+    r = h.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert h.get("/health").status_code == 200
