@@ -8,7 +8,8 @@ Computed by a plain full forward of the model over the prompts, outside the page
     log-probs from it would depend on what else was cached, and the shared step functions (their
     compile shapes, their outputs) would change for every request;
   - few shapes: the prompts are padded to [B, T] with B and T powers of two (padding rows and
-    positions come after the real tokens, which causal attention never lets them touch);
+    positions come after the real tokens, which causal attention never lets them touch), at most
+    MAX_PROMPTS prompts and MAX_TOKENS padded tokens per forward (`groups`);
   - no [B, T, V] fp32 logits: the head runs over chunks of model.loss_chunk positions (a lax.map,
     as the RL learner's token log-probs), each chunk keeping only the prompt token's log-prob and
     the top alternatives.
@@ -38,6 +39,8 @@ from jaxllm.parallel import mesh_hooks
 from jaxllm.serve.sampling import TOP_LOGPROBS
 
 MIN_LEN = 16  # the smallest padded prompt length (a few buckets cover short prompts)
+MAX_PROMPTS = 8  # prompts per forward at most
+MAX_TOKENS = 16384  # padded B * T per forward at most (a longer prompt goes alone)
 
 
 @dataclass
@@ -108,16 +111,30 @@ class Scorer:
     only runs it)."""
     self._get(*self.shape(prompts), top > 0)
 
+  def groups(self, prompts) -> list[list]:
+    """The prompts in order, cut into the batches of one forward each (MAX_PROMPTS, MAX_TOKENS)."""
+    out, group = [], []
+    for p in prompts:
+      grown = group + [p]
+      B, T = self.shape(grown)
+      if group and (len(grown) > MAX_PROMPTS or B * T > MAX_TOKENS):
+        out.append(group)
+        grown = [p]
+      group = grown
+    return out + [group] if group else out
+
   def _get(self, B: int, T: int, with_top: bool):
     key = (B, T, with_top)
-    with self._lock:
-      fn = self._compiled.get(key)
-      if fn is None:
-        with self._context():
-          fn = self._jit.lower(self.engine.params, jax.ShapeDtypeStruct((B, T), jnp.int32), with_top).compile()
-        self._compiled[key] = fn
-        self.compiles += 1
-      return fn
+    fn = self._compiled.get(key)
+    if fn is None:
+      with self._lock:  # one compile per shape, by whichever thread asks first
+        fn = self._compiled.get(key)
+        if fn is None:
+          with self._context():
+            spec = jax.ShapeDtypeStruct((B, T), jnp.int32)
+            fn = self._compiled[key] = self._jit.lower(self.engine.params, spec, with_top).compile()
+          self.compiles += 1
+    return fn
 
   def score(self, prompts, top: int = 0) -> list[PromptScore]:
     """Log-probs of each prompt (lists of token ids, each non-empty) with `top` (0..20)

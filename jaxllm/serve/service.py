@@ -125,14 +125,13 @@ class EngineService:
     """Drop the radix cache when idle; False if requests are in flight."""
     return self._command("flush", wait=True)
 
-  def score(self, prompts, top: int = 0, batch: int = 8) -> list:
+  def score(self, prompts, top: int = 0) -> list:
     """Prompt log-probs of each prompt (jaxllm.serve.score.PromptScore), `top` alternatives per
-    position, under the current weights. Each group of `batch` prompts is one forward on the engine
-    thread between two steps (streams go on in between); a new shape compiles here first, on the
-    caller's thread. Blocks: call from any thread but the engine's."""
+    position, under the current weights. Each group of prompts (Scorer.groups) is one forward on the
+    engine thread between two steps (streams go on in between); a new shape compiles here first, on
+    the caller's thread. Blocks: call from any thread but the engine's."""
     out = []
-    for i in range(0, len(prompts), batch):
-      group = [list(p) for p in prompts[i : i + batch]]
+    for group in self.scorer.groups([list(p) for p in prompts]):
       self.scorer.prepare(group, top)
       out += self._command("score", group, top, wait=True)
     return out

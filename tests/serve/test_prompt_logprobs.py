@@ -5,15 +5,20 @@ Reference for every prompt log-prob: a plain full forward of the same params (mo
 over the prompt alone, log_softmax of its logits), position by position."""
 
 import functools
+import threading
 
 import jax
 import numpy as np
 import pytest
 from test_http import CFG, MODEL, TOK, start_server
-from test_serve import params_of
+from test_serve import DENSE, MOE, params_of
 
-from jaxllm.model.params import model_def
+from jaxllm.config import MeshConfig
+from jaxllm.model.params import init_params, model_def
+from jaxllm.parallel import build_mesh
+from jaxllm.serve.engine import Engine
 from jaxllm.serve.http.chat import ChatTemplate
+from jaxllm.serve.score import Scorer
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away", "héllo wörld: ∑"]
 
@@ -25,18 +30,19 @@ def srv():
 
 
 @functools.lru_cache(maxsize=None)
-def _log_softmax():
-  mdef = model_def(CFG)
+def _log_softmax(cfg):
+  mdef = model_def(cfg)
   return jax.jit(lambda p, t: jax.nn.log_softmax(mdef.bind(p)(t).logits, -1))
 
 
-def reference(ids) -> np.ndarray:
+def reference(ids, params=None, cfg=CFG) -> np.ndarray:
   """[len(ids), V] log-probs of the next token at each position, from one full forward of this prompt."""
-  return np.asarray(_log_softmax()(params_of(CFG), np.asarray([ids], np.int32)))[0]
+  params = params_of(cfg) if params is None else params
+  return np.asarray(_log_softmax(cfg)(params, np.asarray([ids], np.int32)))[0]
 
 
-def ref_token_logprobs(ids) -> list:
-  lp = reference(ids)
+def ref_token_logprobs(ids, params=None, cfg=CFG) -> list:
+  lp = reference(ids, params, cfg)
   return [lp[t, ids[t + 1]] for t in range(len(ids) - 1)]
 
 
@@ -162,6 +168,53 @@ def test_generate_return_prompt_logprob(srv):
     ).json()["meta_info"]
     assert r2["input_token_logprobs"] == meta["input_token_logprobs"]
     assert len(r2["output_token_logprobs"]) == 4 and all(len(a) == 2 for a in r2["output_top_logprobs"])
+
+
+def test_scoring_between_steps_follows_weights_and_leaves_streams_alone(srv):
+  """Scoring while a stream generates: the stream's text is the one it gets alone, and the scores
+  are right; after a weight swap the scores are the new weights' and say so."""
+  client = srv.client()
+  kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
+  alone = client.completions.create(**kw).choices[0].text
+  got = []
+  stream = threading.Thread(
+    target=lambda: got.extend(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+  )
+  stream.start()
+  for p in PROMPTS * 2:
+    r = client.completions.create(model=MODEL, prompt=p, echo=True, logprobs=0, max_tokens=0)
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], ref_token_logprobs(TOK.encode(p)), 1e-5, 1e-5)
+  stream.join()
+  assert "".join(got) == alone
+  new = init_params(CFG, 1)
+  srv.service.set_weights(new, "step-1")
+  try:
+    ids = TOK.encode(PROMPTS[1])
+    r = client.completions.create(
+      model=MODEL, prompt=PROMPTS[1], echo=True, logprobs=0, max_tokens=0, extra_body={"return_token_ids": True}
+    )
+    c = r.choices[0]
+    assert c.prompt_weight_version == c.weight_version == "step-1"
+    np.testing.assert_allclose(c.logprobs.token_logprobs[1:], ref_token_logprobs(ids, new), rtol=1e-5, atol=1e-5)
+  finally:
+    srv.service.set_weights(params_of(CFG), 0)
+
+
+@pytest.mark.parametrize(
+  "cfg,mc",
+  [(DENSE, MeshConfig(dp=4, tp=2)), pytest.param(MOE, MeshConfig(dp=2, tp=2, ep=4), marks=pytest.mark.slow)],
+  ids=["dense-dp4-tp2", "moe-dp2-tp2-ep4"],
+)
+def test_scorer_on_a_mesh_equals_full_forward(cfg, mc):
+  """The scorer runs under the engine's mesh and hooks (sharded weights, expert-parallel MoE)."""
+  mesh, plan = build_mesh(mc, jax.devices()[: mc.num_devices])
+  eng = Engine(cfg, params_of(cfg), page_size=8, num_pages=64, max_running=4, mesh=mesh, plan=plan)
+  rng = np.random.default_rng(0)
+  prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, n)] for n in (5, 17, 30)]
+  for p, s in zip(prompts, Scorer(eng).score(prompts, 2)):
+    np.testing.assert_allclose(s.logprobs[1:], ref_token_logprobs(p, cfg=cfg), rtol=1e-5, atol=1e-5)
+    ref = reference(p, cfg=cfg)
+    assert [[i for i, _ in alts] for alts in s.top[1:]] == [list(np.argsort(-r)[:2]) for r in ref[:-1]]
 
 
 def test_tokenize_detokenize_round_trip(srv):
