@@ -118,6 +118,31 @@ def test_echo_with_generation(srv):
   np.testing.assert_allclose(chunks[0].choices[0].logprobs.token_logprobs[1:], ref_token_logprobs(ids), 1e-5, 1e-5)
 
 
+def test_lm_eval_loglikelihood_payload(srv):
+  """lm-eval's local-completions loglikelihood request (a batch of context + continuation token
+  lists, max_tokens=1, echo, logprobs=1), read as lm-eval reads it: the continuation's summed
+  log-prob and whether every continuation token was the greedy one."""
+  pairs = [("The quick brown", " fox"), ("Once upon a", " time"), ("héllo", " wörld")]
+  ctx = [TOK.encode(c) for c, _ in pairs]
+  reqs = [c + TOK.encode(x) for c, (_, x) in zip(ctx, pairs)]
+  ctx.append(TOK.encode("Greedy"))  # and a continuation of the model's own two greedy tokens
+  reqs.append(ctx[-1] + [int(np.argmax(reference(ctx[-1])[-1]))])
+  reqs[-1].append(int(np.argmax(reference(reqs[-1])[-1])))
+  body = {"model": MODEL, "prompt": reqs, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+  with srv.http() as h:
+    out = h.post("/v1/completions", json=body).json()
+  greedy = []
+  for choice, c, ids in zip(sorted(out["choices"], key=lambda c: c["index"]), ctx, reqs, strict=True):
+    lps = choice["logprobs"]["token_logprobs"][len(c) : -1]
+    tops = choice["logprobs"]["top_logprobs"][len(c) : -1]
+    ref = reference(ids)
+    want = [ref[t - 1, ids[t]] for t in range(len(c), len(ids))]
+    np.testing.assert_allclose(sum(lps), sum(want), rtol=1e-5, atol=1e-5)
+    greedy.append(all(tok == max(top.values()) for tok, top in zip(lps, tops)))
+    assert greedy[-1] == all(ids[t] == np.argmax(ref[t - 1]) for t in range(len(c), len(ids)))
+  assert greedy[-1]
+
+
 def test_batched_prompts_in_openai_order(srv):
   """A batch of n=2: choice index = prompt * 2 + sample, each as its own request would give it."""
   client = srv.client()
