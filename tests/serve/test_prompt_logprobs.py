@@ -201,15 +201,29 @@ def test_scoring_between_steps_follows_weights_and_leaves_streams_alone(srv):
   client = srv.client()
   kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
   alone = client.completions.create(**kw).choices[0].text
-  got = []
-  stream = threading.Thread(
-    target=lambda: got.extend(c.choices[0].text for c in client.completions.create(**kw, stream=True))
-  )
+  want = [ref_token_logprobs(TOK.encode(p)) for p in PROMPTS]
+  score = lambda p: client.completions.create(model=MODEL, prompt=p, echo=True, logprobs=0, max_tokens=0)
+  for p in PROMPTS:  # compiled before the stream starts
+    score(p)
+  got, first = [], threading.Event()
+
+  def consume():
+    for c in client.completions.create(**kw, stream=True):
+      got.append(c.choices[0].text)
+      first.set()
+
+  stream = threading.Thread(target=consume)
   stream.start()
-  for p in PROMPTS * 2:
-    r = client.completions.create(model=MODEL, prompt=p, echo=True, logprobs=0, max_tokens=0)
-    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], ref_token_logprobs(TOK.encode(p)), 1e-5, 1e-5)
+  assert first.wait(60)
+  during = 0
+  for i in range(100):  # score until the stream is done (and at least 3 prompts)
+    if not stream.is_alive() and i >= 3:
+      break
+    lps = score(PROMPTS[i % 3]).choices[0].logprobs.token_logprobs
+    np.testing.assert_allclose(lps[1:], want[i % 3], rtol=1e-5, atol=1e-5)
+    during += stream.is_alive()
   stream.join()
+  assert during >= 1
   assert "".join(got) == alone
   new = init_params(CFG, 1)
   srv.service.set_weights(new, "step-1")
