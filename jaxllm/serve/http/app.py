@@ -9,10 +9,10 @@
   POST /flush_cache           drop the prefix cache (SGLang); 409 while requests run
   POST /tokenize, /detokenize vLLM's: text or messages <-> token ids (tokenize.py)
 
-When serve.api_key is set, /v1/*, /generate, /flush_cache, /tokenize and /detokenize need `Authorization: Bearer KEY`;
-/health and /metrics stay open for probes and scrapers (as in vLLM). Bodies are JSON, at most
-serve.max_body_bytes (checked on Content-Length before reading, and on the bytes actually read,
-so a chunked upload cannot get around it).
+When serve.api_key is set, /v1/*, /generate, /flush_cache, /tokenize and /detokenize need
+`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers (as in vLLM).
+Bodies are JSON, at most serve.max_body_bytes (checked on Content-Length before reading, and on the
+bytes actually read, so a chunked upload cannot get around it).
 """
 
 from __future__ import annotations
