@@ -273,6 +273,13 @@ def test_tokenize_detokenize_round_trip(srv):
     assert prompt == "system: Be brief.\nuser: Hi\nassistant:"
     r = h.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert TOK.decode(r["tokens"]) == "system: Be brief.\nuser: Hi\n"
+    # What lm-eval's check_remote_tokenizer_support asks before it uses the server as its tokenizer.
+    r = h.get("/tokenizer_info").json()
+    assert "eos_token" in r and r["chat_template"] == ChatTemplate(None, TOK).source
+    assert r["model_max_length"] == CFG.max_seq_len
+    assert h.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json()["tokens"] == TOK.encode(
+      "test"
+    )
 
 
 BAD = [

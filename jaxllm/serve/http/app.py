@@ -8,8 +8,9 @@
   POST /generate              SGLang's native API, token ids in and out (native.Generate)
   POST /flush_cache           drop the prefix cache (SGLang); 409 while requests run
   POST /tokenize, /detokenize vLLM's: text or messages <-> token ids (tokenize.py)
+  GET  /tokenizer_info        vLLM's: the special tokens and chat template (tokenize.py)
 
-When serve.api_key is set, /v1/*, /generate, /flush_cache, /tokenize and /detokenize need
+When serve.api_key is set, /v1/*, /generate, /flush_cache and the tokenizer routes need
 `Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers (as in vLLM).
 Bodies are JSON, at most serve.max_body_bytes (checked on Content-Length before reading, and on the
 bytes actually read, so a chunked upload cannot get around it).
@@ -35,7 +36,7 @@ from jaxllm.serve.http.errors import APIError, bad_request, install_handlers
 from jaxllm.serve.http.metrics import CONTENT_TYPE, Metrics
 from jaxllm.serve.http.native import Generate
 from jaxllm.serve.http.responses import ChatCompletions, Completions, Output, TokenText, first_error
-from jaxllm.serve.http.tokenize import detokenize, tokenize
+from jaxllm.serve.http.tokenize import detokenize, tokenize, tokenizer_info
 from jaxllm.serve.service import EngineService
 
 
@@ -194,6 +195,11 @@ def create_app(
   @app.post("/detokenize")
   async def detokenize_route(request: Request):
     return detokenize(await read_json(request), info, tokenizer)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info_route(request: Request):
+    authorize(request)
+    return tokenizer_info(info, tokenizer, template)
 
   @app.post("/flush_cache")
   async def flush_cache(request: Request):

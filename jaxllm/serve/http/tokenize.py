@@ -1,10 +1,16 @@
-"""vLLM's /tokenize and /detokenize: the server's own tokenizer and chat template, without generating.
+"""vLLM's /tokenize, /detokenize and /tokenizer_info: the server's own tokenizer and chat template,
+without generating.
 
   POST /tokenize    {"prompt": str, "add_special_tokens": true}
                  or {"messages": [...], "add_generation_prompt": true, "add_special_tokens": false}
                     (+ "model", "return_token_strs": false)
                     -> {"count", "max_model_len", "tokens", "token_strs"}
   POST /detokenize  {"tokens": [ids]} (+ "model") -> {"prompt": str}
+  GET  /tokenizer_info -> {"tokenizer_class", "bos_token", "eos_token", "pad_token", "chat_template",
+                          "model_max_length"}  (a special token's text; null when it has none)
+
+lm-eval's remote tokenizer (`tokenizer_backend=remote`, picked automatically when a server has
+/tokenizer_info and /tokenize) reads exactly these.
 
 Defaults as vLLM's: add_special_tokens adds the tokenizer's BOS (if it has one) to a prompt; for
 messages it is off, since a chat template writes its own special tokens (with it on, a BOS is added
@@ -57,3 +63,19 @@ def detokenize(body, info: ModelInfo, tokenizer) -> dict:
     raise bad_request("missing required field 'tokens'", "tokens", "missing_field")
   ids = token_ids(body["tokens"], "tokens", info) if body["tokens"] != [] else []
   return {"prompt": tokenizer.decode(ids)}
+
+
+def tokenizer_info(info: ModelInfo, tokenizer, template) -> dict:
+  inner = getattr(tokenizer, "tokenizer", None)  # HFTokenizer wraps a `tokenizers.Tokenizer`
+
+  def text(token_id):
+    return None if inner is None or token_id is None else inner.id_to_token(token_id)
+
+  return {
+    "tokenizer_class": type(tokenizer).__name__,
+    "bos_token": text(getattr(tokenizer, "bos_id", None)),
+    "eos_token": text(getattr(tokenizer, "eos_id", None)),
+    "pad_token": text(getattr(tokenizer, "pad_id", None)),
+    "chat_template": template.source,
+    "model_max_length": info.context,
+  }
