@@ -256,6 +256,37 @@ def test_scorer_on_a_mesh_equals_full_forward(cfg, mc):
     assert [[i for i, _ in alts] for alts in s.top[1:]] == [list(np.argsort(-r)[:2]) for r in ref[:-1]]
 
 
+def test_generate_batches_and_sglang_logprob_start_len(srv):
+  """lm-eval's sglang-generate loglikelihood request: a batch of token lists, return_logprob with
+  logprob_start_len=0 and top_logprobs_num=1, one response per prompt; and a text batch with n=2."""
+  reqs = [TOK.encode(p) for p in PROMPTS]
+  body = {
+    "input_ids": reqs,
+    "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+    "logprob_start_len": 0,
+    "top_logprobs_num": 1,
+    "return_logprob": True,
+  }
+  with srv.http() as h:
+    out = h.post("/generate", json=body).json()
+    assert isinstance(out, list) and len(out) == len(reqs)
+    for o, ids in zip(out, reqs):
+      meta, ref = o["meta_info"], reference(ids)
+      ctx = 3
+      np.testing.assert_allclose(
+        sum(x[0] for x in meta["input_token_logprobs"][ctx:]), sum(ref_token_logprobs(ids)[ctx - 1 :]), rtol=1e-5
+      )
+      assert [y[0][1] for y in meta["input_top_logprobs"][1:]] == [int(np.argmax(r)) for r in ref[:-1]]
+      assert o["output_ids"] == [int(np.argmax(ref[-1]))]
+    # logprob_start_len=k reports positions k.. only; a one-prompt batch is still a list.
+    r = h.post("/generate", json=body | {"input_ids": reqs[:1], "logprob_start_len": 4}).json()
+    assert [t for _, t, _ in r[0]["meta_info"]["input_token_logprobs"]] == reqs[0][4:]
+    kw = {"sampling_params": {"n": 2, "temperature": 1.0, "sampling_seed": 3, "max_new_tokens": 5}}
+    single = [h.post("/generate", json=kw | {"text": p}).json() for p in PROMPTS[:2]]
+    batch = h.post("/generate", json=kw | {"text": PROMPTS[:2]}).json()
+    assert [o["output_ids"] for o in batch] == [o["output_ids"] for s in single for o in s]
+
+
 def test_tokenize_detokenize_round_trip(srv):
   with srv.http() as h:
     text = PROMPTS[2]
@@ -288,6 +319,9 @@ BAD = [
   ("/v1/completions", {"prompt": "a", "echo": 1}, "echo"),
   ("/v1/completions", {"prompt": "a" * 129, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
   ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+  ("/generate", {"text": "a", "logprob_start_len": -2}, "logprob_start_len"),
+  ("/generate", {"input_ids": [[1], []]}, "input_ids[1]"),
+  ("/generate", {"text": ["a", 1]}, "text"),
   ("/generate", {"text": "a", "return_prompt_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
   ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
   ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),

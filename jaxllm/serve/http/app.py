@@ -185,7 +185,7 @@ def create_app(
     parsed = protocol.parse_generate(await read_json(request), info, tokenizer)
     fmt = Generate(parsed)
     if parsed.prompt_logprobs >= 0:
-      fmt.score = (await score(parsed))[0]
+      fmt.scores = await score(parsed)
     return await run(request, parsed, fmt)
 
   @app.post("/tokenize")

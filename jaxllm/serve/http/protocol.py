@@ -59,6 +59,7 @@ GENERATE_FIELDS = {
   "return_logprob",
   "return_prompt_logprob",
   "top_logprobs_num",
+  "logprob_start_len",
 }
 GENERATE_SAMPLING_FIELDS = {
   "max_new_tokens",
@@ -107,6 +108,7 @@ class Parsed:
   echo: bool = False  # /v1/completions: the prompt (and its logprobs) before the completion
   prompt_logprobs: int = -1  # the prompt's log-probs with this many alternatives per position; -1: none
   generate: bool = True  # False: max_tokens 0, the prompt is only echoed / scored
+  logprob_start: int = 0  # /generate: the first prompt position whose log-prob is reported
 
   @property
   def n(self) -> int:
@@ -529,20 +531,30 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   )
 
 
+def _generate_prompts(f: Fields, key: str, info: ModelInfo, tokenizer) -> tuple[list, bool]:
+  """/generate's `text` (a string or a batch of strings) or `input_ids` (token ids or a batch of
+  token-id arrays) -> (each prompt's ids, whether it is a batch)."""
+  v = f.obj[key]
+  batch = isinstance(v, list) and bool(v) and all(isinstance(p, str if key == "text" else list) for p in v)
+  if key == "text":
+    texts = v if batch else [f.get("text", "string")]
+    return [text_ids(t, f"text[{i}]" if batch else "text", tokenizer) for i, t in enumerate(texts)], batch
+  return [token_ids(p, f"input_ids[{i}]", info) for i, p in enumerate(v)] if batch else [token_ids(v, key, info)], batch
+
+
 def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   """SGLang's /generate: {"text" | "input_ids", "sampling_params": {...}, "stream", "return_logprob"}.
-  Defaults follow SGLang (temperature 1, max_new_tokens 128 shortened to fit the context)."""
+  Defaults follow SGLang (temperature 1, max_new_tokens 128 shortened to fit the context). A batch
+  (text: an array of strings, input_ids: an array of token-id arrays) gets a list of responses, n per
+  prompt, prompt after prompt. The prompt's log-probs: with return_prompt_logprob, or SGLang's
+  return_logprob with logprob_start_len >= 0 (reported from that position on)."""
   f = Fields(body, GENERATE_FIELDS)
   if not f.given("text") and not f.given("input_ids"):
     raise bad_request("missing the prompt: give 'text' or 'input_ids'", "text", "missing_field")
   if f.given("text") and f.given("input_ids"):
     raise bad_request("give one of 'text' and 'input_ids', not both", "text", "invalid_value")
   prompt_key = "text" if f.given("text") else "input_ids"
-  prompt = (
-    text_ids(f.get("text", "string"), "text", tokenizer)
-    if prompt_key == "text"
-    else token_ids(body["input_ids"], "input_ids", info)
-  )
+  prompts, batch = _generate_prompts(f, prompt_key, info, tokenizer)
   s = Fields(f.get("sampling_params", "object", {}), GENERATE_SAMPLING_FIELDS, "sampling_params")
   stop_ids = s.get("stop_token_ids", "array", [])
   s.check(
@@ -551,35 +563,42 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     stop_ids,
     f"token ids in 0..{info.vocab_size - 1}",
   )
-  prompt_logprob = f.get("return_prompt_logprob", "boolean", False)
+  logprobs = f.get("return_logprob", "boolean", False)
+  start = f.get("logprob_start_len", "integer", -1)  # SGLang's default: no prompt log-probs
+  f.check(start >= -1, "logprob_start_len", start, ">= 0, or -1 for none")
+  prompt_logprob = f.get("return_prompt_logprob", "boolean", False) or (logprobs and start >= 0)
   top = f.get("top_logprobs_num", "integer", 0)
   f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs_num", top, f"in 0..{TOP_LOGPROBS}")
-  zero = _zero_max_tokens(s, "max_new_tokens", prompt_logprob, "with 'return_prompt_logprob': the prompt alone")
-  if zero:
-    _fits_context(len(prompt), prompt_key, info)
-  max_tokens = (
-    1 if zero else _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
-  )
-  logprobs = f.get("return_logprob", "boolean", False)
-  sampling = _sampling(
-    s,
-    info,
-    max_tokens,
-    seed_key="sampling_seed",
-    min_tokens_key="min_new_tokens",
-    temperature_max=None,
-    logprobs=logprobs,
-    top_logprobs=top if logprobs else 0,
-    stop_token_ids=stop_ids,
-  )
+  zero = _zero_max_tokens(s, "max_new_tokens", prompt_logprob, "with the prompt's log-probs: the prompt alone")
+  sampling = []
+  for i, prompt in enumerate(prompts):
+    key = f"{prompt_key}[{i}]" if batch else prompt_key
+    if zero:
+      _fits_context(len(prompt), key, info)
+      max_tokens = 1  # nothing is generated; the sampling fields are still checked
+    else:
+      max_tokens = _max_tokens(s, ("max_new_tokens",), key, len(prompt), info, GENERATE_DEFAULT_MAX_NEW_TOKENS)
+    sampling += _sampling(
+      s,
+      info,
+      max_tokens,
+      seed_key="sampling_seed",
+      min_tokens_key="min_new_tokens",
+      temperature_max=None,
+      logprobs=logprobs,
+      top_logprobs=top if logprobs else 0,
+      stop_token_ids=stop_ids,
+    )
   return Parsed(
-    prompt,
+    prompts[0],
     sampling,
     f.get("stream", "boolean", False),
     False,
     logprobs,
     top if logprobs else 0,
     True,
+    prompts=prompts if batch else None,
     prompt_logprobs=top if prompt_logprob else -1,
     generate=not zero,
+    logprob_start=max(start, 0),
   )
