@@ -46,11 +46,19 @@ def ref_token_logprobs(ids, params=None, cfg=CFG) -> list:
   return [lp[t, ids[t + 1]] for t in range(len(ids) - 1)]
 
 
+def served_ids(srv, text: str) -> list:
+  """The token ids /v1/completions makes of a string prompt (whatever its BOS policy)."""
+  r = srv.client().completions.create(
+    model=MODEL, prompt=text, echo=True, max_tokens=0, extra_body={"return_token_ids": True}
+  )
+  return r.choices[0].prompt_token_ids
+
+
 def test_echo_logprobs_max_tokens_zero_equal_full_forward(srv):
   """lm-eval's loglikelihood request: echo, logprobs=1, max_tokens=0 -> the prompt's log-probs."""
   client = srv.client()
   for prompt in PROMPTS + [TOK.encode(PROMPTS[1])]:
-    ids = prompt if isinstance(prompt, list) else TOK.encode(prompt)
+    ids = prompt if isinstance(prompt, list) else served_ids(srv, prompt)
     r = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
     c = r.choices[0]
     assert c.text == TOK.decode(ids) and c.finish_reason == "length"
@@ -66,7 +74,7 @@ def test_echo_logprobs_max_tokens_zero_equal_full_forward(srv):
       np.testing.assert_allclose(value, ref[t - 1].max(), rtol=1e-5, atol=1e-5)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
   # logprobs=3: three alternatives per position, keyed by their text (ids sharing one keep the likeliest).
-  ids = TOK.encode(PROMPTS[0])
+  ids = served_ids(srv, PROMPTS[0])
   r = client.completions.create(model=MODEL, prompt=PROMPTS[0], echo=True, logprobs=3, max_tokens=0)
   ref = reference(ids)
   for t in range(1, len(ids)):
@@ -81,7 +89,7 @@ def test_echo_logprobs_max_tokens_zero_equal_full_forward(srv):
 def test_echo_with_generation(srv):
   """max_tokens=1 (lm-eval's form) and more: the prompt's text and log-probs, then the generated ones."""
   client = srv.client()
-  ids = TOK.encode(PROMPTS[1])
+  ids = served_ids(srv, PROMPTS[1])
   ref = reference(ids)
   plain = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2)
   r = client.completions.create(
@@ -150,11 +158,11 @@ def test_batched_prompts_in_openai_order(srv):
   single = [client.completions.create(prompt=p, **kw) for p in PROMPTS]
   want = [c.text for r in single for c in sorted(r.choices, key=lambda c: c.index)]
   assert want[0] != want[1]  # the two samples of a prompt differ (seeds 11, 12)
-  for form in (PROMPTS, [TOK.encode(p) for p in PROMPTS]):
+  for form in (PROMPTS, [served_ids(srv, p) for p in PROMPTS]):
     r = client.completions.create(prompt=form, **kw)
     assert [c.index for c in r.choices] == list(range(6))
     assert [c.text for c in r.choices] == want
-    assert r.usage.prompt_tokens == sum(len(TOK.encode(p)) for p in PROMPTS)
+    assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
     assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in single)
   # Streamed, the chunks name the same indexes.
   texts = [""] * 6
@@ -165,7 +173,7 @@ def test_batched_prompts_in_openai_order(srv):
   # A scored batch: every choice carries its own prompt's log-probs.
   r = client.completions.create(model=MODEL, prompt=PROMPTS, n=2, echo=True, logprobs=0, max_tokens=0)
   for c in r.choices:
-    ids = TOK.encode(PROMPTS[c.index // 2])
+    ids = served_ids(srv, PROMPTS[c.index // 2])
     assert c.text == PROMPTS[c.index // 2] and c.logprobs.top_logprobs is None
     np.testing.assert_allclose(c.logprobs.token_logprobs[1:], ref_token_logprobs(ids), rtol=1e-5, atol=1e-5)
 
@@ -201,7 +209,7 @@ def test_scoring_between_steps_follows_weights_and_leaves_streams_alone(srv):
   client = srv.client()
   kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
   alone = client.completions.create(**kw).choices[0].text
-  want = [ref_token_logprobs(TOK.encode(p)) for p in PROMPTS]
+  want = [ref_token_logprobs(served_ids(srv, p)) for p in PROMPTS]
   score = lambda p: client.completions.create(model=MODEL, prompt=p, echo=True, logprobs=0, max_tokens=0)
   for p in PROMPTS:  # compiled before the stream starts
     score(p)
@@ -228,7 +236,7 @@ def test_scoring_between_steps_follows_weights_and_leaves_streams_alone(srv):
   new = init_params(CFG, 1)
   srv.service.set_weights(new, "step-1")
   try:
-    ids = TOK.encode(PROMPTS[1])
+    ids = served_ids(srv, PROMPTS[1])
     r = client.completions.create(
       model=MODEL, prompt=PROMPTS[1], echo=True, logprobs=0, max_tokens=0, extra_body={"return_token_ids": True}
     )
