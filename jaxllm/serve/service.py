@@ -130,6 +130,8 @@ class EngineService:
     position, under the current weights. Each group of prompts (Scorer.groups) is one forward on the
     engine thread between two steps (streams go on in between); a new shape compiles here first, on
     the caller's thread. Blocks: call from any thread but the engine's."""
+    if self.stopped:
+      raise RuntimeError("the engine thread has stopped")
     out = []
     for group in self.scorer.groups([list(p) for p in prompts]):
       self.scorer.prepare(group, top)
