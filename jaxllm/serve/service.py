@@ -28,6 +28,7 @@ from typing import Callable
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
 from jaxllm.serve.scheduler import Req
+from jaxllm.serve.score import Scorer
 
 log = logging.getLogger("jaxllm.serve")
 MAX_FAILED_STEPS = 8  # steps in a row that raise, whoever is in them: the engine itself is broken
@@ -97,6 +98,7 @@ class EngineService:
     self._failed_in_a_row = 0
     self.dead = ""  # why the engine thread stopped ("" while it runs)
     self.warmed_up = False  # warmup() has compiled every step shape
+    self.scorer = Scorer(engine)
 
   # ---- any thread ---------------------------------------------------------------------------
   def add_finish_hook(self, hook: Callable[[Req, Timings], None]) -> None:
@@ -159,6 +161,19 @@ class EngineService:
     """Compile every step shape on the engine thread (Engine.warmup) before the requests queued after
     this; `warmed_up` turns true when done. A warm-up that raises stops the engine (the device failed)."""
     self._command("warmup", wait=wait, timeout=timeout)
+
+  def score(self, prompts, top: int = 0) -> list:
+    """Prompt log-probs of each prompt (jaxllm.serve.score.PromptScore), `top` alternatives per
+    position, under the current weights. Each group of prompts (Scorer.groups) is one forward on the
+    engine thread between two steps (streams go on in between); a new shape compiles here first, on
+    the caller's thread. Blocks: call from any thread but the engine's."""
+    if self.stopped:
+      raise EngineDead(self.dead or "the engine thread has stopped")
+    out = []
+    for group in self.scorer.groups([list(p) for p in prompts]):
+      self.scorer.prepare(group, top)
+      out += self._command("score", group, top, wait=True)
+    return out
 
   def _command(self, *cmd, wait: bool = False, timeout: float | None = None):
     done, box = threading.Event(), []
@@ -338,6 +353,8 @@ class EngineService:
           raise _EngineFailure(f"warm-up failed: {type(e).__name__}: {e}") from e
         self.warmed_up = True
         box.append(None)
+      elif kind == "score":
+        box.append(self.scorer.score(cmd[1], cmd[2]))
     except _EngineFailure:
       raise
     except Exception as e:

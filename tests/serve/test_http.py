@@ -374,7 +374,8 @@ BAD = [
   ("missing prompt", "/v1/completions", {"model": MODEL}, {}, 400, "prompt"),
   ("empty prompt", "/v1/completions", {"prompt": ""}, {}, 400, "prompt"),
   ("empty token prompt", "/v1/completions", {"prompt": []}, {}, 400, "prompt"),
-  ("batched prompts", "/v1/completions", {"prompt": ["a", "b"]}, {}, 400, "prompt"),
+  ("mixed batch", "/v1/completions", {"prompt": ["a", [97]]}, {}, 400, "prompt"),
+  ("empty prompt in a batch", "/v1/completions", {"prompt": ["a", ""]}, {}, 400, "prompt[1]"),
   ("token id out of range", "/v1/completions", {"prompt": [1, 2, 999]}, {}, 400, "prompt"),
   ("negative token id", "/generate", {"input_ids": [-1]}, {}, 400, "input_ids"),
   ("over the context", "/v1/completions", {"prompt": "a" * 100, "max_tokens": 40}, {}, 400, "max_tokens"),
@@ -425,7 +426,7 @@ BAD = [
   ),
   ("logit_bias id out of range", "/v1/completions", {"prompt": "a", "logit_bias": {"9999": 1}}, {}, 400, "logit_bias"),
   ("presence_penalty", "/v1/completions", {"prompt": "a", "presence_penalty": 3}, {}, 400, "presence_penalty"),
-  ("unknown field", "/v1/completions", {"prompt": "a", "echo": True}, {}, 400, "echo"),
+  ("unknown field", "/v1/completions", {"prompt": "a", "suffix": "b"}, {}, 400, "suffix"),
   (
     "unknown chat field",
     "/v1/chat/completions",

@@ -8,11 +8,13 @@
   POST /v1/chat/completions   OpenAI chat (chat.ChatTemplate, responses.ChatCompletions)
   POST /generate              SGLang's native API, token ids in and out (native.Generate)
   POST /flush_cache           drop the prefix cache (SGLang); 409 while requests run
+  POST /tokenize, /detokenize vLLM's: text or messages <-> token ids (tokenize.py)
+  GET  /tokenizer_info        vLLM's: the special tokens and chat template (tokenize.py)
 
-When serve.api_key is set, /v1/*, /generate and /flush_cache need `Authorization: Bearer KEY`;
-/health and /metrics stay open for probes and scrapers (as in vLLM). Bodies are JSON, at most
-serve.max_body_bytes (checked on Content-Length before reading, and on the bytes actually read,
-so a chunked upload cannot get around it).
+When serve.api_key is set, /v1/*, /generate, /flush_cache and the tokenizer routes need
+`Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers (as in vLLM).
+Bodies are JSON, at most serve.max_body_bytes (checked on Content-Length before reading, and on the
+bytes actually read, so a chunked upload cannot get around it).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from starlette.requests import ClientDisconnect
 from jaxllm.config import ServeConfig
 from jaxllm.io.load import eos_ids as model_eos_ids
 from jaxllm.serve.http import protocol
-from jaxllm.serve.http.bridge import EngineCall
+from jaxllm.serve.http.bridge import EngineCall, PromptOnly
 from jaxllm.serve.http.chat import ChatTemplate
 from jaxllm.serve.http.errors import APIError, bad_request, install_handlers
 from jaxllm.serve.http.health import Health
 from jaxllm.serve.http.metrics import CONTENT_TYPE, Metrics
 from jaxllm.serve.http.native import Generate
 from jaxllm.serve.http.responses import ChatCompletions, Completions, Output, TokenText, first_error
+from jaxllm.serve.http.tokenize import detokenize, tokenize, tokenizer_info
 from jaxllm.serve.service import EngineDead, EngineService
 
 FLUSH_TIMEOUT_S = 60.0  # /flush_cache waits this long for the engine thread's next step boundary
@@ -129,7 +132,10 @@ def create_app(
   async def run(request: Request, parsed: protocol.Parsed, fmt):
     """Submit the parsed request and answer with fmt's streamed chunks or its one object."""
     health.check_accepting()
-    call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling)
+    if parsed.generate:
+      call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling, parsed.choice_prompts)
+    else:
+      call = PromptOnly(parsed.choice_prompts)
     if parsed.stream:
 
       async def chunks():
@@ -151,6 +157,16 @@ def create_app(
     if (err := first_error(outputs)) is not None:
       raise APIError(500, f"generation failed: {err}", None, "engine_error")
     return JSONResponse(fmt.response(outputs))
+
+  async def score(parsed: protocol.Parsed) -> list:
+    """The prompts' log-probs (echo with logprobs, return_prompt_logprob): computed on the engine
+    thread between steps (EngineService.score), waited for off the event loop."""
+    try:
+      return await asyncio.to_thread(service.score, parsed.all_prompts, parsed.prompt_logprobs)
+    except EngineDead as e:
+      raise APIError(503, f"the engine is not running: {e}", None, "engine_dead") from None
+    except Exception as e:
+      raise APIError(500, f"scoring the prompt failed: {type(e).__name__}: {e}", None, "engine_error") from None
 
   @app.get("/health")
   @app.get("/health/ready")
@@ -182,7 +198,10 @@ def create_app(
   @app.post("/v1/completions")
   async def completions(request: Request):
     parsed = protocol.parse_completion(await read_json(request), info, tokenizer)
-    return await run(request, parsed, Completions(parsed, info.name, text_of))
+    fmt = Completions(parsed, info.name, text_of)
+    if parsed.prompt_logprobs >= 0:
+      fmt.scores = await score(parsed)
+    return await run(request, parsed, fmt)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
@@ -192,7 +211,23 @@ def create_app(
   @app.post("/generate")
   async def generate(request: Request):
     parsed = protocol.parse_generate(await read_json(request), info, tokenizer)
-    return await run(request, parsed, Generate(parsed))
+    fmt = Generate(parsed)
+    if parsed.prompt_logprobs >= 0:
+      fmt.scores = await score(parsed)
+    return await run(request, parsed, fmt)
+
+  @app.post("/tokenize")
+  async def tokenize_route(request: Request):
+    return tokenize(await read_json(request), info, tokenizer, template, text_of)
+
+  @app.post("/detokenize")
+  async def detokenize_route(request: Request):
+    return detokenize(await read_json(request), info, tokenizer)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info_route(request: Request):
+    authorize(request)
+    return tokenizer_info(info, tokenizer, template)
 
   @app.post("/flush_cache")
   async def flush_cache(request: Request):

@@ -33,11 +33,13 @@ class EngineCall:
     self.disconnected = False
     self._watcher: asyncio.Task | None = None
 
-  def submit(self, prompt_ids, sampling: list) -> "EngineCall":
-    """Submit one engine request per choice. All or none: a failure aborts those already queued."""
+  def submit(self, prompt_ids, sampling: list, prompts: list | None = None) -> "EngineCall":
+    """Submit one engine request per choice (choice i's prompt: prompts[i], default prompt_ids). All
+    or none: a failure aborts those already queued."""
     try:
       for i, sp in enumerate(sampling):
-        self.rids.append(self.service.submit(prompt_ids, sp, functools.partial(self._deliver, i)))
+        prompt = prompt_ids if prompts is None else prompts[i]
+        self.rids.append(self.service.submit(prompt, sp, functools.partial(self._deliver, i)))
         self.unfinished.add(i)
     except QueueFull as e:
       self.abort()
@@ -91,3 +93,19 @@ class EngineCall:
       self._watcher.cancel()
       self._watcher = None
     self.abort()
+
+
+class PromptOnly:
+  """The EngineCall of a request that generates nothing (max_tokens 0: its prompt is only echoed or
+  scored): every choice finishes at once with 'length' and no tokens."""
+
+  def __init__(self, prompts: list):
+    """`prompts`: each choice's prompt ids."""
+    self.prompts = prompts
+
+  async def events(self):
+    for i, p in enumerate(self.prompts):
+      yield i, Event(i, [], "", [], [], "length", prompt_tokens=len(p))
+
+  def close(self) -> None:
+    pass

@@ -4,11 +4,11 @@ OpenAI completions, OpenAI chat completions and SGLang's native /generate.
 Every field a client sends is read here with its type and range, and every problem is an APIError
 (400, or 404 for an unknown model) whose message names the field and what it must be. Every number
 is bounded here, so nothing a client sends can overflow the sampler's int32/float32 arrays. A field
-this server does not implement is rejected by name ("unsupported field 'echo'"), never silently
+this server does not implement is rejected by name ("unsupported field 'suffix'"), never silently
 ignored: a client relying on it would otherwise get a different behaviour than it asked for. Two
 leniencies, as vLLM's accept-and-warn: JSON null counts as absent for any field (OpenAI clients send
 it for "not given"), and a field in NOOP_VALUES is accepted with the value that changes nothing
-(`echo: false`, `tools: []`, `response_format: {"type": "text"}`, ...), the value clients send by
+(`best_of: 1`, `tools: []`, `response_format: {"type": "text"}`, ...), the value clients send by
 default. Which fields are supported is decided in one place: the *_FIELDS sets (implemented) and
 NOOP_VALUES (accepted only as no-ops); a field moves from the second to the first when it is built.
 
@@ -70,12 +70,21 @@ _OPENAI_COMMON = {
 }
 # vLLM's fields for real chat models (stops, special tokens, BOS): see "Chat models" in docs/serving.md.
 _OPENAI_COMMON |= {"stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "add_special_tokens"}
-COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt"}
+COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt", "echo"}
 CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | tool_calls.REQUEST_FIELDS
 CHAT_FIELDS |= {"chat_template_kwargs", "continue_final_message", "add_generation_prompt"}
 # Template variables the server sets itself: chat_template_kwargs may not replace them.
 RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
-GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob"}
+GENERATE_FIELDS = {
+  "text",
+  "input_ids",
+  "sampling_params",
+  "stream",
+  "return_logprob",
+  "return_prompt_logprob",
+  "top_logprobs_num",
+  "logprob_start_len",
+}
 GENERATE_SAMPLING_FIELDS = {
   "max_new_tokens",
   "min_new_tokens",
@@ -164,10 +173,30 @@ class Parsed:
   top_logprobs: int = 0  # and this many alternatives per token
   return_token_ids: bool = False  # vLLM's extension: prompt_token_ids / token_ids in the response
   tools: object = None  # chat: a tools.ToolRequest when the request has tools
+  prompts: list | None = None  # a batch (/v1/completions): every prompt's ids, choices prompt-major
+  prompt_texts: list | None = None  # each prompt's text, for echo
+  echo: bool = False  # /v1/completions: the prompt (and its logprobs) before the completion
+  prompt_logprobs: int = -1  # the prompt's log-probs with this many alternatives per position; -1: none
+  generate: bool = True  # False: max_tokens 0, the prompt is only echoed / scored
+  logprob_start: int = 0  # /generate: the first prompt position whose log-prob is reported
 
   @property
   def n(self) -> int:
     return len(self.sampling)
+
+  @property
+  def all_prompts(self) -> list:
+    return self.prompts if self.prompts is not None else [self.prompt_ids]
+
+  @property
+  def per_prompt(self) -> int:
+    """Choices of each prompt (the request's n)."""
+    return self.n // len(self.all_prompts)
+
+  @property
+  def choice_prompts(self) -> list:
+    """The prompt of each choice: choice i is the (i % n)-th of prompt i // n (OpenAI's order)."""
+    return [self.all_prompts[i // self.per_prompt] for i in range(self.n)]
 
 
 # ---- reading typed fields ---------------------------------------------------------------------
@@ -311,33 +340,52 @@ def text_ids(text: str, name: str, tokenizer, add_special_tokens: bool = False) 
   return ids
 
 
-def completion_prompt(v, info: ModelInfo, tokenizer, add_special_tokens: bool = False) -> list:
-  """OpenAI's prompt forms: a string, an array of token ids, or an array of one of those. Batches
-  (several prompts in one request) are not supported: a client sends one request per prompt. A text
-  prompt gets the tokenizer's own special tokens when add_special_tokens; token ids are as given."""
+def completion_prompts(v, info: ModelInfo, tokenizer, add_special_tokens: bool = False) -> tuple[list, list]:
+  """OpenAI's prompt forms -> (each prompt's token ids, its text): a string, an array of token ids,
+  or a batch, an array of strings or of token-id arrays (one completion per prompt). A prompt given
+  as token ids has the text they decode to; a text prompt gets the tokenizer's own special
+  tokens when add_special_tokens."""
   if v is None:
     raise bad_request("missing required field 'prompt'", "prompt", "missing_field")
   if isinstance(v, str):
-    return text_ids(v, "prompt", tokenizer, add_special_tokens)
-  if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-    if len(v) > 1:
-      raise bad_request(
-        f"batched prompts are not supported: 'prompt' is an array of {len(v)} "
-        f"{'strings' if isinstance(v[0], str) else 'token-id arrays'}; send one prompt per "
-        f"request",
-        "prompt",
-        "unsupported_batch",
-      )
-    if isinstance(v[0], str):
-      return completion_prompt(v[0], info, tokenizer, add_special_tokens)
-    return token_ids(v[0], "prompt", info)
+    return [text_ids(v, "prompt", tokenizer, add_special_tokens)], [v]
+  if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+    return [text_ids(p, f"prompt[{i}]", tokenizer, add_special_tokens) for i, p in enumerate(v)], list(v)
+  if isinstance(v, list) and v and all(isinstance(p, list) for p in v):
+    ids = [token_ids(p, f"prompt[{i}]", info) for i, p in enumerate(v)]
+    return ids, [tokenizer.decode(p) for p in ids]
+  if isinstance(v, list) and any(isinstance(p, (str, list)) for p in v):
+    raise bad_request(
+      "'prompt' mixes kinds: a batch is an array of strings or an array of token-id arrays, not both",
+      "prompt",
+      "invalid_type",
+    )
   if isinstance(v, list):
-    return token_ids(v, "prompt", info)
+    ids = token_ids(v, "prompt", info)
+    return [ids], [tokenizer.decode(ids)]
   raise bad_request(
-    f"'prompt' must be a string, an array of token ids, or an array holding one of those; got {json_type(v)}",
+    f"'prompt' must be a string, an array of token ids, or an array of strings or of token-id arrays "
+    f"(a batch); got {json_type(v)}",
     "prompt",
     "invalid_type",
   )
+
+
+def _zero_max_tokens(f: Fields, key: str, allowed: bool, why: str) -> bool:
+  """Whether `key` is 0 (nothing generated: the prompt only); a 400 unless `allowed`."""
+  zero = f.given(key) and f.get(key, "integer") == 0
+  if zero:
+    f.check(allowed, key, 0, f"an integer >= 1 (0 only {why})")
+  return zero
+
+
+def _fits_context(prompt_len: int, key: str, info: ModelInfo) -> None:
+  if prompt_len > info.context:
+    raise bad_request(
+      f"the prompt is {prompt_len} tokens, more than the context of {info.context} tokens; shorten it",
+      key,
+      "context_length_exceeded",
+    )
 
 
 def chat_messages(v) -> list[dict]:
@@ -804,28 +852,47 @@ def _stream(f: Fields) -> tuple[bool, bool]:
 
 
 def parse_completion(body, info: ModelInfo, tokenizer) -> Parsed:
+  """A batch (prompt: an array of strings or of token-id arrays) gets n choices per prompt, prompt
+  after prompt (choice index = prompt index * n + sample). echo: each choice's text (and logprobs)
+  starts with its prompt's; echo with logprobs and max_tokens 0 scores the prompt only (lm-eval's
+  loglikelihood requests): its tokens' log-probs, the first one null (OpenAI, vLLM)."""
   f = Fields(body, COMPLETION_FIELDS, noop=NOOP_VALUES)
   check_model(f, info)
   # vLLM's default: the tokenizer's own special tokens (BOS), as a Hugging Face model saw text in training.
   add_special = f.get("add_special_tokens", "boolean", info.defaults.get("add_special_tokens", True))
-  prompt = completion_prompt(body.get("prompt"), info, tokenizer, add_special)
+  prompts, texts = completion_prompts(body.get("prompt"), info, tokenizer, add_special)
+  echo = f.get("echo", "boolean", False)
   logprobs = None if body.get("logprobs") is False else f.get("logprobs", "integer")  # false: none (vLLM)
   if logprobs is not None:
     f.check(0 <= logprobs <= MAX_COMPLETION_LOGPROBS, "logprobs", logprobs, f"in 0..{MAX_COMPLETION_LOGPROBS}")
   top = logprobs or 0  # logprobs=k: the sampled token's and the k likeliest alternatives
-  default_max = info.defaults.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
-  max_tokens = _max_tokens(f, ("max_tokens",), "prompt", len(prompt), info, default_max)
+  zero = _zero_max_tokens(f, "max_tokens", echo, "with 'echo': the prompt alone")
   stream, include_usage = _stream(f)
-  return Parsed(
-    prompt,
-    _sampling(
+  sampling = []
+  for i, prompt in enumerate(prompts):
+    key = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+    if zero:
+      _fits_context(len(prompt), key, info)
+      max_tokens = 1  # nothing is generated; the sampling fields are still checked
+    else:
+      default_max = info.defaults.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
+      max_tokens = _max_tokens(f, ("max_tokens",), key, len(prompt), info, default_max)
+    sampling += _sampling(
       f, info, max_tokens, logprobs=logprobs is not None, top_logprobs=top, stop_token_ids=_stop_token_ids(f, info)
-    ),
+    )
+  return Parsed(
+    prompts[0],
+    sampling,
     stream,
     include_usage,
     logprobs is not None,
     top,
     f.get("return_token_ids", "boolean", False),
+    prompts=prompts,
+    prompt_texts=texts,
+    echo=echo,
+    prompt_logprobs=top if echo and logprobs is not None else -1,
+    generate=not zero,
   )
 
 
@@ -856,20 +923,30 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   )
 
 
+def _generate_prompts(f: Fields, key: str, info: ModelInfo, tokenizer) -> tuple[list, bool]:
+  """/generate's `text` (a string or a batch of strings) or `input_ids` (token ids or a batch of
+  token-id arrays) -> (each prompt's ids, whether it is a batch)."""
+  v = f.obj[key]
+  batch = isinstance(v, list) and bool(v) and all(isinstance(p, str if key == "text" else list) for p in v)
+  if key == "text":
+    texts = v if batch else [f.get("text", "string")]
+    return [text_ids(t, f"text[{i}]" if batch else "text", tokenizer) for i, t in enumerate(texts)], batch
+  return [token_ids(p, f"input_ids[{i}]", info) for i, p in enumerate(v)] if batch else [token_ids(v, key, info)], batch
+
+
 def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   """SGLang's /generate: {"text" | "input_ids", "sampling_params": {...}, "stream", "return_logprob"}.
-  Defaults follow SGLang (temperature 1, max_new_tokens 128 shortened to fit the context)."""
+  Defaults follow SGLang (temperature 1, max_new_tokens 128 shortened to fit the context). A batch
+  (text: an array of strings, input_ids: an array of token-id arrays) gets a list of responses, n per
+  prompt, prompt after prompt. The prompt's log-probs: with return_prompt_logprob, or SGLang's
+  return_logprob with logprob_start_len >= 0 (reported from that position on)."""
   f = Fields(body, GENERATE_FIELDS)
   if not f.given("text") and not f.given("input_ids"):
     raise bad_request("missing the prompt: give 'text' or 'input_ids'", "text", "missing_field")
   if f.given("text") and f.given("input_ids"):
     raise bad_request("give one of 'text' and 'input_ids', not both", "text", "invalid_value")
   prompt_key = "text" if f.given("text") else "input_ids"
-  prompt = (
-    text_ids(f.get("text", "string"), "text", tokenizer)
-    if prompt_key == "text"
-    else token_ids(body["input_ids"], "input_ids", info)
-  )
+  prompts, batch = _generate_prompts(f, prompt_key, info, tokenizer)
   s = Fields(f.get("sampling_params", "object", {}), GENERATE_SAMPLING_FIELDS, "sampling_params")
   stop_ids = s.get("stop_token_ids", "array", [])
   s.check(len(stop_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", stop_ids, f"at most {MAX_STOP_TOKEN_IDS} ids")
@@ -879,18 +956,45 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
     stop_ids,
     f"token ids in 0..{info.vocab_size - 1}",
   )
-  default_max = info.defaults.get("max_tokens", GENERATE_DEFAULT_MAX_NEW_TOKENS)
-  max_tokens = _max_tokens(s, ("max_new_tokens",), prompt_key, len(prompt), info, default_max)
   logprobs = f.get("return_logprob", "boolean", False)
-  sampling = _sampling(
-    s,
-    info,
-    max_tokens,
-    seed_key="sampling_seed",
-    min_tokens_key="min_new_tokens",
-    temperature_max=None,
-    logprobs=logprobs,
-    stop_token_ids=stop_ids,
-    include_stop_key="no_stop_trim",
+  start = f.get("logprob_start_len", "integer", -1)  # SGLang's default: no prompt log-probs
+  f.check(start >= -1, "logprob_start_len", start, ">= 0, or -1 for none")
+  prompt_logprob = f.get("return_prompt_logprob", "boolean", False) or (logprobs and start >= 0)
+  top = f.get("top_logprobs_num", "integer", 0)
+  f.check(0 <= top <= TOP_LOGPROBS, "top_logprobs_num", top, f"in 0..{TOP_LOGPROBS}")
+  zero = _zero_max_tokens(s, "max_new_tokens", prompt_logprob, "with the prompt's log-probs: the prompt alone")
+  sampling = []
+  for i, prompt in enumerate(prompts):
+    key = f"{prompt_key}[{i}]" if batch else prompt_key
+    if zero:
+      _fits_context(len(prompt), key, info)
+      max_tokens = 1  # nothing is generated; the sampling fields are still checked
+    else:
+      max_tokens = _max_tokens(
+        s, ("max_new_tokens",), key, len(prompt), info, info.defaults.get("max_tokens", GENERATE_DEFAULT_MAX_NEW_TOKENS)
+      )
+    sampling += _sampling(
+      s,
+      info,
+      max_tokens,
+      seed_key="sampling_seed",
+      min_tokens_key="min_new_tokens",
+      temperature_max=None,
+      logprobs=logprobs,
+      top_logprobs=top if logprobs else 0,
+      stop_token_ids=stop_ids,
+      include_stop_key="no_stop_trim",
+    )
+  return Parsed(
+    prompts[0],
+    sampling,
+    f.get("stream", "boolean", False),
+    False,
+    logprobs,
+    top if logprobs else 0,
+    True,
+    prompts=prompts if batch else None,
+    prompt_logprobs=top if prompt_logprob else -1,
+    generate=not zero,
+    logprob_start=max(start, 0),
   )
-  return Parsed(prompt, sampling, f.get("stream", "boolean", False), False, logprobs, 0, True)

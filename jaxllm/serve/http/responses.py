@@ -137,52 +137,109 @@ def chat_logprobs(token_ids, logprobs, tops, text_of: TokenText) -> dict:
   return {"content": content}
 
 
+def prompt_logprobs(score, text_of: TokenText) -> dict:
+  """A prompt's part of an echoed choice's logprobs (a jaxllm.serve.score.PromptScore): the first
+  token's logprob and top_logprobs are null (OpenAI, vLLM)."""
+  lp = completion_logprobs(score.token_ids, score.logprobs, [a or [] for a in score.top], text_of, 0)
+  if lp["top_logprobs"]:
+    lp["top_logprobs"][0] = None
+  return lp
+
+
+def joined_logprobs(a: dict, b: dict) -> dict:
+  """The logprobs of a's tokens followed by b's (b's text_offset already counts a's text)."""
+  out = {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "text_offset")}
+  tops = (a["top_logprobs"], b["top_logprobs"])
+  out["top_logprobs"] = None if tops == (None, None) else (tops[0] or []) + (tops[1] or [])
+  return out
+
+
+def completion_usage(parsed, outputs: list[Output]) -> dict:
+  """usage() over a batch: every prompt counts once, cached tokens are summed over the prompts."""
+  k = parsed.per_prompt
+  prompt = sum(len(p) for p in parsed.all_prompts)
+  completion = sum(len(o.token_ids) for o in outputs)
+  cached = sum(min(o.cached_tokens for o in outputs[j : j + k]) for j in range(0, len(outputs), k))
+  return {
+    "prompt_tokens": prompt,
+    "completion_tokens": completion,
+    "total_tokens": prompt + completion,
+    "prompt_tokens_details": {"cached_tokens": cached},
+  }
+
+
 # ---- completions ------------------------------------------------------------------------------
 
 
 class Completions:
-  """Response objects of one /v1/completions request."""
+  """Response objects of one /v1/completions request. A batch's choices are prompt-major (index =
+  prompt * n + sample). With echo a choice's text starts with its prompt's (streamed: a first chunk
+  of its own), and with logprobs too its logprobs start with the prompt's (`scores`: the prompts'
+  jaxllm.serve.score.PromptScore, set before the response is built). With return_token_ids a
+  scored choice also says `prompt_weight_version`, the weights that scored its prompt."""
 
   def __init__(self, parsed, model: str, text_of: TokenText):
     self.parsed, self.model, self.text_of = parsed, model, text_of
     self.id, self.created = new_id("cmpl"), int(time.time())
+    self.scores: list | None = None  # PromptScore per prompt (echo with logprobs)
 
   def _head(self) -> dict:
     return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
 
+  def _echo(self, i: int) -> str:
+    return self.parsed.prompt_texts[i // self.parsed.per_prompt] if self.parsed.echo else ""
+
   def _extras(self, choice: dict, token_ids, version, first: bool) -> dict:
+    i = choice["index"]
+    score = self.scores[i // self.parsed.per_prompt] if self.scores is not None else None
     if first and self.parsed.return_token_ids:
-      choice["prompt_token_ids"] = self.parsed.prompt_ids
+      choice["prompt_token_ids"] = self.parsed.choice_prompts[i]
+      if score is not None:
+        choice["prompt_weight_version"] = json_safe(score.weight_version)
+    if version is None and score is not None:  # nothing generated yet: the scoring weights
+      version = score.weight_version
     return token_extras(self.parsed, choice, token_ids, version)
+
+  def _logprobs(self, i: int, token_ids, logprobs, tops, offset: int, prompt: bool) -> dict | None:
+    """Choice i's logprobs of these generated tokens, after its prompt's when `prompt` (echo)."""
+    if not self.parsed.logprobs:
+      return None
+    lp = completion_logprobs(token_ids, logprobs, tops, self.text_of, offset)
+    if prompt and self.scores is not None:
+      lp = joined_logprobs(prompt_logprobs(self.scores[i // self.parsed.per_prompt], self.text_of), lp)
+    return lp
 
   def response(self, outputs: list[Output]) -> dict:
     choices = []
     for i, o in enumerate(outputs):
-      lp = (
-        completion_logprobs(o.token_ids, o.logprobs, o.top_logprobs, self.text_of, 0) if self.parsed.logprobs else None
-      )
-      choice = {"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}
+      echo = self._echo(i)
+      lp = self._logprobs(i, o.token_ids, o.logprobs, o.top_logprobs, len(echo), True)
+      choice = {"index": i, "text": echo + o.text, "logprobs": lp, "finish_reason": o.finish_reason}
       choices.append(self._extras(choice, o.token_ids, o.weight_version, True))
-    return self._head() | {"choices": choices, "usage": usage(outputs)}
+    return self._head() | {"choices": choices, "usage": completion_usage(self.parsed, outputs)}
 
   async def stream(self, events):
     outputs = [Output() for _ in range(self.parsed.n)]
+    if self.parsed.echo:  # each choice opens with its prompt
+      for i in range(self.parsed.n):
+        lp = self._logprobs(i, [], [], [], 0, True)
+        choice = {"index": i, "text": self._echo(i), "logprobs": lp, "finish_reason": None}
+        yield sse(self._head() | {"choices": [self._extras(choice, [], None, True)]})
     async for i, ev in events:
       o = outputs[i]
-      first, offset = not o.token_ids and not o.text, len(o.text)
+      first = not self.parsed.echo and not o.token_ids and not o.text
+      offset = len(self._echo(i)) + len(o.text)
       o.add(ev)
       if ev.finish_reason == "error":
         yield sse(error_chunk(ev))
         continue
       if not (ev.text or ev.finish_reason or (ev.token_ids and (self.parsed.logprobs or self.parsed.return_token_ids))):
         continue
-      lp = None
-      if self.parsed.logprobs:
-        lp = completion_logprobs(ev.token_ids, ev.logprobs, ev.top_logprobs, self.text_of, offset)
+      lp = self._logprobs(i, ev.token_ids, ev.logprobs, ev.top_logprobs, offset, False)
       choice = {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
       yield sse(self._head() | {"choices": [self._extras(choice, ev.token_ids, ev.weight_version, first)]})
     if self.parsed.include_usage:
-      yield sse(self._head() | {"choices": [], "usage": usage(outputs)})
+      yield sse(self._head() | {"choices": [], "usage": completion_usage(self.parsed, outputs)})
     yield SSE_DONE
 
 
