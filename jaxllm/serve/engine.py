@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ class Engine:
     if detokenize is None and tokenizer is not None:
       self.detokenize = tokenizer.decode
     self.tokenizer, self._grammars = tokenizer, None  # grammar.GrammarCompiler, built at first use
+    self._grammars_lock = threading.Lock()
     self._matchers: dict = {}  # Req -> grammar.Matcher of each unfinished structured-output request
     self.mdef = model_def(cfg)
     self.sched = Scheduler(
@@ -200,10 +202,11 @@ class Engine:
   @property
   def grammars(self) -> GrammarCompiler:
     """The structured-output grammars of this engine's tokenizer (built on first use)."""
-    if self._grammars is None:
-      if self.tokenizer is None:
-        raise ValueError("structured output (a grammar) needs the tokenizer: pass tokenizer= to the Engine")
-      self._grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
+    with self._grammars_lock:
+      if self._grammars is None:
+        if self.tokenizer is None:
+          raise ValueError("structured output (a grammar) needs the tokenizer: pass tokenizer= to the Engine")
+        self._grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
     return self._grammars
 
   def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:

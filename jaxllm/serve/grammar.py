@@ -41,6 +41,7 @@ KINDS = ("json_object", "json_schema", "regex", "ebnf", "lark")
 MASK_BITS = 32  # tokens per int32 word of a bitmask
 JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON (module doc); a schema's x-guidance overrides
 COMPILED_CACHE = 256  # compiled grammars kept per tokenizer (LRU)
+PARALLEL_FILL_VOCAB = 32768  # below this many tokens a batch's masks are filled in turn (threads cost more)
 _ANY_OBJECT = '{"type": "object"}'
 
 
@@ -168,7 +169,7 @@ class GrammarCompiler:
     if not matchers:
       return
     raw = np.zeros((len(matchers), self.ll_words), np.int32)
-    if len(matchers) == 1 or self.ll.vocab_size < 32768:  # small vocabularies: threads cost more than they save
+    if len(matchers) == 1 or self.ll.vocab_size < PARALLEL_FILL_VOCAB:
       for i, m in enumerate(matchers):
         llnp.fill_next_token_bitmask(m.m, raw, i)
     else:

@@ -19,6 +19,7 @@ from test_http import CFG, EOS, MODEL, SERVE, TOK, Server, serving
 from test_serve import params_of
 
 from jaxllm.data import load_tokenizer
+from jaxllm.serve import grammar
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.grammar import GrammarCompiler, grammar_text, mask_words
 from jaxllm.serve.http import create_app
@@ -185,6 +186,22 @@ def test_compiled_grammars_are_cached():
   comp.compile(("regex", "d+"))  # evicts the oldest
   assert comp.compile(("regex", "[ab]+")) is not a
   assert grammar_text.cache_info().hits > 0
+
+
+def test_parallel_fill_equals_serial(monkeypatch):
+  """llguidance's threaded fill (large vocabularies) gives the masks the one-by-one fill gives."""
+  comp = GrammarCompiler(TOK, CFG.vocab_size)
+  rows = [comp.matcher(("json_schema", SCHEMAS[i]), EOS) for i in range(5)]
+  for m, prefix in zip(rows, ['{"name":"a', '{"color":"', "", '{"user":{"id":4', '{"code":"AB']):
+    assert m.consume(TOK.encode(prefix))
+  comp.fill(rows)
+  serial = [m.mask.copy() for m in rows]
+  monkeypatch.setattr(grammar, "PARALLEL_FILL_VOCAB", 0)
+  for m in rows:
+    m.mask = None
+  comp.fill(rows)
+  assert all(np.array_equal(a, m.mask) for a, m in zip(serial, rows))
+  assert len({a.tobytes() for a in serial}) == 5
 
 
 def test_mask_is_applied_on_device():
