@@ -10,21 +10,36 @@ Every step the scheduler picks a list of (request, n tokens to compute):
   last. Admission matches the prompt in the radix tree and only computes the uncached rest.
 
 Admission control (SGLang's PrefillAdder): a request is admitted only if every page it may still
-need -- its uncached prompt AND its max_tokens of decode, times `decode_reserve` -- fits in the free
-plus evictable pages left after the running requests' own outstanding reservations. Without it the
-scheduler admits whatever the prefill chunk fits, runs out of pages during decode, evicts the shared
-prefixes queued requests need and preempts (recomputes) running requests: under a memory limit that
-cost fcfs and dfs-weight a third of their hit rate. `decode_reserve` < 1 is SGLang's optimistic
-new_token_ratio (requests often stop early); preemption remains the fallback when it guesses wrong.
-The first waiting request that does not fit stops admission (no overtaking).
+need -- its uncached prompt AND an estimate of its decode -- fits in the free plus evictable pages
+left after the running requests' own outstanding estimates. The estimate of a request is
+`decode_reserve` x min(its max_tokens still to generate, `reserve_clip`) tokens, re-taken every step
+from its current length (SGLang: new_token_ratio x min(max_new_tokens - generated,
+SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION)). The clip is what lets chat requests without max_tokens (whose
+max_tokens is the whole remaining context) run together: unclipped, each reserves the whole context
+and a 16k-token pool runs 8 of them at a 2k context. Requests whose max_tokens is within the clip
+reserve all of it (with decode_reserve = 1) and are never preempted; `reserve_clip` = 0 (no clip) with
+`decode_reserve` = 1 is the old never-preempt admission. `decode_reserve` < 1 is SGLang's optimistic
+new_token_ratio (requests often stop early).
+Worst case: every admitted request runs far past its estimate (e.g. all run to a long max_tokens).
+Then the pool runs out mid-decode and the newest running requests are preempted, one at a time,
+until the rest fit: the batch settles at what the pool holds, as with full reservation, plus the
+recomputation of the preempted requests' prompt and generated tokens (from the radix cache where
+their pages survive). The oldest running request is never preempted while others run, and any one
+request fits the pool (Engine.check_request), so every request finishes.
+Without any reservation (decode_reserve = 0) the scheduler admits whatever the prefill chunk fits and
+under a memory limit that cost fcfs and dfs-weight a third of their hit rate (shared prefixes evicted).
+The first waiting request that does not fit stops admission (no overtaking). With every running slot
+taken (or no token budget left) the waiting queue is not ordered at all: nothing could be admitted.
 
 No starvation: lpm and dfs-weight reorder the queue every step, so a request with no cached prefix
 could wait behind an endless stream of requests that hit. A request that has waited `max_wait_s`
 goes to the front (oldest first), whatever the policy.
 
-Weight versions (RL): the radix key includes the weight version, bound when a request is admitted
-(`extra_key`), never when it is queued; `set_version` preempts running requests so their KV is
-recomputed with the new weights. Nothing computed by old weights is matched again.
+Weight versions (RL): the radix key includes the weights, bound when a request is admitted
+(`namespace`), never when it is queued; `set_version` preempts running requests so their KV is
+recomputed with the new weights. Nothing computed by old weights is matched again: the namespace is
+(a counter of set_version calls, version), so weights that come back under an earlier version name
+(v1 -> v2 -> v1) do not match the KV the first v1 computed.
 
 Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
 subtree with more waiting requests first, each node's requests after its subtree's, SGLang sec. 4:
@@ -75,7 +90,8 @@ class Req:
   rid: int
   prompt: list
   sp: SamplingParams
-  extra_key: object = None  # radix namespace: the weight version, bound at admission
+  extra_key: object = None  # the weight version (user's name), bound at admission
+  namespace: object = None  # radix key namespace: (weights generation, version), bound at admission
   arrival: float = 0.0  # time.perf_counter() when queued
   admitted: float | None = None  # first admission time (queue time = admitted - arrival)
   queued: float = 0.0  # time.perf_counter() when the scheduler got it (for max_wait_s)
@@ -141,6 +157,7 @@ class Scheduler:
     radix: bool = True,
     policy_max_queue: int = 128,
     decode_reserve: float = 1.0,
+    reserve_clip: int = 256,
     max_wait_s: float = 30.0,
   ):
     if policy not in POLICIES:
@@ -149,7 +166,9 @@ class Scheduler:
       raise ValueError(f"chunk_size={chunk_size} and max_running={max_running} must be >= 1")
     if not 0 <= decode_reserve <= 1:
       raise ValueError(f"decode_reserve={decode_reserve} must be in [0, 1] (fraction of max_tokens reserved)")
-    self.decode_reserve = decode_reserve
+    if reserve_clip < 0:
+      raise ValueError(f"reserve_clip={reserve_clip} must be >= 0 tokens (0 = no clip)")
+    self.decode_reserve, self.reserve_clip = decode_reserve, reserve_clip
     self.page_size, self.max_running, self.chunk_size = page_size, max_running, chunk_size
     self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
     self.alloc = PageAllocator(num_pages)
@@ -157,8 +176,14 @@ class Scheduler:
     self.max_wait_s = max_wait_s
     self.waiting: list[Req] = []
     self.running: list[Req] = []
-    self.version = None  # weight version (radix namespace) of the requests admitted from now on
+    self.version = None  # weight version of the requests admitted from now on (reported with their tokens)
+    self.generation = 0  # set_version calls so far: with the version, the radix namespace
     self.stats = Stats()
+
+  @property
+  def namespace(self) -> tuple:
+    """The radix namespace of requests admitted now: a fresh one per set_version."""
+    return (self.generation, self.version)
 
   @property
   def num_preemptions(self) -> int:
@@ -183,10 +208,13 @@ class Scheduler:
     return True
 
   def _future_pages(self, req: Req) -> int:
-    """Pages req may still allocate: KV for its prompt and decode_reserve of its max_tokens (the
-    last sampled token is never fed back, hence - 1), or for what it already holds if resumed."""
-    end = len(req.prompt) + math.ceil(req.sp.max_tokens * self.decode_reserve) - 1
-    end = max(end, len(req.tokens))
+    """Pages req may still allocate by the estimate: KV for its prompt and output so far, plus
+    decode_reserve x min(tokens still to generate, reserve_clip) (the last sampled token is never
+    fed back, hence - 1)."""
+    left = req.sp.max_tokens - len(req.output)
+    if self.reserve_clip:
+      left = min(left, self.reserve_clip)
+    end = max(len(req.tokens) + math.ceil(left * self.decode_reserve) - 1, len(req.tokens))
     return max(0, -(-end // self.page_size) - len(req.pages))
 
   def private_pages(self) -> int:
@@ -200,7 +228,7 @@ class Scheduler:
     else:
       Z = self.page_size
       n_full = req.num_computed // Z
-      prev = self.tree.insert(req.tokens[: n_full * Z], req.pages[:n_full], req.extra_key)
+      prev = self.tree.insert(req.tokens[: n_full * Z], req.pages[:n_full], req.namespace)
       self.alloc.free(req.pages[req.cached_len // Z : prev // Z])  # duplicates of cached pages
       self.alloc.free(req.pages[n_full:])
       self.tree.unlock(req.node)
@@ -214,8 +242,8 @@ class Scheduler:
     if not self.radix_on or n_full * Z <= req.cached_len:
       return
     key = req.tokens[: n_full * Z]
-    prev = self.tree.insert(key, req.pages[:n_full], req.extra_key)
-    pages, node = self.tree.match_prefix(key, req.extra_key)
+    prev = self.tree.insert(key, req.pages[:n_full], req.namespace)
+    pages, node = self.tree.match_prefix(key, req.namespace)
     assert len(pages) == n_full, "radix: a just-inserted prefix must match in full"
     self.alloc.free(req.pages[req.cached_len // Z : prev // Z])
     req.pages[:n_full] = pages
@@ -239,8 +267,10 @@ class Scheduler:
 
   def set_version(self, version) -> None:
     """New weights: later admissions use `version`; running requests are preempted (requeued at
-    the front, recomputed under the new weights)."""
+    the front, recomputed under the new weights). Each call opens a fresh radix namespace, even
+    for a version name used before."""
     self.version = version
+    self.generation += 1
     for req in sorted(self.running, key=lambda r: -r.order):
       self._preempt(req)
 
@@ -261,7 +291,7 @@ class Scheduler:
     if self.policy == "fcfs" or not self.radix_on or len(self.waiting) > self.policy_max_queue:
       return list(self.waiting)
     t = self.tree
-    matches = [t.prefix_len(r.tokens[:-1], self.version) for r in self.waiting]
+    matches = [t.prefix_len(r.tokens[:-1], self.namespace) for r in self.waiting]
     if self.policy == "lpm":
       order = sorted(range(len(self.waiting)), key=lambda i: -matches[i][0])
       return [self.waiting[i] for i in order]
@@ -308,8 +338,8 @@ class Scheduler:
       else:
         batch.append((req, n))
         budget -= n  # decode rows too: chunk_size bounds the step's tokens
-    if not self.waiting or budget <= 0:
-      return batch
+    if not self.waiting or budget <= 0 or len(self.running) >= self.max_running:
+      return batch  # nothing can be admitted: do not order the queue (lpm matches every prompt)
     prefilling = [r for r in self.running if r.prefilling]
     reserved = sum(self._future_pages(r) for r in self.running)
     for req in self._ordered_waiting():
@@ -334,10 +364,10 @@ class Scheduler:
     tokens = req.tokens
     pages, node = ([], self.tree.root)
     if self.radix_on:
-      pages, node = self.tree.match_prefix(tokens[:-1], self.version)
+      pages, node = self.tree.match_prefix(tokens[:-1], self.namespace)
       cached = len(pages) * Z
       for other in prefilling:
-        if other.extra_key == self.version and _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
+        if other.namespace == self.namespace and _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
           return "wait"  # `other` is computing our prefix right now
       self.tree.lock(node)  # before counting: our prefix is no longer evictable
     n = min(len(tokens) - len(pages) * Z, budget)
@@ -352,7 +382,7 @@ class Scheduler:
         self.tree.unlock(node)
       return "full"
     self.waiting.remove(req)
-    req.extra_key = self.version
+    req.extra_key, req.namespace = self.version, self.namespace
     req.pages, req.node = pages + new, (node if self.radix_on else None)
     req.num_computed = req.cached_len = len(pages) * Z
     if req.preemptions == 0:
