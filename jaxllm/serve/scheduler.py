@@ -29,7 +29,8 @@ request fits the pool (Engine.check_request), so every request finishes.
 Without any reservation (decode_reserve = 0) the scheduler admits whatever the prefill chunk fits and
 under a memory limit that cost fcfs and dfs-weight a third of their hit rate (shared prefixes evicted).
 The first waiting request that does not fit stops admission (no overtaking). With every running slot
-taken (or no token budget left) the waiting queue is not ordered at all: nothing could be admitted.
+taken, no token budget or no page left, the waiting queue is not ordered at all: nothing could be
+admitted.
 
 No starvation: lpm and dfs-weight reorder the queue every step, so a request with no cached prefix
 could wait behind an endless stream of requests that hit. A request that has waited `max_wait_s`
@@ -211,10 +212,10 @@ class Scheduler:
     """Pages req may still allocate by the estimate: KV for its prompt and output so far, plus
     decode_reserve x min(tokens still to generate, reserve_clip) (the last sampled token is never
     fed back, hence - 1)."""
-    left = req.sp.max_tokens - len(req.output)
+    have, left = len(req.prompt) + len(req.output), req.sp.max_tokens - len(req.output)
     if self.reserve_clip:
       left = min(left, self.reserve_clip)
-    end = max(len(req.tokens) + math.ceil(left * self.decode_reserve) - 1, len(req.tokens))
+    end = max(have + math.ceil(left * self.decode_reserve) - 1, have)
     return max(0, -(-end // self.page_size) - len(req.pages))
 
   def private_pages(self) -> int:
@@ -340,8 +341,10 @@ class Scheduler:
         budget -= n  # decode rows too: chunk_size bounds the step's tokens
     if not self.waiting or budget <= 0 or len(self.running) >= self.max_running:
       return batch  # nothing can be admitted: do not order the queue (lpm matches every prompt)
-    prefilling = [r for r in self.running if r.prefilling]
     reserved = sum(self._future_pages(r) for r in self.running)
+    if self.alloc.num_free + (self.tree.evictable if self.radix_on else 0) - reserved < 1:
+      return batch  # every admission needs >= 1 new page: none fits, so do not order either
+    prefilling = [r for r in self.running if r.prefilling]
     for req in self._ordered_waiting():
       if budget <= 0 or len(self.running) >= self.max_running:
         break

@@ -17,6 +17,7 @@ import threading
 
 import httpx
 import numpy as np
+import pytest
 from test_http import CFG, KEY, MODEL, TOK, scrape, serving, wait_for
 from test_serve import DENSE, PINNED, full_forward_greedy, params_of, shared_prefix_prompts
 
@@ -124,15 +125,23 @@ def test_preemption_under_pool_exhaustion_keeps_greedy_outputs():
   assert eng.idle and eng.sched.tree.protected == 0
 
 
-def test_no_queue_ordering_when_no_slot_is_free():
-  """lpm matches every waiting prompt in the radix tree to order the queue; with every running slot
-  taken nobody can be admitted, so the queue must not be ordered at all."""
-  sched = Scheduler(400, 4, max_running=4, chunk_size=64, policy="lpm")
+@pytest.mark.parametrize(
+  "pages, max_running",
+  [
+    (400, 4),  # every running slot taken
+    (10, 8),  # slots free, but the running requests' reservations hold every page
+  ],
+)
+def test_no_queue_ordering_when_nothing_can_be_admitted(pages, max_running):
+  """lpm matches every waiting prompt in the radix tree to order the queue; when nobody can be
+  admitted the queue must not be ordered at all."""
+  sched = Scheduler(pages, 4, max_running=max_running, chunk_size=64, policy="lpm", reserve_clip=0)
   rng = np.random.default_rng(0)
-  for i in range(4):
-    sched.add(Req(i, list(map(int, rng.integers(0, 50, 9))), SamplingParams(max_tokens=100)))
+  for i in range(4):  # 9 + 10 tokens: 5 pages each when all reserved
+    sched.add(Req(i, list(map(int, rng.integers(0, 50, 9))), SamplingParams(max_tokens=10)))
   sched.commit(batch := sched.schedule(), np.zeros(len(batch), int), np.zeros(len(batch)), 0.0)
-  assert len(sched.running) == 4
+  running = len(sched.running)
+  assert running == min(4, max_running, pages // 5)
   for i in range(4, 20):
     sched.add(Req(i, list(map(int, rng.integers(0, 50, 9))), SamplingParams(max_tokens=4)))
   calls = []
@@ -140,8 +149,8 @@ def test_no_queue_ordering_when_no_slot_is_free():
   sched.tree.prefix_len = lambda *a: calls.append(a) or real(*a)
   for _ in range(3):
     batch = sched.schedule()
-    assert len(batch) == 4
-    sched.commit(batch, np.zeros(4, int), np.zeros(4), 0.0)
+    assert len(batch) == running
+    sched.commit(batch, np.zeros(running, int), np.zeros(running), 0.0)
   assert calls == []
   sched.check()
 
