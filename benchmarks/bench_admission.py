@@ -5,7 +5,10 @@ Table 1, chat burst: 32 chat requests without max_tokens (max_tokens = the conte
 once on ServeConfig's default pool (1,024 pages of 16 tokens); the most that run together over the
 first steps, per context (2k, and the pool's 16k when model.max_seq_len is larger) and per
 serve.reserve_clip (0 = reserve all of max_tokens, the admission before the clip).
-Table 2, ordering cost: 32 running (every slot taken), 128 waiting prompts over 8 shared system
+Table 2, worst case: the same burst at a 2k context, every request generating all of its max_tokens
+(random weights with ignore_eos do this): scheduler steps to finish all (one token per running
+request per step), the mean batch, preemptions, and prompt + generated tokens recomputed after them.
+Table 3, ordering cost: 32 running (every slot taken), 128 waiting prompts over 8 shared system
 prompts cached in the radix tree; per policy, the milliseconds of ordering the whole waiting queue
 (what schedule() paid every step before it skipped ordering when no slot is free) against one whole
 schedule() + commit of the step now.
@@ -52,6 +55,29 @@ def chat_burst(sc: ServeConfig, context: int, prompt_len: int = 40, steps: int =
   return most, used
 
 
+def worst_case(sc: ServeConfig, context: int = 2048, prompt_len: int = 40) -> dict:
+  """The chat burst with every request running to its max_tokens, to the end."""
+  sched, rng = scheduler(sc), np.random.default_rng(0)
+  sp = SamplingParams(max_tokens=context - prompt_len)
+  reqs = [Req(i, list(map(int, rng.integers(0, 300, prompt_len))), sp) for i in range(32)]
+  for r in reqs:
+    sched.add(r)
+  steps = rows = 0
+  while sched.running or sched.waiting:
+    batch = sched.schedule()
+    steps, rows = steps + 1, rows + len(batch)
+    sched.commit(batch, rng.integers(0, 300, len(batch)), np.zeros(len(batch)), 0.0)
+  st = sched.stats
+  assert all(len(r.output) == r.sp.max_tokens for r in reqs)
+  return {
+    "steps": steps,
+    "batch": rows / steps,
+    "preemptions": st.preemptions,
+    "most_per_request": max(r.preemptions for r in reqs),
+    "recomputed": st.computed_tokens - st.prompt_tokens + st.cached_tokens,
+  }
+
+
 def full_queue(policy: str, prompt_len: int) -> Scheduler:
   """32 running requests decoding, 128 waiting over 8 cached system prompts."""
   sched = Scheduler(8192, 16, max_running=32, chunk_size=8192, policy=policy)
@@ -90,6 +116,17 @@ def main():
     for clip in (0, sc.reserve_clip):
       most, used = chat_burst(dataclasses.replace(sc, reserve_clip=clip), context)
       print(f"{context:>8} {clip:>13} {most:>13} {used:>11}")
+
+  print("\nworst case: the 2k-context burst, every request generating all of its max_tokens")
+  print(
+    f"{'reserve_clip':>13} {'steps':>7} {'mean batch':>11} {'preemptions':>12} {'max/request':>12} {'recomputed':>11}"
+  )
+  for clip in (0, sc.reserve_clip):
+    m = worst_case(dataclasses.replace(sc, reserve_clip=clip))
+    print(
+      f"{clip:>13} {m['steps']:>7} {m['batch']:>11.1f} {m['preemptions']:>12} {m['most_per_request']:>12}"
+      f" {m['recomputed']:>11}"
+    )
 
   print(f"\n32 running, 128 waiting ({args.prompt_len}-token prompts): host ms per step")
   print(f"{'policy':>11} {'order queue (before)':>21} {'schedule+commit (now)':>22}")

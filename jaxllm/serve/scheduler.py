@@ -17,15 +17,16 @@ from its current length (SGLang: new_token_ratio x min(max_new_tokens - generate
 SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION)). The clip is what lets chat requests without max_tokens (whose
 max_tokens is the whole remaining context) run together: unclipped, each reserves the whole context
 and a 16k-token pool runs 8 of them at a 2k context. Requests whose max_tokens is within the clip
-reserve all of it (with decode_reserve = 1) and are never preempted; `reserve_clip` = 0 (no clip) with
-`decode_reserve` = 1 is the old never-preempt admission. `decode_reserve` < 1 is SGLang's optimistic
+reserve all of it (with decode_reserve = 1) and are preempted last (see Preemption); `reserve_clip` =
+0 (no clip) with `decode_reserve` = 1 is the old never-preempt admission. `decode_reserve` < 1 is SGLang's optimistic
 new_token_ratio (requests often stop early).
 Worst case: every admitted request runs far past its estimate (e.g. all run to a long max_tokens).
-Then the pool runs out mid-decode and the newest running requests are preempted, one at a time,
-until the rest fit: the batch settles at what the pool holds, as with full reservation, plus the
-recomputation of the preempted requests' prompt and generated tokens (from the radix cache where
-their pages survive). The oldest running request is never preempted while others run, and any one
-request fits the pool (Engine.check_request), so every request finishes.
+Then the pool runs out mid-decode and the newest running requests on a short estimate are
+preempted, one at a time, until the rest fit; a preempted request comes back only with all of its remaining max_tokens
+reserved. So a request is, in practice, preempted for pages once (see Preemption) and recomputes its
+prompt and the tokens it had generated (less what the radix cache still holds), after which the
+batch runs what full reservation would run. Any one request fits the pool (Engine.check_request),
+so every request finishes.
 Without any reservation (decode_reserve = 0) the scheduler admits whatever the prefill chunk fits and
 under a memory limit that cost fcfs and dfs-weight a third of their hit rate (shared prefixes evicted).
 The first waiting request that does not fit stops admission (no overtaking). With every running slot
@@ -53,8 +54,12 @@ still in prefill than it has in the tree waits; once that request's prefix is in
 its chunks) the waiting one matches it instead of computing it again.
 
 Preemption: when a running request needs a page and none can be freed by evicting the tree, the
-newest running request is preempted: its computed pages go to the tree (or are freed), it rejoins
-the front of the queue with its prompt and generated tokens, and is recomputed later. Nothing is lost.
+newest running request whose reservation may fall short (clipped, or decode_reserve < 1) is
+preempted (the newest of all when none is): its computed pages go to the tree (or are freed), it
+rejoins the front of the queue with its prompt and generated tokens, and is recomputed
+later. From then on it reserves all it may still generate (no clip, no decode_reserve): it is
+readmitted only when that fits, and preempted for pages again only when no request on a short
+estimate is left to preempt. Nothing is lost.
 
 Shapes: the package legend in jaxllm/__init__.py (R, Z); host-side lists, counted in pages of Z tokens.
 """
@@ -107,6 +112,7 @@ class Req:
   cache_hit: int = 0  # prompt tokens reused from the tree (first admission)
   computed: int = 0  # tokens computed in prefill, recompute included
   preemptions: int = 0
+  reserve_all: bool = False  # preempted for lack of pages: reserves all it may still generate from now on
   finish_reason: str | None = None
   token_times: list = field(default_factory=list)
   stream: object = None  # jaxllm.serve.detok.TextStream when the engine detokenizes
@@ -213,6 +219,8 @@ class Scheduler:
     decode_reserve x min(tokens still to generate, reserve_clip) (the last sampled token is never
     fed back, hence - 1)."""
     have, left = len(req.prompt) + len(req.output), req.sp.max_tokens - len(req.output)
+    if req.reserve_all:  # its estimate was wrong once: no second guess
+      return max(0, -(-(have + left - 1) // self.page_size) - len(req.pages))
     if self.reserve_clip:
       left = min(left, self.reserve_clip)
     end = max(have + math.ceil(left * self.decode_reserve) - 1, have)
@@ -316,7 +324,20 @@ class Scheduler:
       stack += [(c, False) for c in sorted(kids, key=lambda c: weight[id(c)])]  # heaviest popped first
     return out
 
-  def _preempt(self, req: Req) -> None:
+  def _short(self, req: Req) -> bool:
+    """Whether req's reservation may fall short of what it generates (clipped or decode_reserve < 1)."""
+    if req.reserve_all:
+      return False
+    left = req.sp.max_tokens - len(req.output)
+    return self.decode_reserve < 1 or (self.reserve_clip and left > self.reserve_clip)
+
+  def _victim(self) -> Req:
+    """The running request to preempt for pages: the newest one on a short estimate; requests whose
+    reservation covers all they may generate go only when no such one is left."""
+    return max(self.running, key=lambda r: (self._short(r), r.order))
+
+  def _preempt(self, req: Req, for_pages: bool = False) -> None:
+    req.reserve_all |= for_pages
     self.running.remove(req)
     self._release(req)
     req.preemptions += 1
@@ -333,7 +354,7 @@ class Scheduler:
       if n == 0:
         continue
       while not self._grow(req, n):
-        self._preempt(max(self.running, key=lambda r: r.order))
+        self._preempt(self._victim(), for_pages=True)
         if req not in self.running:
           break
       else:

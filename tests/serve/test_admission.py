@@ -73,6 +73,59 @@ def test_chat_without_max_tokens_runs_32_together_on_the_default_pool():
   assert max_running_of_chat_burst(default_scheduler(reserve_clip=0)) == 1
 
 
+def test_worst_case_every_request_runs_to_its_max_tokens():
+  """The burst at a 2k context with every request generating all of its ~2k max_tokens: the pool
+  (16k tokens) runs out, requests are preempted (each once: it comes back with all of its max_tokens
+  reserved), every request still finishes, and in fewer steps than reserving everything up front."""
+
+  def run(**kw):
+    sched, rng = default_scheduler(**kw), np.random.default_rng(0)
+    reqs = [Req(i, list(map(int, rng.integers(0, 300, 40))), SamplingParams(max_tokens=2008)) for i in range(32)]
+    for r in reqs:
+      sched.add(r)
+    steps = 0
+    while sched.running or sched.waiting:
+      batch = sched.schedule()
+      assert batch, "no progress"
+      sched.commit(batch, rng.integers(0, 300, len(batch)), np.zeros(len(batch)), 0.0)
+      steps += 1
+      if steps % 500 == 0:
+        sched.check()
+    assert all(len(r.output) == 2008 and r.finish_reason == "length" for r in reqs)
+    return steps, [r.preemptions for r in reqs]
+
+  steps, preempted = run()
+  assert 0 < sum(preempted) and max(preempted) == 1
+  full_steps, none = run(reserve_clip=0)
+  assert sum(none) == 0 and steps < full_steps
+
+
+def test_requests_within_the_clip_are_preempted_last():
+  """A long request on a clipped estimate (L) runs; three short requests whose max_tokens is within
+  the clip (all reserved) join and prefill in small chunks while L grows past its estimate. When the
+  pool runs out, L is preempted, not a newer short request."""
+  sched = Scheduler(14, 4, max_running=8, chunk_size=8, policy="fcfs", reserve_clip=8)
+  long = Req(0, list(range(8)), SamplingParams(max_tokens=48))
+  sched.add(long)
+  rng = np.random.default_rng(0)
+
+  def step():
+    batch = sched.schedule()
+    assert batch, "no progress"
+    sched.commit(batch, rng.integers(0, 50, len(batch)), np.zeros(len(batch)), 0.0)
+
+  for _ in range(6):
+    step()
+  short = [Req(i, list(range(20 * i, 20 * i + 16)), SamplingParams(max_tokens=8)) for i in range(1, 4)]
+  for r in short:
+    sched.add(r)
+  while sched.running or sched.waiting:
+    step()
+  assert long.preemptions == 1 and [r.preemptions for r in short] == [0, 0, 0]
+  assert len(long.output) == 48 and all(len(r.output) == 8 for r in short)
+  sched.check()
+
+
 def test_32_chat_requests_run_together_through_http():
   """The HTTP server on ServeConfig's pool defaults, a 2k-context model: 32 streamed chat requests
   without max_tokens are all running at once (the running gauge of /metrics says 32)."""
