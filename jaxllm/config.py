@@ -273,7 +273,8 @@ class ServeConfig:
   policy: str = "lpm"  # waiting-queue order: "fcfs", "lpm" (longest cached prefix) or "dfs-weight"
   radix: bool = True  # share KV of common prefixes through the radix cache
   attention: str = "auto"  # paged attention: "pallas" (TPU/GPU kernels), "reference" (XLA), "auto" (pallas off CPU)
-  decode_reserve: float = 1.0  # fraction of max_tokens whose pages admission reserves (1 = never preempt)
+  decode_reserve: float = 1.0  # fraction of a request's (clipped) max_tokens whose pages admission reserves
+  reserve_clip: int = 256  # max_tokens counted by admission at most (SGLang's CLIP_MAX_NEW_TOKENS); 0 = no clip
   max_wait_s: float = 30.0  # a request waiting this long is admitted next, whatever the policy (no starvation)
   min_seqs: int = 1  # smallest sequences bucket of a step (raise to compile fewer shapes)
   min_tokens: int = 32  # smallest tokens bucket of a step
@@ -313,6 +314,8 @@ class ServeConfig:
       raise ConfigError(f"serve.max_pages={self.max_pages} must be in 0..serve.num_pages={self.num_pages}")
     if not 0 <= self.decode_reserve <= 1:
       raise ConfigError(f"serve.decode_reserve={self.decode_reserve} must be in [0, 1]")
+    if self.reserve_clip < 0:
+      raise ConfigError(f"serve.reserve_clip={self.reserve_clip} must be >= 0 tokens (0 = reserve all of max_tokens)")
     if self.max_wait_s <= 0:
       raise ConfigError(f"serve.max_wait_s={self.max_wait_s} must be > 0 seconds")
     if not self.drain_timeout_s >= 0:

@@ -113,6 +113,11 @@ class TextStream:
     nor anything after one."""
     return "".join(self._chunks)
 
+  def text_since(self, n: int) -> tuple[str, int]:
+    """The text emitted after the first n deltas, and how many deltas there are now: a reader
+    that keeps the count gets each new piece without re-joining the whole text."""
+    return "".join(self._chunks[n:]), len(self._chunks)
+
   @property
   def stop_token_index(self) -> int | None:
     """How many generated tokens had been pushed when the stop string was seen (the engine keeps

@@ -116,6 +116,7 @@ class Engine:
       policy=sc.policy,
       radix=sc.radix,
       decode_reserve=sc.decode_reserve,
+      reserve_clip=sc.reserve_clip,
       max_wait_s=sc.max_wait_s,
     )
     self.sched.version = weight_version

@@ -10,21 +10,38 @@ Every step the scheduler picks a list of (request, n tokens to compute):
   last. Admission matches the prompt in the radix tree and only computes the uncached rest.
 
 Admission control (SGLang's PrefillAdder): a request is admitted only if every page it may still
-need -- its uncached prompt AND its max_tokens of decode, times `decode_reserve` -- fits in the free
-plus evictable pages left after the running requests' own outstanding reservations. Without it the
-scheduler admits whatever the prefill chunk fits, runs out of pages during decode, evicts the shared
-prefixes queued requests need and preempts (recomputes) running requests: under a memory limit that
-cost fcfs and dfs-weight a third of their hit rate. `decode_reserve` < 1 is SGLang's optimistic
-new_token_ratio (requests often stop early); preemption remains the fallback when it guesses wrong.
-The first waiting request that does not fit stops admission (no overtaking).
+need -- its uncached prompt AND an estimate of its decode -- fits in the free plus evictable pages
+left after the running requests' own outstanding estimates. The estimate of a request is
+`decode_reserve` x min(its max_tokens still to generate, `reserve_clip`) tokens, re-taken every step
+from its current length (SGLang: new_token_ratio x min(max_new_tokens - generated,
+SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION)). The clip is what lets chat requests without max_tokens (whose
+max_tokens is the whole remaining context) run together: unclipped, each reserves the whole context
+and a 16k-token pool runs 8 of them at a 2k context. Requests whose max_tokens is within the clip
+reserve all of it (with decode_reserve = 1) and are preempted last (see Preemption); `reserve_clip` =
+0 (no clip) with `decode_reserve` = 1 is the old never-preempt admission. `decode_reserve` < 1 is SGLang's optimistic
+new_token_ratio (requests often stop early).
+Worst case: every admitted request runs far past its estimate (e.g. all run to a long max_tokens).
+Then the pool runs out mid-decode and the newest running requests on a short estimate are
+preempted, one at a time, until the rest fit; a preempted request comes back only with all of its remaining max_tokens
+reserved. So a request is, in practice, preempted for pages once (see Preemption) and recomputes its
+prompt and the tokens it had generated (less what the radix cache still holds), after which the
+batch runs what full reservation would run. Any one request fits the pool (Engine.check_request),
+so every request finishes.
+Without any reservation (decode_reserve = 0) the scheduler admits whatever the prefill chunk fits and
+under a memory limit that cost fcfs and dfs-weight a third of their hit rate (shared prefixes evicted).
+The first waiting request that does not fit stops admission (no overtaking). With every running slot
+taken, no token budget or no page left, the waiting queue is not ordered at all: nothing could be
+admitted.
 
 No starvation: lpm and dfs-weight reorder the queue every step, so a request with no cached prefix
 could wait behind an endless stream of requests that hit. A request that has waited `max_wait_s`
 goes to the front (oldest first), whatever the policy.
 
-Weight versions (RL): the radix key includes the weight version, bound when a request is admitted
-(`extra_key`), never when it is queued; `set_version` preempts running requests so their KV is
-recomputed with the new weights. Nothing computed by old weights is matched again.
+Weight versions (RL): the radix key includes the weights, bound when a request is admitted
+(`namespace`), never when it is queued; `set_version` preempts running requests so their KV is
+recomputed with the new weights. Nothing computed by old weights is matched again: the namespace is
+(a counter of set_version calls, version), so weights that come back under an earlier version name
+(v1 -> v2 -> v1) do not match the KV the first v1 computed.
 
 Policies: `fcfs`; `lpm` (longest cached prefix first); `dfs-weight` (walk the tree visiting the
 subtree with more waiting requests first, each node's requests after its subtree's, SGLang sec. 4:
@@ -37,8 +54,12 @@ still in prefill than it has in the tree waits; once that request's prefix is in
 its chunks) the waiting one matches it instead of computing it again.
 
 Preemption: when a running request needs a page and none can be freed by evicting the tree, the
-newest running request is preempted: its computed pages go to the tree (or are freed), it rejoins
-the front of the queue with its prompt and generated tokens, and is recomputed later. Nothing is lost.
+newest running request whose reservation may fall short (clipped, or decode_reserve < 1) is
+preempted (the newest of all when none is): its computed pages go to the tree (or are freed), it
+rejoins the front of the queue with its prompt and generated tokens, and is recomputed
+later. From then on it reserves all it may still generate (no clip, no decode_reserve): it is
+readmitted only when that fits, and preempted for pages again only when no request on a short
+estimate is left to preempt. Nothing is lost.
 
 Shapes: the package legend in jaxllm/__init__.py (R, Z); host-side lists, counted in pages of Z tokens.
 """
@@ -75,7 +96,8 @@ class Req:
   rid: int
   prompt: list
   sp: SamplingParams
-  extra_key: object = None  # radix namespace: the weight version, bound at admission
+  extra_key: object = None  # the weight version (user's name), bound at admission
+  namespace: object = None  # radix key namespace: (weights generation, version), bound at admission
   arrival: float = 0.0  # time.perf_counter() when queued
   admitted: float | None = None  # first admission time (queue time = admitted - arrival)
   queued: float = 0.0  # time.perf_counter() when the scheduler got it (for max_wait_s)
@@ -90,6 +112,7 @@ class Req:
   cache_hit: int = 0  # prompt tokens reused from the tree (first admission)
   computed: int = 0  # tokens computed in prefill, recompute included
   preemptions: int = 0
+  reserve_all: bool = False  # preempted for lack of pages: reserves all it may still generate from now on
   finish_reason: str | None = None
   token_times: list = field(default_factory=list)
   stream: object = None  # jaxllm.serve.detok.TextStream when the engine detokenizes
@@ -141,6 +164,7 @@ class Scheduler:
     radix: bool = True,
     policy_max_queue: int = 128,
     decode_reserve: float = 1.0,
+    reserve_clip: int = 256,
     max_wait_s: float = 30.0,
   ):
     if policy not in POLICIES:
@@ -149,7 +173,9 @@ class Scheduler:
       raise ValueError(f"chunk_size={chunk_size} and max_running={max_running} must be >= 1")
     if not 0 <= decode_reserve <= 1:
       raise ValueError(f"decode_reserve={decode_reserve} must be in [0, 1] (fraction of max_tokens reserved)")
-    self.decode_reserve = decode_reserve
+    if reserve_clip < 0:
+      raise ValueError(f"reserve_clip={reserve_clip} must be >= 0 tokens (0 = no clip)")
+    self.decode_reserve, self.reserve_clip = decode_reserve, reserve_clip
     self.page_size, self.max_running, self.chunk_size = page_size, max_running, chunk_size
     self.policy, self.radix_on, self.policy_max_queue = policy, radix, policy_max_queue
     self.alloc = PageAllocator(num_pages)
@@ -157,8 +183,14 @@ class Scheduler:
     self.max_wait_s = max_wait_s
     self.waiting: list[Req] = []
     self.running: list[Req] = []
-    self.version = None  # weight version (radix namespace) of the requests admitted from now on
+    self.version = None  # weight version of the requests admitted from now on (reported with their tokens)
+    self.generation = 0  # set_version calls so far: with the version, the radix namespace
     self.stats = Stats()
+
+  @property
+  def namespace(self) -> tuple:
+    """The radix namespace of requests admitted now: a fresh one per set_version."""
+    return (self.generation, self.version)
 
   @property
   def num_preemptions(self) -> int:
@@ -183,10 +215,15 @@ class Scheduler:
     return True
 
   def _future_pages(self, req: Req) -> int:
-    """Pages req may still allocate: KV for its prompt and decode_reserve of its max_tokens (the
-    last sampled token is never fed back, hence - 1), or for what it already holds if resumed."""
-    end = len(req.prompt) + math.ceil(req.sp.max_tokens * self.decode_reserve) - 1
-    end = max(end, len(req.tokens))
+    """Pages req may still allocate by the estimate: KV for its prompt and output so far, plus
+    decode_reserve x min(tokens still to generate, reserve_clip) (the last sampled token is never
+    fed back, hence - 1)."""
+    have, left = len(req.prompt) + len(req.output), req.sp.max_tokens - len(req.output)
+    if req.reserve_all:  # its estimate was wrong once: no second guess
+      return max(0, -(-(have + left - 1) // self.page_size) - len(req.pages))
+    if self.reserve_clip:
+      left = min(left, self.reserve_clip)
+    end = max(have + math.ceil(left * self.decode_reserve) - 1, have)
     return max(0, -(-end // self.page_size) - len(req.pages))
 
   def private_pages(self) -> int:
@@ -200,7 +237,7 @@ class Scheduler:
     else:
       Z = self.page_size
       n_full = req.num_computed // Z
-      prev = self.tree.insert(req.tokens[: n_full * Z], req.pages[:n_full], req.extra_key)
+      prev = self.tree.insert(req.tokens[: n_full * Z], req.pages[:n_full], req.namespace)
       self.alloc.free(req.pages[req.cached_len // Z : prev // Z])  # duplicates of cached pages
       self.alloc.free(req.pages[n_full:])
       self.tree.unlock(req.node)
@@ -214,8 +251,8 @@ class Scheduler:
     if not self.radix_on or n_full * Z <= req.cached_len:
       return
     key = req.tokens[: n_full * Z]
-    prev = self.tree.insert(key, req.pages[:n_full], req.extra_key)
-    pages, node = self.tree.match_prefix(key, req.extra_key)
+    prev = self.tree.insert(key, req.pages[:n_full], req.namespace)
+    pages, node = self.tree.match_prefix(key, req.namespace)
     assert len(pages) == n_full, "radix: a just-inserted prefix must match in full"
     self.alloc.free(req.pages[req.cached_len // Z : prev // Z])
     req.pages[:n_full] = pages
@@ -240,8 +277,10 @@ class Scheduler:
 
   def set_version(self, version) -> None:
     """New weights: later admissions use `version`; running requests are preempted (requeued at
-    the front, recomputed under the new weights)."""
+    the front, recomputed under the new weights). Each call opens a fresh radix namespace, even
+    for a version name used before."""
     self.version = version
+    self.generation += 1
     for req in sorted(self.running, key=lambda r: -r.order):
       self._preempt(req)
 
@@ -262,7 +301,7 @@ class Scheduler:
     if self.policy == "fcfs" or not self.radix_on or len(self.waiting) > self.policy_max_queue:
       return list(self.waiting)
     t = self.tree
-    matches = [t.prefix_len(r.tokens[:-1], self.version) for r in self.waiting]
+    matches = [t.prefix_len(r.tokens[:-1], self.namespace) for r in self.waiting]
     if self.policy == "lpm":
       order = sorted(range(len(self.waiting)), key=lambda i: -matches[i][0])
       return [self.waiting[i] for i in order]
@@ -286,7 +325,20 @@ class Scheduler:
       stack += [(c, False) for c in sorted(kids, key=lambda c: weight[id(c)])]  # heaviest popped first
     return out
 
-  def _preempt(self, req: Req) -> None:
+  def _short(self, req: Req) -> bool:
+    """Whether req's reservation may fall short of what it generates (clipped or decode_reserve < 1)."""
+    if req.reserve_all:
+      return False
+    left = req.sp.max_tokens - len(req.output)
+    return self.decode_reserve < 1 or (self.reserve_clip and left > self.reserve_clip)
+
+  def _victim(self) -> Req:
+    """The running request to preempt for pages: the newest one on a short estimate; requests whose
+    reservation covers all they may generate go only when no such one is left."""
+    return max(self.running, key=lambda r: (self._short(r), r.order))
+
+  def _preempt(self, req: Req, for_pages: bool = False) -> None:
+    req.reserve_all |= for_pages
     self.running.remove(req)
     self._release(req)
     req.preemptions += 1
@@ -303,16 +355,18 @@ class Scheduler:
       if n == 0:
         continue
       while not self._grow(req, n):
-        self._preempt(max(self.running, key=lambda r: r.order))
+        self._preempt(self._victim(), for_pages=True)
         if req not in self.running:
           break
       else:
         batch.append((req, n))
         budget -= n  # decode rows too: chunk_size bounds the step's tokens
-    if not self.waiting or budget <= 0:
-      return batch
-    prefilling = [r for r in self.running if r.prefilling]
+    if not self.waiting or budget <= 0 or len(self.running) >= self.max_running:
+      return batch  # nothing can be admitted: do not order the queue (lpm matches every prompt)
     reserved = sum(self._future_pages(r) for r in self.running)
+    if self.alloc.num_free + (self.tree.evictable if self.radix_on else 0) - reserved < 1:
+      return batch  # every admission needs >= 1 new page: none fits, so do not order either
+    prefilling = [r for r in self.running if r.prefilling]
     for req in self._ordered_waiting():
       if budget <= 0 or len(self.running) >= self.max_running:
         break
@@ -335,10 +389,10 @@ class Scheduler:
     tokens = req.tokens
     pages, node = ([], self.tree.root)
     if self.radix_on:
-      pages, node = self.tree.match_prefix(tokens[:-1], self.version)
+      pages, node = self.tree.match_prefix(tokens[:-1], self.namespace)
       cached = len(pages) * Z
       for other in prefilling:
-        if other.extra_key == self.version and _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
+        if other.namespace == self.namespace and _lcp(tokens, other.prompt) // Z * Z >= cached + Z:
           return "wait"  # `other` is computing our prefix right now
       self.tree.lock(node)  # before counting: our prefix is no longer evictable
     n = min(len(tokens) - len(pages) * Z, budget)
@@ -353,7 +407,7 @@ class Scheduler:
         self.tree.unlock(node)
       return "full"
     self.waiting.remove(req)
-    req.extra_key = self.version
+    req.extra_key, req.namespace = self.version, self.namespace
     req.pages, req.node = pages + new, (node if self.radix_on else None)
     req.num_computed = req.cached_len = len(pages) * Z
     if req.preemptions == 0:

@@ -68,7 +68,7 @@ class _Tracked:
   req: Req
   on_event: Callable[[Event], None]
   sent_tokens: int = 0
-  sent_text: int = 0
+  sent_chunks: int = 0  # the TextStream's deltas already sent
 
 
 @dataclass
@@ -388,8 +388,7 @@ class EngineService:
     new = req.output[t.sent_tokens :]
     text = ""
     if req.stream is not None:
-      text = req.stream.text[t.sent_text :]
-      t.sent_text += len(text)
+      text, t.sent_chunks = req.stream.text_since(t.sent_chunks)  # only the new deltas: O(new text)
     ev = Event(
       t.rid,
       new,

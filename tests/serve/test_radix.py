@@ -216,8 +216,8 @@ def test_dfs_weight_puts_uncached_requests_last():
   ps = 4
   sched = Scheduler(64, ps, policy="dfs-weight")
   a, b = [1] * 8, [2] * 8
-  sched.tree.insert(a, sched.alloc.alloc(2))
-  sched.tree.insert(b, sched.alloc.alloc(2))
+  sched.tree.insert(a, sched.alloc.alloc(2), sched.namespace)  # the key requests are admitted under
+  sched.tree.insert(b, sched.alloc.alloc(2), sched.namespace)  # the key requests are admitted under
   # Request 4 matches only a's first page: a match ending inside an edge belongs to that subtree.
   reqs = [
     Req(0, [9] * 9, SamplingParams()),
@@ -230,4 +230,4 @@ def test_dfs_weight_puts_uncached_requests_last():
   for r in reqs:
     sched.add(r)
   assert [r.rid for r in sched._ordered_waiting()] == [2, 3, 5, 1, 4, 0]
-  assert sched.tree.prefix_len(a[:4] + [7] * 5)[0] == 4
+  assert sched.tree.prefix_len(a[:4] + [7] * 5, sched.namespace)[0] == 4

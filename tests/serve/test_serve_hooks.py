@@ -69,7 +69,7 @@ def test_long_waiting_request_is_not_starved():
   Z = 4
   sched = Scheduler(64, Z, policy="lpm", max_wait_s=5.0)
   hit = [1] * 8
-  sched.tree.insert(hit, sched.alloc.alloc(2))
+  sched.tree.insert(hit, sched.alloc.alloc(2), sched.namespace)
   cold = Req(0, [9] * 9, SamplingParams())
   warm = [Req(i, hit + [i], SamplingParams()) for i in range(1, 4)]
   for r in [cold] + warm:

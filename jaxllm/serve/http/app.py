@@ -14,7 +14,8 @@
 When serve.api_key is set, /v1/*, /generate, /flush_cache and the tokenizer routes need
 `Authorization: Bearer KEY`; /health and /metrics stay open for probes and scrapers (as in vLLM).
 Bodies are JSON, at most serve.max_body_bytes (checked on Content-Length before reading, and on the
-bytes actually read, so a chunked upload cannot get around it).
+bytes actually read, so a chunked upload cannot get around it). Parsing (tokenizing, chat-template rendering) runs in a
+worker thread, never on the event loop, so a long prompt does not stall every other stream.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from jaxllm.config import ServeConfig
@@ -197,7 +199,7 @@ def create_app(
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    parsed = protocol.parse_completion(await read_json(request), info, tokenizer)
+    parsed = await run_in_threadpool(protocol.parse_completion, await read_json(request), info, tokenizer)
     fmt = Completions(parsed, info.name, text_of)
     if parsed.prompt_logprobs >= 0:
       fmt.scores = await score(parsed)
@@ -205,12 +207,12 @@ def create_app(
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
-    parsed = protocol.parse_chat(await read_json(request), info, template)
+    parsed = await run_in_threadpool(protocol.parse_chat, await read_json(request), info, template)
     return await run(request, parsed, ChatCompletions(parsed, info.name, text_of))
 
   @app.post("/generate")
   async def generate(request: Request):
-    parsed = protocol.parse_generate(await read_json(request), info, tokenizer)
+    parsed = await run_in_threadpool(protocol.parse_generate, await read_json(request), info, tokenizer)
     fmt = Generate(parsed)
     if parsed.prompt_logprobs >= 0:
       fmt.scores = await score(parsed)

@@ -3,6 +3,7 @@
   {"text": completion text, "output_ids": [...],
    "meta_info": {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
                  "finish_reason": {"type": "stop" | "length" | "abort"}, "weight_version",
+                 "weight_versions": [the weights of each output id],
                  "output_token_logprobs": [[logprob, token id, null], ...]  (with return_logprob),
                  "output_top_logprobs": [[[logprob, id, null], ...] per token]  (and top_logprobs_num),
                  "input_token_logprobs": [[null, id0, null], [logprob, id1, null], ...],
@@ -45,6 +46,7 @@ class Generate:
       "cached_tokens": o.cached_tokens,
       "finish_reason": {"type": o.finish_reason} if o.finish_reason else None,
       "weight_version": json_safe(o.weight_version),
+      "weight_versions": [json_safe(v) for v in o.weight_versions],  # per output id (tokens span swaps)
     }
     if self.parsed.logprobs:
       meta["output_token_logprobs"] = _triples(zip(o.token_ids, o.logprobs))

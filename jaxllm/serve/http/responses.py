@@ -14,6 +14,8 @@ the prefix cache (their minimum: with n > 1 the first choice computes what the o
 Extensions for RL clients (vLLM's names), only when `return_token_ids`: `prompt_token_ids`,
 `token_ids` and `weight_version` (the weights that produced the tokens) on each choice -- in
 streaming, token_ids are the chunk's new tokens and prompt_token_ids come in a choice's first chunk.
+Non-streamed, `weight_versions` adds each token's weights (parallel to token_ids), since the tokens of
+one choice can span a weight swap and `weight_version` names only the latest.
 """
 
 from __future__ import annotations
@@ -32,19 +34,28 @@ from jaxllm.serve.service import Event
 class Output:
   """What one choice (one engine request) has produced so far."""
 
-  text: str = ""
+  pieces: list = field(default_factory=list)  # the text, one piece per event (joined once, by `text`)
+  chars: int = 0  # characters of text so far
   token_ids: list = field(default_factory=list)
   logprobs: list = field(default_factory=list)
   top_logprobs: list = field(default_factory=list)
   finish_reason: str | None = None
   prompt_tokens: int = 0
   cached_tokens: int = 0
-  weight_version: object = None
+  weight_version: object = None  # the weights of the latest tokens
+  weight_versions: list = field(default_factory=list)  # per token, the weights that produced it
   error: str = ""
 
+  @property
+  def text(self) -> str:
+    return "".join(self.pieces)
+
   def add(self, ev: Event) -> None:
-    self.text += ev.text
+    if ev.text:
+      self.pieces.append(ev.text)
+      self.chars += len(ev.text)
     self.token_ids += ev.token_ids
+    self.weight_versions += [ev.weight_version] * len(ev.token_ids)
     self.logprobs += ev.logprobs
     self.top_logprobs += ev.top_logprobs
     self.finish_reason = ev.finish_reason
@@ -79,11 +90,15 @@ def json_safe(v):
   return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
 
 
-def token_extras(parsed, choice: dict, token_ids, version) -> dict:
-  """vLLM's return_token_ids extension: the choice's token ids and the weights that produced them."""
+def token_extras(parsed, choice: dict, token_ids, version, versions=None) -> dict:
+  """vLLM's return_token_ids extension: the choice's token ids and the weights that produced them.
+  versions (a whole response's): per token, its weights -- tokens can span a weight swap; then
+  `weight_version` is the latest and `weight_versions` names each token's (parallel to token_ids)."""
   if parsed.return_token_ids:
     choice["token_ids"] = list(token_ids)
     choice["weight_version"] = json_safe(version)
+    if versions is not None:
+      choice["weight_versions"] = [json_safe(v) for v in versions]
   return choice
 
 
@@ -189,7 +204,7 @@ class Completions:
   def _echo(self, i: int) -> str:
     return self.parsed.prompt_texts[i // self.parsed.per_prompt] if self.parsed.echo else ""
 
-  def _extras(self, choice: dict, token_ids, version, first: bool) -> dict:
+  def _extras(self, choice: dict, token_ids, version, first: bool, versions=None) -> dict:
     i = choice["index"]
     score = self.scores[i // self.parsed.per_prompt] if self.scores is not None else None
     if first and self.parsed.return_token_ids:
@@ -198,7 +213,7 @@ class Completions:
         choice["prompt_weight_version"] = json_safe(score.weight_version)
     if version is None and score is not None:  # nothing generated yet: the scoring weights
       version = score.weight_version
-    return token_extras(self.parsed, choice, token_ids, version)
+    return token_extras(self.parsed, choice, token_ids, version, versions)
 
   def _logprobs(self, i: int, token_ids, logprobs, tops, offset: int, prompt: bool) -> dict | None:
     """Choice i's logprobs of these generated tokens, after its prompt's when `prompt` (echo)."""
@@ -215,7 +230,7 @@ class Completions:
       echo = self._echo(i)
       lp = self._logprobs(i, o.token_ids, o.logprobs, o.top_logprobs, len(echo), True)
       choice = {"index": i, "text": echo + o.text, "logprobs": lp, "finish_reason": o.finish_reason}
-      choices.append(self._extras(choice, o.token_ids, o.weight_version, True))
+      choices.append(self._extras(choice, o.token_ids, o.weight_version, True, o.weight_versions))
     return self._head() | {"choices": choices, "usage": completion_usage(self.parsed, outputs)}
 
   async def stream(self, events):
@@ -227,8 +242,8 @@ class Completions:
         yield sse(self._head() | {"choices": [self._extras(choice, [], None, True)]})
     async for i, ev in events:
       o = outputs[i]
-      first = not self.parsed.echo and not o.token_ids and not o.text
-      offset = len(self._echo(i)) + len(o.text)
+      first = not self.parsed.echo and not o.token_ids and not o.chars
+      offset = len(self._echo(i)) + o.chars
       o.add(ev)
       if ev.finish_reason == "error":
         yield sse(error_chunk(ev))
@@ -256,8 +271,8 @@ class ChatCompletions:
   def _head(self, obj: str) -> dict:
     return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-  def _extras(self, choice: dict, token_ids, version) -> dict:
-    return token_extras(self.parsed, choice, token_ids, version)
+  def _extras(self, choice: dict, token_ids, version, versions=None) -> dict:
+    return token_extras(self.parsed, choice, token_ids, version, versions)
 
   def response(self, outputs: list[Output]) -> dict:
     choices = []
@@ -271,7 +286,7 @@ class ChatCompletions:
           message["tool_calls"] = [c.message() for c in calls]
         finish = tool_calls.finish_reason(finish, len(calls))
       choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
-      choices.append(self._extras(choice, o.token_ids, o.weight_version))
+      choices.append(self._extras(choice, o.token_ids, o.weight_version, o.weight_versions))
     out = self._head("chat.completion") | {"choices": choices, "usage": usage(outputs)}
     if self.parsed.return_token_ids:
       out["prompt_token_ids"] = self.parsed.prompt_ids
