@@ -284,6 +284,7 @@ class ServeConfig:
   max_waiting: int = 256  # queued requests at most; beyond it requests get 503 + Retry-After
   max_n: int = 16  # largest `n` (samples per request)
   max_body_bytes: int = 1_000_000  # largest request body (413 above)
+  stream_multistep: bool = False  # streamed requests take decode_steps per call too (tokens arrive in bursts)
 
   def __post_init__(self):
     _positive(

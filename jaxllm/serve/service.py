@@ -98,16 +98,17 @@ class EngineService:
     if self._thread is not None:
       self._thread.join()
 
-  def submit(self, prompt_ids, sp: SamplingParams, on_event: Callable[[Event], None]) -> int:
+  def submit(self, prompt_ids, sp: SamplingParams, on_event: Callable[[Event], None], streaming: bool = False) -> int:
     """Queue a request; returns its id. Raises ValueError for a request that can never run and
-    QueueFull past serve.max_waiting. `on_event` is called from the engine thread."""
+    QueueFull past serve.max_waiting. `on_event` is called from the engine thread. streaming: the
+    client reads tokens as they come (Engine.add_request)."""
     prompt = self.engine.check_request(prompt_ids, sp)
     with self._lock:
       if self._pending + len(self.engine.sched.waiting) >= self.max_waiting:
         raise QueueFull(f"{self.max_waiting} requests are already waiting")
       rid = next(self._ids)
       self._pending += 1
-      self._inbox.append(("submit", rid, prompt, sp, on_event, time.perf_counter()))
+      self._inbox.append(("submit", rid, prompt, sp, on_event, time.perf_counter(), streaming))
       self._lock.notify()
     return rid
 
@@ -169,10 +170,10 @@ class EngineService:
   def _apply(self, cmd) -> None:
     eng, kind = self.engine, cmd[0]
     if kind == "submit":
-      _, rid, prompt, sp, on_event, arrival = cmd
+      _, rid, prompt, sp, on_event, arrival, streaming = cmd
       with self._lock:
         self._pending -= 1
-      req = eng.add_request(prompt, sp, arrival=arrival)
+      req = eng.add_request(prompt, sp, arrival=arrival, streaming=streaming)
       self._tracked[rid] = _Tracked(rid, req, on_event)
       return
     reply, box = cmd[-1]
@@ -233,6 +234,7 @@ class EngineService:
       "computed_tokens": st.computed_tokens,
       "preemptions": st.preemptions,
       "finished": dict(st.finished),
+      "compiles": self.engine.compiles,
       **self.engine.gauges(),
       "inbox": self._pending,
     }

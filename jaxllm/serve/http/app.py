@@ -110,7 +110,7 @@ def create_app(
 
   async def run(request: Request, parsed: protocol.Parsed, fmt):
     """Submit the parsed request and answer with fmt's streamed chunks or its one object."""
-    call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling)
+    call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling, parsed.stream)
     if parsed.stream:
 
       async def chunks():

@@ -33,11 +33,12 @@ class EngineCall:
     self.disconnected = False
     self._watcher: asyncio.Task | None = None
 
-  def submit(self, prompt_ids, sampling: list) -> "EngineCall":
-    """Submit one engine request per choice. All or none: a failure aborts those already queued."""
+  def submit(self, prompt_ids, sampling: list, streaming: bool = False) -> "EngineCall":
+    """Submit one engine request per choice. All or none: a failure aborts those already queued.
+    streaming: the response is streamed (the engine then hands tokens over as they come)."""
     try:
       for i, sp in enumerate(sampling):
-        self.rids.append(self.service.submit(prompt_ids, sp, functools.partial(self._deliver, i)))
+        self.rids.append(self.service.submit(prompt_ids, sp, functools.partial(self._deliver, i), streaming))
         self.unfinished.add(i)
     except QueueFull as e:
       self.abort()

@@ -104,6 +104,7 @@ class _EngineCollector(Collector):
         "computed_tokens",
       ),
       ("jaxllm:num_preemptions", "Requests preempted (recomputed later) for lack of KV pages.", "preemptions"),
+      ("jaxllm:compiles", "Step shapes the engine compiled (warm-up included); should not grow after it.", "compiles"),
     )
     for name, doc, key in counters:
       yield CounterMetricFamily(name, doc, value=s[key])
