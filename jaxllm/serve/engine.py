@@ -268,8 +268,9 @@ class Engine:
     wait for and commit the earlier step -- so commit and planning run while the device computes.
     Stops are thereby seen one step late: a row that stopped gets one more step whose tokens are
     dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
-    so a reused page is rewritten after that). Anything else (admissions, prefill, preemption,
-    length limits, penalties) takes the plain path after the commit."""
+    so a reused page is rewritten after that). Penalised rows chain too: their token counts live on
+    device (sampling.penalty_store) and are advanced there by the sampled tokens. Anything else
+    (admissions, prefill, preemption, length limits) takes the plain path after the commit."""
     prev, self._inflight = self._inflight, None
     nxt = self._chain(prev) if prev is not None else None
     done = self._collect(prev) if prev is not None else []

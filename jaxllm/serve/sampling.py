@@ -39,11 +39,16 @@ The host/device split:
   advance (device)                     the state after a step: multi-step decode carries `samp`
                                        through its lax.scan so penalties, min_tokens and the random
                                        counters stay exact without the host.
+The engine keeps the penalty state instead in a device store of fixed shape (`penalty_store`: a
+slot per penalised request, filled once by `fill_penalty_slot`, read by `gather_penalty_state`,
+moved on by `count_tokens` with the tokens the device sampled), so no history is re-sent each step
+and a step launched behind another (overlap) counts the tokens still in flight.
 
 Shapes: the package legend in jaxllm/__init__.py (R, V, n); a row is one sequence of the engine step.
 The legend's H, B, S mean head dim, batch and kv length, so the padded widths here are named, not
-lettered: `hist` (prompt + generated ids of a penalised row), `n_bias` (logit-bias entries), `n_stop`
-(stop ids banned by min_tokens); 20 is TOP_LOGPROBS.
+lettered: `hist` (prompt + generated ids of a penalised row), `n_bias` (logit-bias entries, fixed at
+MAX_LOGIT_BIAS), `n_stop` (stop ids banned by min_tokens, fixed at MAX_STOP_TOKEN_IDS), S (slots of
+the penalty store); 20 is TOP_LOGPROBS.
 """
 
 from __future__ import annotations
@@ -386,9 +391,13 @@ def process_logits(logits, samp: dict):
   bit-for-bit unchanged (bias and bans only touch listed ids; the penalties are x/1, x - 0)."""
   R, V = logits.shape
   rows = jnp.arange(R)[:, None]
-  x = logits.at[rows, _scatter_ids(True, samp["bias_ids"], V)].add(samp["bias_values"], mode="drop")
+  # The bias and stop-id arrays have fixed widths (300, 128): their scatters are skipped at run time
+  # when no row uses them.
+  bias = lambda x: x.at[rows, _scatter_ids(True, samp["bias_ids"], V)].add(samp["bias_values"], mode="drop")
+  x = jax.lax.cond(jnp.any(samp["bias_ids"] >= 0), bias, lambda x: x, logits)
   banned = (samp["min_tokens_left"] > 0)[:, None]
-  x = x.at[rows, _scatter_ids(banned, samp["stop_ids"], V)].set(-jnp.inf, mode="drop")
+  ban = lambda x: x.at[rows, _scatter_ids(banned, samp["stop_ids"], V)].set(-jnp.inf, mode="drop")
+  x = jax.lax.cond(jnp.any(banned & (samp["stop_ids"] >= 0)), ban, lambda x: x, x)
   counts = samp["gen_counts"]
   if counts.shape[1] == 0:  # static: no row penalised this call
     return x
