@@ -9,6 +9,14 @@ request but the first of its group reuses the system prompt's whole pages).
 
   python benchmarks/bench_http.py                       # tiny random model, byte tokenizer
   python benchmarks/bench_http.py --groups 8 --per-group 8 --system-len 512 --concurrency 16   # lighter sharing
+
+--itl: streaming without bursts instead. C streaming clients decode at serve.decode_steps=8, with
+serve.stream_multistep on (k tokens per device call, handed over at once: bursts) and off (one step
+per call while a stream waits); client ITL p50/p90 per token (a chunk of k tokens: k - 1 gaps of 0)
+against the engine's time per token step in the same run (median over requests of their decode time
+on the engine thread / tokens), so the ratio is what delivery adds, whatever the machine's load.
+
+  python benchmarks/bench_http.py --itl --concurrency 4 --max-tokens 64
 """
 
 import os
@@ -70,7 +78,9 @@ def workload(groups: int, per_group: int, system_len: int, question_len: int, se
   return prompts
 
 
-async def one(client, url, prompt, max_tokens, out):
+async def one(client, url, prompt, max_tokens, out, per_token=False):
+  """One streamed request; the client's time of each chunk with text, or with per_token of each token
+  (a chunk of k tokens counts k times: its tokens arrived together)."""
   t0 = time.perf_counter()
   times, usage = [], None
   body = {
@@ -80,6 +90,7 @@ async def one(client, url, prompt, max_tokens, out):
     "temperature": 0,
     "stream": True,
     "stream_options": {"include_usage": True},
+    "return_token_ids": per_token,
   }
   async with client.stream("POST", url + "/v1/completions", json=body) as r:
     r.raise_for_status()
@@ -89,7 +100,9 @@ async def one(client, url, prompt, max_tokens, out):
       chunk = json.loads(line[6:])
       if chunk.get("usage"):
         usage = chunk["usage"]
-      if chunk.get("choices") and chunk["choices"][0].get("text"):
+      if per_token and chunk.get("choices"):
+        times += [time.perf_counter()] * len(chunk["choices"][0].get("token_ids", ()))
+      elif chunk.get("choices") and chunk["choices"][0].get("text"):
         times.append(time.perf_counter())
   out.append(
     {
@@ -101,13 +114,13 @@ async def one(client, url, prompt, max_tokens, out):
   )
 
 
-async def drive(url, prompts, max_tokens, concurrency):
+async def drive(url, prompts, max_tokens, concurrency, per_token=False):
   out, queue = [], list(prompts)
   async with httpx.AsyncClient(timeout=600) as client:
 
     async def worker():
       while queue:
-        await one(client, url, queue.pop(), max_tokens, out)
+        await one(client, url, queue.pop(), max_tokens, out, per_token)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -117,6 +130,39 @@ async def drive(url, prompts, max_tokens, concurrency):
 def pct(xs, q):
   xs = sorted(xs)
   return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def itl_main(a, cfg, params, tok):
+  prompts = [p[:64] for p in workload(1, a.concurrency * 4, 48, 16, a.seed)]
+  print(f"{a.concurrency} streaming clients, {a.max_tokens} tokens each, serve.decode_steps=8")
+  print(
+    f"{'stream_multistep':>16} {'out tok/s':>10} {'tok/chunk':>9} {'step':>8} {'ITL p50':>8} {'p90':>8} "
+    f"{'p50 / step':>10} {'p90 / step':>10}"
+  )
+  for bursts in (True, False):
+    serve = ServeConfig(max_running=16, min_seqs=4, chunk_size=64, decode_steps=8, stream_multistep=bursts)
+    engine = Engine(cfg, params, serve, detokenize=tok.decode)
+    engine.warmup()
+    service = EngineService(engine, max_waiting=1024)
+    per_token = []  # engine side: each request's decode time / its tokens after the first
+    service.add_finish_hook(lambda req, t: per_token.append(sum(t.itl) / len(t.itl)) if t.itl else None)
+    service.start()
+    port = free_port()
+    with Server(create_app(service, tok, "bench", serve, None), port):
+      url = f"http://127.0.0.1:{port}"
+      asyncio.run(drive(url, prompts[: a.concurrency], a.max_tokens, a.concurrency))  # warm up
+      per_token.clear()
+      out, wall = asyncio.run(drive(url, prompts, a.max_tokens, a.concurrency, per_token=True))
+    service.close()
+    itl = [x for o in out for x in o["itl"]]
+    completion = sum(o["usage"]["completion_tokens"] for o in out)
+    step, p50, p90 = pct(per_token, 0.5), pct(itl, 0.5), pct(itl, 0.9)
+    chunks = sum(1 + sum(x > 0 for x in o["itl"]) for o in out)
+    print(
+      f"{str(bursts):>16} {completion / wall:>10.1f} {completion / chunks:>9.2f} "
+      f"{1e3 * step:>6.2f}ms {1e3 * p50:>6.2f}ms {1e3 * p90:>6.2f}ms "
+      f"{p50 / step:>10.2f} {p90 / step:>10.2f}"
+    )
 
 
 def main():
@@ -129,11 +175,14 @@ def main():
   ap.add_argument("--max-tokens", type=int, default=8)
   ap.add_argument("--concurrency", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--itl", action="store_true", help="streaming inter-token latency with and without bursts")
   a = ap.parse_args()
   tok = load_tokenizer("byte")
   longest = a.system_len + a.question_len + 32 + a.max_tokens
   cfg = dataclasses.replace(MODEL_PRESETS[a.model], max_seq_len=pow2_bucket(longest))
   params = init_params(cfg, 0)
+  if a.itl:
+    return itl_main(a, cfg, params, tok)
   prompts = workload(a.groups, a.per_group, a.system_len, a.question_len, a.seed)
   print(
     f"model {a.model} (random weights), {len(prompts)} requests = {a.groups} groups x {a.per_group}, "

@@ -288,6 +288,7 @@ class ServeConfig:
   max_body_bytes: int = 1_000_000  # largest request body (413 above)
   tool_parser: str = "auto"  # tool-call format of chat replies (TOOL_PARSERS); "auto" = the chat template's
   drain_timeout_s: float = 30.0  # on SIGTERM: /health 503, running requests finish for at most this long, then exit
+  stream_multistep: bool = False  # streamed requests take decode_steps per call too (tokens arrive in bursts)
 
   def __post_init__(self):
     _positive(

@@ -53,10 +53,14 @@ from jaxllm.serve.detok import TextStream
 from jaxllm.serve.grammar import GrammarCompiler
 from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
 from jaxllm.serve.sampling import (
+  PENALTY_FILL,
   SamplingParams,
   advance,
   build_sampling_arrays,
-  init_penalty_state,
+  count_tokens,
+  fill_penalty_slot,
+  gather_penalty_state,
+  penalty_store,
   sample_rows,
   unconstrained_mask,
   with_random_seed,
@@ -140,6 +144,13 @@ class Engine:
       self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     self.params = params
     self.R_max = pow2_bucket(sc.max_running, self.min_seqs)
+    # Penalty state on device (sampling.penalty_store): a slot per penalised request in a batch.
+    self._pen = penalty_store(self.R_max, cfg.vocab_size)
+    if mesh is not None:
+      self._pen = jax.device_put(self._pen, NamedSharding(mesh, P()))
+    self._pen_rows: dict = {}  # Req -> [slot, tokens its slot has counted, in flight included]
+    self._pen_free = list(range(self.R_max))
+    self._fill = _penalty_fill()
     self.overlap = sc.overlap
     self._inflight: _Launch | None = None  # the launched step not yet committed (overlap)
     self.wait_seconds = 0.0  # time the host waited for device results
@@ -164,14 +175,14 @@ class Engine:
 
   def _run(self, mode: str, *args):
     if self.mesh is None:
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, self._pen, *args)
     with jax.set_mesh(self.mesh), hooks.using(**mesh_hooks(self.mesh, self.plan, self.cfg)):
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, *args)
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, self._pen, *args)
 
   @property
   def compiles(self) -> int:
     """Compiled shapes of this engine's step functions (shared by engines of the same model)."""
-    return sum(f.traces for f in self._fns.values())
+    return sum(f.traces for f in self._fns.values()) + self._fill.traces
 
   # ---- requests -----------------------------------------------------------------------------
   def check_request(self, prompt, sp: SamplingParams) -> list[int]:
@@ -210,12 +221,16 @@ class Engine:
         self._grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
     return self._grammars
 
-  def add_request(self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None) -> Req:
+  def add_request(
+    self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None, streaming: bool = False
+  ) -> Req:
     """Queue a request (token ids in). Raises ValueError, naming the problem, for one that can never
-    run. The weight version (radix namespace) is bound when it is admitted, not here."""
+    run. The weight version (radix namespace) is bound when it is admitted, not here. streaming: a
+    client reads its tokens as they come (see _steps_per_call)."""
     prompt = self.check_request(prompt, sp)
     sp = with_random_seed(sp)  # no seed: a fresh random one, so users' samples differ
-    req = Req(next(self._rids), prompt, sp, arrival=time.perf_counter() if arrival is None else arrival)
+    arrival = time.perf_counter() if arrival is None else arrival
+    req = Req(next(self._rids), prompt, sp, arrival=arrival, streaming=streaming)
     if self.detokenize is not None:
       req.stream = TextStream(
         self.detokenize,
@@ -286,8 +301,9 @@ class Engine:
     wait for and commit the earlier step -- so commit and planning run while the device computes.
     Stops are thereby seen one step late: a row that stopped gets one more step whose tokens are
     dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
-    so a reused page is rewritten after that). Anything else (admissions, prefill, preemption,
-    length limits, penalties) takes the plain path after the commit."""
+    so a reused page is rewritten after that). Penalised rows chain too: their token counts live on
+    device (sampling.penalty_store) and are advanced there by the sampled tokens. Anything else
+    (admissions, prefill, preemption, length limits) takes the plain path after the commit."""
     prev, self._inflight = self._inflight, None
     nxt = self._chain(prev) if prev is not None else None
     done = self._collect(prev) if prev is not None else []
@@ -307,14 +323,22 @@ class Engine:
         raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
       return None
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
-    multi = not self._structured(batch)  # a grammar's mask needs the host between tokens
-    if multi and decode and self.decode_steps > 1 and not any(r.prefilling for r, _ in batch):
-      ks = self.sched.grow_decode(batch, self.decode_steps)
+    steps = 1 if self._structured(batch) else self._steps_per_call(batch)  # a grammar's mask needs the host
+    if decode and steps > 1 and not any(r.prefilling for r, _ in batch):
+      ks = self.sched.grow_decode(batch, steps)
       if max(ks) > 1:
         return self._launch_decode(batch, ks, [0] * len(batch), None)
     if decode:
       return self._launch_decode(batch, None, [0] * len(batch), None)
     return self._launch_ragged(batch)
+
+  def _steps_per_call(self, batch) -> int:
+    """Decode steps of the next call: decode_steps, or 1 while a streaming client waits in the batch
+    (a k-step call hands its tokens over at once: a stream would get them in bursts of k) unless
+    serve.stream_multistep."""
+    if self.decode_steps > 1 and not self.serve.stream_multistep and any(r.streaming for r, _ in batch):
+      return 1
+    return self.decode_steps
 
   def _chain(self, prev: _Launch) -> _Launch | None:
     """The decode step right after `prev` (still running), or None when it cannot be planned before
@@ -328,13 +352,16 @@ class Engine:
       return None  # someone was aborted, or a request may be admitted
     ahead = prev.ks or [1] * len(batch)  # tokens prev adds to each row (if none stops)
     for (r, _), a in zip(batch, ahead):
-      if r.finish_reason or r.sp.uses_penalties or len(r.output) + a >= r.sp.max_tokens:
+      if r.finish_reason or len(r.output) + a >= r.sp.max_tokens:
         return None
-    ks = sched.grow_decode(batch, self.decode_steps, ahead)
+      if r.sp.uses_penalties and self._pen_rows.get(r, (0, -1))[1] != len(r.output) + a:
+        return None  # its device penalty state would need the ids in flight: rebuilt on the plain path
+    steps = self._steps_per_call(batch)
+    ks = sched.grow_decode(batch, steps, ahead)
     if min(ks) < 1:
       return None  # out of pages: the plain path preempts
     self.chained += 1
-    return self._launch_decode(batch, ks if self.decode_steps > 1 else None, ahead, prev)
+    return self._launch_decode(batch, ks if steps > 1 else None, ahead, prev)
 
   def _launch_decode(self, batch, ks, ahead, prev: _Launch | None) -> _Launch:
     """A decode launch: one step ("decode", ks None) or decode_steps steps ("multi"); row i keeps at
@@ -357,13 +384,8 @@ class Engine:
     else:
       tokens = _last_tokens(prev.out[0], np.asarray([a - 1 for a in ahead] + [0] * (R - live), np.int32))
     # Sampling state as of the fed token: counters and min_tokens count prev's tokens too. Only their
-    # number is known; a range stands in for them (rows with penalties, which would need the ids,
-    # are never chained).
-    samp = build_sampling_arrays(
-      [r.sp for r, _ in batch],
-      [(r.prompt, range(len(r.output) + a) if a else r.output) for (r, _), a in zip(batch, ahead)],
-      R,
-    )
+    # number is known; a range stands in for them (penalty counts are on device, counted there).
+    samp = self._samp(batch, R, ahead, list(k) if ks is not None else [1] * live)
     if ks is None:
       meta = {
         "slots": pad(slots)[0],
@@ -412,7 +434,8 @@ class Engine:
       "num_multi": np.int32(n_multi),
       "dec_rows": dec_rows,
     }
-    return self._launch("ragged", batch, None, tokens, positions, meta, _sampling(batch, R))
+    keeps = [int(n == r.remaining) for r, n in batch]  # a prompt chunk short of the end samples nothing kept
+    return self._launch("ragged", batch, None, tokens, positions, meta, self._samp(batch, R, [0] * len(batch), keeps))
 
   def _page_table(self, batch, R: int) -> np.ndarray:
     """[R, M] page ids, M fixed (the attention walks only live pages), padded with the null page."""
@@ -421,10 +444,51 @@ class Engine:
       table[i, : len(r.pages)] = r.pages
     return table
 
+  def _samp(self, batch, R: int, ahead, keeps) -> dict:
+    """Per-row sampling arrays of a launch; penalised rows get their slot of the device penalty store
+    (filled from prompt + output when it does not hold exactly the request's tokens so far). ahead[i]:
+    row i's tokens in flight; keeps[i]: how many of its sampled tokens the host will keep."""
+    slots = []
+    for (r, _), a, k in zip(batch, ahead, keeps):
+      if not r.sp.uses_penalties:
+        slots.append(-1)
+        continue
+      row = self._pen_rows.get(r)
+      if row is None:
+        row = self._pen_rows[r] = [self._pen_slot({b for b, _ in batch}), -1]
+      if row[1] != len(r.output) + a:  # new, preempted out of its slot, or tokens were dropped
+        self._fill_slot(row[0], r.prompt, r.output)
+        row[1] = len(r.output)
+      row[1] += k
+      slots.append(row[0])
+    hist = [(r.prompt, range(len(r.output) + a) if a else r.output) for (r, _), a in zip(batch, ahead)]
+    return build_sampling_arrays([r.sp for r, _ in batch], hist, R, pen_slots=slots, pen_steps=keeps)
+
+  def _pen_slot(self, busy: set) -> int:
+    """A free slot of the penalty store: finished requests give theirs back; if none is free, a
+    request outside this batch (waiting, preempted) loses its slot and is refilled when it runs."""
+    if not self._pen_free:
+      for r in [r for r in self._pen_rows if r.finish_reason is not None]:
+        self._pen_free.append(self._pen_rows.pop(r)[0])
+    if not self._pen_free:
+      r = next(r for r in self._pen_rows if r not in busy)
+      self._pen_free.append(self._pen_rows.pop(r)[0])
+    return self._pen_free.pop()
+
+  def _fill_slot(self, slot: int, prompt, output) -> None:
+    """Write a request's prompt and output ids into its penalty slot, PENALTY_FILL ids per call."""
+    ids = np.asarray(list(prompt) + list(output), np.int32)
+    kinds = np.where(np.arange(len(ids)) < len(prompt), 1, 2).astype(np.int32)
+    for a in range(0, len(ids), PENALTY_FILL):
+      chunk = np.zeros((2, PENALTY_FILL), np.int32)
+      n = min(PENALTY_FILL, len(ids) - a)
+      chunk[0, :n], chunk[1, :n] = ids[a : a + n], kinds[a : a + n]
+      self._pen = self._fill(self._pen, np.int32(slot), chunk[0], chunk[1], np.bool_(a == 0))
+
   def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
     """Dispatch a step function (asynchronous: returns before the device finishes)."""
     samp = samp | {"grammar_mask": self._grammar_masks(batch, len(samp["temperature"]))}
-    self.k_pages, self.v_pages, *out = self._run(mode, tokens, positions, meta, samp)
+    self.k_pages, self.v_pages, self._pen, *out = self._run(mode, tokens, positions, meta, samp)
     return _Launch(mode, batch, ks, tuple(out))
 
   def _collect(self, launch: _Launch) -> list[Req]:
@@ -510,7 +574,9 @@ class Engine:
   def warmup(self) -> int:
     """Compile every step shape a run can reach; returns compiles done. The shapes: decode and
     multi-step decode per sequences bucket R, ragged per tokens bucket Q (its R follows from Q, and
-    the page-table width is fixed). Runs on metadata that only writes the null page."""
+    the page-table width is fixed), and the penalty-store fill. Sampling arrays have widths fixed by
+    R alone (sampling.build_sampling_arrays), so no request field adds a shape. Runs on metadata
+    that only writes the null page."""
     self.drain()
     before = self.compiles
     Q_max = pow2_bucket(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)  # a step's tokens at most
@@ -535,7 +601,10 @@ class Engine:
         n = self.decode_steps
         meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, self.M)}
         positions = z(n, R)
-      self._launch(mode, [], None, tokens, positions, meta, build_sampling_arrays([], [], R))
+      self._launch(mode, [], None, tokens, positions, meta, self._samp([], R, [], []))
+    self._fill_slot(0, [0], [])  # the penalty-store fill: one shape
+    for row in self._pen_rows.values():
+      row[1] = -1 if row[0] == 0 else row[1]  # slot 0's owner is refilled when it runs next
     jax.block_until_ready(self.k_pages)
     return self.compiles - before
 
@@ -567,7 +636,7 @@ class _Step:
     decode = mode != "ragged"
     self.traces = 0
 
-    def step(params, k_pages, v_pages, tokens, positions, meta, samp):
+    def step(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
       self.traces += 1  # Python side effect: runs only while tracing
       model = mdef.bind(params)
       cache = PagedCache(
@@ -589,9 +658,10 @@ class _Step:
       )  # [B, T, D], B = rows, T = Q / rows
       h = h.reshape(1, Q, h.shape[-1])
       logits = model.logits(h[:, meta["last_idx"]])[0]  # [R, V] last row of each
-      return (cache.k_pages, cache.v_pages) + tuple(sample_rows(logits, samp))
+      out = sample_rows(logits, gather_penalty_state(samp, pen))
+      return (cache.k_pages, cache.v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
 
-    def multi(params, k_pages, v_pages, tokens, positions, meta, samp):
+    def multi(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
       """tokens [R] fed at step 0; positions, slots, kv_lens [steps, R] -> tokens, logprobs [steps, R]."""
       self.traces += 1
       model = mdef.bind(params)
@@ -611,15 +681,14 @@ class _Step:
         return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
 
       xs = (positions, meta["slots"], meta["kv_lens"])
-      samp = init_penalty_state(samp, mdef.cfg.vocab_size)
-      (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, samp), xs)
-      return (k_pages, v_pages) + tuple(out)
+      (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, gather_penalty_state(samp, pen)), xs)
+      return (k_pages, v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
 
     kw = {}
     if pool_sh is not None:
       rep = NamedSharding(mesh, P())
-      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep, rep, rep)
-    self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2), **kw)
+      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep, rep, rep, rep)
+    self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2, 3), **kw)
 
   def __call__(self, *args):
     return self.fn(*args)
@@ -665,9 +734,31 @@ def _mesh_rows(cfg: ModelConfig, mc) -> int:
   return mc.dp
 
 
-def _sampling(batch, R: int) -> dict:
-  """Per-row sampling arrays of a step (penalties see each row's prompt and output so far)."""
-  return build_sampling_arrays([r.sp for r, _ in batch], [(r.prompt, r.output) for r, _ in batch], R)
+class _Counted:
+  """A jitted function that counts its traces (compilations), like _Step."""
+
+  def __init__(self, fn, **jit_kw):
+    self.traces = 0
+
+    def traced(*args):
+      self.traces += 1
+      return fn(*args)
+
+    self.fn = jax.jit(traced, **jit_kw)
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+def _penalty_fill() -> _Counted:
+  """sampling.fill_penalty_slot, jitted once per process (the store is donated)."""
+  global _FILL
+  if _FILL is None:
+    _FILL = _Counted(fill_penalty_slot, donate_argnums=(0,))
+  return _FILL
+
+
+_FILL: _Counted | None = None
 
 
 def result(r: Req) -> Result:

@@ -41,11 +41,16 @@ The host/device split:
   advance (device)                     the state after a step: multi-step decode carries `samp`
                                        through its lax.scan so penalties, min_tokens and the random
                                        counters stay exact without the host.
+The engine keeps the penalty state instead in a device store of fixed shape (`penalty_store`: a
+slot per penalised request, filled once by `fill_penalty_slot`, read by `gather_penalty_state`,
+moved on by `count_tokens` with the tokens the device sampled), so no history is re-sent each step
+and a step launched behind another (overlap) counts the tokens still in flight.
 
 Shapes: the package legend in jaxllm/__init__.py (R, V, n); a row is one sequence of the engine step.
 The legend's H, B, S mean head dim, batch and kv length, so the padded widths here are named, not
-lettered: `hist` (prompt + generated ids of a penalised row), `n_bias` (logit-bias entries), `n_stop`
-(stop ids banned by min_tokens); 20 is TOP_LOGPROBS.
+lettered: `hist` (prompt + generated ids of a penalised row), `n_bias` (logit-bias entries, fixed at
+MAX_LOGIT_BIAS), `n_stop` (stop ids banned by min_tokens, fixed at MAX_STOP_TOKEN_IDS), S (slots of
+the penalty store); 20 is TOP_LOGPROBS.
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ from jaxllm.serve import grammar as grammar_mod
 
 TOP_LOGPROBS = 20  # alternatives computed for every row (OpenAI's top_logprobs maximum)
 LOGPROBS_MODES = ("raw", "processed")  # see step 1 of the module doc
-MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries (also the bias arrays' fixed width)
+MAX_STOP_TOKEN_IDS = 128  # stop_token_ids per request, EOS ids included (the stop-id array's fixed width)
+PENALTY_FILL = 256  # ids per call of fill_penalty_slot (a fixed shape: long histories take several calls)
 BIAS_MAGNITUDE = 100.0  # OpenAI: bias values in [-100, 100]
 PENALTY_MAGNITUDE = 2.0  # OpenAI: presence/frequency penalties in [-2, 2]
 # Bounds that keep every value inside the sampler's int32 / float32 arrays (build_sampling_arrays):
@@ -160,6 +167,12 @@ class SamplingParams:
       self.stop_token_ids,
       f"at most {MAX_STOP_TOKEN_IDS} token ids in [0, {INT32_MAX}]",
     )
+    _require(
+      len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+      "stop_token_ids",
+      f"<{len(self.stop_token_ids)} ids>",
+      f"at most {MAX_STOP_TOKEN_IDS} ids (EOS ids included)",
+    )
     _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
     _require(isinstance(self.logprobs, bool), "logprobs", self.logprobs, "true or false")
     _require(
@@ -235,11 +248,6 @@ def history_bucket(n: int) -> int:
   return 0 if n <= 0 else pow2_bucket(n, 16)
 
 
-def _width_bucket(n: int) -> int:
-  """Padded width of the logit-bias and min_tokens stop-id arrays: 8 covers almost every request."""
-  return pow2_bucket(n, 8)
-
-
 # --------------------------------------------------------------------------------------------------
 # Host side: one step's per-row arrays.
 
@@ -260,12 +268,23 @@ def build_sampling_arrays(
   R: int,
   hist_width: int | None = None,
   eos_ids=(),
+  pen_slots: list | None = None,
+  pen_steps: list | None = None,
 ) -> dict:
   """Host numpy arrays of one step for rows 0..len(reqs_params)-1, padded to R rows (padding rows are
   greedy, unpenalised). histories[i] = (prompt_ids, generated_ids) of row i. hist_width: the padded
   history width (`history_bucket` of the longest penalised row's prompt + generated length); None
   computes it. eos_ids: the model's end-of-sequence ids, banned with the stop ids until min_tokens
   (unless ignore_eos); ids the caller already put in stop_token_ids need not be repeated.
+
+  pen_slots (the engine's form, every shape fixed by R): row i's penalty state lives in slot
+  pen_slots[i] of a device `penalty_store` (-1: unpenalised row); no history is sent (width 0) and
+  `gather_penalty_state` replaces `init_penalty_state`. pen_steps[i]: how many of the row's sampled
+  tokens the host keeps from this call (0 for a prompt chunk that is not the last, k of a k-step
+  decode), the ones `count_tokens` adds to the store.
+
+  The bias and stop-id widths are fixed (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS) whatever the requests,
+  so no request field selects a compiled shape.
 
   Keys (all numpy):
     temperature, top_p, min_p               [R] float32
@@ -281,6 +300,7 @@ def build_sampling_arrays(
     bias_values                             [R, n_bias] float32
     min_tokens_left                         [R] int32    stop ids banned while > 0
     stop_ids                                [R, n_stop] int32    -1 = padding
+    pen_slot, pen_steps                     [R] int32    see pen_slots (-1, 0 without them)
     top_logprobs                            [R] int32    alternatives the row wants (0..20)
     processed_logprobs                      [R] bool     report the sampled-from distribution's log-prob
   The engine adds one more, always, at a fixed width (no request selects a shape with it):
@@ -328,28 +348,35 @@ def build_sampling_arrays(
 
   # Token histories only for penalised rows: the rest need none, and a batch without penalties
   # sends a width-0 array (no [R, V] state on device).
+  out["pen_slot"], out["pen_steps"] = np.full(R, -1, np.int32), np.zeros(R, np.int32)
+  if pen_slots is not None:
+    out["pen_slot"][:n], out["pen_steps"][:n] = pen_slots, pen_steps
   need = max(
     (len(histories[i][0]) + len(histories[i][1]) for i, sp in enumerate(reqs_params) if sp.uses_penalties), default=0
   )
+  if pen_slots is not None:
+    need = hist_width = 0  # the state is on device already
   hist_width = history_bucket(need) if hist_width is None else hist_width
   if need > hist_width:
     raise ValueError(f"hist_width={hist_width} < {need} ids of the longest penalised history")
   out["hist_ids"] = np.zeros((R, hist_width), np.int32)
   for i, sp in enumerate(reqs_params):
-    if sp.uses_penalties:
+    if sp.uses_penalties and hist_width:
       prompt, gen = histories[i]
       ids = list(prompt) + list(gen)
       out["hist_ids"][i, : len(ids)] = ids
       out["prompt_lens"][i], out["hist_lens"][i] = len(prompt), len(ids)
 
-  nb = _width_bucket(max((len(sp.logit_bias) for sp in reqs_params), default=0))
+  nb = MAX_LOGIT_BIAS
   out["bias_ids"], out["bias_values"] = np.full((R, nb), -1, np.int32), np.zeros((R, nb), np.float32)
   for i, sp in enumerate(reqs_params):
     if sp.logit_bias:
       ids, vals = zip(*sp.logit_bias)
       out["bias_ids"][i, : len(ids)], out["bias_values"][i, : len(ids)] = ids, vals
 
-  out["stop_ids"] = np.full((R, _width_bucket(max(map(len, stops), default=0))), -1, np.int32)
+  if max(map(len, stops), default=0) > MAX_STOP_TOKEN_IDS:
+    raise ValueError(f"more than MAX_STOP_TOKEN_IDS={MAX_STOP_TOKEN_IDS} stop ids (EOS included) in one row")
+  out["stop_ids"] = np.full((R, MAX_STOP_TOKEN_IDS), -1, np.int32)
   for i, s in enumerate(stops):
     out["stop_ids"][i, : len(s)] = s
   return out
@@ -421,9 +448,13 @@ def process_logits(logits, samp: dict):
   rows = jnp.arange(R)[:, None]
   if "grammar_mask" in samp:  # static: the engine always sends it
     logits = apply_token_mask(logits, samp["grammar_mask"])
-  x = logits.at[rows, _scatter_ids(True, samp["bias_ids"], V)].add(samp["bias_values"], mode="drop")
+  # The bias and stop-id arrays have fixed widths (300, 128): their scatters are skipped at run time
+  # when no row uses them.
+  bias = lambda x: x.at[rows, _scatter_ids(True, samp["bias_ids"], V)].add(samp["bias_values"], mode="drop")
+  x = jax.lax.cond(jnp.any(samp["bias_ids"] >= 0), bias, lambda x: x, logits)
   banned = (samp["min_tokens_left"] > 0)[:, None]
-  x = x.at[rows, _scatter_ids(banned, samp["stop_ids"], V)].set(-jnp.inf, mode="drop")
+  ban = lambda x: x.at[rows, _scatter_ids(banned, samp["stop_ids"], V)].set(-jnp.inf, mode="drop")
+  x = jax.lax.cond(jnp.any(banned & (samp["stop_ids"] >= 0)), ban, lambda x: x, x)
   counts = samp["gen_counts"]
   if counts.shape[1] == 0:  # static: no row penalised this call
     return x
@@ -526,3 +557,51 @@ def advance(samp: dict, tokens) -> dict:
   if counts.shape[1]:  # one scatter of R elements; harmless for unpenalised rows
     out["gen_counts"] = counts.at[jnp.arange(counts.shape[0]), tokens].add(1, mode="drop")
   return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine's penalty state: one device store of fixed shape [S, V] that lives across calls, a slot
+# per penalised request. Its shape never depends on requests (a history width would select a compile
+# shape), nothing of a request's history is re-sent each step, and it moves on by the device's own
+# sampled tokens, so a step launched behind another (overlap) sees the tokens still in flight.
+
+
+def penalty_store(S: int, V: int) -> dict:
+  """Zeroed store of S slots: counts [S, V] int32 (generated-token counts), prompt [S, V] bool."""
+  return {"counts": jnp.zeros((S, V), jnp.int32), "prompt": jnp.zeros((S, V), bool)}
+
+
+def fill_penalty_slot(store: dict, slot, ids, kinds, reset) -> dict:
+  """Write up to PENALTY_FILL ids of one request's history into slot `slot`: ids [C] int32, kinds [C]
+  int32 (1 = prompt id, 2 = generated id, 0 = padding); reset: clear the slot first (the first chunk).
+  A history longer than C takes several calls, so this compiles once."""
+  V = store["counts"].shape[1]
+  counts = jnp.where(reset, 0, store["counts"][slot]).at[jnp.where(kinds == 2, ids, V)].add(1, mode="drop")
+  prompt = jnp.where(reset, False, store["prompt"][slot]).at[jnp.where(kinds == 1, ids, V)].set(True, mode="drop")
+  return {"counts": store["counts"].at[slot].set(counts), "prompt": store["prompt"].at[slot].set(prompt)}
+
+
+def gather_penalty_state(samp: dict, store: dict) -> dict:
+  """samp plus the `init_penalty_state` keys of its rows, read from the store by samp["pen_slot"]
+  (rows without a slot: zeros; no row with one: the gather is skipped at run time)."""
+  slot = samp["pen_slot"]
+  R, V = slot.shape[0], store["counts"].shape[1]
+  has = (slot >= 0)[:, None]
+
+  def gather(_):
+    i = jnp.maximum(slot, 0)
+    return jnp.where(has, store["counts"][i], 0), has & store["prompt"][i]
+
+  empty = lambda _: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool))
+  gen, prm = jax.lax.cond(jnp.any(slot >= 0), gather, empty, None)
+  return samp | {"gen_counts": gen, "prompt_mask": prm}
+
+
+def count_tokens(store: dict, samp: dict, tokens) -> dict:
+  """The store after a call that sampled tokens [R] or [n, R] (step j of a multi-step call): each row
+  with a slot counts the first samp["pen_steps"] of them, the ones the host keeps."""
+  toks = tokens if tokens.ndim == 2 else tokens[None]
+  slot, V = samp["pen_slot"], store["counts"].shape[1]
+  keep = (jnp.arange(toks.shape[0])[:, None] < samp["pen_steps"][None, :]) & (slot >= 0)[None, :]
+  rows = jnp.broadcast_to(jnp.maximum(slot, 0)[None, :], toks.shape)
+  return store | {"counts": store["counts"].at[rows, jnp.where(keep, toks, V)].add(1, mode="drop")}

@@ -116,6 +116,7 @@ class Req:
   finish_reason: str | None = None
   token_times: list = field(default_factory=list)
   stream: object = None  # jaxllm.serve.detok.TextStream when the engine detokenizes
+  streaming: bool = False  # a client reads the tokens as they come (the engine avoids multi-step bursts)
 
   @property
   def tokens(self) -> list:

@@ -129,9 +129,10 @@ class EngineService:
     if self._thread is not None:
       self._thread.join()
 
-  def submit(self, prompt_ids, sp: SamplingParams, on_event: Callable[[Event], None]) -> int:
+  def submit(self, prompt_ids, sp: SamplingParams, on_event: Callable[[Event], None], streaming: bool = False) -> int:
     """Queue a request; returns its id. Raises ValueError for a request that can never run and
-    QueueFull past serve.max_waiting. `on_event` is called from the engine thread."""
+    QueueFull past serve.max_waiting. `on_event` is called from the engine thread. streaming: the
+    client reads tokens as they come (Engine.add_request)."""
     prompt = self.engine.check_request(prompt_ids, sp)
     with self._lock:
       if self.stopped:
@@ -140,7 +141,7 @@ class EngineService:
         raise QueueFull(f"{self.max_waiting} requests are already waiting")
       rid = next(self._ids)
       self._pending += 1
-      self._inbox.append(("submit", rid, prompt, sp, on_event, time.perf_counter()))
+      self._inbox.append(("submit", rid, prompt, sp, on_event, time.perf_counter(), streaming))
       self._lock.notify()
     return rid
 
@@ -303,7 +304,7 @@ class EngineService:
       inbox, self._batch, self._inbox = self._batch + self._inbox, [], []
     for cmd in inbox:
       if cmd[0] == "submit":
-        _, rid, prompt, _, on_event, _ = cmd
+        rid, prompt, on_event = cmd[1], cmd[2], cmd[4]
         self._send(on_event, Event(rid, [], "", [], [], "error", len(prompt), error=reason))
       else:
         reply, box = cmd[-1]
@@ -320,11 +321,11 @@ class EngineService:
   def _apply(self, cmd) -> None:
     eng, kind = self.engine, cmd[0]
     if kind == "submit":
-      _, rid, prompt, sp, on_event, arrival = cmd
+      _, rid, prompt, sp, on_event, arrival, streaming = cmd
       with self._lock:
         self._pending -= 1
       try:
-        req = eng.add_request(prompt, sp, arrival=arrival)
+        req = eng.add_request(prompt, sp, arrival=arrival, streaming=streaming)
       except Exception as e:  # fails this request only
         log.exception("request %s could not be queued", rid)
         self._send(on_event, Event(rid, [], "", [], [], "error", len(prompt), error=f"{type(e).__name__}: {e}"))
@@ -422,6 +423,7 @@ class EngineService:
       "computed_tokens": st.computed_tokens,
       "preemptions": st.preemptions,
       "finished": dict(st.finished),
+      "compiles": self.engine.compiles,
       **self.engine.gauges(),
       "inbox": self._pending,
       "step_failures": self.step_failures,

@@ -301,7 +301,7 @@ def test_tokenizing_runs_off_the_event_loop():
   engine = Engine(CFG, params_of(CFG), sc, detokenize=TOK.decode)
   service = EngineService(engine).start()
   try:
-    with serving(create_app(service, Tok(TOK), MODEL, sc, None)) as url, httpx.Client(base_url=url) as h:
+    with serving(create_app(service, Tok(TOK), MODEL, sc, None)) as url, httpx.Client(base_url=url, timeout=300) as h:
       r = h.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
       assert r.status_code == 200
       msgs = [{"role": "user", "content": "hello"}]

@@ -508,7 +508,7 @@ def test_queue_full_503_and_hang_up_while_queued():
   service = EngineService(engine, max_waiting=2)  # not started
   aborted = []
   service.abort = aborted.append  # record what the server aborts
-  with serving(create_app(service, TOK, MODEL, sc, None)) as url, httpx.Client(base_url=url) as h:
+  with serving(create_app(service, TOK, MODEL, sc, None)) as url, httpx.Client(base_url=url, timeout=300) as h:
     with pytest.raises(httpx.ReadTimeout):
       h.post("/v1/completions", json={"prompt": "a"}, timeout=0.5)
     wait_for(lambda: aborted == [0], timeout=10)  # the hang-up aborted request 0

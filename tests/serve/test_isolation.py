@@ -286,10 +286,10 @@ def test_add_request_and_finish_hook_failures_fail_only_their_request(solo):
   engine = Engine(CFG, params_of(CFG), SERVE, detokenize=TOK.decode)
   add = engine.add_request
 
-  def add_request(prompt, sp, arrival=None):  # a queueing bug hit by one request
+  def add_request(prompt, sp, arrival=None, **kw):  # a queueing bug hit by one request
     if sp.seed == 666:
       raise RuntimeError("cannot queue this one")
-    return add(prompt, sp, arrival=arrival)
+    return add(prompt, sp, arrival=arrival, **kw)
 
   engine.add_request = add_request
   service = EngineService(engine)

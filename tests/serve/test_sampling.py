@@ -458,3 +458,64 @@ def test_width_zero_history():
   assert int(advance(st, jnp.zeros(R, jnp.int32))["counters"][0]) == 2
   with pytest.raises(KeyError, match="init_penalty_state"):
     advance(samp, jnp.zeros(R, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixed widths and the device penalty store (the engine's form)
+
+
+def test_array_shapes_do_not_depend_on_requests():
+  from jaxllm.serve.sampling import MAX_STOP_TOKEN_IDS
+
+  R = 4
+  few = [SamplingParams(logit_bias={1: 1.0}, stop_token_ids=(2,), min_tokens=1, max_tokens=4)]
+  many = [
+    SamplingParams(
+      logit_bias={t: 0.5 for t in range(300)},
+      stop_token_ids=tuple(range(MAX_STOP_TOKEN_IDS)),
+      min_tokens=3,
+      presence_penalty=1.0,
+      max_tokens=9,
+    )
+  ] * 3
+  shapes = lambda sps: {
+    k: v.shape
+    for k, v in build_sampling_arrays(
+      sps, [((1, 2), [3])] * len(sps), R, pen_slots=[0] * len(sps), pen_steps=[1] * len(sps)
+    ).items()
+  }
+  assert shapes(few) == shapes(many) == shapes([])
+  with pytest.raises(ValueError, match="stop_token_ids"):
+    SamplingParams(stop_token_ids=tuple(range(MAX_STOP_TOKEN_IDS + 1)))
+
+
+def test_penalty_store_equals_history_state():
+  """fill_penalty_slot (several fixed-size chunks) + count_tokens, read by gather_penalty_state, equal
+  init_penalty_state of the whole history; rows count only their first pen_steps tokens."""
+  from jaxllm.serve.sampling import PENALTY_FILL, count_tokens, fill_penalty_slot, gather_penalty_state, penalty_store
+
+  rng = np.random.default_rng(0)
+  R, S = 3, 4
+  sps = [SamplingParams(presence_penalty=1.0), SamplingParams(), SamplingParams(repetition_penalty=1.2)]
+  hist = [(list(rng.integers(0, V, PENALTY_FILL + 30)), list(rng.integers(0, V, 40))), ((1,), []), ((5, 6), [7])]
+  slots = [2, -1, 0]
+  store = penalty_store(S, V)
+  fill = jax.jit(fill_penalty_slot)
+  store = fill(store, 0, np.full(PENALTY_FILL, 9, np.int32), np.ones(PENALTY_FILL, np.int32), True)  # stale
+  for (prompt, gen), slot in zip(hist, slots):
+    if slot < 0:
+      continue
+    ids, kinds = np.asarray(list(prompt) + list(gen), np.int32), np.r_[[1] * len(prompt), [2] * len(gen)]
+    for a in range(0, len(ids), PENALTY_FILL):
+      pad = lambda x: np.pad(x[a : a + PENALTY_FILL], (0, PENALTY_FILL - len(x[a : a + PENALTY_FILL])))
+      store = fill(store, slot, pad(ids).astype(np.int32), pad(kinds).astype(np.int32), a == 0)
+  toks = rng.integers(0, V, (3, R)).astype(np.int32)  # a 3-step call; row 0 keeps 2 tokens, row 2 keeps 3
+  samp = build_sampling_arrays(sps, hist, R, pen_slots=slots, pen_steps=[2, 3, 3])
+  store = jax.jit(count_tokens)(store, samp, toks)
+  kept = [(p, list(g) + list(toks[: [2, 3, 3][i], i])) for i, (p, g) in enumerate(hist)]
+  want = init_penalty_state(build_sampling_arrays(sps, kept, R), V)
+  got = jax.jit(gather_penalty_state)(samp, store)
+  for i in (0, 2):
+    np.testing.assert_array_equal(got["gen_counts"][i], want["gen_counts"][i])
+    np.testing.assert_array_equal(got["prompt_mask"][i], want["prompt_mask"][i])
+  assert not np.any(got["gen_counts"][1]) and not np.any(got["prompt_mask"][1])

@@ -54,7 +54,6 @@ def test_pallas_on_tp_mesh_runs_on_local_heads():
 
   from jaxllm.model import hooks
   from jaxllm.parallel import mesh_hooks
-  from jaxllm.serve.sampling import build_sampling_arrays
 
   mesh, plan = build_mesh(MeshConfig(tp=2), jax.devices()[:2])
   prompts = shared_prefix_prompts(3, seed=8)
@@ -76,7 +75,7 @@ def test_pallas_on_tp_mesh_runs_on_local_heads():
   with jax.set_mesh(mesh), hooks.using(**mesh_hooks(mesh, plan, DENSE)):
     text = (
       eng._fns["decode"]
-      .fn.lower(eng.params, eng.k_pages, eng.v_pages, z(R), z(R), meta, build_sampling_arrays([], [], R))
+      .fn.lower(eng.params, eng.k_pages, eng.v_pages, eng._pen, z(R), z(R), meta, eng._samp([], R, [], []))
       .as_text()
     )
   regions = [l for l in text.splitlines() if "sdy.manual_computation" in l]

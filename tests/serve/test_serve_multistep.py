@@ -94,3 +94,22 @@ def test_seeded_sampling_independent_of_decode_steps():
 def test_decode_steps_validation():
   with pytest.raises(ValueError, match="decode_steps"):
     Engine(DENSE, params_of(DENSE), **PINNED, decode_steps=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streaming_request_gets_one_token_per_call(overlap):
+  """A multi-step call hands its tokens over at once; while a streaming request runs, the engine
+  takes one step per call so its client gets each token as it is produced (serve.stream_multistep
+  keeps the bursts). The other request goes back to multi-step once the stream is done."""
+  prompts = shared_prefix_prompts(2, seed=5)
+  want = full_forward_greedy(DENSE, prompts, 24)
+  for bursts in (False, True):
+    eng = Engine(DENSE, params_of(DENSE), **PINNED, decode_steps=4, overlap=overlap, stream_multistep=bursts)
+    a = eng.add_request(prompts[0], SamplingParams(max_tokens=10), streaming=True)
+    b = eng.add_request(prompts[1], SamplingParams(max_tokens=24))
+    eng.run()
+    assert [a.output, b.output] == [want[0][:10], want[1]]
+    one_per_call = len(set(a.token_times)) == len(a.token_times)
+    assert one_per_call != bursts
+    late = [t for t in b.token_times if t > a.token_times[-1]]  # after the stream finished: bursts again
+    assert len(set(late)) < len(late)

@@ -68,3 +68,46 @@ def test_abort_and_weight_swap_while_a_step_is_in_flight():
   assert [r.output for r in reqs[1:]] == want
   eng.sched.check()
   assert eng.idle and eng.sched.tree.protected == 0
+
+
+def penalised_greedy_reference(cfg, prompt, sp, n):
+  """Full forward every step, penalties applied on the host (test_sampling.ref_process)."""
+  import jax
+  import numpy as np
+  from test_sampling import ref_process
+
+  from jaxllm.model.params import model_def
+
+  logits_of = jax.jit(lambda p, toks: model_def(cfg).bind(p)(toks).logits[0])
+  seq = list(prompt)
+  for _ in range(n):
+    x = np.asarray(logits_of(params_of(cfg), np.asarray([seq + [0] * (cfg.max_seq_len - len(seq))], np.int32)))
+    seq.append(int(np.argmax(ref_process(x[len(seq) - 1], sp, prompt, seq[len(prompt) :]))))
+  return seq[len(prompt) :]
+
+
+def test_penalised_rows_chain_and_match_reference():
+  """Penalty counts live on device and move on by the device's own tokens, so a batch with penalised
+  rows still chains (overlap), and every layout -- overlap or not, 1 or 3 steps per call, a store of
+  2 slots reused by finished requests -- gives the same tokens, the greedy ones those of a host
+  reference."""
+  prompts = shared_prefix_prompts(6, seed=8)
+  sps = [
+    SamplingParams(max_tokens=18, presence_penalty=1.5),
+    SamplingParams(max_tokens=15, frequency_penalty=0.9, repetition_penalty=1.3),
+    SamplingParams(max_tokens=17),
+    SamplingParams(max_tokens=16, temperature=1.0, seed=4, frequency_penalty=2, min_tokens=5, stop_token_ids=(3,)),
+    SamplingParams(max_tokens=14, repetition_penalty=0.7, logit_bias={5: 3.0}),
+    SamplingParams(max_tokens=12, temperature=0.8, seed=9, presence_penalty=-1),
+  ]
+  outs = {}
+  for overlap, steps, running in ((False, 1, 32), (True, 1, 32), (True, 3, 32), (False, 3, 2)):
+    layout = PINNED | dict(max_running=running, min_seqs=min(running, 32))
+    eng = Engine(DENSE, params_of(DENSE), **layout, decode_steps=steps, overlap=overlap)
+    outs[overlap, steps, running] = [r.output for r in eng.generate(prompts, sps)]
+    assert (eng.chained > 0) == overlap, (overlap, steps)
+    eng.sched.check()
+  first = outs[False, 1, 32]
+  assert all(o == first for o in outs.values()), outs
+  for i in (0, 1, 4):
+    assert first[i] == penalised_greedy_reference(DENSE, prompts[i], sps[i], sps[i].max_tokens), i

@@ -135,7 +135,9 @@ def create_app(
     """Submit the parsed request and answer with fmt's streamed chunks or its one object."""
     health.check_accepting()
     if parsed.generate:
-      call = EngineCall(service, request.receive).submit(parsed.prompt_ids, parsed.sampling, parsed.choice_prompts)
+      call = EngineCall(service, request.receive).submit(
+        parsed.prompt_ids, parsed.sampling, parsed.choice_prompts, parsed.stream
+      )
     else:
       call = PromptOnly(parsed.choice_prompts)
     if parsed.stream:

@@ -33,13 +33,14 @@ class EngineCall:
     self.disconnected = False
     self._watcher: asyncio.Task | None = None
 
-  def submit(self, prompt_ids, sampling: list, prompts: list | None = None) -> "EngineCall":
+  def submit(self, prompt_ids, sampling: list, prompts: list | None = None, streaming: bool = False) -> "EngineCall":
     """Submit one engine request per choice (choice i's prompt: prompts[i], default prompt_ids). All
-    or none: a failure aborts those already queued."""
+    or none: a failure aborts those already queued. streaming: the response is streamed (the engine
+    then hands tokens over as they come)."""
     try:
       for i, sp in enumerate(sampling):
         prompt = prompt_ids if prompts is None else prompts[i]
-        self.rids.append(self.service.submit(prompt, sp, functools.partial(self._deliver, i)))
+        self.rids.append(self.service.submit(prompt, sp, functools.partial(self._deliver, i), streaming))
         self.unfinished.add(i)
     except QueueFull as e:
       self.abort()

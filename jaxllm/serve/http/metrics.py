@@ -109,6 +109,7 @@ class _EngineCollector(Collector):
         "Engine steps that raised (isolation retries included); failed requests count as finished_reason=error.",
         "step_failures",
       ),
+      ("jaxllm:compiles", "Step shapes the engine compiled (warm-up included); should not grow after it.", "compiles"),
     )
     for name, doc, key in counters:
       yield CounterMetricFamily(name, doc, value=s[key])
