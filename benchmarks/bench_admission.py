@@ -28,16 +28,7 @@ from jaxllm.serve.scheduler import POLICIES, Req, Scheduler
 
 
 def scheduler(sc: ServeConfig, **kw) -> Scheduler:
-  sc = dataclasses.replace(sc, **kw)
-  return Scheduler(
-    sc.max_pages or sc.num_pages,
-    sc.page_size,
-    max_running=sc.max_running,
-    chunk_size=sc.chunk_size,
-    policy=sc.policy,
-    decode_reserve=sc.decode_reserve,
-    reserve_clip=sc.reserve_clip,
-  )
+  return Scheduler.from_config(dataclasses.replace(sc, **kw))
 
 
 def chat_burst(sc: ServeConfig, context: int, prompt_len: int = 40, steps: int = 16) -> tuple[int, int]:

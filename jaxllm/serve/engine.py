@@ -112,17 +112,7 @@ class Engine:
     self._grammars_lock = threading.Lock()
     self._matchers: dict = {}  # Req -> grammar.Matcher of each unfinished structured-output request
     self.mdef = model_def(cfg)
-    self.sched = Scheduler(
-      sc.max_pages or sc.num_pages,
-      sc.page_size,
-      max_running=sc.max_running,
-      chunk_size=sc.chunk_size,
-      policy=sc.policy,
-      radix=sc.radix,
-      decode_reserve=sc.decode_reserve,
-      reserve_clip=sc.reserve_clip,
-      max_wait_s=sc.max_wait_s,
-    )
+    self.sched = Scheduler.from_config(sc)
     self.sched.version = weight_version
     self.M = -(-cfg.max_seq_len // sc.page_size)  # page-table width: max_seq_len's pages, fixed
     self.mesh, self.plan = mesh, plan

@@ -193,6 +193,21 @@ class Scheduler:
     """The radix namespace of requests admitted now: a fresh one per set_version."""
     return (self.generation, self.version)
 
+  @classmethod
+  def from_config(cls, sc) -> "Scheduler":
+    """The scheduler a ServeConfig describes (what Engine builds)."""
+    return cls(
+      sc.max_pages or sc.num_pages,
+      sc.page_size,
+      max_running=sc.max_running,
+      chunk_size=sc.chunk_size,
+      policy=sc.policy,
+      radix=sc.radix,
+      decode_reserve=sc.decode_reserve,
+      reserve_clip=sc.reserve_clip,
+      max_wait_s=sc.max_wait_s,
+    )
+
   @property
   def num_preemptions(self) -> int:
     return self.stats.preemptions

@@ -38,16 +38,7 @@ DEFAULT = ServeConfig()
 
 def default_scheduler(**kw) -> Scheduler:
   """A Scheduler with ServeConfig's defaults (what Engine builds), keywords overriding them."""
-  sc = dataclasses.replace(DEFAULT, **kw)
-  return Scheduler(
-    sc.max_pages or sc.num_pages,
-    sc.page_size,
-    max_running=sc.max_running,
-    chunk_size=sc.chunk_size,
-    policy=sc.policy,
-    decode_reserve=sc.decode_reserve,
-    reserve_clip=sc.reserve_clip,
-  )
+  return Scheduler.from_config(dataclasses.replace(DEFAULT, **kw))
 
 
 def max_running_of_chat_burst(sched: Scheduler, steps: int = 12) -> int:
