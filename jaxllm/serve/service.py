@@ -424,6 +424,7 @@ class EngineService:
       "preemptions": st.preemptions,
       "finished": dict(st.finished),
       "compiles": self.engine.compiles,
+      "score_compiles": self.scorer.compiles,
       **self.engine.gauges(),
       "inbox": self._pending,
       "step_failures": self.step_failures,

@@ -10,7 +10,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from test_http import CFG, MODEL, TOK, start_server
+from test_http import CFG, MODEL, TOK, scrape, start_server
 from test_serve import DENSE, MOE, params_of
 
 from jaxllm.config import MeshConfig
@@ -84,6 +84,8 @@ def test_echo_logprobs_max_tokens_zero_equal_full_forward(srv):
     got = r.choices[0].logprobs.top_logprobs[t]
     assert list(got) == list(want)
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5, atol=1e-5)
+  with srv.http() as h:  # scoring shapes are compiled on demand and counted apart from the step shapes
+    assert scrape(h)["jaxllm:score_compiles_total"] >= 1
 
 
 def test_echo_with_generation(srv):

@@ -110,6 +110,11 @@ class _EngineCollector(Collector):
         "step_failures",
       ),
       ("jaxllm:compiles", "Step shapes the engine compiled (warm-up included); should not grow after it.", "compiles"),
+      (
+        "jaxllm:score_compiles",
+        "Prompt-scoring shapes compiled (echo/prompt log-probs: one per new batch x length bucket, not warmed).",
+        "score_compiles",
+      ),
     )
     for name, doc, key in counters:
       yield CounterMetricFamily(name, doc, value=s[key])
