@@ -1,5 +1,5 @@
 """Which manual mesh axes a value varies over, and marking it varying over more. Inside a region
-partitioned by hand (a shard_map with check_vma: jaxllm.parallel.manual, the pipeline) each array's type
+partitioned by hand (jaxllm.parallel.manual, the pipeline; built there, never here) each array's type
 records the axes over which it may differ per device, and a loop's carry must keep one type. Here,
 below jaxllm.parallel, so that the model's flash attention and the parallel code share one definition;
 outside such a region every array varies over no axis and both functions are no-ops.

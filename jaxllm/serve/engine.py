@@ -111,6 +111,7 @@ class Engine:
     self.tokenizer, self._grammars = tokenizer, None  # grammar.GrammarCompiler, built at first use
     self._grammars_lock = threading.Lock()
     self._matchers: dict = {}  # Req -> grammar.Matcher of each unfinished structured-output request
+    self._open_masks: dict = {}  # R -> the all-ones grammar_mask on device (batches without a grammar)
     self.mdef = model_def(cfg)
     self.sched = Scheduler.from_config(sc)
     self.sched.version = weight_version
@@ -507,15 +508,21 @@ class Engine:
   def _structured(self, batch) -> bool:
     return bool(self._matchers) and any(r in self._matchers for r, _ in batch)
 
-  def _grammar_masks(self, batch, R: int) -> np.ndarray:
+  def _grammar_masks(self, batch, R: int):
     """The step's `grammar_mask` [R, ceil(V/32)]: each grammar row's next-token bitmask (computed
-    after its last commit, see _advance_grammars), all ones for the rest."""
+    after its last commit, see _advance_grammars), all ones for the rest. A batch without a grammar
+    row reuses one all-ones array per R kept on device: nothing is built or uploaded per step."""
+    if not self._structured(batch):
+      if R not in self._open_masks:
+        ones = unconstrained_mask(R, self.cfg.vocab_size)
+        sh = NamedSharding(self.mesh, P()) if self.mesh is not None else None
+        self._open_masks[R] = jax.device_put(ones, sh) if sh is not None else jnp.asarray(ones)
+      return self._open_masks[R]
     masks = unconstrained_mask(R, self.cfg.vocab_size)
-    if self._structured(batch):
-      rows = [(i, self._matchers[r]) for i, (r, _) in enumerate(batch) if r in self._matchers]
-      self.grammars.fill([m for _, m in rows if m.mask is None])  # new requests: their first mask
-      for i, m in rows:
-        masks[i] = m.mask
+    rows = [(i, self._matchers[r]) for i, (r, _) in enumerate(batch) if r in self._matchers]
+    self.grammars.fill([m for _, m in rows if m.mask is None])  # new requests: their first mask
+    for i, m in rows:
+      masks[i] = m.mask
     return masks
 
   def _advance_grammars(self, batch, done: list) -> list[Req]:
