@@ -78,7 +78,6 @@ PENALTY_MAGNITUDE = 2.0  # OpenAI: presence/frequency penalties in [-2, 2]
 INT32_MAX = 2**31 - 1  # max_tokens, top_k, token ids
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # temperature, repetition_penalty
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed (OpenAI, vLLM); the sampler keys on its low 32 bits
-MAX_STOP_TOKEN_IDS = 256  # stop token ids per request (EOS ids included)
 
 
 def _is_int(x) -> bool:
@@ -161,11 +160,10 @@ class SamplingParams:
       f"an integer in [{SEED_MIN}, {SEED_MAX}] or None",
     )
     _require(
-      len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
-      and all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+      all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
       "stop_token_ids",
       self.stop_token_ids,
-      f"at most {MAX_STOP_TOKEN_IDS} token ids in [0, {INT32_MAX}]",
+      f"token ids in [0, {INT32_MAX}]",
     )
     _require(
       len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
