@@ -52,15 +52,11 @@ from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
 from jaxllm.serve.grammar import GrammarCompiler
 from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
+from jaxllm.serve.penalties import PenaltySlots, count_tokens, gather_penalty_state
 from jaxllm.serve.sampling import (
-  PENALTY_FILL,
   SamplingParams,
   advance,
   build_sampling_arrays,
-  count_tokens,
-  fill_penalty_slot,
-  gather_penalty_state,
-  penalty_store,
   sample_rows,
   unconstrained_mask,
   with_random_seed,
@@ -135,13 +131,8 @@ class Engine:
       self.k_pages, self.v_pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     self.params = params
     self.R_max = pow2_bucket(sc.max_running, self.min_seqs)
-    # Penalty state on device (sampling.penalty_store): a slot per penalised request in a batch.
-    self._pen = penalty_store(self.R_max, cfg.vocab_size)
-    if mesh is not None:
-      self._pen = jax.device_put(self._pen, NamedSharding(mesh, P()))
-    self._pen_rows: dict = {}  # Req -> [slot, tokens its slot has counted, in flight included]
-    self._pen_free = list(range(self.R_max))
-    self._fill = _penalty_fill()
+    # Penalty state on device (jaxllm.serve.penalties): a slot per penalised request in a batch.
+    self.pen = PenaltySlots(self.R_max, cfg.vocab_size, NamedSharding(mesh, P()) if mesh is not None else None)
     self.overlap = sc.overlap
     self._inflight: _Launch | None = None  # the launched step not yet committed (overlap)
     self.wait_seconds = 0.0  # time the host waited for device results
@@ -166,14 +157,14 @@ class Engine:
 
   def _run(self, mode: str, *args):
     if self.mesh is None:
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, self._pen, *args)
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, self.pen.store, *args)
     with jax.set_mesh(self.mesh), hooks.using(**mesh_hooks(self.mesh, self.plan, self.cfg)):
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, self._pen, *args)
+      return self._fns[mode](self.params, self.k_pages, self.v_pages, self.pen.store, *args)
 
   @property
   def compiles(self) -> int:
     """Compiled shapes of this engine's step functions (shared by engines of the same model)."""
-    return sum(f.traces for f in self._fns.values()) + self._fill.traces
+    return sum(f.traces for f in self._fns.values()) + self.pen.traces
 
   # ---- requests -----------------------------------------------------------------------------
   def check_request(self, prompt, sp: SamplingParams) -> list[int]:
@@ -293,7 +284,7 @@ class Engine:
     Stops are thereby seen one step late: a row that stopped gets one more step whose tokens are
     dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
     so a reused page is rewritten after that). Penalised rows chain too: their token counts live on
-    device (sampling.penalty_store) and are advanced there by the sampled tokens. Anything else
+    device (jaxllm.serve.penalties) and are advanced there by the sampled tokens. Anything else
     (admissions, prefill, preemption, length limits) takes the plain path after the commit."""
     prev, self._inflight = self._inflight, None
     nxt = self._chain(prev) if prev is not None else None
@@ -345,7 +336,7 @@ class Engine:
     for (r, _), a in zip(batch, ahead):
       if r.finish_reason or len(r.output) + a >= r.sp.max_tokens:
         return None
-      if r.sp.uses_penalties and self._pen_rows.get(r, (0, -1))[1] != len(r.output) + a:
+      if not self.pen.current(r, len(r.output) + a):
         return None  # its device penalty state would need the ids in flight: rebuilt on the plain path
     steps = self._steps_per_call(batch)
     ks = sched.grow_decode(batch, steps, ahead)
@@ -437,49 +428,16 @@ class Engine:
 
   def _samp(self, batch, R: int, ahead, keeps) -> dict:
     """Per-row sampling arrays of a launch; penalised rows get their slot of the device penalty store
-    (filled from prompt + output when it does not hold exactly the request's tokens so far). ahead[i]:
-    row i's tokens in flight; keeps[i]: how many of its sampled tokens the host will keep."""
-    slots = []
-    for (r, _), a, k in zip(batch, ahead, keeps):
-      if not r.sp.uses_penalties:
-        slots.append(-1)
-        continue
-      row = self._pen_rows.get(r)
-      if row is None:
-        row = self._pen_rows[r] = [self._pen_slot({b for b, _ in batch}), -1]
-      if row[1] != len(r.output) + a:  # new, preempted out of its slot, or tokens were dropped
-        self._fill_slot(row[0], r.prompt, r.output)
-        row[1] = len(r.output)
-      row[1] += k
-      slots.append(row[0])
+    (PenaltySlots.slots). ahead[i]: row i's tokens in flight; keeps[i]: how many of its sampled tokens
+    the host will keep."""
+    slots = self.pen.slots(batch, ahead, keeps)
     hist = [(r.prompt, range(len(r.output) + a) if a else r.output) for (r, _), a in zip(batch, ahead)]
     return build_sampling_arrays([r.sp for r, _ in batch], hist, R, pen_slots=slots, pen_steps=keeps)
-
-  def _pen_slot(self, busy: set) -> int:
-    """A free slot of the penalty store: finished requests give theirs back; if none is free, a
-    request outside this batch (waiting, preempted) loses its slot and is refilled when it runs."""
-    if not self._pen_free:
-      for r in [r for r in self._pen_rows if r.finish_reason is not None]:
-        self._pen_free.append(self._pen_rows.pop(r)[0])
-    if not self._pen_free:
-      r = next(r for r in self._pen_rows if r not in busy)
-      self._pen_free.append(self._pen_rows.pop(r)[0])
-    return self._pen_free.pop()
-
-  def _fill_slot(self, slot: int, prompt, output) -> None:
-    """Write a request's prompt and output ids into its penalty slot, PENALTY_FILL ids per call."""
-    ids = np.asarray(list(prompt) + list(output), np.int32)
-    kinds = np.where(np.arange(len(ids)) < len(prompt), 1, 2).astype(np.int32)
-    for a in range(0, len(ids), PENALTY_FILL):
-      chunk = np.zeros((2, PENALTY_FILL), np.int32)
-      n = min(PENALTY_FILL, len(ids) - a)
-      chunk[0, :n], chunk[1, :n] = ids[a : a + n], kinds[a : a + n]
-      self._pen = self._fill(self._pen, np.int32(slot), chunk[0], chunk[1], np.bool_(a == 0))
 
   def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
     """Dispatch a step function (asynchronous: returns before the device finishes)."""
     samp = samp | {"grammar_mask": self._grammar_masks(batch, len(samp["temperature"]))}
-    self.k_pages, self.v_pages, self._pen, *out = self._run(mode, tokens, positions, meta, samp)
+    self.k_pages, self.v_pages, self.pen.store, *out = self._run(mode, tokens, positions, meta, samp)
     return _Launch(mode, batch, ks, tuple(out))
 
   def _collect(self, launch: _Launch) -> list[Req]:
@@ -599,9 +557,7 @@ class Engine:
         meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, self.M)}
         positions = z(n, R)
       self._launch(mode, [], None, tokens, positions, meta, self._samp([], R, [], []))
-    self._fill_slot(0, [0], [])  # the penalty-store fill: one shape
-    for row in self._pen_rows.values():
-      row[1] = -1 if row[0] == 0 else row[1]  # slot 0's owner is refilled when it runs next
+    self.pen.warmup()  # the penalty-store fill: one shape
     jax.block_until_ready(self.k_pages)
     return self.compiles - before
 
@@ -729,33 +685,6 @@ def _mesh_rows(cfg: ModelConfig, mc) -> int:
       )
     return 1  # dense: each dp rank computes every token (replicated), still correct
   return mc.dp
-
-
-class _Counted:
-  """A jitted function that counts its traces (compilations), like _Step."""
-
-  def __init__(self, fn, **jit_kw):
-    self.traces = 0
-
-    def traced(*args):
-      self.traces += 1
-      return fn(*args)
-
-    self.fn = jax.jit(traced, **jit_kw)
-
-  def __call__(self, *args):
-    return self.fn(*args)
-
-
-def _penalty_fill() -> _Counted:
-  """sampling.fill_penalty_slot, jitted once per process (the store is donated)."""
-  global _FILL
-  if _FILL is None:
-    _FILL = _Counted(fill_penalty_slot, donate_argnums=(0,))
-  return _FILL
-
-
-_FILL: _Counted | None = None
 
 
 def result(r: Req) -> Result:

@@ -41,9 +41,9 @@ The host/device split:
   advance (device)                     the state after a step: multi-step decode carries `samp`
                                        through its lax.scan so penalties, min_tokens and the random
                                        counters stay exact without the host.
-The engine keeps the penalty state instead in a device store of fixed shape (`penalty_store`: a
-slot per penalised request, filled once by `fill_penalty_slot`, read by `gather_penalty_state`,
-moved on by `count_tokens` with the tokens the device sampled), so no history is re-sent each step
+The engine keeps the penalty state instead in a device store of fixed shape (jaxllm.serve.penalties: a
+slot per penalised request, filled once, read into these keys by `gather_penalty_state`, moved on
+with the tokens the device sampled), so no history is re-sent each step
 and a step launched behind another (overlap) counts the tokens still in flight.
 
 Shapes: the package legend in jaxllm/__init__.py (R, V, n); a row is one sequence of the engine step.
@@ -71,7 +71,6 @@ TOP_LOGPROBS = 20  # alternatives computed for every row (OpenAI's top_logprobs 
 LOGPROBS_MODES = ("raw", "processed")  # see step 1 of the module doc
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries (also the bias arrays' fixed width)
 MAX_STOP_TOKEN_IDS = 128  # stop_token_ids per request, EOS ids included (the stop-id array's fixed width)
-PENALTY_FILL = 256  # ids per call of fill_penalty_slot (a fixed shape: long histories take several calls)
 BIAS_MAGNITUDE = 100.0  # OpenAI: bias values in [-100, 100]
 PENALTY_MAGNITUDE = 2.0  # OpenAI: presence/frequency penalties in [-2, 2]
 # Bounds that keep every value inside the sampler's int32 / float32 arrays (build_sampling_arrays):
@@ -276,10 +275,10 @@ def build_sampling_arrays(
   (unless ignore_eos); ids the caller already put in stop_token_ids need not be repeated.
 
   pen_slots (the engine's form, every shape fixed by R): row i's penalty state lives in slot
-  pen_slots[i] of a device `penalty_store` (-1: unpenalised row); no history is sent (width 0) and
-  `gather_penalty_state` replaces `init_penalty_state`. pen_steps[i]: how many of the row's sampled
-  tokens the host keeps from this call (0 for a prompt chunk that is not the last, k of a k-step
-  decode), the ones `count_tokens` adds to the store.
+  pen_slots[i] of the device penalty store (jaxllm.serve.penalties; -1: unpenalised row); no history
+  is sent (width 0) and penalties.gather_penalty_state replaces `init_penalty_state`. pen_steps[i]:
+  how many of the row's sampled tokens the host keeps from this call (0 for a prompt chunk that is
+  not the last, k of a k-step decode), the ones penalties.count_tokens adds to the store.
 
   The bias and stop-id widths are fixed (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS) whatever the requests,
   so no request field selects a compiled shape.
@@ -555,51 +554,3 @@ def advance(samp: dict, tokens) -> dict:
   if counts.shape[1]:  # one scatter of R elements; harmless for unpenalised rows
     out["gen_counts"] = counts.at[jnp.arange(counts.shape[0]), tokens].add(1, mode="drop")
   return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine's penalty state: one device store of fixed shape [S, V] that lives across calls, a slot
-# per penalised request. Its shape never depends on requests (a history width would select a compile
-# shape), nothing of a request's history is re-sent each step, and it moves on by the device's own
-# sampled tokens, so a step launched behind another (overlap) sees the tokens still in flight.
-
-
-def penalty_store(S: int, V: int) -> dict:
-  """Zeroed store of S slots: counts [S, V] int32 (generated-token counts), prompt [S, V] bool."""
-  return {"counts": jnp.zeros((S, V), jnp.int32), "prompt": jnp.zeros((S, V), bool)}
-
-
-def fill_penalty_slot(store: dict, slot, ids, kinds, reset) -> dict:
-  """Write up to PENALTY_FILL ids of one request's history into slot `slot`: ids [C] int32, kinds [C]
-  int32 (1 = prompt id, 2 = generated id, 0 = padding); reset: clear the slot first (the first chunk).
-  A history longer than C takes several calls, so this compiles once."""
-  V = store["counts"].shape[1]
-  counts = jnp.where(reset, 0, store["counts"][slot]).at[jnp.where(kinds == 2, ids, V)].add(1, mode="drop")
-  prompt = jnp.where(reset, False, store["prompt"][slot]).at[jnp.where(kinds == 1, ids, V)].set(True, mode="drop")
-  return {"counts": store["counts"].at[slot].set(counts), "prompt": store["prompt"].at[slot].set(prompt)}
-
-
-def gather_penalty_state(samp: dict, store: dict) -> dict:
-  """samp plus the `init_penalty_state` keys of its rows, read from the store by samp["pen_slot"]
-  (rows without a slot: zeros; no row with one: the gather is skipped at run time)."""
-  slot = samp["pen_slot"]
-  R, V = slot.shape[0], store["counts"].shape[1]
-  has = (slot >= 0)[:, None]
-
-  def gather(_):
-    i = jnp.maximum(slot, 0)
-    return jnp.where(has, store["counts"][i], 0), has & store["prompt"][i]
-
-  empty = lambda _: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool))
-  gen, prm = jax.lax.cond(jnp.any(slot >= 0), gather, empty, None)
-  return samp | {"gen_counts": gen, "prompt_mask": prm}
-
-
-def count_tokens(store: dict, samp: dict, tokens) -> dict:
-  """The store after a call that sampled tokens [R] or [n, R] (step j of a multi-step call): each row
-  with a slot counts the first samp["pen_steps"] of them, the ones the host keeps."""
-  toks = tokens if tokens.ndim == 2 else tokens[None]
-  slot, V = samp["pen_slot"], store["counts"].shape[1]
-  keep = (jnp.arange(toks.shape[0])[:, None] < samp["pen_steps"][None, :]) & (slot >= 0)[None, :]
-  rows = jnp.broadcast_to(jnp.maximum(slot, 0)[None, :], toks.shape)
-  return store | {"counts": store["counts"].at[rows, jnp.where(keep, toks, V)].add(1, mode="drop")}

@@ -492,7 +492,7 @@ def test_array_shapes_do_not_depend_on_requests():
 def test_penalty_store_equals_history_state():
   """fill_penalty_slot (several fixed-size chunks) + count_tokens, read by gather_penalty_state, equal
   init_penalty_state of the whole history; rows count only their first pen_steps tokens."""
-  from jaxllm.serve.sampling import PENALTY_FILL, count_tokens, fill_penalty_slot, gather_penalty_state, penalty_store
+  from jaxllm.serve.penalties import PENALTY_FILL, count_tokens, fill_penalty_slot, gather_penalty_state, penalty_store
 
   rng = np.random.default_rng(0)
   R, S = 3, 4

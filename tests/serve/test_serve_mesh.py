@@ -75,7 +75,7 @@ def test_pallas_on_tp_mesh_runs_on_local_heads():
   with jax.set_mesh(mesh), hooks.using(**mesh_hooks(mesh, plan, DENSE)):
     text = (
       eng._fns["decode"]
-      .fn.lower(eng.params, eng.k_pages, eng.v_pages, eng._pen, z(R), z(R), meta, eng._samp([], R, [], []))
+      .fn.lower(eng.params, eng.k_pages, eng.v_pages, eng.pen.store, z(R), z(R), meta, eng._samp([], R, [], []))
       .as_text()
     )
   regions = [l for l in text.splitlines() if "sdy.manual_computation" in l]
