@@ -19,7 +19,7 @@ import pytest
 from test_http import TOK
 
 from jaxllm.config import ConfigError, ServeConfig
-from jaxllm.serve.http import protocol
+from jaxllm.serve.http import chat_request, protocol
 from jaxllm.serve.http.chat import DEFAULT_TEMPLATE, ChatTemplate
 from jaxllm.serve.http.errors import APIError
 from jaxllm.serve.http.tools import ToolCall, ToolParser, ToolRequest, parse, template_format
@@ -232,7 +232,7 @@ HISTORY = [
 def test_qwen_template_renders_tools_and_tool_history(qwen_tok):
   t = ChatTemplate(qwen_tok.chat_template, qwen_tok)
   assert t.tool_format == "hermes" and t.is_token("<tool_call>") and not t.is_token("<tools>")
-  text = t.render(protocol.chat_history(HISTORY), tools=[WEATHER])
+  text = t.render(chat_request.chat_history(HISTORY), tools=[WEATHER])
   assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\n" + json.dumps(WEATHER) + "\n</tools>")
   # The call's arguments reach the template as an object (rendered by its tojson), not a string.
   assert (
@@ -240,7 +240,7 @@ def test_qwen_template_renders_tools_and_tool_history(qwen_tok):
   )
   assert text.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
   # Encoded with the tokenizer's own ids for the chat tokens.
-  ids = t.encode(protocol.chat_history(HISTORY), tools=[WEATHER])
+  ids = t.encode(chat_request.chat_history(HISTORY), tools=[WEATHER])
   assert qwen_tok.tokenizer.token_to_id("<tool_call>") in ids and qwen_tok.tokenizer.token_to_id("<|im_end|>") in ids
 
 
@@ -249,7 +249,7 @@ def test_rendering_equals_transformers_apply_chat_template(qwen_tok):
   jaxllm.io.export writes into an exported tokenizer_config.json)."""
   transformers = pytest.importorskip("transformers")
   hf = transformers.PreTrainedTokenizerFast(tokenizer_file=qwen_tok.path, eos_token="<|im_end|>")
-  messages = protocol.chat_history(HISTORY)
+  messages = chat_request.chat_history(HISTORY)
   for template in (QWEN_TEMPLATE, None):
     want = hf.apply_chat_template(
       messages,
@@ -264,7 +264,7 @@ def test_rendering_equals_transformers_apply_chat_template(qwen_tok):
 def test_default_template_renders_tools_and_tool_history():
   t = ChatTemplate(None, TOK)
   assert t.tool_format == "hermes"
-  assert t.render(protocol.chat_history(HISTORY), tools=[WEATHER]) == (
+  assert t.render(chat_request.chat_history(HISTORY), tools=[WEATHER]) == (
     f"tools: {json.dumps([WEATHER])}\n"
     "system: Be brief.\nuser: Weather in Paris?\n"
     'assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
@@ -498,7 +498,9 @@ def test_auto_parses_what_the_model_wrote_and_history_renders(qwen_srv, qwen_tok
   raw = client.chat.completions.create(**kw, tool_choice="none")
   auto = client.chat.completions.create(**kw)
   # The tool-role history rendered through the model's template, tools included.
-  prompt = ChatTemplate(qwen_tok.chat_template, qwen_tok).encode(protocol.chat_history(history), tools=[WEATHER, ADD])
+  prompt = ChatTemplate(qwen_tok.chat_template, qwen_tok).encode(
+    chat_request.chat_history(history), tools=[WEATHER, ADD]
+  )
   assert raw.usage.prompt_tokens == auto.usage.prompt_tokens == len(prompt)
   # Same seed, same text; "auto" returns it parsed (random weights: plain content, calls if any).
   content, calls = parse(raw.choices[0].message.content, ToolParser("hermes", NAMES))

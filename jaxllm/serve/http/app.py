@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from jaxllm.config import ServeConfig
 from jaxllm.io.load import eos_ids as model_eos_ids
-from jaxllm.serve.http import protocol
+from jaxllm.serve.http import fields, protocol
 from jaxllm.serve.http.bridge import EngineCall, PromptOnly
 from jaxllm.serve.http.chat import ChatTemplate
 from jaxllm.serve.http.errors import APIError, bad_request, install_handlers
@@ -126,9 +126,9 @@ def create_app(
       raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
     except RecursionError:
       raise bad_request(
-        f"the request body nests deeper than {protocol.MAX_JSON_DEPTH} levels", None, "invalid_json"
+        f"the request body nests deeper than {fields.MAX_JSON_DEPTH} levels", None, "invalid_json"
       ) from None
-    protocol.check_json(parsed)
+    fields.check_json(parsed)
     return parsed
 
   async def run(request: Request, parsed: protocol.Parsed, fmt):

@@ -14,19 +14,21 @@ NOOP_VALUES (accepted only as no-ops); a field moves from the second to the firs
 
 The result, `Parsed`, holds token ids and one SamplingParams per choice (n > 1 = n engine requests;
 with a seed s they get seeds s, s+1, ...; without one, each gets a random seed so they differ).
+
+Field reading lives in fields.py, chat's own fields (messages, tools, template options) in
+chat_request.py, structured-output fields in structured.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
 from dataclasses import dataclass, field
 
-from jaxllm.serve import grammar
 from jaxllm.serve.http import tools as tool_calls
+from jaxllm.serve.http.chat_request import chat_history, chat_options, chat_tools, with_tool_grammar
 from jaxllm.serve.http.errors import APIError, bad_request
+from jaxllm.serve.http.fields import KINDS, Fields, json_type
+from jaxllm.serve.http.structured import STRUCTURED_GENERATE_FIELDS, STRUCTURED_OPENAI_FIELDS, structured_output
 from jaxllm.serve.sampling import (
   FLOAT32_MAX,
   INT32_MAX,
@@ -42,7 +44,6 @@ MAX_STOP = 4  # OpenAI: up to 4 stop sequences
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI completions: logprobs in 0..5
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI completions default
 GENERATE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang default
-MAX_JSON_DEPTH = 64  # nesting of a request body (a JSON schema included) at most
 
 # Fields of both OpenAI endpoints; vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens,
 # ignore_eos, return_token_ids) included.
@@ -73,8 +74,6 @@ _OPENAI_COMMON |= {"stop_token_ids", "skip_special_tokens", "include_stop_str_in
 COMPLETION_FIELDS = _OPENAI_COMMON | {"prompt", "echo"}
 CHAT_FIELDS = _OPENAI_COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | tool_calls.REQUEST_FIELDS
 CHAT_FIELDS |= {"chat_template_kwargs", "continue_final_message", "add_generation_prompt"}
-# Template variables the server sets itself: chat_template_kwargs may not replace them.
-RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
 GENERATE_FIELDS = {
   "text",
   "input_ids",
@@ -104,24 +103,10 @@ GENERATE_SAMPLING_FIELDS = {
   "skip_special_tokens",  # SGLang's, as vLLM's
   "no_stop_trim",  # SGLang's name of include_stop_str_in_output
 }
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-# Structured output (jaxllm.serve.grammar): OpenAI's response_format, vLLM's guided_* fields and their
-# newer form structured_outputs, SGLang's json_schema / regex / ebnf sampling params.
-STRUCTURED_OPENAI_FIELDS = {
-  "response_format",
-  "guided_json",
-  "guided_regex",
-  "guided_grammar",
-  "guided_choice",
-  "structured_outputs",
-}
-STRUCTURED_GENERATE_FIELDS = {"json_schema", "regex", "ebnf"}
+
 COMPLETION_FIELDS |= STRUCTURED_OPENAI_FIELDS
 CHAT_FIELDS |= STRUCTURED_OPENAI_FIELDS
 GENERATE_SAMPLING_FIELDS |= STRUCTURED_GENERATE_FIELDS
-# A chat message's fields; assistant history may carry tool calls, tool results name their call
-# (passed to the chat template as they are).
-MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 
 
 def _is_n(v, body) -> bool:
@@ -199,108 +184,6 @@ class Parsed:
     return [self.all_prompts[i // self.per_prompt] for i in range(self.n)]
 
 
-# ---- reading typed fields ---------------------------------------------------------------------
-
-
-def check_json(v, where: str = "", depth: int = 0) -> None:
-  """A parsed body holds only text the tokenizer can take (Python's json accepts a lone UTF-16
-  surrogate such as "\\ud800", which no UTF-8 text holds) and nests at most MAX_JSON_DEPTH deep."""
-  if depth > MAX_JSON_DEPTH:
-    raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
-  if isinstance(v, str):
-    try:
-      v.encode("utf-8")
-    except UnicodeEncodeError:
-      raise bad_request(
-        f"'{where or 'the request body'}' holds a lone UTF-16 surrogate, which is not text",
-        where or None,
-        "invalid_json",
-      ) from None
-  elif isinstance(v, dict):
-    for key, value in v.items():
-      name = f"{where}.{key}" if where else str(key)
-      check_json(key, where, depth + 1)
-      check_json(value, name, depth + 1)
-  elif isinstance(v, list):
-    for i, value in enumerate(v):
-      check_json(value, f"{where}[{i}]", depth + 1)
-
-
-def json_type(v) -> str:
-  if isinstance(v, bool):
-    return "boolean"
-  return {int: "integer", float: "number", str: "string", list: "array", dict: "object", type(None): "null"}.get(
-    type(v), type(v).__name__
-  )
-
-
-_KINDS = {
-  "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-  "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-  "boolean": lambda v: isinstance(v, bool),
-  "string": lambda v: isinstance(v, str),
-  "array": lambda v: isinstance(v, list),
-  "object": lambda v: isinstance(v, dict),
-}
-
-
-class Fields:
-  """The fields of one JSON object, read one at a time with their type; unknown ones are rejected
-  up front unless null or a no-op of `noop` (NOOP_VALUES). `where` prefixes names in messages
-  ("sampling_params.top_k")."""
-
-  def __init__(self, obj, allowed: set, where: str = "", noop: dict | None = None):
-    if not isinstance(obj, dict):
-      raise bad_request(f"{where or 'the request body'} must be a JSON object, got {json_type(obj)}", where or None)
-    self.obj, self.where = obj, where
-    for key, value in obj.items():
-      if key in allowed or value is None:
-        continue
-      if noop and key in noop:
-        is_noop, accepted = noop[key]
-        if is_noop(value, obj):
-          continue
-        raise bad_request(
-          f"unsupported value for '{self.name(key)}': {_short(value)}; this server accepts it only as {accepted}",
-          self.name(key),
-          "unsupported_value",
-        )
-      raise bad_request(
-        f"unsupported field '{self.name(key)}': this server does not implement it "
-        f"(supported: {', '.join(sorted(allowed))})",
-        self.name(key),
-        "unsupported_field",
-      )
-
-  def name(self, key: str) -> str:
-    return f"{self.where}.{key}" if self.where else key
-
-  def given(self, key: str) -> bool:
-    return self.obj.get(key) is not None
-
-  def get(self, key: str, kind: str, default=None):
-    v = self.obj.get(key)
-    if v is None:
-      return default
-    if not _KINDS[kind](v):
-      article = "an" if kind[0] in "aeiou" else "a"
-      raise bad_request(
-        f"'{self.name(key)}' must be {article} {kind}, got {json_type(v)} {_short(v)}", self.name(key), "invalid_type"
-      )
-    return v
-
-  def check(self, ok: bool, key: str, value, must: str) -> None:
-    if not ok:
-      raise bad_request(
-        f"invalid value for '{self.name(key)}': {_short(value)}; it must be {must}", self.name(key), "invalid_value"
-      )
-
-
-def _short(v) -> str:
-  s = repr(v)
-  return s if len(s) <= 80 else s[:77] + "..."
-
-
 # ---- prompts ----------------------------------------------------------------------------------
 
 
@@ -315,7 +198,7 @@ def check_model(f: Fields, info: ModelInfo) -> None:
 
 def token_ids(v, name: str, info: ModelInfo) -> list:
   """A non-empty list of in-vocabulary token ids, or a 400 naming `name`."""
-  if not isinstance(v, list) or not all(_KINDS["integer"](t) for t in v):
+  if not isinstance(v, list) or not all(KINDS["integer"](t) for t in v):
     raise bad_request(f"'{name}' must be an array of integer token ids", name, "invalid_type")
   if not v:
     raise bad_request(f"'{name}' is empty: a request needs at least one prompt token", name, "empty_prompt")
@@ -388,188 +271,6 @@ def _fits_context(prompt_len: int, key: str, info: ModelInfo) -> None:
     )
 
 
-def chat_messages(v) -> list[dict]:
-  """OpenAI messages -> [{"role", "content": str[, "name"]}] for the chat template. Text content
-  parts are joined with newlines (vLLM's "string" content format); other parts are rejected."""
-  if v is None:
-    raise bad_request("missing required field 'messages'", "messages", "missing_field")
-  if not isinstance(v, list) or not v:
-    raise bad_request("'messages' must be a non-empty array of messages", "messages", "invalid_type")
-  out = []
-  for i, m in enumerate(v):
-    f = Fields(m, MESSAGE_FIELDS, f"messages[{i}]")
-    role = f.get("role", "string")
-    f.check(role in CHAT_ROLES, "role", role, f"one of {', '.join(CHAT_ROLES)}")
-    content = m.get("content")
-    if isinstance(content, list):
-      texts = []
-      for j, part in enumerate(content):
-        where = f"messages[{i}].content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":  # before the field check: say what is wrong, not which key
-          raise bad_request(
-            f"'{where}' is a {kind!r} part; this server serves text models and takes only 'text' parts",
-            f"{where}.type",
-            "unsupported_content",
-          )
-        texts.append(Fields(part, {"type", "text"}, where).get("text", "string", ""))
-      content = "\n".join(texts)
-    elif content is None:
-      if role != "assistant":
-        raise bad_request(
-          f"'messages[{i}].content' is required for a {role} message", f"messages[{i}].content", "missing_field"
-        )
-      content = ""
-    elif not isinstance(content, str):
-      raise bad_request(
-        f"'messages[{i}].content' must be a string or an array of text parts, got {json_type(content)}",
-        f"messages[{i}].content",
-        "invalid_type",
-      )
-    msg = {"role": role, "content": content}
-    if f.given("name"):
-      msg["name"] = f.get("name", "string")
-    if f.given("tool_calls"):  # history: the calls an assistant turn made (OpenAI's shape, as sent)
-      calls = f.get("tool_calls", "array")
-      f.check(all(isinstance(c, dict) for c in calls), "tool_calls", calls, "an array of tool-call objects")
-      if calls:
-        msg["tool_calls"] = calls
-    if f.given("tool_call_id"):
-      msg["tool_call_id"] = f.get("tool_call_id", "string")
-    out.append(msg)
-  return out
-
-
-# ---- tools (function calling; jaxllm.serve.http.tools) ---------------------------------------------
-
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-
-
-def chat_tools(f: Fields, fmt: str) -> tool_calls.ToolRequest | None:
-  """`tools`, `tool_choice` and `parallel_tool_calls` -> a ToolRequest; None without tools (an empty
-  list counts as none, as in vLLM). "required" needs tools ("auto" without any is "none"); a named
-  choice, one of them.
-  fmt: the model's call format (ChatTemplate.tool_format)."""
-  raw = f.get("tools", "array", [])
-  tools, names = [], set()
-  for i, t in enumerate(raw):
-    where = f"tools[{i}]"
-    tf = Fields(t, {"type", "function"}, where)
-    kind = tf.get("type", "string")
-    tf.check(kind == "function", "type", kind, '"function" (the only tool type served)')
-    if not tf.given("function"):
-      raise bad_request(f"missing required field '{where}.function'", f"{where}.function", "missing_field")
-    fn = Fields(tf.get("function", "object"), {"name", "description", "parameters", "strict"}, f"{where}.function")
-    if not fn.given("name"):
-      raise bad_request(f"missing required field '{where}.function.name'", f"{where}.function.name", "missing_field")
-    name = fn.get("name", "string")
-    fn.check(_TOOL_NAME.fullmatch(name) is not None, "name", name, "1-64 letters, digits, '_' or '-'")
-    fn.check(name not in names, "name", name, "unique among the tools")
-    names.add(name)
-    fn.get("description", "string")
-    fn.get("strict", "boolean")
-    params = fn.get("parameters", "object")
-    if params is not None:
-      fn.check(params.get("type", "object") == "object", "parameters", params, 'a JSON schema of "type": "object"')
-    function = {k: v for k, v in fn.obj.items() if v is not None}
-    tools.append({"type": "function", "function": function})
-  choice = f.obj.get("tool_choice")
-  function = None
-  if isinstance(choice, dict):
-    cf = Fields(choice, {"type", "function"}, "tool_choice")
-    cf.check(cf.get("type", "string") == "function", "type", choice.get("type"), '"function"')
-    function = Fields(cf.get("function", "object", {}), {"name"}, "tool_choice.function").get("name", "string")
-    if function is None:
-      raise bad_request("missing 'tool_choice.function.name'", "tool_choice.function.name", "missing_field")
-    f.check(
-      function in names, "tool_choice", choice, f"a function of 'tools' ({', '.join(sorted(names)) or 'none given'})"
-    )
-    choice = "function"
-  elif choice is not None:
-    f.check(
-      choice in tool_calls.CHOICES,
-      "tool_choice",
-      choice,
-      f"one of {', '.join(tool_calls.CHOICES)} or {{'type': 'function', 'function': {{'name': ...}}}}",
-    )
-    f.check(choice != "required" or tools, "tool_choice", choice, "'none' or 'auto' when no 'tools' are given")
-  parallel = f.get("parallel_tool_calls", "boolean", True)
-  if not tools:
-    return None
-  return tool_calls.ToolRequest(tuple(tools), choice or "auto", function, parallel, fmt)
-
-
-def _with_tool_grammar(sampling: list, tools, template) -> list:
-  """A required or named tool_choice constrains every choice to calls (tools.grammar), checked here
-  so a `parameters` schema the grammar engine cannot take is the client's 400."""
-  g = template.tool_grammar(tools) if tools else None
-  if g is None:
-    return sampling
-  if any(sp.grammar is not None for sp in sampling):
-    raise bad_request(
-      f"tool_choice {tools.choice!r} already constrains the output to tool calls; drop the other "
-      "structured-output field (response_format or a guided_* grammar)",
-      "tool_choice",
-      "invalid_value",
-    )
-  try:
-    grammar.grammar_text(*g)
-  except ValueError as e:
-    raise bad_request(f"the tools' 'parameters' schemas cannot be enforced: {e}", "tools", "invalid_value") from None
-  return [dataclasses.replace(sp, grammar=g) for sp in sampling]
-
-
-def _history_tool_calls(v, i: int) -> list[dict]:
-  """An assistant message's `tool_calls` as the chat template gets them: arguments as an object when
-  they are a JSON object's text (Hugging Face templates write `arguments | tojson`; vLLM does the same)."""
-  where = f"messages[{i}].tool_calls"
-  if not isinstance(v, list):
-    raise bad_request(f"'{where}' must be an array of tool calls, got {json_type(v)}", where, "invalid_type")
-  out = []
-  for j, call in enumerate(v):
-    cf = Fields(call, {"id", "type", "function"}, f"{where}[{j}]")
-    cf.check(cf.get("type", "string", "function") == "function", "type", call.get("type"), '"function"')
-    fn = Fields(cf.get("function", "object", {}), {"name", "arguments"}, f"{where}[{j}].function")
-    name, args = fn.get("name", "string"), fn.get("arguments", "string", "{}")
-    if name is None:
-      raise bad_request(f"missing '{where}[{j}].function.name'", f"{where}[{j}].function.name", "missing_field")
-    try:
-      parsed = json.loads(args)
-    except ValueError:
-      parsed = None
-    item = {"type": "function", "function": {"name": name, "arguments": parsed if isinstance(parsed, dict) else args}}
-    if cf.given("id"):
-      item["id"] = cf.get("id", "string")
-    out.append(item)
-  return out
-
-
-def chat_history(v) -> list[dict]:
-  """chat_messages, keeping the tool fields of a conversation for the template: an assistant's
-  `tool_calls` and a tool message's `tool_call_id` (null ones are dropped)."""
-  if not isinstance(v, list):
-    return chat_messages(v)
-  plain, extras = [], []
-  for i, m in enumerate(v):
-    extra = {}
-    if isinstance(m, dict):
-      if m.get("tool_calls") is not None:
-        if m.get("role") != "assistant":
-          raise bad_request(f"'messages[{i}].tool_calls' is only for assistant messages", f"messages[{i}].tool_calls")
-        extra["tool_calls"] = _history_tool_calls(m["tool_calls"], i)
-      if m.get("tool_call_id") is not None:
-        if m.get("role") != "tool":
-          raise bad_request(f"'messages[{i}].tool_call_id' is only for tool messages", f"messages[{i}].tool_call_id")
-        if not isinstance(m["tool_call_id"], str):
-          where = f"messages[{i}].tool_call_id"
-          raise bad_request(f"'{where}' must be a string, got {json_type(m['tool_call_id'])}", where, "invalid_type")
-        extra["tool_call_id"] = m["tool_call_id"]
-      m = {k: x for k, x in m.items() if k not in ("tool_calls", "tool_call_id")}
-    plain.append(m)
-    extras.append(extra)
-  return [msg | extra for msg, extra in zip(chat_messages(plain), extras)]
-
-
 # ---- sampling ---------------------------------------------------------------------------------
 
 
@@ -598,7 +299,7 @@ def _logit_bias(f: Fields, info: ModelInfo) -> tuple:
       {key: value},
       f"keyed by token ids 0..{info.vocab_size - 1} (as strings)",
     )
-    f.check(_KINDS["number"](value) and -100 <= value <= 100, "logit_bias", {key: value}, "biases in [-100, 100]")
+    f.check(KINDS["number"](value) and -100 <= value <= 100, "logit_bias", {key: value}, "biases in [-100, 100]")
     out.append((int(key), float(value)))
   return tuple(out)
 
@@ -707,133 +408,16 @@ def _sampling(
     raise bad_request(str(e), m.group(1) if m else None, "invalid_value") from None
 
 
-def structured_output(f: Fields) -> tuple | None:
-  """SamplingParams.grammar (jaxllm.serve.grammar) from whichever structured-output field the request
-  has (at most one), checked here so a bad schema, regex or grammar is a 400 naming its field.
-    response_format  {"type": "text"} (no constraint), {"type": "json_object"}, or {"type": "json_schema",
-                     "json_schema": {"name", "schema", "strict", "description"}} (OpenAI; the schema is
-                     enforced whether strict is true or not)
-    guided_json, guided_regex, guided_grammar (GBNF/EBNF or Lark), guided_choice (strings)   vLLM
-    structured_outputs {"json" | "regex" | "grammar" | "choice" | "json_object": true}          vLLM
-    json_schema (a JSON string), regex, ebnf                              SGLang /generate sampling_params
-  """
-  found = []  # (field name, (kind, spec))
-  if f.given("response_format"):
-    rf = Fields(f.obj["response_format"], {"type", "json_schema"}, f.name("response_format"))
-    kind = rf.get("type", "string")
-    rf.check(kind in ("text", "json_object", "json_schema"), "type", kind, "'text', 'json_object' or 'json_schema'")
-    if kind == "json_object":
-      found.append((rf.name("type"), ("json_object", "")))
-    elif kind == "json_schema":
-      if not rf.given("json_schema"):
-        raise bad_request(
-          "'response_format.json_schema' is required when the type is 'json_schema'",
-          rf.name("json_schema"),
-          "missing_field",
-        )
-      js = Fields(rf.obj["json_schema"], {"name", "schema", "strict", "description"}, rf.name("json_schema"))
-      js.get("name", "string"), js.get("description", "string"), js.get("strict", "boolean")
-      if not js.given("schema"):
-        raise bad_request(f"missing required field '{js.name('schema')}'", js.name("schema"), "missing_field")
-      found.append((js.name("schema"), ("json_schema", js.get("schema", "object"))))
-  so = (
-    Fields(
-      f.obj["structured_outputs"], {"json", "regex", "grammar", "choice", "json_object"}, f.name("structured_outputs")
-    )
-    if f.given("structured_outputs")
-    else None
-  )
-  for src, key, kind in (
-    (f, "guided_json", "json_schema"),
-    (f, "guided_regex", "regex"),
-    (f, "guided_grammar", "ebnf"),
-    (f, "guided_choice", "choice"),
-    (so, "json", "json_schema"),
-    (so, "regex", "regex"),
-    (so, "grammar", "ebnf"),
-    (so, "choice", "choice"),
-    (f, "json_schema", "json_schema"),  # SGLang: the schema as a JSON string
-    (f, "regex", "regex"),
-    (f, "ebnf", "ebnf"),
-  ):
-    if src is None or not src.given(key):
-      continue
-    v = src.obj[key]
-    if kind == "choice":
-      src.check(
-        isinstance(v, list) and v and all(isinstance(c, str) and c for c in v),
-        key,
-        v,
-        "a non-empty array of non-empty strings",
-      )
-      found.append((src.name(key), ("lark", "start: " + " | ".join(json.dumps(c) for c in v))))
-    elif kind == "json_schema" and isinstance(v, dict):
-      found.append((src.name(key), (kind, v)))
-    else:
-      found.append((src.name(key), (kind, src.get(key, "string"))))
-  if so is not None and so.get("json_object", "boolean", False):
-    found.append((so.name("json_object"), ("json_object", "")))
-  if len(found) > 1:
-    names = [name for name, _ in found]
-    raise bad_request(
-      f"give one structured-output constraint, not {len(found)}: {', '.join(names)}", names[1], "invalid_value"
-    )
-  if not found:
-    return None
-  name, g = found[0]
-  try:
-    return grammar_text_checked(g)
-  except ValueError as e:
-    raise bad_request(f"invalid '{name}': {e}", name, "invalid_grammar") from None
-
-
-def grammar_text_checked(g) -> tuple:
-  """(kind, spec) normalised and its grammar built (cached): ValueError when llguidance rejects it."""
-  g = grammar.normalize(g)
-  grammar.grammar_text(*g)
-  return g
-
-
 def _stop_token_ids(f: Fields, info: ModelInfo) -> tuple:
   """vLLM's stop_token_ids: more ids that end a completion (besides the model's EOS ids)."""
   ids = f.get("stop_token_ids", "array", [])
   f.check(
-    all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in ids),
+    all(KINDS["integer"](t) and 0 <= t < info.vocab_size for t in ids),
     "stop_token_ids",
     ids,
     f"an array of token ids in 0..{info.vocab_size - 1}",
   )
   return tuple(ids)
-
-
-def _chat_options(f: Fields) -> dict:
-  """ChatTemplate.encode's options from vLLM's chat fields: add_generation_prompt (default true),
-  continue_final_message (continue the last message; it drops the generation prompt, and asking for
-  both is a 400 as in vLLM), chat_template_kwargs (template variables), add_special_tokens (default
-  false: templates write their own BOS)."""
-  add_generation_prompt = f.get("add_generation_prompt", "boolean", True)
-  continue_final = f.get("continue_final_message", "boolean", False)
-  if continue_final and f.get("add_generation_prompt", "boolean", False):
-    raise bad_request(
-      "cannot set both 'continue_final_message' and 'add_generation_prompt' to true: continue the final "
-      "message, or start a new assistant message after it",
-      "continue_final_message",
-      "invalid_value",
-    )
-  variables = f.get("chat_template_kwargs", "object", {})
-  reserved = [k for k in variables if k in RESERVED_TEMPLATE_VARIABLES]
-  f.check(
-    not reserved,
-    "chat_template_kwargs",
-    variables,
-    f"an object of extra template variables, without {', '.join(RESERVED_TEMPLATE_VARIABLES)} (the server sets them)",
-  )
-  return {
-    "add_generation_prompt": add_generation_prompt,
-    "continue_final_message": continue_final,
-    "variables": variables,
-    "add_special_tokens": f.get("add_special_tokens", "boolean", False),
-  }
 
 
 def _stream(f: Fields) -> tuple[bool, bool]:
@@ -902,7 +486,7 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
   check_model(f, info)
   tools = chat_tools(f, template.tool_format)
   prompt = template.encode(
-    chat_history(body.get("messages")), tools=list(tools.tools) if tools else None, **_chat_options(f)
+    chat_history(body.get("messages")), tools=list(tools.tools) if tools else None, **chat_options(f)
   )
   logprobs = f.get("logprobs", "boolean", False)
   top = f.get("top_logprobs", "integer", 0)
@@ -913,7 +497,7 @@ def parse_chat(body, info: ModelInfo, template) -> Parsed:
     f, ("max_completion_tokens", "max_tokens"), "messages", len(prompt), info, info.defaults.get("max_tokens")
   )
   stream, include_usage = _stream(f)
-  sampling = _with_tool_grammar(
+  sampling = with_tool_grammar(
     _sampling(f, info, max_tokens, logprobs=logprobs, top_logprobs=top, stop_token_ids=_stop_token_ids(f, info)),
     tools,
     template,
@@ -951,7 +535,7 @@ def parse_generate(body, info: ModelInfo, tokenizer) -> Parsed:
   stop_ids = s.get("stop_token_ids", "array", [])
   s.check(len(stop_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", stop_ids, f"at most {MAX_STOP_TOKEN_IDS} ids")
   s.check(
-    all(_KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids),
+    all(KINDS["integer"](t) and 0 <= t < info.vocab_size for t in stop_ids),
     "stop_token_ids",
     stop_ids,
     f"token ids in 0..{info.vocab_size - 1}",

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import jinja2
 
+from jaxllm.serve.http.chat_request import chat_messages
 from jaxllm.serve.http.errors import bad_request
-from jaxllm.serve.http.protocol import Fields, ModelInfo, chat_messages, check_model, token_ids
+from jaxllm.serve.http.fields import Fields
+from jaxllm.serve.http.protocol import ModelInfo, check_model, token_ids
 
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
 DETOKENIZE_FIELDS = {"model", "tokens"}

@@ -2,7 +2,7 @@
 `tool_calls` (whole or streamed), and the grammar that makes `required` and named choices hold.
 
 A request's `tools` reach the chat template as `tools` (Hugging Face apply_chat_template semantics);
-history messages keep their `tool_calls` and `tool_call_id` (protocol.chat_history). The model then
+history messages keep their `tool_calls` and `tool_call_id` (chat_request.chat_history). The model then
 answers in its own call format, two of which are read (vLLM's tool parsers of the same names):
 
   hermes       Qwen2.5, Qwen3, Hermes and the plain default template: each call is a block
@@ -64,7 +64,7 @@ def template_format(source: str | None, tool_parser: str = "auto") -> str:
 
 @dataclass(frozen=True)
 class ToolRequest:
-  """The tool fields of one chat request, validated (protocol.chat_tools)."""
+  """The tool fields of one chat request, validated (chat_request.chat_tools)."""
 
   tools: tuple  # the request's tool objects as sent: what the chat template gets as `tools`
   choice: str  # "none", "auto", "required" or "function" (a named function)
