@@ -26,7 +26,7 @@ on is launched behind the one still running, fed its sampled tokens on the devic
 the earlier one while the device computes.
 
 Shapes: the package legend in jaxllm/__init__.py (R, Q, M, Z, n, V); the model sees a step's Q tokens
-as B = `rows` rows of T = Q / rows.
+as B = `rows` rows of T = Q / rows. The jitted step functions themselves: jaxllm.serve.steps.
 """
 
 from __future__ import annotations
@@ -51,17 +51,16 @@ from jaxllm.parallel import mesh_hooks
 from jaxllm.parallel.sharding import logical_spec, param_shardings
 from jaxllm.serve.detok import TextStream
 from jaxllm.serve.grammar import GrammarCompiler
-from jaxllm.serve.paged_cache import POOL_AXES, PagedCache, attention_backend, pool_shape
-from jaxllm.serve.penalties import PenaltySlots, count_tokens, gather_penalty_state
+from jaxllm.serve.paged_cache import POOL_AXES, pool_shape
+from jaxllm.serve.penalties import PenaltySlots
 from jaxllm.serve.sampling import (
   SamplingParams,
-  advance,
   build_sampling_arrays,
-  sample_rows,
   unconstrained_mask,
   with_random_seed,
 )
 from jaxllm.serve.scheduler import Req, Scheduler
+from jaxllm.serve.steps import mesh_rows, step_fn
 
 
 @dataclass
@@ -115,7 +114,7 @@ class Engine:
     self.mesh, self.plan = mesh, plan
     self.rows = 1
     if mesh is not None:
-      self.rows = _mesh_rows(cfg, plan.cfg)
+      self.rows = mesh_rows(cfg, plan.cfg)
       # Every bucket must split into dp*tp equal parts (rows over dp, the MoE token slices over tp).
       par = plan.cfg.dp * plan.cfg.tp if self.rows > 1 or cfg.is_moe else 1
       self.min_seqs, self.min_tokens = pow2_bucket(max(sc.min_seqs, par), 1), pow2_bucket(max(sc.min_tokens, par), 1)
@@ -138,7 +137,7 @@ class Engine:
     self.wait_seconds = 0.0  # time the host waited for device results
     self.chained = 0  # launches planned while the previous step ran (overlap)
     self._fns = {
-      mode: _step_fn(
+      mode: step_fn(
         cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows, sc.decode_steps if mode == "multi" else 1
       )
       for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())
@@ -579,112 +578,6 @@ def _last_tokens(toks, idx):
   if toks.ndim == 1:
     return toks
   return toks[idx, jnp.arange(toks.shape[1])]
-
-
-class _Step:
-  """A jitted step function that counts its traces (= compilations: one per new input shape)."""
-
-  def __init__(self, cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int = 1, steps: int = 1):
-    mdef, backend = model_def(cfg), attention_backend(attention, mesh, plan, cfg)
-    decode = mode != "ragged"
-    self.traces = 0
-
-    def step(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
-      self.traces += 1  # Python side effect: runs only while tracing
-      model = mdef.bind(params)
-      cache = PagedCache(
-        k_pages,
-        v_pages,
-        meta["slots"],
-        meta["kv_lens"],
-        meta["page_table"],
-        meta["cu_q_lens"],
-        meta["num_seqs"],
-        meta.get("num_multi"),
-        meta.get("dec_rows"),
-        backend,
-        decode,
-      )
-      Q = tokens.shape[0]
-      h, _, cache = model.hidden(
-        tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows), cache
-      )  # [B, T, D], B = rows, T = Q / rows
-      h = h.reshape(1, Q, h.shape[-1])
-      logits = model.logits(h[:, meta["last_idx"]])[0]  # [R, V] last row of each
-      out = sample_rows(logits, gather_penalty_state(samp, pen))
-      return (cache.k_pages, cache.v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
-
-    def multi(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
-      """tokens [R] fed at step 0; positions, slots, kv_lens [steps, R] -> tokens, logprobs [steps, R]."""
-      self.traces += 1
-      model = mdef.bind(params)
-      R = tokens.shape[0]
-      no_ragged = jnp.zeros(R + 1, jnp.int32)  # cu_q_lens / num_seqs: unused by decode attention
-
-      def one(carry, xs):
-        k_pages, v_pages, tok, samp = carry
-        pos, slots, kv_lens = xs
-        cache = PagedCache(
-          k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0), backend=backend, decode=True
-        )
-        h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
-        logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]  # [R, V]
-        out = sample_rows(logits, samp)
-        # advance: counters, penalty counts and min_tokens move on device between the steps
-        return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
-
-      xs = (positions, meta["slots"], meta["kv_lens"])
-      (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, gather_penalty_state(samp, pen)), xs)
-      return (k_pages, v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
-
-    kw = {}
-    if pool_sh is not None:
-      rep = NamedSharding(mesh, P())
-      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep, rep, rep, rep)
-    self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2, 3), **kw)
-
-  def __call__(self, *args):
-    return self.fn(*args)
-
-
-def _step_fn(cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int, steps: int) -> _Step:
-  """Shared across engines of one model, so a second engine (another policy, a memory limit via
-  max_pages) reuses the compiled steps. (A mesh plan is keyed by its MeshConfig: it holds dicts.)"""
-  key = (cfg, attention, mode, mesh, plan.cfg if plan is not None else None, pool_sh, rows, steps)
-  if key not in _STEPS:
-    if len(_STEPS) >= 32:
-      _STEPS.pop(next(iter(_STEPS)))  # oldest first
-    _STEPS[key] = _Step(cfg, attention, mode, mesh, plan, pool_sh, rows, steps)
-  return _STEPS[key]
-
-
-_STEPS: dict = {}
-
-
-def _mesh_rows(cfg: ModelConfig, mc) -> int:
-  """How many rows the ragged token sequence is folded into on this mesh.
-
-  A step's Q tokens form one ragged sequence; the model sees it as [rows, Q/rows]. With rows = dp the
-  "batch" dim of every activation shards over dp, so the dense/MoE layers split the tokens over dp
-  instead of each dp rank recomputing all of them, and the expert-parallel dispatch
-  (jaxllm.parallel.moe), which needs the batch divisible by dp and each dp rank's tokens by tp,
-  holds whenever the (power-of-two) buckets are multiples of dp*tp. Attention flattens the rows
-  back (PagedCache.attend), so the split never changes which keys a query sees."""
-  if mc.pp > 1:
-    raise ValueError(
-      f"serving runs every layer on each device group; mesh.pp={mc.pp} is not supported "
-      "here: use a mesh preset with pp = 1 (e.g. meshes/cpu-8.toml)"
-    )
-  par = mc.dp * mc.tp
-  if par & (par - 1):
-    if cfg.is_moe:
-      raise ValueError(
-        f"serving a MoE over mesh dp*tp={par}: the step buckets are powers of two, so "
-        "dp*tp must be one too for the expert-parallel dispatch to split them; "
-        "pick a mesh with power-of-two dp and tp"
-      )
-    return 1  # dense: each dp rank computes every token (replicated), still correct
-  return mc.dp
 
 
 def result(r: Req) -> Result:

@@ -1,7 +1,7 @@
 """Serving over a device mesh: the engine on tp (and ep for MoE) gives the greedy tokens of the
 single-device full forward, with chunked prefill, decode and radix reuse on the mesh.
 
-dp > 1 is covered too: the engine folds its ragged token row into dp rows (engine._mesh_rows) so the
+dp > 1 is covered too: the engine folds its ragged token row into dp rows (steps.mesh_rows) so the
 expert-parallel dispatch's batch/token divisibility holds."""
 
 import jax
