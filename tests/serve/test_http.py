@@ -94,7 +94,7 @@ def start_server(cfg=CFG, serve_cfg=SERVE, model=MODEL):
 
   @contextlib.contextmanager
   def run():
-    engine = Engine(cfg, params_of(cfg), serve_cfg, detokenize=TOK.decode)
+    engine = Engine(cfg, params_of(cfg), serve_cfg, tokenizer=TOK)  # its decode detokenizes; grammars
     service = EngineService(engine, max_waiting=serve_cfg.max_waiting).start()
     try:
       with serving(create_app(service, TOK, model, serve_cfg, None)) as url:

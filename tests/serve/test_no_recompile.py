@@ -4,19 +4,13 @@ HTTP -- penalties, logit_bias of 1..300 entries, stop ids of several counts, n =
 different lengths, streamed and not, JSON-schema, regex and EBNF grammars -- compiles nothing,
 as the server's /metrics counts it."""
 
-import contextlib
 import dataclasses
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_http import CFG, MODEL, SERVE, TOK, Server, serving
-from test_serve import params_of
-
-from jaxllm.serve.engine import Engine
-from jaxllm.serve.http import create_app
-from jaxllm.serve.service import EngineService
+from test_http import CFG, MODEL, SERVE, Server, start_server
 
 # Two buckets of sequences (8, 16) and of tokens (32, 64), multi-step decode: 7 shapes to warm.
 LAYOUT = dataclasses.replace(
@@ -24,16 +18,9 @@ LAYOUT = dataclasses.replace(
 )
 
 
-@contextlib.contextmanager
 def warmed_server():
-  engine = Engine(CFG, params_of(CFG), LAYOUT, tokenizer=TOK)
-  engine.warmup()
-  service = EngineService(engine, max_waiting=LAYOUT.max_waiting).start()
-  try:
-    with serving(create_app(service, TOK, MODEL, LAYOUT, None)) as url:
-      yield Server(url, service, engine)
-  finally:
-    service.close()
+  """A server on LAYOUT, ready: its warm-up (Engine.warmup on the engine thread) is done."""
+  return start_server(serve_cfg=LAYOUT)
 
 
 def compiles(http) -> float:

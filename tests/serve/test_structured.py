@@ -15,16 +15,14 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-from test_http import CFG, EOS, MODEL, SERVE, TOK, Server, serving
+from test_http import CFG, EOS, MODEL, SERVE, TOK, start_server
 from test_serve import params_of
 
 from jaxllm.data import load_tokenizer
 from jaxllm.serve import grammar
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.grammar import GrammarCompiler, grammar_text, mask_words
-from jaxllm.serve.http import create_app
 from jaxllm.serve.sampling import SamplingParams, apply_token_mask, build_sampling_arrays, process_logits
-from jaxllm.serve.service import EngineService
 
 ENGINE = dataclasses.replace(SERVE, api_key="")
 
@@ -257,13 +255,8 @@ def test_hf_tokenizer(hf_tok):
 
 @pytest.fixture(scope="module")
 def srv():
-  engine = Engine(CFG, params_of(CFG), SERVE, tokenizer=TOK)
-  service = EngineService(engine, max_waiting=SERVE.max_waiting).start()
-  try:
-    with serving(create_app(service, TOK, MODEL, SERVE, None)) as url:
-      yield Server(url, service, engine)
-  finally:
-    service.close()
+  with start_server() as s:
+    yield s
 
 
 def test_openai_response_format(srv):
