@@ -140,7 +140,9 @@ class Engine:
       mode: step_fn(
         cfg, sc.attention, mode, mesh, plan, self._pool_sh, self.rows, sc.decode_steps if mode == "multi" else 1
       )
-      for mode in ("ragged", "decode") + (("multi",) if sc.decode_steps > 1 else ())
+      for mode in ("ragged", "decode")
+      + (("multi",) if sc.decode_steps > 1 else ())
+      + (("forward", "sample") if sc.overlap else ())  # grammar rows' decodes, chained (see _chain)
     }
     self._rids = itertools.count()
     self.finished: list[Req] = []
@@ -154,11 +156,14 @@ class Engine:
   def weight_version(self):
     return self.sched.version
 
-  def _run(self, mode: str, *args):
+  def _call(self, mode: str, *args):
     if self.mesh is None:
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, self.pen.store, *args)
+      return self._fns[mode](*args)
     with jax.set_mesh(self.mesh), hooks.using(**mesh_hooks(self.mesh, self.plan, self.cfg)):
-      return self._fns[mode](self.params, self.k_pages, self.v_pages, self.pen.store, *args)
+      return self._fns[mode](*args)
+
+  def _run(self, mode: str, *args):
+    return self._call(mode, self.params, self.k_pages, self.v_pages, self.pen.store, *args)
 
   @property
   def compiles(self) -> int:
@@ -284,10 +289,16 @@ class Engine:
     dropped (its K/V lands past its length, in pages it released; the device runs steps in order,
     so a reused page is rewritten after that). Penalised rows chain too: their token counts live on
     device (jaxllm.serve.penalties) and are advanced there by the sampled tokens. Anything else
-    (admissions, prefill, preemption, length limits) takes the plain path after the commit."""
+    (admissions, prefill, preemption, length limits) takes the plain path after the commit.
+
+    A batch with grammar rows chains too, as a forward launched behind prev and a sampling launched
+    after prev's commit: the host computes the next grammar masks from prev's tokens while the device
+    runs the forward (XGrammar's overlap of mask generation with the LLM's computation)."""
     prev, self._inflight = self._inflight, None
     nxt = self._chain(prev) if prev is not None else None
     done = self._collect(prev) if prev is not None else []
+    if nxt is not None and nxt.logits is not None:
+      self._sample(nxt)  # grammar rows: their masks followed from prev's tokens in _collect
     if nxt is None:
       nxt = self._launch_scheduled()
       if nxt is not None and not self.overlap:
@@ -327,8 +338,6 @@ class Engine:
     if not self.overlap or prev.mode == "ragged":
       return None
     sched, batch = self.sched, prev.batch
-    if self._structured(batch):
-      return None  # the next mask needs prev's tokens on the host
     if len(batch) != len(sched.running) or (sched.waiting and len(sched.running) < sched.max_running):
       return None  # someone was aborted, or a request may be admitted
     ahead = prev.ks or [1] * len(batch)  # tokens prev adds to each row (if none stops)
@@ -337,17 +346,19 @@ class Engine:
         return None
       if not self.pen.current(r, len(r.output) + a):
         return None  # its device penalty state would need the ids in flight: rebuilt on the plain path
-    steps = self._steps_per_call(batch)
+    structured = self._structured(batch)  # a grammar's next mask needs the host: one step per call
+    steps = 1 if structured else self._steps_per_call(batch)
     ks = sched.grow_decode(batch, steps, ahead)
     if min(ks) < 1:
       return None  # out of pages: the plain path preempts
     self.chained += 1
-    return self._launch_decode(batch, ks if steps > 1 else None, ahead, prev)
+    return self._launch_decode(batch, ks if steps > 1 else None, ahead, prev, split=structured)
 
-  def _launch_decode(self, batch, ks, ahead, prev: _Launch | None) -> _Launch:
+  def _launch_decode(self, batch, ks, ahead, prev: _Launch | None, split: bool = False) -> _Launch:
     """A decode launch: one step ("decode", ks None) or decode_steps steps ("multi"); row i keeps at
     most ks[i] tokens (see module doc). ahead[i]: tokens of row i still in flight in `prev`, whose
-    sampled tokens (on device) are fed here instead of the host's last output."""
+    sampled tokens (on device) are fed here instead of the host's last output. split: launch only the
+    forward; _sample launches the sampling (one step)."""
     Z, live = self.page_size, len(batch)
     R = pow2_bucket(live, self.min_seqs)
     n = self.decode_steps if ks is not None else 1
@@ -376,7 +387,7 @@ class Engine:
         "num_seqs": np.int32(live),
         "last_idx": np.arange(R, dtype=np.int32),
       }
-      return self._launch("decode", batch, None, tokens, pad(pos)[0], meta, samp)
+      return self._launch("decode", batch, None, tokens, pad(pos)[0], meta, samp, split)
     meta = {"slots": pad(slots), "kv_lens": pad(pos + 1), "page_table": page_table}
     return self._launch("multi", batch, list(ks), tokens, pad(pos), meta, samp)
 
@@ -433,11 +444,23 @@ class Engine:
     hist = [(r.prompt, range(len(r.output) + a) if a else r.output) for (r, _), a in zip(batch, ahead)]
     return build_sampling_arrays([r.sp for r, _ in batch], hist, R, pen_slots=slots, pen_steps=keeps)
 
-  def _launch(self, mode, batch, ks, tokens, positions, meta, samp) -> _Launch:
-    """Dispatch a step function (asynchronous: returns before the device finishes)."""
+  def _launch(self, mode, batch, ks, tokens, positions, meta, samp, split: bool = False) -> _Launch:
+    """Dispatch a step function (asynchronous: returns before the device finishes). split: only the
+    forward of a decode; the launch's outputs come from _sample."""
+    if split:
+      self.k_pages, self.v_pages, logits = self._call(
+        "forward", self.params, self.k_pages, self.v_pages, tokens, positions, meta
+      )
+      return _Launch(mode, batch, ks, (), logits, samp)
     samp = samp | {"grammar_mask": self._grammar_masks(batch, len(samp["temperature"]))}
     self.k_pages, self.v_pages, self.pen.store, *out = self._run(mode, tokens, positions, meta, samp)
     return _Launch(mode, batch, ks, tuple(out))
+
+  def _sample(self, launch: _Launch) -> None:
+    """Launch the sampling of a split decode with its rows' grammar masks as they are now."""
+    samp = launch.samp | {"grammar_mask": self._grammar_masks(launch.batch, len(launch.samp["temperature"]))}
+    self.pen.store, *out = self._call("sample", self.pen.store, launch.logits, samp)
+    launch.out, launch.logits, launch.samp = tuple(out), None, None
 
   def _collect(self, launch: _Launch) -> list[Req]:
     """Wait for a launch's results and commit them; rows whose request finished meanwhile (stopped
@@ -526,11 +549,11 @@ class Engine:
     return [result(r) for r in reqs]
 
   def warmup(self) -> int:
-    """Compile every step shape a run can reach; returns compiles done. The shapes: decode and
-    multi-step decode per sequences bucket R, ragged per tokens bucket Q (its R follows from Q, and
-    the page-table width is fixed), and the penalty-store fill. Sampling arrays have widths fixed by
-    R alone (sampling.build_sampling_arrays), so no request field adds a shape. Runs on metadata
-    that only writes the null page."""
+    """Compile every step shape a run can reach; returns compiles done. The shapes: decode, its
+    split forward + sampling (overlap) and multi-step decode per sequences bucket R, ragged per
+    tokens bucket Q (its R follows from Q, and the page-table width is fixed), and the penalty-store
+    fill. Sampling arrays have widths fixed by R alone (sampling.build_sampling_arrays), so no
+    request field adds a shape. Runs on metadata that only writes the null page."""
     self.drain()
     before = self.compiles
     Q_max = pow2_bucket(max(self.sched.chunk_size, self.sched.max_running), self.min_tokens)  # a step's tokens at most
@@ -556,6 +579,8 @@ class Engine:
         meta = {"slots": z(n, R), "kv_lens": z(n, R), "page_table": z(R, self.M)}
         positions = z(n, R)
       self._launch(mode, [], None, tokens, positions, meta, self._samp([], R, [], []))
+      if mode == "decode" and "forward" in self._fns:  # a grammar batch's chained decode, split in two
+        self._sample(self._launch(mode, [], None, tokens, positions, meta, self._samp([], R, [], []), split=True))
     self.pen.warmup()  # the penalty-store fill: one shape
     jax.block_until_ready(self.k_pages)
     return self.compiles - before
@@ -569,6 +594,8 @@ class _Launch:
   batch: list  # [(Req, tokens computed)]
   ks: list | None  # multi: tokens row i may keep
   out: tuple  # device arrays: sampled tokens, logprobs, top-20 ids, top-20 logprobs
+  logits: object = None  # a split decode whose sampling is not launched yet: its logits [R, V] ...
+  samp: dict | None = None  # ... and sampling arrays (without the grammar masks)
 
 
 @jax.jit

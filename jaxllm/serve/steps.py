@@ -1,8 +1,11 @@
 """The engine's jitted step functions over the paged KV pool (jaxllm.serve.engine runs them):
 
-  step   one forward of a ragged token row (prefill chunks and decodes) or of one decode token per
-         sequence, the logits of each sequence's last row, sampling on device;
-  multi  `steps` decode steps in one lax.scan, each step's sampled tokens fed to the next.
+  step     one forward of a ragged token row (prefill chunks and decodes) or of one decode token per
+           sequence, the logits of each sequence's last row, sampling on device;
+  multi    `steps` decode steps in one lax.scan, each step's sampled tokens fed to the next;
+  forward  step's decode forward alone -> logits, and
+  sample   step's sampling alone on them: a decode with grammar rows runs as these two, so the host
+           computes the grammar masks of the tokens sampled last while the device runs the forward.
 
 Both take and return the KV pages and the penalty store (donated) and count their traces, so the
 engine can report compiles. Shapes: the package legend (R, Q, M, V, n); the model sees a step's Q
@@ -31,8 +34,8 @@ class Step:
     decode = mode != "ragged"
     self.traces = 0
 
-    def step(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
-      self.traces += 1  # Python side effect: runs only while tracing
+    def hidden_logits(params, k_pages, v_pages, tokens, positions, meta):
+      """The forward: -> (k_pages, v_pages, logits [R, V] of each sequence's last row)."""
       model = mdef.bind(params)
       cache = PagedCache(
         k_pages,
@@ -52,9 +55,26 @@ class Step:
         tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows), cache
       )  # [B, T, D], B = rows, T = Q / rows
       h = h.reshape(1, Q, h.shape[-1])
-      logits = model.logits(h[:, meta["last_idx"]])[0]  # [R, V] last row of each
+      return cache.k_pages, cache.v_pages, model.logits(h[:, meta["last_idx"]])[0]
+
+    def sample_counted(pen, logits, samp):
       out = sample_rows(logits, gather_penalty_state(samp, pen))
-      return (cache.k_pages, cache.v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
+      return (count_tokens(pen, samp, out[0]),) + tuple(out)
+
+    def step(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
+      self.traces += 1  # Python side effect: runs only while tracing
+      k_pages, v_pages, logits = hidden_logits(params, k_pages, v_pages, tokens, positions, meta)
+      return (k_pages, v_pages) + sample_counted(pen, logits, samp)
+
+    def forward(params, k_pages, v_pages, tokens, positions, meta):
+      """step's forward alone (a decode whose grammar masks the host computes meanwhile)."""
+      self.traces += 1
+      return hidden_logits(params, k_pages, v_pages, tokens, positions, meta)
+
+    def sample(pen, logits, samp):
+      """step's sampling alone, on forward's logits: -> (pen, tokens, logprobs, top ids, top logprobs)."""
+      self.traces += 1
+      return sample_counted(pen, logits, samp)
 
     def multi(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
       """tokens [R] fed at step 0; positions, slots, kv_lens [steps, R] -> tokens, logprobs [steps, R]."""
@@ -79,11 +99,16 @@ class Step:
       (k_pages, v_pages, _, _), out = jax.lax.scan(one, (k_pages, v_pages, tokens, gather_penalty_state(samp, pen)), xs)
       return (k_pages, v_pages, count_tokens(pen, samp, out[0])) + tuple(out)
 
+    fn, donate, outs = {
+      "forward": (forward, (1, 2), ("pool", "pool", "rep")),
+      "sample": (sample, (0,), ("rep",) * 5),
+      "multi": (multi, (1, 2, 3), ("pool", "pool") + ("rep",) * 5),
+    }.get(mode, (step, (1, 2, 3), ("pool", "pool") + ("rep",) * 5))
     kw = {}
     if pool_sh is not None:
       rep = NamedSharding(mesh, P())
-      kw["out_shardings"] = (pool_sh, pool_sh, rep, rep, rep, rep, rep)
-    self.fn = jax.jit(multi if mode == "multi" else step, donate_argnums=(1, 2, 3), **kw)
+      kw["out_shardings"] = tuple(pool_sh if o == "pool" else rep for o in outs)
+    self.fn = jax.jit(fn, donate_argnums=donate, **kw)
 
   def __call__(self, *args):
     return self.fn(*args)
