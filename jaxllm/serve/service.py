@@ -122,12 +122,16 @@ class EngineService:
     self._thread = thread
     return self
 
-  def close(self) -> None:
+  def close(self, reason: str = "the engine was closed") -> None:
+    """Stop the engine thread; every request still queued or running ends with an error event
+    carrying `reason`."""
     with self._lock:
-      self._closed = True
+      self._closed, self._close_reason = True, reason
       self._lock.notify()
     if self._thread is not None:
       self._thread.join()
+    else:
+      self._shutdown(reason)  # never started: answer what was queued all the same
 
   def submit(self, prompt_ids, sp: SamplingParams, on_event: Callable[[Event], None], streaming: bool = False) -> int:
     """Queue a request; returns its id. Raises ValueError for a request that can never run and
@@ -205,6 +209,7 @@ class EngineService:
           while not self._inbox and eng.idle and not self._closed:
             self._lock.wait()
           if self._closed:
+            reason = self._close_reason
             return
           self._batch, self._inbox = self._inbox, []
         while self._batch:  # each command leaves the batch once applied (a crash leaves it for _shutdown)

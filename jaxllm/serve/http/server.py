@@ -6,8 +6,9 @@ or a Hugging Face directory (`--hf DIR`: its tokenizer.json and chat template). 
 newest checkpoint of `python train.py`'s default run (runs/default/checkpoints) is served.
 
 Shutdown (SIGTERM, or Ctrl-C): DrainingServer first drains -- /health turns 503, new requests get 503,
-running ones finish -- for at most serve.drain_timeout_s, then uvicorn closes the connections. A
-second signal stops at once.
+running ones finish -- for at most serve.drain_timeout_s; requests still running then end with an
+error (a 500 in OpenAI's shape, or an error event in a stream), and uvicorn closes the connections.
+A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def draining_server(app, service, drain_timeout_s: float, **uvicorn_kw):
       deadline = time.monotonic() + drain_timeout_s
       while service.busy and time.monotonic() < deadline:
         time.sleep(0.05)
+      if service.busy:  # each request still running gets an error in OpenAI's shape, not a cut connection
+        service.close(
+          f"the server shut down: serve.drain_timeout_s={drain_timeout_s:g} passed before this request finished"
+        )
       super().handle_exit(sig, frame)  # uvicorn's shutdown: close the listeners and connections
 
   return DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=GRACE_S, **uvicorn_kw))
