@@ -73,6 +73,7 @@ class ModelConfig:
   attention: str = "auto"  # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
   scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
   loss_chunk: int = 1024  # LM and RL losses: positions per chunk of fp32 [B, chunk, V] logits at once; 0 = all
+  batch_invariant: bool = False  # row arithmetic independent of the batch (jaxllm.model.invariant); dense, 1 device
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -96,6 +97,11 @@ class ModelConfig:
       raise ConfigError(
         f"model.attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
         "('auto' = cudnn on GPU, splash on TPU, flash otherwise)"
+      )
+    if self.batch_invariant and self.is_moe:
+      raise ConfigError(
+        "model.batch_invariant=true needs a dense model: a MoE's routing capacity depends on the other "
+        "tokens of the batch; turn it off for MoE models"
       )
     if self.scan_unroll < 0 or self.loss_chunk < 0:
       raise ConfigError(
@@ -289,6 +295,7 @@ class ServeConfig:
   tool_parser: str = "auto"  # tool-call format of chat replies (TOOL_PARSERS); "auto" = the chat template's
   drain_timeout_s: float = 30.0  # on SIGTERM: /health 503, running requests finish for at most this long, then exit
   stream_multistep: bool = False  # streamed requests take decode_steps per call too (tokens arrive in bursts)
+  deterministic: bool = False  # batch-invariant steps: output bits never depend on the batch (1 device)
 
   def __post_init__(self):
     _positive(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.model import invariant
 from jaxllm.model import layers as ops
 from jaxllm.model.attention import self_attention
 from jaxllm.model.hooks import constrain, sum_partials
@@ -110,6 +111,39 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer, segment_
   return x, cache, aux
 
 
+def invariant_block_forward(cfg: ModelConfig, p: dict, x, positions, cache, layer):
+  """block_forward in batch-invariant arithmetic (ModelConfig.batch_invariant; jaxllm.model.invariant):
+  the row-wise parts (norms, projections, RoPE, MLP) in fixed row tiles, attention in fixed key
+  blocks. Single device, dense models. x [B, T, D], positions [B, T] -> (x, cache, {})."""
+  B, T, D = x.shape
+  dt, eps, inv = x.dtype, cfg.norm_eps, ops.rope_inv_freq(cfg)
+  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+
+  def qkv(xr, pos):  # [t, D], [t] -> q [t, N, H], k, v [t, K, H]
+    h = ops.rms_norm(xr, p["attn_norm"], eps)
+    q, k, v = ((h @ p[n].astype(dt).reshape(D, -1)).reshape(h.shape[0], -1, H) for n in ("wq", "wk", "wv"))
+    if cfg.qkv_bias:
+      q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if cfg.qk_norm:
+      q, k = ops.rms_norm(q, p["q_norm"], eps), ops.rms_norm(k, p["k_norm"], eps)
+    cos, sin = invariant.rope_tables(pos[None], inv, cfg.max_seq_len)  # [1, t, H]
+    return ops.apply_rope(q[None], cos, sin)[0], ops.apply_rope(k[None], cos, sin)[0], v
+
+  q, k, v = invariant.tiled(qkv, x.reshape(B * T, D), positions.reshape(B * T))
+  q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+  if cache is None:
+    attn = invariant.sequence_attention(q, k, v)
+  else:
+    attn, cache = cache.attend(layer, q, k, v)
+
+  def out(xr, a):  # [t, D], [t, N, H] -> [t, D]
+    xr = xr + a.reshape(a.shape[0], N * H) @ p["wo"].astype(dt).reshape(N * H, D)
+    h = ops.rms_norm(xr, p["mlp_norm"], eps)
+    return xr + (jax.nn.silu(h @ p["w_gate"].astype(dt)) * (h @ p["w_up"].astype(dt))) @ p["w_down"].astype(dt)
+
+  return invariant.tiled(out, x.reshape(B * T, D), attn.reshape(B * T, N, H)).reshape(B, T, D), cache, {}
+
+
 def remat_policy(policy: str):
   """The jax.checkpoint policy of a ModelConfig.remat name (jaxllm.config.REMAT_POLICIES); None for 'none'."""
   cp = jax.checkpoint_policies
@@ -178,16 +212,27 @@ class Transformer(nnx.Module):
     x, aux, cache = self.run_layers(x, positions, self.layer_params(), cache, segment_ids=segment_ids)
     if cache is not None:
       cache = cache.advance(T)
+    if cfg.batch_invariant:
+      norm = lambda xr: ops.rms_norm(xr, self.final_norm[...], cfg.norm_eps)  # noqa: E731
+      return invariant.tiled(norm, x.reshape(B * T, -1)).reshape(x.shape), aux, cache
     return ops.rms_norm(x, self.final_norm[...], cfg.norm_eps), aux, cache
 
   def run_layers(self, x, positions, params: dict, cache=None, first_layer: int = 0, segment_ids=None):
     """Scan the blocks whose stacked params are given (all L, or a pipeline chunk)."""
     cfg = self.cfg
-    cos, sin = ops.rope_tables(positions, ops.rope_inv_freq(cfg))
+    if cfg.batch_invariant and segment_ids is not None:
+      raise ValueError(
+        "model.batch_invariant does not support document masks (segment_ids) yet; turn off "
+        "train.document_masks or model.batch_invariant"
+      )
+    cos, sin = (None, None) if cfg.batch_invariant else ops.rope_tables(positions, ops.rope_inv_freq(cfg))
 
     def body(carry, p):
       x, cache, layer = carry
-      x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer, segment_ids)
+      if cfg.batch_invariant:
+        x, cache, aux = invariant_block_forward(cfg, p, x, positions, cache, layer)
+      else:
+        x, cache, aux = block_forward(cfg, p, x, cos, sin, cache, layer, segment_ids)
       return (x, cache, layer + 1), aux
 
     (x, cache, _), aux = jax.lax.scan(
@@ -203,6 +248,8 @@ class Transformer(nnx.Module):
   def logits(self, h):
     """h [B, T, D] -> logits [B, T, V] in fp32."""
     w = self.head_weight()
+    if self.cfg.batch_invariant:
+      return invariant.logits(h.reshape(-1, h.shape[-1]), w).reshape(*h.shape[:-1], -1)
     logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"))
 

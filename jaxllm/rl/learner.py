@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxllm.buckets import pow2_bucket
 from jaxllm.config import ConfigError, RLConfig
-from jaxllm.model import hooks
+from jaxllm.model import hooks, invariant
 from jaxllm.model.transformer import aux_loss
 from jaxllm.rl.losses import RLLossConfig, chunked_rl_sums, chunked_token_logprobs, grpo_advantages
 from jaxllm.train.step import Objective
@@ -71,6 +71,10 @@ def rl_objective(cfg: RLLossConfig, temperature: float = 1.0) -> Objective:
 def _token_logps(mdef, params, inputs, targets, temperature):
   model = mdef.bind(params)
   h, _, _ = model.hidden(inputs)
+  if mdef.cfg.batch_invariant:  # the engine's arithmetic (sampling.sample_rows_invariant): bit-equal log-probs
+    B, T, D = h.shape
+    logits = invariant.temperature_scale(invariant.logits(h.reshape(B * T, D), model.head_weight()), temperature)
+    return invariant.token_logprobs(logits, targets.reshape(B * T)).reshape(B, T)
   return chunked_token_logprobs(h, model.head_weight(), targets, temperature, mdef.cfg.loss_chunk)
 
 

@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from jaxllm.kernels import get_attention_backend
+from jaxllm.model import invariant
 
 
 @struct.dataclass
@@ -65,7 +66,9 @@ class PagedCache:
     k_pages, v_pages = write(self.k_pages, k), write(self.v_pages, v)
     kl, vl = k_pages.reshape(K, L * P, Z, H), v_pages.reshape(K, L * P, Z, H)
     page_table = self.page_table + layer * P
-    if self.decode:
+    if self.backend is INVARIANT:
+      out = self._invariant_attend(q, kl, vl, page_table)
+    elif self.decode:
       out = self.backend.paged_decode_attention(q, kl, vl, self.kv_lens, page_table)
     elif self.dec_rows is None:
       out = self.backend.ragged_paged_attention(q, kl, vl, self.kv_lens, page_table, self.cu_q_lens, self.num_seqs)
@@ -79,6 +82,22 @@ class PagedCache:
       out = out.at[self.dec_rows].set(dec.astype(out.dtype), mode="drop")
     return out.reshape(B, T, *out.shape[1:]).astype(q.dtype), self.replace(k_pages=k_pages, v_pages=v_pages)
 
+  def _invariant_attend(self, q, kl, vl, page_table):
+    """Batch-invariant attention (jaxllm.model.invariant.block_attention) of the Q query rows: each
+    row's position and page table from its sequence, the pages split into BLOCK-key blocks."""
+    K, LP, Z, H = kl.shape
+    Q, R = q.shape[0], page_table.shape[0]
+    if self.decode:
+      seq, pos = jnp.arange(Q), self.kv_lens - 1
+    else:
+      row = jnp.arange(Q)
+      seq = jnp.clip(jnp.searchsorted(self.cu_q_lens, row, side="right") - 1, 0, R - 1)
+      pos = self.kv_lens[seq] - (self.cu_q_lens[seq + 1] - row)  # padding rows: < 0, they see nothing
+    r = Z // invariant.BLOCK
+    blocks = (page_table[:, :, None] * r + jnp.arange(r)).reshape(R, -1)  # [R, M*r] block ids
+    kb, vb = kl.reshape(K, LP * r, invariant.BLOCK, H), vl.reshape(K, LP * r, invariant.BLOCK, H)
+    return invariant.block_attention(q, pos, blocks[seq], kb, vb)
+
   def advance(self, T: int):
     return self  # kv_lens already count this step's tokens (the host builds them)
 
@@ -89,6 +108,9 @@ def pool_shape(cfg, num_pages: int, page_size: int) -> tuple:
 
 
 POOL_AXES = ("kv_heads", "layers", None, None, "head_dim")  # logical axes of pool_shape's dims
+
+
+INVARIANT = "invariant"  # PagedCache.backend of batch-invariant steps (ModelConfig.batch_invariant)
 
 
 class Backend:

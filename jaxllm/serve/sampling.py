@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.buckets import pow2_bucket
+from jaxllm.model import invariant
 from jaxllm.serve import grammar as grammar_mod
 
 TOP_LOGPROBS = 20  # alternatives computed for every row (OpenAI's top_logprobs maximum)
@@ -489,13 +490,15 @@ def filter_logits(logits, top_k, top_p, min_p):
 
 def _draw(x, samp):
   """One categorical draw per row from processed logits x [R, V] (step 5: temperature, then the
-  filters) -> (tokens [R] int32, the drawn token's log-prob under that distribution [R] fp32)."""
+  filters) -> (tokens [R] int32, the drawn token's log-prob under that distribution [R] fp32, that
+  distribution's logits [R, V])."""
   t = samp["temperature"]
   filtered = filter_logits(x / jnp.maximum(t, 1e-6)[:, None], samp["top_k"], samp["top_p"], samp["min_p"])
   keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(samp["seeds"], samp["counters"])
   tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
   # Only the drawn token's log-prob: its logit minus the log-normaliser (no [R, V] log_softmax).
-  return tokens, jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(filtered, axis=-1)
+  lp = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(filtered, axis=-1)
+  return tokens, lp, filtered
 
 
 def _top_alternatives(logits, lse, samp):
@@ -521,6 +524,25 @@ def sample_rows(logits, samp: dict):
   processed_logprobs of the distribution drawn from (module doc, step 1).
   samp: `build_sampling_arrays` (on device), with or without the `init_penalty_state` keys (built here if
   absent: a single step needs nothing else)."""
+  return _sample(logits, samp)[:4]
+
+
+def sample_rows_invariant(logits, samp: dict):
+  """sample_rows in batch-invariant arithmetic (jaxllm.model.invariant): the rows in fixed tiles, and
+  each row's reported log-prob from invariant.token_logprobs over the logits it was drawn from (the
+  raw ones, or the processed ones divided by the temperature): the function the RL learner's log-probs
+  use, so with neutral processing (no bias, penalties or filters) the two agree bit for bit."""
+
+  def tile(lg, s):
+    tokens, _, top_ids, top_lp, drawn_from = _sample(lg, s)
+    return tokens, top_ids, top_lp, drawn_from
+
+  tokens, top_ids, top_lp, drawn_from = invariant.tiled(tile, logits.astype(jnp.float32), samp)
+  return tokens, invariant.token_logprobs(drawn_from, tokens), top_ids, top_lp
+
+
+def _sample(logits, samp: dict):
+  """sample_rows' outputs and the logits each row's reported log-prob is of [R, V]."""
   logits = logits.astype(jnp.float32)
   if "gen_counts" not in samp:
     samp = init_penalty_state(samp, logits.shape[-1])
@@ -531,14 +553,18 @@ def sample_rows(logits, samp: dict):
   sampled = samp["temperature"] > 0
 
   def draw(_):
-    drawn, drawn_lp = _draw(x, samp)
-    return jnp.where(sampled, drawn, greedy), drawn_lp
+    drawn, drawn_lp, filtered = _draw(x, samp)
+    return jnp.where(sampled, drawn, greedy), drawn_lp, filtered
 
   # An all-greedy batch skips the sort/filter/draw at run time (cond runs one branch).
-  tokens, drawn_lp = jax.lax.cond(jnp.any(sampled), draw, lambda _: (greedy, jnp.zeros(greedy.shape)), None)
+  tokens, drawn_lp, filtered = jax.lax.cond(
+    jnp.any(sampled), draw, lambda _: (greedy, jnp.zeros(greedy.shape), logits), None
+  )
   raw = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
   top_ids, top_lp = _top_alternatives(logits, lse, samp)
-  return tokens, jnp.where(sampled & samp["processed_logprobs"], drawn_lp, raw), top_ids, top_lp
+  processed = sampled & samp["processed_logprobs"]
+  drawn_from = jnp.where(processed[:, None], filtered, logits)
+  return tokens, jnp.where(processed, drawn_lp, raw), top_ids, top_lp, drawn_from
 
 
 def advance(samp: dict, tokens) -> dict:

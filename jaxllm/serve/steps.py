@@ -21,16 +21,19 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.params import model_def
-from jaxllm.serve.paged_cache import PagedCache, attention_backend
+from jaxllm.serve.paged_cache import INVARIANT, PagedCache, attention_backend
 from jaxllm.serve.penalties import count_tokens, gather_penalty_state
-from jaxllm.serve.sampling import advance, sample_rows
+from jaxllm.serve.sampling import advance, sample_rows, sample_rows_invariant
 
 
 class Step:
   """A jitted step function that counts its traces (= compilations: one per new input shape)."""
 
   def __init__(self, cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int = 1, steps: int = 1):
-    mdef, backend = model_def(cfg), attention_backend(attention, mesh, plan, cfg)
+    mdef = model_def(cfg)
+    # Batch-invariant steps (ModelConfig.batch_invariant): their own attention and a tiled sampler.
+    backend = INVARIANT if cfg.batch_invariant else attention_backend(attention, mesh, plan, cfg)
+    sample_rows_of = sample_rows_invariant if cfg.batch_invariant else sample_rows
     decode = mode != "ragged"
     self.traces = 0
 
@@ -58,7 +61,7 @@ class Step:
       return cache.k_pages, cache.v_pages, model.logits(h[:, meta["last_idx"]])[0]
 
     def sample_counted(pen, logits, samp):
-      out = sample_rows(logits, gather_penalty_state(samp, pen))
+      out = sample_rows_of(logits, gather_penalty_state(samp, pen))
       return (count_tokens(pen, samp, out[0]),) + tuple(out)
 
     def step(params, k_pages, v_pages, pen, tokens, positions, meta, samp):
@@ -91,7 +94,7 @@ class Step:
         )
         h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
         logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]  # [R, V]
-        out = sample_rows(logits, samp)
+        out = sample_rows_of(logits, samp)
         # advance: counters, penalty counts and min_tokens move on device between the steps
         return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out
 
