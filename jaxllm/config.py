@@ -442,6 +442,12 @@ class Config:
       )
     if m.is_moe and m.n_experts % mesh.ep:
       raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
+    if m.batch_invariant and (mesh.num_devices > 1 or t.document_masks):
+      raise ConfigError(
+        f"model.batch_invariant=true runs on one device without document masks for now (this mesh has "
+        f"{mesh.num_devices} devices, train.document_masks={str(t.document_masks).lower()}); use "
+        "--mesh meshes/cpu-1.toml and train.document_masks=false, or turn model.batch_invariant off"
+      )
     micro = t.batch_size // t.grad_accum
     per_pipe = micro // mesh.microbatches if micro % mesh.microbatches == 0 else 0
     if per_pipe == 0 or per_pipe % mesh.dp:
