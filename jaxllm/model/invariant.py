@@ -131,14 +131,16 @@ def logits(h, w):
   return tiled(lambda a: jnp.dot(a, w.astype(a.dtype), preferred_element_type=jnp.float32), h)
 
 
+def row_logprobs(x, tokens):
+  """x [t, V] fp32 (logits, already divided by a temperature), tokens [t] -> log softmax(x)[token] [t]:
+  the one function the engine's reported log-probs (inside its sampler's tiles) and the learner's
+  (token_logprobs) share."""
+  return jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1)
+
+
 def token_logprobs(x, tokens):
-  """x [N, V] fp32 (logits, already divided by a temperature), tokens [N] -> log softmax(x)[token]
-  [N], tile by tile: the one function the engine's reported log-probs and the learner's share."""
-
-  def tile(xt, tt):
-    return jnp.take_along_axis(xt, tt[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(xt, axis=-1)
-
-  return tiled(tile, x, tokens)
+  """row_logprobs of x [N, V] and tokens [N], tile by tile -> [N]."""
+  return tiled(row_logprobs, x, tokens)
 
 
 def temperature_scale(x, temperature):

@@ -529,16 +529,15 @@ def sample_rows(logits, samp: dict):
 
 def sample_rows_invariant(logits, samp: dict):
   """sample_rows in batch-invariant arithmetic (jaxllm.model.invariant): the rows in fixed tiles, and
-  each row's reported log-prob from invariant.token_logprobs over the logits it was drawn from (the
+  each row's reported log-prob from invariant.row_logprobs over the logits it was drawn from (the
   raw ones, or the processed ones divided by the temperature): the function the RL learner's log-probs
   use, so with neutral processing (no bias, penalties or filters) the two agree bit for bit."""
 
   def tile(lg, s):
     tokens, _, top_ids, top_lp, drawn_from = _sample(lg, s)
-    return tokens, top_ids, top_lp, drawn_from
+    return tokens, invariant.row_logprobs(drawn_from, tokens), top_ids, top_lp
 
-  tokens, top_ids, top_lp, drawn_from = invariant.tiled(tile, logits.astype(jnp.float32), samp)
-  return tokens, invariant.token_logprobs(drawn_from, tokens), top_ids, top_lp
+  return invariant.tiled(tile, logits.astype(jnp.float32), samp)
 
 
 def _sample(logits, samp: dict):
