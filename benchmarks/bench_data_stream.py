@@ -12,7 +12,8 @@ with jaxllm.data.shards.write_shard in 100 MB shards under --dir, and deleted af
 them). Each train.py runs under a small wrapper process whose RUSAGE_CHILDREN ru_maxrss is that run's
 peak RSS alone; each runs --repeat times, interleaved, and the table gives medians. Data wait: the
 mean `data_wait_s` of metrics.jsonl over the steps after the first (which compiles), against the mean
-step time from its `elapsed_s`.
+step time from its `elapsed_s`. "data only": the peak RSS of a process that only opens the corpus and
+streams the same batches (no jax), what the data layer itself holds.
 """
 
 import argparse
@@ -38,6 +39,25 @@ WRAPPER = (
   "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
 )
 
+# The data layer alone (no jax): open a prepared dir, build the eval set and stream `steps` batches.
+DATA_ONLY = (
+  "import sys; from jaxllm.data import ByteTokenizer; "
+  "from jaxllm.data.stream import StreamBatches, open_sources, parse_sources; "
+  "s = StreamBatches(open_sources(parse_sources([sys.argv[1]]), 128, ByteTokenizer()), 128, 16); "
+  "s.eval_batches(4); [next(s) for _ in range(int(sys.argv[2]))]; s.close()"
+)
+
+
+def peak_rss_mb(cmd: list[str], log_path: str) -> float:
+  """Run cmd under the wrapper -> its peak RSS in MB."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  with open(log_path, "w") as log:
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+  last = proc.stdout.strip().splitlines()[-1].split()
+  if last[0] != "0":
+    raise RuntimeError(f"{cmd[:3]} exited {last[0]}; see {log_path} and the output:\n{proc.stdout[-3000:]}")
+  return int(last[1]) / 1024
+
 
 def make_corpus(directory: str, tokens: int, seed: int = 0) -> str:
   """`tokens` generated tokens (documents of 1..8191 random byte ids, each closed by eos) as a prepared dir."""
@@ -59,19 +79,13 @@ def make_corpus(directory: str, tokens: int, seed: int = 0) -> str:
 
 def train_run(out: str, steps: int, data: list[str]) -> dict:
   """train.py for `steps` steps on `data` (overrides) -> {"rss_mb", "wait_ms", "step_ms"}."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
   args = ["--no-progress", f"train.steps={steps}", "train.log_every=1", "train.sample_tokens=0", f"train.out_dir={out}"]
-  cmd = [sys.executable, "-c", WRAPPER, sys.executable, os.path.join(ROOT, "train.py"), *args, *data]
-  with open(os.path.join(out + ".log"), "w") as log:
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, check=True)
-  last = proc.stdout.strip().splitlines()[-1].split()
-  if last[0] != "0":
-    raise RuntimeError(f"train.py exited {last[0]}; see {out}.log and the output:\n{proc.stdout[-3000:]}")
+  rss = peak_rss_mb([sys.executable, os.path.join(ROOT, "train.py"), *args, *data], out + ".log")
   records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
   timed = [r for r in records if r["step"] > 1]
   step_s = (timed[-1]["elapsed_s"] - records[0]["elapsed_s"]) / len(timed)
   return {
-    "rss_mb": int(last[1]) / 1024,
+    "rss_mb": rss,
     "wait_ms": 1000 * float(np.mean([r["data_wait_s"] for r in timed])),
     "step_ms": 1000 * step_s,
   }
@@ -93,13 +107,14 @@ def main(argv=None) -> int:
     runs = [("embedded corpus (in memory)", None, 0)]
     for name, n in (("small", int(args.small)), ("large", int(args.large))):
       runs.append((f"prepared, {n / 1e6:,.0f}M tokens", make_corpus(os.path.join(root, name), n), n))
+    train_run(os.path.join(root, "warm-up"), 2, [])  # fills the compile cache: every measured run then loads it
     results = {label: [] for label, _, _ in runs}
     for i in tqdm(range(args.repeat * len(runs)), desc="train.py runs"):
       label, data, _ = runs[i % len(runs)]
       results[label].append(
         train_run(os.path.join(root, f"run-{i}"), args.steps, [f"train.data={data}"] if data else [])
       )
-    for label, _, n in runs:
+    for label, data, n in runs:
       rows.append(
         {
           "label": label,
@@ -108,6 +123,10 @@ def main(argv=None) -> int:
         }
       )
       rows[-1]["spread"] = max(r["rss_mb"] for r in results[label]) - min(r["rss_mb"] for r in results[label])
+      rows[-1]["runs"] = [round(r["rss_mb"]) for r in results[label]]
+      if data:
+        cmd = [sys.executable, "-c", DATA_ONLY, data, str(args.steps)]
+        rows[-1]["data_mb"] = peak_rss_mb(cmd, os.path.join(root, "data-only.log"))
   finally:
     if not args.keep:
       shutil.rmtree(root, ignore_errors=True)
@@ -116,16 +135,20 @@ def main(argv=None) -> int:
     f"\ntrain.py, {args.steps} steps (tiny model, cpu-8 mesh, batch 16 x 128): peak host RSS and data wait, "
     f"medians of {args.repeat} runs (spread: max - min peak RSS)"
   )
-  head = f"{'data':<30} {'disk MB':>8} {'peak RSS MB':>12} {'spread':>7} {'vs small':>9} {'wait ms':>8} {'step ms':>8}"
-  print(head + f" {'wait %':>7}")
+  head = f"{'data':<30} {'disk MB':>8} {'peak RSS MB':>12} {'spread':>7} {'vs small':>9} {'data only':>10}"
+  print(head + f" {'wait ms':>8} {'step ms':>8} {'wait %':>7}")
   for r in rows:
     disk = f"{2 * r['tokens'] / 1e6:,.0f}" if r["tokens"] else "-"
     vs = f"{100 * (r['rss_mb'] / base - 1):+.1f}%" if r["tokens"] else "-"
+    data_mb = f"{r['data_mb']:,.0f}" if "data_mb" in r else "-"
     print(
-      f"{r['label']:<30} {disk:>8} {r['rss_mb']:>12,.0f} {r['spread']:>7,.0f} {vs:>9} {r['wait_ms']:>8.2f} "
+      f"{r['label']:<30} {disk:>8} {r['rss_mb']:>12,.0f} {r['spread']:>7,.0f} {vs:>9} "
+      f"{data_mb:>10} {r['wait_ms']:>8.2f} "
       f"{r['step_ms']:>8.1f} "
       f"{100 * r['wait_ms'] / r['step_ms']:>6.2f}%"
     )
+  print("peak RSS MB of each run: " + "; ".join(f"{r['label']}: {r['runs']}" for r in rows))
+  print("data only: the data layer alone (open, eval set, the same batches) in a process without jax")
   return 0
 
 

@@ -370,9 +370,10 @@ class StreamBatches:
       self._thread = self._queue = None
 
   def consumed_tokens(self) -> dict[str, int]:
-    """{source name: target tokens it gave to the batches handed out}."""
-    seqs = self.mixture.consumed(self.position)
-    return {s.name: int(n) * self.seq_len for s, n in zip(self.sources, seqs)}
+    """{source name (its path where names repeat): target tokens it gave to the batches handed out}."""
+    names = [s.name for s in self.sources]
+    names = names if len(set(names)) == len(names) else [s.path for s in self.sources]
+    return {name: int(n) * self.seq_len for name, n in zip(names, self.mixture.consumed(self.position))}
 
   def describe(self) -> str:
     """One line per source: tokens, train/eval split, weight, shards."""
