@@ -227,7 +227,7 @@ class TrainConfig:
   b2: float = 0.95  # AdamW beta2
   grad_clip: float = 1.0  # global-norm clipping; 0 disables
   seed: int = 0  # init and data order seed
-  data: tuple[str, ...] = ()  # .txt/.jsonl files, dirs, globs (text, prompt+completion, messages); () = stdlib
+  data: tuple[str, ...] = ()  # .txt/.jsonl files, dirs, globs; or prepared dirs, DIR[:WEIGHT] (mixture); () = stdlib
   tokenizer: str = "byte"  # "byte" or a path to a HF tokenizer.json (or its directory)
   max_corpus_bytes: int = 8_000_000  # cap on the embedded corpus size
   log_every: int = 10  # steps between log lines / metrics records

@@ -173,13 +173,18 @@ def split_train_eval(tokens, eval_fraction: float = 0.01, min_eval_tokens: int =
   the split does not depend on any seed. align: the split point is moved down to a multiple of it
   (SFT streams lay rows out in seq_len windows from the start; the eval part keeps that layout).
   tokens: an array or a TokenStream (its per-token streams are split with it)."""
+  if not isinstance(tokens, TokenStream):
+    tokens = np.asarray(tokens)
+  cut = eval_split_point(len(tokens), eval_fraction, min_eval_tokens, align)
+  return tokens[:cut], tokens[cut:]
+
+
+def eval_split_point(n: int, eval_fraction: float = 0.01, min_eval_tokens: int = 8192, align: int = 1) -> int:
+  """Where split_train_eval cuts a stream of n tokens (train = [0, cut), eval = [cut, n)); streamed
+  sources (jaxllm.data.stream) cut theirs here without holding the tokens."""
   if not 0 <= eval_fraction < 1:
     raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
   if align < 1:
     raise ValueError(f"align={align} must be >= 1")
-  if not isinstance(tokens, TokenStream):
-    tokens = np.asarray(tokens)
-  n = len(tokens)
   n_eval = max(int(np.ceil(n * eval_fraction)), min(min_eval_tokens, n // 10))
-  cut = (n - n_eval) // align * align
-  return tokens[:cut], tokens[cut:]
+  return (n - n_eval) // align * align

@@ -125,10 +125,13 @@ def read_manifest(directory: str) -> dict:
 
 
 class TokenShards:
-  """A prepared directory as one read-only token stream [N] over its memory-mapped shards: len(),
-  read(start, stop) and windows(starts, length) return int32 copies, so host memory holds only what
-  is read, whatever the corpus size. Opening checks every shard against the manifest (present, size)
-  and, given a tokenizer, that the shards were written by it."""
+  """A prepared directory as one read-only token stream [N] over its shards: len(), read(start, stop)
+  and windows(starts, length) return int32 copies, so host memory holds only what is read, whatever
+  the corpus size. Reads are positioned reads (pread), not a memory map: every page of a mapped file
+  that a read touches stays in the process's resident set, and on kernels whose page cache holds large
+  folios a touched window maps up to 2 MB, so the RSS of a run that maps its shards climbs toward the
+  corpus size (nanoGPT re-creates its np.memmap every batch for the same reason). Opening checks every
+  shard against the manifest (present, size) and, given a tokenizer, that the shards were written by it."""
 
   def __init__(self, directory: str, tokenizer=None):
     self.directory = directory
@@ -137,7 +140,7 @@ class TokenShards:
     self.eos_id = int(self.manifest["tokenizer"]["eos_id"])
     if tokenizer is not None:
       self.check_tokenizer(tokenizer)
-    self._maps, sizes = [], []
+    self._files, sizes = [], []
     for entry in self.manifest["shards"]:
       path = os.path.join(directory, entry["name"])
       want = int(entry["tokens"]) * self.dtype.itemsize
@@ -148,7 +151,7 @@ class TokenShards:
           f"shard {path} {found}; the manifest says {entry['tokens']:,} tokens ({want:,} bytes). The "
           f"directory is damaged (a copy cut short?): copy it again or prepare it again"
         )
-      self._maps.append(np.memmap(path, self.dtype, mode="r") if want else np.zeros(0, self.dtype))
+      self._files.append(open(path, "rb", buffering=0))  # closed with this object
       sizes.append(int(entry["tokens"]))
     self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # shard k holds [starts[k], starts[k+1])
 
@@ -176,9 +179,20 @@ class TokenShards:
     parts, k = [], int(np.searchsorted(self.starts, start, side="right") - 1)
     while start < stop:
       end = min(stop, int(self.starts[k + 1]))
-      parts.append(self._maps[k][start - self.starts[k] : end - self.starts[k]])
+      parts.append(self._read_shard(k, start - int(self.starts[k]), end - start))
       start, k = end, k + 1
     return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+  def _read_shard(self, k: int, offset: int, count: int) -> np.ndarray:
+    """count tokens of shard k from token `offset`, in the shard's dtype."""
+    size = self.dtype.itemsize
+    data = os.pread(self._files[k].fileno(), count * size, offset * size)
+    if len(data) != count * size:
+      raise ValueError(
+        f"shard {self._files[k].name} ended {len(data):,} bytes into a read of {count * size:,} at byte "
+        f"{offset * size:,}: it was cut short while in use; copy the directory again or prepare it again"
+      )
+    return np.frombuffer(data, self.dtype)
 
   def windows(self, starts, length: int) -> np.ndarray:
     """int32 [len(starts), length]: the tokens [s, s + length) for each start s."""
@@ -189,4 +203,4 @@ class TokenShards:
     return out
 
   def __repr__(self) -> str:
-    return f"TokenShards({self.directory!r}, {len(self):,} tokens, {len(self._maps)} shards, {self.dtype.name})"
+    return f"TokenShards({self.directory!r}, {len(self):,} tokens, {len(self._files)} shards, {self.dtype.name})"

@@ -10,6 +10,7 @@ The end-of-run sample comes from a `sampler` the caller passes (train.py passes 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from jaxllm.config import Config
 from jaxllm.data import PackedBatches, default_corpus_text, eval_batches, split_train_eval
 from jaxllm.data.sft import Row, build_stream, load_rows
+from jaxllm.data.stream import StreamBatches, open_sources, parse_sources
 from jaxllm.model.params import count_params, model_def
 from jaxllm.parallel import build_mesh, format_rank_table, mesh_hooks
 from jaxllm.parallel.distributed import global_batch, is_main_process, local_rows
@@ -82,7 +84,6 @@ class Pretraining(Task):
     t = cfg.train
     self.mesh, self.plan = build_mesh(cfg.mesh)
     self.tokenizer = checked_tokenizer(cfg)
-    train_tokens, eval_tokens = load_corpus(cfg, self.tokenizer, log)
     # This process loads only the rows of each global batch its devices hold (all of them single-process);
     # the window order and the checkpointed position are global, so any process count resumes them.
     self.b_sh, self.shape = batch_sharding(self.mesh, self.plan), (t.batch_size, t.seq_len)
@@ -91,17 +92,27 @@ class Pretraining(Task):
     # Document masks: segment ids, loss mask (and positions) from the rows' closing eos, in train and eval;
     # SFT rows also mask their prompt / template tokens out of the loss (the streams' loss_mask).
     docs = dict(eos_id=self.tokenizer.eos_id if t.document_masks else None, reset_positions=t.reset_positions)
-    self.batches = PackedBatches(
-      train_tokens.tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs, **train_tokens.streams()
-    )
-    self.eval_set = (
-      eval_batches(
-        eval_tokens.tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs, **eval_tokens.streams()
+    sources = parse_sources(t.data)
+    if sources is None:  # files or the embedded corpus, tokenized into memory
+      train_tokens, eval_tokens = load_corpus(cfg, self.tokenizer, log)
+      self.batches = PackedBatches(
+        train_tokens.tokens, t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs, **train_tokens.streams()
       )
-      if t.eval_every
-      else []
-    )
-    self.train_tokens = len(train_tokens)
+      self.eval_set = (
+        eval_batches(
+          eval_tokens.tokens, t.seq_len, t.batch_size, t.eval_batches, rows=rows, **docs, **eval_tokens.streams()
+        )
+        if t.eval_every
+        else []
+      )
+      self.train_tokens = len(train_tokens)
+    else:  # prepared directories (jaxllm.data.prepare), streamed from disk
+      self.batches = StreamBatches(
+        open_sources(sources, t.seq_len, self.tokenizer), t.seq_len, t.batch_size, seed=t.seed, rows=rows, **docs
+      )
+      self.eval_set = self.batches.eval_batches(t.eval_batches) if t.eval_every else []
+      self.train_tokens = self.batches.train_tokens
+      log(self.batches.describe())
     self.mdef = model_def(cfg.model)
     self.layout = Layout.of(self.plan)
     self.tokens_per_step = t.batch_size * t.seq_len
@@ -149,15 +160,22 @@ class Pretraining(Task):
     return state
 
   def step(self, state, step):
-    state, metrics = self.step_fn(state, global_batch(self.b_sh, next(self.batches), self.shape))
+    t0 = time.perf_counter()
+    batch = next(self.batches)
+    data_wait = time.perf_counter() - t0  # the step's wait on its batch (prefetched: ~0)
+    state, metrics = self.step_fn(state, global_batch(self.b_sh, batch, self.shape))
     m = jax.device_get(metrics)
-    return state, {
+    record = {
       "finite": bool(m["finite"]),
       "loss": float(m["loss"]),
       "aux_loss": float(m["aux_loss"]),
       "grad_norm": float(m["grad_norm"]),
-      "lr": float(self.schedule(step)),
-    }  # the rate this update used (optimizer count = step)
+      "lr": float(self.schedule(step)),  # the rate this update used (optimizer count = step)
+      "data_wait_s": data_wait,
+    }
+    if isinstance(self.batches, StreamBatches):  # target tokens each source has given so far
+      record.update({f"tokens/{k}": v for k, v in self.batches.consumed_tokens().items()})
+    return state, record
 
   def eval_due(self, step):
     return bool(self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0 and self.eval_set)
@@ -183,7 +201,12 @@ class Pretraining(Task):
       f"step {step:>6}  loss {r['loss']:.4f}  grad_norm {r['grad_norm']:.3f}"
       + (f"  {r['tokens_per_s']:,.0f} tok/s  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
       + (f"  eval {r['eval_loss']:.4f}" if "eval_loss" in r else "")
+      + f"  data wait {1000 * r['data_wait_s']:.2f} ms"
     )
+
+  def close(self):
+    if isinstance(self.batches, StreamBatches):
+      self.batches.close()  # the prefetch thread
 
 
 def train(
