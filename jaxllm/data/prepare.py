@@ -354,10 +354,13 @@ def prepare(
   field: str = "text",
   shard_mb: float = 64,
   workers: int | None = None,
+  threads: int | None = None,
   overwrite: bool = False,
   progress: bool = True,
 ) -> dict:
-  """Prepare `inputs` into `out` (resuming a preparation there) -> the summary dict."""
+  """Prepare `inputs` into `out` (resuming a preparation there) -> the summary dict. workers: processes
+  (default one a core; 1 runs in this process); threads: the tokenizer's threads in each (default
+  cores // workers)."""
   from tqdm.auto import tqdm
 
   t0 = time.perf_counter()
@@ -380,13 +383,13 @@ def prepare(
   pending = [(i, chunk) for i, chunk in enumerate(chunks) if i not in records]
   chunk_bytes = [sum(s["bytes"] for s in chunk) for chunk in chunks]
   workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
-  threads = max(1, (os.cpu_count() or 1) // workers)
+  threads = threads or max(1, (os.cpu_count() or 1) // workers)
   done_before = sum(chunk_bytes[i] for i in records)
   bar = tqdm(
     total=sum(chunk_bytes), initial=done_before, unit="B", unit_scale=True, desc="prepare", disable=not progress
   )
   with bar:
-    if workers == 1:
+    if workers == 1 and threads >= (os.cpu_count() or 1):  # the Rust side's default: every core
       _init_worker(tokenizer_spec, field, out, None)
       results = map(_prepare_indexed, pending)
       pool = None
@@ -423,6 +426,7 @@ def prepare(
     "mb_per_s": new_bytes / 1e6 / seconds,
     "seconds": seconds,
     "workers": workers,
+    "threads": threads,
   }
 
 
@@ -447,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--field", default="text", help="the text field of .jsonl rows / column of .parquet/.arrow")
   parser.add_argument("--shard-mb", type=float, default=64, help="MB of input text per shard (the unit of work)")
   parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+  parser.add_argument("--threads", type=int, default=None, help="tokenizer threads a worker (default: cores/workers)")
   parser.add_argument("--overwrite", action="store_true", help="discard a preparation in --out made otherwise")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
@@ -458,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
       field=args.field,
       shard_mb=args.shard_mb,
       workers=args.workers,
+      threads=args.threads,
       overwrite=args.overwrite,
       progress=not args.no_progress,
     )
