@@ -101,28 +101,23 @@ def _segments(path: str, field: str, step: int) -> list[dict]:
   are byte offsets (.txt, .jsonl), row groups (.parquet) or rows (.arrow)."""
   if path.endswith((".txt", ".jsonl")):
     cuts = _line_ends(path, os.path.getsize(path), step)
-  elif path.endswith(".parquet"):
-    meta = _pyarrow(path).parquet.ParquetFile(path).metadata
-    names = [meta.schema.column(j).path for j in range(meta.num_columns)]
-    _text_column(path, names, field)
-    j = names.index(field)
-    sizes = np.cumsum([0] + [meta.row_group(g).column(j).total_uncompressed_size for g in range(meta.num_row_groups)])
-    cuts = _greedy_cuts(sizes, step)
-    return [
-      {"file": os.path.abspath(path), "start": a, "stop": b, "bytes": int(sizes[b] - sizes[a])}
-      for a, b in zip(cuts, cuts[1:])
-    ]
+    size = lambda a, b: b - a
   else:
-    table = _open_arrow(path)
-    _text_column(path, table.column_names, field)
-    lengths = _pyarrow(path).compute.binary_length(table.column(field)).to_numpy(zero_copy_only=False)
+    if path.endswith(".parquet"):  # the text column's bytes per row group, from the footer alone
+      meta = _pyarrow(path).parquet.ParquetFile(path).metadata
+      names = [meta.schema.column(j).path for j in range(meta.num_columns)]
+      _text_column(path, names, field)
+      j = names.index(field)
+      lengths = [meta.row_group(g).column(j).total_uncompressed_size for g in range(meta.num_row_groups)]
+    else:  # the text's bytes per row, from the string offsets
+      table = _open_arrow(path)
+      _text_column(path, table.column_names, field)
+      lengths = _pyarrow(path).compute.binary_length(table.column(field)).to_numpy(zero_copy_only=False)
     sizes = np.concatenate([[0], np.cumsum(np.nan_to_num(lengths), dtype=np.int64)])
     cuts = _greedy_cuts(sizes, step)
-    return [
-      {"file": os.path.abspath(path), "start": a, "stop": b, "bytes": int(sizes[b] - sizes[a])}
-      for a, b in zip(cuts, cuts[1:])
-    ]
-  return [{"file": os.path.abspath(path), "start": a, "stop": b, "bytes": b - a} for a, b in zip(cuts, cuts[1:])]
+    size = lambda a, b: int(sizes[b] - sizes[a])
+  path = os.path.abspath(path)
+  return [{"file": path, "start": int(a), "stop": int(b), "bytes": size(a, b)} for a, b in zip(cuts, cuts[1:])]
 
 
 def _greedy_cuts(cumulative, step: int) -> list[int]:
@@ -236,23 +231,27 @@ def _plan_key(files: list[str], tokenizer, field: str, shard_mb: float) -> dict:
 
 def _owned(name: str) -> bool:
   """Files prepare writes in its directory (the only ones --overwrite removes)."""
-  return name in (PLAN, shards.MANIFEST) or (
+  return name.removesuffix(".tmp") in (PLAN, shards.MANIFEST) or (
     name.startswith("shard-") and name.endswith((".bin", ".idx", ".json", ".tmp"))
   )
 
 
 def load_or_make_plan(out: str, files: list[str], tokenizer, field: str, shard_mb: float, overwrite: bool) -> dict:
+  """The plan saved in `out` when it was made for these inputs and tokenizer (a resumed preparation),
+  else a new one, saved (with overwrite, or in a new directory or one holding only prepare's files)."""
   os.makedirs(out, exist_ok=True)
   plan_path = os.path.join(out, PLAN)
   entries = os.listdir(out)
-  if entries and not os.path.isfile(plan_path):
-    if not overwrite or not all(_owned(e) for e in entries):
-      raise ValueError(
-        f"--out {out} is a non-empty directory that prepare did not write (no {PLAN}); choose a new or empty directory"
-      )
+  if not os.path.isfile(plan_path) and not all(_owned(e) for e in entries):
+    raise ValueError(
+      f"--out {out} is a non-empty directory that prepare did not write (no {PLAN}); choose a new or empty directory"
+    )
   if os.path.isfile(plan_path) and not overwrite:
-    with open(plan_path, encoding="utf-8") as f:
-      plan = json.load(f)
+    try:
+      with open(plan_path, encoding="utf-8") as f:
+        plan = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{plan_path} is unreadable ({e}); pass --overwrite to prepare {out} again") from None
     key = _plan_key(files, tokenizer, field, shard_mb)
     changed = [k for k in key if plan.get(k) != key[k]]
     if not changed:
