@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import sysconfig
@@ -117,51 +118,70 @@ def train_bpe(directory: str, vocab: int, out: str, sample_bytes: int = 8 << 20)
   return path
 
 
-def ceiling(path: str, tokenizer) -> tuple[float, int, int]:
-  """(seconds encoding, text bytes, tokens): the tokenizer's own batch encoder over a file's documents."""
-  seconds, text_bytes, tokens = 0.0, 0, 0
+def cpu_seconds() -> float:
+  """CPU seconds (user + system) of this process's threads and of its finished child processes."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def ceiling(path: str, tokenizer) -> tuple[float, float, int, int]:
+  """(seconds, CPU seconds, text bytes, tokens): the tokenizer's own batch encoder over a file's documents."""
+  seconds, cpu, text_bytes, tokens = 0.0, 0.0, 0, 0
   for batch in read_docs([path]):
     text_bytes += sum(len(t.encode("utf-8")) for t in batch)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if isinstance(tokenizer, ByteTokenizer):
       tokens += sum(len(tokenizer.encode_np(t)) for t in batch)
     else:
       tokens += sum(len(e) for e in tokenizer.tokenizer.encode_batch_fast(batch, add_special_tokens=False))
-    seconds += time.perf_counter() - t0
-  return seconds, text_bytes, tokens
+    seconds, cpu = seconds + time.perf_counter() - t0, cpu + cpu_seconds() - c0
+  return seconds, cpu, text_bytes, tokens
 
 
 class Totals:
-  """Sums over the corpus files of one row: seconds, text bytes, tokens, shard bytes."""
+  """Sums over the corpus files of one row: seconds, CPU seconds, text bytes, tokens, shard bytes."""
 
   def __init__(self, name: str, run: str, procs: str):
     self.name, self.run, self.procs = name, run, procs
-    self.seconds = self.text = self.tokens = self.shard = 0
+    self.seconds = self.cpu = self.text = self.tokens = self.shard = 0
 
-  def add(self, seconds, text, tokens, shard=0):
+  def add(self, seconds, cpu, text, tokens, shard=0):
     self.seconds += seconds
+    self.cpu += cpu
     self.text += text
     self.tokens += tokens
     self.shard += shard
 
   def prepare(self, path, spec, out, **kwargs):
+    c0 = cpu_seconds()
     s = prepare([path], spec, out, progress=False, **kwargs)
     self.procs = self.procs or f"{s['workers']}x{s['threads']}"  # the first file's (a last small one has fewer)
-    self.add(s["seconds"], s["text_mb"] * 1e6, s["tokens"], s["shard_mb"] * 1e6)
+    self.add(s["seconds"], cpu_seconds() - c0, s["text_mb"] * 1e6, s["tokens"], s["shard_mb"] * 1e6)
     shutil.rmtree(out)
 
   def row(self, top) -> str:
-    mbs = self.text / 1e6 / self.seconds
+    mbs, cpu = self.text / 1e6 / self.seconds, self.text / 1e6 / self.cpu
     shard = f"{self.shard / self.tokens:11.3f}" if self.shard else f"{'':11}"
     return (
-      f"{self.name:9} {self.run:34} {self.procs:>5} {mbs:8.1f} {mbs / top.text * top.seconds * 1e6:10.0%} "
-      f"{self.text / self.tokens:10.2f} {shard} {self.seconds:7.0f}"
+      f"{self.name:9} {self.run:34} {self.procs:>5} {mbs:8.1f} {mbs / (top.text / 1e6 / top.seconds):8.0%} "
+      f"{cpu:9.2f} {cpu / (top.text / 1e6 / top.cpu):8.0%} {self.text / self.tokens:10.2f} {shard} {self.seconds:6.0f}"
     )
 
 
-HEAD = "{:9} {:34} {:>5} {:>8} {:>10} {:>10} {:>11} {:>7}".format(
-  "tokenizer", "run", "procs", "MB/s", "of ceiling", "text B/tok", "shard B/tok", "s"
+HEAD = "{:9} {:34} {:>5} {:>8} {:>8} {:>9} {:>8} {:>10} {:>11} {:>6}".format(
+  "tokenizer", "run", "procs", "MB/s", "of ceil", "MB/cpu-s", "of ceil", "text B/tok", "shard B/tok", "s"
 )
+
+
+def sample(path: str, out: str, size: int) -> str:
+  """The first lines of a jsonl file, about `size` bytes, as a file of their own."""
+  with open(path, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+    written = 0
+    for line in f:
+      if written >= size:
+        break
+      written += g.write(line)
+  return out
 
 
 def main():
@@ -170,8 +190,10 @@ def main():
   parser.add_argument("--vocab", type=int, default=32_000, help="BPE vocabulary")
   parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
   parser.add_argument("--keep", action="store_true", help="keep the corpus and shards")
+  parser.add_argument("--reuse", action="store_true", help="use the corpus and tokenizer already in --dir")
   parser.add_argument("--file-mb", type=float, default=256, help="MB of jsonl a corpus file")
   parser.add_argument("--shard-mb", type=float, default=64, help="prepare's --shard-mb")
+  parser.add_argument("--split-mb", type=float, default=64, help="MB of jsonl for the processes x threads table")
   parser.add_argument("--no-byte", action="store_true", help="skip the byte tokenizer rows")
   args = parser.parse_args()
   work = args.dir or tempfile.mkdtemp(prefix="bench_prepare_")
@@ -179,12 +201,14 @@ def main():
   os.makedirs(corpus, exist_ok=True)
   cores = os.cpu_count()
   try:
-    t0 = time.perf_counter()
-    total = write_corpus(corpus, int(args.gb * 1e9), int(args.file_mb * 1e6))
-    print(f"corpus: {total / 1e6:,.0f} MB of text in {time.perf_counter() - t0:.0f} s ({corpus})", flush=True)
-    t0 = time.perf_counter()
-    bpe = HFTokenizer(train_bpe(corpus, args.vocab, work))
-    print(f"tokenizer: byte-level BPE, {bpe.vocab_size:,} ids, trained in {time.perf_counter() - t0:.0f} s")
+    if not args.reuse:
+      t0 = time.perf_counter()
+      total = write_corpus(corpus, int(args.gb * 1e9), int(args.file_mb * 1e6))
+      print(f"corpus: {total / 1e6:,.0f} MB of text in {time.perf_counter() - t0:.0f} s ({corpus})", flush=True)
+      t0 = time.perf_counter()
+      train_bpe(corpus, args.vocab, work)
+      print(f"tokenizer: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    bpe = HFTokenizer(os.path.join(work, "tokenizer.json"))
     specs = [("bpe", bpe.path, bpe)] + ([] if args.no_byte else [("byte", "byte", ByteTokenizer())])
     files = sorted(glob.glob(os.path.join(corpus, "*.jsonl")))
     out = os.path.join(work, "out")
@@ -200,24 +224,26 @@ def main():
         run.prepare(path, spec, out, shard_mb=args.shard_mb)
         print(f"{name} {os.path.basename(path)}: {run.row(top)}", flush=True)
       tables.append((top, [top, run]))
-    # How to split the cores between processes and the tokenizer's threads, on the first file.
+    # How to split the cores between processes and the tokenizer's threads, on a sample.
+    path = sample(files[0], os.path.join(work, "split.jsonl"), int(args.split_mb * 1e6))
+    splits = ((cores, 1), (1, cores), (cores, cores))
     top = Totals("bpe", "ceiling: encode_batch_fast", f"1x{cores}")
-    variants = [Totals("bpe", f"prepare --workers {w} --threads {t}", "") for w, t in ((cores, 1), (1, cores))]
-    variants += [Totals("bpe", f"prepare --workers {cores} --threads {cores}", "")]
-    top.add(*ceiling(files[0], bpe))
-    for v, (w, t) in zip(variants, ((cores, 1), (1, cores), (cores, cores))):
-      v.prepare(files[0], bpe.path, out, shard_mb=args.shard_mb, workers=w, threads=t)
+    variants = [Totals("bpe", f"prepare --workers {w} --threads {t}", "") for w, t in splits]
+    top.add(*ceiling(path, bpe))
+    for v, (w, t) in zip(variants, splits):
+      v.prepare(path, bpe.path, out, shard_mb=args.split_mb / cores / 2, workers=w, threads=t)
     tables.append((top, [top] + variants))
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
-  print(f"\n{total / 1e6:,.0f} MB of jsonl text in {len(files)} files, {cores} cores; procs: processes x threads")
+  print(f"\n{tables[0][0].text / 1e6:,.0f} MB of jsonl text in {len(files)} files, {cores} cores")
+  print("procs: processes x tokenizer threads; MB/cpu-s: text MB per CPU second (all processes, all threads)")
   print(HEAD)
   for top, rows in tables[:-1]:
     for row in rows:
       print(row.row(top))
   top, rows = tables[-1]
-  print(f"\nthe first file ({top.text / 1e6:,.0f} MB): processes x tokenizer threads")
+  print(f"\nthe first {top.text / 1e6:,.0f} MB, in shards of {args.split_mb / cores / 2:g} MB, processes x threads")
   print(HEAD)
   for row in rows:
     print(row.row(top))
