@@ -200,3 +200,7 @@ def test_main_prints_summary_or_error(tmp_path, capsys):
   assert "2 documents, 8 tokens in 1 shards" in capsys.readouterr().out
   assert prep.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
   assert "prepare: error: data path" in capsys.readouterr().err
+  (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n' * 3 + '{"txt": "b"}\n')
+  bad = [str(tmp_path / "bad.jsonl"), "--shard-mb", "0.00002", "--workers", "2", "--no-progress"]
+  assert prep.main(bad + ["--out", str(tmp_path / "o3")]) == 2  # raised in a worker process
+  assert "bad.jsonl:4: expected a JSON object with a string field 'text'" in capsys.readouterr().err
