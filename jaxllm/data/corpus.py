@@ -79,52 +79,60 @@ def jsonl_records(path: str, expected: str = "one JSON object"):
         raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be {expected}") from None
 
 
+def record_text(where: str, record, text_field: str, how: str = "text_field=") -> str:
+  """record[text_field] of a jsonl record read at `where` ("path:line"), which must be a string; else a
+  ValueError naming the line and how to choose another field (`how`)."""
+  text = record.get(text_field) if isinstance(record, dict) else None
+  if not isinstance(text, str):
+    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(
+      f"{where}: expected a JSON object with a string field {text_field!r}, "
+      f"found {found}; fix the line or choose the field with {how}"
+    )
+  return text
+
+
 def _read_jsonl(path: str, text_field: str) -> list[str]:
-  texts = []
-  for where, record in jsonl_records(path, f"one JSON object with a string field {text_field!r}"):
-    text = record.get(text_field) if isinstance(record, dict) else None
-    if not isinstance(text, str):
-      found = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(
-        f"{where}: expected a JSON object with a string field {text_field!r}, "
-        f"found {found}; fix the line or choose the field with text_field="
-      )
-    texts.append(text)
-  return texts
+  records = jsonl_records(path, f"one JSON object with a string field {text_field!r}")
+  return [record_text(where, record, text_field) for where, record in records]
 
 
-def _corpus_files(directory: str) -> list[str]:
+TEXT_EXTENSIONS = (".txt", ".jsonl")
+
+
+def _corpus_files(directory: str, extensions: tuple[str, ...]) -> list[str]:
   files = []
   for dirpath, dirnames, filenames in os.walk(directory):
     dirnames.sort()
-    files += [os.path.join(dirpath, f) for f in filenames if f.endswith((".txt", ".jsonl"))]
+    files += [os.path.join(dirpath, f) for f in filenames if f.endswith(extensions)]
   return sorted(files)
 
 
-def data_files(paths: list[str]) -> list[str]:
-  """The .txt/.jsonl files named by `paths`, in order: files as given, directories as all *.txt /
-  *.jsonl below them (sorted), and anything else as a glob (its matches sorted)."""
+def data_files(paths: list[str], extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> list[str]:
+  """The files named by `paths` (each ending in one of `extensions`), in order: files as given,
+  directories as all such files below them (sorted), and anything else as a glob (its matches sorted)."""
   if isinstance(paths, str):
     paths = [paths]  # a lone path is an easy mistake; a str would be iterated per character
+  kinds = " or ".join(extensions)
   out = []
   for path in paths:
     if os.path.isdir(path):
-      files = _corpus_files(path)
+      files = _corpus_files(path, extensions)
       if not files:
-        raise ValueError(f"data directory {path} holds no .txt or .jsonl files")
+        raise ValueError(f"data directory {path} holds no {kinds} files")
     elif os.path.isfile(path):
       files = [path]
     else:
       files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
       if not files:
         raise ValueError(
-          f"data path {path!r} does not exist (and matches no files as a glob); give .txt/.jsonl "
+          f"data path {path!r} does not exist (and matches no files as a glob); give {kinds} "
           "files, directories or globs of them, or no data paths at all to use the embedded "
           "standard-library corpus"
         )
     for file in files:
-      if not file.endswith((".txt", ".jsonl")):
-        raise ValueError(f"data file {file} is neither .txt nor .jsonl; rename or convert it")
+      if not file.endswith(extensions):
+        raise ValueError(f"data file {file} is not one of {kinds}; rename or convert it")
     out += files
   return out
 
