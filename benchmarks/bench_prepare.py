@@ -12,9 +12,10 @@ corpus files (so the load of a shared machine hits both rows alike):
             side running a thread per core; the byte tokenizer has no batch encoder: its encode_np on
             one core. Reading and parsing the jsonl are not timed.
   prepare   the command end to end (planning, reading, JSON, tokenizing, writing shards) with its
-            defaults: one worker process a core, one tokenizer thread each.
-Then, on the first file, the other ways to split the cores: one process with the tokenizer's threads
-on every core, and a process a core each with a thread a core (oversubscribed).
+            defaults (BPE: one process, the tokenizer's threads on every core; byte: a process a core).
+Then, on the first --split-mb MB, the ways to split the cores between processes and tokenizer threads:
+a process a core with one thread each, one process with a thread a core, and a process a core each
+with a thread a core (oversubscribed).
 Columns: MB/s of text (UTF-8 bytes of the documents), share of the ceiling, text bytes per token and
 shard bytes (.bin + .idx) per token. The corpus and shards are deleted at the end unless --keep.
 

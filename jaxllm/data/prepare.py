@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxllm.data import shards
 from jaxllm.data.corpus import data_files, encode_texts, record_text
-from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.data.tokenizer import ByteTokenizer, load_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet", ".arrow")
 TXT_DOC_BYTES = 1 << 20  # the largest document a .txt file is cut into
@@ -358,8 +358,8 @@ def prepare(
   progress: bool = True,
 ) -> dict:
   """Prepare `inputs` into `out` (resuming a preparation there) -> the summary dict. workers: processes
-  (default one a core; 1 runs in this process); threads: the tokenizer's threads in each (default
-  cores // workers)."""
+  (default 1 for a tokenizer.json, one a core for the byte tokenizer; 1 runs in this process);
+  threads: the tokenizer's threads in each (default cores // workers)."""
   from tqdm.auto import tqdm
 
   t0 = time.perf_counter()
@@ -381,14 +381,19 @@ def prepare(
   records = {i: r for i in range(len(chunks)) if (r := finished_shard(out, i, dtype)) is not None}
   pending = [(i, chunk) for i, chunk in enumerate(chunks) if i not in records]
   chunk_bytes = [sum(s["bytes"] for s in chunk) for chunk in chunks]
-  workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
-  threads = threads or max(1, (os.cpu_count() or 1) // workers)
+  cores = os.cpu_count() or 1
+  if not workers:
+    # A tokenizer.json tokenizer: one process, its Rust side on every core, which measured faster than a
+    # process a core (docs/data.md). The byte tokenizer has no threads: a process a core.
+    workers = cores if isinstance(tokenizer, ByteTokenizer) else 1
+  workers = max(1, min(workers, len(pending) or 1))
+  threads = threads or max(1, cores // workers)
   done_before = sum(chunk_bytes[i] for i in records)
   bar = tqdm(
     total=sum(chunk_bytes), initial=done_before, unit="B", unit_scale=True, desc="prepare", disable=not progress
   )
   with bar:
-    if workers == 1 and threads >= (os.cpu_count() or 1):  # the Rust side's default: every core
+    if workers == 1 and threads >= cores:  # the Rust side's default: every core
       _init_worker(tokenizer_spec, field, out, None)
       results = map(_prepare_indexed, pending)
       pool = None
@@ -449,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the prepared directory (created; resumed if interrupted)")
   parser.add_argument("--field", default="text", help="the text field of .jsonl rows / column of .parquet/.arrow")
   parser.add_argument("--shard-mb", type=float, default=64, help="MB of input text per shard (the unit of work)")
-  parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+  parser.add_argument(
+    "--workers", type=int, default=None, help="worker processes (default: 1, or one a core with --tokenizer byte)"
+  )
   parser.add_argument("--threads", type=int, default=None, help="tokenizer threads a worker (default: cores/workers)")
   parser.add_argument("--overwrite", action="store_true", help="discard a preparation in --out made otherwise")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
