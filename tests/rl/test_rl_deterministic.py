@@ -2,7 +2,7 @@
 user runs it (`train.py rl` on the one-device mesh): the sampler's log-probs of the drawn tokens equal
 the learner's recomputation under the same weights bit for bit, on every step (logp_gap_max == 0.0),
 at eta 0 and eta 1, with G=16 and the addition task's prompts of varied lengths; so
-rl.behaviour_logprobs=sampler needs no second forward to be exact. (eta 1 is marked slow: 45 s more.)"""
+rl.behaviour_logprobs=sampler needs no second forward to be exact. (eta 1 is marked slow: 25-50 s more.)"""
 
 import json
 import os
