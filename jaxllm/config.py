@@ -365,6 +365,7 @@ class RLConfig:
   kl_in: str = "loss"  # "loss" (per-token term) or "reward" (penalty after GRPO normalisation; needs k1)
   entropy_coef: float = 0.0  # entropy bonus coefficient
   behaviour_logprobs: str = "sampler"  # the loss's behaviour log-probs: "sampler" or "learner" (recomputed: exact)
+  rescore: bool = True  # the learner recomputes each rollout's log-probs (logp_gap_*); "learner" needs it
   ppo_epochs: int = 1  # passes over each rollout (PPO's K epochs; the clip bounds the drift)
   minibatches: int = 1  # optimizer steps per pass: the rollout's groups split this many ways
   eval_every: int = 10  # learner steps between held-out accuracy measurements; 0 = only at the end
@@ -400,6 +401,11 @@ class RLConfig:
       raise ConfigError(
         f"rl.behaviour_logprobs={self.behaviour_logprobs!r}: choose 'sampler' (the engine's "
         f"log-probs) or 'learner' (recomputed by the learner's forward; deterministic)"
+      )
+    if self.behaviour_logprobs == "learner" and not self.rescore:
+      raise ConfigError(
+        "rl.behaviour_logprobs=learner uses the learner's recomputation: it needs rl.rescore=true (or use "
+        "rl.behaviour_logprobs=sampler, exact without it under model.batch_invariant=true)"
       )
     if self.kl_in == "reward" and self.kl_coef > 0 and self.kl_estimator == "k2":
       raise ConfigError(

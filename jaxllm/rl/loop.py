@@ -143,8 +143,10 @@ class RLTraining(Task):
     self.shardings = state_shardings(self.mdef, self.tx, self.mesh, self.plan)
     self.hk, self.b_sh = mesh_hooks(self.mesh, self.plan, cfg.model), batch_sharding(self.mesh, self.plan)
     self.loss_cfg = learner.loss_config(rl)
+    # model.batch_invariant: the log-prob passes (behaviour, proximal, reference) run in the engine's
+    # arithmetic; the update's own forward and backward need no bit-equality and take the fast path.
     self.step_fn = make_train_step(
-      self.mdef,
+      model_def(dataclasses.replace(cfg.model, batch_invariant=False)),
       self.tx,
       self.shardings,
       self.b_sh,
@@ -246,6 +248,8 @@ class RLTraining(Task):
     ro = self._generate(self._rows(k, 0), k, 0)
     if rl.filter_groups:
       ro = self._dynamic_sampling(ro, k)
+    if not rl.rescore:  # no second forward (rl.rescore): the sampler's log-probs are used as they are
+      return ro
     T = learner.rollout_len(ro.samples)
     lp = self._learner_logps(params, ro.samples, T)
     for i, s in enumerate(ro.samples):
@@ -398,7 +402,6 @@ class RLTraining(Task):
     self.publisher.publish(_snapshot(state.params), step + 1)
     on = arrays["mask"] > 0
     fresh = on & (staleness == 0)[:, None]
-    gap = np.abs(np.concatenate([np.asarray(s.logprobs) - np.asarray(s.learner_logprobs) for s in ro.samples]))
     prompt_tokens = sum(len(s.prompt_ids) for s in samples)
     rec = {
       "finite": True,
@@ -408,8 +411,6 @@ class RLTraining(Task):
       "staleness_max": int(staleness.max()),
       "staleness_mean": float(staleness.mean()),
       **{f"staleness/{v}": float(np.mean(staleness == v)) for v in range(rl.eta + 1)},
-      "logp_gap_mean": float(gap.mean()),
-      "logp_gap_max": float(gap.max()),
       "gen_tok_s": sum(len(s.completion_ids) for s in samples) / ro.seconds,
       "train_tok_s": float(on.sum()) / train_s,
       "cache_hit": sum(s.cache_hit for s in samples) / prompt_tokens,
@@ -420,6 +421,9 @@ class RLTraining(Task):
       "sampling_tries": ro.tries,
       "lr": float(self.schedule(int(state.step) - 1)),
     }
+    if rl.rescore:  # the sampler's log-probs against the learner's recomputation under the same weights
+      gap = np.abs(np.concatenate([np.asarray(s.logprobs) - np.asarray(s.learner_logprobs) for s in ro.samples]))
+      rec.update(logp_gap_mean=float(gap.mean()), logp_gap_max=float(gap.max()))
     if fresh.any():  # behaviour vs proximal, same weights: 0 with behaviour_logprobs=learner
       rec["logp_gap_fresh_max"] = float(
         np.abs(np.asarray(batch["logp_behav"]) - np.asarray(batch["logp_prox"]))[fresh].max()

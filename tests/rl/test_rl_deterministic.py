@@ -2,7 +2,8 @@
 user runs it (`train.py rl` on the one-device mesh): the sampler's log-probs of the drawn tokens equal
 the learner's recomputation under the same weights bit for bit, on every step (logp_gap_max == 0.0),
 at eta 0 and eta 1, with G=16 and the addition task's prompts of varied lengths; so
-rl.behaviour_logprobs=sampler needs no second forward to be exact. (eta 1 is marked slow: 25-50 s more.)"""
+rl.behaviour_logprobs=sampler is exact with the second forward turned off (rl.rescore=false).
+(eta 1 is marked slow: 25-50 s more.)"""
 
 import json
 import os
@@ -32,10 +33,15 @@ TINY = [
 
 @pytest.mark.parametrize("eta", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_sampler_logprobs_equal_the_learner_bit_for_bit(tmp_path, eta):
-  cli("rl", *TINY, f"rl.eta={eta}", f"train.out_dir={tmp_path}", cwd=tmp_path)
+  """eta 0 without the second forward (rl.rescore=false): the learner's proximal pass, which the loss
+  needs anyway, recomputes the sampler's log-probs under the same weights (logp_gap_fresh_max). eta 1
+  with it: the generation thread's rescoring under the weights that sampled (logp_gap_max)."""
+  cli("rl", *TINY, f"rl.eta={eta}", f"rl.rescore={str(eta == 1).lower()}", f"train.out_dir={tmp_path}", cwd=tmp_path)
   lines = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
-  steps = [line for line in lines if "logp_gap_max" in line]
+  steps = [line for line in lines if "reward" in line]
   assert [line["step"] for line in steps] == [1, 2, 3]
-  assert all(line["logp_gap_max"] == 0.0 and line["logp_gap_mean"] == 0.0 for line in steps)
-  if eta == 0:  # behaviour = proximal weights: the importance weights are exactly 1
-    assert all(line["is_weight"] == 1.0 for line in steps)
+  if eta == 0:  # every sample fresh: behaviour = proximal bit for bit, importance weights exactly 1
+    assert all(line["logp_gap_fresh_max"] == 0.0 and line["is_weight"] == 1.0 for line in steps)
+    assert all("logp_gap_max" not in line for line in steps)  # no rescoring forward ran
+  else:
+    assert all(line["logp_gap_max"] == 0.0 and line["logp_gap_mean"] == 0.0 for line in steps)
