@@ -144,7 +144,8 @@ class Engine:
       )
       for mode in ("ragged", "decode")
       + (("multi",) if sc.decode_steps > 1 else ())
-      + (("forward", "sample") if sc.overlap else ())  # grammar rows' decodes, chained (see _chain)
+      # grammar rows' decodes, chained (see _chain); a grammar needs the tokenizer
+      + (("forward", "sample") if sc.overlap and tokenizer is not None else ())
     }
     self._rids = itertools.count()
     self.finished: list[Req] = []

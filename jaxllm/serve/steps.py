@@ -122,7 +122,7 @@ def step_fn(cfg, attention: str, mode: str, mesh, plan, pool_sh, rows: int, step
   max_pages) reuses the compiled steps. (A mesh plan is keyed by its MeshConfig: it holds dicts.)"""
   key = (cfg, attention, mode, mesh, plan.cfg if plan is not None else None, pool_sh, rows, steps)
   if key not in _STEPS:
-    if len(_STEPS) >= 32:
+    if len(_STEPS) >= 64:
       _STEPS.pop(next(iter(_STEPS)))  # oldest first
     _STEPS[key] = Step(cfg, attention, mode, mesh, plan, pool_sh, rows, steps)
   return _STEPS[key]

@@ -23,8 +23,7 @@ def test_multistep_greedy_equals_full_forward(cfg):
     assert all(r.finish_reason == "length" for r in got)
     eng.sched.check()
     assert eng.idle and eng.sched.tree.protected == 0
-    split = {"forward", "sample"}  # overlap: a grammar batch's decode, split (none here)
-    assert set(eng._fns) == ({"ragged", "decode"} | split | ({"multi"} if steps > 1 else set()))
+    assert set(eng._fns) == ({"ragged", "decode"} | ({"multi"} if steps > 1 else set()))  # no tokenizer: no grammar
     compiles = eng.compiles  # the same workload again: every shape is compiled
     eng.set_weights(eng.params, 1)
     eng.generate(prompts, [SamplingParams(max_tokens=m) for m in MAX_TOKENS])
