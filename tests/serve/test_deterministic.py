@@ -6,6 +6,7 @@ Bits, not tolerances: float32 values are compared through their integer views.""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from test_serve import params_of
@@ -13,6 +14,7 @@ from test_serve import params_of
 from jaxllm.config import ConfigError, ModelConfig, ServeConfig
 from jaxllm.model.params import model_def
 from jaxllm.rl.learner import token_logps
+from jaxllm.serve import steps
 from jaxllm.serve.engine import Engine
 from jaxllm.serve.sampling import SamplingParams
 
@@ -60,6 +62,14 @@ def run(serve, order=None, one_by_one=False):
     eng.run()
     out.update({i: bits(r) for i, r in zip(group, reqs)})
   return out, eng
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+  """The tiled programs are large: release them after this module (the suite runs in one process)."""
+  yield
+  steps._STEPS.clear()
+  jax.clear_caches()
 
 
 @pytest.fixture(scope="module")
