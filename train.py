@@ -48,7 +48,7 @@ def parse(p: argparse.ArgumentParser, argv):
   """Parse (options and key=value overrides mix in any order), then set up devices and multi-host
   before jax starts."""
   args = p.parse_intermixed_args(argv)
-  cli.prepare_devices(args.mesh)
+  cli.prepare_devices(args.mesh, args.overrides)
   cli.init_distributed(args, args.overrides)
   return args
 

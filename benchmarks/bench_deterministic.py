@@ -1,11 +1,12 @@
 """What batch invariance costs (serve.deterministic / model.batch_invariant, jaxllm.model.invariant),
-side by side in one run: output tokens/s of the engine's greedy decode and tokens/s of a learner step
-(forward + backward of the LM loss on [B, T]) with the mode off and on, at batch 1, 8 and 32.
+side by side in one run: output tokens/s of the engine's greedy decode and tokens/s of the RL learner's
+log-prob pass (rl.learner.token_logps on [B, T], the pass that runs in the engine's arithmetic; RL's
+update itself takes the ordinary path either way) with the mode off and on, at batch 1, 8 and 32.
 
 The engine: B requests of --prompt tokens decode --new tokens each (ignore_eos), serve's defaults
 otherwise (decode_steps=8, overlap); tokens/s = B x new / wall of Engine.generate (prefill included),
-best of --reps after a warm-up call. The learner: jit(value_and_grad) of the mean next-token loss on
-B x --seq tokens, best of --reps. fp32, one device.
+best of --reps after a warm-up call. The learner: token_logps of B x --seq tokens at temperature 1,
+best of --reps. fp32, one device.
 
   python benchmarks/bench_deterministic.py
   python benchmarks/bench_deterministic.py --layers 4 --d-model 256 --vocab 32000
@@ -24,8 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxllm.config import ModelConfig, ServeConfig  # noqa: E402
-from jaxllm.model.loss import chunked_cross_entropy_sums  # noqa: E402
 from jaxllm.model.params import init_params, model_def  # noqa: E402
+from jaxllm.rl.learner import token_logps  # noqa: E402
 from jaxllm.serve import Engine  # noqa: E402
 from jaxllm.serve.sampling import SamplingParams  # noqa: E402
 
@@ -53,15 +54,8 @@ def learner_rate(cfg, params, B: int, args) -> float:
   mdef = model_def(cfg)
   rng = np.random.default_rng(0)
   toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, args.seq + 1)), jnp.int32)
-
-  def loss(p):
-    model = mdef.bind(p)
-    h, _, _ = model.hidden(toks[:, :-1])
-    total, count = chunked_cross_entropy_sums(h, model.head_weight(), toks[:, 1:])
-    return total / count
-
-  step = jax.jit(jax.value_and_grad(loss))
-  return B * args.seq / best(lambda: jax.block_until_ready(step(params)), args.reps)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+  return B * args.seq / best(lambda: jax.block_until_ready(token_logps(mdef, params, batch)), args.reps)
 
 
 def main():

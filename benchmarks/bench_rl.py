@@ -39,7 +39,7 @@ def main():
   p.add_argument("--mesh", default=None, help="mesh preset TOML (default: as train.py rl)")
   p.add_argument("overrides", nargs="*")
   args = p.parse_args()
-  cli.prepare_devices(args.mesh)
+  cli.prepare_devices(args.mesh, args.overrides)
   import jax
 
   jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jaxllm_bench_rl_cache"))

@@ -13,9 +13,10 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CPU_MESH = os.path.join(HERE, "meshes", "cpu-8.toml")
 
 
-def prepare_devices(mesh_path: str | None) -> None:
-  """Before jax is imported: make the CPU platform expose as many devices as the mesh needs
-  (the flag only affects the CPU backend, so it is harmless on GPU/TPU)."""
+def prepare_devices(mesh_path: str | None, overrides=()) -> None:
+  """Before jax is imported: make the CPU platform expose as many devices as the mesh needs, its
+  preset with the command line's mesh.pp/dp/tp=N overrides (the flag only affects the CPU backend,
+  so it is harmless on GPU/TPU)."""
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
   path = mesh_path or DEFAULT_CPU_MESH
@@ -24,6 +25,10 @@ def prepare_devices(mesh_path: str | None) -> None:
       m = tomllib.load(f).get("mesh", {})
   except (OSError, tomllib.TOMLDecodeError):
     return  # load_config reports the problem properly later
+  for o in overrides:
+    key, _, value = o.partition("=")
+    if key.strip() in ("mesh.pp", "mesh.dp", "mesh.tp") and value.strip().isdigit():
+      m[key.strip()[5:]] = int(value)
   n = int(m.get("pp", 1)) * int(m.get("dp", 1)) * int(m.get("tp", 1))
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 

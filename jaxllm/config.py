@@ -73,7 +73,7 @@ class ModelConfig:
   attention: str = "auto"  # training attention: "xla" (naive), "flash" (blockwise), "cudnn", "splash" or "auto"
   scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (all on CPU training without remat, else 1)
   loss_chunk: int = 1024  # LM and RL losses: positions per chunk of fp32 [B, chunk, V] logits at once; 0 = all
-  batch_invariant: bool = False  # row arithmetic independent of the batch (jaxllm.model.invariant); dense, 1 device
+  batch_invariant: bool = False  # forward rows independent of the batch (jaxllm.model.invariant); dense models
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -295,7 +295,7 @@ class ServeConfig:
   tool_parser: str = "auto"  # tool-call format of chat replies (TOOL_PARSERS); "auto" = the chat template's
   drain_timeout_s: float = 30.0  # on SIGTERM: /health 503, running requests finish for at most this long, then exit
   stream_multistep: bool = False  # streamed requests take decode_steps per call too (tokens arrive in bursts)
-  deterministic: bool = False  # batch-invariant steps: output bits never depend on the batch (1 device)
+  deterministic: bool = False  # batch-invariant steps: output bits never depend on the batch
 
   def __post_init__(self):
     _positive(
@@ -429,6 +429,27 @@ class RewardConfig:
       raise ConfigError(f"reward.eval_fraction={self.eval_fraction} must be in (0, 1)")
 
 
+def check_invariant_mesh(m: ModelConfig, mesh: MeshConfig) -> None:
+  """ConfigError unless model.batch_invariant can run on this mesh: per device, with the heads and
+  the MLP split evenly over tp (jaxllm.parallel.invariant_tp)."""
+  if mesh.num_devices == 1:
+    return
+  bad = []
+  if mesh.pp > 1:
+    bad.append(f"mesh.pp={mesh.pp} (pipeline stages; use pp=1)")
+  if mesh.fsdp > 1:
+    bad.append(f"mesh.fsdp={mesh.fsdp} (use fsdp=1)")
+  if m.n_heads % mesh.tp or m.n_kv_heads % mesh.tp:
+    bad.append(f"model.n_heads={m.n_heads} and n_kv_heads={m.n_kv_heads} must be divisible by mesh.tp={mesh.tp}")
+  if m.d_ff % mesh.tp:
+    bad.append(f"model.d_ff={m.d_ff} must be divisible by mesh.tp={mesh.tp}")
+  if bad:
+    raise ConfigError(
+      "model.batch_invariant (serve.deterministic) cannot run on this mesh: " + "; ".join(bad) + ". Pick a "
+      "mesh of dp and tp only that splits the heads and the MLP evenly, or meshes/cpu-1.toml"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=lambda: ModelConfig(name="tiny"))  # the `tiny` preset
@@ -448,12 +469,12 @@ class Config:
       )
     if m.is_moe and m.n_experts % mesh.ep:
       raise ConfigError(f"model.n_experts={m.n_experts} must be divisible by mesh.ep={mesh.ep}")
-    if m.batch_invariant and (mesh.num_devices > 1 or t.document_masks):
-      raise ConfigError(
-        f"model.batch_invariant=true runs on one device without document masks for now (this mesh has "
-        f"{mesh.num_devices} devices, train.document_masks={str(t.document_masks).lower()}); use "
-        "--mesh meshes/cpu-1.toml and train.document_masks=false, or turn model.batch_invariant off"
-      )
+    if m.batch_invariant:
+      check_invariant_mesh(m, mesh)
+      if t.document_masks:
+        raise ConfigError(
+          "model.batch_invariant=true does not support document masks yet; set train.document_masks=false"
+        )
     micro = t.batch_size // t.grad_accum
     per_pipe = micro // mesh.microbatches if micro % mesh.microbatches == 0 else 0
     if per_pipe == 0 or per_pipe % mesh.dp:

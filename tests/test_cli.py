@@ -54,9 +54,9 @@ def test_train_py_learns_and_saves(tmp_path):
   # A mistyped override beside an existing run: one plain line, nothing else (the config is checked
   # before the checkpoint manager starts its threads), and the run's files stay as they were.
   before = sorted(os.listdir(tmp_path / "checkpoints")), open(tmp_path / "metrics.jsonl").read()
-  bad = run("mesh.tp=3", f"train.out_dir={tmp_path}")
+  bad = run("model.n_heads=5", f"train.out_dir={tmp_path}")
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-    next(l for l in bad.stderr.splitlines() if l.startswith("error: mesh 'cpu-8' needs"))
+    next(l for l in bad.stderr.splitlines() if l.startswith("error: model.n_heads=5 does not divide"))
   ], bad.stderr
   assert (sorted(os.listdir(tmp_path / "checkpoints")), open(tmp_path / "metrics.jsonl").read()) == before
 
@@ -140,3 +140,12 @@ def test_tune_malloc_reexec(tmp_path):
     [sys.executable, str(probe)], capture_output=True, text=True, timeout=60, env={**env, "JAXLLM_TUNE_MALLOC": "0"}
   )
   assert off.stdout.splitlines() == ["start", "[] glibc.rtld.optional_static_tls=0"]
+
+
+def test_cpu_device_count_follows_mesh_overrides(monkeypatch):
+  """`--mesh meshes/cpu-1.toml mesh.tp=2 mesh.dp=3` asks for 6 emulated CPU devices before jax starts."""
+  from jaxllm import cli
+
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  cli.prepare_devices(os.path.join(ROOT, "meshes", "cpu-1.toml"), ["mesh.tp=2", "train.steps=1", "mesh.dp=3"])
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=6"

@@ -41,17 +41,38 @@ BLOCK = 16  # keys per attention block; a paged cache's page_size must be a mult
 def tiled(fn, *xs):
   """fn(*tiles) applied to fixed tiles of TILE rows of xs (arrays or pytrees with a leading row dim
   N, the same for all) -> fn's outputs concatenated over rows [N, ...]. Rows are padded to a multiple
-  of TILE with zeros (fn must keep rows independent; the padding rows are dropped)."""
-  leaves = jax.tree.leaves(xs)
-  n = leaves[0].shape[0]
-  pad = -n % TILE
+  of TILE with zeros (fn must keep rows independent; the padding rows are dropped).
 
-  def split(x):
-    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape((n + pad) // TILE, TILE, *x.shape[1:])
+  The tiles run in a loop XLA must keep as a loop whose body it compiles on its own, the same in
+  every program. Two simplifications would break that, and each was measured to change bits:
+    - a loop of one known trip is inlined, its body fused with its neighbours: so the trip count
+      is `opaque`;
+    - a slice or update that covers a whole array is folded away, and the tile's code is fused
+      differently (RoPE's multiply-add, fused into the output write or not): so the inputs and the
+      output buffer hold one tile more than the loop visits.
+  The loop's trip count is not static, so this is a forward pass only (no reverse-mode gradient)."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  k = -(-n // TILE)  # tiles the loop visits
 
-  out = jax.lax.map(lambda t: fn(*t), jax.tree.map(split, xs))
-  return jax.tree.map(lambda o: o.reshape(n + pad, *o.shape[2:])[:n], out)
+  def split(x):  # [N, ...] -> [k + 1, TILE, ...], zero-padded
+    x = jnp.pad(x, ((0, (k + 1) * TILE - n),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(k + 1, TILE, *x.shape[1:])
+
+  tiles = jax.tree.map(split, xs)
+  shapes = jax.eval_shape(lambda t: fn(*t), jax.tree.map(lambda x: x[0], tiles))
+  out = jax.tree.map(lambda s: jnp.zeros((k + 1, *s.shape), s.dtype), shapes)
+
+  def body(i, out):
+    o = fn(*jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tiles))
+    return jax.tree.map(lambda b, y: jax.lax.dynamic_update_index_in_dim(b, y, i, 0), out, o)
+
+  out = jax.lax.fori_loop(0, opaque(k), body, out)
+  return jax.tree.map(lambda o: o.reshape((k + 1) * TILE, *o.shape[2:])[:n], out)
+
+
+def opaque(n: int):
+  """n as a traced int32 that XLA cannot constant-fold (a loop bound it must keep)."""
+  return jax.lax.optimization_barrier(jnp.int32(n))
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,7 +96,7 @@ def block_attention(q, positions, page_table, k_pages, v_pages):
   page_table [N, M] int32: the blocks holding the row's keys 0..BLOCK*M-1 in order; k_pages, v_pages
   [K, P, BLOCK, H]. -> [N, N_heads, H] in q's dtype. Scores and softmax in fp32."""
   Nh, H = q.shape[1], q.shape[2]
-  K, M = k_pages.shape[0], page_table.shape[1]
+  K, M = k_pages.shape[0], page_table.shape[1]  # M before the padding column below
   G = Nh // K
   scale = H**-0.5
 
@@ -100,10 +121,11 @@ def block_attention(q, positions, page_table, k_pages, v_pages):
       jnp.zeros((t, K, G), jnp.float32),
       jnp.zeros((t, K, G, H), jnp.float32),
     )
-    (_, den, acc), _ = jax.lax.scan(block, init, jnp.arange(M))
+    _, den, acc = jax.lax.fori_loop(0, opaque(M), lambda j, c: block(c, j)[0], init)
     return (acc / den[..., None]).reshape(t, Nh, H).astype(qt.dtype)
 
-  return tiled(tile, q, positions, page_table)
+  # A null column, so that a block index never reads a whole array (see `tiled`); never reached.
+  return tiled(tile, q, positions, jnp.pad(page_table, ((0, 0), (0, 1))))
 
 
 def sequence_attention(q, k, v):

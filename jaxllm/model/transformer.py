@@ -114,10 +114,10 @@ def block_forward(cfg: ModelConfig, p: dict, x, cos, sin, cache, layer, segment_
 def invariant_block_forward(cfg: ModelConfig, p: dict, x, positions, cache, layer):
   """block_forward in batch-invariant arithmetic (ModelConfig.batch_invariant; jaxllm.model.invariant):
   the row-wise parts (norms, projections, RoPE, MLP) in fixed row tiles, attention in fixed key
-  blocks. Single device, dense models. x [B, T, D], positions [B, T] -> (x, cache, {})."""
+  blocks. Dense models; on a mesh per device (jaxllm.parallel.invariant_tp), with this device's heads.
+  x [B, T, D], positions [B, T] -> (x, cache, {})."""
   B, T, D = x.shape
-  dt, eps, inv = x.dtype, cfg.norm_eps, ops.rope_inv_freq(cfg)
-  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+  dt, eps, inv, H = x.dtype, cfg.norm_eps, ops.rope_inv_freq(cfg), cfg.resolved_head_dim
 
   def qkv(xr, pos):  # [t, D], [t] -> q [t, N, H], k, v [t, K, H]
     h = ops.rms_norm(xr, p["attn_norm"], eps)
@@ -130,18 +130,20 @@ def invariant_block_forward(cfg: ModelConfig, p: dict, x, positions, cache, laye
     return ops.apply_rope(q[None], cos, sin)[0], ops.apply_rope(k[None], cos, sin)[0], v
 
   q, k, v = invariant.tiled(qkv, x.reshape(B * T, D), positions.reshape(B * T))
-  q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+  q, k, v = q.reshape(B, T, -1, H), k.reshape(B, T, -1, H), v.reshape(B, T, -1, H)
   if cache is None:
     attn = invariant.sequence_attention(q, k, v)
   else:
     attn, cache = cache.attend(layer, q, k, v)
 
-  def out(xr, a):  # [t, D], [t, N, H] -> [t, D]
-    xr = xr + a.reshape(a.shape[0], N * H) @ p["wo"].astype(dt).reshape(N * H, D)
+  def out(xr, a):  # [t, D], [t, N, H] -> [t, D]; under manual TP (jaxllm.parallel.invariant_tp) the
+    # heads and MLP columns are this device's, and sum_partials completes each projection in the tile
+    xr = xr + sum_partials(a.reshape(a.shape[0], -1) @ p["wo"].astype(dt).reshape(-1, D))
     h = ops.rms_norm(xr, p["mlp_norm"], eps)
-    return xr + (jax.nn.silu(h @ p["w_gate"].astype(dt)) * (h @ p["w_up"].astype(dt))) @ p["w_down"].astype(dt)
+    mlp = jax.nn.silu(h @ p["w_gate"].astype(dt)) * (h @ p["w_up"].astype(dt))
+    return xr + sum_partials(mlp @ p["w_down"].astype(dt))
 
-  return invariant.tiled(out, x.reshape(B * T, D), attn.reshape(B * T, N, H)).reshape(B, T, D), cache, {}
+  return invariant.tiled(out, x.reshape(B * T, D), attn.reshape(B * T, *attn.shape[2:])).reshape(B, T, D), cache, {}
 
 
 def remat_policy(policy: str):

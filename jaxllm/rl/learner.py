@@ -27,6 +27,7 @@ from jaxllm.buckets import pow2_bucket
 from jaxllm.config import ConfigError, RLConfig
 from jaxllm.model import hooks, invariant
 from jaxllm.model.transformer import aux_loss
+from jaxllm.parallel.invariant_tp import learner_logprobs
 from jaxllm.rl.losses import RLLossConfig, chunked_rl_sums, chunked_token_logprobs, grpo_advantages
 from jaxllm.train.step import Objective
 
@@ -78,12 +79,22 @@ def _token_logps(mdef, params, inputs, targets, temperature):
   return chunked_token_logprobs(h, model.head_weight(), targets, temperature, mdef.cfg.loss_chunk)
 
 
-def token_logps(mdef, params, batch, hook_kwargs: dict | None = None, temperature: float = 1.0):
+def token_logps(mdef, params, batch, hook_kwargs: dict | None = None, temperature: float = 1.0, mesh=None, plan=None):
   """Log-probs [B, T] of the targets under `params` at `temperature` (no gradient): the proximal or
   reference policy, or the behaviour log-probs recomputed by the learner (rl.behaviour_logprobs).
-  Chunk by chunk of model.loss_chunk positions: never the [B, T, V] fp32 logits."""
+  Chunk by chunk of model.loss_chunk positions: never the [B, T, V] fp32 logits. Under
+  model.batch_invariant on a mesh of several devices (mesh, plan), per device as the engine's steps
+  run there (jaxllm.parallel.invariant_tp), with the [B, T, V] logits the engine's arithmetic needs."""
+  if mdef.cfg.batch_invariant and mesh is not None and mesh.size > 1:
+    key = (mdef, mesh, plan.cfg, float(temperature))
+    if key not in _MANUAL:
+      _MANUAL[key] = jax.jit(functools.partial(learner_logprobs, mdef, mesh, plan, temperature=float(temperature)))
+    return _MANUAL[key](params, batch["inputs"], batch["targets"])
   with hooks.using(**(hook_kwargs or {})):
     return _token_logps(mdef, params, batch["inputs"], batch["targets"], float(temperature))
+
+
+_MANUAL: dict = {}  # the jitted per-device log-prob passes (a mesh plan holds dicts: keyed by its config)
 
 
 def rollout_len(samples) -> int:

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.buckets import pow2_bucket
-from jaxllm.config import ModelConfig, ServeConfig
+from jaxllm.config import ModelConfig, ServeConfig, check_invariant_mesh
 from jaxllm.model import hooks, invariant
 from jaxllm.model.params import model_def
 from jaxllm.parallel import mesh_hooks
@@ -99,7 +99,7 @@ class Engine:
       raise ValueError(f"unknown engine setting: {e}; the settings are ServeConfig's fields") from None
     self.serve = sc = serve
     if sc.deterministic or cfg.batch_invariant:
-      cfg = deterministic_model(cfg, sc, mesh)
+      cfg = deterministic_model(cfg, sc, plan)
     self.decode_steps = sc.decode_steps
     self.min_seqs, self.min_tokens = sc.min_seqs, sc.min_tokens
     self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
@@ -589,13 +589,10 @@ class Engine:
     return self.compiles - before
 
 
-def deterministic_model(cfg: ModelConfig, sc: ServeConfig, mesh=None) -> ModelConfig:
+def deterministic_model(cfg: ModelConfig, sc: ServeConfig, plan=None) -> ModelConfig:
   """cfg in batch-invariant arithmetic for serve.deterministic (jaxllm.model.invariant), checked."""
-  if mesh is not None and mesh.size > 1:
-    raise ValueError(
-      f"serve.deterministic=true runs on one device for now; this mesh has {mesh.size}. Serve on "
-      "meshes/cpu-1.toml (or one GPU), or turn serve.deterministic off"
-    )
+  if plan is not None:
+    check_invariant_mesh(cfg, plan.cfg)
   if sc.page_size % invariant.BLOCK:
     raise ValueError(
       f"serve.deterministic=true needs serve.page_size to be a multiple of {invariant.BLOCK} (the "

@@ -14,6 +14,8 @@ tokens as B = `rows` rows of T = Q / rows.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -21,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.params import model_def
+from jaxllm.parallel.invariant_tp import engine_logits, replicated
 from jaxllm.serve.paged_cache import INVARIANT, PagedCache, attention_backend
 from jaxllm.serve.penalties import count_tokens, gather_penalty_state
 from jaxllm.serve.sampling import advance, sample_rows, sample_rows_invariant
@@ -34,6 +37,11 @@ class Step:
     # Batch-invariant steps (ModelConfig.batch_invariant): their own attention and a tiled sampler.
     backend = INVARIANT if cfg.batch_invariant else attention_backend(attention, mesh, plan, cfg)
     sample_rows_of = sample_rows_invariant if cfg.batch_invariant else sample_rows
+    # ... and on a mesh, the forward per device in one shard_map (jaxllm.parallel.invariant_tp)
+    manual_tp = cfg.batch_invariant and mesh is not None and mesh.size > 1
+    if manual_tp:
+      manual_logits = functools.partial(engine_logits, mdef, mesh, plan, pool_sh.spec)
+      sample_rows_of = replicated(mesh, sample_rows_invariant)
     decode = mode != "ragged"
     self.traces = 0
 
@@ -54,9 +62,11 @@ class Step:
         decode,
       )
       Q = tokens.shape[0]
-      h, _, cache = model.hidden(
-        tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows), cache
-      )  # [B, T, D], B = rows, T = Q / rows
+      tokens, positions = tokens.reshape(rows, Q // rows), positions.reshape(rows, Q // rows)  # B = rows
+      if manual_tp:
+        logits, cache = manual_logits(params, tokens, positions, cache, meta["last_idx"])
+        return cache.k_pages, cache.v_pages, logits
+      h, _, cache = model.hidden(tokens, positions, cache)  # [B, T, D]
       h = h.reshape(1, Q, h.shape[-1])
       return cache.k_pages, cache.v_pages, model.logits(h[:, meta["last_idx"]])[0]
 
@@ -92,8 +102,12 @@ class Step:
         cache = PagedCache(
           k_pages, v_pages, slots, kv_lens, meta["page_table"], no_ragged, jnp.int32(0), backend=backend, decode=True
         )
-        h, _, cache = model.hidden(tok.reshape(rows, R // rows), pos.reshape(rows, R // rows), cache)
-        logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]  # [R, V]
+        tok2, pos2 = tok.reshape(rows, R // rows), pos.reshape(rows, R // rows)
+        if manual_tp:
+          logits, cache = manual_logits(params, tok2, pos2, cache, jnp.arange(R))
+        else:
+          h, _, cache = model.hidden(tok2, pos2, cache)
+          logits = model.logits(h.reshape(1, R, h.shape[-1]))[0]  # [R, V]
         out = sample_rows_of(logits, samp)
         # advance: counters, penalty counts and min_tokens move on device between the steps
         return (cache.k_pages, cache.v_pages, out[0], advance(samp, out[0])), out

@@ -130,6 +130,12 @@ def make_train_step(
 ):
   """Jitted (state, batch) -> (state, metrics). `hook_kwargs` installs mesh hooks while tracing;
   `pipeline` computes the loss and gradients through pipeline stages; `objective` the loss."""
+  if mdef.cfg.batch_invariant:
+    raise ConfigError(
+      "model.batch_invariant=true makes forward passes batch invariant (serving with serve.deterministic, "
+      "and RL's log-prob passes in train.py rl, whose updates take the ordinary arithmetic); a training "
+      "step's gradient cannot go through it. Turn model.batch_invariant off for this run"
+    )
 
   def step(state: TrainState, batch):
     with hooks.using(**(hook_kwargs or {})):

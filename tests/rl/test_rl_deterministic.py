@@ -1,5 +1,5 @@
 """On-policy RL in batch-invariant arithmetic (model.batch_invariant, jaxllm.model.invariant), run as a
-user runs it (`train.py rl` on the one-device mesh): the sampler's log-probs of the drawn tokens equal
+user runs it (`train.py rl` on the one-device mesh, and on tp=2): the sampler's log-probs of the drawn tokens equal
 the learner's recomputation under the same weights bit for bit, on every step (logp_gap_max == 0.0),
 at eta 0 and eta 1, with G=16 and the addition task's prompts of varied lengths; so
 rl.behaviour_logprobs=sampler is exact with the second forward turned off (rl.rescore=false).
@@ -31,12 +31,18 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("eta", [0, pytest.param(1, marks=pytest.mark.slow)])
-def test_sampler_logprobs_equal_the_learner_bit_for_bit(tmp_path, eta):
+@pytest.mark.parametrize(
+  "eta, mesh",
+  [(0, []), (0, ["mesh.tp=2"]), pytest.param(1, [], marks=pytest.mark.slow)],
+  ids=["eta0", "eta0-tp2", "eta1"],
+)
+def test_sampler_logprobs_equal_the_learner_bit_for_bit(tmp_path, eta, mesh):
   """eta 0 without the second forward (rl.rescore=false): the learner's proximal pass, which the loss
-  needs anyway, recomputes the sampler's log-probs under the same weights (logp_gap_fresh_max). eta 1
-  with it: the generation thread's rescoring under the weights that sampled (logp_gap_max)."""
-  cli("rl", *TINY, f"rl.eta={eta}", f"rl.rescore={str(eta == 1).lower()}", f"train.out_dir={tmp_path}", cwd=tmp_path)
+  needs anyway, recomputes the sampler's log-probs under the same weights (logp_gap_fresh_max); on one
+  device and on tp=2, where the engine and the learner run per device (jaxllm.parallel.invariant_tp).
+  eta 1 with it: the generation thread's rescoring under the weights that sampled (logp_gap_max)."""
+  on = [f"rl.eta={eta}", f"rl.rescore={str(eta == 1).lower()}", f"train.out_dir={tmp_path}", *mesh]
+  cli("rl", *TINY, *on, cwd=tmp_path)
   lines = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
   steps = [line for line in lines if "reward" in line]
   assert [line["step"] for line in steps] == [1, 2, 3]
