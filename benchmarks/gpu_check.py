@@ -28,6 +28,9 @@ Sections (each in its own try/except, and each timed row in its own, so one fail
  4. (optional, skipped when short of time) engine decode tokens/s of `small` in bf16 with
     serve.attention=pallas vs reference (jaxllm.serve.bench.engine_decode_tokens_per_s).
 
+ 5. (skipped when short of time) deterministic mode in bf16: bits across batching and scheduling,
+    learner = sampler, decode cost at batch 8 (benchmarks/gpu_deterministic.py).
+
 Results go to OUT/gpu_check.json and OUT/gpu_check.md after every row, so a crash or the watchdog
 (--watchdog s: dump every thread's stack and exit) loses nothing measured before it. --budget s: rows
 are no longer started once their share of it is used up (printed as skipped).
@@ -55,6 +58,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repo (jaxllm) and benchmarks
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from gpu_deterministic import section_deterministic  # noqa: E402
 
 DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16 tensor-core FLOP/s (no sparsity)
 F32, BF16 = "float32", "bfloat16"
@@ -684,7 +688,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpucheck"), help="directory for gpu_check.json/.md")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on any backend, kernels in interpret mode")
-  ap.add_argument("--sections", default="1,2,3,4", help="comma list of section numbers to run")
+  ap.add_argument("--sections", default="1,2,3,4,5", help="comma list of section numbers to run")
   ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 10; smoke 2)")
   ap.add_argument(
     "--budget", type=float, default=None, help="seconds; rows start only within their share (default 190; smoke 3600)"
@@ -735,6 +739,8 @@ def main():
     run_section(rep, "3. training step MFU", section_train, rep, a, ceil, budget)
   if "4" in want:
     run_section(rep, "4. engine decode (optional)", section_engine, rep, a, budget)
+  if "5" in want:
+    run_section(rep, "5. deterministic mode, bf16", section_deterministic, rep, a, budget, guarded)
 
   for name, s in rep.sections.items():
     failed, skipped = (sum(n.startswith(w) for n in s["notes"]) for w in ("FAILED", "skipped"))
