@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import threading
 import time
 from dataclasses import dataclass
 
@@ -56,11 +55,11 @@ from jaxllm.serve.penalties import PenaltySlots
 from jaxllm.serve.sampling import (
   SamplingParams,
   build_sampling_arrays,
-  unconstrained_mask,
   with_random_seed,
 )
 from jaxllm.serve.scheduler import Req, Scheduler
 from jaxllm.serve.steps import mesh_rows, step_fn
+from jaxllm.serve.structured import GrammarRows
 
 
 @dataclass
@@ -105,15 +104,13 @@ class Engine:
     self.cfg, self.page_size, self.detokenize = cfg, sc.page_size, detokenize
     if detokenize is None and tokenizer is not None:
       self.detokenize = tokenizer.decode
-    self.tokenizer, self._grammars = tokenizer, None  # grammar.GrammarCompiler, built at first use
-    self._grammars_lock = threading.Lock()
-    self._matchers: dict = {}  # Req -> grammar.Matcher of each unfinished structured-output request
-    self._open_masks: dict = {}  # R -> the all-ones grammar_mask on device (batches without a grammar)
+    self.tokenizer = tokenizer
     self.mdef = model_def(cfg)
     self.sched = Scheduler.from_config(sc)
     self.sched.version = weight_version
     self.M = -(-cfg.max_seq_len // sc.page_size)  # page-table width: max_seq_len's pages, fixed
     self.mesh, self.plan = mesh, plan
+    self._rows = GrammarRows(tokenizer, cfg.vocab_size, mesh)  # structured output (SamplingParams.grammar)
     self.rows = 1
     if mesh is not None:
       self.rows = mesh_rows(cfg, plan.cfg)
@@ -203,12 +200,7 @@ class Engine:
   @property
   def grammars(self) -> GrammarCompiler:
     """The structured-output grammars of this engine's tokenizer (built on first use)."""
-    with self._grammars_lock:
-      if self._grammars is None:
-        if self.tokenizer is None:
-          raise ValueError("structured output (a grammar) needs the tokenizer: pass tokenizer= to the Engine")
-        self._grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
-    return self._grammars
+    return self._rows.compiler
 
   def add_request(
     self, prompt, sp: SamplingParams = SamplingParams(), arrival: float | None = None, streaming: bool = False
@@ -230,7 +222,7 @@ class Engine:
         min_tokens=sp.min_tokens,
       )
     if sp.grammar is not None:
-      self._matchers[req] = self.grammars.matcher(sp.grammar, sp.stop_token_ids)
+      self._rows.start(req)
     self.sched.add(req)
     return req
 
@@ -240,7 +232,7 @@ class Engine:
     if req.finish_reason is not None:
       return False
     req.finish_reason = "abort"
-    self._matchers.pop(req, None)
+    self._rows.drop(req)
     self.sched.abort(req)
     return True
 
@@ -318,7 +310,7 @@ class Engine:
         raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
       return None
     decode = all(n == 1 and r.remaining == 1 for r, n in batch)
-    steps = 1 if self._structured(batch) else self._steps_per_call(batch)  # a grammar's mask needs the host
+    steps = 1 if self._rows.structured(batch) else self._steps_per_call(batch)  # a grammar's mask needs the host
     if decode and steps > 1 and not any(r.prefilling for r, _ in batch):
       ks = self.sched.grow_decode(batch, steps)
       if max(ks) > 1:
@@ -349,7 +341,7 @@ class Engine:
         return None
       if not self.pen.current(r, len(r.output) + a):
         return None  # its device penalty state would need the ids in flight: rebuilt on the plain path
-    structured = self._structured(batch)  # a grammar's next mask needs the host: one step per call
+    structured = self._rows.structured(batch)  # a grammar's next mask needs the host: one step per call
     steps = 1 if structured else self._steps_per_call(batch)
     ks = sched.grow_decode(batch, steps, ahead)
     if min(ks) < 1:
@@ -455,13 +447,13 @@ class Engine:
         "forward", self.params, self.k_pages, self.v_pages, tokens, positions, meta
       )
       return _Launch(mode, batch, ks, (), logits, samp)
-    samp = samp | {"grammar_mask": self._grammar_masks(batch, len(samp["temperature"]))}
+    samp = samp | {"grammar_mask": self._rows.masks(batch, len(samp["temperature"]))}
     self.k_pages, self.v_pages, self.pen.store, *out = self._run(mode, tokens, positions, meta, samp)
     return _Launch(mode, batch, ks, tuple(out))
 
   def _sample(self, launch: _Launch) -> None:
     """Launch the sampling of a split decode with its rows' grammar masks as they are now."""
-    samp = launch.samp | {"grammar_mask": self._grammar_masks(launch.batch, len(launch.samp["temperature"]))}
+    samp = launch.samp | {"grammar_mask": self._rows.masks(launch.batch, len(launch.samp["temperature"]))}
     self.pen.store, *out = self._call("sample", self.pen.store, launch.logits, samp)
     launch.out, launch.logits, launch.samp = tuple(out), None, None
 
@@ -482,55 +474,10 @@ class Engine:
     else:
       pick = lambda a: a[keep]
       done = self.sched.commit(batch, pick(toks), pick(logps), now, (pick(top_ids), pick(top_lps)))
-    if self._matchers:
-      done += self._advance_grammars(batch, done)
+    if self._rows:
+      done += self._rows.advance(batch, done, self.sched.finish)
     self.finished += done
     return done
-
-  # ---- structured output (jaxllm.serve.grammar) ----------------------------------------------
-  def _structured(self, batch) -> bool:
-    return bool(self._matchers) and any(r in self._matchers for r, _ in batch)
-
-  def _grammar_masks(self, batch, R: int):
-    """The step's `grammar_mask` [R, ceil(V/32)]: each grammar row's next-token bitmask (computed
-    after its last commit, see _advance_grammars), all ones for the rest. A batch without a grammar
-    row reuses one all-ones array per R kept on device: nothing is built or uploaded per step."""
-    if not self._structured(batch):
-      if R not in self._open_masks:
-        ones = unconstrained_mask(R, self.cfg.vocab_size)
-        sh = NamedSharding(self.mesh, P()) if self.mesh is not None else None
-        self._open_masks[R] = jax.device_put(ones, sh) if sh is not None else jnp.asarray(ones)
-      return self._open_masks[R]
-    masks = unconstrained_mask(R, self.cfg.vocab_size)
-    rows = [(i, self._matchers[r]) for i, (r, _) in enumerate(batch) if r in self._matchers]
-    self.grammars.fill([m for _, m in rows if m.mask is None])  # new requests: their first mask
-    for i, m in rows:
-      masks[i] = m.mask
-    return masks
-
-  def _advance_grammars(self, batch, done: list) -> list[Req]:
-    """Feed each grammar row's new tokens to its matcher (a stop token ends the output instead);
-    finish ("stop") the requests whose grammar is complete, and fill the next masks of the rest now,
-    so the next launch has them. Returns the requests finished here (`done`: those commit finished)."""
-    finished, live = [], []
-    for r, _ in batch:
-      m = self._matchers.get(r)
-      if m is None:
-        continue
-      new = r.output[m.consumed :]
-      if new and r in done and new[-1] in r.sp.stop_token_ids:
-        new = new[:-1]  # the stop token closes the output; it is not part of the grammar's text
-      ok = m.consume(new) if new else True
-      if r.finish_reason is None and (not ok or m.done):
-        r.finish_reason = "stop" if ok else "error"  # "error": a token the mask ruled out (a bug)
-        self.sched.finish(r)
-        finished.append(r)
-      if r.finish_reason is None:
-        live.append(m)
-      else:
-        del self._matchers[r]
-    self.grammars.fill([m for m in live if m.mask is None])
-    return finished
 
   def drain(self) -> list[Req]:
     """Wait for and commit the step still in flight (overlap); returns the requests it finished."""

@@ -3,7 +3,8 @@ user runs it (`train.py rl` on the one-device mesh, and on tp=2): the sampler's 
 the learner's recomputation under the same weights bit for bit, on every step (logp_gap_max == 0.0),
 at eta 0 and eta 1, with G=16 and the addition task's prompts of varied lengths; so
 rl.behaviour_logprobs=sampler is exact with the second forward turned off (rl.rescore=false).
-(eta 1 is marked slow: 25-50 s more.)"""
+(eta 1 and tp=2 are marked slow: 25-50 s each; tests/serve/test_deterministic_mesh.py checks the
+engine and the learner on tp=2 in the default suite.)"""
 
 import json
 import os
@@ -33,7 +34,7 @@ TINY = [
 
 @pytest.mark.parametrize(
   "eta, mesh",
-  [(0, []), (0, ["mesh.tp=2"]), pytest.param(1, [], marks=pytest.mark.slow)],
+  [(0, []), pytest.param(0, ["mesh.tp=2"], marks=pytest.mark.slow), pytest.param(1, [], marks=pytest.mark.slow)],
   ids=["eta0", "eta0-tp2", "eta1"],
 )
 def test_sampler_logprobs_equal_the_learner_bit_for_bit(tmp_path, eta, mesh):
