@@ -10,6 +10,7 @@ best of --reps. fp32, one device.
 
   python benchmarks/bench_deterministic.py
   python benchmarks/bench_deterministic.py --layers 4 --d-model 256 --vocab 32000
+  python benchmarks/bench_deterministic.py --batches 8 --max-seq 2048   # a wide page table
 """
 
 import os
@@ -67,6 +68,7 @@ def main():
   p.add_argument("--prompt", type=int, default=32, help="engine: prompt tokens")
   p.add_argument("--new", type=int, default=64, help="engine: output tokens per request")
   p.add_argument("--seq", type=int, default=128, help="learner: tokens per row")
+  p.add_argument("--max-seq", type=int, default=0, help="model.max_seq_len (the page table's width; 0: just enough)")
   p.add_argument("--reps", type=int, default=3)
   args = p.parse_args()
   cfg = ModelConfig(
@@ -77,12 +79,13 @@ def main():
     n_kv_heads=2,
     d_ff=4 * args.d_model,
     vocab_size=args.vocab,
-    max_seq_len=max(args.prompt + args.new, args.seq) + 16,
+    max_seq_len=args.max_seq or max(args.prompt + args.new, args.seq) + 16,
   )
   params = jax.jit(lambda: init_params(cfg, 0))()
   on = dataclasses.replace(cfg, batch_invariant=True)
   print(
-    f"model: {args.layers} layers, d={args.d_model}, vocab {args.vocab}, fp32; engine: prompt {args.prompt}, "
+    f"model: {args.layers} layers, d={args.d_model}, vocab {args.vocab}, max_seq_len {cfg.max_seq_len}, fp32; "
+    f"engine: prompt {args.prompt}, "
     f"{args.new} new tokens, greedy; learner: {args.seq} tokens a row; {jax.devices()[0].platform}, "
     f"{os.cpu_count()} CPUs\n",
     flush=True,
