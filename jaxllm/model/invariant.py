@@ -8,16 +8,19 @@ principle:
   - A fused XLA computation is not batch invariant: its loops are tiled and vectorised by shape, so a
     matmul (split points of the reduction), an RMSNorm's reduce or even cos/sin (vector lanes vs the
     scalar tail) give a row other bits when the row count or the row's position changes.
-  - Row-wise work runs in `tiled`: a lax.map over fixed tiles of TILE rows, each tile one call of the
+  - Row-wise work runs in `tiled`: a loop over fixed tiles of TILE rows, each tile one call of the
     same loop body. XLA compiles the body on its own, for its fixed shape, so every row goes through
-    the same code in every program (the engine's steps, the learner's forward) and at any offset.
+    the same code in every program (the engine's steps, the learner's forward) and at any offset;
+    `tiled` says what keeps XLA from simplifying the loop away (forward passes only, as a result).
   - RoPE's cos/sin are gathered from a table computed once on the host (no transcendental function
     on the row path).
   - Attention (`block_attention`) walks each query's keys in fixed blocks of BLOCK keys at absolute
     positions, in order, with an online softmax (FlashAttention's recurrence): the blocks a query sees
     are the same in a paged cache (pages split into BLOCK-key blocks) as in a training row, and the
     blocks past its position are exact no-ops (probabilities exp(MASK - m) = 0, scale exp(0) = 1), so
-    the page-table width or sequence length does not matter either.
+    the page-table width or sequence length does not matter either (and a tile stops at the block
+    of its furthest query).
+  - On a mesh, jaxllm.parallel.invariant_tp runs these functions per device.
 
 Measured on this stack (docs/serving.md): outside `tiled`, a 64-row matmul gives rows 2..32 other
 bits than the same rows computed alone; inside it, every row count from 1 to 63 gives the same bits.
