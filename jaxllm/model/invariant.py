@@ -41,8 +41,8 @@ TILE = 8  # rows per tile (a tile of 1 is not invariant here: XLA compiles singl
 BLOCK = 16  # keys per attention block; a paged cache's page_size must be a multiple
 
 
-def tiled(fn, *xs):
-  """fn(*tiles) applied to fixed tiles of TILE rows of xs (arrays or pytrees with a leading row dim
+def tiled(fn, *xs, rows: int = TILE):
+  """fn(*tiles) applied to fixed tiles of `rows` (TILE) rows of xs (arrays or pytrees with a leading row dim
   N, the same for all) -> fn's outputs concatenated over rows [N, ...]. Rows are padded to a multiple
   of TILE with zeros (fn must keep rows independent; the padding rows are dropped).
 
@@ -55,11 +55,11 @@ def tiled(fn, *xs):
       output buffer hold one tile more than the loop visits.
   The loop's trip count is not static, so this is a forward pass only (no reverse-mode gradient)."""
   n = jax.tree.leaves(xs)[0].shape[0]
-  k = -(-n // TILE)  # tiles the loop visits
+  k = -(-n // rows)  # tiles the loop visits
 
-  def split(x):  # [N, ...] -> [k + 1, TILE, ...], zero-padded
-    x = jnp.pad(x, ((0, (k + 1) * TILE - n),) + ((0, 0),) * (x.ndim - 1))
-    return x.reshape(k + 1, TILE, *x.shape[1:])
+  def split(x):  # [N, ...] -> [k + 1, rows, ...], zero-padded
+    x = jnp.pad(x, ((0, (k + 1) * rows - n),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(k + 1, rows, *x.shape[1:])
 
   tiles = jax.tree.map(split, xs)
   shapes = jax.eval_shape(lambda t: fn(*t), jax.tree.map(lambda x: x[0], tiles))
@@ -70,7 +70,7 @@ def tiled(fn, *xs):
     return jax.tree.map(lambda b, y: jax.lax.dynamic_update_index_in_dim(b, y, i, 0), out, o)
 
   out = jax.lax.fori_loop(0, opaque(k), body, out)
-  return jax.tree.map(lambda o: o.reshape((k + 1) * TILE, *o.shape[2:])[:n], out)
+  return jax.tree.map(lambda o: o.reshape((k + 1) * rows, *o.shape[2:])[:n], out)
 
 
 def opaque(n: int):
@@ -155,9 +155,15 @@ def sequence_attention(q, k, v):
   return out.reshape(B, T, Nh, H)
 
 
-def logits(h, w):
-  """h [N, D] @ w [D, V] -> fp32 logits [N, V], tile by tile."""
-  return tiled(lambda a: jnp.dot(a, w.astype(a.dtype), preferred_element_type=jnp.float32), h)
+def logits(h, w, gather=None):
+  """h [N, D] @ w [D, V] -> fp32 logits [N, V], tile by tile. gather: applied to each tile's logits
+  (on a mesh, the all-gather of a vocab-split head's [TILE, V/tp] tiles)."""
+
+  def tile(a):
+    out = jnp.dot(a, w.astype(a.dtype), preferred_element_type=jnp.float32)
+    return out if gather is None else gather(out)
+
+  return tiled(tile, h)
 
 
 def row_logprobs(x, tokens):
@@ -170,6 +176,21 @@ def row_logprobs(x, tokens):
 def token_logprobs(x, tokens):
   """row_logprobs of x [N, V] and tokens [N], tile by tile -> [N]."""
   return tiled(row_logprobs, x, tokens)
+
+
+HEAD_CHUNK = 256  # rows of [rows, V] logits the learner's log-prob pass holds at a time
+
+
+def head_logprobs(h, w, tokens, temperature, gather=None):
+  """log softmax(h @ w / temperature)[token] -> [N] for h [N, D], tokens [N], a scalar temperature,
+  HEAD_CHUNK rows at a time (`logits`, `temperature_scale`, `token_logprobs` on each chunk): the
+  learner's passes over thousands of rows never hold [N, V] logits. Each step keeps its own tiled loop,
+  as in the engine; the three fused in one tile body measured other bits than the engine's."""
+
+  def chunk(hc, yc):
+    return token_logprobs(temperature_scale(logits(hc, w, gather), temperature), yc)
+
+  return tiled(chunk, h, tokens, rows=HEAD_CHUNK)
 
 
 def temperature_scale(x, temperature):

@@ -39,9 +39,10 @@ from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.sharding import logical_spec, param_specs
 
 
-def _forward(mdef, plan: MeshPlan, params, tokens, positions, cache, rows):
-  """Per device: tokens, positions [B, T] (this device's rows) -> (logits [n, V] fp32 of the flattened
-  rows `rows` (all when None), cache)."""
+def _hidden(mdef, plan: MeshPlan, params, tokens, positions, cache, rows):
+  """Per device: tokens, positions [B, T] (this device's rows) -> (final hidden [n, D] of the
+  flattened rows `rows` (all when None), the local head [D, V/tp], its tiles' gather (None: the
+  vocab is whole), cache)."""
   cfg = mdef.cfg
   with manual(plan, cfg):  # sum_partials = psum over tp; the other hooks off
     model = mdef.bind(params)
@@ -51,10 +52,16 @@ def _forward(mdef, plan: MeshPlan, params, tokens, positions, cache, rows):
     if rows is not None:
       h = h[rows]  # the final norm and head are row-wise and tiled: selecting first changes no bits
     h = invariant.tiled(lambda r: ops.rms_norm(r, model.final_norm[...], cfg.norm_eps), h)
-    logits = invariant.logits(h, model.head_weight())
-  if logits.shape[-1] != cfg.vocab_size:
-    logits = jax.lax.all_gather(logits, live_axes(plan, "tp"), axis=1, tiled=True)
-  return logits, cache
+    w = model.head_weight()
+  gather = None
+  if w.shape[-1] != cfg.vocab_size:
+    gather = lambda t: jax.lax.all_gather(t, live_axes(plan, "tp"), axis=1, tiled=True)  # noqa: E731
+  return h, w, gather, cache
+
+
+def _engine_forward(mdef, plan: MeshPlan, params, tokens, positions, cache, rows):
+  h, w, gather, cache = _hidden(mdef, plan, params, tokens, positions, cache, rows)
+  return invariant.logits(h, w, gather), cache
 
 
 def engine_logits(mdef, mesh, plan: MeshPlan, pool_spec: P, params, tokens, positions, cache, rows):
@@ -62,7 +69,7 @@ def engine_logits(mdef, mesh, plan: MeshPlan, pool_spec: P, params, tokens, posi
   the pool split as `pool_spec` -> (logits [len(rows), V] fp32 replicated, cache)."""
   cache_spec = jax.tree.map(lambda _: P(), cache).replace(k_pages=pool_spec, v_pages=pool_spec)
   fn = jax.shard_map(
-    lambda p, t, s, c, r: _forward(mdef, plan, p, t, s, c, r),
+    lambda p, t, s, c, r: _engine_forward(mdef, plan, p, t, s, c, r),
     mesh=mesh,
     in_specs=(param_specs(mdef, plan), P(), P(), cache_spec, P()),
     out_specs=(P(), cache_spec),
@@ -73,15 +80,15 @@ def engine_logits(mdef, mesh, plan: MeshPlan, pool_spec: P, params, tokens, posi
 
 def learner_logprobs(mdef, mesh, plan: MeshPlan, params, inputs, targets, temperature):
   """The learner's log-probs [B, T] of targets under params, in the engine's arithmetic on this mesh:
-  rows split over dp when B divides, the full logits of each row on every tp device, then
-  invariant.temperature_scale and token_logprobs as the engine's sampler applies them."""
+  rows split over dp when B divides; each head tile's logits gathered whole on every tp device, then
+  scaled and reduced to log-probs as the engine's sampler does (invariant.head_logprobs)."""
   B, T = inputs.shape
   rows = logical_spec(plan, ("batch", None), inputs.shape)
 
   def body(p, x, y):
-    logits, _ = _forward(mdef, plan, p, x, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), x.shape), None, None)
-    scaled = invariant.temperature_scale(logits, temperature)
-    return invariant.token_logprobs(scaled, y.reshape(-1)).reshape(y.shape)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), x.shape)
+    h, w, gather, _ = _hidden(mdef, plan, p, x, pos, None, None)
+    return invariant.head_logprobs(h, w, y.reshape(-1), temperature, gather).reshape(y.shape)
 
   fn = jax.shard_map(body, mesh=mesh, in_specs=(param_specs(mdef, plan), rows, rows), out_specs=rows, check_vma=False)
   return fn(params, inputs, targets)

@@ -74,8 +74,8 @@ def _token_logps(mdef, params, inputs, targets, temperature):
   h, _, _ = model.hidden(inputs)
   if mdef.cfg.batch_invariant:  # the engine's arithmetic (sampling.sample_rows_invariant): bit-equal log-probs
     B, T, D = h.shape
-    logits = invariant.temperature_scale(invariant.logits(h.reshape(B * T, D), model.head_weight()), temperature)
-    return invariant.token_logprobs(logits, targets.reshape(B * T)).reshape(B, T)
+    logps = invariant.head_logprobs(h.reshape(B * T, D), model.head_weight(), targets.reshape(B * T), temperature)
+    return logps.reshape(B, T)
   return chunked_token_logprobs(h, model.head_weight(), targets, temperature, mdef.cfg.loss_chunk)
 
 

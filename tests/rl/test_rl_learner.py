@@ -284,3 +284,23 @@ def test_chunked_learner_on_a_dp_tp_mesh():
     assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
   for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
     assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_invariant_logprob_pass_holds_no_full_logits():
+  """Compile only: under model.batch_invariant the proximal/reference pass at V = 152064, B = 8,
+  T = 1024 holds HEAD_CHUNK rows of logits at a time (jaxllm.model.invariant.head_logprobs), far
+  under one [B, T, V] fp32 buffer (5.0 GB), and the same at T = 512 and 1024."""
+  from jaxllm.model.invariant import HEAD_CHUNK
+
+  mdef = model_def(dataclasses.replace(BIG, batch_invariant=True))
+  p = mdef.abstract_params()
+
+  def temp_bytes(T_):
+    i32 = jax.ShapeDtypeStruct((B_BIG, T_), jnp.int32)
+    logps = jax.jit(lambda params, b: learner.token_logps(mdef, params, b, temperature=TEMP))
+    return compiled_temp_bytes(logps, p, dict(inputs=i32, targets=i32))
+
+  one_full, one_chunk = B_BIG * 1024 * V_BIG * 4, HEAD_CHUNK * V_BIG * 4
+  t_1k, t_512 = temp_bytes(1024), temp_bytes(512)
+  assert t_1k < 3 * one_chunk < one_full / 10
+  assert abs(t_1k - t_512) < one_chunk
