@@ -36,15 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.kernels.reference import MASK_VALUE
+from jaxllm.model import layers as ops
 
 TILE = 8  # rows per tile (a tile of 1 is not invariant here: XLA compiles single rows differently)
 BLOCK = 16  # keys per attention block; a paged cache's page_size must be a multiple
 
 
 def tiled(fn, *xs, rows: int = TILE):
-  """fn(*tiles) applied to fixed tiles of `rows` (TILE) rows of xs (arrays or pytrees with a leading row dim
-  N, the same for all) -> fn's outputs concatenated over rows [N, ...]. Rows are padded to a multiple
-  of TILE with zeros (fn must keep rows independent; the padding rows are dropped).
+  """fn(*tiles) applied to fixed tiles of `rows` (TILE) rows of xs (arrays or pytrees with a leading
+  row dim N, the same for all) -> fn's outputs concatenated over rows [N, ...]. Rows are padded to a
+  multiple of `rows` with zeros (fn must keep rows independent; the padding rows are dropped).
 
   The tiles run in a loop XLA must keep as a loop whose body it compiles on its own, the same in
   every program. Two simplifications would break that, and each was measured to change bits:
@@ -73,9 +74,9 @@ def tiled(fn, *xs, rows: int = TILE):
   return jax.tree.map(lambda o: o.reshape((k + 1) * rows, *o.shape[2:])[:n], out)
 
 
-def opaque(n: int):
-  """n as a traced int32 that XLA cannot constant-fold (a loop bound it must keep)."""
-  return jax.lax.optimization_barrier(jnp.int32(n))
+def opaque(n):
+  """n (an int or a traced int) as an int32 that XLA cannot see through: a loop bound it must keep."""
+  return jax.lax.optimization_barrier(jnp.asarray(n, jnp.int32))
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,7 +128,7 @@ def block_attention(q, positions, page_table, k_pages, v_pages):
     # Only the blocks up to the tile's furthest query: the rest are exact no-ops for every row in it,
     # so a short context does not pay for the page table's width (at least one block: padding rows
     # with no keys stay finite).
-    n = jax.lax.optimization_barrier(jnp.clip(jnp.max(pt) // BLOCK + 1, 1, M))
+    n = opaque(jnp.clip(jnp.max(pt) // BLOCK + 1, 1, M))
     _, den, acc = jax.lax.fori_loop(0, n, lambda j, c: block(c, j)[0], init)
     return (acc / den[..., None]).reshape(t, Nh, H).astype(qt.dtype)
 
@@ -153,6 +154,11 @@ def sequence_attention(q, k, v):
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)).reshape(B * T)
   out = block_attention(q.reshape(B * T, Nh, H), positions, table, blocks(k), blocks(v))
   return out.reshape(B, T, Nh, H)
+
+
+def rms_norm(x, w, eps: float):
+  """RMSNorm of x [N, D] with weight w [D], tile by tile (the model's final norm in this mode)."""
+  return tiled(lambda r: ops.rms_norm(r, w, eps), x)
 
 
 def logits(h, w, gather=None):

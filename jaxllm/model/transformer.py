@@ -215,8 +215,7 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = cache.advance(T)
     if cfg.batch_invariant:
-      norm = lambda xr: ops.rms_norm(xr, self.final_norm[...], cfg.norm_eps)  # noqa: E731
-      return invariant.tiled(norm, x.reshape(B * T, -1)).reshape(x.shape), aux, cache
+      return invariant.rms_norm(x.reshape(B * T, -1), self.final_norm[...], cfg.norm_eps).reshape(x.shape), aux, cache
     return ops.rms_norm(x, self.final_norm[...], cfg.norm_eps), aux, cache
 
   def run_layers(self, x, positions, params: dict, cache=None, first_layer: int = 0, segment_ids=None):

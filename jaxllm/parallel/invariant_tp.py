@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.model import invariant
-from jaxllm.model import layers as ops
 from jaxllm.parallel.manual import manual, vocab_parallel_embed
 from jaxllm.parallel.mesh import MeshPlan, live_axes
 from jaxllm.parallel.sharding import logical_spec, param_specs
@@ -51,7 +50,7 @@ def _hidden(mdef, plan: MeshPlan, params, tokens, positions, cache, rows):
     h = x.reshape(-1, x.shape[-1])
     if rows is not None:
       h = h[rows]  # the final norm and head are row-wise and tiled: selecting first changes no bits
-    h = invariant.tiled(lambda r: ops.rms_norm(r, model.final_norm[...], cfg.norm_eps), h)
+    h = invariant.rms_norm(h, model.final_norm[...], cfg.norm_eps)
     w = model.head_weight()
   gather = None
   if w.shape[-1] != cfg.vocab_size:

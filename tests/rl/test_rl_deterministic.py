@@ -11,13 +11,9 @@ import os
 
 import pytest
 from test_rl_demo import cli
+from test_rl_loop import TINY_MODEL
 
-TINY = [
-  "model.n_layers=2",
-  "model.d_model=64",
-  "model.d_ff=128",
-  "model.vocab_size=259",
-  "model.max_seq_len=64",
+TINY = TINY_MODEL + [
   "model.batch_invariant=true",
   "train.steps=3",
   "train.lr=1e-3",

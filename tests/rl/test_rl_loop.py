@@ -21,12 +21,8 @@ from jaxllm.rl.loop import Publisher, rl_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = ("gen_tok_s", "train_tok_s", "elapsed_s")
-TINY = [
-  "model.n_layers=2",
-  "model.d_model=64",
-  "model.d_ff=128",
-  "model.vocab_size=259",
-  "model.max_seq_len=64",
+TINY_MODEL = ["model.n_layers=2", "model.d_model=64", "model.d_ff=128", "model.vocab_size=259", "model.max_seq_len=64"]
+TINY = TINY_MODEL + [
   "mesh.dp=8",
   "train.lr=1e-3",
   "train.warmup_steps=0",
