@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+from gpu_report import guarded
 
 
 def _bits(r):
@@ -25,8 +26,7 @@ def _bits(r):
   return r.output, np.asarray(r.logprobs, np.float32).view(np.int32).tolist(), top
 
 
-def section_deterministic(rep, a, budget, guarded):
-  """guarded: gpu_check.guarded (one row, its failure noted)."""
+def section_deterministic(rep, a, budget):
   from jaxllm.config import MODEL_PRESETS, ServeConfig
   from jaxllm.model.params import init_params, model_def
   from jaxllm.rl.learner import token_logps
